@@ -1,0 +1,28 @@
+"""EfficientPS panoptic segmentation as a Detectron2 extension.
+
+Importing this package registers its backbone, heads, meta-architecture and data sets with
+Detectron2.
+"""
+
+
+def _check_detectron2():
+    try:
+        import detectron2.modeling  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "efficientps_d2 needs detectron2, which is not on PyPI under its own name and could "
+            f"not be imported ({e}). Run `bash scripts/setup_env.sh` from the efficientps_d2 "
+            "source tree (it installs a pure-Python detectron2 into .venv), or install detectron2 "
+            "yourself: "
+            "`pip install 'git+https://github.com/facebookresearch/detectron2.git'`."
+        ) from e
+
+
+_check_detectron2()
+
+from . import data  # noqa: E402,F401  (registers the built-in data sets)
+from . import modeling  # noqa: E402,F401  (registers the components)
+from .config import add_efficientps_config  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["add_efficientps_config", "__version__"]

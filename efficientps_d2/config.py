@@ -1,0 +1,94 @@
+"""EfficientPS's additions to Detectron2's config.
+
+Existing Detectron2 nodes (MODEL.SEM_SEG_HEAD, MODEL.RPN, MODEL.ROI_MASK_HEAD, ...) are extended,
+never duplicated; the values the paper uses live in ``configs/Base-EfficientPS.yaml``.
+"""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_efficientps_config(cfg):
+    """Adds EfficientPS's config keys to a Detectron2 config (in place)."""
+    _C = cfg
+
+    # ---------------------------------------------------------------------------------------------
+    # Backbone: EfficientNet without squeeze-and-excitation, then the 2-way FPN.
+    # ---------------------------------------------------------------------------------------------
+    _C.MODEL.EFFICIENTNET = CN()
+    # Compound-scaling variant: one of "b0" ... "b7" (the paper uses "b5").
+    _C.MODEL.EFFICIENTNET.VARIANT = "b5"
+    # Norm for every conv of the trunk: "BN", "SyncBN", "FrozenBN", "GN" or "" (no norm).
+    _C.MODEL.EFFICIENTNET.NORM = "BN"
+    # Negative slope of the LeakyReLU that follows every norm (the paper's iABN uses 0.01).
+    _C.MODEL.EFFICIENTNET.LEAKY_RELU_SLOPE = 0.01
+    # The paper removes squeeze-and-excitation; True keeps it (e.g. to load every ImageNet weight).
+    _C.MODEL.EFFICIENTNET.SQUEEZE_EXCITATION = False
+    # Stochastic-depth probability of the last MBConv block (scaled linearly from 0 in the first).
+    _C.MODEL.EFFICIENTNET.STOCHASTIC_DEPTH_PROB = 0.2
+    # Trunk stages to expose, by stride: any of "stride4", "stride8", "stride16", "stride32".
+    _C.MODEL.EFFICIENTNET.OUT_FEATURES = ["stride4", "stride8", "stride16", "stride32"]
+    # Number of first trunk stages whose weights are frozen (0 = train everything).
+    _C.MODEL.EFFICIENTNET.FREEZE_AT = 0
+    # Recompute MBConv activations in the backward pass to save training memory.
+    _C.MODEL.EFFICIENTNET.ACTIVATION_CHECKPOINTING = False
+
+    _C.MODEL.TWO_WAY_FPN = CN()
+    # Trunk features the FPN reads, finest first.
+    _C.MODEL.TWO_WAY_FPN.IN_FEATURES = ["stride4", "stride8", "stride16", "stride32"]
+    # Channels of every FPN output.
+    _C.MODEL.TWO_WAY_FPN.OUT_CHANNELS = 256
+    # Norm after every FPN conv (followed by LeakyReLU).
+    _C.MODEL.TWO_WAY_FPN.NORM = "BN"
+    # Add a max-pooled stride-64 level "p6" (only needed by RPN anchors at stride 64).
+    _C.MODEL.TWO_WAY_FPN.TOP_BLOCK = False
+
+    # ---------------------------------------------------------------------------------------------
+    # Semantic head (extends Detectron2's MODEL.SEM_SEG_HEAD node).
+    # ---------------------------------------------------------------------------------------------
+    # Fraction of the hardest pixels (highest loss) that the cross-entropy is averaged over.
+    _C.MODEL.SEM_SEG_HEAD.HARD_PIXEL_FRACTION = 0.25
+    # Channels inside the DPC branches (their outputs are reduced to CONVS_DIM).
+    _C.MODEL.SEM_SEG_HEAD.DPC_CHANNELS = 256
+
+    # ---------------------------------------------------------------------------------------------
+    # Instance head: the separable-conv RPN head's norm (the mask head uses ROI_MASK_HEAD.NORM).
+    # ---------------------------------------------------------------------------------------------
+    _C.MODEL.RPN.HEAD_NORM = "BN"
+
+    # ---------------------------------------------------------------------------------------------
+    # Panoptic fusion (parameter-free, inference only).
+    # ---------------------------------------------------------------------------------------------
+    _C.MODEL.PANOPTIC_FUSION = CN()
+    # Detections below this score are not fused.
+    _C.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.5
+    # An instance is dropped if more than this fraction of its mask is already claimed.
+    _C.MODEL.PANOPTIC_FUSION.OVERLAP_THRESH = 0.5
+    # Stuff segments with fewer pixels than this become void.
+    _C.MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT = 2048
+    # Pasted mask logits are multiplied by this (the official implementation uses 4).
+    _C.MODEL.PANOPTIC_FUSION.MASK_LOGIT_SCALE = 4.0
+
+    _C.MODEL.EFFICIENTPS = CN()
+    # Semantic class of each thing class (contiguous ids). Empty: read from the metadata of the
+    # first data set in DATASETS.TRAIN or DATASETS.TEST.
+    _C.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = []
+
+    # ---------------------------------------------------------------------------------------------
+    # Test-time augmentation for panoptic output.
+    # ---------------------------------------------------------------------------------------------
+    _C.TEST.PANOPTIC_TTA = CN()
+    _C.TEST.PANOPTIC_TTA.ENABLED = False
+    # Shorter-side sizes to run at, in addition to horizontal flips when FLIP is True.
+    _C.TEST.PANOPTIC_TTA.MIN_SIZES = [512, 1024, 1536]
+    _C.TEST.PANOPTIC_TTA.MAX_SIZE = 4096
+    _C.TEST.PANOPTIC_TTA.FLIP = True
+
+    # ---------------------------------------------------------------------------------------------
+    # Data: the dataset mapper's augmentations.
+    # ---------------------------------------------------------------------------------------------
+    _C.INPUT.RANDOM_SCALE = CN()
+    # Random rescaling of the image by a factor drawn from this range (the paper: 0.5-2.0).
+    _C.INPUT.RANDOM_SCALE.ENABLED = False
+    _C.INPUT.RANDOM_SCALE.RANGE = [0.5, 2.0]
+    # Output size the scaling is relative to (height, width); the crop comes from INPUT.CROP.
+    _C.INPUT.RANDOM_SCALE.TARGET_SIZE = [1024, 2048]

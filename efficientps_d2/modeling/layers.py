@@ -1,0 +1,70 @@
+"""Small building blocks shared by EfficientPS's modules."""
+
+import functools
+import math
+
+from detectron2.layers import Conv2d, get_norm
+from torch import nn
+
+
+def leaky_relu(slope=0.01):
+    """The activation that follows every norm in EfficientPS (the paper's iABN uses slope 0.01)."""
+    return nn.LeakyReLU(slope, inplace=True)
+
+
+def norm_layer(norm, channels):
+    """``get_norm`` that also accepts "" (no norm) and any channel count for "GN".
+
+    Detectron2's "GN" always uses 32 groups, which EfficientNet's 40- or 24-channel stages cannot
+    divide; here GN uses the largest group count <= 32 that divides ``channels``.
+    """
+    if norm == "GN":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if not norm:
+        return nn.Identity()
+    return get_norm(norm, channels)
+
+
+def norm_factory(norm):
+    """``norm_layer`` as a one-argument factory, the form torchvision's blocks expect."""
+    return functools.partial(norm_layer, norm)
+
+
+def conv_norm_act(in_channels, out_channels, kernel_size, *, norm, slope=0.01, **conv_kwargs):
+    """Conv -> norm -> LeakyReLU, with the bias dropped when a norm follows."""
+    return Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        padding=conv_kwargs.pop("padding", (kernel_size // 2) * conv_kwargs.get("dilation", 1)),
+        bias=not norm,
+        norm=norm_layer(norm, out_channels),
+        activation=leaky_relu(slope),
+        **conv_kwargs,
+    )
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise kxk conv -> norm -> act, then pointwise 1x1 conv -> norm -> act.
+
+    ``dilation`` may be an int or an (h, w) pair, as the DPC's anisotropic rates need.
+    """
+
+    def __init__(
+        self, in_channels, out_channels, kernel_size=3, *, dilation=1, norm="BN", slope=0.01
+    ):
+        dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+        super().__init__(
+            conv_norm_act(
+                in_channels,
+                in_channels,
+                kernel_size,
+                norm=norm,
+                slope=slope,
+                padding=((kernel_size // 2) * dh, (kernel_size // 2) * dw),
+                dilation=(dh, dw),
+                groups=in_channels,
+            ),
+            conv_norm_act(in_channels, out_channels, 1, norm=norm, slope=slope),
+        )
+        self.out_channels = out_channels
