@@ -1,0 +1,206 @@
+"""EfficientPS's semantic head: DPC on the coarse levels, LSFE on the fine ones, joined by MC.
+
+Predicts every class (stuff and things) and is trained with a cross-entropy averaged over the
+hardest pixels only (Mohan & Valada, 2021, sec. 3.3).
+"""
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
+
+from .layers import SeparableConv2d, conv_norm_act
+
+# (height, width) dilation of each DPC branch, from the paper.
+DPC_DILATIONS = ((1, 6), (1, 1), (6, 21), (18, 15), (6, 3))
+# Which earlier output each DPC branch reads: -1 is the cell's input, k is branch k's output.
+DPC_BRANCH_INPUTS = (-1, 0, 0, 0, 3)
+
+
+class DensePredictionCell(nn.Module):
+    """Five separable 3x3 branches with anisotropic dilations, concatenated and reduced by a 1x1."""
+
+    def __init__(self, in_channels, out_channels, *, branch_channels=256, norm="BN"):
+        super().__init__()
+        self.branches = nn.ModuleList()
+        for reads, dilation in zip(DPC_BRANCH_INPUTS, DPC_DILATIONS):
+            branch_in = in_channels if reads < 0 else branch_channels
+            self.branches.append(
+                SeparableConv2d(branch_in, branch_channels, dilation=dilation, norm=norm)
+            )
+        self.reduce = conv_norm_act(
+            len(DPC_DILATIONS) * branch_channels, out_channels, 1, norm=norm
+        )
+
+    def forward(self, x):
+        outputs = []
+        for reads, branch in zip(DPC_BRANCH_INPUTS, self.branches):
+            outputs.append(branch(x if reads < 0 else outputs[reads]))
+        return self.reduce(torch.cat(outputs, dim=1))
+
+
+class LargeScaleFeatureExtractor(nn.Sequential):
+    """Two separable 3x3 convs that bring a fine FPN level to the head's width."""
+
+    def __init__(self, in_channels, out_channels, *, norm="BN"):
+        super().__init__(
+            SeparableConv2d(in_channels, out_channels, norm=norm),
+            SeparableConv2d(out_channels, out_channels, norm=norm),
+        )
+
+
+class MismatchCorrection(nn.Module):
+    """Two separable 3x3 convs, then bilinear upsampling to the next finer level's size."""
+
+    def __init__(self, channels, *, norm="BN"):
+        super().__init__()
+        self.convs = nn.Sequential(
+            SeparableConv2d(channels, channels, norm=norm),
+            SeparableConv2d(channels, channels, norm=norm),
+        )
+
+    def forward(self, x, size):
+        return F.interpolate(self.convs(x), size=size, mode="bilinear", align_corners=False)
+
+
+def hard_pixel_cross_entropy(logits, targets, *, ignore_value, hard_pixel_fraction):
+    """Cross-entropy averaged over each image's hardest ``hard_pixel_fraction`` of labelled pixels.
+
+    This is the paper's weighting w = 4/(H*W) on the worst quarter of pixels and 0 elsewhere,
+    counted over labelled pixels so that large void regions do not dilute it.
+
+    Args:
+        logits: (N, C, H, W); targets: (N, H, W) long, ``ignore_value`` where unlabelled.
+    Returns:
+        scalar tensor; zero (still differentiable) when no pixel is labelled.
+    """
+    if not 0 < hard_pixel_fraction <= 1:
+        raise ValueError(
+            "MODEL.SEM_SEG_HEAD.HARD_PIXEL_FRACTION must be in (0, 1], got "
+            f"{hard_pixel_fraction}."
+        )
+    pixel_losses = F.cross_entropy(
+        logits, targets, reduction="none", ignore_index=ignore_value
+    ).flatten(1)
+    labelled = (targets != ignore_value).flatten(1).sum(dim=1)
+    per_image = []
+    for losses, count in zip(pixel_losses, labelled.tolist()):
+        k = math.ceil(hard_pixel_fraction * count)
+        if k == 0:
+            per_image.append(losses.sum() * 0.0)
+        else:
+            per_image.append(losses.topk(k, sorted=False).values.mean())
+    return torch.stack(per_image).mean()
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class EfficientPSSemSegHead(nn.Module):
+    """The semantic head (MODEL.SEM_SEG_HEAD.NAME: "EfficientPSSemSegHead").
+
+    ``forward(features, targets=None)`` reads the four FPN levels named in ``in_features``
+    (strides 4, 8, 16, 32). It returns ``(logits, {})`` in inference, logits of shape
+    (N, num_classes, H, W) at the padded input size, and ``(None, {"loss_sem_seg": loss})`` in
+    training, where ``targets`` is (N, H, W) long with ``ignore_value`` for unlabelled pixels.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes,
+        convs_dim=128,
+        dpc_channels=256,
+        norm="BN",
+        ignore_value=255,
+        loss_weight=1.0,
+        hard_pixel_fraction=0.25,
+    ):
+        super().__init__()
+        if len(input_shape) != 4:
+            raise ValueError(
+                "MODEL.SEM_SEG_HEAD.IN_FEATURES must name 4 feature maps (strides 4, 8, 16, 32), "
+                f"got {list(input_shape)}."
+            )
+        shapes = sorted(input_shape.items(), key=lambda item: item[1].stride)
+        self.in_features = [name for name, _ in shapes]
+        strides = [s.stride for _, s in shapes]
+        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES must have doubling strides, got {strides}."
+            )
+        self.common_stride = strides[0]
+        c4, c8, c16, c32 = (s.channels for _, s in shapes)
+        self.dpc32 = DensePredictionCell(c32, convs_dim, branch_channels=dpc_channels, norm=norm)
+        self.dpc16 = DensePredictionCell(c16, convs_dim, branch_channels=dpc_channels, norm=norm)
+        self.lsfe8 = LargeScaleFeatureExtractor(c8, convs_dim, norm=norm)
+        self.lsfe4 = LargeScaleFeatureExtractor(c4, convs_dim, norm=norm)
+        self.mc16to8 = MismatchCorrection(convs_dim, norm=norm)
+        self.mc8to4 = MismatchCorrection(convs_dim, norm=norm)
+        self.predictor = Conv2d(4 * convs_dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+        self.num_classes = num_classes
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        self.hard_pixel_fraction = hard_pixel_fraction
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        missing = [f for f in head.IN_FEATURES if f not in input_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not "
+                f"output (it outputs {list(input_shape)})."
+            )
+        return {
+            "input_shape": {k: input_shape[k] for k in head.IN_FEATURES},
+            "num_classes": head.NUM_CLASSES,
+            "convs_dim": head.CONVS_DIM,
+            "dpc_channels": head.DPC_CHANNELS,
+            "norm": head.NORM,
+            "ignore_value": head.IGNORE_VALUE,
+            "loss_weight": head.LOSS_WEIGHT,
+            "hard_pixel_fraction": head.HARD_PIXEL_FRACTION,
+        }
+
+    def layers(self, features):
+        """Stride-4 logits (N, num_classes, H/4, W/4) from the FPN features."""
+        p4, p8, p16, p32 = (features[f] for f in self.in_features)
+        dpc32, dpc16 = self.dpc32(p32), self.dpc16(p16)
+        coarse = dpc16 + F.interpolate(dpc32, size=dpc16.shape[-2:], mode="bilinear")
+        f8 = self.lsfe8(p8) + self.mc16to8(coarse, size=p8.shape[-2:])
+        f4 = self.lsfe4(p4) + self.mc8to4(f8, size=p4.shape[-2:])
+        size = f4.shape[-2:]
+        joined = torch.cat(
+            [F.interpolate(x, size=size, mode="bilinear") for x in (dpc32, dpc16, f8)] + [f4],
+            dim=1,
+        )
+        return self.predictor(joined)
+
+    def forward(self, features, targets=None):
+        logits = F.interpolate(
+            self.layers(features), scale_factor=self.common_stride, mode="bilinear"
+        )
+        if not self.training:
+            return logits, {}
+        if targets is None:
+            raise ValueError("EfficientPSSemSegHead needs semantic targets in training.")
+        if targets.shape[-2:] != logits.shape[-2:]:
+            raise ValueError(
+                f"Semantic targets of size {tuple(targets.shape[-2:])} do not match the padded "
+                f"input size {tuple(logits.shape[-2:])}."
+            )
+        loss = hard_pixel_cross_entropy(
+            logits,
+            targets,
+            ignore_value=self.ignore_value,
+            hard_pixel_fraction=self.hard_pixel_fraction,
+        )
+        return None, {"loss_sem_seg": loss * self.loss_weight}

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_sem_seg_head
+
+from efficientps_d2.modeling.semantic_head import (
+    DensePredictionCell,
+    EfficientPSSemSegHead,
+    hard_pixel_cross_entropy,
+)
+from tests.common import tiny_config
+
+SHAPES = {f"p{i}": ShapeSpec(channels=8, stride=2**i) for i in (2, 3, 4, 5)}
+
+
+def features(height, width):
+    return {
+        k: torch.randn(2, 8, -(-height // s.stride), -(-width // s.stride))
+        for k, s in SHAPES.items()
+    }
+
+
+def test_head_predicts_all_classes_at_input_size():
+    head = EfficientPSSemSegHead(SHAPES, num_classes=7, convs_dim=16, dpc_channels=16).eval()
+    logits, losses = head(features(64, 96))
+    assert logits.shape == (2, 7, 64, 96) and losses == {}
+
+
+def test_training_returns_finite_loss_with_gradients():
+    head = EfficientPSSemSegHead(SHAPES, num_classes=7, convs_dim=16, dpc_channels=16).train()
+    targets = torch.randint(0, 7, (2, 64, 96))
+    targets[:, :10] = 255
+    _, losses = head(features(64, 96), targets)
+    losses["loss_sem_seg"].backward()
+    assert torch.isfinite(losses["loss_sem_seg"])
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_dpc_branches_read_the_paper_inputs():
+    # Branch 5 reads branch 4; branches 2-4 read branch 1. Changing branch 4's weights must change
+    # the cell's output only through branches 4 and 5.
+    cell = DensePredictionCell(8, 4, branch_channels=8, norm="").eval()
+    x = torch.randn(1, 8, 9, 9)
+    calls = []
+    for i, branch in enumerate(cell.branches):
+        branch.register_forward_hook(lambda m, inp, out, i=i: calls.append((i, inp[0])))
+    cell(x)
+    inputs = dict(calls)
+    assert inputs[0] is x
+    assert all(torch.equal(inputs[k], cell.branches[0](x)) for k in (1, 2, 3))
+    assert torch.equal(inputs[4], cell.branches[3](cell.branches[0](x)))
+
+
+def test_hard_pixel_loss_averages_the_hardest_fraction():
+    logits = torch.zeros(1, 2, 1, 8)
+    logits[0, 0] = torch.tensor([4.0, 3, 2, 1, 0, -1, -2, -3])  # target 0: loss rises along the row
+    targets = torch.zeros(1, 1, 8, dtype=torch.long)
+    per_pixel = torch.nn.functional.cross_entropy(logits, targets, reduction="none").flatten()
+    loss = hard_pixel_cross_entropy(logits, targets, ignore_value=255, hard_pixel_fraction=0.25)
+    torch.testing.assert_close(loss, per_pixel.sort().values[-2:].mean())
+    full = hard_pixel_cross_entropy(logits, targets, ignore_value=255, hard_pixel_fraction=1.0)
+    torch.testing.assert_close(full, per_pixel.mean())
+
+
+def test_hard_pixel_loss_ignores_unlabelled_pixels():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    targets = torch.full((1, 4, 4), 255)
+    loss = hard_pixel_cross_entropy(logits, targets, ignore_value=255, hard_pixel_fraction=0.25)
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None
+    targets[0, 0, 0] = 1
+    loss = hard_pixel_cross_entropy(logits, targets, ignore_value=255, hard_pixel_fraction=0.25)
+    expected = torch.nn.functional.cross_entropy(logits[:, :, 0, 0], targets[:, 0, 0])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_bad_hard_pixel_fraction_names_the_key():
+    with pytest.raises(ValueError, match="HARD_PIXEL_FRACTION"):
+        hard_pixel_cross_entropy(
+            torch.zeros(1, 2, 2, 2),
+            torch.zeros(1, 2, 2).long(),
+            ignore_value=255,
+            hard_pixel_fraction=0,
+        )
+
+
+def test_head_from_config_checks_features():
+    cfg = tiny_config(["MODEL.SEM_SEG_HEAD.IN_FEATURES", ["p2", "p3", "p4", "p7"]])
+    with pytest.raises(ValueError, match="MODEL.SEM_SEG_HEAD.IN_FEATURES.*p7"):
+        build_sem_seg_head(cfg, SHAPES)
+    cfg = tiny_config(["MODEL.SEM_SEG_HEAD.NAME", "NoSuchHead"])
+    with pytest.raises(KeyError, match="NoSuchHead"):
+        build_sem_seg_head(cfg, SHAPES)
