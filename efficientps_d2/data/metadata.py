@@ -1,0 +1,80 @@
+"""Metadata conventions shared by the data pipeline and the model.
+
+EfficientPS's semantic head predicts *every* class, stuff and things. Detectron2's "standard"
+panoptic registrations (``coco_2017_*_panoptic``, ``cityscapes_fine_panoptic_*``) number classes in
+that one all-class space: ``thing_dataset_id_to_contiguous_id`` maps each thing's dataset id and
+``stuff_dataset_id_to_contiguous_id`` each stuff's dataset id to its index among all classes
+(Cityscapes: stuff 0-10, things 11-18), and ``thing_classes``/``stuff_classes`` both list all
+classes. Dataset dicts, ``segments_info`` and ``pred_classes`` use those indices.
+
+Mask R-CNN, however, classifies things only: its class k is the k-th thing in all-class order.
+``thing_semantic_ids`` gives that translation.
+"""
+
+
+def thing_semantic_ids(metadata):
+    """All-class index of each Mask R-CNN class: the sorted contiguous ids of the thing classes.
+
+    Args:
+        metadata: a ``Metadata`` or dict with ``thing_dataset_id_to_contiguous_id`` and
+            ``stuff_dataset_id_to_contiguous_id`` in Detectron2's "standard" panoptic convention.
+    Returns:
+        list[int], ascending; entry k is the all-class index of Mask R-CNN class k.
+    """
+    get = metadata.get if isinstance(metadata, dict) else (lambda k: getattr(metadata, k, None))
+    things = get("thing_dataset_id_to_contiguous_id")
+    stuff = get("stuff_dataset_id_to_contiguous_id")
+    if not things or stuff is None:
+        raise ValueError(
+            "The metadata needs 'thing_dataset_id_to_contiguous_id' and "
+            "'stuff_dataset_id_to_contiguous_id' (Detectron2's 'standard' panoptic metadata)."
+        )
+    shared = sorted(set(things.values()) & set(stuff.values()))
+    if shared:
+        raise ValueError(
+            f"Contiguous ids {shared} are both thing and stuff; EfficientPS needs Detectron2's "
+            "'standard' panoptic metadata (one all-class space), not the 'separated' one."
+        )
+    return sorted(things.values())
+
+
+def panoptic_metadata(categories):
+    """Detectron2 "standard" panoptic metadata from COCO panoptic ``categories``.
+
+    Things come first (by dataset id), then stuff (by dataset id), so thing classes have
+    contiguous ids 0..T-1 as Detectron2's ``COCOEvaluator`` requires for box/mask AP.
+
+    Args:
+        categories: list of dicts with ``id``, ``name``, ``isthing`` (0/1) and optionally ``color``.
+    Returns:
+        dict with thing_classes, stuff_classes (both all classes), thing_colors, stuff_colors,
+        thing_dataset_id_to_contiguous_id and stuff_dataset_id_to_contiguous_id.
+    """
+    seen = set()
+    for c in categories:
+        for key in ("id", "name", "isthing"):
+            if key not in c:
+                raise ValueError(f"Category {c} has no '{key}'.")
+        if c["id"] in seen:
+            raise ValueError(f"Category id {c['id']} appears twice in the categories.")
+        seen.add(c["id"])
+    ordered = sorted(categories, key=lambda c: (not c["isthing"], c["id"]))
+    names = [c["name"] for c in ordered]
+    colors = [list(c.get("color") or _default_color(i)) for i, c in enumerate(ordered)]
+    return {
+        "thing_classes": names,
+        "thing_colors": colors,
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(ordered) if c["isthing"]
+        },
+        "stuff_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(ordered) if not c["isthing"]
+        },
+    }
+
+
+def _default_color(index):
+    # Distinct, deterministic colours for categories that come without one.
+    return [(index * 67 + 40) % 256, (index * 137 + 90) % 256, (index * 199 + 160) % 256]

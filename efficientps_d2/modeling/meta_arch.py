@@ -1,0 +1,170 @@
+"""The EfficientPS meta-architecture: backbone, semantic head, Mask R-CNN, panoptic fusion."""
+
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
+from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
+from detectron2.structures import ImageList
+
+from ..data.metadata import thing_semantic_ids as thing_semantic_ids_from_metadata
+from .fusion import panoptic_fusion
+
+
+@META_ARCH_REGISTRY.register()
+class EfficientPS(GeneralizedRCNN):
+    """EfficientPS (Mohan & Valada, IJCV 2021) as a Detectron2 meta-architecture.
+
+    Training input: Detectron2's list of dicts with "image" (3, H, W), "sem_seg" (H, W) over all
+    classes and "instances" (gt_boxes, gt_classes, gt_masks). Training output: a dict of losses
+    ("loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask").
+
+    Inference output, per image, at the requested "height"/"width" (the input size by default):
+        "sem_seg": (num_classes, height, width) logits,
+        "instances": Instances with pred_boxes, scores, pred_classes, pred_masks, pred_mask_logits,
+        "panoptic_seg": (int32 (height, width) segment ids, list of segment dicts).
+    Class ids are all-class contiguous ids (Detectron2's "standard" panoptic metadata, see
+    ``efficientps_d2.data.metadata``), for things as for stuff.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        sem_seg_head,
+        thing_semantic_ids,
+        confidence_thresh=0.5,
+        overlap_thresh=0.5,
+        stuff_area_limit=2048,
+        mask_logit_scale=4.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.sem_seg_head = sem_seg_head
+        self.register_buffer(
+            "thing_semantic_ids", torch.as_tensor(thing_semantic_ids, dtype=torch.long), False
+        )
+        self.confidence_thresh = confidence_thresh
+        self.overlap_thresh = overlap_thresh
+        self.stuff_area_limit = stuff_area_limit
+        self.mask_logit_scale = mask_logit_scale
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        fusion = cfg.MODEL.PANOPTIC_FUSION
+        ret.update(
+            sem_seg_head=build_sem_seg_head(cfg, ret["backbone"].output_shape()),
+            thing_semantic_ids=_thing_semantic_ids(cfg),
+            confidence_thresh=fusion.CONFIDENCE_THRESH,
+            overlap_thresh=fusion.OVERLAP_THRESH,
+            stuff_area_limit=fusion.STUFF_AREA_LIMIT,
+            mask_logit_scale=fusion.MASK_LOGIT_SCALE,
+        )
+        return ret
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+
+        for key in ("sem_seg", "instances"):
+            if key not in batched_inputs[0]:
+                raise ValueError(f"EfficientPS needs '{key}' in every training input dict.")
+        gt_sem_seg = ImageList.from_tensors(
+            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            self.backbone.size_divisibility,
+            self.sem_seg_head.ignore_value,
+            self.backbone.padding_constraints,
+        ).tensor
+        _, losses = self.sem_seg_head(features, gt_sem_seg)
+
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        losses.update(proposal_losses)
+        losses.update(detector_losses)
+        return losses
+
+    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], do_postprocess=True):
+        """Runs the network; with ``do_postprocess`` also resizes and fuses (see class docstring).
+
+        Without it, returns (semantic logits at the padded input size (N, C, H, W),
+        detector Instances in input coordinates) — what test-time augmentation merges.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        sem_seg_logits, _ = self.sem_seg_head(features)
+        proposals, _ = self.proposal_generator(images, features, None)
+        detections, _ = self.roi_heads(images, features, proposals, None)
+        if not do_postprocess:
+            return sem_seg_logits, detections, images.image_sizes
+        return [
+            self.postprocess(logits, det, image_size, x.get("height"), x.get("width"))
+            for logits, det, image_size, x in zip(
+                sem_seg_logits, detections, images.image_sizes, batched_inputs
+            )
+        ]
+
+    def postprocess(self, sem_seg_logits, detections, image_size, height=None, width=None):
+        """Resizes one image's outputs to (height, width) and fuses them into a panoptic result.
+
+        Args:
+            sem_seg_logits: (C, H_pad, W_pad) logits; detections: Instances at ``image_size``.
+        """
+        height = height or image_size[0]
+        width = width or image_size[1]
+        sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
+        instances = detector_postprocess(detections, height, width)
+        panoptic_seg, segments_info = panoptic_fusion(
+            sem_seg,
+            instances,
+            thing_semantic_ids=self.thing_semantic_ids,
+            confidence_thresh=self.confidence_thresh,
+            overlap_thresh=self.overlap_thresh,
+            stuff_area_limit=self.stuff_area_limit,
+            mask_logit_scale=self.mask_logit_scale,
+        )
+        # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect
+        # the all-class contiguous ids of the "standard" panoptic metadata.
+        semantic_ids = self.thing_semantic_ids.tolist()
+        for segment in segments_info:
+            if segment["isthing"]:
+                segment["category_id"] = semantic_ids[segment["category_id"]]
+        instances.pred_classes = self.thing_semantic_ids[instances.pred_classes]
+        return {
+            "sem_seg": sem_seg,
+            "instances": instances,
+            "panoptic_seg": (panoptic_seg, segments_info),
+        }
+
+
+def _thing_semantic_ids(cfg):
+    """Semantic class of each thing class: from the config, else from the data set's metadata."""
+    num_things = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    ids = list(cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS)
+    source = "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS"
+    if not ids:
+        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+        if not names:
+            raise ValueError(
+                "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS is empty and no data set is named in "
+                "DATASETS.TRAIN/TEST to read it from: set it to the semantic class of each thing."
+            )
+        ids = thing_semantic_ids_from_metadata(MetadataCatalog.get(names[0]))
+        source = f"the metadata of data set '{names[0]}'"
+    if len(ids) != num_things:
+        raise ValueError(
+            f"{source} gives {len(ids)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+            f"{num_things}."
+        )
+    if any(not 0 <= i < num_classes for i in ids):
+        raise ValueError(
+            f"{source} gives semantic ids {ids}, not all within MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+            f"({num_classes})."
+        )
+    return ids

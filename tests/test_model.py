@@ -1,0 +1,170 @@
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    ROI_MASK_HEAD_REGISTRY,
+    RPN_HEAD_REGISTRY,
+    SEM_SEG_HEADS_REGISTRY,
+    build_model,
+)
+from detectron2.utils.events import EventStorage
+from detectron2.utils.visualizer import Visualizer
+
+from tests.common import NUM_CLASSES, THING_SEMANTIC_IDS, load_config, tiny_config, training_input
+
+# Detections and segments even from random weights, so the output contract can be checked.
+PERMISSIVE = [
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    0.0,
+    "MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH",
+    0.0,
+    "MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT",
+    0,
+]
+
+
+def test_components_are_registered():
+    assert "EfficientPS" in META_ARCH_REGISTRY
+    assert "EfficientPSSemSegHead" in SEM_SEG_HEADS_REGISTRY
+    assert "SeparableConvRPNHead" in RPN_HEAD_REGISTRY
+    assert "SeparableConvMaskHead" in ROI_MASK_HEAD_REGISTRY
+
+
+def test_b5_cityscapes_model_size_matches_the_paper():
+    cfg = load_config("Cityscapes-PanopticSegmentation/efficientps_b5.yaml")
+    cfg.MODEL.EFFICIENTNET.NORM = "BN"  # SyncBN builds the same parameters
+    params = sum(p.numel() for p in build_model(cfg).parameters())
+    assert 36.8e6 <= params <= 45.0e6, params  # the paper reports 40.89M
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "COCO-PanopticSegmentation/efficientps_b5.yaml",
+        "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml",
+    ],
+)
+def test_shipped_configs_build(name):
+    cfg = load_config(name, ["MODEL.EFFICIENTNET.VARIANT", "b0"])
+    model = build_model(cfg)
+    assert model.sem_seg_head.num_classes == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    # Thing classes come from Detectron2's own metadata of the configured data set.
+    assert len(model.thing_semantic_ids) == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def test_training_step_gives_finite_losses_and_gradients_in_every_head():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    batch = [
+        training_input(97, 131, [[10, 20, 50, 60], [40, 30, 90, 80], [45, 35, 95, 85]], [0, 1, 1]),
+        training_input(70, 101, [], [], seed=1),  # an image without instances
+    ]
+    with EventStorage():
+        losses = model(batch)
+    expected = {
+        "loss_sem_seg",
+        "loss_rpn_cls",
+        "loss_rpn_loc",
+        "loss_cls",
+        "loss_box_reg",
+        "loss_mask",
+    }
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for part in (
+        model.backbone.bottom_up,
+        model.backbone.output_convs,
+        model.sem_seg_head,
+        model.proposal_generator.rpn_head,
+        model.roi_heads.box_head,
+        model.roi_heads.mask_head,
+    ):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_inference_contract_at_requested_size():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(PERMISSIVE)).eval()
+    image = training_input(90, 120, [], [])["image"]
+    with torch.no_grad():
+        (out,) = model([{"image": image, "height": 45, "width": 60}])
+    assert out["sem_seg"].shape == (NUM_CLASSES, 45, 60)
+    instances = out["instances"]
+    assert instances.image_size == (45, 60) and len(instances) > 0
+    assert instances.pred_masks.shape[1:] == (45, 60)
+    assert set(instances.pred_classes.tolist()) <= set(THING_SEMANTIC_IDS)
+    panoptic_seg, segments_info = out["panoptic_seg"]
+    assert panoptic_seg.dtype == torch.int32 and panoptic_seg.shape == (45, 60)
+    ids = set(panoptic_seg.unique().tolist()) - {0}
+    assert ids == {s["id"] for s in segments_info}
+    for s in segments_info:
+        assert (panoptic_seg == s["id"]).sum() == s["area"]
+        if s["isthing"]:
+            assert s["category_id"] in THING_SEMANTIC_IDS and 0 <= s["score"] <= 1
+        else:
+            assert s["category_id"] not in THING_SEMANTIC_IDS
+
+
+def test_default_predictor_and_visualizer_accept_the_output():
+    cfg = tiny_config(PERMISSIVE)
+    predictor = DefaultPredictor(cfg)
+    image = np.random.RandomState(0).randint(0, 255, (70, 99, 3), dtype=np.uint8)
+    out = predictor(image)
+    assert out["panoptic_seg"][0].shape == (70, 99)
+    names = ["sky", "road", "grass", "disc", "square"]
+    metadata = MetadataCatalog.get("__efficientps_test_visualizer")
+    metadata.set(thing_classes=names, stuff_classes=names)
+    vis = Visualizer(image[:, :, ::-1], metadata)
+    drawn = vis.draw_panoptic_seg(out["panoptic_seg"][0], out["panoptic_seg"][1]).get_image()
+    assert drawn.shape == (70, 99, 3)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(PERMISSIVE)
+    model = build_model(cfg)
+    with EventStorage():  # move BN statistics off their defaults
+        model(
+            [training_input(64, 96, [[5, 5, 40, 40]], [1]), training_input(64, 96, [], [], seed=2)]
+        )
+    model.eval()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    torch.manual_seed(1)
+    restored = build_model(cfg).eval()
+    DetectionCheckpointer(restored).load(str(tmp_path / "model.pth"))
+    inputs = [{"image": training_input(64, 96, [], [], seed=3)["image"]}]
+    with torch.no_grad():
+        a, b = model(inputs)[0], restored(inputs)[0]
+    assert torch.equal(a["sem_seg"], b["sem_seg"])
+    assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+    assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("MODEL.ROI_MASK_HEAD.NAME", "NoSuchMaskHead"),
+        ("MODEL.RPN.HEAD_NAME", "NoSuchRPNHead"),
+        ("MODEL.META_ARCHITECTURE", "NoSuchArch"),
+    ],
+)
+def test_unknown_head_names_are_reported(key, value):
+    with pytest.raises(KeyError, match=value) as e:
+        build_model(tiny_config([key, value]))
+    assert "registry" in str(e.value).lower()  # Detectron2 lists the registry's entries
+
+
+def test_thing_semantic_ids_are_checked():
+    with pytest.raises(ValueError, match="THING_SEMANTIC_IDS.*NUM_CLASSES"):
+        build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [3]]))
+    with pytest.raises(ValueError, match="THING_SEMANTIC_IDS.*within"):
+        build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [3, 9]]))
+    with pytest.raises(ValueError, match="no data set"):
+        build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", []]))
