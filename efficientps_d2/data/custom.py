@@ -106,13 +106,13 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
         image_root (str): folder of the images.
         panoptic_root (str): folder of the panoptic PNGs.
         metadata (dict): with ``thing_dataset_id_to_contiguous_id`` and
-            ``stuff_dataset_id_to_contiguous_id`` (the latter covering all classes).
+            ``stuff_dataset_id_to_contiguous_id`` (Detectron2's "standard" panoptic metadata).
     Returns:
         list[dict], one per json annotation, in json order, with ``file_name``, ``image_id``,
         ``height``, ``width``, ``pan_seg_file_name`` and ``segments_info`` (the json's segments with
         ``category_id`` made contiguous and ``isthing`` added).
     Raises:
-        FileNotFoundError: the json, or images or PNGs it names, are missing (all named).
+        FileNotFoundError: the json, or images or PNGs it names, are missing (the first few named).
         ValueError: inconsistent json (unknown image id or category id, duplicate segment ids).
     """
     if not os.path.isfile(json_file):
@@ -142,7 +142,7 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
             )
         images[image["id"]] = image
     things = metadata["thing_dataset_id_to_contiguous_id"]
-    classes = metadata["stuff_dataset_id_to_contiguous_id"]
+    stuff = metadata["stuff_dataset_id_to_contiguous_id"]
 
     ret = []
     for ann in data["annotations"]:
@@ -164,14 +164,14 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
             seen.add(segment.get("id"))
             if category_id in things:
                 segment = dict(segment, category_id=things[category_id], isthing=True)
-            elif category_id in classes:
-                segment = dict(segment, category_id=classes[category_id], isthing=False)
+            elif category_id in stuff:
+                segment = dict(segment, category_id=stuff[category_id], isthing=False)
             else:
                 raise ValueError(
                     f"Panoptic json '{json_file}': segment {segment.get('id')!r} of annotation "
                     f"'{ann.get('file_name')}' (image id {image_id!r}) has category_id "
                     f"{category_id!r}, which is not among the data set's categories "
-                    f"{sorted(classes)}."
+                    f"{sorted(set(things) | set(stuff))}."
                 )
             segments_info.append(segment)
         record = {
