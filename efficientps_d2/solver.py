@@ -1,0 +1,38 @@
+"""Optimizer with whole-model gradient clipping, as the official EfficientPS training used.
+
+Detectron2's SOLVER.CLIP_GRADIENTS clips each parameter tensor on its own ("value", "norm"); the
+paper clips the norm of all gradients together at 35. SOLVER.CLIP_GRADIENTS.CLIP_TYPE
+"full_model" selects that; every other setting is Detectron2's own ``build_optimizer``.
+"""
+
+import torch
+from detectron2.solver import build_optimizer as build_detectron2_optimizer
+
+
+def build_optimizer(cfg, model):
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+        return build_detectron2_optimizer(cfg, model)
+    unclipped = cfg.clone()
+    unclipped.defrost()
+    unclipped.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    optimizer = build_detectron2_optimizer(unclipped, model)
+    return with_full_model_gradient_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+
+
+def with_full_model_gradient_clipping(optimizer, max_norm, norm_type=2.0):
+    """Makes ``optimizer.step()`` first clip the total gradient norm of all its parameters.
+
+    Under AMP, ``GradScaler.step`` unscales the gradients before calling ``step``, so the clip
+    sees true gradient values.
+    """
+    base = type(optimizer)
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        return base.step(self, closure)
+
+    name = base.__name__ + "WithFullModelGradientClipping"
+    optimizer.__class__ = type(name, (base,), {"step": step})
+    return optimizer

@@ -1,0 +1,118 @@
+"""train_net.py end to end as a user runs it: train, checkpoint, evaluate, --eval-only, --resume."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick.yaml")
+# The quick config with narrower heads and a few tiny steps, so a run takes seconds.
+TINY = [
+    "MODEL.TWO_WAY_FPN.OUT_CHANNELS", "32",
+    "MODEL.SEM_SEG_HEAD.DPC_CHANNELS", "16",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.BASE_LR", "0.01",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    ensure_synthetic_panoptic(str(root), num_train=6, num_val=3)
+    return str(root)
+
+
+def train_net(args, data_root, **popen_kwargs):
+    env = dict(os.environ, DETECTRON2_DATASETS=data_root, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICK, *args]
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        **popen_kwargs,
+    )  # fmt: skip
+
+
+def run_to_end(args, data_root, timeout=900):
+    proc = train_net(args, data_root)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def copypaste_results(log):
+    """Detectron2's 'copypaste' blocks (Task, metric names, values): {task: {metric: value}}."""
+    lines = re.findall(r"copypaste: (.*)", log)
+    results = {}
+    for task, names, values in zip(lines[0::3], lines[1::3], lines[2::3]):
+        results[task.replace("Task: ", "")] = dict(zip(names.split(","), values.split(",")))
+    return results
+
+
+def test_train_checkpoint_evaluate_then_eval_only_reproduces(tmp_path, data_root):
+    out_dir = str(tmp_path / "run")
+    log = run_to_end(
+        [*TINY, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", out_dir],
+        data_root,
+    )
+    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint"} <= set(
+        os.listdir(out_dir)
+    )
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))  # tensorboard
+    # The real evaluators ran: panoptic quality, semantic mIoU and box/mask AP.
+    trained = copypaste_results(log)
+    assert set(trained) == {"panoptic_seg", "sem_seg", "bbox", "segm"}
+    assert {"PQ", "SQ", "RQ"} <= set(trained["panoptic_seg"]) and "mIoU" in trained["sem_seg"]
+    assert re.search(r"PQ\s*\|\s*SQ\s*\|\s*RQ", log)
+
+    log = run_to_end(
+        [
+            "--eval-only",
+            *TINY,
+            "MODEL.WEIGHTS",
+            os.path.join(out_dir, "model_final.pth"),
+            "OUTPUT_DIR",
+            str(tmp_path / "eval"),
+        ],
+        data_root,
+    )
+    assert copypaste_results(log) == trained
+
+
+def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
+    out_dir = tmp_path / "run"
+    args = [*TINY, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "4", "DATASETS.TEST", "()"]
+    args += ["OUTPUT_DIR", str(out_dir)]
+    proc = train_net(args, data_root)
+    deadline = time.time() + 900  # a bound on a hang; the run itself takes seconds
+    while not (out_dir / "model_0000003.pth").exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (out_dir / "model_final.pth").exists()
+    # A kill never leaves a half-written checkpoint: what last_checkpoint names is complete.
+    last = (out_dir / "last_checkpoint").read_text()
+    assert (out_dir / last).exists()
+    resumed_from = int(re.search(r"model_(\d+)\.pth", last).group(1))
+
+    log = run_to_end(["--resume", *args], data_root)
+    assert f"Starting training from iteration {resumed_from + 1}" in log
+    assert (out_dir / "model_final.pth").exists()
+    with open(out_dir / "metrics.json") as f:
+        iterations = [json.loads(line)["iteration"] for line in f if line.strip()]
+    assert iterations[-1] == 11
