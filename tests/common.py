@@ -10,6 +10,15 @@ from efficientps_d2 import add_efficientps_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 NUM_CLASSES = 5  # semantic classes 0-2 are stuff, 3-4 things
+# Detections and segments even from random weights, so output contracts can be checked.
+PERMISSIVE = [
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    0.0,
+    "MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH",
+    0.0,
+    "MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT",
+    0,
+]
 THING_SEMANTIC_IDS = [3, 4]
 
 

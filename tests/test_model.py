@@ -14,17 +14,14 @@ from detectron2.modeling import (
 from detectron2.utils.events import EventStorage
 from detectron2.utils.visualizer import Visualizer
 
-from tests.common import NUM_CLASSES, THING_SEMANTIC_IDS, load_config, tiny_config, training_input
-
-# Detections and segments even from random weights, so the output contract can be checked.
-PERMISSIVE = [
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-    0.0,
-    "MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH",
-    0.0,
-    "MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT",
-    0,
-]
+from tests.common import (
+    NUM_CLASSES,
+    PERMISSIVE,
+    THING_SEMANTIC_IDS,
+    load_config,
+    tiny_config,
+    training_input,
+)
 
 
 def test_components_are_registered():

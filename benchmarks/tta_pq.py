@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Panoptic quality of EfficientPS without and with test-time augmentation on one data set.
+
+    python benchmarks/tta_pq.py \\
+        --config-file configs/Cityscapes-PanopticSegmentation/efficientps_b5.yaml \\
+        --weights output/model_final.pth                # data set: DATASETS.TEST[0]
+    python benchmarks/tta_pq.py --config-file CONFIG --weights W --dataset NAME --max-images 100
+    # a COCO-panoptic-format data set that is not registered yet:
+    python benchmarks/tta_pq.py --config-file CONFIG --weights W \\
+        --panoptic-json val.json --panoptic-root val_png/ --image-root images/
+    # other TTA settings (defaults: TEST.PANOPTIC_TTA.* of the config):
+    python benchmarks/tta_pq.py ... --opts TEST.PANOPTIC_TTA.MIN_SIZES "[768,1024,1280]"
+
+Both runs use the same weights, data loader (the project's test-time mapper) and Detectron2's
+``COCOPanopticEvaluator``; the script prints PQ/SQ/RQ (all, things, stuff) for both and their
+difference, and with --output-json writes them as json. ``evaluate_plain_and_tta`` does the same
+from Python.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+
+from efficientps_d2 import add_efficientps_config
+from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2.data import register_panoptic_dataset
+from efficientps_d2.modeling.test_time_augmentation import EfficientPSWithTTA
+
+logger = logging.getLogger("efficientps_d2.benchmarks.tta_pq")
+
+METRICS = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")
+
+
+def _test_mapper(cfg):
+    try:
+        from efficientps_d2.data.dataset_mapper import EfficientPSDatasetMapper
+    except ImportError:  # Detectron2's gives image/height/width, all that inference needs
+        from detectron2.data import DatasetMapper
+
+        return DatasetMapper(cfg, is_train=False)
+    return EfficientPSDatasetMapper(cfg, is_train=False)
+
+
+def evaluate_plain_and_tta(cfg, dataset_name, *, max_images=None, output_dir=None):
+    """PQ of ``cfg``'s model (weights: cfg.MODEL.WEIGHTS) without and with TTA.
+
+    Args:
+        cfg: an EfficientPS config; TTA uses its TEST.PANOPTIC_TTA settings.
+        dataset_name: a registered panoptic data set (metadata with panoptic_json/panoptic_root).
+        max_images: evaluate only the first N images.
+        output_dir: where the evaluator writes its predictions ("plain/", "tta/").
+    Returns:
+        {"plain": {...}, "tta": {...}}: COCOPanopticEvaluator's "panoptic_seg" results.
+    """
+    model = build_model(cfg)
+    EfficientPSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    mapper = _test_mapper(cfg)
+    if max_images:
+        dataset = DatasetCatalog.get(dataset_name)[:max_images]
+        loader = build_detection_test_loader(dataset=dataset, mapper=mapper)
+    else:
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+    results = {}
+    for key, runner in (("plain", model), ("tta", EfficientPSWithTTA(cfg, model))):
+        folder = os.path.join(output_dir, key) if output_dir else None
+        evaluator = COCOPanopticEvaluator(dataset_name, folder)
+        logger.info(f"Evaluating {key} inference on '{dataset_name}' ...")
+        results[key] = inference_on_dataset(runner, loader, evaluator)["panoptic_seg"]
+    return results
+
+
+def format_table(results, cfg):
+    tta = cfg.TEST.PANOPTIC_TTA
+    lines = [
+        f"TTA: min sizes {list(tta.MIN_SIZES)}, max size {tta.MAX_SIZE}, flip {tta.FLIP}",
+        f"{'':<8}" + "".join(f"{m:>8}" for m in METRICS),
+    ]
+    for key in ("plain", "tta"):
+        lines.append(f"{key:<8}" + "".join(f"{results[key][m]:8.2f}" for m in METRICS))
+    lines.append(
+        f"{'delta':<8}"
+        + "".join(f"{results['tta'][m] - results['plain'][m]:+8.2f}" for m in METRICS)
+    )
+    return "\n".join(lines)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="PQ without and with test-time augmentation")
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--weights", required=True, help="checkpoint (sets MODEL.WEIGHTS)")
+    parser.add_argument("--dataset", help="registered data set (default: DATASETS.TEST[0])")
+    parser.add_argument("--panoptic-json", help="register a COCO panoptic json to evaluate on")
+    parser.add_argument("--panoptic-root", help="its folder of panoptic PNGs")
+    parser.add_argument("--image-root", help="its folder of images")
+    parser.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    parser.add_argument("--output-dir", help="folder for the evaluators' predictions")
+    parser.add_argument("--output-json", help="write both results to this json")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides")
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    cfg = get_cfg()
+    add_efficientps_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.WEIGHTS = args.weights
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    dataset = args.dataset
+    custom = (args.panoptic_json, args.panoptic_root, args.image_root)
+    if any(custom):
+        if not all(custom):
+            raise SystemExit("--panoptic-json, --panoptic-root and --image-root go together.")
+        dataset = dataset or "tta_pq_" + os.path.splitext(os.path.basename(args.panoptic_json))[0]
+        register_panoptic_dataset(
+            dataset,
+            image_root=args.image_root,
+            panoptic_root=args.panoptic_root,
+            panoptic_json=args.panoptic_json,
+        )
+    if dataset is None:
+        if not cfg.DATASETS.TEST:
+            raise SystemExit("Name a data set: --dataset, or DATASETS.TEST in the config.")
+        dataset = cfg.DATASETS.TEST[0]
+    cfg.freeze()
+    results = evaluate_plain_and_tta(
+        cfg, dataset, max_images=args.max_images, output_dir=args.output_dir
+    )
+    print(f"Data set '{dataset}', weights '{args.weights}'")
+    print(format_table(results, cfg))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"dataset": dataset, "weights": args.weights, **results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="efficientps_d2")
+    main()
+    sys.exit(0)

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""EfficientPS demo: panoptic segmentation of images, a video or a webcam, drawn by Detectron2.
+
+    python demo.py --config-file configs/Cityscapes-PanopticSegmentation/efficientps_b5.yaml \\
+        --input images/ 'more/*.jpg' one.png --output out/ --save-panoptic \\
+        --opts MODEL.WEIGHTS model_final.pth
+    python demo.py --config-file CONFIG --video-input drive.mp4 --output out/drive.mp4 \\
+        --opts MODEL.WEIGHTS model_final.pth
+    python demo.py --config-file CONFIG --webcam --output webcam.mp4 --opts MODEL.WEIGHTS W.pth
+
+--config-file also takes a model zoo name ("Cityscapes-PanopticSegmentation/efficientps_b5.yaml").
+Class names come from the metadata of DATASETS.TEST[0] (else DATASETS.TRAIN[0]). The model runs on
+MODEL.DEVICE, on the CPU when CUDA is not available. TEST.PANOPTIC_TTA.ENABLED True in --opts turns
+on test-time augmentation.
+
+Outputs: one drawing per image in the --output folder (same name; or the --output file for a single
+image); for video, the --output file (or <folder>/<video name>.mp4), mp4v-coded, or MJPG .avi when
+mp4v is unavailable. --save-panoptic adds COCO panoptic PNGs (<folder>/panoptic/) and
+<folder>/predictions.json with the data set's category ids.
+
+Exit status:
+    0  at least one image processed (unreadable files are skipped and listed on stderr), or the
+       video/webcam output written (also when the input ends early: the partial output is kept and
+       the shortfall reported);
+    1  nothing processed: no readable image, a video or webcam that cannot be opened or yields no
+       frame, no usable video codec, no window to show results in without --output, a checkpoint
+       that does not fit the model, or an invalid configuration;
+    2  invalid command line.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from detectron2.config import get_cfg
+
+from efficientps_d2 import add_efficientps_config, model_zoo
+from efficientps_d2.inference import (
+    VisualizationDemo,
+    collect_images,
+    display_available,
+    open_video,
+    open_webcam,
+    run_on_images,
+    run_on_video,
+)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="EfficientPS panoptic segmentation demo")
+    parser.add_argument(
+        "--config-file", required=True, metavar="FILE", help="config file or model zoo name"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--input", nargs="+", help="image files, folders or glob patterns ('imgs/*.jpg')"
+    )
+    source.add_argument("--video-input", help="a video file")
+    source.add_argument(
+        "--webcam", nargs="?", type=int, const=0, metavar="INDEX", help="a camera (default 0)"
+    )
+    parser.add_argument(
+        "--output",
+        help="folder for the image drawings (or a file for a single image); video: file or folder."
+        " Without it the results are shown in a window.",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        help="minimum detection score: sets MODEL.ROI_HEADS.SCORE_THRESH_TEST and "
+        "MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH",
+    )
+    parser.add_argument(
+        "--save-panoptic",
+        action="store_true",
+        help="also write COCO panoptic PNGs and predictions.json (needs --output)",
+    )
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
+    )
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_efficientps_config(cfg)
+    config_file = args.config_file
+    if not os.path.isfile(config_file):
+        config_file = model_zoo.get_config_file(config_file)  # RuntimeError lists the names
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(args.opts)
+    if args.confidence_threshold is not None:
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
+        cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = args.confidence_threshold
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def main(argv=None):
+    """Runs the demo; returns the exit status (see the module docstring)."""
+    args = get_parser().parse_args(argv)
+    if args.save_panoptic and not args.output:
+        return _fail("--save-panoptic needs --output.")
+    show = not args.output
+    if show and not display_available():
+        return _fail("No window can be opened here (headless OpenCV or no display): use --output.")
+    try:
+        cfg = setup_cfg(args)
+        if args.input:
+            paths, problems = collect_images(args.input)
+            if not paths:
+                return _fail(_problem_lines("No image to process.", problems))
+            demo = VisualizationDemo(cfg)
+            summary = run_on_images(
+                demo,
+                paths,
+                args.output,
+                save_panoptic=args.save_panoptic,
+                show=show,
+                problems=problems,
+            )
+            print(summary.report(), file=sys.stderr if summary.skipped else sys.stdout)
+            return 0 if summary.processed else 1
+        if args.video_input:
+            capture, name = open_video(args.video_input), args.video_input
+        else:
+            capture, name = open_webcam(args.webcam), f"webcam{args.webcam}"
+        try:
+            demo = VisualizationDemo(cfg)
+        except BaseException:
+            capture.release()
+            raise
+        summary = run_on_video(
+            demo, capture, name, args.output, save_panoptic=args.save_panoptic, show=show
+        )
+        print(summary.report(), file=sys.stdout if summary.complete else sys.stderr)
+        return 0
+    except (RuntimeError, ValueError, OSError) as e:  # readable messages, not tracebacks
+        return _fail(str(e))
+
+
+def _problem_lines(title, problems):
+    return "\n".join([title] + [f"  {path}: {reason}" for path, reason in problems])
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="fvcore")
+    setup_logger(name="detectron2")
+    setup_logger(name="efficientps_d2")
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Inference helpers behind ``demo.py``: a predictor, a drawing demo, COCO panoptic export and
+the image/video loops."""
+
+from .coco_panoptic import CocoPanopticWriter, id_to_rgb, panoptic_categories, to_coco_segments
+from .predictor import EfficientPSPredictor, VisualizationDemo, resolve_metadata
+from .runner import (
+    VIDEO_CODECS,
+    ImageRunSummary,
+    VideoInputError,
+    VideoOutputError,
+    VideoRunSummary,
+    collect_images,
+    count_video_frames,
+    display_available,
+    open_video,
+    open_video_writer,
+    open_webcam,
+    run_on_images,
+    run_on_video,
+)
+
+__all__ = [
+    "VIDEO_CODECS",
+    "CocoPanopticWriter",
+    "EfficientPSPredictor",
+    "ImageRunSummary",
+    "VideoInputError",
+    "VideoOutputError",
+    "VideoRunSummary",
+    "VisualizationDemo",
+    "collect_images",
+    "count_video_frames",
+    "display_available",
+    "id_to_rgb",
+    "open_video",
+    "open_video_writer",
+    "open_webcam",
+    "panoptic_categories",
+    "resolve_metadata",
+    "run_on_images",
+    "run_on_video",
+    "to_coco_segments",
+]

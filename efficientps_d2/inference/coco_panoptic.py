@@ -1,0 +1,182 @@
+"""Writes panoptic predictions in COCO panoptic format (PNGs + one json).
+
+The format is the one panopticapi and Detectron2's ``COCOPanopticEvaluator`` read: one RGB PNG per
+image whose pixels hold the segment id as ``R + 256 G + 256^2 B`` (0: void), and a json with
+"images", "annotations" (``image_id``, ``file_name`` of the PNG, ``segments_info``) and
+"categories". Category ids in the json are the **data set's own** ids, mapped back from the model's
+contiguous ids with the metadata's ``thing/stuff_dataset_id_to_contiguous_id``, so the json can be
+evaluated against the data set's ground truth with ``panopticapi.evaluation.pq_compute``, or
+registered itself as a data set (``efficientps_d2.data.register_panoptic_dataset``).
+
+Files are written atomically (temporary file, then rename).
+"""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from ..file_io import atomic_write
+
+__all__ = [
+    "CocoPanopticWriter",
+    "id_to_rgb",
+    "panoptic_categories",
+    "to_coco_segments",
+]
+
+
+def id_to_rgb(ids):
+    """(H, W) integer segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
+        raise ValueError(f"Segment ids must lie in [0, 256^3), got [{ids.min()}, {ids.max()}].")
+    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8)
+
+
+def _inverse_maps(metadata):
+    things = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    stuff = getattr(metadata, "stuff_dataset_id_to_contiguous_id", None)
+    if things is None or stuff is None:
+        name = getattr(metadata, "name", "?")
+        raise ValueError(
+            f"The metadata of '{name}' lacks 'thing_dataset_id_to_contiguous_id' / "
+            "'stuff_dataset_id_to_contiguous_id': the COCO panoptic export needs a panoptic data "
+            "set's metadata (DATASETS.TEST) to map class ids back to the data set's category ids."
+        )
+    return {v: k for k, v in things.items()}, {v: k for k, v in stuff.items()}
+
+
+def _class_name_and_color(metadata, contiguous_id):
+    # "Standard" panoptic metadata lists every class in both stuff_classes and thing_classes.
+    for kind in ("stuff", "thing"):
+        names = getattr(metadata, f"{kind}_classes", None) or []
+        if contiguous_id < len(names):
+            colors = getattr(metadata, f"{kind}_colors", None) or []
+            color = list(colors[contiguous_id]) if contiguous_id < len(colors) else None
+            return names[contiguous_id], color
+    return f"class {contiguous_id}", None
+
+
+def panoptic_categories(metadata):
+    """COCO panoptic "categories" (id, name, isthing, color) of a data set, by dataset id."""
+    things, stuff = _inverse_maps(metadata)
+    categories = []
+    for contiguous, dataset_id in list(things.items()) + list(stuff.items()):
+        isthing = contiguous in things
+        name, color = _class_name_and_color(metadata, contiguous)
+        category = {"id": int(dataset_id), "name": name, "isthing": int(isthing)}
+        if color is not None:
+            category["color"] = [int(c) for c in color]
+        categories.append(category)
+    return sorted(categories, key=lambda c: c["id"])
+
+
+def to_coco_segments(panoptic_seg, segments_info, metadata):
+    """The model's ``segments_info`` as COCO panoptic segments of the data set.
+
+    Args:
+        panoptic_seg: (H, W) integer segment ids (tensor or array); 0 is void.
+        segments_info: the model's segment dicts ("id", "category_id" contiguous, "isthing",
+            optional "score").
+        metadata: the data set's metadata (see :func:`panoptic_categories`).
+    Returns:
+        list of {"id", "category_id" (dataset id), "iscrowd": 0, "isthing", "area", "bbox"
+        (XYWH), and "score" for things}; segments without pixels are left out.
+    """
+    things, stuff = _inverse_maps(metadata)
+    ids = np.asarray(panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else panoptic_seg)
+    present, areas = np.unique(ids, return_counts=True)
+    area_of = dict(zip(present.tolist(), areas.tolist()))
+    segments = []
+    for s in segments_info:
+        area = area_of.get(int(s["id"]), 0)
+        if area == 0:
+            continue
+        isthing = bool(s.get("isthing", s["category_id"] in things))
+        table = things if isthing else stuff
+        if s["category_id"] not in table:
+            raise ValueError(
+                f"Segment {s['id']} has {'thing' if isthing else 'stuff'} class "
+                f"{s['category_id']}, which the metadata's "
+                f"{'thing' if isthing else 'stuff'}_dataset_id_to_contiguous_id does not map "
+                f"(it maps {sorted(table)}): the model's classes do not match the data set's."
+            )
+        rows, cols = np.nonzero(ids == s["id"])
+        segment = {
+            "id": int(s["id"]),
+            "category_id": int(table[s["category_id"]]),
+            "iscrowd": 0,
+            "isthing": int(isthing),
+            "area": int(area),
+            "bbox": [
+                int(cols.min()),
+                int(rows.min()),
+                int(cols.max() - cols.min() + 1),
+                int(rows.max() - rows.min() + 1),
+            ],
+        }
+        if isthing and "score" in s:
+            segment["score"] = float(s["score"])
+        segments.append(segment)
+    return segments
+
+
+class CocoPanopticWriter:
+    """Collects predictions and writes COCO panoptic PNGs and json.
+
+    ``add`` writes one PNG to ``png_dir`` right away; ``write_json`` writes ``json_file`` with
+    everything added so far (call it at the end, also after an error, to keep partial output).
+
+    Args:
+        json_file: the json to write (e.g. ``out/predictions.json``).
+        png_dir: folder of the PNGs (e.g. ``out/panoptic``).
+        metadata: the data set's metadata (class names and id maps).
+    """
+
+    def __init__(self, json_file, png_dir, metadata):
+        self.json_file = json_file
+        self.png_dir = png_dir
+        self.metadata = metadata
+        self.categories = panoptic_categories(metadata)  # fails early without id maps
+        self.images, self.annotations = [], []
+
+    def add(self, image_id, image_file_name, panoptic_seg, segments_info, height, width):
+        """Writes the PNG of one image and records its annotation.
+
+        Args:
+            image_id: the image's id (e.g. the file name without extension).
+            image_file_name: the image's file name ("images[*].file_name" in the json).
+            panoptic_seg, segments_info: the model's "panoptic_seg" output.
+            height, width: the image size.
+        Returns:
+            the PNG's path.
+        """
+        ids = np.asarray(panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else panoptic_seg)
+        segments = to_coco_segments(ids, segments_info, self.metadata)
+        # Pixels of segments that were left out (none in practice) become void, so the PNG and
+        # the json always agree.
+        listed = np.isin(ids, [s["id"] for s in segments])
+        ids = np.where(listed, ids, 0)
+        png_name = f"{image_id}.png"
+        png_path = os.path.join(self.png_dir, png_name)
+        atomic_write(png_path, lambda f: Image.fromarray(id_to_rgb(ids)).save(f, format="PNG"))
+        self.images.append(
+            {"id": image_id, "file_name": image_file_name, "height": height, "width": width}
+        )
+        self.annotations.append(
+            {"image_id": image_id, "file_name": png_name, "segments_info": segments}
+        )
+        return png_path
+
+    def write_json(self):
+        """Writes the json (atomically) and returns its path."""
+        data = {
+            "info": {"description": "EfficientPS panoptic predictions (efficientps_d2)"},
+            "images": self.images,
+            "annotations": self.annotations,
+            "categories": self.categories,
+        }
+        atomic_write(self.json_file, lambda f: json.dump(data, f), mode="w")
+        return self.json_file

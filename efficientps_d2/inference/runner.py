@@ -1,0 +1,485 @@
+"""The demo's work loops: folders/globs of images, video files and webcams, with robust output.
+
+- Images: unreadable files are reported by name and skipped; the rest are processed.
+- Video: frames are processed in order with a progress bar (frames/s); the writer falls back from
+  mp4v/.mp4 to MJPG/.avi and says which it used; the output is written under a temporary name and
+  renamed when closed, kept (and reported) when the input ends early or processing fails, and read
+  back with ``cv2.VideoCapture`` to check it plays.
+- With an export folder, COCO panoptic PNGs and ``predictions.json`` are written too (see
+  :mod:`efficientps_d2.inference.coco_panoptic`).
+"""
+
+import glob
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import cv2
+from detectron2.data.detection_utils import read_image
+from tqdm import tqdm
+
+from ..file_io import atomic_write, temporary_path
+from .coco_panoptic import CocoPanopticWriter
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VIDEO_CODECS",
+    "ImageRunSummary",
+    "VideoInputError",
+    "VideoOutputError",
+    "VideoRunSummary",
+    "collect_images",
+    "count_video_frames",
+    "display_available",
+    "open_video",
+    "open_video_writer",
+    "open_webcam",
+    "run_on_images",
+    "run_on_video",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# (fourcc, container extension) tried in order; mp4v/.mp4 plays almost everywhere, MJPG/.avi is
+# the codec every OpenCV build can write.
+VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
+_WINDOW = "EfficientPS"
+
+
+class VideoInputError(RuntimeError):
+    """A video file or webcam cannot be read."""
+
+
+class VideoOutputError(RuntimeError):
+    """No codec could write the output video."""
+
+
+def display_available():
+    """Whether OpenCV can open a window (False with opencv-python-headless or without display)."""
+    try:
+        cv2.namedWindow(_WINDOW, cv2.WINDOW_NORMAL)
+        cv2.destroyWindow(_WINDOW)
+        return True
+    except cv2.error:
+        return False
+
+
+# -------------------------------------------------------------------------------------------------
+# Images
+# -------------------------------------------------------------------------------------------------
+def collect_images(inputs):
+    """Expands files, folders (their image files, by extension) and glob patterns.
+
+    Returns:
+        (paths, problems): the files in order (without repeats), and (input, reason) for inputs
+        that name nothing to process.
+    """
+    paths, problems = [], []
+    for item in inputs:
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, f)
+                for f in os.listdir(item)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, f))
+            )
+            if not found:
+                problems.append(
+                    (item, f"folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+                )
+        elif os.path.isfile(item):
+            found = [item]
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                problems.append((item, "pattern matches no file"))
+        else:
+            found = []
+            problems.append((item, "no such file or folder"))
+        paths.extend(found)
+    unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
+    return unique, problems
+
+
+def _unique_stems(paths):
+    """File stem per path, suffixed "_1", "_2", ... where two inputs share a stem."""
+    stems, used = {}, set()
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        candidate, n = stem, 0
+        while candidate in used:
+            n += 1
+            candidate = f"{stem}_{n}"
+        used.add(candidate)
+        stems[path] = candidate
+    return stems
+
+
+@dataclass
+class ImageRunSummary:
+    """Result of :func:`run_on_images`.
+
+    Attributes:
+        processed: (input path, visualisation path or None) per processed image.
+        skipped: (input, reason) per input that was not processed.
+        panoptic_json: the COCO panoptic json written, if any.
+    """
+
+    processed: List[Tuple[str, Optional[str]]] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    panoptic_json: Optional[str] = None
+
+    def report(self):
+        lines = [f"Processed {len(self.processed)} images, skipped {len(self.skipped)}."]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        if self.panoptic_json:
+            lines.append(f"COCO panoptic predictions: {self.panoptic_json}")
+        return "\n".join(lines)
+
+
+def _image_output_path(output, path, stem, single):
+    ext = os.path.splitext(path)[1].lower()
+    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
+        return output  # one input, --output names the file
+    name = stem + (ext if ext in (".jpg", ".jpeg", ".png") else ".png")
+    return os.path.join(output, name)
+
+
+def _export_folder(output):
+    """Folder of the COCO panoptic export: ``output`` itself, or the folder of an output file."""
+    if os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS + tuple(e for _, e in VIDEO_CODECS):
+        return os.path.dirname(os.path.abspath(output))
+    return output
+
+
+def run_on_images(demo, paths, output=None, *, save_panoptic=False, show=False, problems=()):
+    """Runs ``demo`` on image files; unreadable ones are reported and skipped.
+
+    Args:
+        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        paths: image files (see :func:`collect_images`).
+        output: folder for the visualisations (created), or a file name when there is one input;
+            None: nothing is written.
+        save_panoptic: also write COCO panoptic PNGs to ``<folder>/panoptic/`` and
+            ``<folder>/predictions.json`` (needs ``output`` and a data set's metadata).
+        show: show each visualisation in a window (waits for a key).
+        problems: (input, reason) found while collecting, carried into the summary.
+    Returns:
+        :class:`ImageRunSummary`.
+    """
+    summary = ImageRunSummary(skipped=list(problems))
+    writer = None
+    if save_panoptic:
+        if not output:
+            raise ValueError("The COCO panoptic export (--save-panoptic) needs an output folder.")
+        folder = _export_folder(output)
+        writer = CocoPanopticWriter(
+            os.path.join(folder, "predictions.json"),
+            os.path.join(folder, "panoptic"),
+            demo.metadata,
+        )
+    stems = _unique_stems(paths)
+    try:
+        for path in tqdm(paths, unit="image", disable=len(paths) < 2):
+            try:
+                image = read_image(path, format="BGR")
+            except Exception as e:  # PIL raises several types for unreadable files
+                reason = f"unreadable image ({type(e).__name__}: {e})"
+                logger.warning(f"Skipping '{path}': {reason}")
+                summary.skipped.append((path, reason))
+                continue
+            start = time.perf_counter()
+            predictions, vis = demo.run_on_image(image)
+            segments = predictions["panoptic_seg"][1]
+            logger.info(
+                f"{path}: {len(segments)} segments ({sum(s['isthing'] for s in segments)} things) "
+                f"in {time.perf_counter() - start:.2f}s"
+            )
+            out_path = None
+            if output:
+                out_path = _image_output_path(output, path, stems[path], len(paths) == 1)
+                drawn = vis.get_image()[:, :, ::-1]
+                atomic_write(out_path, lambda tmp: _imwrite(tmp, drawn), mode=None)
+            if writer is not None:
+                height, width = image.shape[:2]
+                writer.add(
+                    stems[path],
+                    os.path.basename(path),
+                    *predictions["panoptic_seg"],
+                    height=height,
+                    width=width,
+                )
+            if show:
+                cv2.imshow(_WINDOW, vis.get_image()[:, :, ::-1])
+                if cv2.waitKey(0) == 27:  # Esc stops
+                    break
+            summary.processed.append((path, out_path))
+    finally:
+        if writer is not None and writer.images:
+            summary.panoptic_json = writer.write_json()
+    return summary
+
+
+def _imwrite(path, image):
+    if not cv2.imwrite(path, image):
+        raise OSError(f"OpenCV could not write '{path}'.")
+
+
+# -------------------------------------------------------------------------------------------------
+# Video
+# -------------------------------------------------------------------------------------------------
+def open_video(path):
+    """``cv2.VideoCapture`` of a video file; VideoInputError naming the path if unreadable."""
+    if not os.path.isfile(path):
+        raise VideoInputError(f"Video '{path}' does not exist.")
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise VideoInputError(
+            f"Video '{path}' cannot be opened: not a video, or encoded with a codec this OpenCV "
+            "build cannot decode."
+        )
+    return capture
+
+
+def open_webcam(index=0):
+    """``cv2.VideoCapture`` of a camera; VideoInputError naming the device if there is none."""
+    capture = cv2.VideoCapture(int(index))
+    if not capture.isOpened():
+        raise VideoInputError(
+            f"Webcam {index} cannot be opened (no camera at /dev/video{index}, the device is busy, "
+            "or OpenCV was built without camera support)."
+        )
+    return capture
+
+
+def open_video_writer(path, fps, size, codecs=VIDEO_CODECS):
+    """Opens a ``cv2.VideoWriter``, trying codecs in order until one works.
+
+    Codecs whose container matches ``path``'s extension are tried first; the others change the
+    extension (e.g. "out.mp4" becomes "out.avi" with MJPG). The writer writes to a temporary file
+    next to the final one; rename it when done (:func:`run_on_video` does).
+
+    Args:
+        path: the wanted output file.
+        fps: frames per second.
+        size: (width, height) of the frames.
+        codecs: (fourcc, extension) pairs.
+    Returns:
+        (writer, temporary path, final path, fourcc).
+    Raises:
+        VideoOutputError: no codec could open a writer (all tried are listed).
+    """
+    stem, ext = os.path.splitext(path)
+    ordered = [c for c in codecs if c[1] == ext.lower()] + [
+        c for c in codecs if c[1] != ext.lower()
+    ]
+    tried = []
+    for fourcc, extension in ordered:
+        final = stem + extension
+        tmp = temporary_path(final)
+        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*fourcc), float(fps), tuple(size))
+        if writer.isOpened():
+            if final != path:
+                logger.warning(f"Codec {fourcc} writes '{final}' instead of '{path}'.")
+            return writer, tmp, final, fourcc
+        writer.release()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        tried.append(f"{fourcc} ({extension})")
+    raise VideoOutputError(
+        f"No video codec could write '{path}' (tried {', '.join(tried)}). Write images instead, or "
+        "install an OpenCV build with FFmpeg."
+    )
+
+
+def count_video_frames(path):
+    """Number of frames ``cv2.VideoCapture`` decodes from ``path`` (0 if it cannot open it)."""
+    capture = cv2.VideoCapture(path)
+    count = 0
+    try:
+        while capture.isOpened():
+            ok, _ = capture.read()
+            if not ok:
+                break
+            count += 1
+    finally:
+        capture.release()
+    return count
+
+
+@dataclass
+class VideoRunSummary:
+    """Result of :func:`run_on_video`.
+
+    Attributes:
+        source: the video path or "webcam N".
+        output: the video written (None if none).
+        codec: its fourcc.
+        frames_read: frames decoded from the input.
+        frames_expected: the input's frame count by its header (None for webcams or unknown).
+        frames_written: frames written to the output.
+        frames_verified: frames decoded back from the output (None if nothing was written).
+        stopped: why processing ended early ("" if it did not).
+        panoptic_json: the COCO panoptic json written, if any.
+    """
+
+    source: str
+    output: Optional[str] = None
+    codec: Optional[str] = None
+    frames_read: int = 0
+    frames_expected: Optional[int] = None
+    frames_written: int = 0
+    frames_verified: Optional[int] = None
+    stopped: str = ""
+    panoptic_json: Optional[str] = None
+
+    @property
+    def complete(self):
+        """Whether every frame of the input was processed and the output plays in full."""
+        ended_early = self.frames_expected is not None and self.frames_read < self.frames_expected
+        unverified = self.output is not None and self.frames_verified != self.frames_written
+        return not (ended_early or unverified or self.stopped)
+
+    def report(self):
+        lines = [f"{self.source}: processed {self.frames_read} frames."]
+        if self.frames_expected is not None and self.frames_read < self.frames_expected:
+            lines.append(
+                f"  The input ended after {self.frames_read} of its {self.frames_expected} frames "
+                "(truncated file or a frame that does not decode); the output keeps the frames "
+                "processed."
+            )
+        if self.stopped:
+            lines.append(f"  Stopped early: {self.stopped}")
+        if self.output:
+            lines.append(
+                f"  Wrote {self.frames_written} frames to '{self.output}' (codec {self.codec}); "
+                f"{self.frames_verified} read back."
+            )
+        if self.panoptic_json:
+            lines.append(f"  COCO panoptic predictions: {self.panoptic_json}")
+        return "\n".join(lines)
+
+
+def _frames(capture, summary):
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        summary.frames_read += 1
+        yield frame
+
+
+def video_output_path(output, source_name):
+    """The output video file: ``output`` itself, or ``<output>/<source stem>.mp4`` for a folder."""
+    if os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]:
+        stem = os.path.splitext(os.path.basename(source_name))[0] or "video"
+        return os.path.join(output, stem + ".mp4")
+    return output
+
+
+def run_on_video(
+    demo,
+    capture,
+    source_name,
+    output=None,
+    *,
+    save_panoptic=False,
+    show=False,
+    codecs=VIDEO_CODECS,
+    progress=True,
+):
+    """Runs ``demo`` on every frame of ``capture``, in order.
+
+    Args:
+        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        capture: an opened ``cv2.VideoCapture`` (see :func:`open_video`, :func:`open_webcam`);
+            released at the end.
+        source_name: the video's path (names the output) or e.g. "webcam 0".
+        output: output video file, or folder (``<stem>.mp4`` inside); None: nothing is written.
+        save_panoptic: also write COCO panoptic PNGs (one per frame) and ``predictions.json`` to
+            the output's folder.
+        show: show the frames in a window (Esc stops).
+        codecs: see :func:`open_video_writer`.
+        progress: show a tqdm progress bar (frames/s).
+    Returns:
+        :class:`VideoRunSummary`. A failure while processing keeps (and reports) what was written,
+        then re-raises.
+    """
+    summary = VideoRunSummary(source=source_name)
+    expected = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+    summary.frames_expected = int(expected) if expected and expected > 0 else None
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    if not fps or not math.isfinite(fps) or not 0 < fps <= 1000:
+        fps = 30.0
+    path = video_output_path(output, source_name) if output else None
+    stem = os.path.splitext(os.path.basename(path or source_name))[0] or "frame"
+    writer = tmp = panoptic = None
+    if save_panoptic:
+        if not output:
+            raise ValueError("The COCO panoptic export (--save-panoptic) needs an output.")
+        folder = os.path.dirname(os.path.abspath(path))
+        panoptic = CocoPanopticWriter(
+            os.path.join(folder, "predictions.json"),
+            os.path.join(folder, "panoptic"),
+            demo.metadata,
+        )
+    bar = tqdm(
+        total=summary.frames_expected,
+        unit="frame",
+        desc=os.path.basename(source_name),
+        disable=not progress,
+    )
+    try:
+        for index, (predictions, vis) in enumerate(demo.run_on_video(_frames(capture, summary))):
+            if path and writer is None:
+                height, width = vis.shape[:2]
+                writer, tmp, summary.output, summary.codec = open_video_writer(
+                    path, fps, (width, height), codecs
+                )
+                logger.info(f"Writing '{summary.output}' with codec {summary.codec}.")
+            if writer is not None:
+                writer.write(vis)
+                summary.frames_written += 1
+            if panoptic is not None:
+                height, width = vis.shape[:2]
+                panoptic.add(
+                    f"{stem}_{index:06d}",
+                    f"{stem}_{index:06d}.png",
+                    *predictions["panoptic_seg"],
+                    height=height,
+                    width=width,
+                )
+            bar.update(1)
+            if show:
+                cv2.imshow(_WINDOW, vis)
+                if cv2.waitKey(1) == 27:  # Esc stops
+                    summary.stopped = "stopped by the user"
+                    break
+    except KeyboardInterrupt:
+        summary.stopped = "interrupted"
+    except BaseException as e:
+        summary.stopped = f"{type(e).__name__} at frame {summary.frames_read}: {e}"
+        raise
+    finally:
+        bar.close()
+        capture.release()
+        if writer is not None:
+            writer.release()
+            os.replace(tmp, summary.output)
+            summary.frames_verified = count_video_frames(summary.output)
+            if summary.frames_verified != summary.frames_written:
+                logger.warning(
+                    f"'{summary.output}' reads back {summary.frames_verified} frames, "
+                    f"{summary.frames_written} were written."
+                )
+        if panoptic is not None and panoptic.images:
+            summary.panoptic_json = panoptic.write_json()
+        if not summary.complete:
+            logger.warning(summary.report())
+    if summary.frames_read == 0:
+        raise VideoInputError(f"{source_name}: no frame could be decoded.")
+    return summary

@@ -1,0 +1,139 @@
+"""efficientps_d2.model_zoo: configs by name (also from a non-editable install), checkpoints."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from efficientps_d2 import model_zoo
+from efficientps_d2.checkpoint_loading import CheckpointMismatchError, EfficientPSCheckpointer
+from efficientps_d2.model_zoo import model_zoo as zoo_module
+from tests.common import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B0 = "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml"
+SHIPPED = [
+    "COCO-PanopticSegmentation/efficientps_b5.yaml",
+    "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml",
+    "Cityscapes-PanopticSegmentation/efficientps_b5.yaml",
+]
+
+
+@pytest.fixture
+def restore_registry():
+    saved = dict(zoo_module.CHECKPOINTS)
+    yield
+    zoo_module.CHECKPOINTS.clear()
+    zoo_module.CHECKPOINTS.update(saved)
+
+
+def test_config_files_are_the_top_level_configs():
+    names = model_zoo.list_configs()
+    assert set(SHIPPED) <= set(names)
+    assert not [n for n in names if os.path.basename(n).startswith("Base-")]
+    for name in names:
+        with open(model_zoo.get_config_file(name)) as a, open(
+            os.path.join(REPO, "configs", name)
+        ) as b:
+            assert a.read() == b.read()
+    cfg = model_zoo.get_config(B0)
+    assert cfg.MODEL.EFFICIENTNET.VARIANT == "b0" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
+    assert model_zoo.get_config_file("configs/" + B0) == model_zoo.get_config_file(B0)
+
+
+@pytest.mark.parametrize("name", ["NoSuch/config.yaml", "../setup.py", "Base-EfficientPS"])
+def test_unknown_config_names_list_the_known_ones(name):
+    with pytest.raises(RuntimeError, match="not in efficientps_d2's model zoo.*efficientps_b5"):
+        model_zoo.get_config_file(name)
+
+
+def test_trained_without_checkpoint_is_a_clear_error(tmp_path, restore_registry):
+    with pytest.raises(RuntimeError, match="No trained checkpoint.*none"):
+        model_zoo.get_config(B0, trained=True)
+    path = tmp_path / "b5.pth"
+    path.write_bytes(b"")
+    model_zoo.register_checkpoint(SHIPPED[2], str(path))
+    with pytest.raises(RuntimeError, match=r"No trained checkpoint.*\['Cityscapes.*efficientps_b5"):
+        model_zoo.get_checkpoint_url(B0)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        model_zoo.register_checkpoint(B0, str(tmp_path / "missing.pth"))
+    model_zoo.register_checkpoint(SHIPPED[2], None)
+    assert model_zoo.list_checkpoints() == []
+
+
+def test_registered_local_checkpoint_loads_through_get(tmp_path, restore_registry):
+    torch.manual_seed(0)
+    cfg = model_zoo.get_config(B0)
+    cfg.MODEL.DEVICE = "cpu"
+    source = build_model(cfg)
+    DetectionCheckpointer(source, str(tmp_path)).save("b0_trained")
+    model_zoo.register_checkpoint(B0, str(tmp_path / "b0_trained.pth"))
+    assert model_zoo.get_config(B0, trained=True).MODEL.WEIGHTS == str(tmp_path / "b0_trained.pth")
+    model = model_zoo.get(B0, trained=True, device="cpu")
+    expected = source.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_model_weights_local_path_through_detection_checkpointer(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(tiny_config())
+    DetectionCheckpointer(source, str(tmp_path)).save("tiny")
+    torch.manual_seed(1)
+    cfg = tiny_config(["MODEL.WEIGHTS", str(tmp_path / "tiny.pth")])
+    target = build_model(cfg)
+    EfficientPSCheckpointer(target).load(cfg.MODEL.WEIGHTS)
+    expected = source.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in target.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        EfficientPSCheckpointer(target).load(str(tmp_path / "nope.pth"))
+    narrower = build_model(tiny_config(["MODEL.TWO_WAY_FPN.OUT_CHANNELS", 24]))
+    with pytest.raises(CheckpointMismatchError, match="other shapes"):
+        EfficientPSCheckpointer(narrower).load(cfg.MODEL.WEIGHTS)
+
+
+def test_configs_ship_inside_a_non_editable_install(tmp_path):
+    # Build from a copy of the project, so the shared source tree gets no build/ or symlink.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        if os.path.exists(os.path.join(REPO, name)):
+            shutil.copy(os.path.join(REPO, name), source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "configs", "*.egg-info")
+    shutil.copytree(os.path.join(REPO, "efficientps_d2"), source / "efficientps_d2", ignore=ignore)
+    shutil.copytree(os.path.join(REPO, "configs"), source / "configs")
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q"]
+    proc = subprocess.run(
+        pip + ["--target", str(target), str(source)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(target / "efficientps_d2" / "model_zoo" / "configs" / B0)
+
+    script = textwrap.dedent(f"""
+        import efficientps_d2
+        from efficientps_d2 import model_zoo
+        assert efficientps_d2.__file__.startswith({str(target)!r}), efficientps_d2.__file__
+        path = model_zoo.get_config_file({B0!r})
+        assert path.startswith({str(target)!r}), path
+        model = model_zoo.get({B0!r}, device="cpu")
+        print(type(model).__name__, model.backbone.bottom_up.features[0][0].out_channels)
+        """)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(target), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(outside),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["EfficientPS", "32"]  # the B0 stem

@@ -1,0 +1,178 @@
+"""Test-time augmentation: same contract as the plain model, exact with one identity augmentation,
+flip-equivariant, and the plain-vs-TTA PQ script."""
+
+import importlib.util
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data.catalog import Metadata
+from detectron2.modeling import build_model
+
+from efficientps_d2.data.metadata import panoptic_metadata
+from efficientps_d2.inference import CocoPanopticWriter, EfficientPSPredictor
+from efficientps_d2.modeling import EfficientPSWithTTA
+from tests import common
+from tests.common import NUM_CLASSES, THING_SEMANTIC_IDS, tiny_config, training_input
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERMISSIVE = [*common.PERMISSIVE, "TEST.DETECTIONS_PER_IMAGE", 20]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_config(PERMISSIVE)).eval()
+
+
+def _image(height, width, seed=0):
+    return training_input(height, width, [], [], seed=seed)["image"]
+
+
+def _assert_same_output(a, b):
+    assert torch.equal(a["sem_seg"], b["sem_seg"])
+    ia, ib = a["instances"], b["instances"]
+    assert ia.image_size == ib.image_size and len(ia) == len(ib) > 0
+    for name in ("scores", "pred_classes", "pred_masks", "pred_mask_logits"):
+        assert torch.equal(ia.get(name), ib.get(name)), name
+    assert torch.equal(ia.pred_boxes.tensor, ib.pred_boxes.tensor)
+    assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+    assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+
+
+@pytest.mark.parametrize("size, output", [((64, 96), None), ((71, 99), (35, 50))])
+def test_one_identity_augmentation_reproduces_the_plain_model(model, size, output):
+    cfg = tiny_config(PERMISSIVE)
+    tta = EfficientPSWithTTA(cfg, model, min_sizes=[min(size)], max_size=1000, flip=False)
+    inputs = {"image": _image(*size)}
+    if output:
+        inputs.update(height=output[0], width=output[1])
+    with torch.no_grad():
+        plain = model([inputs])[0]
+    _assert_same_output(tta([inputs])[0], plain)
+
+
+def test_multi_scale_flip_output_has_the_plain_contract(model):
+    cfg = tiny_config(
+        PERMISSIVE + ["TEST.PANOPTIC_TTA.MIN_SIZES", [48, 77], "TEST.PANOPTIC_TTA.MAX_SIZE", 150]
+    )
+    tta = EfficientPSWithTTA(cfg, model)
+    assert tta.flip and tta.min_sizes == [48, 77]
+    inputs = [{"image": _image(71, 99), "height": 50, "width": 70}, {"image": _image(45, 61, 1)}]
+    with torch.no_grad():
+        plain = model(inputs)
+    outputs = tta(inputs)
+    assert len(outputs) == 2
+    for out, ref, size in zip(outputs, plain, [(50, 70), (45, 61)]):
+        assert out.keys() == ref.keys()
+        assert out["sem_seg"].shape == (NUM_CLASSES,) + size
+        assert out["sem_seg"].dtype == ref["sem_seg"].dtype == torch.float32
+        instances = out["instances"]
+        assert instances.image_size == size and 0 < len(instances) <= 20
+        assert instances.get_fields().keys() == ref["instances"].get_fields().keys()
+        assert instances.pred_masks.shape[1:] == size
+        assert set(instances.pred_classes.tolist()) <= set(THING_SEMANTIC_IDS)
+        panoptic_seg, segments_info = out["panoptic_seg"]
+        assert panoptic_seg.dtype == torch.int32 and panoptic_seg.shape == size
+        assert set(panoptic_seg.unique().tolist()) - {0} == {s["id"] for s in segments_info}
+        keys = {s["isthing"]: s.keys() for s in ref["panoptic_seg"][1]}
+        for s in segments_info:
+            assert s.keys() == keys[s["isthing"]]
+            assert (panoptic_seg == s["id"]).sum() == s["area"]
+            assert (s["category_id"] in THING_SEMANTIC_IDS) == s["isthing"]
+            if s["isthing"]:
+                assert instances.pred_classes[s["instance_id"]] == s["category_id"]
+                assert instances.scores[s["instance_id"]] == pytest.approx(s["score"])
+
+
+def test_flip_tta_is_flip_equivariant(model):
+    cfg = tiny_config(PERMISSIVE)
+    tta = EfficientPSWithTTA(cfg, model, min_sizes=[63], flip=True)
+    image = _image(63, 97)
+    a, b = tta([{"image": image}, {"image": image.flip(-1)}])
+    torch.testing.assert_close(b["sem_seg"], a["sem_seg"].flip(-1), rtol=0, atol=1e-4)
+    symmetric = torch.cat([image[..., :48], image[..., :49].flip(-1)], dim=-1)
+    (c,) = tta([{"image": symmetric}])
+    torch.testing.assert_close(c["sem_seg"], c["sem_seg"].flip(-1), rtol=0, atol=1e-4)
+    # The best detection's mirror image was found by the flipped run: same score, mirrored box
+    # (unless NMS merged the two, which leaves a box close to its own mirror image).
+    instances = c["instances"]
+    box = instances.pred_boxes.tensor[0]
+    mirror = torch.stack([97 - box[2], box[1], 97 - box[0], box[3]])
+    twins = (instances.scores == instances.scores[0]).nonzero().flatten()
+    distances = (instances.pred_boxes.tensor[twins] - mirror).abs().max(dim=1).values
+    assert distances.min() < 1e-3 or (box - mirror).abs().max() < 0.5 * (box[2] - box[0])
+
+
+def test_no_detection_gives_a_stuff_only_result(model):
+    cfg = tiny_config(PERMISSIVE)
+    empty = build_model(tiny_config(PERMISSIVE + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 1.01]))
+    empty.load_state_dict(model.state_dict())
+    tta = EfficientPSWithTTA(cfg, empty.eval(), min_sizes=[40, 64], flip=True)
+    (out,) = tta([{"image": _image(64, 96)}])
+    assert len(out["instances"]) == 0
+    assert out["panoptic_seg"][1] and not any(s["isthing"] for s in out["panoptic_seg"][1])
+
+
+def test_wrapper_refuses_training_mode_and_other_models(model):
+    cfg = tiny_config(PERMISSIVE)
+    tta = EfficientPSWithTTA(cfg, model)
+    tta.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        tta([{"image": _image(64, 96)}])
+    tta.eval()
+    with pytest.raises(TypeError, match="EfficientPS model"):
+        EfficientPSWithTTA(cfg, torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="MIN_SIZES"):
+        EfficientPSWithTTA(cfg, model, min_sizes=[])
+
+
+def test_pq_script_compares_plain_and_tta(tmp_path, model, capsys):
+    """benchmarks/tta_pq.py on a data set made of the plain model's own predictions."""
+    categories = [
+        {"id": 1, "name": "disc", "isthing": 1},
+        {"id": 2, "name": "square", "isthing": 1},
+        {"id": 10, "name": "sky", "isthing": 0},
+        {"id": 11, "name": "road", "isthing": 0},
+        {"id": 12, "name": "grass", "isthing": 0},
+    ]
+    # Things come first in this metadata: Mask R-CNN classes 0, 1 are semantic classes 0, 1.
+    opts = PERMISSIVE + ["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [0, 1]]
+    cfg = tiny_config(opts)
+    DetectionCheckpointer(model, str(tmp_path)).save("weights")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "weights.pth")
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+
+    images = tmp_path / "images"
+    images.mkdir()
+    writer = CocoPanopticWriter(
+        str(tmp_path / "gt.json"), str(tmp_path / "gt"), Metadata(**panoptic_metadata(categories))
+    )
+    predictor = EfficientPSPredictor(cfg)
+    for i, (h, w) in enumerate([(64, 96), (57, 83)]):
+        image = np.random.RandomState(i).randint(0, 255, (h, w, 3), np.uint8)
+        cv2.imwrite(str(images / f"im{i}.png"), image)
+        writer.add(f"im{i}", f"im{i}.png", *predictor(image)["panoptic_seg"], height=h, width=w)
+    writer.write_json()
+
+    spec = importlib.util.spec_from_file_location(
+        "tta_pq", os.path.join(REPO, "benchmarks", "tta_pq.py")
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.main(
+        ["--config-file", str(config_file), "--weights", str(tmp_path / "weights.pth")]
+        + ["--panoptic-json", str(tmp_path / "gt.json"), "--panoptic-root", str(tmp_path / "gt")]
+        + ["--image-root", str(images), "--output-json", str(tmp_path / "pq.json")]
+        + ["--opts", "TEST.PANOPTIC_TTA.MIN_SIZES", "[48, 64]", "TEST.PANOPTIC_TTA.MAX_SIZE", "200"]
+        + ["DATALOADER.NUM_WORKERS", "0"]
+    )
+    assert results["plain"]["PQ"] == pytest.approx(100.0)
+    assert 0.0 <= results["tta"]["PQ"] <= 100.0
+    printed = capsys.readouterr().out
+    assert "min sizes [48, 64]" in printed and "plain" in printed and "delta" in printed
+    assert (tmp_path / "pq.json").exists()
