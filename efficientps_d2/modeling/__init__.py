@@ -5,6 +5,7 @@ from .fusion import panoptic_fusion
 from .instance_head import SeparableConvMaskHead, SeparableConvRPNHead
 from .meta_arch import EfficientPS
 from .semantic_head import EfficientPSSemSegHead
+from .test_time_augmentation import EfficientPSWithTTA
 
 __all__ = [
     "build_efficientnet_backbone",
@@ -14,4 +15,5 @@ __all__ = [
     "SeparableConvRPNHead",
     "EfficientPS",
     "EfficientPSSemSegHead",
+    "EfficientPSWithTTA",
 ]
