@@ -4,6 +4,7 @@ fvcore's ``Checkpointer.save`` writes ``model_XXXX.pth`` and ``last_checkpoint``
 process killed mid-save leaves a truncated file behind (and possibly a ``last_checkpoint`` naming
 it). Here both go through :func:`efficientps_d2.file_io.atomic_write`.
 """
+
 import os
 
 import torch

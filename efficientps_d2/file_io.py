@@ -3,6 +3,7 @@
 Everything is written to a hidden temporary file in the target's folder and renamed over the
 target, which is atomic on POSIX file systems: readers see the old file or the new one.
 """
+
 import os
 import uuid
 

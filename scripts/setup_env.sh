@@ -76,7 +76,8 @@ fi
 CURRENT_STEP="efficientps_d2"
 step "Installing efficientps_d2 (editable) and the test/lint tools"
 "${PIP[@]}" -q --no-deps -e "$ROOT"
-"${PIP[@]}" -q "pytest" "black" "isort" "flake8"
+# Pinned: a new black or flake8 release can reformat or flag unchanged code and fail CI.
+"${PIP[@]}" -q "pytest==9.2.0" "black==26.10.1" "isort==9.0.2" "flake8==7.5.0"
 
 CURRENT_STEP="check"
 step "Checking the installation"

@@ -37,13 +37,12 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
-def train_net(args, data_root, **popen_kwargs):
+def train_net(args, data_root, stdout=subprocess.PIPE):
     env = dict(os.environ, DETECTRON2_DATASETS=data_root, OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICK, *args]
     return subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        **popen_kwargs,
-    )  # fmt: skip
+        cmd, env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def run_to_end(args, data_root, timeout=900):
@@ -96,14 +95,17 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     out_dir = tmp_path / "run"
     args = [*TINY, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "4", "DATASETS.TEST", "()"]
     args += ["OUTPUT_DIR", str(out_dir)]
-    proc = train_net(args, data_root)
-    deadline = time.time() + 900  # a bound on a hang; the run itself takes seconds
-    while not (out_dir / "model_0000003.pth").exists():
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline, "no checkpoint within the time limit"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    log_path = tmp_path / "killed_run.log"
+    # The log goes to a file: a pipe nobody reads while we wait would fill up and stall the run.
+    with open(log_path, "w") as log_file:
+        proc = train_net(args, data_root, stdout=log_file)
+        deadline = time.time() + 900  # a bound on a hang; the run itself takes seconds
+        while not (out_dir / "model_0000003.pth").exists():
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not (out_dir / "model_final.pth").exists()
     # A kill never leaves a half-written checkpoint: what last_checkpoint names is complete.
     last = (out_dir / "last_checkpoint").read_text()

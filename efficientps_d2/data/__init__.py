@@ -1,4 +1,5 @@
 """Data: the panoptic dataset mapper, built-in synthetic data, custom data registration."""
+
 from . import synthetic  # noqa: F401  (registers synthetic_panoptic_{train,val})
 from .custom import register_panoptic_dataset
 from .dataset_mapper import EfficientPSDatasetMapper
