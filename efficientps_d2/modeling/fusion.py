@@ -14,11 +14,14 @@ The fusion is parameter-free and works on logits throughout:
    void, and so are stuff segments smaller than ``stuff_area_limit``. Instances that win no pixel
    produce no segment.
 
-Memory stays at a few H x W maps however many instances there are: each instance is handled on its
-box crop against a running best-logit / best-index map, which is equivalent to the argmax of step 5.
+All detections are pasted at once (one ``grid_sample`` per chunk of boxes, padded to the chunk's
+largest box), so the per-instance work is a few tensor ops on the instance's box crop, with no
+host-device round trip: the overlap decisions stay on the device until the end. Memory stays at a
+few H x W maps plus one chunk of padded crops (bounded by ``_CHUNK_ELEMENTS``), however many
+instances there are. The result equals visiting the instances one by one (the reference
+behaviour, kept in ``tests/test_fast_paths.py``).
 """
 
-import math
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -30,11 +33,57 @@ __all__ = ["panoptic_fusion"]
 _REQUIRED_FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_mask_logits")
 
 
-def _box_pixel_range(lo: float, hi: float, size: int) -> Tuple[int, int]:
-    """Pixels [start, end) whose centres (i + 0.5) fall inside [lo, hi), clipped to [0, size)."""
-    start = min(max(math.ceil(lo - 0.5), 0), size)
-    end = min(max(math.ceil(hi - 0.5), 0), size)
-    return start, end
+# Most padded crop elements (instances x rows x cols) pasted at once; bounds the fusion's memory.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _box_pixel_ranges(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """
+    Pixels [start, end) whose centres (i + 0.5) fall inside each box, clipped to the image.
+
+    Args:
+        boxes: [K, 4] finite (x0, y0, x1, y1).
+    Returns:
+        [K, 4] long (row_start, row_end, col_start, col_end).
+    """
+    # In float64, like Python's math.ceil on the float32 coordinates: exact.
+    b = boxes.double()
+    rows = torch.ceil(b[:, 1::2] - 0.5).clamp(0, height)
+    cols = torch.ceil(b[:, 0::2] - 0.5).clamp(0, width)
+    return torch.cat([rows, cols], dim=1).long()
+
+
+def _paste_mask_logits_batched(
+    mask_logits: torch.Tensor, boxes: torch.Tensor, origins: torch.Tensor, size: Tuple[int, int]
+) -> torch.Tensor:
+    """
+    Bilinearly sample K masks onto pixel crops of their boxes, all padded to one size.
+
+    Args:
+        mask_logits: [K, 1, M, M] float logits.
+        boxes: [K, 4] float32 (x0, y0, x1, y1) in image pixels, with x1 > x0 and y1 > y0.
+        origins: [K, 2] long (first row, first column) of each crop.
+        size: (h, w) of the padded crops; entries past an instance's own crop are meaningless.
+
+    Returns:
+        [K, h, w] logits; element (k, i, j) is pixel (origins[k, 0] + i, origins[k, 1] + j).
+    """
+    device = mask_logits.device
+    num = mask_logits.shape[0]
+    h, w = size
+    boxes64 = boxes.double()
+    # Same mapping as Detectron2's paste_masks_in_image: pixel centres, normalised so that the box
+    # edges land on the mask's outer edges (align_corners=False). Every op matches, bit for bit,
+    # the one-box-at-a-time computation (box extents rounded from float64, as Python floats are).
+    rows = (origins[:, :1] + torch.arange(h, device=device)).float()
+    cols = (origins[:, 1:] + torch.arange(w, device=device)).float()
+    extent = (boxes64[:, 2:] - boxes64[:, :2]).float()  # (width, height)
+    ys = (rows + 0.5 - boxes[:, 1:2]) / extent[:, 1:] * 2 - 1
+    xs = (cols + 0.5 - boxes[:, 0:1]) / extent[:, :1] * 2 - 1
+    grid = torch.stack([xs[:, None, :].expand(num, h, w), ys[:, :, None].expand(num, h, w)], -1)
+    # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
+    # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
+    return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[:, 0]
 
 
 def _paste_mask_logits(
@@ -51,17 +100,41 @@ def _paste_mask_logits(
     Returns:
         [h, w] logits for the crop.
     """
-    x0, y0, x1, y1 = box
     device = mask_logits.device
-    # Same mapping as Detectron2's paste_masks_in_image: pixel centres, normalised so that the box
-    # edges land on the mask's outer edges (align_corners=False).
-    ys = (torch.arange(*rows, device=device, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
-    xs = (torch.arange(*cols, device=device, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
-    # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
-    # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
-    pasted = F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")
-    return pasted[0, 0]
+    boxes = torch.tensor([list(box)], dtype=torch.float32, device=device)
+    origins = torch.tensor([[rows[0], cols[0]]], device=device)
+    size = (rows[1] - rows[0], cols[1] - cols[0])
+    return _paste_mask_logits_batched(mask_logits, boxes, origins, size)[0]
+
+
+def _class_max(sem: torch.Tensor, class_ids: List[int]) -> torch.Tensor:
+    """Max over the given classes of [C, H, W] logits, reading contiguous runs as slices."""
+    best = None
+    start = 0
+    for i in range(1, len(class_ids) + 1):
+        if i < len(class_ids) and class_ids[i] == class_ids[i - 1] + 1:
+            continue
+        run = sem[class_ids[start] : class_ids[i - 1] + 1].amax(dim=0)
+        best = run if best is None else torch.maximum(best, run)
+        start = i
+    return best
+
+
+def _chunks(sizes: List[Tuple[int, int]]) -> List[Tuple[int, int, int, int]]:
+    """Consecutive (start, end, h, w) groups of crops, padded to (h, w), with at most
+    _CHUNK_ELEMENTS padded elements and at most about half of them padding."""
+    chunks = []
+    start, h, w, area = 0, 0, 0, 0
+    for i, (hi, wi) in enumerate(sizes):
+        nh, nw, narea = max(h, hi), max(w, wi), area + hi * wi
+        padded = (i + 1 - start) * nh * nw
+        if i > start and (padded > _CHUNK_ELEMENTS or padded > 2 * narea + (1 << 16)):
+            chunks.append((start, i, h, w))
+            start, nh, nw, narea = i, hi, wi, hi * wi
+        h, w, area = nh, nw, narea
+    if start < len(sizes):
+        chunks.append((start, len(sizes), h, w))
+    return chunks
 
 
 def _validate(
@@ -161,72 +234,51 @@ def panoptic_fusion(
 
     sem = sem_seg_logits.float()
     num_classes, height, width = sem.shape
-    is_thing_class = torch.zeros(num_classes, dtype=torch.bool, device=device)
-    is_thing_class[thing_ids] = True
-    stuff_ids = (~is_thing_class).nonzero().flatten()
+    thing_id_list = thing_ids.tolist()
+    stuff_id_list = [c for c in range(num_classes) if c not in set(thing_id_list)]
 
-    # Index 0 of best_idx stands for "stuff"; kept instance j is index j + 1. Strict ">" updates in
-    # score order reproduce argmax's first-maximum tie-breaking over [stuff ; FL_1 ... FL_n].
-    if stuff_ids.numel():
-        best_val = sem[stuff_ids].max(dim=0).values
+    # Index 0 of best_idx stands for "stuff"; candidate j (in score order) is index j + 1. Strict
+    # ">" updates in score order reproduce argmax's first-maximum tie-breaking over
+    # [stuff ; FL_1 ... FL_n].
+    if stuff_id_list:
+        best_val = _class_max(sem, stuff_id_list)
     else:
         best_val = torch.full((height, width), float("-inf"), device=device)
-    best_idx = torch.zeros((height, width), dtype=torch.long, device=device)
+    best_idx = torch.zeros((height, width), dtype=torch.int32, device=device)
     claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
-    kept: List[int] = []  # indices into `instances`, in score order
+
+    candidates, kept = _fuse_instances(
+        sem,
+        instances,
+        thing_ids,
+        best_val,
+        best_idx,
+        claimed,
+        confidence_thresh=confidence_thresh,
+        overlap_thresh=overlap_thresh,
+        mask_logit_scale=mask_logit_scale,
+    )
     class_list: List[int] = []
     score_list: List[float] = []
+    if candidates:
+        class_list = instances.pred_classes.tolist()
+        score_list = instances.scores.float().tolist()
 
-    num_det = len(instances) if instances.get_fields() else 0
-    if num_det:
-        scores = instances.scores.to(device).float()
-        order = torch.sort(scores, descending=True, stable=True).indices
-        order = order[scores[order] >= confidence_thresh].tolist()
-        boxes = instances.pred_boxes.tensor.float().tolist()
-        classes = instances.pred_classes.to(device)
-        sem_ids = thing_ids[classes].tolist()
-        class_list, score_list = classes.tolist(), scores.tolist()
-        masks = instances.pred_mask_logits.to(device).float()
-        for det in order:
-            box = boxes[det]
-            if not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
-                continue  # degenerate box: an empty mask
-            rows = _box_pixel_range(box[1], box[3], height)
-            cols = _box_pixel_range(box[0], box[2], width)
-            if rows[0] >= rows[1] or cols[0] >= cols[1]:
-                continue  # the box covers no pixel centre of the image
-            crop = (slice(*rows), slice(*cols))
-            mla = _paste_mask_logits(masks[det].unsqueeze(0), box, rows, cols) * mask_logit_scale
-
-            mask = mla > 0  # sigmoid(mla) > 0.5
-            mask_area = int(mask.sum())
-            if mask_area == 0:
-                continue
-            if int((mask & claimed[crop]).sum()) > overlap_thresh * mask_area:
-                continue
-            claimed[crop] |= mask
-            kept.append(det)
-
-            mlb = sem[sem_ids[det]][crop]
-            fused = (mla.sigmoid() + mlb.sigmoid()) * (mla + mlb)
-            wins = fused > best_val[crop]
-            best_val[crop] = torch.where(wins, fused, best_val[crop])
-            best_idx[crop] = torch.where(
-                wins, torch.full_like(best_idx[crop], len(kept)), best_idx[crop]
-            )
-
-    thing_areas = torch.bincount(best_idx.flatten(), minlength=len(kept) + 1).tolist()
-    sem_argmax = sem.argmax(dim=0)
-    stuff_pixels = (best_idx == 0) & ~is_thing_class[sem_argmax]
-    stuff_areas = torch.bincount(sem_argmax[stuff_pixels], minlength=num_classes).tolist()
+    # One code per pixel: its semantic argmax class c (0..C-1) where stuff won step 5, C + j where
+    # candidate j did. One bincount gives every area, one lookup the segment ids.
+    # (max(dim).indices is argmax, first maximum included, but several times faster on CPU.)
+    sem_argmax = sem.max(dim=0).indices.to(best_idx.dtype)
+    code = torch.where(best_idx == 0, sem_argmax, best_idx + (num_classes - 1))
+    areas = torch.bincount(code.flatten(), minlength=num_classes + len(candidates)).tolist()
+    stuff_areas, thing_areas = areas[:num_classes], areas[num_classes:]
 
     segments_info: List[Dict] = []
-    thing_lut = [0] * (len(kept) + 1)  # best_idx -> segment id (0: stuff or a pixel-less instance)
-    for j, det in enumerate(kept, start=1):
-        if thing_areas[j] == 0:
+    lut = [0] * (num_classes + len(candidates))  # code -> segment id (0: void)
+    for j, (det, is_kept) in enumerate(zip(candidates, kept)):
+        if not is_kept or thing_areas[j] == 0:
             continue
         seg_id = len(segments_info) + 1
-        thing_lut[j] = seg_id
+        lut[num_classes + j] = seg_id
         segments_info.append(
             {
                 "id": seg_id,
@@ -237,17 +289,93 @@ def panoptic_fusion(
                 "area": thing_areas[j],
             }
         )
-    stuff_lut = [0] * num_classes
-    for cls in stuff_ids.tolist():
+    for cls in stuff_id_list:  # thing classes stay void where stuff won
         if stuff_areas[cls] == 0 or stuff_areas[cls] < stuff_area_limit:
             continue
         seg_id = len(segments_info) + 1
-        stuff_lut[cls] = seg_id
+        lut[cls] = seg_id
         segments_info.append(
             {"id": seg_id, "isthing": False, "category_id": cls, "area": stuff_areas[cls]}
         )
-
-    thing_lut = torch.tensor(thing_lut, dtype=torch.int32, device=device)
-    stuff_lut = torch.tensor(stuff_lut, dtype=torch.int32, device=device)
-    panoptic_seg = torch.where(stuff_pixels, stuff_lut[sem_argmax], thing_lut[best_idx])
+    panoptic_seg = torch.tensor(lut, dtype=torch.int32, device=device)[code]
     return panoptic_seg, segments_info
+
+
+def _fuse_instances(
+    sem: torch.Tensor,
+    instances: Instances,
+    thing_ids: torch.Tensor,
+    best_val: torch.Tensor,
+    best_idx: torch.Tensor,
+    claimed: torch.Tensor,
+    *,
+    confidence_thresh: float,
+    overlap_thresh: float,
+    mask_logit_scale: float,
+) -> Tuple[List[int], List[bool]]:
+    """
+    Steps 1-5 of the fusion for all detections; updates best_val, best_idx and claimed in place.
+
+    Returns:
+        candidates: indices into ``instances`` of the detections that reach the overlap filter
+            (score >= confidence_thresh, a box covering some pixel centre), by score; candidate
+            j is index j + 1 in ``best_idx``.
+        kept: for each candidate, whether it passed the overlap filter.
+    """
+    if not instances.get_fields() or len(instances) == 0:
+        return [], []
+    device = sem.device
+    height, width = sem.shape[-2:]
+    scores = instances.scores.to(device).float()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[scores[order] >= confidence_thresh]
+    boxes = instances.pred_boxes.tensor.to(device).float()[order]
+    valid = torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
+    valid &= boxes[:, 3] > boxes[:, 1]
+    boxes = torch.where(valid[:, None], boxes, torch.zeros_like(boxes))
+    ranges = _box_pixel_ranges(boxes, height, width)
+    valid &= (ranges[:, 0] < ranges[:, 1]) & (ranges[:, 2] < ranges[:, 3])
+    # The only host round trip before the end: the candidates and their crops, as Python ints.
+    order, boxes, ranges = order[valid], boxes[valid], ranges[valid]
+    candidates = order.tolist()
+    if not candidates:
+        return [], []
+    crops = ranges.tolist()
+
+    masks = instances.pred_mask_logits.to(device).float()[order]
+    sem_ids = thing_ids[instances.pred_classes.to(device)[order]]
+    keeps = []
+    sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
+    for start, end, h, w in _chunks(sizes):
+        origins = ranges[start:end][:, [0, 2]]
+        mla = _paste_mask_logits_batched(masks[start:end], boxes[start:end], origins, (h, w))
+        mla = mla * mask_logit_scale
+        # MLB: the semantic logit of each instance's class on its crop (the padding reads clamped
+        # pixels and is never used).
+        rows = (origins[:, :1] + torch.arange(h, device=device)).clamp_(max=height - 1)
+        cols = (origins[:, 1:] + torch.arange(w, device=device)).clamp_(max=width - 1)
+        mlb = sem[sem_ids[start:end, None, None], rows[:, :, None], cols[:, None, :]]
+        fused = (mla.sigmoid() + mlb.sigmoid()) * (mla + mlb)
+        extents = ranges[start:end, 1::2] - ranges[start:end, 0::2]  # (h, w) of each crop
+        rows_in = torch.arange(h, device=device) < extents[:, :1]
+        cols_in = torch.arange(w, device=device) < extents[:, 1:]
+        binary = (mla > 0) & rows_in[:, :, None] & cols_in[:, None, :]  # sigmoid(mla) > 0.5
+        areas = binary.sum(dim=(1, 2))
+        # float64, as the Python arithmetic of the one-at-a-time definition.
+        limits = areas.double() * overlap_thresh
+        for k in range(end - start):
+            r0, r1, c0, c1 = crops[start + k]
+            crop = (slice(r0, r1), slice(c0, c1))
+            mask = binary[k, : r1 - r0, : c1 - c0]
+            region_claimed = claimed[crop]
+            keep = (areas[k] > 0) & ((mask & region_claimed).sum() <= limits[k])
+            region_claimed |= mask & keep
+            keeps.append(keep)
+
+            region_val = best_val[crop]
+            fl = fused[k, : r1 - r0, : c1 - c0]
+            wins = (fl > region_val) & keep
+            region_val.copy_(torch.where(wins, fl, region_val))
+            best_idx[crop].masked_fill_(wins, start + k + 1)
+    kept = torch.stack(keeps).tolist()
+    return candidates, kept

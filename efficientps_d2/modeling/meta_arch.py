@@ -1,5 +1,7 @@
 """The EfficientPS meta-architecture: backbone, semantic head, Mask R-CNN, panoptic fusion."""
 
+import contextlib
+import copy
 from typing import Dict, List
 
 import torch
@@ -11,6 +13,7 @@ from detectron2.structures import ImageList
 
 from ..data.metadata import thing_semantic_ids as thing_semantic_ids_from_metadata
 from .fusion import panoptic_fusion
+from .layers import fuse_for_inference
 
 
 @META_ARCH_REGISTRY.register()
@@ -27,6 +30,13 @@ class EfficientPS(GeneralizedRCNN):
         "panoptic_seg": (int32 (height, width) segment ids, list of segment dicts).
     Class ids are all-class contiguous ids (Detectron2's "standard" panoptic metadata, see
     ``efficientps_d2.data.metadata``), for things as for stuff.
+
+    Inference runs under ``torch.inference_mode`` (outputs are inference tensors: clone one to
+    change it in place). With ``fast_inference`` (MODEL.EFFICIENTPS.FAST_INFERENCE) it runs cached
+    copies of the convolutional parts (backbone, semantic head, RPN, box and mask heads) with
+    BatchNorm folded into the convs and conv + LeakyReLU fused
+    (:func:`~efficientps_d2.modeling.layers.fuse_for_inference`); the copies are rebuilt whenever a
+    weight or buffer changes and dropped by ``train()``, and they cost one more copy of the weights.
     """
 
     @configurable
@@ -39,6 +49,8 @@ class EfficientPS(GeneralizedRCNN):
         overlap_thresh=0.5,
         stuff_area_limit=2048,
         mask_logit_scale=4.0,
+        channels_last=True,
+        fast_inference=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -50,6 +62,13 @@ class EfficientPS(GeneralizedRCNN):
         self.overlap_thresh = overlap_thresh
         self.stuff_area_limit = stuff_area_limit
         self.mask_logit_scale = mask_logit_scale
+        if channels_last:
+            # Convs whose weight is channels-last produce channels-last outputs, so the whole
+            # network runs in that layout; load_state_dict copies into it, keeping the layout.
+            self.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.fast_inference = fast_inference
+        self._thing_semantic_id_list = [int(i) for i in thing_semantic_ids]
 
     @classmethod
     def from_config(cls, cfg):
@@ -62,6 +81,8 @@ class EfficientPS(GeneralizedRCNN):
             overlap_thresh=fusion.OVERLAP_THRESH,
             stuff_area_limit=fusion.STUFF_AREA_LIMIT,
             mask_logit_scale=fusion.MASK_LOGIT_SCALE,
+            channels_last=cfg.MODEL.EFFICIENTPS.CHANNELS_LAST,
+            fast_inference=cfg.MODEL.EFFICIENTPS.FAST_INFERENCE,
         )
         return ret
 
@@ -95,19 +116,83 @@ class EfficientPS(GeneralizedRCNN):
         Without it, returns (semantic logits at the padded input size (N, C, H, W),
         detector Instances in input coordinates) — what test-time augmentation merges.
         """
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        sem_seg_logits, _ = self.sem_seg_head(features)
-        proposals, _ = self.proposal_generator(images, features, None)
-        detections, _ = self.roi_heads(images, features, proposals, None)
-        if not do_postprocess:
-            return sem_seg_logits, detections, images.image_sizes
-        return [
-            self.postprocess(logits, det, image_size, x.get("height"), x.get("width"))
-            for logits, det, image_size, x in zip(
-                sem_seg_logits, detections, images.image_sizes, batched_inputs
-            )
+        network = self._inference_network()
+        with torch.inference_mode(), self._fused_heads(network):
+            images = self.preprocess_image(batched_inputs)
+            features = network["backbone"](images.tensor)
+            sem_seg_logits, _ = network["sem_seg_head"](features)
+            proposals, _ = self.proposal_generator(images, features, None)
+            if self.fast_inference:
+                # ROIAlign reads NCHW: convert the levels once, not once per pooler (box, mask).
+                features = {k: v.contiguous() for k, v in features.items()}
+            detections, _ = self.roi_heads(images, features, proposals, None)
+            if not do_postprocess:
+                return sem_seg_logits, detections, images.image_sizes
+            return [
+                self.postprocess(logits, det, image_size, x.get("height"), x.get("width"))
+                for logits, det, image_size, x in zip(
+                    sem_seg_logits, detections, images.image_sizes, batched_inputs
+                )
+            ]
+
+    # The convolutional parts that the fast path replaces with fused copies. The RPN and ROI heads'
+    # own logic (thresholds, NMS, box predictor) always runs from this model, so changing e.g.
+    # roi_heads.box_predictor.test_score_thresh takes effect with or without the fast path.
+    _FUSED_PARTS = {
+        "backbone": ("backbone",),
+        "sem_seg_head": ("sem_seg_head",),
+        "rpn_head": ("proposal_generator", "rpn_head"),
+        "box_head": ("roi_heads", "box_head"),
+        "mask_head": ("roi_heads", "mask_head"),
+    }
+
+    def _part(self, path):
+        module = self
+        for name in path:
+            module = getattr(module, name)
+        return module
+
+    def _inference_network(self):
+        """{part name: module} that inference runs: this model's own modules, or fused copies of
+        them (``fast_inference``), rebuilt whenever one of their weights or buffers changes."""
+        parts = {name: self._part(path) for name, path in self._FUSED_PARTS.items()}
+        if not self.fast_inference:
+            return parts
+        # A weight that is loaded, trained or moved changes its version counter or storage.
+        tensors = [t for module in parts.values() for t in module.state_dict().values()]
+        signature = [(t._version, t.data_ptr(), t.dtype) for t in tensors]
+        cached = self.__dict__.get("_fused_network")  # not a submodule: no state_dict entries
+        if cached is None or cached[0] != signature:
+            self.__dict__.pop("_fused_network", None)  # free the stale copy first
+            # Ordinary (not inference) tensors even when called under inference_mode.
+            with torch.inference_mode(False), torch.no_grad():
+                network = copy.deepcopy(torch.nn.ModuleDict(parts))
+                network = fuse_for_inference(network, channels_last=self.channels_last)
+            cached = (signature, network)
+            self.__dict__["_fused_network"] = cached
+        return cached[1]
+
+    @contextlib.contextmanager
+    def _fused_heads(self, network):
+        """Puts the fused RPN, box and mask heads in place of this model's own for one call."""
+        swaps = [
+            (self._part(path[:-1]), path[-1], network[name])
+            for name, path in self._FUSED_PARTS.items()
+            if len(path) == 2 and network[name] is not self._part(path)
         ]
+        originals = [parent._modules[attr] for parent, attr, _ in swaps]
+        try:
+            for parent, attr, fused in swaps:
+                parent._modules[attr] = fused
+            yield
+        finally:
+            for (parent, attr, _), original in zip(swaps, originals):
+                parent._modules[attr] = original
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.__dict__.pop("_fused_network", None)
+        return super().train(mode)
 
     def postprocess(self, sem_seg_logits, detections, image_size, height=None, width=None):
         """Resizes one image's outputs to (height, width) and fuses them into a panoptic result.
@@ -117,12 +202,20 @@ class EfficientPS(GeneralizedRCNN):
         """
         height = height or image_size[0]
         width = width or image_size[1]
-        sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
+        with torch.inference_mode():
+            return self._postprocess(sem_seg_logits, detections, image_size, height, width)
+
+    def _postprocess(self, sem_seg_logits, detections, image_size, height, width):
+        if (height, width) == tuple(image_size):
+            # What sem_seg_postprocess gives, without its same-size (identity) interpolation.
+            sem_seg = sem_seg_logits[:, :height, :width]
+        else:
+            sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
         instances = detector_postprocess(detections, height, width)
         panoptic_seg, segments_info = panoptic_fusion(
             sem_seg,
             instances,
-            thing_semantic_ids=self.thing_semantic_ids,
+            thing_semantic_ids=self._thing_semantic_id_list,
             confidence_thresh=self.confidence_thresh,
             overlap_thresh=self.overlap_thresh,
             stuff_area_limit=self.stuff_area_limit,
@@ -130,7 +223,7 @@ class EfficientPS(GeneralizedRCNN):
         )
         # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect
         # the all-class contiguous ids of the "standard" panoptic metadata.
-        semantic_ids = self.thing_semantic_ids.tolist()
+        semantic_ids = self._thing_semantic_id_list
         for segment in segments_info:
             if segment["isthing"]:
                 segment["category_id"] = semantic_ids[segment["category_id"]]

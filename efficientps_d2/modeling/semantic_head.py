@@ -9,6 +9,7 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
@@ -68,6 +69,14 @@ class MismatchCorrection(nn.Module):
         return F.interpolate(self.convs(x), size=size, mode="bilinear", align_corners=False)
 
 
+def _call(module, *args):
+    return module(*args)
+
+
+def _checkpointed(module, *args):
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+
+
 def hard_pixel_cross_entropy(logits, targets, *, ignore_value, hard_pixel_fraction):
     """Cross-entropy averaged over each image's hardest ``hard_pixel_fraction`` of labelled pixels.
 
@@ -106,6 +115,9 @@ class EfficientPSSemSegHead(nn.Module):
     (strides 4, 8, 16, 32). It returns ``(logits, {})`` in inference, logits of shape
     (N, num_classes, H, W) at the padded input size, and ``(None, {"loss_sem_seg": loss})`` in
     training, where ``targets`` is (N, H, W) long with ``ignore_value`` for unlabelled pixels.
+
+    With ``activation_checkpointing`` the DPC, LSFE, MC and prediction blocks recompute their
+    activations in the backward pass instead of keeping them (less training memory, more time).
     """
 
     @configurable
@@ -120,6 +132,7 @@ class EfficientPSSemSegHead(nn.Module):
         ignore_value=255,
         loss_weight=1.0,
         hard_pixel_fraction=0.25,
+        activation_checkpointing=False,
     ):
         super().__init__()
         if len(input_shape) != 4:
@@ -146,6 +159,8 @@ class EfficientPSSemSegHead(nn.Module):
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
         self.num_classes = num_classes
+        self.convs_dim = convs_dim
+        self.activation_checkpointing = activation_checkpointing
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
         self.hard_pixel_fraction = hard_pixel_fraction
@@ -168,21 +183,36 @@ class EfficientPSSemSegHead(nn.Module):
             "ignore_value": head.IGNORE_VALUE,
             "loss_weight": head.LOSS_WEIGHT,
             "hard_pixel_fraction": head.HARD_PIXEL_FRACTION,
+            "activation_checkpointing": head.ACTIVATION_CHECKPOINTING,
         }
 
     def layers(self, features):
         """Stride-4 logits (N, num_classes, H/4, W/4) from the FPN features."""
         p4, p8, p16, p32 = (features[f] for f in self.in_features)
-        dpc32, dpc16 = self.dpc32(p32), self.dpc16(p16)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            run = _checkpointed
+        else:
+            run = _call
+        dpc32, dpc16 = run(self.dpc32, p32), run(self.dpc16, p16)
         coarse = dpc16 + F.interpolate(dpc32, size=dpc16.shape[-2:], mode="bilinear")
-        f8 = self.lsfe8(p8) + self.mc16to8(coarse, size=p8.shape[-2:])
-        f4 = self.lsfe4(p4) + self.mc8to4(f8, size=p4.shape[-2:])
-        size = f4.shape[-2:]
-        joined = torch.cat(
-            [F.interpolate(x, size=size, mode="bilinear") for x in (dpc32, dpc16, f8)] + [f4],
-            dim=1,
-        )
-        return self.predictor(joined)
+        f8 = run(self.lsfe8, p8) + run(self.mc16to8, coarse, p8.shape[-2:])
+        f4 = run(self.lsfe4, p4) + run(self.mc8to4, f8, p4.shape[-2:])
+        return run(self._predict, dpc32, dpc16, f8, f4)
+
+    def _predict(self, dpc32, dpc16, f8, f4):
+        """``predictor(cat([up(dpc32), up(dpc16), up(f8), f4]))``, computed without the concat.
+
+        A 1x1 conv commutes with bilinear upsampling (both are linear, and the interpolation
+        weights sum to 1), so each part is projected to the classes at its own resolution and
+        only ``num_classes`` channels are upsampled: the same logits (within float rounding) for a
+        fraction of the stride-4 work and memory. The predictor's weights are unchanged.
+        """
+        weights = self.predictor.weight.split(self.convs_dim, dim=1)
+        logits = F.conv2d(f4, weights[3], self.predictor.bias)
+        for x, weight in zip((dpc32, dpc16, f8), weights[:3]):
+            part = F.interpolate(F.conv2d(x, weight), size=f4.shape[-2:], mode="bilinear")
+            logits = logits + part
+        return logits
 
     def forward(self, features, targets=None):
         logits = F.interpolate(

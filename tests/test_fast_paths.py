@@ -1,0 +1,457 @@
+"""Inference fast paths give the plain path's results: the fused copy of the network
+(MODEL.EFFICIENTPS.FAST_INFERENCE), the batched panoptic fusion, the semantic head's
+project-then-upsample predictor, and activation checkpointing in the semantic head."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from efficientps_d2.modeling import fusion
+from efficientps_d2.modeling.fusion import panoptic_fusion
+from efficientps_d2.modeling.layers import (
+    ConvLeakyReLU,
+    fold_batch_norms,
+    fuse_conv_leaky_relu,
+    fuse_for_inference,
+)
+from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
+from tests.common import PERMISSIVE, THING_SEMANTIC_IDS, tiny_config, training_input
+
+
+def _randomize(model, seed=0):
+    """Non-trivial BN affine parameters and statistics (so that folding does something), the
+    statistics from the test inputs (unit-scale features), and predictors with spread-out outputs
+    (so that no argmax, score order or NMS decision hangs on a float rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def set_statistics(module, args):
+        module.running_mean.copy_(args[0].mean(dim=(0, 2, 3)))
+        module.running_var.copy_(args[0].var(dim=(0, 2, 3)))
+
+    model.eval()
+    with torch.no_grad():
+        for m in norms:
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_((torch.rand(m.num_features, generator=g) - 0.5) * 0.2)
+        for layer in (
+            model.sem_seg_head.predictor,
+            model.roi_heads.box_predictor.cls_score,
+            model.roi_heads.mask_head.predictor,
+        ):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.3)
+        hooks = [m.register_forward_pre_hook(set_statistics) for m in norms]
+        model(_inputs())  # padded as the test inputs are
+        for hook in hooks:
+            hook.remove()
+    return model
+
+
+def _tiny_model(opts=()):
+    torch.manual_seed(0)
+    return _randomize(build_model(tiny_config([*PERMISSIVE, *opts]))).eval()
+
+
+def _inputs(seed=3):
+    return [
+        {"image": training_input(97, 131, [], [], seed=seed)["image"]},
+        {
+            "image": training_input(80, 96, [], [], seed=seed + 1)["image"],
+            "height": 60,
+            "width": 72,
+        },
+    ]
+
+
+def _assert_same_panoptic(a, b, atol=1e-4):
+    """Same outputs up to float rounding. Folding BN reorders float32 sums through ~100 layers, so
+    logits drift by ~1e-4 of their scale and a near-tie pixel may flip its argmax: the panoptic
+    maps must agree on all but a sliver of pixels, with the same segments."""
+    scale = max(a["sem_seg"].abs().max().item(), 1.0)
+    torch.testing.assert_close(a["sem_seg"], b["sem_seg"], atol=atol * 10 * scale, rtol=0)
+    ia, ib = a["instances"], b["instances"]
+    assert len(ia) == len(ib)
+    assert torch.equal(ia.pred_classes, ib.pred_classes)
+    torch.testing.assert_close(ia.scores, ib.scores, atol=atol * 10, rtol=1e-3)
+    torch.testing.assert_close(ia.pred_boxes.tensor, ib.pred_boxes.tensor, atol=1e-2, rtol=1e-3)
+    pa, pb = a["panoptic_seg"][0], b["panoptic_seg"][0]
+    assert (pa != pb).float().mean().item() <= 0.005
+    info_a, info_b = a["panoptic_seg"][1], b["panoptic_seg"][1]
+    key = ("id", "isthing", "category_id")
+    assert [[s[k] for k in key] for s in info_a] == [[s[k] for k in key] for s in info_b]
+    for sa, sb in zip(info_a, info_b):
+        assert abs(sa["area"] - sb["area"]) <= max(2, 0.02 * sa["area"])
+
+
+# -------------------------------------------------------------------------------------------------
+# The fused copy of the network (MODEL.EFFICIENTPS.FAST_INFERENCE)
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fast_inference_gives_the_plain_panoptic_output(channels_last):
+    model = _tiny_model(["MODEL.EFFICIENTPS.CHANNELS_LAST", channels_last])
+    inputs = _inputs()
+    with torch.no_grad():
+        plain = model(inputs)
+        model.fast_inference = True
+        fast = model(inputs)
+    network = model._inference_network()
+    # Every BN folded, and every conv + LeakyReLU fused (those of the trunk, FPN and heads).
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
+    assert sum(isinstance(m, ConvLeakyReLU) for m in network.modules()) > 80
+    assert all(not p.requires_grad for p in network.parameters())
+    for a, b in zip(plain, fast):
+        assert len(a["instances"]) > 0 and any(s["isthing"] for s in a["panoptic_seg"][1])
+        assert any(not s["isthing"] for s in a["panoptic_seg"][1])
+        _assert_same_panoptic(a, b)
+
+
+def test_fast_inference_from_config_without_detections():
+    model = _tiny_model(["MODEL.EFFICIENTPS.FAST_INFERENCE", True])
+    assert model.fast_inference
+    model.roi_heads.box_predictor.test_score_thresh = 1.1  # no detection: empty mask-head batch
+    with torch.no_grad():
+        (out,) = model(_inputs()[:1])
+    assert len(out["instances"]) == 0
+    assert all(not s["isthing"] for s in out["panoptic_seg"][1])
+
+
+def test_fused_copy_follows_weight_changes_and_is_not_saved():
+    model = _tiny_model(["MODEL.EFFICIENTPS.FAST_INFERENCE", True])
+    keys = set(model.state_dict())
+    inputs = _inputs()[:1]
+    with torch.no_grad():
+        model(inputs)
+        first = model._inference_network()
+        assert model._inference_network() is first  # cached while the weights stay
+        assert set(model.state_dict()) == keys  # the copy is no submodule
+
+        other = _randomize(build_model(tiny_config(PERMISSIVE)), seed=1)
+        model.load_state_dict(other.state_dict())  # as DetectionCheckpointer does
+        fast = model(inputs)[0]
+        assert model._inference_network() is not first
+        model.fast_inference = False
+        plain = model(inputs)[0]
+    _assert_same_panoptic(plain, fast)
+
+    model.fast_inference = True
+    model.train()
+    assert "_fused_network" not in model.__dict__  # training drops the copy
+
+
+def test_fast_inference_under_inference_mode_and_tta_contract():
+    model = _tiny_model(["MODEL.EFFICIENTPS.FAST_INFERENCE", True])
+    with torch.inference_mode():  # the copy is built from ordinary tensors all the same
+        sem, detections, sizes = model.inference(_inputs()[:1], do_postprocess=False)
+    assert sem.shape[-2:] == (128, 160) and sizes == [(97, 131)] and len(detections[0]) > 0
+    out = model.postprocess(sem[0].clone(), detections[0], sizes[0])
+    assert out["panoptic_seg"][0].shape == (97, 131)
+
+
+def test_fuse_for_inference_on_detectron2_convs_and_torchvision_blocks():
+    torch.manual_seed(0)
+    frozen = FrozenBatchNorm2d(8)
+    frozen.running_mean.uniform_(-1, 1)
+    frozen.running_var.uniform_(0.5, 2)
+    frozen.weight.uniform_(0.5, 2)
+    bn = nn.BatchNorm2d(8)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2)
+    model = nn.Sequential(
+        Conv2d(3, 8, 3, padding=1, bias=False, norm=frozen, activation=nn.LeakyReLU(0.1)),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False), bn),
+        nn.LeakyReLU(0.01),
+        Conv2d(8, 4, 1, activation=F.relu),  # a functional activation stays as it is
+    ).eval()
+    x = torch.randn(2, 3, 17, 23)
+    expected = model(x)
+    fused = fuse_for_inference(copy.deepcopy(model))
+    assert isinstance(fused[0], ConvLeakyReLU) and fused[0].negative_slope == 0.1
+    assert isinstance(fused[1][1], nn.Identity) and isinstance(fused[3], Conv2d)
+    torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+    assert fused(x).is_contiguous(memory_format=torch.channels_last)
+
+    # The steps one by one, and again without effect.
+    plain = copy.deepcopy(model)
+    assert fold_batch_norms(plain) == 2 and fold_batch_norms(plain) == 0
+    assert fuse_conv_leaky_relu(plain) == 1 and fuse_conv_leaky_relu(plain) == 0
+    torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "in_channels, out_channels, kernel, stride, dilation, groups",
+    [(8, 16, 1, 1, 1, 1), (16, 16, 3, 2, 1, 16), (12, 12, 3, 1, (1, 6), 12), (6, 4, 5, 1, 1, 2)],
+)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_leaky_relu_equals_conv_then_activation(
+    in_channels, out_channels, kernel, stride, dilation, groups, channels_last
+):
+    torch.manual_seed(0)
+    d = (dilation, dilation) if isinstance(dilation, int) else dilation
+    padding = tuple(kernel // 2 * v for v in d)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, d, groups)
+    x = torch.randn(3, in_channels, 19, 26)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = ConvLeakyReLU(conv, 0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), F.leaky_relu(conv(x), 0.01), atol=1e-5, rtol=1e-5)
+        assert fused(x[:0]).shape == (0, out_channels, *conv(x).shape[-2:])
+    # With autograd it is the unfused pair, so it can be differentiated.
+    x.requires_grad_(True)
+    fused(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# Semantic head: project-then-upsample predictor, activation checkpointing
+# -------------------------------------------------------------------------------------------------
+
+
+def _head(**kwargs):
+    shapes = {f"p{i}": ShapeSpec(channels=24, stride=2**i) for i in (2, 3, 4, 5)}
+    torch.manual_seed(0)
+    head = EfficientPSSemSegHead(
+        shapes, num_classes=7, convs_dim=16, dpc_channels=16, ignore_value=255, **kwargs
+    )
+    nn.init.normal_(head.predictor.weight, std=0.3)
+    nn.init.normal_(head.predictor.bias, std=0.3)
+    return head
+
+
+def _features(height=72, width=104):
+    torch.manual_seed(1)
+    return {
+        f"p{i}": torch.randn(2, 24, math.ceil(height / 2**i), math.ceil(width / 2**i))
+        for i in (2, 3, 4, 5)
+    }
+
+
+def test_semantic_predictor_equals_concat_then_predict():
+    head = _head().eval()
+    features = _features()
+    with torch.no_grad():
+        p4, p8, p16, p32 = (features[f] for f in head.in_features)
+        dpc32, dpc16 = head.dpc32(p32), head.dpc16(p16)
+        coarse = dpc16 + F.interpolate(dpc32, size=dpc16.shape[-2:], mode="bilinear")
+        f8 = head.lsfe8(p8) + head.mc16to8(coarse, size=p8.shape[-2:])
+        f4 = head.lsfe4(p4) + head.mc8to4(f8, size=p4.shape[-2:])
+        up = [F.interpolate(x, size=f4.shape[-2:], mode="bilinear") for x in (dpc32, dpc16, f8)]
+        expected = head.predictor(torch.cat(up + [f4], dim=1))
+        torch.testing.assert_close(head.layers(features), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_semantic_head_checkpointing_gives_same_loss_and_gradients():
+    features = _features()
+    targets = torch.randint(0, 7, (2, 72, 104))
+    targets[:, :3] = 255
+    results = []
+    for checkpointing in (False, True):
+        head = _head(activation_checkpointing=checkpointing).train()
+        inputs = {k: v.clone().requires_grad_(True) for k, v in features.items()}
+        _, losses = head(inputs, targets)
+        losses["loss_sem_seg"].backward()
+        grads = [p.grad for p in head.parameters()] + [inputs[k].grad for k in sorted(inputs)]
+        results.append((losses["loss_sem_seg"].detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_semantic_head_checkpointing_from_config():
+    cfg = tiny_config(["MODEL.SEM_SEG_HEAD.ACTIVATION_CHECKPOINTING", True])
+    assert build_model(cfg).sem_seg_head.activation_checkpointing
+
+
+# -------------------------------------------------------------------------------------------------
+# Panoptic fusion: batched implementation against the one-instance-at-a-time definition
+# -------------------------------------------------------------------------------------------------
+
+
+def _reference_paste(mask_logits, box, rows, cols):
+    x0, y0, x1, y1 = box
+    ys = (torch.arange(*rows, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+    xs = (torch.arange(*cols, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+    return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[0, 0]
+
+
+def _reference_fusion(
+    sem, instances, thing_ids, confidence_thresh, overlap_thresh, stuff_area_limit, scale
+):
+    """The fusion as first written: instances visited one by one on their box crops."""
+    num_classes, height, width = sem.shape
+    thing_ids = torch.as_tensor(thing_ids, dtype=torch.long)
+    is_thing = torch.zeros(num_classes, dtype=torch.bool)
+    is_thing[thing_ids] = True
+    stuff_ids = (~is_thing).nonzero().flatten()
+    if stuff_ids.numel():
+        best_val = sem[stuff_ids].max(dim=0).values
+    else:
+        best_val = torch.full((height, width), float("-inf"))
+    best_idx = torch.zeros((height, width), dtype=torch.long)
+    claimed = torch.zeros((height, width), dtype=torch.bool)
+    kept = []
+    scores = instances.scores.float()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[scores[order] >= confidence_thresh].tolist()
+    boxes = instances.pred_boxes.tensor.float().tolist()
+    sem_ids = thing_ids[instances.pred_classes].tolist()
+
+    def pixel_range(lo, hi, size):
+        start = min(max(math.ceil(lo - 0.5), 0), size)
+        return start, min(max(math.ceil(hi - 0.5), 0), size)
+
+    for det in order:
+        box = boxes[det]
+        if not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+            continue
+        rows, cols = pixel_range(box[1], box[3], height), pixel_range(box[0], box[2], width)
+        if rows[0] >= rows[1] or cols[0] >= cols[1]:
+            continue
+        crop = (slice(*rows), slice(*cols))
+        mla = _reference_paste(instances.pred_mask_logits[det][None], box, rows, cols) * scale
+        mask = mla > 0
+        area = int(mask.sum())
+        if area == 0 or int((mask & claimed[crop]).sum()) > overlap_thresh * area:
+            continue
+        claimed[crop] |= mask
+        kept.append(det)
+        mlb = sem[sem_ids[det]][crop]
+        fused = (mla.sigmoid() + mlb.sigmoid()) * (mla + mlb)
+        wins = fused > best_val[crop]
+        best_val[crop] = torch.where(wins, fused, best_val[crop])
+        best_idx[crop] = torch.where(wins, len(kept), best_idx[crop])
+
+    thing_areas = torch.bincount(best_idx.flatten(), minlength=len(kept) + 1).tolist()
+    sem_argmax = sem.argmax(dim=0)
+    stuff_pixels = (best_idx == 0) & ~is_thing[sem_argmax]
+    stuff_areas = torch.bincount(sem_argmax[stuff_pixels], minlength=num_classes).tolist()
+    info, thing_lut, stuff_lut = [], [0] * (len(kept) + 1), [0] * num_classes
+    for j, det in enumerate(kept, start=1):
+        if thing_areas[j]:
+            thing_lut[j] = len(info) + 1
+            info.append(
+                {
+                    "id": len(info) + 1,
+                    "isthing": True,
+                    "category_id": int(instances.pred_classes[det]),
+                    "score": float(scores[det]),
+                    "instance_id": det,
+                    "area": thing_areas[j],
+                }
+            )
+    for cls in stuff_ids.tolist():
+        if stuff_areas[cls] and stuff_areas[cls] >= stuff_area_limit:
+            stuff_lut[cls] = len(info) + 1
+            info.append(
+                {
+                    "id": len(info) + 1,
+                    "isthing": False,
+                    "category_id": cls,
+                    "area": stuff_areas[cls],
+                }
+            )
+    pan = torch.where(
+        stuff_pixels,
+        torch.tensor(stuff_lut, dtype=torch.int32)[sem_argmax],
+        torch.tensor(thing_lut, dtype=torch.int32)[best_idx],
+    )
+    return pan, info
+
+
+def _random_scene(seed, height, width, num, num_classes=8, things=(2, 5, 6, 7)):
+    """Many overlapping instances: boxes of all sizes, some outside or degenerate, score ties."""
+    g = torch.Generator().manual_seed(seed)
+    sem = torch.randn(num_classes, height, width, generator=g) * 3
+    xy0 = torch.rand(num, 2, generator=g) * torch.tensor([width * 1.1, height * 1.1]) - 6
+    wh = torch.rand(num, 2, generator=g) ** 2 * torch.tensor([width * 0.8, height * 0.8])
+    boxes = torch.cat([xy0, xy0 + wh], dim=1)
+    boxes[0] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero width
+    boxes[1] = torch.tensor([float("nan"), 1.0, 4.0, 4.0])
+    scores = torch.rand(num, generator=g)
+    scores[2:6] = scores[6]  # ties keep their order
+    inst = Instances((height, width))
+    inst.pred_boxes = Boxes(boxes)
+    inst.scores = scores
+    inst.pred_classes = torch.randint(0, len(things), (num,), generator=g)
+    inst.pred_mask_logits = torch.randn(num, 1, 28, 28, generator=g) * 3 + 1
+    return sem, inst, list(things)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 3000])
+def test_batched_fusion_equals_one_at_a_time_reference(monkeypatch, chunk_elements):
+    monkeypatch.setattr(fusion, "_CHUNK_ELEMENTS", chunk_elements)  # small: many chunks
+    for seed in range(6):
+        sem, inst, things = _random_scene(seed, 61 + 7 * seed, 93 + 5 * seed, 40)
+        for confidence, overlap, limit, scale in ((0.2, 0.5, 20, 4.0), (0.0, 0.1, 0, 1.0)):
+            got = panoptic_fusion(
+                sem,
+                inst,
+                thing_semantic_ids=things,
+                confidence_thresh=confidence,
+                overlap_thresh=overlap,
+                stuff_area_limit=limit,
+                mask_logit_scale=scale,
+            )
+            expected = _reference_fusion(sem, inst, things, confidence, overlap, limit, scale)
+            assert torch.equal(got[0], expected[0]), (seed, confidence)
+            assert got[1] == expected[1], (seed, confidence)
+            assert any(s["isthing"] for s in got[1])
+
+
+def test_fusion_chunks_bound_memory_and_padding():
+    sizes = [(400, 300), (10, 10), (12, 9), (300, 500), (1, 1), (2000, 2000), (5, 5)]
+    chunks = fusion._chunks(sizes)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(sizes)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    for start, end, h, w in chunks:
+        members = sizes[start:end]
+        assert h == max(s[0] for s in members) and w == max(s[1] for s in members)
+        if end - start > 1:
+            assert (end - start) * h * w <= fusion._CHUNK_ELEMENTS
+    assert fusion._chunks([]) == []
+
+
+def test_fusion_accepts_channels_last_logits_and_tensor_thing_ids():
+    sem, inst, things = _random_scene(0, 50, 70, 20)
+    expected = panoptic_fusion(sem, inst, thing_semantic_ids=things, confidence_thresh=0.1)
+    sem_cl = sem[None].contiguous(memory_format=torch.channels_last)[0]
+    got = panoptic_fusion(
+        sem_cl, inst, thing_semantic_ids=torch.tensor(things), confidence_thresh=0.1
+    )
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+
+
+@pytest.mark.parametrize("image_size", [(97, 131), (64, 96)])
+def test_model_output_matches_reference_fusion(image_size):
+    """End to end: the model's panoptic output is the reference fusion of its own outputs."""
+    model = _tiny_model()
+    image = training_input(*image_size, [], [], seed=5)["image"]
+    with torch.no_grad():
+        (out,) = model([{"image": image}])
+    inst = out["instances"]
+    assert len(inst) > 0
+    thing_index = {c: i for i, c in enumerate(THING_SEMANTIC_IDS)}
+    local = Instances(inst.image_size)
+    local.pred_boxes = inst.pred_boxes
+    local.scores = inst.scores
+    local.pred_classes = torch.tensor([thing_index[int(c)] for c in inst.pred_classes])
+    local.pred_mask_logits = inst.pred_mask_logits
+    pan, info = _reference_fusion(out["sem_seg"], local, THING_SEMANTIC_IDS, 0.0, 0.5, 0, 4.0)
+    for s in info:
+        if s["isthing"]:
+            s["category_id"] = THING_SEMANTIC_IDS[s["category_id"]]
+    assert torch.equal(out["panoptic_seg"][0], pan)
+    assert out["panoptic_seg"][1] == info
