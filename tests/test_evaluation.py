@@ -1,12 +1,18 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOPanopticEvaluator
+from detectron2.structures import Boxes, Instances
+from pycocotools import mask as mask_util
 
-from efficientps_d2.data import register_panoptic_dataset
+from efficientps_d2.data import register_panoptic_dataset, synthetic
+from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
 from efficientps_d2.evaluation import (
     PanopticSemSegEvaluator,
+    ThingCOCOEvaluator,
     build_evaluator,
     panoptic_to_semantic,
 )
@@ -79,3 +85,39 @@ def test_build_evaluator_follows_the_evaluator_type(dataset, tmp_path):
     MetadataCatalog.get("__efficientps_test_not_panoptic").set(evaluator_type="sem_seg")
     with pytest.raises(NotImplementedError, match="__efficientps_test_not_panoptic.*sem_seg"):
         build_evaluator(cfg, "__efficientps_test_not_panoptic")
+
+
+def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):
+    """Box/mask AP on panoptic data whose metadata lists all classes (stuff too) as
+    thing_classes: exact detections score 100, with one per-category row per thing class."""
+    data_dir = ensure_synthetic_panoptic(str(tmp_path), num_train=1, num_val=3)
+    files = synthetic._split_files(data_dir, "val")
+    name = "__efficientps_test_instance_ap"
+    register_panoptic_dataset(name, **files)
+    meta = MetadataCatalog.get(name)
+    assert len(meta.thing_classes) == 6  # the "standard" panoptic metadata: all classes
+    evaluators = build_evaluator(load_config(), name, str(tmp_path / "eval"))._evaluators
+    (evaluator,) = [e for e in evaluators if isinstance(e, ThingCOCOEvaluator)]
+
+    with open(files["instances_json"]) as f:
+        gt = json.load(f)
+    evaluator.reset()
+    for image in gt["images"]:
+        annotations = [a for a in gt["annotations"] if a["image_id"] == image["id"]]
+        instances = Instances((image["height"], image["width"]))
+        boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32)
+        instances.pred_boxes = Boxes(torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1))
+        instances.scores = torch.ones(len(annotations))
+        instances.pred_classes = torch.tensor(
+            [meta.thing_dataset_id_to_contiguous_id[a["category_id"]] for a in annotations]
+        )
+        instances.pred_masks = torch.stack(
+            [torch.from_numpy(mask_util.decode(a["segmentation"])).bool() for a in annotations]
+        )
+        evaluator.process([{"image_id": image["id"]}], [{"instances": instances}])
+    results = evaluator.evaluate()
+    thing_names = {c["name"] for c in gt["categories"]}
+    for task in ("bbox", "segm"):
+        assert results[task]["AP"] == pytest.approx(100.0)
+        rows = {k[len("AP-") :] for k in results[task] if k.startswith("AP-")}
+        assert rows == thing_names

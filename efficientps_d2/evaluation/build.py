@@ -6,11 +6,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
-    COCOEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluators,
 )
 
+from .instance_ap import ThingCOCOEvaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator
 
 SUPPORTED = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
@@ -20,8 +20,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     """Panoptic quality, plus semantic mIoU and instance AP where the data set allows.
 
     - "coco_panoptic_seg" (COCO panoptic, custom and synthetic data): COCOPanopticEvaluator (PQ),
-      PanopticSemSegEvaluator (mIoU), and COCOEvaluator (box/mask AP) when the metadata names an
-      instance json (``json_file``).
+      PanopticSemSegEvaluator (mIoU), and ThingCOCOEvaluator (box/mask AP) when the metadata
+      names an instance json (``json_file``).
     - "cityscapes_panoptic_seg": COCOPanopticEvaluator, CityscapesSemSegEvaluator and
       CityscapesInstanceEvaluator (the official Cityscapes scripts).
     """
@@ -36,7 +36,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         ]
         if meta.get("json_file") and os.path.isfile(meta.json_file):
             evaluators.append(
-                COCOEvaluator(
+                ThingCOCOEvaluator(
                     dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder
                 )
             )
