@@ -1,0 +1,704 @@
+#!/usr/bin/env python
+"""EfficientPS-B5 against Detectron2's Panoptic FPN R50: size, FLOPs, latency and memory.
+
+One command, one process, both models::
+
+    .venv/bin/python benchmarks/benchmark.py --output benchmarks/results
+
+writes ``results.json`` and ``results.md`` (a Markdown table) to the output folder. See the
+README's Performance section for what is measured and how to read it. On a CUDA machine it adds AMP
+latency, training iterations per second at a 1024x2048 crop and peak GPU memory.
+"""
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import detectron2
+import torch
+import torchvision
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.analysis import FlopCountAnalysis
+from detectron2.utils.events import EventStorage
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from efficientps_d2 import add_efficientps_config
+from efficientps_d2.file_io import atomic_write
+from efficientps_d2.modeling.layers import fuse_for_inference
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+OURS_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b5.yaml"
+OURS_SMALL_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml"
+THEIRS_CONFIG = "COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml"
+# Cityscapes: 19 classes, of which 8 things (train ids 11-18).
+NUM_CLASSES, NUM_THINGS = 19, 8
+OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
+    "EfficientPS-B5",
+    "EfficientPS-B5 fast",
+    "PanopticFPN-R50",
+    "PanopticFPN-R50 fused",
+)
+ALL_MODELS = (OURS_FAST, OURS, THEIRS, THEIRS_FUSED)
+# What --models accepts.
+MODEL_KEYS = {"ours-fast": OURS_FAST, "ours": OURS, "theirs": THEIRS, "theirs-fused": THEIRS_FUSED}
+
+logger = logging.getLogger("efficientps_d2.benchmark")
+
+
+# -------------------------------------------------------------------------------------------------
+# Models
+# -------------------------------------------------------------------------------------------------
+
+
+def ours_config(device, name=OURS_CONFIG, variant=None):
+    """The shipped config with every SyncBN replaced by BN (one process) and test thresholds 0."""
+    cfg = get_cfg()
+    add_efficientps_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    for node in (
+        cfg.MODEL.EFFICIENTNET,
+        cfg.MODEL.TWO_WAY_FPN,
+        cfg.MODEL.SEM_SEG_HEAD,
+        cfg.MODEL.ROI_MASK_HEAD,
+    ):
+        node.NORM = "BN" if node.NORM == "SyncBN" else node.NORM
+    if cfg.MODEL.RPN.HEAD_NORM == "SyncBN":
+        cfg.MODEL.RPN.HEAD_NORM = "BN"
+    if variant:
+        cfg.MODEL.EFFICIENTNET.VARIANT = variant
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
+    cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def theirs_config(device):
+    """Detectron2's Panoptic FPN R50 3x, random weights, Cityscapes class counts, thresholds 0."""
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(THEIRS_CONFIG))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_THINGS
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES - NUM_THINGS + 1  # stuff + "things"
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = 0.0
+    cfg.MODEL.DEVICE = device
+    return cfg
+
+
+@torch.no_grad()
+def calibrate_norms(model, image):
+    """Sets every BN / FrozenBN's statistics from one forward pass (data-dependent init).
+
+    With random weights and default statistics (mean 0, var 1), ResNet's activations grow by
+    orders of magnitude with depth and the detector's boxes degenerate; after this, every norm
+    sees unit-scale features, so both detectors produce boxes that the timing is fair about.
+    """
+
+    def set_statistics(module, args):
+        x = args[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    hooks = [
+        m.register_forward_pre_hook(set_statistics)
+        for m in model.modules()
+        if isinstance(m, (_BatchNorm, FrozenBatchNorm2d))
+    ]
+    model.eval()
+    try:
+        model([{"image": image}])
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def build_models(device, names=ALL_MODELS):
+    """{name: (model, callable)} for the requested names, plus the plain models as "ours" and
+    "theirs" (which FLOPs are counted on); ours plain and fast share one model."""
+    torch.manual_seed(0)
+    calibration = torch.randint(0, 256, (3, 256, 512), dtype=torch.uint8)
+    ours = build_model(ours_config(device)).eval()
+    calibrate_norms(ours, calibration)
+    theirs = build_model(theirs_config(device)).eval()
+    calibrate_norms(theirs, calibration)
+    models = {
+        OURS: (ours, _with_fast_inference(ours, False)),
+        OURS_FAST: (ours, _with_fast_inference(ours, True)),
+        THEIRS: (theirs, theirs),
+    }
+    if THEIRS_FUSED in names:
+        fused = fuse_for_inference(copy.deepcopy(theirs))
+        models[THEIRS_FUSED] = (fused, fused)
+    return {name: models[name] for name in names}, ours, theirs
+
+
+def _with_fast_inference(model, enabled):
+    def run(inputs):
+        model.fast_inference = enabled
+        return model(inputs)
+
+    return run
+
+
+# -------------------------------------------------------------------------------------------------
+# Measurements
+# -------------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _release_free_memory():
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_memory_increase_mib(fn, device):
+    """Peak memory added while ``fn()`` runs, in MiB (None where it cannot be measured).
+
+    GPU: ``torch.cuda.max_memory_allocated`` above what was allocated before. CPU: the process'
+    peak resident set (VmHWM, reset through /proc/self/clear_refs) above its resident set before,
+    after returning freed heap memory to the OS (malloc_trim) so that it is not reused unseen.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    _release_free_memory()
+    before = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return None
+    fn()
+    peak = _status_kib("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
+def count_flops(model, image):
+    """fvcore FLOPs of one inference (fvcore counts one multiply-add as one flop)."""
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(model, [{"image": image}])
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        return analysis.total()
+
+
+def detections(output):
+    """(detections, thing segments) of one panoptic output."""
+    segments = output["panoptic_seg"][1]
+    return len(output["instances"]), sum(1 for s in segments if s.get("isthing", False))
+
+
+def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, memory=False):
+    """Latency of each runner, batch 1, eval mode; the runs of all models are interleaved.
+
+    Returns:
+        ({name: [seconds of each timed run]}, {name: (detections, thing segments)},
+        {name: peak memory increase of the first run in MiB} if ``memory``, else {}).
+    """
+    if memory and warmup == 0:
+        raise ValueError("Measuring memory needs at least one warm-up run (--warmup).")
+    inputs = [{"image": image}]
+    times = {name: [] for name in runners}
+    counts, peaks = {}, {}
+
+    def run_once(run):
+        with torch.no_grad(), autocast():
+            return run(inputs)
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=amp_dtype)
+
+    for i in range(warmup + repeats):
+        for name, run in runners.items():
+            if i == 0 and memory:
+                # The first run also gives the memory (and is untimed if there is a warm-up).
+                result = {}
+                peaks[name] = peak_memory_increase_mib(
+                    lambda: result.update(out=run_once(run)), device
+                )
+                outputs = result["out"]
+            else:
+                _sync(device)
+                start = time.perf_counter()
+                outputs = run_once(run)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    times[name].append(elapsed)
+            counts[name] = detections(outputs[0])
+            del outputs
+    return times, counts, peaks
+
+
+def training_batch(height, width, num_classes, device, seed=0, num_instances=8):
+    """One synthetic training dict: random image, random labels, rectangular instances."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+    sem_seg = torch.randint(0, num_classes, (height, width), generator=g)
+    xy0 = torch.rand(num_instances, 2, generator=g) * torch.tensor([width * 0.8, height * 0.8])
+    wh = (torch.rand(num_instances, 2, generator=g) * 0.15 + 0.05) * torch.tensor([width, height])
+    boxes = torch.cat([xy0, xy0 + wh], dim=1).floor()
+    masks = torch.zeros(num_instances, height, width, dtype=torch.bool)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.long().tolist()):
+        mask[y0:y1, x0:x1] = True
+    instances = Instances((height, width))
+    instances.gt_boxes = Boxes(boxes)
+    instances.gt_classes = torch.randint(0, NUM_THINGS, (num_instances,), generator=g)
+    instances.gt_masks = BitMasks(masks)
+    return {"image": image, "sem_seg": sem_seg, "instances": instances}
+
+
+def training_step_fn(model, batch, optimizer=None, amp_dtype=None, scaler=None):
+    """One forward + backward (+ optimizer step) of ``model`` in training mode."""
+    device = model.device.type
+
+    def step():
+        model.train()
+        with EventStorage():
+            if amp_dtype is not None:
+                with torch.autocast(device_type=device, dtype=amp_dtype):
+                    losses = model(batch)
+            else:
+                losses = model(batch)
+            loss = sum(losses.values())
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        if optimizer is not None:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def training_memory(device, height, width):
+    """Peak memory of one training step (forward + backward) for B0 and B5, with and without
+    activation checkpointing in the backbone and in the semantic head."""
+    rows = []
+    for label, config, variant in (
+        ("EfficientPS-B0 (efficientps_b0_512x1024.yaml)", OURS_SMALL_CONFIG, None),
+        ("EfficientPS-B5 (efficientps_b5.yaml, BN)", OURS_CONFIG, None),
+    ):
+        for checkpointing in ("none", "backbone", "backbone + semantic head"):
+            cfg = ours_config(device, config, variant)
+            cfg.MODEL.EFFICIENTNET.ACTIVATION_CHECKPOINTING = checkpointing != "none"
+            cfg.MODEL.SEM_SEG_HEAD.ACTIVATION_CHECKPOINTING = "head" in checkpointing
+            torch.manual_seed(0)
+            model = build_model(cfg)
+            batch = [training_batch(height, width, NUM_CLASSES, device)]
+            step = training_step_fn(model, batch)
+            step()  # warm-up: lazily created state, allocator pools
+            start = time.perf_counter()
+            peak = peak_memory_increase_mib(step, device)
+            rows.append(
+                {
+                    "model": label,
+                    "checkpointing": checkpointing,
+                    "size": f"{height}x{width}",
+                    "peak_mib": peak,
+                    "step_s": time.perf_counter() - start,
+                }
+            )
+            logger.info("training memory %s", rows[-1])
+            del model, batch, step
+            _release_free_memory()
+    return rows
+
+
+def training_speed(models, device, height, width, warmup, repeats, amp_dtype):
+    """Training iterations/s and peak GPU memory at one crop (CUDA only)."""
+    rows = {}
+    for name, model in models.items():
+        num_classes = NUM_CLASSES if name == OURS else NUM_CLASSES - NUM_THINGS + 1
+        batch = [training_batch(height, width, num_classes, device)]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+        for dtype in (None, amp_dtype):
+            scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+            step = training_step_fn(model, batch, optimizer, dtype, scaler)
+            for _ in range(warmup):
+                step()
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            peak = peak_memory_increase_mib(step, device)
+            key = f"{name} {'fp32' if dtype is None else str(dtype).replace('torch.', '')}"
+            rows[key] = {"iter_per_s": 1 / statistics.median(times), "peak_mib": peak}
+            logger.info("training %s: %s", key, rows[key])
+        model.eval()
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------
+# Report
+# -------------------------------------------------------------------------------------------------
+
+
+def machine_info(device):
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    info = {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "detectron2": detectron2.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+    }
+    return info
+
+
+def load_average():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def wait_for_load(limit, max_wait):
+    """Waits (up to ``max_wait`` s) until the 1-minute load average drops below ``limit``."""
+    if limit is None:
+        return
+    deadline = time.time() + max_wait
+    while load_average() is not None and load_average() >= limit and time.time() < deadline:
+        logger.info("load average %.2f >= %.2f, waiting", load_average(), limit)
+        time.sleep(10)
+
+
+def _fmt(value, digits=2):
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def markdown(report):
+    s = report["settings"]
+    m = report["machine"]
+    lines = [
+        "# EfficientPS-B5 vs Detectron2 Panoptic FPN R50",
+        "",
+        f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), torchvision {m['torchvision']}, detectron2 "
+        f"{m['detectron2']}, device {m['device']}" + (f" ({m['gpu']})" if m["gpu"] else "") + ".",
+        f"1-minute load average: {report['load_average']} (start, per size, end); "
+        "a load above the core count means other processes shared the CPU during the timing.",
+        f"Latency: batch 1, eval mode, full panoptic inference (pre- and post-processing "
+        f"included), {s['warmup']} warm-up run(s), then the median (min) of "
+        f"{s['repeats']} runs per size; models interleaved run by run.",
+        "Both models: random weights with BN statistics set from one image; test score threshold "
+        "0 and panoptic confidence threshold 0, so each keeps its 100 best detections "
+        "(TEST.DETECTIONS_PER_IMAGE) and the mask head and fusion do the same amount of work.",
+        "FLOPs: fvcore (Detectron2's FlopCountAnalysis), one multiply-add = one flop.",
+        "",
+    ]
+    sizes = s["sizes"]
+    header = ["model", "params (M)"]
+    for size in sizes:
+        header += [f"GFLOPs {size}", f"latency {size} (s)", f"peak mem {size} (MiB)"]
+    header += ["detections / thing segments"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in report["models"].items():
+        cells = [name, _fmt(row["params"] / 1e6, 1)]
+        for size in sizes:
+            r = row["sizes"].get(size, {})
+            flops = r.get("flops")
+            latency = r.get("latency_s")
+            cells += [
+                _fmt(flops / 1e9, 1) if flops else "n/a",
+                (
+                    f"{_fmt(statistics.median(latency))} ({_fmt(min(latency))})"
+                    if latency
+                    else "n/a"
+                ),
+                _fmt(r.get("peak_mib"), 0),
+            ]
+        counts = {str(tuple(r.get("detections", ()))) for r in row["sizes"].values()}
+        cells.append(", ".join(sorted(counts)))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Latency ratios (median):", ""]
+    lines += ["| ratio | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for label, values in report["ratios"].items():
+        lines.append("| " + label + " | " + " | ".join(_fmt(values.get(z)) for z in sizes) + " |")
+    if report.get("fast_copy_build_s") is not None:
+        lines += [
+            "",
+            f"Building the fused inference copy (once per weight change): "
+            f"{report['fast_copy_build_s']:.2f} s.",
+        ]
+    if report.get("amp"):
+        lines += ["", "AMP latency (median, s):", ""]
+        lines += [
+            "| model | dtype | " + " | ".join(sizes) + " |",
+            "|---|---|" + "---|" * len(sizes),
+        ]
+        for key, per_size in report["amp"].items():
+            name, dtype = key.rsplit(" ", 1)
+            lines.append(
+                f"| {name} | {dtype} | "
+                + " | ".join(_fmt(per_size.get(z, {}).get("median_s"), 3) for z in sizes)
+                + " |"
+            )
+    if report.get("training"):
+        lines += ["", f"Training at {s['train_size']} (batch 1):", ""]
+        lines += ["| model, precision | iterations/s | peak GPU memory (MiB) |", "|---|---|---|"]
+        for key, row in report["training"].items():
+            lines.append(f"| {key} | {_fmt(row['iter_per_s'])} | {_fmt(row['peak_mib'], 0)} |")
+    if report.get("training_memory"):
+        lines += [
+            "",
+            "Peak memory of one training step (forward + backward, batch 1), by activation "
+            "checkpointing:",
+            "",
+            "| model | size | checkpointing | peak memory (MiB) | step time (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for row in report["training_memory"]:
+            lines.append(
+                f"| {row['model']} | {row['size']} | {row['checkpointing']} | "
+                f"{_fmt(row['peak_mib'], 0)} | {_fmt(row['step_s'], 1)} |"
+            )
+    lines += ["", f"Total benchmark time: {report['total_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="benchmarks/results", help="folder for the results")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["512x1024", "1024x2048"], help="input sizes HxW"
+    )
+    parser.add_argument(
+        "--repeats",
+        nargs="+",
+        type=int,
+        default=[5, 3],
+        help="timed runs per size (one number for all sizes, or one per size)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per size and model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["ours-fast", "theirs"],
+        choices=list(MODEL_KEYS) + ["all"],
+        help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), theirs "
+        "(Panoptic FPN as shipped), theirs-fused (Panoptic FPN with fuse_for_inference), all",
+    )
+    parser.add_argument(
+        "--training-memory",
+        default="512x1024",
+        help="size for the training-memory table (B0/B5, with/without checkpointing); '' skips",
+    )
+    parser.add_argument("--train-size", default="1024x2048", help="crop for training speed (GPU)")
+    parser.add_argument(
+        "--amp-dtypes", nargs="+", default=["float16", "bfloat16"], help="AMP dtypes (GPU)"
+    )
+    parser.add_argument(
+        "--wait-for-load",
+        type=float,
+        default=None,
+        help="wait before each timing until the 1-minute load average is below this",
+    )
+    parser.add_argument("--max-wait", type=float, default=120, help="longest wait for the load")
+    return parser.parse_args(argv)
+
+
+def _size(text):
+    height, width = (int(v) for v in text.lower().split("x"))
+    return height, width
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("detectron2").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    device = args.device
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    repeats = args.repeats * len(args.sizes) if len(args.repeats) == 1 else args.repeats
+    if len(repeats) != len(args.sizes):
+        raise ValueError(f"--repeats needs 1 or {len(args.sizes)} numbers, got {args.repeats}.")
+
+    report = {
+        "machine": machine_info(device),
+        "settings": {
+            "sizes": args.sizes,
+            "repeats": dict(zip(args.sizes, repeats)),
+            "warmup": args.warmup,
+            "ours_config": OURS_CONFIG + " (SyncBN -> BN)",
+            "theirs_config": THEIRS_CONFIG + " (MODEL.WEIGHTS='', Cityscapes class counts)",
+            "score_thresh_test": 0.0,
+            "panoptic_confidence_thresh": 0.0,
+            "detections_per_image": 100,
+            "train_size": args.train_size,
+        },
+        "load_average": [load_average()],
+        "models": {},
+        "ratios": {},
+    }
+    names = ALL_MODELS if "all" in args.models else [MODEL_KEYS[k] for k in args.models]
+    models, ours, theirs = build_models(device, names)
+    for name, (model, _) in models.items():
+        report["models"][name] = {"params": sum(p.numel() for p in model.parameters()), "sizes": {}}
+
+    if OURS_FAST in models:  # the fused copy is built on the first fast call; time it once
+        ours.fast_inference = True
+        start = time.perf_counter()
+        ours._inference_network()
+        report["fast_copy_build_s"] = time.perf_counter() - start
+
+    runners = {name: run for name, (_, run) in models.items()}
+    for size, n in zip(args.sizes, repeats):
+        height, width = _size(size)
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+        wait_for_load(args.wait_for_load, args.max_wait)
+        report["load_average"].append(load_average())
+        logger.info("timing %s (load %s)", size, report["load_average"][-1])
+        times, counts, peaks = time_inference(
+            runners,
+            image,
+            device=device,
+            warmup=args.warmup,
+            repeats=n,
+            memory=not args.no_memory,
+        )
+        for name in runners:
+            entry = report["models"][name]["sizes"].setdefault(size, {})
+            entry["latency_s"] = times[name]
+            entry["detections"] = counts[name]
+            entry["peak_mib"] = peaks.get(name)
+            logger.info("%s %s: %s s, %s", name, size, times[name], entry)
+        if not args.no_flops:  # counted on the plain models: the architectures, not the kernels
+            ours.fast_inference = False
+            for prefix, model in ((OURS, ours), (THEIRS, theirs)):
+                if not any(name.startswith(prefix) for name in runners):
+                    continue
+                flops = count_flops(model, image)
+                for name in runners:
+                    if name.startswith(prefix):
+                        report["models"][name]["sizes"][size]["flops"] = flops
+                logger.info("%s %s: %.1f GFLOPs", prefix, size, flops / 1e9)
+        if device.startswith("cuda"):
+            report.setdefault("amp", {})
+            amp_runners = {k: v for k, v in runners.items() if k in (OURS_FAST, THEIRS)}
+            for dtype_name in args.amp_dtypes:
+                dtype = getattr(torch, dtype_name)
+                amp_times, _, _ = time_inference(
+                    amp_runners,
+                    image,
+                    device=device,
+                    warmup=args.warmup,
+                    repeats=n,
+                    amp_dtype=dtype,
+                )
+                for name, values in amp_times.items():
+                    report["amp"].setdefault(f"{name} {dtype_name}", {})[size] = {
+                        "median_s": statistics.median(values),
+                        "images_per_s": 1 / statistics.median(values),
+                    }
+
+    def median_latency(name, size):
+        values = report["models"].get(name, {}).get("sizes", {}).get(size, {}).get("latency_s")
+        return statistics.median(values) if values else None
+
+    for label, a, b in (
+        (f"{OURS_FAST} / {THEIRS}", OURS_FAST, THEIRS),
+        (f"{OURS} / {THEIRS}", OURS, THEIRS),
+        (f"{OURS_FAST} / {THEIRS_FUSED}", OURS_FAST, THEIRS_FUSED),
+        (f"{OURS_FAST} / {OURS}", OURS_FAST, OURS),
+    ):
+        values = {}
+        for size in args.sizes:
+            x, y = median_latency(a, size), median_latency(b, size)
+            if x is not None and y is not None:
+                values[size] = x / y
+        if values:
+            report["ratios"][label] = values
+
+    if device.startswith("cuda"):
+        height, width = _size(args.train_size)
+        train_models = {OURS: ours, THEIRS: theirs}
+        report["training"] = training_speed(
+            train_models, device, height, width, args.warmup, 5, getattr(torch, args.amp_dtypes[0])
+        )
+    del models, runners, ours, theirs
+    _release_free_memory()
+    if args.training_memory:
+        height, width = _size(args.training_memory)
+        report["training_memory"] = training_memory(device, height, width)
+    report["load_average"].append(load_average())
+    report["total_s"] = time.perf_counter() - started
+
+    text = markdown(report)
+    atomic_write(
+        os.path.join(args.output, "results.json"), lambda f: json.dump(report, f, indent=2), "w"
+    )
+    atomic_write(os.path.join(args.output, "results.md"), lambda f: f.write(text), "w")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
