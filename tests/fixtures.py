@@ -371,3 +371,12 @@ def _write_json(path, data):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def edit_json(path, edit):
+    """Rewrites the json file at ``path`` after ``edit(data)`` changed it in place."""
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)

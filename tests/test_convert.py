@@ -14,6 +14,7 @@ from pycocotools import mask as mask_util
 from efficientps_d2.data import convert
 from efficientps_d2.data.convert import ConversionError, convert_instances_to_panoptic, main
 from efficientps_d2.data.custom import register_panoptic_dataset
+from tests.fixtures import edit_json
 
 H, W = 20, 30
 THINGS = [{"id": 1, "name": "person"}, {"id": 2, "name": "car", "supercategory": "vehicle"}]
@@ -219,14 +220,6 @@ def test_round_trip_pq_100(tmp_path):
         assert result[key] == pytest.approx(100.0), (key, result)
 
 
-def _edit_instances(path, edit):
-    with open(path) as f:
-        data = json.load(f)
-    edit(data)
-    with open(path, "w") as f:
-        json.dump(data, f)
-
-
 def _set_ann(index, **values):
     return lambda data: data["annotations"][index].update(values)
 
@@ -265,7 +258,7 @@ def test_bad_input_names_culprit_and_writes_nothing(tmp_path, edit, semantic_edi
     root = str(tmp_path)
     instances, sem_dir, stuff_json = write_example(root)
     if edit is not None:
-        _edit_instances(instances, edit)
+        edit_json(instances, edit)
     if semantic_edit is not None:
         name, kind = semantic_edit
         path = os.path.join(sem_dir, name)
@@ -305,7 +298,7 @@ def test_bad_categories(tmp_path):
         )
     with pytest.raises(ConversionError, match="need stuff_categories"):
         convert_instances_to_panoptic(instances, *out, semantic_dir=sem_dir)
-    _edit_instances(instances, lambda d: d["categories"].append({"id": 0, "name": "void"}))
+    edit_json(instances, lambda d: d["categories"].append({"id": 0, "name": "void"}))
     with pytest.raises(ConversionError, match=r"'void' has id 0"):
         convert_instances_to_panoptic(instances, *out)
     assert not os.path.exists(out[0]) and not os.path.exists(out[1])

@@ -1,7 +1,6 @@
 """register_panoptic_dataset: one-call registration, metadata, and load-time validation."""
 
 import itertools
-import json
 import os
 import shutil
 
@@ -12,7 +11,7 @@ from PIL import Image
 
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.metadata import thing_semantic_ids
-from tests.fixtures import write_panoptic_dataset
+from tests.fixtures import edit_json, write_panoptic_dataset
 
 # CUSTOM_CATEGORIES: cat 3, dog 7 (things); grass 10, sky 12 (stuff). Things come first.
 CONTIGUOUS = {3: 0, 7: 1, 10: 2, 12: 3}
@@ -38,14 +37,6 @@ def register():
 
 def _paths(dataset):
     return {k: dataset[k] for k in ("image_root", "panoptic_root", "panoptic_json")}
-
-
-def _edit_json(path, edit):
-    with open(path) as f:
-        data = json.load(f)
-    edit(data)
-    with open(path, "w") as f:
-        json.dump(data, f)
 
 
 def test_one_call_registration_round_trip(tmp_path, register):
@@ -126,7 +117,7 @@ def test_missing_png_is_named(tmp_path, register):
 def test_json_not_matching_png_folder(tmp_path, register):
     train = write_panoptic_dataset(str(tmp_path), "train")
     val = write_panoptic_dataset(str(tmp_path), "val", num_images=3)
-    _edit_json(
+    edit_json(
         val["panoptic_json"],
         lambda d: [a.update(file_name="val_" + a["file_name"]) for a in d["annotations"]],
     )
@@ -142,7 +133,7 @@ def test_json_not_matching_png_folder(tmp_path, register):
 
 def test_segment_category_not_in_metadata(tmp_path, register):
     dataset = write_panoptic_dataset(str(tmp_path))
-    _edit_json(
+    edit_json(
         dataset["panoptic_json"],
         lambda d: d["annotations"][1]["segments_info"][2].update(category_id=99),
     )
@@ -168,7 +159,7 @@ def test_missing_image_is_named(tmp_path, register):
 
 def test_unknown_image_id_is_named(tmp_path, register):
     dataset = write_panoptic_dataset(str(tmp_path))
-    _edit_json(dataset["panoptic_json"], lambda d: d["annotations"][0].update(image_id=42))
+    edit_json(dataset["panoptic_json"], lambda d: d["annotations"][0].update(image_id=42))
     name = register(**_paths(dataset))
     with pytest.raises(ValueError, match=r"'img_000.png' refers to image id 42"):
         DatasetCatalog.get(name)
@@ -176,7 +167,7 @@ def test_unknown_image_id_is_named(tmp_path, register):
 
 def test_duplicate_segment_id_is_named(tmp_path, register):
     dataset = write_panoptic_dataset(str(tmp_path))
-    _edit_json(
+    edit_json(
         dataset["panoptic_json"],
         lambda d: d["annotations"][0]["segments_info"][1].update(
             id=d["annotations"][0]["segments_info"][0]["id"]

@@ -29,20 +29,13 @@ from efficientps_d2.inference import (
     open_video_writer,
     to_coco_segments,
 )
+from tests.common import PERMISSIVE as COMMON_PERMISSIVE
 from tests.common import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITYSCAPES = "cityscapes_fine_panoptic_val"  # Detectron2's built-in metadata; no files needed
-PERMISSIVE = [
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-    0.0,
-    "MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH",
-    0.0,
-    "MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT",
-    0,
-    "TEST.DETECTIONS_PER_IMAGE",
-    10,
-]
+# Few detections per image keep the demo quick.
+PERMISSIVE = [*COMMON_PERMISSIVE, "TEST.DETECTIONS_PER_IMAGE", 10]
 # A small data set of our own: 3 stuff and 2 thing categories with non-contiguous ids.
 CATEGORIES = [
     {"id": 7, "name": "road", "isthing": 0},

@@ -6,24 +6,5 @@ cfg = model_zoo.get_config("Cityscapes-PanopticSegmentation/efficientps_b5.yaml"
 model = model_zoo.get("Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml")
 """
 
-from .model_zoo import (
-    CHECKPOINTS,
-    get,
-    get_checkpoint_url,
-    get_config,
-    get_config_file,
-    list_checkpoints,
-    list_configs,
-    register_checkpoint,
-)
-
-__all__ = [
-    "CHECKPOINTS",
-    "get",
-    "get_checkpoint_url",
-    "get_config",
-    "get_config_file",
-    "list_checkpoints",
-    "list_configs",
-    "register_checkpoint",
-]
+from .model_zoo import *  # noqa: F401,F403  (the public names are model_zoo.__all__)
+from .model_zoo import __all__  # noqa: F401
