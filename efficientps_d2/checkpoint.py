@@ -1,8 +1,8 @@
 """A DetectionCheckpointer whose files are never left half-written.
 
-fvcore's ``Checkpointer.save`` writes ``model_XXXX.pth`` and ``last_checkpoint`` in place, so a
-process killed mid-save leaves a truncated file behind (and possibly a ``last_checkpoint`` naming
-it). Here both go through :func:`efficientps_d2.file_io.atomic_write`.
+fvcore's ``Checkpointer.save`` writes each ``model_<iteration>.pth`` and ``last_checkpoint`` in
+place, so a process killed mid-save leaves a truncated file behind (and possibly a
+``last_checkpoint`` naming it). Here both go through :func:`efficientps_d2.file_io.atomic_write`.
 """
 
 import os
