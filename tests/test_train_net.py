@@ -100,7 +100,9 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     with open(log_path, "w") as log_file:
         proc = train_net(args, data_root, stdout=log_file)
         deadline = time.time() + 900  # a bound on a hang; the run itself takes seconds
-        while not (out_dir / "model_0000003.pth").exists():
+        # Kill once a checkpoint is tagged: the checkpoint file is renamed into place before
+        # last_checkpoint is, so waiting for the file alone races with the tag.
+        while not (out_dir / "last_checkpoint").exists():
             assert proc.poll() is None, log_path.read_text()[-4000:]
             assert time.time() < deadline, "no checkpoint within the time limit"
             time.sleep(0.05)
