@@ -80,6 +80,19 @@ def add_efficientps_config(cfg):
     # Inference runs a cached copy of the network with BatchNorm folded into the convs and conv +
     # LeakyReLU fused (oneDNN on CPU): same outputs within float rounding, one more weight copy.
     _C.MODEL.EFFICIENTPS.FAST_INFERENCE = False
+    # Dtype of the dense network (backbone, FPN, semantic head, RPN head) in inference: "float32",
+    # "bfloat16" or "float16". Its outputs, the ROI heads, mask logits and fusion stay float32.
+    _C.MODEL.EFFICIENTPS.INFERENCE_DTYPE = "float32"
+    # On CUDA, replay the dense network as a CUDA graph captured once per padded input size (no
+    # effect on other devices). Needs fixed input sizes to pay: each new size is captured anew.
+    _C.MODEL.EFFICIENTPS.CUDA_GRAPH = False
+    # Most CUDA graphs (padded input sizes) kept; the least recently used one is dropped.
+    _C.MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE = 4
+    # Run the dense network through torch.compile (compiles once per input size; slow first call).
+    _C.MODEL.EFFICIENTPS.COMPILE = False
+    # torch.compile mode for COMPILE: "default", "reduce-overhead" (with CUDA graphs),
+    # "max-autotune", ...
+    _C.MODEL.EFFICIENTPS.COMPILE_MODE = "default"
 
     # ---------------------------------------------------------------------------------------------
     # Test-time augmentation for panoptic output.

@@ -3,6 +3,7 @@
 project-then-upsample predictor, and activation checkpointing in the semantic head."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -14,13 +15,14 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from efficientps_d2.modeling import fusion
-from efficientps_d2.modeling.fusion import panoptic_fusion
-from efficientps_d2.modeling.layers import (
+from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
+    SizeLRUCache,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
 )
+from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
 from tests.common import PERMISSIVE, THING_SEMANTIC_IDS, tiny_config, training_input
 
@@ -144,7 +146,7 @@ def test_fused_copy_follows_weight_changes_and_is_not_saved():
 
     model.fast_inference = True
     model.train()
-    assert "_fused_network" not in model.__dict__  # training drops the copy
+    assert "_inference_copy" not in model.__dict__  # training drops the copy
 
 
 def test_fast_inference_under_inference_mode_and_tta_contract():
@@ -211,6 +213,193 @@ def test_conv_leaky_relu_equals_conv_then_activation(
     x.requires_grad_(True)
     fused(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# The inference network: dtype, CUDA graphs, torch.compile (efficientps_d2.modeling.fast_inference)
+# -------------------------------------------------------------------------------------------------
+
+
+def _with_options(model, **changes):
+    model.inference_options = dataclasses.replace(model.inference_options, **changes)
+    return model
+
+
+def test_dense_network_contract():
+    model = _with_options(_tiny_model(), dtype="bfloat16")
+    network = model._inference_network()
+    assert network.dense_network.dtype == torch.bfloat16
+    with torch.no_grad():
+        features, sem, objectness, deltas = network.dense(torch.randn(2, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        f"p{i}": (2, 32, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
+    }
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in features.values())
+    assert sem.shape == (2, 5, 64, 96) and sem.dtype == torch.float32
+    assert [tuple(x.shape) for x in objectness] == [
+        (2, 3, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
+    ]
+    assert [tuple(x.shape) for x in deltas] == [
+        (2, 12, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
+    ]
+    assert all(x.dtype == torch.float32 for x in objectness + deltas)
+    # Only the copy was cast: the model's own weights stay float32.
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
+    """bfloat16 rounds every layer's output (~0.4%); through this random, untrained B0 the
+    relative error grows to several percent, so the sound bound is torch.autocast's own error on
+    the same network, not a fixed number; and the semantic argmax agrees on most pixels."""
+    model = _tiny_model()
+    x = torch.stack([model.preprocess_image([i]).tensor[0, :, :80, :96] for i in _inputs()[1:]])
+    with torch.no_grad():
+        reference = model._inference_network().dense(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model._inference_network().dense(x)
+        outputs = _with_options(model, dtype="bfloat16")._inference_network().dense(x)
+
+    def error(a, b):
+        return ((a - b).norm() / a.norm()).item()
+
+    for name in reference[0]:
+        bound = 1.5 * error(reference[0][name], autocast[0][name]) + 1e-3
+        assert error(reference[0][name], outputs[0][name]) <= bound, name
+    assert error(reference[1], outputs[1]) <= 1.5 * error(reference[1], autocast[1]) + 1e-3
+    agree = (reference[1].argmax(1) == outputs[1].argmax(1)).float().mean().item()
+    assert agree >= 0.75
+
+    with torch.no_grad():
+        out = model(_inputs())  # the whole model runs in bfloat16 and fuses as usual
+    assert all(o["sem_seg"].dtype == torch.float32 for o in out)
+    assert all(o["instances"].pred_mask_logits.dtype == torch.float32 for o in out)
+
+
+def test_compiled_dense_network_equals_eager(monkeypatch):
+    """The COMPILE path end to end. Inductor takes minutes to compile even a B0 on two CPU cores,
+    so torch.compile runs with the "eager" backend here: Dynamo traces the whole dense network
+    (no graph breaks that change results) and the outputs are the eager ones."""
+    model = _tiny_model()
+    inputs = _inputs()
+    with torch.no_grad():
+        eager = model(inputs)
+    compile_calls = []
+    real_compile = torch.compile
+
+    def compile_eager(module, **kwargs):
+        compile_calls.append(kwargs)
+        return real_compile(module, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = _with_options(model, compile=True, compile_mode="max-autotune")(inputs)
+    assert compile_calls == [{"mode": "max-autotune", "dynamic": False}]
+    assert model._inference_network().compiled is not None
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a["sem_seg"], b["sem_seg"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+        assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_off_cuda_runs_the_model_itself():
+    model = _with_options(_tiny_model(), cuda_graph=True)
+    network = model._inference_network()
+    assert not network.cuda_graph and network.dense_network.backbone is model.backbone
+    assert "_inference_copy" not in model.__dict__
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("INFERENCE_DTYPE", "float64", "INFERENCE_DTYPE"),
+        ("CUDA_GRAPH_CACHE_SIZE", 0, "CUDA_GRAPH_CACHE_SIZE"),
+        ("COMPILE", True, "CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE"),
+    ],
+)
+def test_inference_options_are_checked_when_the_model_is_built(key, value, message):
+    opts = ["MODEL.EFFICIENTPS.CUDA_GRAPH", key == "COMPILE", f"MODEL.EFFICIENTPS.{key}", value]
+    with pytest.raises(ValueError, match=message):
+        build_model(tiny_config(opts))
+
+
+def test_size_cache_evicts_least_recently_used():
+    built = []
+
+    def capture(key, example):
+        built.append(key)
+        return (key, example)
+
+    cache = SizeLRUCache(2, capture)
+    assert cache.get((1, 3, 64, 96), "a") == ((1, 3, 64, 96), "a")
+    cache.get((1, 3, 128, 96), "b")
+    assert cache.get((1, 3, 64, 96), "ignored") == ((1, 3, 64, 96), "a")  # cached: not rebuilt
+    cache.get((1, 3, 32, 32), "c")  # evicts (1, 3, 128, 96), the least recently used
+    assert cache.keys() == [(1, 3, 64, 96), (1, 3, 32, 32)] and len(cache) == 2
+    cache.get((1, 3, 128, 96), "d")
+    assert built == [(1, 3, 64, 96), (1, 3, 128, 96), (1, 3, 32, 32), (1, 3, 128, 96)]
+    assert cache.keys() == [(1, 3, 32, 32), (1, 3, 128, 96)]
+    with pytest.raises(ValueError, match="CUDA_GRAPH_CACHE_SIZE"):
+        SizeLRUCache(0, capture)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_model(opts=()):
+    return _tiny_model(opts).cuda()
+
+
+def _cuda_inputs():
+    return [{k: v.cuda() if torch.is_tensor(v) else v for k, v in x.items()} for x in _inputs()]
+
+
+@_CUDA
+@pytest.mark.parametrize("fast_inference", [False, True])
+def test_cuda_graph_gives_the_eager_panoptic_output(fast_inference):
+    model = _cuda_model()
+    inputs = _cuda_inputs()
+    with torch.no_grad():
+        eager = model(inputs)
+        _with_options(model, cuda_graph=True, fast_inference=fast_inference)
+        graphed = model(inputs)
+        again = model(inputs)  # replayed
+    network = model._inference_network()
+    assert network.cuda_graph and len(network.graphs) == 1
+    for a, b, c in zip(eager, graphed, again):
+        _assert_same_panoptic(a, b)
+        assert torch.equal(b["panoptic_seg"][0], c["panoptic_seg"][0])
+        assert b["panoptic_seg"][1] == c["panoptic_seg"][1]
+
+
+@_CUDA
+def test_cuda_graph_cache_per_input_size_and_weights():
+    model = _with_options(_cuda_model(), cuda_graph=True, cuda_graph_cache_size=2)
+    inputs = _cuda_inputs()
+    with torch.no_grad():
+        for x in (inputs[:1], inputs[1:], inputs[:1], inputs):  # padded sizes A, B, A, C
+            model(x)
+        network = model._inference_network()
+        assert len(network.graphs) == 2 and [k[0] for k in network.graphs.keys()] == [
+            (1, 3, 128, 160),
+            (2, 3, 128, 160),
+        ]
+        other = _randomize(build_model(tiny_config(PERMISSIVE)), seed=1).cuda()
+        model.load_state_dict(other.state_dict())
+        graphed = model(inputs[:1])[0]
+        assert model._inference_network() is not network  # new weights: captured anew
+        _with_options(model, cuda_graph=False)
+        plain = model(inputs[:1])[0]
+    _assert_same_panoptic(plain, graphed)
+
+
+@_CUDA
+def test_bfloat16_cuda_graph_runs():
+    model = _with_options(_cuda_model(), cuda_graph=True, dtype="bfloat16", fast_inference=True)
+    with torch.no_grad():
+        out = model(_cuda_inputs())
+    assert all(o["panoptic_seg"][0].is_cuda and o["sem_seg"].dtype == torch.float32 for o in out)
 
 
 # -------------------------------------------------------------------------------------------------

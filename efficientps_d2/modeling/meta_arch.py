@@ -1,7 +1,7 @@
 """The EfficientPS meta-architecture: backbone, semantic head, Mask R-CNN, panoptic fusion."""
 
-import contextlib
-import copy
+import dataclasses
+import itertools
 from typing import Dict, List
 
 import torch
@@ -12,8 +12,13 @@ from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_pos
 from detectron2.structures import ImageList
 
 from ..data.metadata import thing_semantic_ids as thing_semantic_ids_from_metadata
+from .fast_inference import (
+    InferenceNetwork,
+    InferenceOptions,
+    build_inference_network,
+    rpn_proposals,
+)
 from .fusion import panoptic_fusion
-from .layers import fuse_for_inference
 
 
 @META_ARCH_REGISTRY.register()
@@ -32,11 +37,12 @@ class EfficientPS(GeneralizedRCNN):
     ``efficientps_d2.data.metadata``), for things as for stuff.
 
     Inference runs under ``torch.inference_mode`` (outputs are inference tensors: clone one to
-    change it in place). With ``fast_inference`` (MODEL.EFFICIENTPS.FAST_INFERENCE) it runs cached
-    copies of the convolutional parts (backbone, semantic head, RPN, box and mask heads) with
-    BatchNorm folded into the convs and conv + LeakyReLU fused
-    (:func:`~efficientps_d2.modeling.layers.fuse_for_inference`); the copies are rebuilt whenever a
-    weight or buffer changes and dropped by ``train()``, and they cost one more copy of the weights.
+    change it in place), through an
+    :class:`~efficientps_d2.modeling.fast_inference.InferenceNetwork` chosen by
+    ``inference_options`` (MODEL.EFFICIENTPS.FAST_INFERENCE, INFERENCE_DTYPE, CUDA_GRAPH, COMPILE):
+    this model's own modules, or a cached copy of the convolutional parts (backbone, semantic head,
+    RPN, box and mask heads) that is fused, cast, graphed or compiled. The copy is rebuilt whenever
+    a weight, buffer or option changes and dropped by ``train()``; it costs one more set of weights.
     """
 
     @configurable
@@ -50,7 +56,7 @@ class EfficientPS(GeneralizedRCNN):
         stuff_area_limit=2048,
         mask_logit_scale=4.0,
         channels_last=True,
-        fast_inference=False,
+        inference_options=InferenceOptions(),
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -67,7 +73,7 @@ class EfficientPS(GeneralizedRCNN):
             # network runs in that layout; load_state_dict copies into it, keeping the layout.
             self.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        self.fast_inference = fast_inference
+        self.inference_options = inference_options
         self._thing_semantic_id_list = [int(i) for i in thing_semantic_ids]
 
     @classmethod
@@ -82,7 +88,7 @@ class EfficientPS(GeneralizedRCNN):
             stuff_area_limit=fusion.STUFF_AREA_LIMIT,
             mask_logit_scale=fusion.MASK_LOGIT_SCALE,
             channels_last=cfg.MODEL.EFFICIENTPS.CHANNELS_LAST,
-            fast_inference=cfg.MODEL.EFFICIENTPS.FAST_INFERENCE,
+            inference_options=InferenceOptions.from_config(cfg),
         )
         return ret
 
@@ -117,15 +123,11 @@ class EfficientPS(GeneralizedRCNN):
         detector Instances in input coordinates) — what test-time augmentation merges.
         """
         network = self._inference_network()
-        with torch.inference_mode(), self._fused_heads(network):
+        with torch.inference_mode():
             images = self.preprocess_image(batched_inputs)
-            features = network["backbone"](images.tensor)
-            sem_seg_logits, _ = network["sem_seg_head"](features)
-            proposals, _ = self.proposal_generator(images, features, None)
-            if self.fast_inference:
-                # ROIAlign reads NCHW: convert the levels once, not once per pooler (box, mask).
-                features = {k: v.contiguous() for k, v in features.items()}
-            detections, _ = self.roi_heads(images, features, proposals, None)
+            features, sem_seg_logits, objectness, deltas = network.dense(images.tensor)
+            proposals = rpn_proposals(self.proposal_generator, images, features, objectness, deltas)
+            detections = network.detect(self.roi_heads, features, proposals)
             if not do_postprocess:
                 return sem_seg_logits, detections, images.image_sizes
             return [
@@ -135,63 +137,38 @@ class EfficientPS(GeneralizedRCNN):
                 )
             ]
 
-    # The convolutional parts that the fast path replaces with fused copies. The RPN and ROI heads'
-    # own logic (thresholds, NMS, box predictor) always runs from this model, so changing e.g.
-    # roi_heads.box_predictor.test_score_thresh takes effect with or without the fast path.
-    _FUSED_PARTS = {
-        "backbone": ("backbone",),
-        "sem_seg_head": ("sem_seg_head",),
-        "rpn_head": ("proposal_generator", "rpn_head"),
-        "box_head": ("roi_heads", "box_head"),
-        "mask_head": ("roi_heads", "mask_head"),
-    }
-
-    def _part(self, path):
-        module = self
-        for name in path:
-            module = getattr(module, name)
-        return module
-
-    def _inference_network(self):
-        """{part name: module} that inference runs: this model's own modules, or fused copies of
-        them (``fast_inference``), rebuilt whenever one of their weights or buffers changes."""
-        parts = {name: self._part(path) for name, path in self._FUSED_PARTS.items()}
-        if not self.fast_inference:
-            return parts
+    def _inference_network(self) -> InferenceNetwork:
+        """The :class:`~efficientps_d2.modeling.fast_inference.InferenceNetwork` that inference
+        runs under ``self.inference_options``: this model's own modules, or a cached copy of them
+        (fused, cast, graphed or compiled), rebuilt whenever one of the model's weights or buffers
+        or the options change."""
+        options = self.inference_options
+        if not options.needs_copy(self.device):
+            return build_inference_network(self, options)
         # A weight that is loaded, trained or moved changes its version counter or storage.
-        tensors = [t for module in parts.values() for t in module.state_dict().values()]
-        signature = [(t._version, t.data_ptr(), t.dtype) for t in tensors]
-        cached = self.__dict__.get("_fused_network")  # not a submodule: no state_dict entries
+        signature = [options] + [
+            (t._version, t.data_ptr(), t.dtype, t.device)
+            for t in itertools.chain(self.parameters(), self.buffers())
+        ]
+        cached = self.__dict__.get("_inference_copy")  # not a submodule: no state_dict entries
         if cached is None or cached[0] != signature:
-            self.__dict__.pop("_fused_network", None)  # free the stale copy first
-            # Ordinary (not inference) tensors even when called under inference_mode.
-            with torch.inference_mode(False), torch.no_grad():
-                network = copy.deepcopy(torch.nn.ModuleDict(parts))
-                network = fuse_for_inference(network, channels_last=self.channels_last)
-            cached = (signature, network)
-            self.__dict__["_fused_network"] = cached
+            self.__dict__.pop("_inference_copy", None)  # free the stale copy first
+            cached = (signature, build_inference_network(self, options))
+            self.__dict__["_inference_copy"] = cached
         return cached[1]
 
-    @contextlib.contextmanager
-    def _fused_heads(self, network):
-        """Puts the fused RPN, box and mask heads in place of this model's own for one call."""
-        swaps = [
-            (self._part(path[:-1]), path[-1], network[name])
-            for name, path in self._FUSED_PARTS.items()
-            if len(path) == 2 and network[name] is not self._part(path)
-        ]
-        originals = [parent._modules[attr] for parent, attr, _ in swaps]
-        try:
-            for parent, attr, fused in swaps:
-                parent._modules[attr] = fused
-            yield
-        finally:
-            for (parent, attr, _), original in zip(swaps, originals):
-                parent._modules[attr] = original
+    @property
+    def fast_inference(self) -> bool:
+        """MODEL.EFFICIENTPS.FAST_INFERENCE: run a fused copy of the convolutional parts."""
+        return self.inference_options.fast_inference
+
+    @fast_inference.setter
+    def fast_inference(self, enabled: bool):
+        self.inference_options = dataclasses.replace(self.inference_options, fast_inference=enabled)
 
     def train(self, mode: bool = True):
         if mode:
-            self.__dict__.pop("_fused_network", None)
+            self.__dict__.pop("_inference_copy", None)
         return super().train(mode)
 
     def postprocess(self, sem_seg_logits, detections, image_size, height=None, width=None):
