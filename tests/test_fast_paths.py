@@ -535,7 +535,7 @@ def _reference_fusion(
                 {
                     "id": len(info) + 1,
                     "isthing": True,
-                    "category_id": int(instances.pred_classes[det]),
+                    "category_id": int(thing_ids[instances.pred_classes[det]]),
                     "score": float(scores[det]),
                     "instance_id": det,
                     "area": thing_areas[j],
@@ -579,9 +579,15 @@ def _random_scene(seed, height, width, num, num_classes=8, things=(2, 5, 6, 7)):
     return sem, inst, list(things)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 3000])
-def test_batched_fusion_equals_one_at_a_time_reference(monkeypatch, chunk_elements):
+@pytest.mark.parametrize(
+    "method, chunk_elements, rounds_per_check",
+    [("loop", 1 << 22, 4), ("loop", 3000, 4), ("scatter", 1 << 22, 4), ("scatter", 3000, 1)],
+)
+def test_batched_fusion_equals_one_at_a_time_reference(
+    monkeypatch, method, chunk_elements, rounds_per_check
+):
     monkeypatch.setattr(fusion, "_CHUNK_ELEMENTS", chunk_elements)  # small: many chunks
+    monkeypatch.setattr(fusion, "_ROUNDS_PER_CHECK", rounds_per_check)
     for seed in range(6):
         sem, inst, things = _random_scene(seed, 61 + 7 * seed, 93 + 5 * seed, 40)
         for confidence, overlap, limit, scale in ((0.2, 0.5, 20, 4.0), (0.0, 0.1, 0, 1.0)):
@@ -593,11 +599,42 @@ def test_batched_fusion_equals_one_at_a_time_reference(monkeypatch, chunk_elemen
                 overlap_thresh=overlap,
                 stuff_area_limit=limit,
                 mask_logit_scale=scale,
+                method=method,
             )
             expected = _reference_fusion(sem, inst, things, confidence, overlap, limit, scale)
             assert torch.equal(got[0], expected[0]), (seed, confidence)
             assert got[1] == expected[1], (seed, confidence)
             assert any(s["isthing"] for s in got[1])
+
+
+def test_scatter_fusion_overlap_chains_and_fallback(monkeypatch):
+    """Each box overlaps only the next: A kept, B dropped (on A), C kept (B is gone), D dropped...
+    The fixed point needs one round per link; the scatter method must get the loop's answer
+    whether it checks every round or not, and when its crops exceed _SCATTER_ELEMENTS."""
+    height, width, num = 20, 200, 12
+    sem = torch.zeros(3, height, width)
+    sem[0] = 1.0
+    boxes = torch.tensor([[15.0 * i, 2.0, 15.0 * i + 20, 18.0] for i in range(num)])
+    inst = Instances((height, width))
+    inst.pred_boxes = Boxes(boxes)
+    inst.scores = torch.linspace(0.99, 0.6, num)
+    inst.pred_classes = torch.zeros(num, dtype=torch.long)
+    inst.pred_mask_logits = torch.full((num, 1, 28, 28), 3.0)
+    expected = _reference_fusion(sem, inst, [2], 0.5, 0.2, 0, 4.0)
+    kept = [s["instance_id"] for s in expected[1] if s["isthing"]]
+    assert kept == list(range(0, num, 2))
+    for rounds, limit in ((1, 1 << 25), (4, 1 << 25), (100, 1 << 25), (4, 10)):
+        monkeypatch.setattr(fusion, "_ROUNDS_PER_CHECK", rounds)
+        monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", limit)
+        got = panoptic_fusion(
+            sem,
+            inst,
+            thing_semantic_ids=[2],
+            overlap_thresh=0.2,
+            stuff_area_limit=0,
+            method="scatter",
+        )
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1], rounds
 
 
 def test_fusion_chunks_bound_memory_and_padding():
@@ -639,8 +676,5 @@ def test_model_output_matches_reference_fusion(image_size):
     local.pred_classes = torch.tensor([thing_index[int(c)] for c in inst.pred_classes])
     local.pred_mask_logits = inst.pred_mask_logits
     pan, info = _reference_fusion(out["sem_seg"], local, THING_SEMANTIC_IDS, 0.0, 0.5, 0, 4.0)
-    for s in info:
-        if s["isthing"]:
-            s["category_id"] = THING_SEMANTIC_IDS[s["category_id"]]
     assert torch.equal(out["panoptic_seg"][0], pan)
     assert out["panoptic_seg"][1] == info

@@ -199,11 +199,7 @@ class EfficientPS(GeneralizedRCNN):
             mask_logit_scale=self.mask_logit_scale,
         )
         # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect
-        # the all-class contiguous ids of the "standard" panoptic metadata.
-        semantic_ids = self._thing_semantic_id_list
-        for segment in segments_info:
-            if segment["isthing"]:
-                segment["category_id"] = semantic_ids[segment["category_id"]]
+        # the all-class contiguous ids of the "standard" panoptic metadata, which the fusion gives.
         instances.pred_classes = self.thing_semantic_ids[instances.pred_classes]
         return {
             "sem_seg": sem_seg,
