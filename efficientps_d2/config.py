@@ -93,6 +93,8 @@ def add_efficientps_config(cfg):
     # torch.compile mode for COMPILE: "default", "reduce-overhead" (with CUDA graphs),
     # "max-autotune", ...
     _C.MODEL.EFFICIENTPS.COMPILE_MODE = "default"
+    # Training runs the backbone and the semantic head through torch.compile (same parameters).
+    _C.MODEL.EFFICIENTPS.COMPILE_TRAINING = False
 
     # ---------------------------------------------------------------------------------------------
     # Test-time augmentation for panoptic output.

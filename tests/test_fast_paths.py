@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from efficientps_d2.modeling import fusion
@@ -400,6 +401,67 @@ def test_bfloat16_cuda_graph_runs():
     with torch.no_grad():
         out = model(_cuda_inputs())
     assert all(o["panoptic_seg"][0].is_cuda and o["sem_seg"].dtype == torch.float32 for o in out)
+
+
+# -------------------------------------------------------------------------------------------------
+# Training: torch.compile of backbone and semantic head, no cuDNN autotuning in the ROI heads
+# -------------------------------------------------------------------------------------------------
+
+
+def _training_batch():
+    return [
+        training_input(64, 96, [[8, 8, 40, 40], [50, 10, 90, 60]], [0, 1], seed=1),
+        training_input(64, 96, [[20, 4, 60, 50]], [1], seed=2),
+    ]
+
+
+def test_compiled_training_gives_the_eager_losses_and_gradients(monkeypatch):
+    """MODEL.EFFICIENTPS.COMPILE_TRAINING, with Dynamo's "eager" backend (Inductor is too slow
+    to compile a B0 on two CPU cores for a unit test): same losses, gradients on the model's own
+    parameters, nothing added to the state_dict."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager", **kw))
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(["MODEL.EFFICIENTPS.COMPILE_TRAINING", compiled])).train()
+        keys = set(model.state_dict())
+        with EventStorage():
+            torch.manual_seed(1)
+            losses = model(_training_batch())
+        sum(losses.values()).backward()
+        assert set(model.state_dict()) == keys
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    assert model._training_parts()[0] is not model.backbone  # the compiled wrapper ran
+    (losses_a, grads_a), (losses_b, grads_b) = results
+    torch.testing.assert_close(losses_a, losses_b)
+    assert grads_a.keys() == grads_b.keys() and any("backbone" in n for n in grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_cudnn_autotuning_is_off_in_the_roi_heads_forward_and_backward(monkeypatch):
+    from efficientps_d2.modeling import meta_arch
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with meta_arch._cudnn_benchmark_off(torch.device("cuda")):
+        assert not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark
+    with meta_arch._cudnn_benchmark_off(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark
+
+    # Backward: off from the ROI losses back to the features they read, then on again.
+    seen = []
+    features = torch.ones(3, requires_grad=True)
+    inner = meta_arch._SetCudnnBenchmarkInBackward.apply(features, True)
+    inner.register_hook(lambda g: seen.append(torch.backends.cudnn.benchmark))
+    loss = meta_arch._SetCudnnBenchmarkInBackward.apply((inner * 2).sum(), False)
+    loss.backward()
+    assert seen == [False] and torch.backends.cudnn.benchmark
+    assert torch.equal(features.grad, torch.full((3,), 2.0))
 
 
 # -------------------------------------------------------------------------------------------------

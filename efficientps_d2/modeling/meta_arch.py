@@ -1,5 +1,6 @@
 """The EfficientPS meta-architecture: backbone, semantic head, Mask R-CNN, panoptic fusion."""
 
+import contextlib
 import dataclasses
 import itertools
 from typing import Dict, List
@@ -57,6 +58,7 @@ class EfficientPS(GeneralizedRCNN):
         mask_logit_scale=4.0,
         channels_last=True,
         inference_options=InferenceOptions(),
+        compile_training=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -74,6 +76,7 @@ class EfficientPS(GeneralizedRCNN):
             self.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         self.inference_options = inference_options
+        self.compile_training = compile_training
         self._thing_semantic_id_list = [int(i) for i in thing_semantic_ids]
 
     @classmethod
@@ -89,6 +92,7 @@ class EfficientPS(GeneralizedRCNN):
             mask_logit_scale=fusion.MASK_LOGIT_SCALE,
             channels_last=cfg.MODEL.EFFICIENTPS.CHANNELS_LAST,
             inference_options=InferenceOptions.from_config(cfg),
+            compile_training=cfg.MODEL.EFFICIENTPS.COMPILE_TRAINING,
         )
         return ret
 
@@ -96,7 +100,8 @@ class EfficientPS(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
+        backbone, sem_seg_head = self._training_parts()
+        features = backbone(images.tensor)
 
         for key in ("sem_seg", "instances"):
             if key not in batched_inputs[0]:
@@ -107,11 +112,20 @@ class EfficientPS(GeneralizedRCNN):
             self.sem_seg_head.ignore_value,
             self.backbone.padding_constraints,
         ).tensor
-        _, losses = self.sem_seg_head(features, gt_sem_seg)
+        _, losses = sem_seg_head(features, gt_sem_seg)
 
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        # No cuDNN autotuning in the ROI heads, forward or backward (see _cudnn_benchmark_off).
+        autotuning = self.device.type == "cuda" and torch.backends.cudnn.benchmark
+        if autotuning:
+            features = {k: _SetCudnnBenchmarkInBackward.apply(v, True) for k, v in features.items()}
+        with _cudnn_benchmark_off(self.device):
+            _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        if autotuning:
+            detector_losses = {
+                k: _SetCudnnBenchmarkInBackward.apply(v, False) for k, v in detector_losses.items()
+            }
         losses.update(proposal_losses)
         losses.update(detector_losses)
         return losses
@@ -127,7 +141,8 @@ class EfficientPS(GeneralizedRCNN):
             images = self.preprocess_image(batched_inputs)
             features, sem_seg_logits, objectness, deltas = network.dense(images.tensor)
             proposals = rpn_proposals(self.proposal_generator, images, features, objectness, deltas)
-            detections = network.detect(self.roi_heads, features, proposals)
+            with _cudnn_benchmark_off(self.device):
+                detections = network.detect(self.roi_heads, features, proposals)
             if not do_postprocess:
                 return sem_seg_logits, detections, images.image_sizes
             return [
@@ -165,6 +180,27 @@ class EfficientPS(GeneralizedRCNN):
     @fast_inference.setter
     def fast_inference(self, enabled: bool):
         self.inference_options = dataclasses.replace(self.inference_options, fast_inference=enabled)
+
+    def _training_parts(self):
+        """(backbone, semantic head) for the training forward: the modules themselves, or with
+        ``compile_training`` (MODEL.EFFICIENTPS.COMPILE_TRAINING) torch.compile wrappers of them
+        (same parameters; kept outside the module tree, so no state_dict entries)."""
+        if not self.compile_training:
+            return self.backbone, self.sem_seg_head
+        compiled = self.__dict__.get("_compiled_training")
+        if (
+            compiled is None
+            or compiled[0] is not self.backbone
+            or compiled[1] is not self.sem_seg_head
+        ):
+            compiled = (
+                self.backbone,
+                self.sem_seg_head,
+                torch.compile(self.backbone),
+                torch.compile(self.sem_seg_head),
+            )
+            self.__dict__["_compiled_training"] = compiled
+        return compiled[2], compiled[3]
 
     def train(self, mode: bool = True):
         if mode:
@@ -206,6 +242,39 @@ class EfficientPS(GeneralizedRCNN):
             "instances": instances,
             "panoptic_seg": (panoptic_seg, segments_info),
         }
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark_off(device):
+    """cuDNN autotuning off for the ROI heads, whose batch (proposals or detections per step)
+    changes every time: with ``cudnn.benchmark`` each new count re-tunes the mask head's convs
+    (about a minute per size on an H200 in training). Padding the ROI batch to a fixed size
+    would avoid that too, but the padding would enter the mask head's BatchNorm statistics;
+    these 14 x 14 convs lose nothing measurable to cuDNN's heuristic choice."""
+    if device.type != "cuda" or not torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = True
+
+
+class _SetCudnnBenchmarkInBackward(torch.autograd.Function):
+    """Identity whose backward sets ``torch.backends.cudnn.benchmark``: on the ROI heads' losses
+    (off) and on the features they read (back on), it brackets their backward pass as
+    :func:`_cudnn_benchmark_off` brackets their forward."""
+
+    @staticmethod
+    def forward(ctx, x, enabled):
+        ctx.enabled = enabled
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.backends.cudnn.benchmark = ctx.enabled
+        return grad, None
 
 
 def _thing_semantic_ids(cfg):
