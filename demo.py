@@ -19,7 +19,8 @@ mp4v is unavailable. --save-panoptic adds COCO panoptic PNGs (<folder>/panoptic/
 <folder>/predictions.json with the data set's category and image ids, ready for panopticapi:
 
     python -m panopticapi.evaluation --gt_json_file panoptic_val2017.json \\
-        --gt_folder panoptic_val2017 --pred_json_file out/predictions.json --pred_folder out/panoptic
+        --gt_folder panoptic_val2017 --pred_json_file out/predictions.json \\
+        --pred_folder out/panoptic
 
 An image's id is the ground truth's: looked up by file name in --image-info (a COCO json or its
 "images" list), else in the images of DATASETS.TEST[0] (its panoptic_json, or its registered
