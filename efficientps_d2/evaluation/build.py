@@ -3,13 +3,9 @@
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import (
-    CityscapesInstanceEvaluator,
-    CityscapesSemSegEvaluator,
-    COCOPanopticEvaluator,
-    DatasetEvaluators,
-)
+from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators
 
+from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
 from .instance_ap import ThingCOCOEvaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator
 
@@ -23,7 +19,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
       PanopticSemSegEvaluator (mIoU), and ThingCOCOEvaluator (box/mask AP) when the metadata
       names an instance json (``json_file``).
     - "cityscapes_panoptic_seg": COCOPanopticEvaluator, CityscapesSemSegEvaluator and
-      CityscapesInstanceEvaluator (the official Cityscapes scripts).
+      CityscapesInstanceEvaluator (the official Cityscapes scripts; see ``cityscapes_compat``).
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -43,8 +39,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     elif evaluator_type == "cityscapes_panoptic_seg":
         evaluators = [
             COCOPanopticEvaluator(dataset_name, output_folder),
-            CityscapesSemSegEvaluator(dataset_name),
-            CityscapesInstanceEvaluator(dataset_name),
+            CompatCityscapesSemSegEvaluator(dataset_name),
+            CompatCityscapesInstanceEvaluator(dataset_name),
         ]
     else:
         raise NotImplementedError(
