@@ -7,6 +7,7 @@ from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators
 
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
 from .instance_ap import ThingCOCOEvaluator
+from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
 from .panoptic_sem_seg import PanopticSemSegEvaluator
 
 SUPPORTED = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
@@ -20,6 +21,9 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
       names an instance json (``json_file``).
     - "cityscapes_panoptic_seg": COCOPanopticEvaluator, CityscapesSemSegEvaluator and
       CityscapesInstanceEvaluator (the official Cityscapes scripts; see ``cityscapes_compat``).
+
+    With TEST.KEEP_PANOPTIC_PNGS the panoptic PNGs stay in ``<output_folder>/panoptic/``, next to
+    ``predictions.json``, instead of a deleted temporary folder.
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -27,7 +31,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     evaluator_type = meta.get("evaluator_type")
     if evaluator_type == "coco_panoptic_seg":
         evaluators = [
-            COCOPanopticEvaluator(dataset_name, output_folder),
+            _panoptic_evaluator(cfg, dataset_name, output_folder),
             PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
         ]
         if meta.get("json_file") and os.path.isfile(meta.json_file):
@@ -38,7 +42,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             )
     elif evaluator_type == "cityscapes_panoptic_seg":
         evaluators = [
-            COCOPanopticEvaluator(dataset_name, output_folder),
+            _panoptic_evaluator(cfg, dataset_name, output_folder),
             CompatCityscapesSemSegEvaluator(dataset_name),
             CompatCityscapesInstanceEvaluator(dataset_name),
         ]
@@ -49,3 +53,11 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             "efficientps_d2.data.register_panoptic_dataset)."
         )
     return DatasetEvaluators(evaluators)
+
+
+def _panoptic_evaluator(cfg, dataset_name, output_folder):
+    if cfg.TEST.KEEP_PANOPTIC_PNGS:
+        return COCOPanopticEvaluatorKeepingPNGs(
+            dataset_name, output_folder, png_dir=os.path.join(output_folder, "panoptic")
+        )
+    return COCOPanopticEvaluator(dataset_name, output_folder)
