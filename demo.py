@@ -36,7 +36,7 @@ import torch
 from detectron2.config import get_cfg
 
 from efficientps_d2 import add_efficientps_config, model_zoo
-from efficientps_d2.inference import (
+from efficientps_d2.demo import (
     VisualizationDemo,
     collect_images,
     display_available,

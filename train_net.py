@@ -21,8 +21,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import verify_results
 
 from efficientps_d2 import add_efficientps_config
-from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2.checkpoint import AtomicDetectionCheckpointer, EfficientPSCheckpointer
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer

@@ -30,7 +30,7 @@ from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 
 from efficientps_d2 import add_efficientps_config
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.modeling.test_time_augmentation import EfficientPSWithTTA
 

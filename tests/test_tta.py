@@ -13,7 +13,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 
 from efficientps_d2.data.metadata import panoptic_metadata
-from efficientps_d2.inference import CocoPanopticWriter, EfficientPSPredictor
+from efficientps_d2.demo import CocoPanopticWriter, EfficientPSPredictor
 from efficientps_d2.modeling import EfficientPSWithTTA
 from tests import common
 from tests.common import NUM_CLASSES, THING_SEMANTIC_IDS, tiny_config, training_input

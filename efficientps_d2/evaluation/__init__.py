@@ -1,7 +1,6 @@
 """Evaluation: what Detectron2's evaluators lack for panoptic data, and the evaluator choice."""
 
-from .build import build_evaluator
-from .instance_ap import ThingCOCOEvaluator
+from .build import ThingCOCOEvaluator, build_evaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
 
 __all__ = [

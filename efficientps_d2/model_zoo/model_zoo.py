@@ -169,7 +169,7 @@ def get(name, trained=False, device=None):
     """
     from detectron2.modeling import build_model
 
-    from ..checkpoint_loading import EfficientPSCheckpointer
+    from ..checkpoint import EfficientPSCheckpointer
 
     cfg = get_config(name, trained)
     if device is None and not torch.cuda.is_available():

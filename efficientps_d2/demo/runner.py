@@ -6,7 +6,7 @@
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
   back with ``cv2.VideoCapture`` to check it plays.
 - With an export folder, COCO panoptic PNGs and ``predictions.json`` are written too (see
-  :mod:`efficientps_d2.inference.coco_panoptic`).
+  :mod:`efficientps_d2.demo.coco_panoptic_writer`).
 """
 
 import glob
@@ -21,8 +21,8 @@ import cv2
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
-from ..file_io import atomic_write, temporary_path
-from .coco_panoptic import CocoPanopticWriter
+from ..atomic_io import atomic_write, temporary_path
+from .coco_panoptic_writer import CocoPanopticWriter
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -160,7 +160,7 @@ def run_on_images(demo, paths, output=None, *, save_panoptic=False, show=False, 
     """Runs ``demo`` on image files; unreadable ones are reported and skipped.
 
     Args:
-        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         paths: image files (see :func:`collect_images`).
         output: folder for the visualisations (created), or a file name when there is one input;
             None: nothing is written.
@@ -395,7 +395,7 @@ def run_on_video(
     """Runs ``demo`` on every frame of ``capture``, in order.
 
     Args:
-        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         capture: an opened ``cv2.VideoCapture`` (see :func:`open_video`, :func:`open_webcam`);
             released at the end.
         source_name: the video's path (names the output) or e.g. "webcam 0".

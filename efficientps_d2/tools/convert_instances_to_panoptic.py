@@ -5,7 +5,7 @@ RLE per object, possibly overlapping. Panoptic segmentation needs one label per 
 module paints the instances (and the stuff of optional semantic PNGs) into COCO panoptic PNGs and a
 panoptic json that :func:`efficientps_d2.data.register_panoptic_dataset` registers directly::
 
-    python -m efficientps_d2.data.convert --instances instances_train.json \\
+    python -m efficientps_d2.tools.convert_instances_to_panoptic --instances instances_train.json \\
         --output-json panoptic_train.json --output-dir panoptic_train \\
         [--semantic-dir semantic_train --stuff-categories stuff.json]
 
@@ -617,7 +617,7 @@ class _AtomicOutput:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m efficientps_d2.data.convert",
+        prog="python -m efficientps_d2.tools.convert_instances_to_panoptic",
         description="Convert COCO instance annotations (+ semantic PNGs for stuff) to COCO "
         "panoptic format. Overlaps: the smaller instance wins, ties to the lower annotation id; "
         f"semantic PNG void value: {SEMANTIC_VOID}.",

@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..file_io import atomic_write
+from ..atomic_io import atomic_write
 
 __all__ = [
     "CocoPanopticWriter",

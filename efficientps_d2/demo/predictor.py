@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from ..checkpoint_loading import EfficientPSCheckpointer
+from ..checkpoint import EfficientPSCheckpointer
 from ..modeling.test_time_augmentation import EfficientPSWithTTA
 
 __all__ = ["EfficientPSPredictor", "VisualizationDemo", "resolve_metadata"]
