@@ -12,7 +12,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from .metadata import thing_semantic_ids as thing_semantic_ids_from_metadata
+from .metadata import thing_semantic_ids_from_config
 
 __all__ = ["EfficientPSDatasetMapper"]
 
@@ -61,7 +61,7 @@ class EfficientPSDatasetMapper:
                 and, as ``sem_seg``, the panoptic label (so geometric ones move both alike).
             image_format: a format of :func:`detection_utils.read_image`, e.g. "BGR" or "RGB".
             thing_semantic_ids: semantic (all-class) id of each Mask R-CNN class, see
-                :func:`~efficientps_d2.data.metadata.thing_semantic_ids`.
+                :func:`~efficientps_d2.data.metadata.thing_semantic_ids_from_config`.
             ignore_label: semantic target of void and crowd pixels.
             num_classes: number of semantic classes (stuff and things), to reject out-of-range stuff
                 ids; None checks stuff ids against ``ignore_label`` only.
@@ -136,13 +136,9 @@ class EfficientPSDatasetMapper:
         elif is_train:
             raise ValueError("DATASETS.TRAIN is empty: the training mapper needs its metadata.")
         else:
-            meta, ignore_label, num_classes = None, 255, None
-        if cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS:
-            thing_ids = list(cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS)
-        elif is_train:
-            thing_ids = thing_semantic_ids_from_metadata(meta)
-        else:
-            thing_ids = []  # unused at inference
+            ignore_label, num_classes = 255, None
+        # The same map as the model's (read from DATASETS.TRAIN[0] here); inference needs none.
+        thing_ids = thing_semantic_ids_from_config(cfg) if is_train else []
         return {
             "is_train": is_train,
             "augmentations": augs,

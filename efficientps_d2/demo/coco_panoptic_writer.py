@@ -85,6 +85,7 @@ def to_coco_segments(panoptic_seg, segments_info, metadata):
         list of {"id", "category_id" (dataset id), "iscrowd": 0, "isthing", "area", "bbox"
         (XYWH), and "score" for things}; segments without pixels are left out.
     """
+    # Not the model's thing -> semantic map: COCO panoptic files hold the data set's own ids.
     things, stuff = _inverse_maps(metadata)
     ids = np.asarray(panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else panoptic_seg)
     present, areas = np.unique(ids, return_counts=True)
