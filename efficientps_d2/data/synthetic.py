@@ -55,19 +55,12 @@ _TMP_PREFIX = f".{DIRNAME}.tmp-"
 _STALE_TMP_SECONDS = 600
 
 
-def id_to_rgb(segment_ids):
-    """COCO panoptic encoding: int (H, W) ids -> uint8 (H, W, 3) with id = R + 256 G + 256^2 B."""
-    segment_ids = np.asarray(segment_ids, np.int64)
-    return np.stack([(segment_ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(
-        np.uint8
-    )
-
-
 # -------------------------------------------------------------------------------------------------
 # Writing a data set
 # -------------------------------------------------------------------------------------------------
 def _write_split(data_dir, split, num_images, size, seed):
     """Writes one split's images, panoptic PNGs and both jsons under ``data_dir``."""
+    from panopticapi.utils import id2rgb
     from pycocotools import mask as mask_utils
 
     height, width = size
@@ -84,7 +77,7 @@ def _write_split(data_dir, split, num_images, size, seed):
         image, segment_ids, segments = render_sample(rng, height, width)
         stem = f"{split}_{image_id:06d}"
         Image.fromarray(image).save(os.path.join(image_dir, stem + ".jpg"), quality=92)
-        Image.fromarray(id_to_rgb(segment_ids)).save(os.path.join(panoptic_dir, stem + ".png"))
+        Image.fromarray(id2rgb(segment_ids)).save(os.path.join(panoptic_dir, stem + ".png"))
         images.append(
             {"id": image_id, "file_name": stem + ".jpg", "height": height, "width": width}
         )

@@ -15,6 +15,7 @@ import json
 import os
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 
 from ..atomic_io import atomic_write
@@ -28,11 +29,14 @@ __all__ = [
 
 
 def id_to_rgb(ids):
-    """(H, W) integer segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B."""
+    """(H, W) integer segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B.
+
+    panopticapi's ``id2rgb``, refusing ids that do not fit in 24 bits instead of wrapping them.
+    """
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
         raise ValueError(f"Segment ids must lie in [0, 256^3), got [{ids.min()}, {ids.max()}].")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8)
+    return id2rgb(ids)
 
 
 def _inverse_maps(metadata):

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
@@ -216,7 +217,7 @@ def convert_instances_to_panoptic(
                 image, anns_per_image[image_id], things, stuff, semantic_dir, report, instances_json
             )
             png_name = image["_png_name"]
-            out.write_png(png_name, _id_map_to_rgb(id_map))
+            out.write_png(png_name, id2rgb(id_map))
             out_annotations.append(
                 {"image_id": image_id, "file_name": png_name, "segments_info": segments_info}
             )
@@ -534,10 +535,6 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
             report.num_stuff_segments += 1
     segments_info = sorted(stuff_info + things_info, key=lambda s: s["id"])
     return segments_info, id_map
-
-
-def _id_map_to_rgb(id_map):
-    return np.stack([id_map % 256, id_map // 256 % 256, id_map // 256**2], axis=-1).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
