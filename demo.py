@@ -10,7 +10,7 @@
 
 --config-file also takes a model zoo name ("Cityscapes-PanopticSegmentation/efficientps_b5.yaml").
 Class names come from the metadata of DATASETS.TEST[0] (else DATASETS.TRAIN[0]). The model runs on
-MODEL.DEVICE, on the CPU when CUDA is not available. TEST.PANOPTIC_TTA.ENABLED True in --opts turns
+MODEL.DEVICE, on the CPU when CUDA is not available. TEST.AUG.ENABLED True in --opts turns
 on test-time augmentation.
 
 Outputs: one drawing per image in the --output folder (same name; or the --output file for a single
@@ -38,14 +38,10 @@ Exit status:
 """
 
 import argparse
-import os
 import sys
 
-import torch
-from detectron2.config import get_cfg
-
-from efficientps_d2 import add_efficientps_config, model_zoo
-from efficientps_d2.inference import (
+from efficientps_d2 import setup_cfg
+from efficientps_d2.demo import (
     ImageIds,
     VisualizationDemo,
     collect_images,
@@ -98,21 +94,14 @@ def get_parser():
     return parser
 
 
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    config_file = args.config_file
-    if not os.path.isfile(config_file):
-        config_file = model_zoo.get_config_file(config_file)  # RuntimeError lists the names
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(args.opts)
+def config_overrides(args):
+    """--opts, then what --confidence-threshold sets."""
+    opts = list(args.opts)
     if args.confidence_threshold is not None:
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
-        cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = args.confidence_threshold
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+        threshold = args.confidence_threshold
+        opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", threshold]
+        opts += ["MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH", threshold]
+    return opts
 
 
 def main(argv=None):
@@ -126,7 +115,7 @@ def main(argv=None):
     if show and not display_available():
         return _fail("No window can be opened here (headless OpenCV or no display): use --output.")
     try:
-        cfg = setup_cfg(args)
+        cfg = setup_cfg(args.config_file, config_overrides(args))
         if args.input:
             paths, problems = collect_images(args.input)
             if not paths:

@@ -21,7 +21,7 @@ import demo
 from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.metadata import panoptic_metadata
-from efficientps_d2.inference import CocoPanopticWriter, EfficientPSPredictor, ImageIds
+from efficientps_d2.demo import CocoPanopticWriter, EfficientPSPredictor, ImageIds
 from tests.common import PERMISSIVE, tiny_config
 from tests.fixtures import write_coco_panoptic
 

@@ -11,9 +11,13 @@ from detectron2.evaluation import COCOPanopticEvaluator
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from efficientps_d2.data import convert
-from efficientps_d2.data.convert import ConversionError, convert_instances_to_panoptic, main
-from efficientps_d2.data.custom import register_panoptic_dataset
+from efficientps_d2.data.coco_panoptic import register_panoptic_dataset
+from efficientps_d2.tools import convert_instances_to_panoptic as convert
+from efficientps_d2.tools.convert_instances_to_panoptic import (
+    ConversionError,
+    convert_instances_to_panoptic,
+    main,
+)
 from tests.fixtures import edit_json
 
 H, W = 20, 30

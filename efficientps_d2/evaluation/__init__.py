@@ -1,8 +1,7 @@
 """Evaluation: what Detectron2's evaluators lack for panoptic data, and the evaluator choice."""
 
-from .build import build_evaluator
+from .build import ThingCOCOEvaluator, build_evaluator
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
-from .instance_ap import ThingCOCOEvaluator
 from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
 from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
 

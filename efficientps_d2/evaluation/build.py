@@ -1,16 +1,34 @@
-"""Chooses Detectron2's evaluators for a data set from its ``evaluator_type``."""
+"""Chooses Detectron2's evaluators for a data set from its ``evaluator_type``, and the instance AP
+evaluator for panoptic metadata."""
 
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators
 
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
-from .instance_ap import ThingCOCOEvaluator
 from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
 from .panoptic_sem_seg import PanopticSemSegEvaluator
 
 SUPPORTED = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
+
+
+class ThingCOCOEvaluator(COCOEvaluator):
+    """``COCOEvaluator`` whose per-category rows cover the thing categories of the metadata.
+
+    Box and mask AP for panoptic data sets with Detectron2's "standard" panoptic metadata, which
+    lists every class, stuff included, in ``thing_classes`` (the model's classes are all-class
+    contiguous ids), while COCO's instance json holds the thing categories only. Detectron2's
+    ``COCOEvaluator`` names its per-category AP rows after ``thing_classes`` and asserts one name
+    per evaluated category, so on such data it fails once any detection exists. Here the names are
+    those of the thing categories, in the order COCO evaluates them (sorted dataset ids).
+    """
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if class_names is not None:
+            id_map = self._metadata.thing_dataset_id_to_contiguous_id
+            class_names = [class_names[id_map[dataset_id]] for dataset_id in sorted(id_map)]
+        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):

@@ -11,7 +11,7 @@ import os
 
 from detectron2.evaluation import COCOPanopticEvaluator
 
-from ..file_io import atomic_write
+from ..atomic_io import atomic_write
 
 __all__ = ["COCOPanopticEvaluatorKeepingPNGs"]
 

@@ -21,9 +21,10 @@ import logging
 import os
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 
-from ..file_io import atomic_write
+from ..atomic_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,14 @@ __all__ = [
 
 
 def id_to_rgb(ids):
-    """(H, W) integer segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B."""
+    """(H, W) integer segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B.
+
+    panopticapi's ``id2rgb``, refusing ids that do not fit in 24 bits instead of wrapping them.
+    """
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
         raise ValueError(f"Segment ids must lie in [0, 256^3), got [{ids.min()}, {ids.max()}].")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8)
+    return id2rgb(ids)
 
 
 def _inverse_maps(metadata):
@@ -94,6 +98,7 @@ def to_coco_segments(panoptic_seg, segments_info, metadata):
         list of {"id", "category_id" (dataset id), "iscrowd": 0, "isthing", "area", "bbox"
         (XYWH), and "score" for things}; segments without pixels are left out.
     """
+    # Not the model's thing -> semantic map: COCO panoptic files hold the data set's own ids.
     things, stuff = _inverse_maps(metadata)
     ids = np.asarray(panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else panoptic_seg)
     present, areas = np.unique(ids, return_counts=True)

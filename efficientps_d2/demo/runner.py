@@ -6,7 +6,7 @@
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
   back with ``cv2.VideoCapture`` to check it plays.
 - With an export folder, COCO panoptic PNGs and ``predictions.json`` are written too (see
-  :mod:`efficientps_d2.inference.coco_panoptic`).
+  :mod:`efficientps_d2.demo.coco_panoptic_writer`).
 """
 
 import glob
@@ -21,8 +21,8 @@ import cv2
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
-from ..file_io import atomic_write, temporary_path
-from .coco_panoptic import CocoPanopticWriter, ImageIds
+from ..atomic_io import atomic_write, temporary_path
+from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -172,7 +172,7 @@ def run_on_images(
     """Runs ``demo`` on image files; unreadable ones are reported and skipped.
 
     Args:
-        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         paths: image files (see :func:`collect_images`).
         output: folder for the visualisations (created), or a file name when there is one input;
             None: nothing is written.
@@ -180,7 +180,7 @@ def run_on_images(
             ``<folder>/predictions.json`` (needs ``output`` and a data set's metadata).
         show: show each visualisation in a window (waits for a key).
         problems: (input, reason) found while collecting, carried into the summary.
-        image_ids: :class:`~efficientps_d2.inference.coco_panoptic.ImageIds` giving the json's
+        image_ids: :class:`~efficientps_d2.demo.coco_panoptic_writer.ImageIds` giving the json's
             ``image_id`` of each file (default: numeric file names as integers, else the stem).
     Returns:
         :class:`ImageRunSummary`.
@@ -412,7 +412,7 @@ def run_on_video(
     """Runs ``demo`` on every frame of ``capture``, in order.
 
     Args:
-        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         capture: an opened ``cv2.VideoCapture`` (see :func:`open_video`, :func:`open_webcam`);
             released at the end.
         source_name: the video's path (names the output) or e.g. "webcam 0".

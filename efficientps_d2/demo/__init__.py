@@ -1,7 +1,7 @@
 """Inference helpers behind ``demo.py``: a predictor, a drawing demo, COCO panoptic export and
 the image/video loops."""
 
-from .coco_panoptic import (
+from .coco_panoptic_writer import (
     CocoPanopticWriter,
     ImageIds,
     id_to_rgb,

@@ -9,7 +9,7 @@ This module paints the annotations (and the stuff of optional semantic PNGs) int
 PNGs and a panoptic json that :func:`efficientps_d2.data.register_panoptic_dataset` registers
 directly::
 
-    python -m efficientps_d2.data.convert --instances instances_train.json \\
+    python -m efficientps_d2.tools.convert_instances_to_panoptic --instances instances_train.json \\
         --output-json panoptic_train.json --output-dir panoptic_train \\
         [--semantic-dir semantic_train --stuff-categories stuff.json | --things-only]
 
@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
@@ -235,7 +236,7 @@ def convert_instances_to_panoptic(
                 image, anns_per_image[image_id], things, stuff, semantic_dir, report, instances_json
             )
             png_name = image["_png_name"]
-            out.write_png(png_name, _id_map_to_rgb(id_map))
+            out.write_png(png_name, id2rgb(id_map))
             out_annotations.append(
                 {"image_id": image_id, "file_name": png_name, "segments_info": segments_info}
             )
@@ -622,10 +623,6 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
     return segments_info, id_map
 
 
-def _id_map_to_rgb(id_map):
-    return np.stack([id_map % 256, id_map // 256 % 256, id_map // 256**2], axis=-1).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
 # Atomic output
 
@@ -703,7 +700,7 @@ class _AtomicOutput:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m efficientps_d2.data.convert",
+        prog="python -m efficientps_d2.tools.convert_instances_to_panoptic",
         description="Convert COCO instance annotations (+ semantic PNGs for stuff) or COCO "
         "panoptic detection format (stuff as annotations, categories with isthing) to COCO "
         "panoptic format. Overlaps: instances over stuff, the smaller instance wins, ties to the "
