@@ -11,6 +11,10 @@ These subclasses run ``evaluate()`` with ``np.in1d`` restored as the flattened `
 documented replacement) and, for the instance script, a json writer that turns numpy values into
 Python ones and puts relative file names in the evaluator's temporary folder, which is deleted
 afterwards. Both patches last only for the call.
+
+Not patched (it is the script's own logic, not numpy's): the instance script raises IndexError in
+``evaluateMatches`` when a class has counted ground truth and predictions, but every prediction of
+the class lies on ignored ground truth (groups, instances under 100 pixels).
 """
 
 import contextlib
