@@ -296,7 +296,7 @@ def panoptic_fusion(
             overlap_thresh=overlap_thresh,
             mask_logit_scale=mask_logit_scale,
         )
-        numbers += [order, classes, kept, instances.scores.to(device)[order]]
+        numbers += [order, classes, instances.scores.to(device)[order]]
 
     # One code per pixel: its semantic argmax class c (0..C-1) where stuff won step 5, C + j where
     # candidate j did. One bincount gives every area; the segment ids are numbered on the device.
@@ -319,9 +319,8 @@ def panoptic_fusion(
     # The one read at the end: float64 holds every id, area and float32 score exactly.
     numbers += [present, areas]
     values = torch.cat([x.double().flatten() for x in numbers]).tolist()
-    fields = [values[i * num : (i + 1) * num] for i in range(4)] if num else [[]] * 4
-    order_list, class_list, _, score_list = fields
-    values = values[4 * num :]
+    order_list, class_list, score_list = (values[i * num : (i + 1) * num] for i in range(3))
+    values = values[3 * num :]
     present_list = values[: num + num_classes]
     area_list = [int(a) for a in values[num + num_classes :]]
 
