@@ -20,7 +20,7 @@ from detectron2.evaluation import verify_results
 
 from efficientps_d2 import setup_cfg
 from efficientps_d2.checkpoint import AtomicDetectionCheckpointer, EfficientPSCheckpointer
-from efficientps_d2.config import tta_config
+from efficientps_d2.config import configure_amp_trainer, tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
@@ -32,6 +32,10 @@ logger = logging.getLogger("efficientps_d2")
 class Trainer(DefaultTrainer):
     """DefaultTrainer with EfficientPS's mapper, evaluators, atomic checkpoints and, with
     VIS_PERIOD > 0, panoptic pictures in tensorboard."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        configure_amp_trainer(self._trainer, cfg)  # SOLVER.AMP.PRECISION (bfloat16 or float16)
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.

@@ -5,6 +5,7 @@ project-then-upsample predictor, and activation checkpointing in the semantic he
 import copy
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -740,3 +741,28 @@ def test_model_output_matches_reference_fusion(image_size):
     pan, info = _reference_fusion(out["sem_seg"], local, THING_SEMANTIC_IDS, 0.0, 0.5, 0, 4.0)
     assert torch.equal(out["panoptic_seg"][0], pan)
     assert out["panoptic_seg"][1] == info
+
+
+def test_amp_precision_configures_detectron2s_amp_trainer():
+    from detectron2.engine import AMPTrainer, SimpleTrainer
+
+    from efficientps_d2.config import configure_amp_trainer
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for precision, dtype, scaling in (
+        ("bfloat16", torch.bfloat16, False),
+        ("float16", torch.float16, True),
+    ):
+        cfg = tiny_config(["SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", precision])
+        with warnings.catch_warnings():  # Detectron2's GradScaler warns without CUDA
+            warnings.simplefilter("ignore")
+            trainer = AMPTrainer(model, [], optimizer)
+        configure_amp_trainer(trainer, cfg)
+        assert trainer.precision == dtype and trainer.grad_scaler.is_enabled() is (
+            scaling and torch.cuda.is_available()
+        )
+    plain = SimpleTrainer(model, [], optimizer)
+    assert configure_amp_trainer(plain, cfg) is plain and not hasattr(plain, "precision")
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
+        configure_amp_trainer(plain, tiny_config(["SOLVER.AMP.PRECISION", "float64"]))
