@@ -23,6 +23,7 @@ from efficientps_d2.modeling.fast_inference import (
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
+    rpn_proposals,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
@@ -247,6 +248,29 @@ def test_dense_network_contract():
     assert all(x.dtype == torch.float32 for x in objectness + deltas)
     # Only the copy was cast: the model's own weights stay float32.
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
+    """rpn_proposals and InferenceNetwork.detect stand in for RPN.forward and
+    StandardROIHeads.forward in inference: same proposals, same detections and masks."""
+    model = _tiny_model()
+    network = model._inference_network()
+    with torch.inference_mode():
+        images = model.preprocess_image(_inputs())
+        features, _, objectness, deltas = network.dense(images.tensor)
+        proposals = rpn_proposals(model.proposal_generator, images, features, objectness, deltas)
+        expected_proposals, _ = model.proposal_generator(images, features)
+        detections = network.detect(model.roi_heads, features, proposals)
+        expected, _ = model.roi_heads(images, features, expected_proposals)
+    for a, b in zip(proposals, expected_proposals):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)
+    for a, b in zip(detections, expected):
+        assert len(a) > 0 and a.get_fields().keys() == b.get_fields().keys()
+        for name in b.get_fields():
+            x, y = a.get(name), b.get(name)
+            x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
+            assert torch.equal(x, y), name
 
 
 def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
