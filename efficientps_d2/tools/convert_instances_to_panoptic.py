@@ -58,7 +58,7 @@ from ..atomic_io import atomic_directory, atomic_write, temporary_path
 
 __all__ = [
     "ConversionError",
-    "ConversionReport",
+    "PanopticConversionReport",
     "LABEL_DIVISOR",
     "SEMANTIC_VOID",
     "convert_instances_to_panoptic",
@@ -77,7 +77,7 @@ class ConversionError(ValueError):
 
 
 @dataclass
-class ConversionReport:
+class PanopticConversionReport:
     """What :func:`convert_instances_to_panoptic` did.
 
     Attributes:
@@ -160,7 +160,7 @@ def convert_instances_to_panoptic(
         overwrite (bool): replace existing outputs (atomically) instead of raising.
 
     Returns:
-        ConversionReport
+        PanopticConversionReport
     """
     if os.path.abspath(output_json).startswith(os.path.abspath(output_dir) + os.sep):
         raise ConversionError(
@@ -209,7 +209,7 @@ def convert_instances_to_panoptic(
         _check_annotation(ann, instances_json, images, things, stuff, seen_ann_ids)
         anns_per_image[ann["image_id"]].append(ann)
 
-    report = ConversionReport()
+    report = PanopticConversionReport()
     categories = sorted(list(things.values()) + list(stuff.values()), key=lambda c: c["id"])
     out_annotations = []
     with _AtomicOutput(output_json, output_dir, overwrite) as out:
