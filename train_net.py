@@ -24,12 +24,14 @@ from efficientps_d2.config import tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
+from efficientps_d2.visualization import add_panoptic_visualization
 
 logger = logging.getLogger("efficientps_d2")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with EfficientPS's mapper, evaluators and atomic checkpoints."""
+    """DefaultTrainer with EfficientPS's mapper, evaluators, atomic checkpoints and, with
+    VIS_PERIOD > 0, panoptic pictures in tensorboard."""
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.
@@ -37,7 +39,7 @@ class Trainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        return add_panoptic_visualization(self.cfg, super().build_hooks())
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -103,6 +103,13 @@ def add_efficientps_config(cfg):
     _C.TEST.PANOPTIC_TTA.MAX_SIZE = None
     _C.TEST.PANOPTIC_TTA.FLIP = None
 
+    # Keep the panoptic PNGs of an evaluation in <OUTPUT_DIR>/inference/<data set>/panoptic/,
+    # next to its predictions.json, instead of a temporary folder that is deleted.
+    _C.TEST.KEEP_PANOPTIC_PNGS = False
+
+    # Detectron2's VIS_PERIOD > 0 also puts the panoptic prediction next to the ground truth of a
+    # training image into tensorboard every VIS_PERIOD iterations (efficientps_d2.visualization).
+
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one norm over all gradients
     # (efficientps_d2.solver), as the official training clipped at 35.
 

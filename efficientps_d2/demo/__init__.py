@@ -3,6 +3,7 @@ the image/video loops."""
 
 from .coco_panoptic_writer import (
     CocoPanopticWriter,
+    ImageIds,
     id_to_rgb,
     panoptic_categories,
     to_coco_segments,
@@ -28,6 +29,7 @@ __all__ = [
     "VIDEO_CODECS",
     "CocoPanopticWriter",
     "EfficientPSPredictor",
+    "ImageIds",
     "ImageRunSummary",
     "VideoInputError",
     "VideoOutputError",

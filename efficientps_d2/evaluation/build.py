@@ -4,14 +4,10 @@ evaluator for panoptic metadata."""
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import (
-    CityscapesInstanceEvaluator,
-    CityscapesSemSegEvaluator,
-    COCOEvaluator,
-    COCOPanopticEvaluator,
-    DatasetEvaluators,
-)
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators
 
+from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
+from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
 from .panoptic_sem_seg import PanopticSemSegEvaluator
 
 SUPPORTED = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
@@ -42,7 +38,10 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
       PanopticSemSegEvaluator (mIoU), and ThingCOCOEvaluator (box/mask AP) when the metadata
       names an instance json (``json_file``).
     - "cityscapes_panoptic_seg": COCOPanopticEvaluator, CityscapesSemSegEvaluator and
-      CityscapesInstanceEvaluator (the official Cityscapes scripts).
+      CityscapesInstanceEvaluator (the official Cityscapes scripts; see ``cityscapes_compat``).
+
+    With TEST.KEEP_PANOPTIC_PNGS the panoptic PNGs stay in ``<output_folder>/panoptic/``, next to
+    ``predictions.json``, instead of a deleted temporary folder.
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -50,7 +49,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     evaluator_type = meta.get("evaluator_type")
     if evaluator_type == "coco_panoptic_seg":
         evaluators = [
-            COCOPanopticEvaluator(dataset_name, output_folder),
+            _panoptic_evaluator(cfg, dataset_name, output_folder),
             PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
         ]
         if meta.get("json_file") and os.path.isfile(meta.json_file):
@@ -61,9 +60,9 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             )
     elif evaluator_type == "cityscapes_panoptic_seg":
         evaluators = [
-            COCOPanopticEvaluator(dataset_name, output_folder),
-            CityscapesSemSegEvaluator(dataset_name),
-            CityscapesInstanceEvaluator(dataset_name),
+            _panoptic_evaluator(cfg, dataset_name, output_folder),
+            CompatCityscapesSemSegEvaluator(dataset_name),
+            CompatCityscapesInstanceEvaluator(dataset_name),
         ]
     else:
         raise NotImplementedError(
@@ -72,3 +71,11 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             "efficientps_d2.data.register_panoptic_dataset)."
         )
     return DatasetEvaluators(evaluators)
+
+
+def _panoptic_evaluator(cfg, dataset_name, output_folder):
+    if cfg.TEST.KEEP_PANOPTIC_PNGS:
+        return COCOPanopticEvaluatorKeepingPNGs(
+            dataset_name, output_folder, png_dir=os.path.join(output_folder, "panoptic")
+        )
+    return COCOPanopticEvaluator(dataset_name, output_folder)
