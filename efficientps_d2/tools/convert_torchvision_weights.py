@@ -214,16 +214,9 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
 
 
 def _config(config_file, opts):
-    from detectron2.config import get_cfg
+    from ..config import setup_cfg
 
-    from ..config import add_efficientps_config
-
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], freeze=False)
 
 
 def _check_against_model(cfg, output_path):
