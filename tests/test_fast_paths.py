@@ -152,6 +152,28 @@ def test_fused_copy_follows_weight_changes_and_is_not_saved():
     assert "_inference_copy" not in model.__dict__  # training drops the copy
 
 
+def test_copy_follows_replaced_tensors():
+    """The weight list behind the copy's signature is listed once, and again after whatever may
+    replace tensors: load_state_dict(assign=True), conversions, train()/eval()."""
+    model = _tiny_model(["MODEL.EFFICIENTPS.FAST_INFERENCE", True])
+    inputs = _inputs()[:1]
+    with torch.no_grad():
+        model(inputs)
+        first = model._inference_network()
+        other = _randomize(build_model(tiny_config(PERMISSIVE)), seed=1)
+        model.load_state_dict(other.state_dict(), assign=True)  # new tensor objects
+        weights = {id(t) for t in model._weight_tensors()}
+        assert weights == {id(t) for t in (*model.parameters(), *model.buffers())}
+        fast = model(inputs)[0]
+        assert model._inference_network() is not first
+        model.fast_inference = False
+        plain = model(inputs)[0]
+    _assert_same_panoptic(plain, fast)
+    listed = model._weight_tensors()
+    model.float()
+    assert model._weight_tensors() is not listed
+
+
 def test_fast_inference_under_inference_mode_and_tta_contract():
     model = _tiny_model(["MODEL.EFFICIENTPS.FAST_INFERENCE", True])
     with torch.inference_mode():  # the copy is built from ordinary tensors all the same

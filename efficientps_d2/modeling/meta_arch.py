@@ -2,7 +2,6 @@
 
 import contextlib
 import dataclasses
-import itertools
 from typing import Dict, List
 
 import torch
@@ -162,10 +161,7 @@ class EfficientPS(GeneralizedRCNN):
         if not options.needs_copy(self.device):
             return build_inference_network(self, options)
         # A weight that is loaded, trained or moved changes its version counter or storage.
-        signature = [options] + [
-            (t._version, t.data_ptr(), t.dtype, t.device)
-            for t in itertools.chain(self.parameters(), self.buffers())
-        ]
+        signature = [options] + [(t._version, t.data_ptr()) for t in self._weight_tensors()]
         cached = self.__dict__.get("_inference_copy")  # not a submodule: no state_dict entries
         if cached is None or cached[0] != signature:
             self.__dict__.pop("_inference_copy", None)  # free the stale copy first
@@ -203,7 +199,32 @@ class EfficientPS(GeneralizedRCNN):
             self.__dict__["_compiled_training"] = compiled
         return compiled[2], compiled[3]
 
+    def _weight_tensors(self):
+        """Every parameter and buffer, listed once and kept until ``train``/``eval``, a
+        conversion (``to``, ``cuda``, ``float``, ...) or ``load_state_dict`` may replace them:
+        walking the module tree on every call would cost milliseconds (B5: ~1,100 tensors)."""
+        tensors = self.__dict__.get("_weight_tensor_list")
+        if tensors is None:
+            tensors = [
+                t
+                for module in self.modules()
+                for table in (module._parameters, module._buffers)
+                for t in table.values()
+                if t is not None
+            ]
+            self.__dict__["_weight_tensor_list"] = tensors
+        return tensors
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_weight_tensor_list", None)  # conversions may replace the tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_weight_tensor_list", None)  # load_state_dict(assign=True) replaces
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def train(self, mode: bool = True):
+        self.__dict__.pop("_weight_tensor_list", None)
         if mode:
             self.__dict__.pop("_inference_copy", None)
         return super().train(mode)
