@@ -27,6 +27,16 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    return build_dataset_evaluator(dataset_name, output_folder)
+
+
+def build_dataset_evaluator(dataset_name, output_folder):
+    """:func:`build_evaluator` without a config (for LazyConfig files); ``dataset_name`` may be a
+    one-element list, as ``get_detection_dataset_dicts`` takes."""
+    if not isinstance(dataset_name, str):
+        if len(dataset_name) != 1:
+            raise ValueError(f"Evaluate one data set at a time, got {list(dataset_name)}.")
+        dataset_name = dataset_name[0]
     meta = MetadataCatalog.get(dataset_name)
     evaluator_type = meta.get("evaluator_type")
     if evaluator_type == "coco_panoptic_seg":
