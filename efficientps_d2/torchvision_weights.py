@@ -34,7 +34,7 @@ import torch
 from detectron2.utils.file_io import PathHandler, PathManager
 from iopath.common.file_io import file_lock, get_cache_dir
 
-from .file_io import atomic_write
+from .atomic_io import atomic_write
 
 __all__ = [
     "PREFIX",

@@ -9,7 +9,7 @@ import torchvision
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.torchvision_weights import (
     PretrainedWeightsUnavailable,
     TorchvisionEfficientNetHandler,

@@ -8,7 +8,7 @@ either kind, for the command-line tools that accept both.
 """
 
 import torch
-from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
@@ -16,7 +16,7 @@ from detectron2.data import (
 )
 from detectron2.modeling import build_model
 
-from ..config import add_efficientps_config
+from ..config import setup_cfg
 from ..data.metadata import thing_semantic_ids
 
 __all__ = ["ConfigAdapter", "is_lazy_config", "load_config", "thing_semantic_ids_of"]
@@ -46,7 +46,8 @@ def _single_name(names):
 
 
 def load_config(config_file, opts=()):
-    """Loads a YAML or LazyConfig file and applies the command-line overrides.
+    """Loads a YAML (:func:`~efficientps_d2.config.setup_cfg`) or LazyConfig file and applies the
+    command-line overrides.
 
     Configs default to CUDA; where it is not available the device becomes "cpu" (MODEL.DEVICE or
     train.device), as train_net.py does.
@@ -63,13 +64,7 @@ def load_config(config_file, opts=()):
         ):
             cfg.train.device = "cpu"
         return cfg
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return setup_cfg(config_file, opts, freeze=False)
 
 
 class ConfigAdapter:

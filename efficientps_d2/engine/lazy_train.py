@@ -17,8 +17,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
-from ..checkpoint import AtomicDetectionCheckpointer
-from ..checkpoint_loading import EfficientPSCheckpointer
+from ..checkpoint import AtomicDetectionCheckpointer, EfficientPSCheckpointer
 from .lazy_config import load_config
 
 __all__ = ["do_test", "do_train", "main", "setup"]

@@ -45,7 +45,7 @@ def get_parser():
 
 
 def _load(args):
-    from ..checkpoint_loading import EfficientPSCheckpointer
+    from ..checkpoint import EfficientPSCheckpointer
     from ..engine.lazy_config import ConfigAdapter, load_config
 
     config = ConfigAdapter(load_config(args.config_file, args.opts or []))

@@ -23,7 +23,7 @@ from itertools import chain
 
 import numpy as np
 
-from ..file_io import atomic_write
+from ..atomic_io import atomic_write
 
 __all__ = ["get_parser", "main"]
 
