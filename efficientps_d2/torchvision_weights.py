@@ -23,6 +23,10 @@ when ``efficientps_d2`` is imported) resolves such a name to a local Detectron2 
 
 Offline, copy torchvision's file into the hub folder (the error names the file, its URL and the
 folder), or convert any local copy yourself and name the result in MODEL.WEIGHTS.
+
+Squeeze-and-excitation weights are dropped, as EfficientPS removes SE; a model that keeps it
+(MODEL.EFFICIENTNET.SQUEEZE_EXCITATION True) takes a file converted by hand with
+``convert_torchvision_weights --squeeze-excitation`` (else its SE weights stay random, reported).
 """
 
 import logging
