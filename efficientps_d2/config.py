@@ -96,8 +96,9 @@ def add_efficientps_config(cfg):
 
     # ---------------------------------------------------------------------------------------------
     # Test-time augmentation: Detectron2's TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP), run by
-    # EfficientPSWithTTA. Shorter-side sizes to run at, in addition to horizontal flips when FLIP:
+    # EfficientPSWithTTA, with EfficientPS's scales.
     # ---------------------------------------------------------------------------------------------
+    # Shorter-side sizes to run at, in addition to horizontal flips when TEST.AUG.FLIP.
     _C.TEST.AUG.MIN_SIZES = (512, 1024, 1536)
     # The longer side is capped at this.
     _C.TEST.AUG.MAX_SIZE = 4096

@@ -2,11 +2,15 @@
 
 Detectron2's SOLVER.CLIP_GRADIENTS clips each parameter tensor on its own ("value", "norm"); the
 paper clips the norm of all gradients together at 35. SOLVER.CLIP_GRADIENTS.CLIP_TYPE
-"full_model" selects that; every other setting is Detectron2's own ``build_optimizer``.
+"full_model" selects that, through the optimizer wrapper of Detectron2's ``solver/build.py`` with a
+global clipper; every other setting is Detectron2's own ``build_optimizer``.
 """
+
+import functools
 
 import torch
 from detectron2.solver import build_optimizer as build_detectron2_optimizer
+from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
 
 
 def build_optimizer(cfg, model):
@@ -36,14 +40,12 @@ def with_full_model_gradient_clipping(optimizer, max_norm, norm_type=2.0):
     sees true gradient values.
     """
     base = type(optimizer)
-
-    def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-        return base.step(self, closure)
-
-    name = base.__name__ + "WithFullModelGradientClipping"
-    optimizer.__class__ = type(name, (base,), {"step": step})
+    clipper = functools.partial(
+        torch.nn.utils.clip_grad_norm_, max_norm=max_norm, norm_type=norm_type
+    )
+    clipped = _generate_optimizer_class_with_gradient_clipping(base, global_clipper=clipper)
+    clipped.__name__ = clipped.__qualname__ = base.__name__ + "WithFullModelGradientClipping"
+    optimizer.__class__ = clipped
     return optimizer
 
 

@@ -134,6 +134,7 @@ class EfficientPSSemSegHead(nn.Module):
     (N, num_classes, H, W) at the padded input size, and ``(None, {"loss_sem_seg": loss})`` in
     training, where ``targets`` is (N, H, W) long with ``ignore_value`` for unlabelled pixels and
     ``image_sizes`` the (h, w) of each image before padding (for the loss's normalisation).
+    As in Detectron2's heads, ``layers`` is the network and ``losses`` the training loss.
 
     With ``activation_checkpointing`` the DPC, LSFE, MC and prediction blocks recompute their
     activations in the backward pass instead of keeping them (less training memory, more time).
@@ -242,13 +243,18 @@ class EfficientPSSemSegHead(nn.Module):
         return logits
 
     def forward(self, features, targets=None, image_sizes=None):
-        logits = F.interpolate(
-            self.layers(features), scale_factor=self.common_stride, mode="bilinear"
-        )
-        if not self.training:
-            return logits, {}
+        logits = self.layers(features)
+        if self.training:
+            return None, self.losses(logits, targets, image_sizes)
+        return self._upsample(logits), {}
+
+    def losses(self, predictions, targets, image_sizes=None):
+        """Training loss {"loss_sem_seg"} of ``layers``' stride-4 logits against (N, H, W) targets
+        at the padded input size: the hard-pixel cross-entropy, times ``loss_weight``.
+        ``image_sizes``: (h, w) of each image before padding, for the "image" normalisation."""
         if targets is None:
             raise ValueError("EfficientPSSemSegHead needs semantic targets in training.")
+        logits = self._upsample(predictions)
         if targets.shape[-2:] != logits.shape[-2:]:
             raise ValueError(
                 f"Semantic targets of size {tuple(targets.shape[-2:])} do not match the padded "
@@ -262,4 +268,7 @@ class EfficientPSSemSegHead(nn.Module):
             normalization=self.hard_pixel_normalization,
             image_sizes=image_sizes,
         )
-        return None, {"loss_sem_seg": loss * self.loss_weight}
+        return {"loss_sem_seg": loss * self.loss_weight}
+
+    def _upsample(self, logits):
+        return F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear")
