@@ -6,6 +6,9 @@
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file CONFIG --resume          # continue from the last checkpoint
     python train_net.py --config-file CONFIG --num-gpus 8      # DDP through detectron2's launch
+    # A LazyConfig (.py) file, with key=value overrides (Detectron2's lazyconfig_train_net flow):
+    python train_net.py --config-file \
+        configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.py train.max_iter=100
 """
 
 import logging
@@ -22,6 +25,7 @@ from efficientps_d2 import setup_cfg
 from efficientps_d2.checkpoint import AtomicDetectionCheckpointer, EfficientPSCheckpointer
 from efficientps_d2.config import configure_amp_trainer, tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
+from efficientps_d2.engine import is_lazy_config, lazy_train
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
 from efficientps_d2.visualization import add_panoptic_visualization
@@ -88,6 +92,9 @@ def setup(args):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        # A Detectron2 LazyConfig (.py): Detectron2's lazyconfig_train_net flow.
+        return lazy_train.main(args)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -24,6 +24,15 @@ def build_optimizer(cfg, model):
     return with_full_model_gradient_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
 
 
+def sgd_with_full_model_gradient_clipping(
+    params, *, lr, momentum=0.9, weight_decay=1e-4, clip_value=35.0, norm_type=2.0
+):
+    """SGD whose ``step()`` first clips the norm of all gradients together, for LazyConfig files
+    (``optimizer.params`` is Detectron2's ``get_default_optimizer_params``, as in its configs)."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return with_full_model_gradient_clipping(optimizer, clip_value, norm_type)
+
+
 def with_full_model_gradient_clipping(optimizer, max_norm, norm_type=2.0):
     """Makes ``optimizer.step()`` first clip the total gradient norm of all its parameters.
 
@@ -38,3 +47,22 @@ def with_full_model_gradient_clipping(optimizer, max_norm, norm_type=2.0):
     clipped.__name__ = clipped.__qualname__ = base.__name__ + "WithFullModelGradientClipping"
     optimizer.__class__ = clipped
     return optimizer
+
+
+def warmup_multi_step_lr(*, max_iter, steps, warmup_iters, warmup_factor=0.001, gamma=0.1):
+    """SOLVER.LR_SCHEDULER_NAME "WarmupMultiStepLR" as a LazyConfig ``lr_multiplier``.
+
+    Linear warm-up from ``warmup_factor`` over ``warmup_iters``, then the rate times ``gamma`` at
+    each of ``steps``; steps at or after ``max_iter`` are dropped, as the YAML path does. Taking
+    iterations (not fractions of training) keeps it right when ``train.max_iter`` is overridden.
+    """
+    from detectron2.solver import WarmupParamScheduler
+    from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+    steps = [s for s in steps if s < max_iter]
+    scheduler = MultiStepParamScheduler(
+        values=[gamma**k for k in range(len(steps) + 1)], milestones=steps, num_updates=max_iter
+    )
+    return WarmupParamScheduler(
+        scheduler, warmup_factor, min(warmup_iters / max_iter, 1.0), warmup_method="linear"
+    )

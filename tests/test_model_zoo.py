@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
@@ -84,6 +85,13 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(target / "efficientps_d2" / "model_zoo" / "configs" / B0)
 
+    # The B0 config starts from torchvision's ImageNet B0: a local stand-in for the download.
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(
+        torchvision.models.efficientnet_b0(weights=None).state_dict(),
+        hub / "efficientnet_b0_rwightman-7f5810bc.pth",
+    )
     script = textwrap.dedent(f"""
         import efficientps_d2
         from efficientps_d2 import model_zoo
@@ -96,6 +104,7 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target), OMP_NUM_THREADS="1")
+    env.update(TORCH_HOME=str(tmp_path / "torch"), FVCORE_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=str(outside),

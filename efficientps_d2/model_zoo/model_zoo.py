@@ -96,7 +96,10 @@ def get(name, trained=False, device=None):
 
     Args:
         name: see :func:`get_config_file`.
-        trained: load the released trained weights (see :func:`get_config`).
+        trained: load the released trained weights (see :func:`get_config`); else the config's
+            own MODEL.WEIGHTS, as Detectron2 does: torchvision's ImageNet backbone for the
+            Cityscapes and COCO configs (``torchvision://``, downloaded once), none for the
+            synthetic one.
         device: e.g. "cpu" or "cuda"; default: the config's MODEL.DEVICE when CUDA is available,
             else "cpu".
     Returns:
