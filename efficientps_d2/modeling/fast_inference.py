@@ -348,17 +348,18 @@ class InferenceOptions:
                 "replayed as CUDA graphs)."
             )
 
-    @classmethod
-    def from_config(cls, cfg):
+    @staticmethod
+    def config_kwargs(cfg):
+        """EfficientPS's keyword arguments for these options, from MODEL.EFFICIENTPS."""
         node = cfg.MODEL.EFFICIENTPS
-        return cls(
-            fast_inference=node.FAST_INFERENCE,
-            dtype=node.INFERENCE_DTYPE,
-            cuda_graph=node.CUDA_GRAPH,
-            cuda_graph_cache_size=node.CUDA_GRAPH_CACHE_SIZE,
-            compile=node.COMPILE,
-            compile_mode=node.COMPILE_MODE,
-        )
+        return {
+            "fast_inference": node.FAST_INFERENCE,
+            "inference_dtype": node.INFERENCE_DTYPE,
+            "cuda_graph": node.CUDA_GRAPH,
+            "cuda_graph_cache_size": node.CUDA_GRAPH_CACHE_SIZE,
+            "compile": node.COMPILE,
+            "compile_mode": node.COMPILE_MODE,
+        }
 
     def needs_copy(self, device: torch.device) -> bool:
         """Whether inference runs a copy of the model's modules rather than the modules."""

@@ -55,7 +55,12 @@ class EfficientPS(GeneralizedRCNN):
         stuff_area_limit=2048,
         mask_logit_scale=4.0,
         channels_last=True,
-        inference_options=InferenceOptions(),
+        fast_inference=False,
+        inference_dtype="float32",
+        cuda_graph=False,
+        cuda_graph_cache_size=4,
+        compile=False,
+        compile_mode="default",
         compile_training=False,
         **kwargs,
     ):
@@ -73,7 +78,16 @@ class EfficientPS(GeneralizedRCNN):
             # network runs in that layout; load_state_dict copies into it, keeping the layout.
             self.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        self.inference_options = inference_options
+        # How inference runs (see fast_inference.InferenceOptions); change it as a whole, e.g.
+        # ``model.inference_options = dataclasses.replace(model.inference_options, ...)``.
+        self.inference_options = InferenceOptions(
+            fast_inference=fast_inference,
+            dtype=inference_dtype,
+            cuda_graph=cuda_graph,
+            cuda_graph_cache_size=cuda_graph_cache_size,
+            compile=compile,
+            compile_mode=compile_mode,
+        )
         self.compile_training = compile_training
         self._thing_semantic_id_list = [int(i) for i in thing_semantic_ids]
 
@@ -91,7 +105,7 @@ class EfficientPS(GeneralizedRCNN):
             stuff_area_limit=fusion.STUFF_AREA_LIMIT,
             mask_logit_scale=fusion.MASK_LOGIT_SCALE,
             channels_last=cfg.MODEL.EFFICIENTPS.CHANNELS_LAST,
-            inference_options=InferenceOptions.from_config(cfg),
+            **InferenceOptions.config_kwargs(cfg),
             compile_training=cfg.MODEL.EFFICIENTPS.COMPILE_TRAINING,
         )
         return ret
