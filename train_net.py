@@ -19,11 +19,13 @@ from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
 
 from efficientps_d2 import add_efficientps_config
 from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
 from efficientps_d2.data import EfficientPSDatasetMapper
+from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
 
@@ -85,6 +87,8 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup logs only detectron2's and fvcore's loggers to OUTPUT_DIR/log.txt; add ours.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="efficientps_d2")
     if cfg.MODEL.DEVICE == "cpu":
         logger.warning("CUDA is not available: running on the CPU.")
     return cfg
@@ -92,6 +96,8 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
+    validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # Evaluating a checkpoint that does not fit the model is always a mistake: refuse it.

@@ -95,6 +95,14 @@ def add_efficientps_config(cfg):
     # (efficientps_d2.solver), as the official training clipped at 35.
 
     # ---------------------------------------------------------------------------------------------
+    # Reliability: checks before work starts, what training tolerates.
+    # ---------------------------------------------------------------------------------------------
+    # train_net.py opens every panoptic PNG of DATASETS.TRAIN/TEST before it starts and checks its
+    # mode, size and ids against segments_info (efficientps_d2.data.check); False checks the json
+    # only (for very large data sets: the full pass reads every PNG once).
+    _C.DATASETS.CHECK_PNGS = True
+
+    # ---------------------------------------------------------------------------------------------
     # Data: the dataset mapper's augmentations.
     # ---------------------------------------------------------------------------------------------
     _C.INPUT.RANDOM_SCALE = CN()

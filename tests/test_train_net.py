@@ -3,12 +3,14 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from PIL import Image
 
 from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
 
@@ -120,3 +122,19 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     with open(out_dir / "metrics.json") as f:
         iterations = [json.loads(line)["iteration"] for line in f if line.strip()]
     assert iterations[-1] == 11
+
+
+def test_bad_panoptic_png_refused_before_training(tmp_path, data_root):
+    # A copy of the data whose first validation PNG is 8-bit grayscale: panopticapi would crash
+    # on it after training; the start-up check names it before the first iteration.
+    root = tmp_path / "datasets"
+    shutil.copytree(os.path.join(data_root, "synthetic_panoptic"), root / "synthetic_panoptic")
+    png = sorted((root / "synthetic_panoptic" / "panoptic_val").glob("*.png"))[0]
+    Image.open(png).convert("L").save(png)
+    out_dir = tmp_path / "run"
+    proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], str(root))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert f"Panoptic PNG '{png}' has mode L" in out
+    assert "Starting training" not in out
+    assert not list(out_dir.glob("*.pth"))
