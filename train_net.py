@@ -22,7 +22,6 @@ from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from efficientps_d2 import add_efficientps_config
-from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
@@ -37,9 +36,16 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.
-        # Loading stays Detectron2's (mismatched heads are skipped), as fine-tuning needs.
-        self.checkpointer = AtomicDetectionCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        # Weights that do not fit are refused as in evaluation, and so are weights that leave
+        # tensors random, unless MODEL.ALLOW_PARTIAL_WEIGHTS (fine-tuning on other classes) or
+        # the file is a converted ImageNet backbone; resuming skips unreadable checkpoints.
+        partial = self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS
+        self.checkpointer = EfficientPSCheckpointer(
+            self._trainer.model,
+            self.cfg.OUTPUT_DIR,
+            allow_shape_mismatch=partial,
+            allow_missing=partial,
+            trainer=weakref.proxy(self),
         )
         return super().build_hooks()
 

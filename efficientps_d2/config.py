@@ -101,6 +101,10 @@ def add_efficientps_config(cfg):
     # mode, size and ids against segments_info (efficientps_d2.data.check); False checks the json
     # only (for very large data sets: the full pass reads every PNG once).
     _C.DATASETS.CHECK_PNGS = True
+    # Training accepts MODEL.WEIGHTS that leave model tensors random (missing) or hold tensors of
+    # another shape (skipped, e.g. to fine-tune on other classes); False refuses them before
+    # training, as evaluation refuses misfits. Converted ImageNet backbones are always accepted.
+    _C.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
     # ---------------------------------------------------------------------------------------------
     # Data: the dataset mapper's augmentations.

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
@@ -138,3 +139,22 @@ def test_bad_panoptic_png_refused_before_training(tmp_path, data_root):
     assert f"Panoptic PNG '{png}' has mode L" in out
     assert "Starting training" not in out
     assert not list(out_dir.glob("*.pth"))
+
+
+def test_partial_weights_refused_before_training(tmp_path, data_root):
+    # Backbone weights without the converter's marker would leave the heads random: training
+    # refuses them (MODEL.ALLOW_PARTIAL_WEIGHTS opts in), as evaluation refuses misfits.
+    from detectron2.modeling import build_model
+
+    from tests.common import load_config
+
+    cfg = load_config("Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml", TINY)
+    state = build_model(cfg).state_dict()
+    weights = str(tmp_path / "backbone.pth")
+    torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, weights)
+    args = [*TINY, "SOLVER.MAX_ITER", "2", "MODEL.WEIGHTS", weights]
+    proc = train_net([*args, "OUTPUT_DIR", str(tmp_path / "run")], data_root)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert f"Checkpoint '{weights}' lacks" in out and "MODEL.ALLOW_PARTIAL_WEIGHTS" in out
+    assert "Starting training" not in out
