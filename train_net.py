@@ -17,7 +17,16 @@ import detectron2.utils.comm as comm
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
@@ -33,6 +42,31 @@ logger = logging.getLogger("efficientps_d2")
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with EfficientPS's mapper, evaluators and atomic checkpoints."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, copied because it wraps the model in DDP inline with
+        # device_ids=[local rank], which DDP refuses for a CPU model (gloo); here CPU models get
+        # device_ids=None. Everything else is as in Detectron2.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cuda = cfg.MODEL.DEVICE.startswith("cuda")
+        model = create_ddp_model(
+            model, broadcast_buffers=False, device_ids=[comm.get_local_rank()] if on_cuda else None
+        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = None  # made in build_hooks, which needs self.cfg
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.
@@ -91,12 +125,36 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # Configs default to CUDA; a CPU-only machine still runs them, slowly.
         cfg.MODEL.DEVICE = "cpu"
+    # torch's SyncBatchNorm runs on CUDA only; Detectron2's NaiveSyncBatchNorm syncs the same
+    # statistics with all_reduce, which gloo does on the CPU.
+    sync_bn_keys = [k for k in _NORM_KEYS if cfg.MODEL.DEVICE == "cpu" and _get(cfg, k) == "SyncBN"]
+    for key in sync_bn_keys:
+        cfg.merge_from_list([key, "naiveSyncBN"])
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup logs only detectron2's and fvcore's loggers to OUTPUT_DIR/log.txt; add ours.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="efficientps_d2")
     if cfg.MODEL.DEVICE == "cpu":
         logger.warning("CUDA is not available: running on the CPU.")
+    if sync_bn_keys:
+        logger.warning(f"On the CPU, {sync_bn_keys} use naiveSyncBN instead of SyncBN.")
+    return cfg
+
+
+# Config keys that choose a norm layer (detectron2.layers.get_norm names).
+_NORM_KEYS = (
+    "MODEL.EFFICIENTNET.NORM",
+    "MODEL.TWO_WAY_FPN.NORM",
+    "MODEL.SEM_SEG_HEAD.NORM",
+    "MODEL.RPN.HEAD_NORM",
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "MODEL.ROI_MASK_HEAD.NORM",
+)
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
     return cfg
 
 
