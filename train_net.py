@@ -16,7 +16,11 @@ from collections import OrderedDict
 import detectron2.utils.comm as comm
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -34,6 +38,7 @@ from efficientps_d2 import add_efficientps_config
 from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
+from efficientps_d2.data.unreadable import SkipUnreadable
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
 
@@ -89,7 +94,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=EfficientPSDatasetMapper(cfg, True))
+        # The data set dicts as Detectron2 would load them, loaded here to size the skip limit.
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        mapper = SkipUnreadable(
+            EfficientPSDatasetMapper(cfg, True),
+            num_samples=len(dataset),
+            max_fraction=cfg.DATALOADER.MAX_UNREADABLE_FRACTION,
+        )
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

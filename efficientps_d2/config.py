@@ -105,6 +105,9 @@ def add_efficientps_config(cfg):
     # another shape (skipped, e.g. to fine-tune on other classes); False refuses them before
     # training, as evaluation refuses misfits. Converted ImageNet backbones are always accepted.
     _C.MODEL.ALLOW_PARTIAL_WEIGHTS = False
+    # Training skips a sample whose image or panoptic PNG cannot be read, with a counted warning,
+    # and stops when more than this fraction of DATASETS.TRAIN has proved unreadable.
+    _C.DATALOADER.MAX_UNREADABLE_FRACTION = 0.01
 
     # ---------------------------------------------------------------------------------------------
     # Data: the dataset mapper's augmentations.
