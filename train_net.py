@@ -40,6 +40,8 @@ from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.data.unreadable import SkipUnreadable
 from efficientps_d2.evaluation import build_evaluator
+from efficientps_d2.file_io import remove_stale_temporaries
+from efficientps_d2.output_lock import lock_output_dir
 from efficientps_d2.solver import build_optimizer
 
 logger = logging.getLogger("efficientps_d2")
@@ -131,7 +133,11 @@ class Trainer(DefaultTrainer):
         return OrderedDict({k + "_TTA": v for k, v in results.items()})
 
 
+_output_dir_lock = None  # held (open) for the life of the training process
+
+
 def setup(args):
+    global _output_dir_lock
     cfg = get_cfg()
     add_efficientps_config(cfg)
     cfg.merge_from_file(args.config_file)
@@ -145,9 +151,14 @@ def setup(args):
     for key in sync_bn_keys:
         cfg.merge_from_list([key, "naiveSyncBN"])
     cfg.freeze()
+    if not args.eval_only and comm.is_main_process():
+        # Before anything is written there: a second run on the same OUTPUT_DIR is refused.
+        _output_dir_lock = lock_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     # default_setup logs only detectron2's and fvcore's loggers to OUTPUT_DIR/log.txt; add ours.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="efficientps_d2")
+    if _output_dir_lock is not None:
+        remove_stale_temporaries(cfg.OUTPUT_DIR)  # of killed runs; never read
     if cfg.MODEL.DEVICE == "cpu":
         logger.warning("CUDA is not available: running on the CPU.")
     if sync_bn_keys:

@@ -4,8 +4,12 @@ Everything is written to a hidden temporary file in the target's folder and rena
 target, which is atomic on POSIX file systems: readers see the old file or the new one.
 """
 
+import logging
 import os
+import re
 import uuid
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path, write, mode="wb"):
@@ -36,3 +40,30 @@ def temporary_path(path):
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
     return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp{ext}")
+
+
+# The names temporary_path makes: ".<base>.<12 hex digits>.tmp<ext>".
+_TEMPORARY_NAME = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp(?P<ext>\.[^./]*)?$")
+
+
+def remove_stale_temporaries(folder, target=None):
+    """Deletes the temporary files that :func:`temporary_path` made in ``folder`` (only those of
+    ``target``, a file name in it, when given); returns their paths. They are left behind by
+    killed writers and never read. Call it only where no live writer can own one: under a lock,
+    or for an output that one process writes at a time."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = _TEMPORARY_NAME.match(name)
+        if not match:
+            continue
+        if target is not None and match.group("base") + (match.group("ext") or "") != target:
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.warning(f"Removed {len(removed)} temporary files of killed writers: {removed[:5]}")
+    return removed

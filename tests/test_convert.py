@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -370,3 +372,18 @@ def test_command_line(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 1
     assert "a.png" in capsys.readouterr().err
     assert os.path.isfile(os.path.join(out_dir, "a.png"))  # the previous output is intact
+
+
+def test_leftovers_of_a_killed_conversion_are_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # What a conversion killed mid-way leaves: a hidden PNG folder and json of a dead process.
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (out / f".png.tmp-{dead.pid}-0123abcd").mkdir()
+    (out / f".png.tmp-{dead.pid}-0123abcd" / "a.png").write_bytes(b"half")
+    (out / f".panoptic.json.tmp-{dead.pid}-0123abcd").write_text("{")
+    alive = out / f".png.tmp-{os.getpid()}-0123abcd"  # a live writer's: kept
+    alive.mkdir()
+    _convert(str(tmp_path))
+    assert sorted(os.listdir(out)) == [alive.name, "panoptic.json", "png"]

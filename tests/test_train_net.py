@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
+from efficientps_d2.file_io import temporary_path
+from efficientps_d2.output_lock import lock_output_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick.yaml")
@@ -152,9 +154,26 @@ def test_partial_weights_refused_before_training(tmp_path, data_root):
     state = build_model(cfg).state_dict()
     weights = str(tmp_path / "backbone.pth")
     torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, weights)
+    # A checkpoint write killed by an earlier run left its temporary file: removed, never read.
+    stale = temporary_path(str(tmp_path / "run" / "model_0000001.pth"))
+    open(stale, "wb").close()
     args = [*TINY, "SOLVER.MAX_ITER", "2", "MODEL.WEIGHTS", weights]
     proc = train_net([*args, "OUTPUT_DIR", str(tmp_path / "run")], data_root)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert f"Checkpoint '{weights}' lacks" in out and "MODEL.ALLOW_PARTIAL_WEIGHTS" in out
     assert "Starting training" not in out
+    assert not os.path.exists(stale)
+
+
+def test_second_run_on_the_same_output_dir_is_refused(tmp_path, data_root):
+    out_dir = tmp_path / "run"
+    held = lock_output_dir(str(out_dir))  # as a run in progress holds it
+    try:
+        proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], data_root)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        held.close()
+    assert proc.returncode != 0
+    assert f"is in use by another training run (PID {os.getpid()}" in out
+    assert sorted(os.listdir(out_dir)) == [".train_net.lock"]  # nothing written

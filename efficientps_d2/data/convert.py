@@ -41,8 +41,10 @@ annotation id, and the offending value.
 
 import argparse
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -53,6 +55,8 @@ from typing import Any, Dict, List
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ConversionError",
@@ -544,6 +548,33 @@ def _id_map_to_rgb(id_map):
 # Atomic output
 
 
+def _remove_dead_temporaries(path):
+    """Removes the temporary siblings of ``path`` (".<name>.tmp-<pid>-<hex>[.old]") whose
+    writer process no longer exists: leftovers of a killed conversion, never read."""
+    folder, name = os.path.split(path)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)-[0-9a-f]{{8}}(\.old)?$")
+    for entry in os.listdir(folder):
+        match = pattern.match(entry)
+        if not match or _process_exists(int(match.group(1))):
+            continue
+        stale = os.path.join(folder, entry)
+        logger.warning(f"Removing '{stale}', left by a killed conversion.")
+        if os.path.isdir(stale) and not os.path.islink(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.remove(stale)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
 class _AtomicOutput:
     """Writes into hidden temporary siblings of the outputs and renames them on success."""
 
@@ -563,6 +594,8 @@ class _AtomicOutput:
     def __enter__(self):
         os.makedirs(os.path.dirname(self.dir_path), exist_ok=True)
         os.makedirs(os.path.dirname(self.json_path), exist_ok=True)
+        for path in (self.dir_path, self.json_path):
+            _remove_dead_temporaries(path)
         os.mkdir(self.tmp_dir)
         return self
 
