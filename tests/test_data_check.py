@@ -12,6 +12,7 @@ from PIL import Image
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.check import (
     DataCheckError,
+    check_class_counts,
     check_dataset,
     check_dataset_names,
     main,
@@ -184,3 +185,15 @@ def test_builtin_synthetic_data_passes(tmp_path):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         shutil.rmtree(os.path.join(str(tmp_path), "synthetic_panoptic"))
+
+
+def test_shipped_configs_fit_their_data_sets():
+    for name in (
+        "COCO-PanopticSegmentation/efficientps_b5.yaml",
+        "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml",
+        "Cityscapes-PanopticSegmentation/efficientps_b5.yaml",
+        "Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml",
+    ):
+        cfg = load_config(name)
+        check_dataset_names(cfg)
+        check_class_counts(cfg)

@@ -115,12 +115,15 @@ def closest_names(name, choices, n=3):
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.4)
 
 
-def check_dataset_names(cfg, *, training=True):
-    """Raises :class:`DataCheckError` for a name in DATASETS.TRAIN (when ``training``) or
-    DATASETS.TEST that is not registered, suggesting the closest registered names."""
+def check_dataset_names(cfg):
+    """Raises :class:`DataCheckError` for a name in DATASETS.TRAIN or DATASETS.TEST that is not
+    registered, suggesting the closest registered names. (Evaluation checks DATASETS.TRAIN too:
+    the model reads its class layout from the first training set's metadata.)"""
     registered = DatasetCatalog.list()
-    keys = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN)] if training else []
-    for key, names in keys + [("DATASETS.TEST", cfg.DATASETS.TEST)]:
+    for key, names in (
+        ("DATASETS.TRAIN", cfg.DATASETS.TRAIN),
+        ("DATASETS.TEST", cfg.DATASETS.TEST),
+    ):
         for name in names:
             if name in registered:
                 continue
@@ -294,7 +297,7 @@ def validate_datasets(cfg, *, training=True):
     Raises :class:`DataCheckError` at the first fault; returns the :class:`DatasetReport` of each
     data set. Panoptic PNGs are opened when ``DATASETS.CHECK_PNGS`` is True.
     """
-    check_dataset_names(cfg, training=training)
+    check_dataset_names(cfg)
     check_class_counts(cfg, training=training)
     names = (list(cfg.DATASETS.TRAIN) if training else []) + list(cfg.DATASETS.TEST)
     reports = []
