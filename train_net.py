@@ -14,8 +14,6 @@ import weakref
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-import torch
-from detectron2.config import get_cfg
 from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
@@ -34,21 +32,24 @@ from detectron2.engine import (
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
-from efficientps_d2 import add_efficientps_config
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2 import setup_cfg
+from efficientps_d2.atomic_io import remove_stale_temporaries
+from efficientps_d2.checkpoint import EfficientPSCheckpointer
+from efficientps_d2.config import tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.data.unreadable import SkipUnreadable
 from efficientps_d2.evaluation import build_evaluator
-from efficientps_d2.file_io import remove_stale_temporaries
 from efficientps_d2.output_lock import lock_output_dir
 from efficientps_d2.solver import build_optimizer
+from efficientps_d2.visualization import add_panoptic_visualization
 
 logger = logging.getLogger("efficientps_d2")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with EfficientPS's mapper, evaluators and atomic checkpoints."""
+    """DefaultTrainer with EfficientPS's mapper, evaluators, atomic checkpoints and, with
+    VIS_PERIOD > 0, panoptic pictures in tensorboard."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, copied because it wraps the model in DDP inline with
@@ -88,7 +89,7 @@ class Trainer(DefaultTrainer):
             allow_missing=partial,
             trainer=weakref.proxy(self),
         )
-        return super().build_hooks()
+        return add_panoptic_visualization(self.cfg, super().build_hooks())
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -138,13 +139,7 @@ _output_dir_lock = None  # held (open) for the life of the training process
 
 def setup(args):
     global _output_dir_lock
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # Configs default to CUDA; a CPU-only machine still runs them, slowly.
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     # torch's SyncBatchNorm runs on CUDA only; Detectron2's NaiveSyncBatchNorm syncs the same
     # statistics with all_reduce, which gloo does on the CPU.
     sync_bn_keys = [k for k in _NORM_KEYS if cfg.MODEL.DEVICE == "cpu" and _get(cfg, k) == "SyncBN"]
@@ -194,7 +189,7 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
-        if cfg.TEST.PANOPTIC_TTA.ENABLED:
+        if tta_config(cfg).ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -202,7 +197,7 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    if cfg.TEST.PANOPTIC_TTA.ENABLED:
+    if tta_config(cfg).ENABLED:
         from detectron2.engine import hooks
 
         trainer.register_hooks(

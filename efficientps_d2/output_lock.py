@@ -24,7 +24,7 @@ class OutputDirInUseError(RuntimeError):
 
 def lock_output_dir(folder):
     """Locks ``folder`` for this process. Under the lock no other live run writes there, so the
-    caller may then remove temporaries of killed runs (``file_io.remove_stale_temporaries``).
+    caller may then remove temporaries of killed runs (``atomic_io.remove_stale_temporaries``).
 
     Returns:
         the open lock file: keep it referenced while the run lasts (closing it unlocks), or

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from efficientps_d2.file_io import remove_stale_temporaries, temporary_path
+from efficientps_d2.atomic_io import remove_stale_temporaries, temporary_path
 from efficientps_d2.output_lock import LOCK_NAME, OutputDirInUseError, lock_output_dir
 
 

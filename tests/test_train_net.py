@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
-from efficientps_d2.file_io import temporary_path
 from efficientps_d2.output_lock import lock_output_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

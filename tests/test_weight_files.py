@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from efficientps_d2.checkpoint_loading import (
+from efficientps_d2.checkpoint import (
     CheckpointFileError,
     CheckpointMismatchError,
     EfficientPSCheckpointer,

@@ -205,7 +205,7 @@ def _check_png(record, errors):
                     "(id = R + 256 G + 256^2 B)."
                 )
                 return True
-            rgb = np.asarray(im, dtype=np.int64)
+            rgb = np.asarray(im)
     except OSError as e:
         errors.append(f"Panoptic PNG '{png}' cannot be read: {e}")
         return False
@@ -222,7 +222,9 @@ def _check_png(record, errors):
             f"Panoptic PNG '{png}' is {width}x{height} (WxH) but {source} says "
             f"{expected[0]}x{expected[1]}."
         )
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    from panopticapi.utils import rgb2id  # optional dependency, as for training
+
+    ids = rgb2id(rgb)
     present = set(np.unique(ids).tolist()) - {0}
     listed = {int(s["id"]) for s in record["segments_info"]}
     unlisted, absent = sorted(present - listed), sorted(listed - present)
