@@ -193,8 +193,14 @@ def _png_size(image_file):
     return width, height
 
 
-def _check_png(record, errors):
-    """Appends the faults of one record's panoptic PNG to ``errors``; returns whether opened."""
+def _check_png(record):
+    """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG."""
+    errors = []
+    opened = _check_png_into(record, errors)
+    return opened, errors
+
+
+def _check_png_into(record, errors):
     png = record["pan_seg_file_name"]
     try:
         with Image.open(png) as im:
@@ -224,8 +230,7 @@ def _check_png(record, errors):
         )
     from panopticapi.utils import rgb2id  # optional dependency, as for training
 
-    ids = rgb2id(rgb)
-    present = set(np.unique(ids).tolist()) - {0}
+    present = set(np.unique(rgb2id(rgb)).tolist()) - {0}
     listed = {int(s["id"]) for s in record["segments_info"]}
     unlisted, absent = sorted(present - listed), sorted(listed - present)
     if unlisted:
@@ -282,8 +287,12 @@ def check_dataset(name, *, pngs=True):
                     f"{seg.get('isthing')} but class {category} ('{meta.stuff_classes[category]}') "
                     f"is {'a thing' if category in things else 'stuff'}."
                 )
-        if pngs:
-            report.pngs_checked += _check_png(record, report.errors)
+    if pngs:
+        for record in records:
+            if "pan_seg_file_name" in record:
+                opened, errors = _check_png(record)
+                report.pngs_checked += opened
+                report.errors += errors
     if panoptic and records and report.num_segments == 0:
         report.errors.append(
             f"Data set '{name}' has no segments at all: every segments_info is empty "
