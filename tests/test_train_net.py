@@ -76,6 +76,11 @@ def test_train_checkpoint_evaluate_then_eval_only_reproduces(tmp_path, data_root
         os.listdir(out_dir)
     )
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))  # tensorboard
+    with open(os.path.join(out_dir, "log.txt")) as f:  # our loggers reach log.txt too
+        assert (
+            "efficientps_d2.data.check INFO: Checked data set 'synthetic_panoptic_train'"
+            in f.read()
+        )
     # The real evaluators ran: panoptic quality, semantic mIoU and box/mask AP.
     trained = copypaste_results(log)
     assert set(trained) == {"panoptic_seg", "sem_seg", "bbox", "segm"}

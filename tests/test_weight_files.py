@@ -106,6 +106,12 @@ def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
     assert f"Cannot resume from '{last}'" in caplog.text
     assert "newest intact checkpoint" in caplog.text
 
+    # last_checkpoint naming a file that is gone: the same fallback.
+    last.unlink()
+    with caplog.at_level(logging.WARNING, logger="efficientps_d2"):
+        checkpoint = EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert checkpoint["iteration"] == 1
+
     (tmp_path / "model_0000001.pth").write_bytes(b"")
     with pytest.raises(CheckpointFileError, match="No intact checkpoint"):
         EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
