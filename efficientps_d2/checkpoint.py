@@ -358,7 +358,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         return incompatible
 
     def _refuse_missing(self, checkpoint_names):
-        missing = [n for n in self.model.state_dict() if n not in checkpoint_names]
+        # BatchNorm's step counters are not weights (checkpoints of frozen BN have none).
+        missing = [
+            n
+            for n in self.model.state_dict()
+            if n not in checkpoint_names and not n.endswith("num_batches_tracked")
+        ]
         if missing:
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "

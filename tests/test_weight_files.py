@@ -88,6 +88,12 @@ def test_training_refuses_partial_weights_unless_known_kind_or_asked(model, tmp_
     # The log says which tensors were loaded, grouped by module.
     assert f"Loaded {len(backbone)} tensors from '{converted}': backbone.bottom_up (" in caplog.text
 
+    # A full checkpoint without BatchNorm's step counters (frozen BN) is not partial.
+    no_counters = str(tmp_path / "no_counters.pth")
+    state = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
+    torch.save({"model": state}, no_counters)
+    EfficientPSCheckpointer(model, allow_missing=False).load(no_counters)
+
     # Asking for it (MODEL.ALLOW_PARTIAL_WEIGHTS) accepts the plain file too.
     EfficientPSCheckpointer(model, allow_missing=True).load(plain)
 
