@@ -6,6 +6,9 @@
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file CONFIG --resume          # continue from the last checkpoint
     python train_net.py --config-file CONFIG --num-gpus 8      # DDP through detectron2's launch
+    # A LazyConfig (.py) file, with key=value overrides (Detectron2's lazyconfig_train_net flow):
+    python train_net.py --config-file \
+        configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.py train.max_iter=100
 """
 
 import logging
@@ -39,6 +42,7 @@ from efficientps_d2.config import tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.data.unreadable import SkipUnreadable
+from efficientps_d2.engine import is_lazy_config, lazy_train
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.output_lock import lock_output_dir
 from efficientps_d2.solver import build_optimizer
@@ -179,6 +183,9 @@ def _get(cfg, key):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        # A Detectron2 LazyConfig (.py): Detectron2's lazyconfig_train_net flow.
+        return lazy_train.main(args)
     cfg = setup(args)
     # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
     validate_datasets(cfg, training=not args.eval_only)

@@ -3,14 +3,14 @@ and their distributed evaluation scores the weights as one process does."""
 
 import os
 
-from tests.test_train_net import TINY, copypaste_results, data_root, run_to_end  # noqa: F401
+from tests.test_train_net import TINY, copypaste_results, run_to_end
 
 # SyncBN in the trunk: on the CPU it becomes Detectron2's NaiveSyncBatchNorm (all_reduce).
 # STUFF_AREA_LIMIT 0 lets the few-step model's stuff segments count, so PQ is not trivially 0.
 OPTS = [*TINY, "MODEL.EFFICIENTNET.NORM", "SyncBN", "MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT", "0"]
 
 
-def test_two_cpu_processes_train_resume_evaluate_like_one(tmp_path, data_root):  # noqa: F811
+def test_two_cpu_processes_train_resume_evaluate_like_one(tmp_path, data_root):
     out_dir = str(tmp_path / "run")
     two = ["--num-gpus", "2", "--dist-url", "auto"]  # a free port: tests may run side by side
     args = [*OPTS, "SOLVER.CHECKPOINT_PERIOD", "1", "OUTPUT_DIR", out_dir]

@@ -9,12 +9,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from PIL import Image
 
 from efficientps_d2.atomic_io import temporary_path
-from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
 from efficientps_d2.output_lock import lock_output_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,23 +33,16 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    ensure_synthetic_panoptic(str(root), num_train=6, num_val=3)
-    return str(root)
-
-
-def train_net(args, data_root, stdout=subprocess.PIPE):
+def train_net(args, data_root, stdout=subprocess.PIPE, config_file=QUICK):
     env = dict(os.environ, DETECTRON2_DATASETS=data_root, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICK, *args]
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config_file, *args]
     return subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True
     )
 
 
-def run_to_end(args, data_root, timeout=900):
-    proc = train_net(args, data_root)
+def run_to_end(args, data_root, timeout=900, config_file=QUICK):
+    proc = train_net(args, data_root, config_file=config_file)
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out

@@ -139,8 +139,7 @@ class ImageRunSummary:
     def report(self):
         lines = [f"Processed {len(self.processed)} images, skipped {len(self.skipped)}."]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
-        if self.panoptic_json:
-            lines.append(f"COCO panoptic predictions: {self.panoptic_json}")
+        lines += _export_lines(self.panoptic_json)
         if self.unmatched_ids:
             lines.append(
                 f"  {len(self.unmatched_ids)} images have their file name as image id (e.g. "
@@ -149,6 +148,10 @@ class ImageRunSummary:
                 "to score them against a ground truth."
             )
         return "\n".join(lines)
+
+
+def _export_lines(panoptic_json, indent=""):
+    return [f"{indent}COCO panoptic predictions: {panoptic_json}"] if panoptic_json else []
 
 
 def _image_output_path(output, path, stem, single):
@@ -378,8 +381,7 @@ class VideoRunSummary:
                 f"  Wrote {self.frames_written} frames to '{self.output}' (codec {self.codec}); "
                 f"{self.frames_verified} read back."
             )
-        if self.panoptic_json:
-            lines.append(f"  COCO panoptic predictions: {self.panoptic_json}")
+        lines += _export_lines(self.panoptic_json, indent="  ")
         return "\n".join(lines)
 
 

@@ -73,11 +73,23 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    return build_dataset_evaluator(
+        dataset_name, output_folder, keep_panoptic_pngs=cfg.TEST.KEEP_PANOPTIC_PNGS
+    )
+
+
+def build_dataset_evaluator(dataset_name, output_folder, *, keep_panoptic_pngs=False):
+    """:func:`build_evaluator` without a config (for LazyConfig files); ``dataset_name`` may be a
+    one-element list, as ``get_detection_dataset_dicts`` takes."""
+    if not isinstance(dataset_name, str):
+        if len(dataset_name) != 1:
+            raise ValueError(f"Evaluate one data set at a time, got {list(dataset_name)}.")
+        dataset_name = dataset_name[0]
     meta = MetadataCatalog.get(dataset_name)
     evaluator_type = meta.get("evaluator_type")
     if evaluator_type == "coco_panoptic_seg":
         evaluators = [
-            _panoptic_evaluator(cfg, dataset_name, output_folder),
+            _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder),
             PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
         ]
         if meta.get("json_file") and os.path.isfile(meta.json_file):
@@ -88,7 +100,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             )
     elif evaluator_type == "cityscapes_panoptic_seg":
         evaluators = [
-            _panoptic_evaluator(cfg, dataset_name, output_folder),
+            _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder),
             CompatCityscapesSemSegEvaluator(dataset_name),
             CompatCityscapesInstanceEvaluator(dataset_name),
         ]
@@ -101,8 +113,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     return DatasetEvaluators(evaluators)
 
 
-def _panoptic_evaluator(cfg, dataset_name, output_folder):
-    if cfg.TEST.KEEP_PANOPTIC_PNGS:
+def _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder):
+    if keep_panoptic_pngs:
         return COCOPanopticEvaluatorKeepingPNGs(
             dataset_name, output_folder, png_dir=os.path.join(output_folder, "panoptic")
         )
