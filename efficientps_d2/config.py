@@ -139,6 +139,21 @@ def add_efficientps_config(cfg):
     # (efficientps_d2.solver), as the official training clipped at 35.
 
     # ---------------------------------------------------------------------------------------------
+    # Reliability: checks before work starts, what training tolerates.
+    # ---------------------------------------------------------------------------------------------
+    # train_net.py opens every panoptic PNG of DATASETS.TRAIN/TEST before it starts and checks its
+    # mode, size and ids against segments_info (efficientps_d2.data.check); False checks the json
+    # only (for very large data sets: the full pass reads every PNG once).
+    _C.DATASETS.CHECK_PNGS = True
+    # Training accepts MODEL.WEIGHTS that leave model tensors random (missing) or hold tensors of
+    # another shape (skipped, e.g. to fine-tune on other classes); False refuses them before
+    # training, as evaluation refuses misfits. Converted ImageNet backbones are always accepted.
+    _C.MODEL.ALLOW_PARTIAL_WEIGHTS = False
+    # Training skips a sample whose image or panoptic PNG cannot be read, with a counted warning,
+    # and stops when more than this fraction of DATASETS.TRAIN has proved unreadable.
+    _C.DATALOADER.MAX_UNREADABLE_FRACTION = 0.01
+
+    # ---------------------------------------------------------------------------------------------
     # Data: the dataset mapper's augmentations.
     # ---------------------------------------------------------------------------------------------
     _C.INPUT.RANDOM_SCALE = CN()
