@@ -12,7 +12,8 @@ def add_efficientps_config(cfg):
     _C = cfg
 
     # ---------------------------------------------------------------------------------------------
-    # Backbone: EfficientNet without squeeze-and-excitation, then the 2-way FPN.
+    # Backbone: EfficientNet without squeeze-and-excitation (or another bottom-up backbone), then
+    # the 2-way FPN.
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.EFFICIENTNET = CN()
     # Compound-scaling variant: one of "b0" ... "b7" (the paper uses "b5").
@@ -32,8 +33,13 @@ def add_efficientps_config(cfg):
     # Recompute MBConv activations in the backward pass to save training memory.
     _C.MODEL.EFFICIENTNET.ACTIVATION_CHECKPOINTING = False
 
+    # MODEL.BACKBONE.NAME "build_two_way_fpn_backbone" builds the 2-way FPN on any registered
+    # bottom-up backbone; "build_efficientnet_two_way_fpn_backbone" always on EfficientNet.
     _C.MODEL.TWO_WAY_FPN = CN()
-    # Trunk features the FPN reads, finest first.
+    # BACKBONE_REGISTRY name of the bottom-up builder, e.g. "build_efficientnet_backbone",
+    # Detectron2's "build_resnet_backbone" (MODEL.RESNETS), or your own (e.g. wrapping RegNet).
+    _C.MODEL.TWO_WAY_FPN.BOTTOM_UP = "build_efficientnet_backbone"
+    # Its four outputs at strides 4, 8, 16, 32 that the FPN reads, finest first (ResNet: res2-res5).
     _C.MODEL.TWO_WAY_FPN.IN_FEATURES = ["stride4", "stride8", "stride16", "stride32"]
     # Channels of every FPN output.
     _C.MODEL.TWO_WAY_FPN.OUT_CHANNELS = 256
