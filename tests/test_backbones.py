@@ -230,3 +230,19 @@ def test_msra_imagenet_pkl_initialises_the_resnet(tmp_path):
     report = checkpointer.last_report
     assert report.unexpected == ["fc1000.weight"] and not report.incorrect_shapes
 
+
+def test_shipped_resnet_configs():
+    city = load_config("Cityscapes-PanopticSegmentation/efficientps_R_50.yaml")
+    assert city.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    assert (city.MODEL.RESNETS.DEPTH, city.MODEL.RESNETS.NORM, city.INPUT.FORMAT) == (
+        50,
+        "FrozenBN",
+        "BGR",
+    )
+    assert city.MODEL.PIXEL_STD == [1.0, 1.0, 1.0] and city.MODEL.RESNETS.STRIDE_IN_1X1
+    quick = load_config("Synthetic-PanopticSegmentation/efficientps_R_50_quick.yaml")
+    assert quick.MODEL.WEIGHTS == "" and quick.MODEL.BACKBONE.FREEZE_AT == 0
+    assert quick.MODEL.RESNETS.NORM == "BN"
+    for cfg in (city, quick):
+        assert cfg.MODEL.TWO_WAY_FPN.BOTTOM_UP == "build_resnet_backbone"
+        assert list(cfg.MODEL.TWO_WAY_FPN.IN_FEATURES) == RES

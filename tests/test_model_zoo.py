@@ -22,6 +22,9 @@ SHIPPED = [
     "COCO-PanopticSegmentation/efficientps_b5.yaml",
     "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml",
     "Cityscapes-PanopticSegmentation/efficientps_b5.yaml",
+    "Cityscapes-PanopticSegmentation/efficientps_R_50.yaml",
+    "Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml",
+    "Synthetic-PanopticSegmentation/efficientps_R_50_quick.yaml",
 ]
 
 
@@ -113,7 +116,8 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
         pip + ["--target", str(target), str(source)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.path.isfile(target / "efficientps_d2" / "model_zoo" / "configs" / B0)
+    for name in SHIPPED:
+        assert os.path.isfile(target / "efficientps_d2" / "model_zoo" / "configs" / name), name
 
     script = textwrap.dedent(f"""
         import efficientps_d2

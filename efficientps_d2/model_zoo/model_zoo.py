@@ -39,6 +39,7 @@ _MARKER = "Base-EfficientPS.yaml"
 CHECKPOINTS: Dict[str, Optional[str]] = {
     "Cityscapes-PanopticSegmentation/efficientps_b5.yaml": None,
     "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml": None,
+    "Cityscapes-PanopticSegmentation/efficientps_R_50.yaml": None,
     "COCO-PanopticSegmentation/efficientps_b5.yaml": None,
 }
 
