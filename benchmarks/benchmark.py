@@ -44,6 +44,7 @@ from efficientps_d2.modeling.layers import fuse_for_inference
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 OURS_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b5.yaml"
 OURS_SMALL_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml"
+OURS_R50_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_R_50.yaml"
 THEIRS_CONFIG = "COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml"
 # Cityscapes: 19 classes, of which 8 things (train ids 11-18).
 NUM_CLASSES, NUM_THINGS = 19, 8
@@ -53,9 +54,17 @@ OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
     "PanopticFPN-R50",
     "PanopticFPN-R50 fused",
 )
-ALL_MODELS = (OURS_FAST, OURS, THEIRS, THEIRS_FUSED)
+# EfficientPS on Detectron2's ResNet-50 (the backbone Panoptic FPN R50 uses), fast inference path.
+OURS_R50 = "EfficientPS-R50 fast"
+ALL_MODELS = (OURS_FAST, OURS, OURS_R50, THEIRS, THEIRS_FUSED)
 # What --models accepts.
-MODEL_KEYS = {"ours-fast": OURS_FAST, "ours": OURS, "theirs": THEIRS, "theirs-fused": THEIRS_FUSED}
+MODEL_KEYS = {
+    "ours-fast": OURS_FAST,
+    "ours": OURS,
+    "ours-r50": OURS_R50,
+    "theirs": THEIRS,
+    "theirs-fused": THEIRS_FUSED,
+}
 
 logger = logging.getLogger("efficientps_d2.benchmark")
 
@@ -142,6 +151,10 @@ def build_models(device, names=ALL_MODELS):
     if THEIRS_FUSED in names:
         fused = fuse_for_inference(copy.deepcopy(theirs))
         models[THEIRS_FUSED] = (fused, fused)
+    if OURS_R50 in names:  # random weights like the others (no ImageNet download)
+        r50 = build_model(ours_config(device, OURS_R50_CONFIG)).eval()
+        calibrate_norms(r50, calibration)
+        models[OURS_R50] = (r50, _fast_only_while_running(r50))
     return {name: models[name] for name in names}, ours, theirs
 
 
@@ -149,6 +162,19 @@ def _with_fast_inference(model, enabled):
     def run(inputs):
         model.fast_inference = enabled
         return model(inputs)
+
+    return run
+
+
+def _fast_only_while_running(model):
+    """Runs ``model`` on its fast path; it stays plain otherwise (FLOPs are counted on it)."""
+
+    def run(inputs):
+        model.fast_inference = True
+        try:
+            return model(inputs)
+        finally:
+            model.fast_inference = False
 
     return run
 
@@ -547,8 +573,9 @@ def parse_args(argv=None):
         nargs="+",
         default=["ours-fast", "theirs"],
         choices=list(MODEL_KEYS) + ["all"],
-        help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), theirs "
-        "(Panoptic FPN as shipped), theirs-fused (Panoptic FPN with fuse_for_inference), all",
+        help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), ours-r50 "
+        "(EfficientPS on ResNet-50, fast), theirs (Panoptic FPN as shipped), theirs-fused "
+        "(Panoptic FPN with fuse_for_inference), all",
     )
     parser.add_argument(
         "--training-memory",
@@ -638,7 +665,8 @@ def main(argv=None):
             logger.info("%s %s: %s s, %s", name, size, times[name], entry)
         if not args.no_flops:  # counted on the plain models: the architectures, not the kernels
             ours.fast_inference = False
-            for prefix, model in ((OURS, ours), (THEIRS, theirs)):
+            r50 = models[OURS_R50][0] if OURS_R50 in models else None
+            for prefix, model in ((OURS, ours), (THEIRS, theirs), (OURS_R50, r50)):
                 if not any(name.startswith(prefix) for name in runners):
                     continue
                 flops = count_flops(model, image)
@@ -671,6 +699,7 @@ def main(argv=None):
 
     for label, a, b in (
         (f"{OURS_FAST} / {THEIRS}", OURS_FAST, THEIRS),
+        (f"{OURS_R50} / {THEIRS}", OURS_R50, THEIRS),
         (f"{OURS} / {THEIRS}", OURS, THEIRS),
         (f"{OURS_FAST} / {THEIRS_FUSED}", OURS_FAST, THEIRS_FUSED),
         (f"{OURS_FAST} / {OURS}", OURS_FAST, OURS),
