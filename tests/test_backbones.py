@@ -12,7 +12,7 @@ from detectron2.modeling.backbone.regnet import RegNet, ResBottleneckBlock, Simp
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from tests.common import PERMISSIVE, THING_SEMANTIC_IDS, load_config, tiny_config, training_input
 
 RES = ["res2", "res3", "res4", "res5"]

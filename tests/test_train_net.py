@@ -10,11 +10,8 @@ import time
 
 import cv2
 import numpy as np
-import pytest
 from panopticapi.utils import rgb2id
 from PIL import Image
-
-from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick.yaml")
@@ -37,23 +34,16 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    ensure_synthetic_panoptic(str(root), num_train=6, num_val=3)
-    return str(root)
-
-
-def train_net(args, data_root, stdout=subprocess.PIPE, config=QUICK):
+def train_net(args, data_root, stdout=subprocess.PIPE, config_file=QUICK):
     env = dict(os.environ, DETECTRON2_DATASETS=data_root, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config, *args]
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config_file, *args]
     return subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True
     )
 
 
-def run_to_end(args, data_root, timeout=900, config=QUICK):
-    proc = train_net(args, data_root, config=config)
+def run_to_end(args, data_root, timeout=900, config_file=QUICK):
+    proc = train_net(args, data_root, config_file=config_file)
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -139,7 +129,7 @@ def test_resnet_50_trains_evaluates_and_runs_in_the_demo(tmp_path, data_root):
     log = run_to_end(
         [*TINY, *narrow, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)],
         data_root,
-        config=R50_QUICK,
+        config_file=R50_QUICK,
     )
     assert "ResNet" in log  # the model printed at start: ResNet under the 2-way FPN
     results = copypaste_results(log)

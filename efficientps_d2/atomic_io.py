@@ -1,0 +1,84 @@
+"""Writing files and folders so that a crash or a kill never leaves a half-written one behind.
+
+Everything is written under a hidden temporary name next to the target (same folder, so the same
+file system) and renamed over the target, which is atomic on POSIX file systems: readers see the
+old file or folder, or the new one. Every writer of the package goes through these functions.
+"""
+
+import contextlib
+import os
+import shutil
+import uuid
+
+__all__ = ["atomic_directory", "atomic_write", "temporary_path"]
+
+
+def atomic_write(path, write, mode="wb"):
+    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``.
+
+    With ``mode=None``, ``write`` receives the temporary *path* instead (for writers such as
+    ``cv2.imwrite``); the temporary name keeps ``path``'s extension for them.
+    """
+    tmp = temporary_path(path)
+    try:
+        if mode is None:
+            write(tmp)
+        else:
+            with open(tmp, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not land before the data does
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def temporary_path(path):
+    """A unique hidden name next to ``path`` with the same extension; its folder is created."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base, ext = os.path.splitext(os.path.basename(path))
+    return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp{ext}")
+
+
+@contextlib.contextmanager
+def atomic_directory(path, *, overwrite=False, then=None):
+    """Yields a path (not created yet) to write a folder at; on success it is renamed to ``path``.
+
+    The yielded path lies inside a hidden temporary folder next to ``path`` (see
+    :func:`temporary_path`), which is removed in every case, so a killed writer leaves at most that
+    one folder behind. On leaving the block without error:
+
+    - an existing ``path`` is moved aside (``overwrite``) or raises ``FileExistsError``;
+    - the new folder is renamed to ``path``, then ``then()`` is called (e.g. to rename a file that
+      belongs with the folder); if it raises, the old folder is put back.
+
+    On an error nothing at ``path`` changes.
+    """
+    path = os.path.abspath(path)
+    workspace = temporary_path(path)
+    os.mkdir(workspace)
+    new = os.path.join(workspace, "new")
+    try:
+        yield new
+        old = os.path.join(workspace, "old")
+        if os.path.lexists(path):
+            if not overwrite:
+                raise FileExistsError(f"'{path}' exists (appeared while it was being written?).")
+            os.rename(path, old)
+        try:
+            os.rename(new, path)
+            try:
+                if then is not None:
+                    then()
+            except BaseException:
+                os.rename(path, new)
+                raise
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, path)
+            raise
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
