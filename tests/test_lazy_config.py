@@ -73,7 +73,7 @@ def settings(model):
 
 
 def test_every_yaml_config_has_a_lazy_twin():
-    assert len(YAML_CONFIGS) == 4
+    assert len(YAML_CONFIGS) == 6
     for name in YAML_CONFIGS:
         assert os.path.isfile(os.path.join(CONFIGS, name + ".py")), name
 
