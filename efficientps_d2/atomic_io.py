@@ -6,11 +6,15 @@ old file or folder, or the new one. Every writer of the package goes through the
 """
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import uuid
 
-__all__ = ["atomic_directory", "atomic_write", "temporary_path"]
+__all__ = ["atomic_directory", "atomic_write", "remove_stale_temporaries", "temporary_path"]
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path, write, mode="wb"):
@@ -82,3 +86,32 @@ def atomic_directory(path, *, overwrite=False, then=None):
             raise
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
+
+
+# The names temporary_path makes: ".<base>.<12 hex digits>.tmp<ext>".
+_TEMPORARY_NAME = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp(?P<ext>\.[^./]*)?$")
+
+
+def remove_stale_temporaries(folder, target=None):
+    """Deletes the temporary files and folders that :func:`temporary_path` named in ``folder``
+    (only those of ``target``, a name in it, when given); returns their paths. Killed writers
+    leave them behind; nothing reads them. Call it only where no live writer can own one: under
+    a lock, or for an output that one process writes at a time."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = _TEMPORARY_NAME.match(name)
+        if not match:
+            continue
+        if target is not None and match.group("base") + (match.group("ext") or "") != target:
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):  # atomic_directory's workspace
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        removed.append(path)
+    if removed:
+        logger.warning(f"Removed {len(removed)} temporary files of killed writers: {removed[:5]}")
+    return removed

@@ -21,7 +21,7 @@ import cv2
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
-from ..atomic_io import atomic_write, temporary_path
+from ..atomic_io import atomic_write, remove_stale_temporaries, temporary_path
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 
 __all__ = [
@@ -300,6 +300,8 @@ def open_video_writer(path, fps, size, codecs=VIDEO_CODECS):
     tried = []
     for fourcc, extension in ordered:
         final = stem + extension
+        # Leftovers of a killed run writing the same file: never read, only in the way.
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(final)), os.path.basename(final))
         tmp = temporary_path(final)
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*fourcc), float(fps), tuple(size))
         if writer.isOpened():

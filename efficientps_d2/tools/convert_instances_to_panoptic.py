@@ -66,7 +66,12 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from ..atomic_io import atomic_directory, atomic_write, temporary_path
+from ..atomic_io import (
+    atomic_directory,
+    atomic_write,
+    remove_stale_temporaries,
+    temporary_path,
+)
 
 __all__ = [
     "ConversionError",
@@ -640,6 +645,8 @@ class _AtomicOutput:
         self.json_written = False
 
     def __enter__(self):
+        for path in (self.dir_path, self.json_path):  # leftovers of a killed conversion
+            remove_stale_temporaries(os.path.dirname(path), os.path.basename(path))
         self._stack = contextlib.ExitStack()
         self._stack.callback(self._remove_tmp_json)
         try:
