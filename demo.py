@@ -7,6 +7,10 @@
     python demo.py --config-file CONFIG --video-input drive.mp4 --output out/drive.mp4 \\
         --opts MODEL.WEIGHTS model_final.pth
     python demo.py --config-file CONFIG --webcam --output webcam.mp4 --opts MODEL.WEIGHTS W.pth
+    python demo.py --exported exported/ --input images/ --output out/
+
+--exported runs a TorchScript or ONNX export (``python -m efficientps_d2.tools.export``) on the CPU
+in place of a config and weights; class names, resizing and thresholds come from the export.
 
 --config-file also takes a model zoo name ("Cityscapes-PanopticSegmentation/efficientps_b5.yaml").
 Class names come from the metadata of DATASETS.TEST[0] (else DATASETS.TRAIN[0]). The model runs on
@@ -29,6 +33,7 @@ Exit status:
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -36,6 +41,8 @@ import torch
 from detectron2.config import get_cfg
 
 from efficientps_d2 import add_efficientps_config, model_zoo
+from efficientps_d2.export import ExportedPredictor
+from efficientps_d2.export import load as load_export
 from efficientps_d2.inference import (
     VisualizationDemo,
     collect_images,
@@ -49,8 +56,12 @@ from efficientps_d2.inference import (
 
 def get_parser():
     parser = argparse.ArgumentParser(description="EfficientPS panoptic segmentation demo")
-    parser.add_argument(
-        "--config-file", required=True, metavar="FILE", help="config file or model zoo name"
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE", help="config file or model zoo name")
+    model.add_argument(
+        "--exported",
+        metavar="PATH",
+        help="an exported model (folder of python -m efficientps_d2.tools.export) to run instead",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -107,13 +118,23 @@ def main(argv=None):
     show = not args.output
     if show and not display_available():
         return _fail("No window can be opened here (headless OpenCV or no display): use --output.")
+    if args.exported and (args.opts or args.confidence_threshold is not None):
+        return _fail(
+            "--opts and --confidence-threshold do not apply to --exported: the export fixed the "
+            "config and thresholds; export again with the settings you want."
+        )
     try:
-        cfg = setup_cfg(args)
+        if args.exported:
+            exported = ExportedPredictor(load_export(args.exported))
+            make_demo = functools.partial(VisualizationDemo, predictor=exported)
+        else:
+            cfg = setup_cfg(args)
+            make_demo = functools.partial(VisualizationDemo, cfg)
         if args.input:
             paths, problems = collect_images(args.input)
             if not paths:
                 return _fail(_problem_lines("No image to process.", problems))
-            demo = VisualizationDemo(cfg)
+            demo = make_demo()
             summary = run_on_images(
                 demo,
                 paths,
@@ -129,7 +150,7 @@ def main(argv=None):
         else:
             capture, name = open_webcam(args.webcam), f"webcam{args.webcam}"
         try:
-            demo = VisualizationDemo(cfg)
+            demo = make_demo()
         except BaseException:
             capture.release()
             raise
@@ -138,7 +159,7 @@ def main(argv=None):
         )
         print(summary.report(), file=sys.stdout if summary.complete else sys.stderr)
         return 0
-    except (RuntimeError, ValueError, OSError) as e:  # readable messages, not tracebacks
+    except (RuntimeError, ValueError, OSError, ImportError) as e:  # readable messages
         return _fail(str(e))
 
 
