@@ -14,13 +14,22 @@ in place of a config and weights; class names, resizing and thresholds come from
 
 --config-file also takes a model zoo name ("Cityscapes-PanopticSegmentation/efficientps_b5.yaml").
 Class names come from the metadata of DATASETS.TEST[0] (else DATASETS.TRAIN[0]). The model runs on
-MODEL.DEVICE, on the CPU when CUDA is not available. TEST.PANOPTIC_TTA.ENABLED True in --opts turns
+MODEL.DEVICE, on the CPU when CUDA is not available. TEST.AUG.ENABLED True in --opts turns
 on test-time augmentation.
 
 Outputs: one drawing per image in the --output folder (same name; or the --output file for a single
 image); for video, the --output file (or <folder>/<video name>.mp4), mp4v-coded, or MJPG .avi when
 mp4v is unavailable. --save-panoptic adds COCO panoptic PNGs (<folder>/panoptic/) and
-<folder>/predictions.json with the data set's category ids.
+<folder>/predictions.json with the data set's category and image ids, ready for panopticapi:
+
+    python -m panopticapi.evaluation --gt_json_file panoptic_val2017.json \\
+        --gt_folder panoptic_val2017 --pred_json_file out/predictions.json \\
+        --pred_folder out/panoptic
+
+An image's id is the ground truth's: looked up by file name in --image-info (a COCO json or its
+"images" list), else in the images of DATASETS.TEST[0] (its panoptic_json, or its registered
+dicts), else the integer of a numeric COCO file name ("000000142238.jpg" -> 142238); files that
+match none keep their stem as id (a string) and the run says so.
 
 Exit status:
     0  at least one image processed (unreadable files are skipped and listed on stderr), or the
@@ -34,16 +43,11 @@ Exit status:
 
 import argparse
 import functools
-import os
 import sys
 
-import torch
-from detectron2.config import get_cfg
-
-from efficientps_d2 import add_efficientps_config, model_zoo
-from efficientps_d2.export import ExportedPredictor
-from efficientps_d2.export import load as load_export
-from efficientps_d2.inference import (
+from efficientps_d2 import setup_cfg
+from efficientps_d2.demo import (
+    ImageIds,
     VisualizationDemo,
     collect_images,
     display_available,
@@ -52,6 +56,8 @@ from efficientps_d2.inference import (
     run_on_images,
     run_on_video,
 )
+from efficientps_d2.export import ExportedPredictor
+from efficientps_d2.export import load as load_export
 
 
 def get_parser():
@@ -88,26 +94,25 @@ def get_parser():
         help="also write COCO panoptic PNGs and predictions.json (needs --output)",
     )
     parser.add_argument(
+        "--image-info",
+        metavar="JSON",
+        help="with --save-panoptic: a COCO json (or its 'images' list) giving each image file's "
+        "id in predictions.json",
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
     return parser
 
 
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    config_file = args.config_file
-    if not os.path.isfile(config_file):
-        config_file = model_zoo.get_config_file(config_file)  # RuntimeError lists the names
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(args.opts)
+def config_overrides(args):
+    """--opts, then what --confidence-threshold sets."""
+    opts = list(args.opts)
     if args.confidence_threshold is not None:
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
-        cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = args.confidence_threshold
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+        threshold = args.confidence_threshold
+        opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", threshold]
+        opts += ["MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH", threshold]
+    return opts
 
 
 def main(argv=None):
@@ -115,6 +120,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.save_panoptic and not args.output:
         return _fail("--save-panoptic needs --output.")
+    if args.image_info and not (args.save_panoptic and args.input):
+        return _fail("--image-info names the image ids of --save-panoptic with --input.")
     show = not args.output
     if show and not display_available():
         return _fail("No window can be opened here (headless OpenCV or no display): use --output.")
@@ -128,13 +135,16 @@ def main(argv=None):
             exported = ExportedPredictor(load_export(args.exported))
             make_demo = functools.partial(VisualizationDemo, predictor=exported)
         else:
-            cfg = setup_cfg(args)
+            cfg = setup_cfg(args.config_file, config_overrides(args))
             make_demo = functools.partial(VisualizationDemo, cfg)
         if args.input:
             paths, problems = collect_images(args.input)
             if not paths:
                 return _fail(_problem_lines("No image to process.", problems))
+            image_ids = ImageIds.from_json(args.image_info) if args.image_info else None
             demo = make_demo()
+            if args.save_panoptic and image_ids is None and demo.dataset_name:
+                image_ids = ImageIds.from_dataset(demo.dataset_name, demo.metadata)
             summary = run_on_images(
                 demo,
                 paths,
@@ -142,6 +152,7 @@ def main(argv=None):
                 save_panoptic=args.save_panoptic,
                 show=show,
                 problems=problems,
+                image_ids=image_ids,
             )
             print(summary.report(), file=sys.stderr if summary.skipped else sys.stdout)
             return 0 if summary.processed else 1

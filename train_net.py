@@ -14,24 +14,24 @@ import weakref
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-import torch
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
-from efficientps_d2 import add_efficientps_config
-from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2 import setup_cfg
+from efficientps_d2.checkpoint import AtomicDetectionCheckpointer, EfficientPSCheckpointer
+from efficientps_d2.config import tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
+from efficientps_d2.visualization import add_panoptic_visualization
 
 logger = logging.getLogger("efficientps_d2")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with EfficientPS's mapper, evaluators and atomic checkpoints."""
+    """DefaultTrainer with EfficientPS's mapper, evaluators, atomic checkpoints and, with
+    VIS_PERIOD > 0, panoptic pictures in tensorboard."""
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.
@@ -39,7 +39,7 @@ class Trainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        return add_panoptic_visualization(self.cfg, super().build_hooks())
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -76,14 +76,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # Configs default to CUDA; a CPU-only machine still runs them, slowly.
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
+    cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu":
         logger.warning("CUDA is not available: running on the CPU.")
@@ -99,7 +92,7 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
-        if cfg.TEST.PANOPTIC_TTA.ENABLED:
+        if tta_config(cfg).ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -107,7 +100,7 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    if cfg.TEST.PANOPTIC_TTA.ENABLED:
+    if tta_config(cfg).ENABLED:
         from detectron2.engine import hooks
 
         trainer.register_hooks(

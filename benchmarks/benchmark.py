@@ -38,7 +38,7 @@ from detectron2.utils.events import EventStorage
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from efficientps_d2 import add_efficientps_config
-from efficientps_d2.file_io import atomic_write
+from efficientps_d2.atomic_io import atomic_write
 from efficientps_d2.modeling.layers import fuse_for_inference
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")

@@ -8,8 +8,8 @@
     # a COCO-panoptic-format data set that is not registered yet:
     python benchmarks/tta_pq.py --config-file CONFIG --weights W \\
         --panoptic-json val.json --panoptic-root val_png/ --image-root images/
-    # other TTA settings (defaults: TEST.PANOPTIC_TTA.* of the config):
-    python benchmarks/tta_pq.py ... --opts TEST.PANOPTIC_TTA.MIN_SIZES "[768,1024,1280]"
+    # other TTA settings (defaults: TEST.AUG.* of the config):
+    python benchmarks/tta_pq.py ... --opts TEST.AUG.MIN_SIZES "[768,1024,1280]"
 
 Both runs use the same weights, data loader (the project's test-time mapper) and Detectron2's
 ``COCOPanopticEvaluator``; the script prints PQ/SQ/RQ (all, things, stuff) for both and their
@@ -23,14 +23,13 @@ import logging
 import os
 import sys
 
-import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 
-from efficientps_d2 import add_efficientps_config
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2 import setup_cfg
+from efficientps_d2.checkpoint import EfficientPSCheckpointer
+from efficientps_d2.config import tta_config
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.modeling.test_time_augmentation import EfficientPSWithTTA
 
@@ -53,7 +52,7 @@ def evaluate_plain_and_tta(cfg, dataset_name, *, max_images=None, output_dir=Non
     """PQ of ``cfg``'s model (weights: cfg.MODEL.WEIGHTS) without and with TTA.
 
     Args:
-        cfg: an EfficientPS config; TTA uses its TEST.PANOPTIC_TTA settings.
+        cfg: an EfficientPS config; TTA uses its TEST.AUG settings.
         dataset_name: a registered panoptic data set (metadata with panoptic_json/panoptic_root).
         max_images: evaluate only the first N images.
         output_dir: where the evaluator writes its predictions ("plain/", "tta/").
@@ -79,7 +78,7 @@ def evaluate_plain_and_tta(cfg, dataset_name, *, max_images=None, output_dir=Non
 
 
 def format_table(results, cfg):
-    tta = cfg.TEST.PANOPTIC_TTA
+    tta = tta_config(cfg)
     lines = [
         f"TTA: min sizes {list(tta.MIN_SIZES)}, max size {tta.MAX_SIZE}, flip {tta.FLIP}",
         f"{'':<8}" + "".join(f"{m:>8}" for m in METRICS),
@@ -110,13 +109,7 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.WEIGHTS = args.weights
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", args.weights])
     dataset = args.dataset
     custom = (args.panoptic_json, args.panoptic_root, args.image_root)
     if any(custom):
@@ -133,7 +126,6 @@ def main(argv=None):
         if not cfg.DATASETS.TEST:
             raise SystemExit("Name a data set: --dataset, or DATASETS.TEST in the config.")
         dataset = cfg.DATASETS.TEST[0]
-    cfg.freeze()
     results = evaluate_plain_and_tta(
         cfg, dataset, max_images=args.max_images, output_dir=args.output_dir
     )

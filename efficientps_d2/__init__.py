@@ -22,7 +22,7 @@ _check_detectron2()
 
 from . import data  # noqa: E402,F401  (registers the built-in data sets)
 from . import modeling  # noqa: E402,F401  (registers the components)
-from .config import add_efficientps_config  # noqa: E402
+from .config import add_efficientps_config, setup_cfg  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["add_efficientps_config", "__version__"]
+__all__ = ["add_efficientps_config", "setup_cfg", "__version__"]

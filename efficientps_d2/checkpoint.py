@@ -1,18 +1,51 @@
-"""A DetectionCheckpointer whose files are never left half-written.
+"""Detectron2 checkpointers for EfficientPS: saving that never leaves a half-written file, and
+loading that says precisely when a checkpoint does not fit the model.
 
-fvcore's ``Checkpointer.save`` writes each ``model_<iteration>.pth`` and ``last_checkpoint`` in
-place, so a process killed mid-save leaves a truncated file behind (and possibly a
-``last_checkpoint`` naming it). Here both go through :func:`efficientps_d2.file_io.atomic_write`.
+Saving: fvcore's ``Checkpointer.save`` writes each ``model_<iteration>.pth`` and
+``last_checkpoint`` in place, so a process killed mid-save leaves a truncated file behind (and
+possibly a ``last_checkpoint`` naming it). :class:`AtomicDetectionCheckpointer` sends both through
+:func:`efficientps_d2.atomic_io.atomic_write`.
+
+Loading: Detectron2's ``DetectionCheckpointer`` loads what fits and logs one warning per tensor
+that does not: a checkpoint of another architecture or EfficientNet variant "loads" with most of
+the model left random, and the run goes on. :class:`EfficientPSCheckpointer` checks the checkpoint
+*before* copying any weight and:
+
+- **raises** :class:`CheckpointMismatchError` when tensors have other shapes in the checkpoint than
+  in the model (another variant, other class counts), naming them, unless
+  ``allow_shape_mismatch=True`` (fine-tuning on new classes), which skips them with one warning;
+- **raises** :class:`CheckpointMismatchError` when no tensor of the checkpoint names a tensor of the
+  model (another architecture, or a torchvision state dict that needs converting first);
+- **warns** once, grouped by module, about model tensors the checkpoint lacks (they stay randomly
+  initialised, e.g. the FPN and heads after loading ImageNet backbone weights) and checkpoint
+  tensors the model does not use.
+
+After :meth:`load`, :attr:`EfficientPSCheckpointer.last_report` holds the :class:`LoadReport`.
+Everything else (URLs, ``.pkl`` files, resuming optimizer state) is Detectron2's behaviour.
 """
 
+import logging
 import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import List, Tuple
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .file_io import atomic_write
+from .atomic_io import atomic_write
 
-__all__ = ["AtomicDetectionCheckpointer"]
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "CheckpointMismatchError",
+    "EfficientPSCheckpointer",
+    "LoadReport",
+]
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 8  # tensors named in one message
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -38,3 +71,174 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             return super().tag_last_checkpoint(last_filename_basename)
         save_file = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(save_file, lambda f: f.write(last_filename_basename.encode()))
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+@dataclass
+class LoadReport:
+    """What one checkpoint load did.
+
+    Attributes:
+        path: the checkpoint loaded.
+        loaded: number of model tensors that received a value from the checkpoint.
+        missing: model tensors the checkpoint lacks (left as they were: random or pre-loaded).
+        unexpected: checkpoint tensors the model does not have.
+        incorrect_shapes: (name, shape in the checkpoint, shape in the model) of skipped tensors.
+    """
+
+    path: str
+    loaded: int = 0
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    incorrect_shapes: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    def summary(self):
+        """A few human-readable lines."""
+        lines = [f"Loaded {self.loaded} tensors from '{self.path}'."]
+        if self.incorrect_shapes:
+            lines.append(
+                f"Skipped {len(self.incorrect_shapes)} tensors of another shape: "
+                + _list_shapes(self.incorrect_shapes)
+            )
+        if self.missing:
+            lines.append(
+                f"{len(self.missing)} model tensors are not in the checkpoint and keep their "
+                f"initial (random) values: {group_names(self.missing)}"
+            )
+        if self.unexpected:
+            lines.append(
+                f"{len(self.unexpected)} checkpoint tensors are not used by the model: "
+                f"{group_names(self.unexpected)}"
+            )
+        return "\n".join(lines)
+
+
+def group_names(names, depth=2):
+    """'backbone.top_down_laterals (12), sem_seg_head.dpc32 (40)': names counted by prefix."""
+    counts = Counter(".".join(n.split(".")[:depth]) for n in names)
+    return ", ".join(f"{prefix} ({count})" for prefix, count in sorted(counts.items()))
+
+
+def _list_shapes(shapes):
+    shown = "; ".join(
+        f"'{name}' {tuple(ckpt)} in the checkpoint vs {tuple(model)} in the model"
+        for name, ckpt, model in shapes[:_MAX_LISTED]
+    )
+    more = f"; and {len(shapes) - _MAX_LISTED} more" if len(shapes) > _MAX_LISTED else ""
+    return shown + more
+
+
+def _strip_common_prefix(names, prefix="module."):
+    # fvcore strips "module." (from DistributedDataParallel) only when every key has it.
+    if names and all(n.startswith(prefix) for n in names):
+        return {n[len(prefix) :]: n for n in names}
+    return {n: n for n in names}
+
+
+def _architecture_hint(checkpoint_names):
+    names = list(checkpoint_names)
+    if any(n.startswith("features.") for n in names) and all(
+        n.startswith(("features.", "classifier.")) for n in names
+    ):
+        return (
+            " It looks like a torchvision EfficientNet state dict: convert it first with "
+            "`python -m efficientps_d2.tools.convert_torchvision_weights --variant bN IN OUT`."
+        )
+    if any(n.startswith(("layer1.", "conv1.", "res2.")) for n in names):
+        return " It looks like a ResNet checkpoint, not an EfficientPS or EfficientNet one."
+    return ""
+
+
+class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
+    """``DetectionCheckpointer`` that refuses checkpoints that do not fit (see module docstring).
+
+    Saving is :class:`~efficientps_d2.checkpoint.AtomicDetectionCheckpointer`'s (atomic).
+
+    Args:
+        model, save_dir, checkpointables: as for ``DetectionCheckpointer``.
+        allow_shape_mismatch: skip tensors of another shape with a warning instead of raising
+            (e.g. to fine-tune a trained model on a data set with other classes).
+    """
+
+    def __init__(self, model, save_dir="", *, allow_shape_mismatch=False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.allow_shape_mismatch = allow_shape_mismatch
+        self.last_report = None
+        self._path = None
+
+    def load(self, path, *args, **kwargs):
+        """Loads ``path`` (local file or URL); raises FileNotFoundError for a missing local file."""
+        if path and not urlparse(path).scheme and not os.path.isfile(path):
+            raise FileNotFoundError(f"Checkpoint '{path}' (MODEL.WEIGHTS) does not exist.")
+        self._path = path
+        self.last_report = None
+        return super().load(path, *args, **kwargs)
+
+    def _load_model(self, checkpoint):
+        heuristics = checkpoint.get("matching_heuristics", False)
+        checkpoint_names = set(_strip_common_prefix(list(checkpoint["model"])))
+        if not heuristics:
+            # Checked before anything is copied, so a refused checkpoint leaves the model intact.
+            # (Heuristically matched .pkl files are only known after Detectron2's matching.)
+            self._check_fits(checkpoint["model"])
+        incompatible = super()._load_model(checkpoint)
+        model_names = set(self.model.state_dict())
+        incorrect = {k for k, _, _ in incompatible.incorrect_shapes}
+        if heuristics:  # names were rewritten by the matching; count what the model received
+            checkpoint_names = model_names - set(incompatible.missing_keys)
+        self.last_report = LoadReport(
+            path=str(self._path),
+            loaded=len((checkpoint_names & model_names) - incorrect),
+            missing=list(incompatible.missing_keys),
+            unexpected=list(incompatible.unexpected_keys),
+            incorrect_shapes=list(incompatible.incorrect_shapes),
+        )
+        if heuristics:
+            self._raise_if_unfit(self.last_report.incorrect_shapes, self.last_report.loaded)
+        return incompatible
+
+    def _check_fits(self, checkpoint_state):
+        model_state = self.model.state_dict()
+        names = _strip_common_prefix(list(checkpoint_state))
+        incorrect, matched = [], 0
+        for name, original in names.items():
+            if name not in model_state:
+                continue
+            matched += 1
+            shape = tuple(getattr(checkpoint_state[original], "shape", ()))
+            if shape != tuple(model_state[name].shape):
+                incorrect.append((name, shape, tuple(model_state[name].shape)))
+        if not checkpoint_state:
+            raise CheckpointMismatchError(f"Checkpoint '{self._path}' holds no model tensors.")
+        self._raise_if_unfit(incorrect, matched - len(incorrect), list(names))
+
+    def _raise_if_unfit(self, incorrect, matched, checkpoint_names=()):
+        if matched == 0 and not incorrect:
+            names = list(checkpoint_names)
+            raise CheckpointMismatchError(
+                f"Checkpoint '{self._path}' does not fit this {type(self.model).__name__}: none "
+                f"of its {len(names)} tensor names is a tensor of the model (checkpoint: "
+                f"{names[:3]}, model: {list(self.model.state_dict())[:3]})."
+                + _architecture_hint(names)
+            )
+        if incorrect and not self.allow_shape_mismatch:
+            raise CheckpointMismatchError(
+                f"Checkpoint '{self._path}' was made for another model: {len(incorrect)} tensors "
+                f"have other shapes ({_list_shapes(incorrect)}). Check MODEL.EFFICIENTNET.VARIANT, "
+                "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD"
+                ".NUM_CLASSES, MODEL.ROI_HEADS.NUM_CLASSES) against the checkpoint's config, or "
+                "load with EfficientPSCheckpointer(..., allow_shape_mismatch=True) to skip them."
+            )
+
+    def _log_incompatible_keys(self, incompatible):
+        # One grouped message instead of Detectron2's one warning per tensor.
+        report = self.last_report
+        if report is None:
+            return super()._log_incompatible_keys(incompatible)
+        if report.missing or report.unexpected or report.incorrect_shapes:
+            logger.warning(report.summary())
+        else:
+            logger.info(report.summary())

@@ -1,10 +1,18 @@
-"""EfficientPS's additions to Detectron2's config.
+"""EfficientPS's additions to Detectron2's config, and the one way its scripts build a config.
 
-Existing Detectron2 nodes (MODEL.SEM_SEG_HEAD, MODEL.RPN, MODEL.ROI_MASK_HEAD, ...) are extended,
-never duplicated; the values the paper uses live in ``configs/Base-EfficientPS.yaml``.
+Existing Detectron2 nodes (MODEL.SEM_SEG_HEAD, MODEL.RPN, MODEL.ROI_MASK_HEAD, TEST.AUG, ...) are
+extended, never duplicated; the values the paper uses live in ``configs/Base-EfficientPS.yaml``.
 """
 
+import logging
+import os
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.utils.logger import log_first_n
+
+__all__ = ["add_efficientps_config", "setup_cfg", "tta_config"]
 
 
 def add_efficientps_config(cfg):
@@ -82,14 +90,25 @@ def add_efficientps_config(cfg):
     _C.MODEL.EFFICIENTPS.FAST_INFERENCE = False
 
     # ---------------------------------------------------------------------------------------------
-    # Test-time augmentation for panoptic output.
+    # Test-time augmentation: Detectron2's TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP), run by
+    # EfficientPSWithTTA. Shorter-side sizes to run at, in addition to horizontal flips when FLIP:
     # ---------------------------------------------------------------------------------------------
+    _C.TEST.AUG.MIN_SIZES = (512, 1024, 1536)
+    # The longer side is capped at this.
+    _C.TEST.AUG.MAX_SIZE = 4096
+    # Deprecated alias of TEST.AUG: a key set here (not None) overrides TEST.AUG's, with a warning.
     _C.TEST.PANOPTIC_TTA = CN()
-    _C.TEST.PANOPTIC_TTA.ENABLED = False
-    # Shorter-side sizes to run at, in addition to horizontal flips when FLIP is True.
-    _C.TEST.PANOPTIC_TTA.MIN_SIZES = [512, 1024, 1536]
-    _C.TEST.PANOPTIC_TTA.MAX_SIZE = 4096
-    _C.TEST.PANOPTIC_TTA.FLIP = True
+    _C.TEST.PANOPTIC_TTA.ENABLED = None
+    _C.TEST.PANOPTIC_TTA.MIN_SIZES = None
+    _C.TEST.PANOPTIC_TTA.MAX_SIZE = None
+    _C.TEST.PANOPTIC_TTA.FLIP = None
+
+    # Keep the panoptic PNGs of an evaluation in <OUTPUT_DIR>/inference/<data set>/panoptic/,
+    # next to its predictions.json, instead of a temporary folder that is deleted.
+    _C.TEST.KEEP_PANOPTIC_PNGS = False
+
+    # Detectron2's VIS_PERIOD > 0 also puts the panoptic prediction next to the ground truth of a
+    # training image into tensorboard every VIS_PERIOD iterations (efficientps_d2.visualization).
 
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one norm over all gradients
     # (efficientps_d2.solver), as the official training clipped at 35.
@@ -103,3 +122,52 @@ def add_efficientps_config(cfg):
     _C.INPUT.RANDOM_SCALE.RANGE = [0.5, 2.0]
     # Output size the scaling is relative to (height, width); the crop comes from INPUT.CROP.
     _C.INPUT.RANDOM_SCALE.TARGET_SIZE = [1024, 2048]
+
+
+def tta_config(cfg):
+    """TEST.AUG, with the deprecated TEST.PANOPTIC_TTA keys that are set applied over it.
+
+    Returns:
+        a CfgNode with ENABLED, MIN_SIZES, MAX_SIZE and FLIP.
+    """
+    aug = cfg.TEST.AUG.clone()
+    aug.defrost()
+    old = cfg.TEST.get("PANOPTIC_TTA", None) or {}
+    used = {key: value for key, value in old.items() if value is not None}
+    if used:
+        log_first_n(
+            logging.WARNING,
+            f"TEST.PANOPTIC_TTA is deprecated: set {', '.join(f'TEST.AUG.{k}' for k in used)} "
+            "instead (the TEST.PANOPTIC_TTA values are used for now).",
+            name=__name__,
+            key="message",
+        )
+        aug.update(used)
+    return aug
+
+
+def setup_cfg(config_file, opts=(), *, freeze=True):
+    """The config of a run: Detectron2's defaults, EfficientPS's keys, a config file, then ``opts``.
+
+    Args:
+        config_file: a YAML file, or a model zoo name
+            ("Cityscapes-PanopticSegmentation/efficientps_b5.yaml").
+        opts: KEY VALUE overrides, as on a command line.
+        freeze: freeze the config.
+    Returns:
+        the config; MODEL.DEVICE "cuda..." becomes "cpu" when CUDA is not available (the shipped
+        configs default to CUDA; a CPU-only machine still runs them, slowly).
+    """
+    if not os.path.isfile(config_file):
+        from .model_zoo import get_config_file
+
+        config_file = get_config_file(config_file)  # RuntimeError lists the known names
+    cfg = get_cfg()
+    add_efficientps_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    if freeze:
+        cfg.freeze()
+    return cfg

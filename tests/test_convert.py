@@ -11,9 +11,13 @@ from detectron2.evaluation import COCOPanopticEvaluator
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from efficientps_d2.data import convert
-from efficientps_d2.data.convert import ConversionError, convert_instances_to_panoptic, main
-from efficientps_d2.data.custom import register_panoptic_dataset
+from efficientps_d2.data.coco_panoptic import register_panoptic_dataset
+from efficientps_d2.tools import convert_instances_to_panoptic as convert
+from efficientps_d2.tools.convert_instances_to_panoptic import (
+    ConversionError,
+    convert_instances_to_panoptic,
+    main,
+)
 from tests.fixtures import edit_json
 
 H, W = 20, 30
@@ -183,7 +187,9 @@ def test_convert_exact_output(tmp_path):
 
 
 def test_convert_without_semantic(tmp_path):
-    report, out_json, out_dir = _convert(str(tmp_path), semantic_dir=None, stuff_categories=None)
+    report, out_json, out_dir = _convert(
+        str(tmp_path), semantic_dir=None, stuff_categories=None, things_only=True
+    )
     a, _ = expected_id_maps()
     a[a >= 5000] = 0
     np.testing.assert_array_equal(_ids(os.path.join(out_dir, "a.png")), a)
@@ -229,7 +235,11 @@ def _set_ann(index, **values):
     [
         (_set_ann(1, image_id=99), None, ["annotation 11", "image id 99"]),
         (_set_ann(2, category_id=7), None, ["annotation 12", "category_id 7"]),
-        (_set_ann(2, category_id=5), None, ["annotation 12", "category_id 5", "stuff category"]),
+        (
+            _set_ann(2, category_id=5, iscrowd=1),
+            None,
+            ["annotation 12", "crowd of the stuff category 5"],
+        ),
         (
             _set_ann(0, segmentation=[[2, 2, 8, 2, 8]]),
             None,
@@ -292,13 +302,27 @@ def test_bad_categories(tmp_path):
     root = str(tmp_path)
     instances, sem_dir, _ = write_example(root)
     out = os.path.join(root, "p.json"), os.path.join(root, "p")
+    # Without isthing, --stuff-categories says which of the json's categories are stuff.
+    with pytest.raises(ConversionError, match=r"\[2\] have other names.*'car' and 'car-stuff'"):
+        convert_instances_to_panoptic(
+            instances, *out, stuff_categories=[{"id": 2, "name": "car-stuff"}]
+        )
+    # Categories without isthing: which are stuff must be said, never guessed.
+    with pytest.raises(ConversionError, match="no 'isthing'.*--stuff-categories.*--things-only"):
+        convert_instances_to_panoptic(instances, *out, semantic_dir=sem_dir)
+    with pytest.raises(ConversionError, match="no stuff"):
+        convert_instances_to_panoptic(instances, *out, things_only=True, semantic_dir=sem_dir)
+    edit_json(instances, lambda d: d["categories"][0].update(isthing=1))
+    with pytest.raises(ConversionError, match=r"\[2\] have no 'isthing' while others"):
+        convert_instances_to_panoptic(instances, *out)
+    edit_json(instances, lambda d: d["categories"][1].update(isthing=1))
     with pytest.raises(ConversionError, match=r"\[2\].*both thing categories"):
         convert_instances_to_panoptic(
             instances, *out, stuff_categories=[{"id": 2, "name": "car-stuff"}]
         )
     with pytest.raises(ConversionError, match="need stuff_categories"):
         convert_instances_to_panoptic(instances, *out, semantic_dir=sem_dir)
-    edit_json(instances, lambda d: d["categories"].append({"id": 0, "name": "void"}))
+    edit_json(instances, lambda d: d["categories"].append({"id": 0, "name": "void", "isthing": 0}))
     with pytest.raises(ConversionError, match=r"'void' has id 0"):
         convert_instances_to_panoptic(instances, *out)
     assert not os.path.exists(out[0]) and not os.path.exists(out[1])
@@ -349,7 +373,9 @@ def test_overwrite_replaces_output(tmp_path):
     Image.new("RGB", (2, 2)).save(stale)
     instances = os.path.join(root, "instances.json")
     out_json, out_dir = os.path.join(root, "out", "panoptic.json"), os.path.join(root, "out", "png")
-    report = convert_instances_to_panoptic(instances, out_json, out_dir, overwrite=True)
+    report = convert_instances_to_panoptic(
+        instances, out_json, out_dir, overwrite=True, things_only=True
+    )
     assert not os.path.exists(stale) and report.num_stuff_segments == 0
     assert sorted(os.listdir(os.path.join(root, "out"))) == ["panoptic.json", "png"]
 
@@ -370,3 +396,101 @@ def test_command_line(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 1
     assert "a.png" in capsys.readouterr().err
     assert os.path.isfile(os.path.join(out_dir, "a.png"))  # the previous output is intact
+
+
+def _panoptic_to_detection(panoptic_json, panoptic_folder, keep_isthing):
+    """COCO panoptic -> detection format as panopticapi's panoptic2detection_coco_format.py makes
+    it: one compressed-RLE annotation per segment (stuff too), ids 0, 1, ... in order, and the
+    categories without "isthing" and "color" (``keep_isthing`` keeps "isthing")."""
+    with open(panoptic_json) as f:
+        data = json.load(f)
+    annotations = []
+    for ann in data["annotations"]:
+        ids = _ids(os.path.join(panoptic_folder, ann["file_name"]))
+        for s in ann["segments_info"]:
+            rle = mask_util.encode(np.asfortranarray((ids == s["id"]).astype(np.uint8)))
+            segment = {k: v for k, v in s.items() if k != "id"}
+            segment.update(image_id=ann["image_id"], id=len(annotations))
+            segment["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+            annotations.append(segment)
+    drop = ("color",) if keep_isthing else ("color", "isthing")
+    categories = [{k: v for k, v in c.items() if k not in drop} for c in data["categories"]]
+    return dict(data, annotations=annotations, categories=categories)
+
+
+def test_detection_format_round_trip_keeps_stuff_as_stuff(tmp_path):
+    from panopticapi.evaluation import pq_compute
+
+    from tests.fixtures import write_coco_panoptic
+
+    write_coco_panoptic(str(tmp_path), splits=("train",), instances=False)
+    gt_json = str(tmp_path / "coco" / "annotations" / "panoptic_train2017.json")
+    gt_folder = str(tmp_path / "coco" / "panoptic_train2017")
+    with open(gt_json) as f:
+        gt_categories = {c["id"]: c for c in json.load(f)["categories"]}
+    categories_file = tmp_path / "panoptic_coco_categories.json"  # with isthing, as COCO's
+    categories_file.write_text(json.dumps(list(gt_categories.values())))
+
+    for keep_isthing in (True, False):
+        detection = tmp_path / f"detection_{keep_isthing}.json"
+        detection.write_text(json.dumps(_panoptic_to_detection(gt_json, gt_folder, keep_isthing)))
+        out_json, out_dir = tmp_path / f"out_{keep_isthing}.json", tmp_path / f"png_{keep_isthing}"
+        if not keep_isthing:
+            # What panopticapi writes has no isthing: nothing says which categories are stuff.
+            with pytest.raises(ConversionError, match="no 'isthing'.*--stuff-categories"):
+                convert_instances_to_panoptic(str(detection), str(out_json), str(out_dir))
+            assert not out_json.exists() and not out_dir.exists()
+        report = convert_instances_to_panoptic(
+            str(detection),
+            str(out_json),
+            str(out_dir),
+            stuff_categories=None if keep_isthing else str(categories_file),
+        )
+        assert (report.num_images, report.num_stuff_segments) == (2, 6)
+        assert (report.num_thing_segments, report.num_crowd_segments) == (8, 2)
+        assert report.overlap_pixels == {} and report.dropped == []
+        with open(out_json) as f:
+            categories = json.load(f)["categories"]
+        assert {c["id"]: c["isthing"] for c in categories} == {
+            i: c["isthing"] for i, c in gt_categories.items()
+        }
+        result = pq_compute(gt_json, str(out_json), gt_folder=gt_folder, pred_folder=str(out_dir))
+        for kind in ("All", "Things", "Stuff"):
+            assert result[kind]["pq"] == pytest.approx(1.0), (keep_isthing, kind, result)
+        assert result["Stuff"]["n"] == 3 and result["Things"]["n"] == 3
+
+
+def test_stuff_annotations_lie_under_instances_and_merge_per_category(tmp_path):
+    """Stuff annotations: under every instance whatever their size, the smaller stuff region
+    winning among stuff, one segment per stuff category; semantic PNGs fill only what is left."""
+    root = str(tmp_path)
+    instances, sem_dir, stuff_json = write_example(root)
+
+    def add_stuff(data):
+        data["annotations"] += [
+            _ann(30, 1, 5, _compressed_rle(_box(0, 20, 0, 30))),  # road everywhere
+            _ann(31, 1, 6, _compressed_rle(_box(0, 4, 0, 30))),  # sky strip on top of the road
+            _ann(32, 1, 6, [[0, 16, 4, 16, 4, 20, 0, 20]]),  # more sky: one segment with 31
+        ]
+
+    edit_json(instances, add_stuff)
+    out_json, out_dir = os.path.join(root, "p.json"), os.path.join(root, "p")
+    report = convert_instances_to_panoptic(
+        instances, out_json, out_dir, semantic_dir=sem_dir, stuff_categories=stuff_json
+    )
+    a = expected_id_maps()[0]
+    want = np.full((H, W), 5000, dtype=np.int64)
+    want[:4] = 6000
+    want[16:20, 0:4] = 6000
+    things = (a > 0) & (a % 1000 > 0)
+    want[things] = a[things]
+    np.testing.assert_array_equal(_ids(os.path.join(out_dir, "a.png")), want)
+    with open(out_json) as f:
+        segments = json.load(f)["annotations"][0]["segments_info"]
+    cats = {1001: 1, 1002: 1, 2001: 2, 2002: 2, 5000: 5, 6000: 6}
+    assert segments == _segments(want, cats, crowd=(2002,))
+    # Image 2 has no stuff annotation: its semantic PNG still gives the stuff.
+    np.testing.assert_array_equal(
+        _ids(os.path.join(out_dir, "sub", "b.png")), expected_id_maps()[1]
+    )
+    assert report.num_stuff_segments == 3 and report.dropped[0]["annotation_id"] == 14

@@ -8,7 +8,7 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from efficientps_d2.checkpoint_loading import CheckpointMismatchError, EfficientPSCheckpointer
+from efficientps_d2.checkpoint import CheckpointMismatchError, EfficientPSCheckpointer
 from efficientps_d2.tools.convert_torchvision_weights import (
     BACKBONE_PREFIX,
     WeightConversionError,

@@ -1,4 +1,4 @@
-"""demo.py and efficientps_d2.inference: images (with a corrupt file), the COCO panoptic export read
+"""demo.py and efficientps_d2.demo: images (with a corrupt file), the COCO panoptic export read
 by Detectron2's evaluator, video (whole, truncated, codec fallback) and clear errors."""
 
 import json
@@ -22,7 +22,7 @@ import demo
 from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.metadata import panoptic_metadata
-from efficientps_d2.inference import (
+from efficientps_d2.demo import (
     EfficientPSPredictor,
     count_video_frames,
     id_to_rgb,

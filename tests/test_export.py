@@ -26,8 +26,8 @@ from detectron2.modeling import build_model
 import demo
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.synthetic import register_synthetic
+from efficientps_d2.demo import CocoPanopticWriter
 from efficientps_d2.export import FORMAT_VERSION, export_model, load
-from efficientps_d2.inference import CocoPanopticWriter
 from efficientps_d2.tools import export as export_tool
 from tests.common import tiny_config
 
@@ -283,7 +283,7 @@ def test_unsupported_exports_say_what_and_why(cfg, model, tmp_path, capsys):
     config_file.write_text(cfg.dump())
     base = ["--config-file", str(config_file), "--format", "torchscript"]
     base += ["--output", str(tmp_path / "o")]
-    assert export_tool.main(base + ["TEST.PANOPTIC_TTA.ENABLED", "True"]) == 1
+    assert export_tool.main(base + ["TEST.AUG.ENABLED", "True"]) == 1
     assert "test-time augmentation" in capsys.readouterr().err
     assert export_tool.main(base + ["MODEL.MASK_ON", "False"]) == 1
     assert "MODEL.MASK_ON" in capsys.readouterr().err

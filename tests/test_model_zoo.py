@@ -12,7 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from efficientps_d2 import model_zoo
-from efficientps_d2.checkpoint_loading import CheckpointMismatchError, EfficientPSCheckpointer
+from efficientps_d2.checkpoint import CheckpointMismatchError, EfficientPSCheckpointer
 from efficientps_d2.model_zoo import model_zoo as zoo_module
 from tests.common import tiny_config
 

@@ -12,8 +12,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 
+from efficientps_d2.config import tta_config
 from efficientps_d2.data.metadata import panoptic_metadata
-from efficientps_d2.inference import CocoPanopticWriter, EfficientPSPredictor
+from efficientps_d2.demo import CocoPanopticWriter, EfficientPSPredictor
 from efficientps_d2.modeling import EfficientPSWithTTA
 from tests import common
 from tests.common import NUM_CLASSES, THING_SEMANTIC_IDS, tiny_config, training_input
@@ -176,3 +177,17 @@ def test_pq_script_compares_plain_and_tta(tmp_path, model, capsys):
     printed = capsys.readouterr().out
     assert "min sizes [48, 64]" in printed and "plain" in printed and "delta" in printed
     assert (tmp_path / "pq.json").exists()
+
+
+def test_settings_come_from_test_aug_and_the_deprecated_alias_overrides_them(model, caplog):
+    cfg = tiny_config(["TEST.AUG.MIN_SIZES", [40, 56], "TEST.AUG.FLIP", False])
+    assert tta_config(cfg).MIN_SIZES == (40, 56)
+    tta = EfficientPSWithTTA(cfg, model)
+    assert tta.min_sizes == [40, 56] and not tta.flip and tta.max_size == cfg.TEST.AUG.MAX_SIZE
+
+    cfg = tiny_config(["TEST.PANOPTIC_TTA.ENABLED", True, "TEST.PANOPTIC_TTA.FLIP", True])
+    cfg.freeze()
+    with caplog.at_level("WARNING", logger="efficientps_d2.config"):
+        settings = tta_config(cfg)
+    assert settings.ENABLED and settings.FLIP and not cfg.TEST.AUG.ENABLED
+    assert "TEST.AUG.ENABLED, TEST.AUG.FLIP" in caplog.text and "deprecated" in caplog.text

@@ -1,7 +1,7 @@
 """Data: the panoptic dataset mapper, built-in synthetic data, custom data registration."""
 
 from . import synthetic  # noqa: F401  (registers synthetic_panoptic_{train,val})
-from .custom import register_panoptic_dataset
+from .coco_panoptic import register_panoptic_dataset
 from .dataset_mapper import EfficientPSDatasetMapper
 
 __all__ = ["EfficientPSDatasetMapper", "register_panoptic_dataset"]

@@ -12,7 +12,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from .metadata import thing_semantic_ids as thing_semantic_ids_from_metadata
+from .metadata import thing_semantic_ids_from_config
 
 __all__ = ["EfficientPSDatasetMapper"]
 
@@ -61,7 +61,7 @@ class EfficientPSDatasetMapper:
                 and, as ``sem_seg``, the panoptic label (so geometric ones move both alike).
             image_format: a format of :func:`detection_utils.read_image`, e.g. "BGR" or "RGB".
             thing_semantic_ids: semantic (all-class) id of each Mask R-CNN class, see
-                :func:`~efficientps_d2.data.metadata.thing_semantic_ids`.
+                :func:`~efficientps_d2.data.metadata.thing_semantic_ids_from_config`.
             ignore_label: semantic target of void and crowd pixels.
             num_classes: number of semantic classes (stuff and things), to reject out-of-range stuff
                 ids; None checks stuff ids against ``ignore_label`` only.
@@ -136,13 +136,9 @@ class EfficientPSDatasetMapper:
         elif is_train:
             raise ValueError("DATASETS.TRAIN is empty: the training mapper needs its metadata.")
         else:
-            meta, ignore_label, num_classes = None, 255, None
-        if cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS:
-            thing_ids = list(cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS)
-        elif is_train:
-            thing_ids = thing_semantic_ids_from_metadata(meta)
-        else:
-            thing_ids = []  # unused at inference
+            ignore_label, num_classes = 255, None
+        # The same map as the model's (read from DATASETS.TRAIN[0] here); inference needs none.
+        thing_ids = thing_semantic_ids_from_config(cfg) if is_train else []
         return {
             "is_train": is_train,
             "augmentations": augs,
@@ -172,6 +168,8 @@ class EfficientPSDatasetMapper:
             out["image"] = _to_chw_tensor(aug_input.image)
             return out
 
+        from panopticapi.utils import id2rgb, rgb2id  # optional dependency, needed for training
+
         pan_file = dataset_dict.get("pan_seg_file_name")
         if pan_file is None:
             raise ValueError(f"Image '{dataset_dict['file_name']}' has no 'pan_seg_file_name'.")
@@ -186,11 +184,11 @@ class EfficientPSDatasetMapper:
         # Augment an index map (0 = void, k = k-th listed segment) encoded in 3 uint8 channels:
         # uint8 resizes with PIL's nearest neighbour (exact), and padding (FixedSizeCrop pads with
         # 255 or 0) decodes to an index outside 1..len(segments), i.e. void.
-        index = _segment_index(_rgb_to_id(rgb), np.array([s[0] for s in segments], np.int64))
-        aug_input = T.AugInput(image, sem_seg=_id_to_rgb(index))
+        index = _segment_index(rgb2id(rgb), np.array([s[0] for s in segments], np.int64))
+        aug_input = T.AugInput(image, sem_seg=id2rgb(index))
         self.augmentations(aug_input)
         image = aug_input.image
-        index = _rgb_to_id(aug_input.sem_seg)
+        index = rgb2id(aug_input.sem_seg.astype(np.uint8, copy=False))
         index[index > len(segments)] = 0
 
         semantic = np.array([self.ignore_label] + [s[1] for s in segments], np.int64)
@@ -255,17 +253,6 @@ def _read(path, image_format, what):
 def _to_chw_tensor(image):
     # Tensors travel through the DataLoader's shared memory; numpy arrays would be pickled.
     return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-def _rgb_to_id(rgb):
-    """uint8 (H, W, 3) -> int64 (H, W), id = R + 256 G + 256^2 B (COCO panoptic)."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def _id_to_rgb(ids):
-    """int (H, W) -> uint8 (H, W, 3), inverse of :func:`_rgb_to_id`."""
-    return np.stack([(ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
 
 
 def _segment_index(ids, segment_ids):

@@ -8,8 +8,11 @@ that one all-class space: ``thing_dataset_id_to_contiguous_id`` maps each thing'
 classes. Dataset dicts, ``segments_info`` and ``pred_classes`` use those indices.
 
 Mask R-CNN, however, classifies things only: its class k is the k-th thing in all-class order.
-``thing_semantic_ids`` gives that translation.
+``thing_semantic_ids`` gives that translation from metadata, and ``thing_semantic_ids_from_config``
+the one the model and the dataset mapper use (a config key, else the metadata).
 """
+
+from detectron2.data import MetadataCatalog
 
 
 def thing_semantic_ids(metadata):
@@ -36,6 +39,41 @@ def thing_semantic_ids(metadata):
             "'standard' panoptic metadata (one all-class space), not the 'separated' one."
         )
     return sorted(things.values())
+
+
+def thing_semantic_ids_from_config(cfg, num_things=None, num_classes=None):
+    """Semantic class of each thing class: MODEL.EFFICIENTPS.THING_SEMANTIC_IDS, else
+    :func:`thing_semantic_ids` of the first data set in DATASETS.TRAIN, then DATASETS.TEST.
+
+    Args:
+        cfg: an EfficientPS config.
+        num_things, num_classes: when given, the ids must be ``num_things`` many (Mask R-CNN's
+            classes) and lie in ``[0, num_classes)`` (the semantic classes).
+    Returns:
+        list[int]; entry k is the semantic (all-class) id of Mask R-CNN class k.
+    """
+    ids = list(cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS)
+    source = "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS"
+    if not ids:
+        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+        if not names:
+            raise ValueError(
+                "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS is empty and no data set is named in "
+                "DATASETS.TRAIN/TEST to read it from: set it to the semantic class of each thing."
+            )
+        ids = thing_semantic_ids(MetadataCatalog.get(names[0]))
+        source = f"the metadata of data set '{names[0]}'"
+    if num_things is not None and len(ids) != num_things:
+        raise ValueError(
+            f"{source} gives {len(ids)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+            f"{num_things}."
+        )
+    if num_classes is not None and any(not 0 <= i < num_classes for i in ids):
+        raise ValueError(
+            f"{source} gives semantic ids {ids}, not all within MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+            f"({num_classes})."
+        )
+    return [int(i) for i in ids]
 
 
 def panoptic_metadata(categories):

@@ -1,11 +1,15 @@
 """Evaluation: what Detectron2's evaluators lack for panoptic data, and the evaluator choice."""
 
-from .build import build_evaluator
-from .instance_ap import ThingCOCOEvaluator
+from .build import ThingCOCOEvaluator, build_evaluator
+from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
+from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
 from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
 
 __all__ = [
     "build_evaluator",
+    "COCOPanopticEvaluatorKeepingPNGs",
+    "CompatCityscapesInstanceEvaluator",
+    "CompatCityscapesSemSegEvaluator",
     "PanopticSemSegEvaluator",
     "panoptic_to_semantic",
     "ThingCOCOEvaluator",

@@ -161,7 +161,7 @@ def export_model(
         raise ValueError(f"Unknown export format '{export_format}'; expected one of {FORMATS}.")
     _check_model(model)
     if metadata is None:
-        from ..inference.predictor import resolve_metadata
+        from ..demo.predictor import resolve_metadata
 
         metadata, dataset_name = resolve_metadata(cfg)
     if sample_image is None:

@@ -14,8 +14,6 @@ import os
 from typing import Dict, Optional
 from urllib.parse import urlparse
 
-import torch
-
 __all__ = [
     "CHECKPOINTS",
     "get",
@@ -143,13 +141,9 @@ def get_config(name, trained=False):
         trained: set MODEL.WEIGHTS to the registered trained checkpoint (else the config's own
             MODEL.WEIGHTS is kept).
     """
-    from detectron2.config import get_cfg
+    from ..config import setup_cfg
 
-    from ..config import add_efficientps_config
-
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(get_config_file(name))
+    cfg = setup_cfg(get_config_file(name), freeze=False)
     if trained:
         cfg.MODEL.WEIGHTS = get_checkpoint_url(name)
     return cfg
@@ -169,11 +163,9 @@ def get(name, trained=False, device=None):
     """
     from detectron2.modeling import build_model
 
-    from ..checkpoint_loading import EfficientPSCheckpointer
+    from ..checkpoint import EfficientPSCheckpointer
 
     cfg = get_config(name, trained)
-    if device is None and not torch.cuda.is_available():
-        device = "cpu"
     if device is not None:
         cfg.MODEL.DEVICE = device
     model = build_model(cfg)

@@ -6,12 +6,11 @@ from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ..data.metadata import thing_semantic_ids as thing_semantic_ids_from_metadata
+from ..data.metadata import thing_semantic_ids_from_config
 from .fusion import panoptic_fusion
 from .layers import fuse_for_inference
 
@@ -76,7 +75,9 @@ class EfficientPS(GeneralizedRCNN):
         fusion = cfg.MODEL.PANOPTIC_FUSION
         ret.update(
             sem_seg_head=build_sem_seg_head(cfg, ret["backbone"].output_shape()),
-            thing_semantic_ids=_thing_semantic_ids(cfg),
+            thing_semantic_ids=thing_semantic_ids_from_config(
+                cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            ),
             confidence_thresh=fusion.CONFIDENCE_THRESH,
             overlap_thresh=fusion.OVERLAP_THRESH,
             stuff_area_limit=fusion.STUFF_AREA_LIMIT,
@@ -233,31 +234,3 @@ class EfficientPS(GeneralizedRCNN):
             "instances": instances,
             "panoptic_seg": (panoptic_seg, segments_info),
         }
-
-
-def _thing_semantic_ids(cfg):
-    """Semantic class of each thing class: from the config, else from the data set's metadata."""
-    num_things = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    ids = list(cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS)
-    source = "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS"
-    if not ids:
-        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-        if not names:
-            raise ValueError(
-                "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS is empty and no data set is named in "
-                "DATASETS.TRAIN/TEST to read it from: set it to the semantic class of each thing."
-            )
-        ids = thing_semantic_ids_from_metadata(MetadataCatalog.get(names[0]))
-        source = f"the metadata of data set '{names[0]}'"
-    if len(ids) != num_things:
-        raise ValueError(
-            f"{source} gives {len(ids)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES is "
-            f"{num_things}."
-        )
-    if any(not 0 <= i < num_classes for i in ids):
-        raise ValueError(
-            f"{source} gives semantic ids {ids}, not all within MODEL.SEM_SEG_HEAD.NUM_CLASSES "
-            f"({num_classes})."
-        )
-    return ids

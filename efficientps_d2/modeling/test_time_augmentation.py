@@ -3,10 +3,10 @@
 The paper's best Cityscapes numbers are multi-scale; this wrapper reproduces that inference with
 Detectron2's conventions (like ``GeneralizedRCNNWithTTA``, but for all three outputs)::
 
-    model = EfficientPSWithTTA(cfg, model)   # settings: TEST.PANOPTIC_TTA.*
+    model = EfficientPSWithTTA(cfg, model)   # settings: TEST.AUG.*
     outputs = model(batched_inputs)          # same input and output as EfficientPS in eval mode
 
-For each short-side size in TEST.PANOPTIC_TTA.MIN_SIZES (the long side capped at MAX_SIZE) and,
+For each short-side size in TEST.AUG.MIN_SIZES (the long side capped at MAX_SIZE) and,
 with FLIP, its mirror image, the network runs once (``EfficientPS.inference(...,
 do_postprocess=False)``). Then, in the frame of the requested output size:
 
@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import tta_config
 from .meta_arch import EfficientPS
 
 __all__ = ["EfficientPSWithTTA"]
@@ -47,12 +48,13 @@ class EfficientPSWithTTA(nn.Module):
     """EfficientPS with test-time augmentation; called like EfficientPS in eval mode.
 
     Args:
-        cfg: config with TEST.PANOPTIC_TTA.{MIN_SIZES, MAX_SIZE, FLIP},
+        cfg: config with TEST.AUG.{MIN_SIZES, MAX_SIZE, FLIP} (see
+            :func:`~efficientps_d2.config.tta_config`),
             MODEL.ROI_HEADS.NMS_THRESH_TEST and TEST.DETECTIONS_PER_IMAGE.
         model: an :class:`EfficientPS` (or a DistributedDataParallel around one).
         batch_size: most augmented images per network call; only images of one size share a
             call (an image and its mirror image do), so batches need no padding.
-        min_sizes, max_size, flip: override the config's TEST.PANOPTIC_TTA values.
+        min_sizes, max_size, flip: override the config's TEST.AUG values.
     """
 
     def __init__(self, cfg, model, *, batch_size=2, min_sizes=None, max_size=None, flip=None):
@@ -63,17 +65,15 @@ class EfficientPSWithTTA(nn.Module):
             raise TypeError(
                 f"EfficientPSWithTTA needs an EfficientPS model, got {type(model).__name__}."
             )
-        tta = cfg.TEST.PANOPTIC_TTA
+        tta = tta_config(cfg)
         self.model = model
         self.min_sizes = [int(s) for s in (tta.MIN_SIZES if min_sizes is None else min_sizes)]
         self.max_size = int(tta.MAX_SIZE if max_size is None else max_size)
         self.flip = bool(tta.FLIP if flip is None else flip)
         if not self.min_sizes or any(s <= 0 for s in self.min_sizes):
-            raise ValueError(
-                f"TEST.PANOPTIC_TTA.MIN_SIZES must list positive sizes, got {self.min_sizes}."
-            )
+            raise ValueError(f"TEST.AUG.MIN_SIZES must list positive sizes, got {self.min_sizes}.")
         if self.max_size <= 0:
-            raise ValueError(f"TEST.PANOPTIC_TTA.MAX_SIZE must be positive, got {self.max_size}.")
+            raise ValueError(f"TEST.AUG.MAX_SIZE must be positive, got {self.max_size}.")
         self.nms_thresh = cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST
         self.detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
         self.batch_size = max(1, int(batch_size))

@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from ..file_io import atomic_write
+from ..atomic_io import atomic_write
 from ..modeling.backbone.efficientnet import VARIANTS, EfficientNet
 
 __all__ = [
@@ -230,7 +230,7 @@ def _check_against_model(cfg, output_path):
     """Loads the converted file into the config's model (the load report is logged)."""
     from detectron2.modeling import build_model
 
-    from ..checkpoint_loading import EfficientPSCheckpointer
+    from ..checkpoint import EfficientPSCheckpointer
 
     checkpointer = EfficientPSCheckpointer(build_model(cfg))
     checkpointer.load(output_path)

@@ -18,17 +18,15 @@ what and why); 2 invalid command line.
 
 import argparse
 import logging
-import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
-from efficientps_d2 import add_efficientps_config, model_zoo
-from efficientps_d2.checkpoint_loading import EfficientPSCheckpointer
+from efficientps_d2.checkpoint import EfficientPSCheckpointer
+from efficientps_d2.config import setup_cfg, tta_config
 from efficientps_d2.export import FORMATS, export_model
 
 logger = logging.getLogger("efficientps_d2.tools.export")
@@ -50,19 +48,14 @@ def get_parser():
     return parser
 
 
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    config_file = args.config_file
-    if not os.path.isfile(config_file):
-        config_file = model_zoo.get_config_file(config_file)  # RuntimeError lists the names
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(args.opts)
+def export_cfg(args):
+    """The config to export: setup_cfg's, on the CPU, checked for what export supports."""
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"  # the trace records devices; the CPU graph is the portable one
-    if cfg.TEST.PANOPTIC_TTA.ENABLED:
+    if tta_config(cfg).ENABLED:
         raise ValueError(
-            "TEST.PANOPTIC_TTA.ENABLED is True: test-time augmentation runs several passes and "
-            "merges them in Python, so it cannot be exported; export the plain model."
+            "TEST.AUG.ENABLED is True: test-time augmentation runs several passes and merges "
+            "them in Python, so it cannot be exported; export the plain model."
         )
     if cfg.MODEL.META_ARCHITECTURE != "EfficientPS":
         raise ValueError(
@@ -96,7 +89,7 @@ def main(argv=None):
     """Exports; returns the exit status (see the module docstring)."""
     args = get_parser().parse_args(argv)
     try:
-        cfg = setup_cfg(args)
+        cfg = export_cfg(args)
         image = sample_image(cfg, args.sample_image)
         model = build_model(cfg)
         if cfg.MODEL.WEIGHTS:

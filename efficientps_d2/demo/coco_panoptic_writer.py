@@ -8,19 +8,29 @@ contiguous ids with the metadata's ``thing/stuff_dataset_id_to_contiguous_id``, 
 evaluated against the data set's ground truth with ``panopticapi.evaluation.pq_compute``, or
 registered itself as a data set (``efficientps_d2.data.register_panoptic_dataset``).
 
+``image_id`` is what ``pq_compute`` matches predictions to ground truth by, so it must be the
+ground truth's own id: :class:`ImageIds` finds it from an image's file name (in a COCO "images"
+list, or a data set's ``panoptic_json``), or from a numeric COCO file name
+("000000142238.jpg" -> 142238).
+
 Files are written atomically (temporary file, then rename).
 """
 
 import json
+import logging
 import os
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 
-from ..file_io import atomic_write
+from ..atomic_io import atomic_write
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CocoPanopticWriter",
+    "ImageIds",
     "id_to_rgb",
     "panoptic_categories",
     "to_coco_segments",
@@ -28,11 +38,14 @@ __all__ = [
 
 
 def id_to_rgb(ids):
-    """(H, W) integer segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B."""
+    """(H, W) integer segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B.
+
+    panopticapi's ``id2rgb``, refusing ids that do not fit in 24 bits instead of wrapping them.
+    """
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
         raise ValueError(f"Segment ids must lie in [0, 256^3), got [{ids.min()}, {ids.max()}].")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8)
+    return id2rgb(ids)
 
 
 def _inverse_maps(metadata):
@@ -85,6 +98,7 @@ def to_coco_segments(panoptic_seg, segments_info, metadata):
         list of {"id", "category_id" (dataset id), "iscrowd": 0, "isthing", "area", "bbox"
         (XYWH), and "score" for things}; segments without pixels are left out.
     """
+    # Not the model's thing -> semantic map: COCO panoptic files hold the data set's own ids.
     things, stuff = _inverse_maps(metadata)
     ids = np.asarray(panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else panoptic_seg)
     present, areas = np.unique(ids, return_counts=True)
@@ -123,6 +137,88 @@ def to_coco_segments(panoptic_seg, segments_info, metadata):
     return segments
 
 
+class ImageIds:
+    """Maps input image files to a data set's image ids, by file name.
+
+    Built from a COCO "images" list (``{"id", "file_name"}`` entries). An input matches an entry
+    whose ``file_name`` it ends with ("val2017/000000142238.jpg" matches "000000142238.jpg", and
+    "x/frankfurt/a.png" matches "frankfurt/a.png"); a base name shared by several entries needs
+    the longer path to decide. Files that match nothing get the integer of a numeric stem
+    ("000000142238.jpg" -> 142238), else the stem itself (a string, which no COCO ground truth
+    holds: :attr:`unmatched` lists those files).
+
+    Args:
+        images: COCO "images" entries.
+        source: where they come from, for messages.
+    """
+
+    def __init__(self, images=(), source="image list"):
+        self.source = source
+        self._by_base = {}
+        for i, image in enumerate(images):
+            if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+                raise ValueError(
+                    f"{source}: images[{i}] = {str(image)[:120]} needs an 'id' and a 'file_name'."
+                )
+            name = os.path.normpath(str(image["file_name"]).replace("\\", "/"))
+            self._by_base.setdefault(os.path.basename(name), []).append((name, image["id"]))
+        self.unmatched = []
+
+    def __len__(self):
+        return sum(len(v) for v in self._by_base.values())
+
+    @classmethod
+    def from_json(cls, path):
+        """From a json file holding a COCO "images" list, or a dict with one (a COCO json)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Image list '{path}' does not exist.")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Image list '{path}' is not valid json: {e}") from e
+        images = data.get("images") if isinstance(data, dict) else data
+        if not isinstance(images, list):
+            raise ValueError(
+                f"Image list '{path}' holds neither a list of images nor a dict with an 'images' "
+                "list (a COCO json)."
+            )
+        return cls(images, source=f"'{path}'")
+
+    @classmethod
+    def from_dataset(cls, dataset_name, metadata):
+        """The images of a registered data set: its ``panoptic_json``'s "images", else its
+        DatasetCatalog dicts ("file_name", "image_id"); empty (with a warning) if neither loads."""
+        panoptic_json = getattr(metadata, "panoptic_json", None)
+        if panoptic_json and os.path.isfile(panoptic_json):
+            return cls.from_json(panoptic_json)
+        from detectron2.data import DatasetCatalog
+
+        if dataset_name in DatasetCatalog.list():
+            try:
+                dicts = DatasetCatalog.get(dataset_name)
+            except Exception as e:  # a data set whose files are not on this machine
+                logger.warning(f"Data set '{dataset_name}' does not load ({e}): no image ids.")
+            else:
+                images = [{"id": d["image_id"], "file_name": d["file_name"]} for d in dicts]
+                return cls(images, source=f"data set '{dataset_name}'")
+        return cls(source=f"data set '{dataset_name}'")
+
+    def lookup(self, path):
+        """The image id of ``path`` (see the class docstring)."""
+        path = os.path.normpath(os.path.abspath(path))
+        candidates = self._by_base.get(os.path.basename(path), [])
+        if len(candidates) > 1:
+            candidates = [c for c in candidates if path.endswith(os.sep + c[0])]
+        if len(candidates) == 1:
+            return candidates[0][1]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem.isdigit():
+            return int(stem)
+        self.unmatched.append(path)
+        return stem
+
+
 class CocoPanopticWriter:
     """Collects predictions and writes COCO panoptic PNGs and json.
 
@@ -141,27 +237,38 @@ class CocoPanopticWriter:
         self.metadata = metadata
         self.categories = panoptic_categories(metadata)  # fails early without id maps
         self.images, self.annotations = [], []
+        self._image_ids = {}
 
-    def add(self, image_id, image_file_name, panoptic_seg, segments_info, height, width):
+    def add(
+        self, image_id, image_file_name, panoptic_seg, segments_info, height, width, png_name=None
+    ):
         """Writes the PNG of one image and records its annotation.
 
         Args:
-            image_id: the image's id (e.g. the file name without extension).
+            image_id: the image's id: the ground truth's id to be scored against it (see
+                :class:`ImageIds`), else e.g. the file name without extension.
             image_file_name: the image's file name ("images[*].file_name" in the json).
             panoptic_seg, segments_info: the model's "panoptic_seg" output.
             height, width: the image size.
+            png_name: the PNG's file name (default ``<image_id>.png``).
         Returns:
             the PNG's path.
         """
+        if image_id in self._image_ids:
+            raise ValueError(
+                f"Two images have the image id {image_id!r} ('{self._image_ids[image_id]}' and "
+                f"'{image_file_name}'): predictions.json needs one prediction per image."
+            )
         ids = np.asarray(panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else panoptic_seg)
         segments = to_coco_segments(ids, segments_info, self.metadata)
         # Pixels of segments that were left out (none in practice) become void, so the PNG and
         # the json always agree.
         listed = np.isin(ids, [s["id"] for s in segments])
         ids = np.where(listed, ids, 0)
-        png_name = f"{image_id}.png"
+        png_name = png_name or f"{image_id}.png"
         png_path = os.path.join(self.png_dir, png_name)
         atomic_write(png_path, lambda f: Image.fromarray(id_to_rgb(ids)).save(f, format="PNG"))
+        self._image_ids[image_id] = image_file_name
         self.images.append(
             {"id": image_id, "file_name": image_file_name, "height": height, "width": width}
         )

@@ -6,7 +6,7 @@
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
   back with ``cv2.VideoCapture`` to check it plays.
 - With an export folder, COCO panoptic PNGs and ``predictions.json`` are written too (see
-  :mod:`efficientps_d2.inference.coco_panoptic`).
+  :mod:`efficientps_d2.demo.coco_panoptic_writer`).
 """
 
 import glob
@@ -21,8 +21,8 @@ import cv2
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
-from ..file_io import atomic_write, temporary_path
-from .coco_panoptic import CocoPanopticWriter
+from ..atomic_io import atomic_write, temporary_path
+from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -127,17 +127,27 @@ class ImageRunSummary:
         processed: (input path, visualisation path or None) per processed image.
         skipped: (input, reason) per input that was not processed.
         panoptic_json: the COCO panoptic json written, if any.
+        unmatched_ids: images of the json whose id is their file stem: no data set image
+            matched them, so ``pq_compute`` cannot score them against a ground truth.
     """
 
     processed: List[Tuple[str, Optional[str]]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     panoptic_json: Optional[str] = None
+    unmatched_ids: List[str] = field(default_factory=list)
 
     def report(self):
         lines = [f"Processed {len(self.processed)} images, skipped {len(self.skipped)}."]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         if self.panoptic_json:
             lines.append(f"COCO panoptic predictions: {self.panoptic_json}")
+        if self.unmatched_ids:
+            lines.append(
+                f"  {len(self.unmatched_ids)} images have their file name as image id (e.g. "
+                f"'{os.path.basename(self.unmatched_ids[0])}'): they are in no data set's image "
+                "list and their names are not numeric COCO ids; pass --image-info (a COCO json) "
+                "to score them against a ground truth."
+            )
         return "\n".join(lines)
 
 
@@ -156,11 +166,13 @@ def _export_folder(output):
     return output
 
 
-def run_on_images(demo, paths, output=None, *, save_panoptic=False, show=False, problems=()):
+def run_on_images(
+    demo, paths, output=None, *, save_panoptic=False, show=False, problems=(), image_ids=None
+):
     """Runs ``demo`` on image files; unreadable ones are reported and skipped.
 
     Args:
-        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         paths: image files (see :func:`collect_images`).
         output: folder for the visualisations (created), or a file name when there is one input;
             None: nothing is written.
@@ -168,9 +180,12 @@ def run_on_images(demo, paths, output=None, *, save_panoptic=False, show=False, 
             ``<folder>/predictions.json`` (needs ``output`` and a data set's metadata).
         show: show each visualisation in a window (waits for a key).
         problems: (input, reason) found while collecting, carried into the summary.
+        image_ids: :class:`~efficientps_d2.demo.coco_panoptic_writer.ImageIds` giving the json's
+            ``image_id`` of each file (default: numeric file names as integers, else the stem).
     Returns:
         :class:`ImageRunSummary`.
     """
+    image_ids = image_ids if image_ids is not None else ImageIds()
     summary = ImageRunSummary(skipped=list(problems))
     writer = None
     if save_panoptic:
@@ -207,11 +222,12 @@ def run_on_images(demo, paths, output=None, *, save_panoptic=False, show=False, 
             if writer is not None:
                 height, width = image.shape[:2]
                 writer.add(
-                    stems[path],
+                    image_ids.lookup(path),
                     os.path.basename(path),
                     *predictions["panoptic_seg"],
                     height=height,
                     width=width,
+                    png_name=stems[path] + ".png",
                 )
             if show:
                 cv2.imshow(_WINDOW, vis.get_image()[:, :, ::-1])
@@ -221,6 +237,7 @@ def run_on_images(demo, paths, output=None, *, save_panoptic=False, show=False, 
     finally:
         if writer is not None and writer.images:
             summary.panoptic_json = writer.write_json()
+            summary.unmatched_ids = list(image_ids.unmatched)
     return summary
 
 
@@ -395,7 +412,7 @@ def run_on_video(
     """Runs ``demo`` on every frame of ``capture``, in order.
 
     Args:
-        demo: a :class:`~efficientps_d2.inference.VisualizationDemo`.
+        demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         capture: an opened ``cv2.VideoCapture`` (see :func:`open_video`, :func:`open_webcam`);
             released at the end.
         source_name: the video's path (names the output) or e.g. "webcam 0".

@@ -1,8 +1,8 @@
 """One-call registration of any data set in COCO panoptic format.
 
 A data set in COCO panoptic format (a folder of images, a folder of panoptic PNGs and a panoptic
-json; :mod:`efficientps_d2.data.convert` makes them from COCO instance annotations) is registered
-with a single call, and then used by name in a config::
+json; :mod:`efficientps_d2.tools.convert_instances_to_panoptic` makes them from COCO instance
+annotations) is registered with a single call, and then used by name in a config::
 
     from efficientps_d2.data import register_panoptic_dataset
 

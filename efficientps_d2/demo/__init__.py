@@ -1,7 +1,13 @@
 """Inference helpers behind ``demo.py``: a predictor, a drawing demo, COCO panoptic export and
 the image/video loops."""
 
-from .coco_panoptic import CocoPanopticWriter, id_to_rgb, panoptic_categories, to_coco_segments
+from .coco_panoptic_writer import (
+    CocoPanopticWriter,
+    ImageIds,
+    id_to_rgb,
+    panoptic_categories,
+    to_coco_segments,
+)
 from .predictor import EfficientPSPredictor, VisualizationDemo, resolve_metadata
 from .runner import (
     VIDEO_CODECS,
@@ -23,6 +29,7 @@ __all__ = [
     "VIDEO_CODECS",
     "CocoPanopticWriter",
     "EfficientPSPredictor",
+    "ImageIds",
     "ImageRunSummary",
     "VideoInputError",
     "VideoOutputError",

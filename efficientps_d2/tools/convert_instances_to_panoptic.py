@@ -1,19 +1,29 @@
-"""Converts COCO *instance* annotations (plus optional semantic PNGs for stuff) to COCO panoptic.
+"""Converts COCO *instance* or *detection-format* annotations (plus optional semantic PNGs for
+stuff) to COCO panoptic.
 
 Annotation tools (CVAT, LabelMe exports, COCO itself) write instance annotations: one polygon or
-RLE per object, possibly overlapping. Panoptic segmentation needs one label per pixel. This
-module paints the instances (and the stuff of optional semantic PNGs) into COCO panoptic PNGs and a
-panoptic json that :func:`efficientps_d2.data.register_panoptic_dataset` registers directly::
+RLE per object, possibly overlapping. COCO's panoptic *detection format* (what panopticapi's
+``converters/panoptic2detection_coco_format.py`` writes) is the same json with stuff regions as
+annotations too and ``isthing`` on every category. Panoptic segmentation needs one label per pixel.
+This module paints the annotations (and the stuff of optional semantic PNGs) into COCO panoptic
+PNGs and a panoptic json that :func:`efficientps_d2.data.register_panoptic_dataset` registers
+directly::
 
-    python -m efficientps_d2.data.convert --instances instances_train.json \\
+    python -m efficientps_d2.tools.convert_instances_to_panoptic --instances instances_train.json \\
         --output-json panoptic_train.json --output-dir panoptic_train \\
-        [--semantic-dir semantic_train --stuff-categories stuff.json]
+        [--semantic-dir semantic_train --stuff-categories stuff.json | --things-only]
 
 Conventions (all deterministic):
 
-* **Things** are the categories of the instance json; **stuff** categories are given separately
-  (``stuff_categories``, a list of ``{"id", "name"[, "color", "supercategory"]}`` or a json file of
-  that list). Category ids must be positive integers, unique across things and stuff.
+* **Things and stuff.** Categories with ``isthing`` (the detection format) say it themselves: 1 is
+  a thing, 0 stuff, and stuff stays stuff. Without ``isthing`` the json's categories are things and
+  **stuff** categories are given separately (``stuff_categories``, a list of
+  ``{"id", "name"[, "color", "supercategory"]}`` or a json file of that list), or ``things_only``
+  (``--things-only``) says there is no stuff; neither is an error, never a guess. Stuff categories
+  given separately add to the json's. Category ids must be positive integers, unique across things
+  and stuff.
+* **Stuff annotations** (annotations of stuff categories; not crowd) give stuff regions; all the
+  regions of one stuff category in an image form one segment.
 * **Semantic PNGs** (optional, stuff only): one single-channel PNG per image in ``semantic_dir``, at
   the image's ``file_name`` with the extension replaced by ``.png`` (sub-folders kept), of the
   image's size. A pixel holds a stuff category id; ``0`` (:data:`SEMANTIC_VOID`) is void. 8-bit
@@ -23,6 +33,8 @@ Conventions (all deterministic):
 * **Instances paint over stuff.** Where instances overlap, the **smaller one wins** (area of its
   own decoded mask), so small objects stay visible; equal areas go to the **lower annotation id**.
   Crowd annotations (``iscrowd=1``) lie under every non-crowd instance and become crowd segments.
+  Stuff annotations lie under every instance (crowd included), the smaller winning among them;
+  semantic-PNG stuff fills only the pixels no annotation covers.
   The report counts the overlapping pixels of each image; an annotation left with no pixel (or
   with an empty mask) is dropped and listed in the report with the annotations that covered it.
 * **Segment ids** follow Detectron2's ``label_divisor = 1000`` convention: a stuff segment's id is
@@ -51,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
@@ -83,8 +96,8 @@ class ConversionReport:
         num_thing_segments: non-crowd thing segments written.
         num_crowd_segments: crowd segments written.
         num_stuff_segments: stuff segments written.
-        overlap_pixels: ``{image_id: n}``, pixels covered by two or more instance annotations
-            (crowd ones included), for the images that have any.
+        overlap_pixels: ``{image_id: n}``, pixels covered by two or more annotations (crowd and
+            stuff ones included), for the images that have any.
         dropped: one dict per dropped annotation: ``image_id``, ``annotation_id``, ``category_id``,
             ``reason`` ("empty mask" or "fully covered") and ``covered_by`` (annotation ids).
         unassigned_thing_pixels: ``{image_id: n}``, semantic-PNG pixels labelled with a thing
@@ -141,20 +154,27 @@ def convert_instances_to_panoptic(
     *,
     semantic_dir=None,
     stuff_categories=None,
+    things_only=False,
     overwrite=False,
 ):
-    """Converts a COCO instance json (+ optional semantic PNGs) to COCO panoptic format.
+    """Converts a COCO instance or detection-format json (+ optional semantic PNGs) to COCO
+    panoptic format.
 
-    See the module docstring for the conventions (void value, overlap rule, segment ids).
+    See the module docstring for the conventions (things and stuff, void value, overlap rule,
+    segment ids).
 
     Args:
-        instances_json (str): COCO instance json (``images``, ``annotations``, ``categories``);
-            segmentations as polygons, uncompressed RLE or compressed RLE.
+        instances_json (str): COCO instance json (``images``, ``annotations``, ``categories``), or
+            COCO panoptic detection format (the same, with stuff annotations and ``isthing`` on
+            every category); segmentations as polygons, uncompressed RLE or compressed RLE.
         output_json (str): panoptic json to write.
         output_dir (str): folder of panoptic PNGs to write.
         semantic_dir (str or None): folder of semantic PNGs with stuff category ids.
         stuff_categories (list[dict] or str or None): stuff categories, or a json file holding
-            them (a list, or a dict with a "categories" list). Required with ``semantic_dir``.
+            them (a list, or a dict with a "categories" list). Required with ``semantic_dir``
+            unless the json's categories include stuff (``isthing`` 0).
+        things_only (bool): the json's categories (without ``isthing``) are all things and there
+            is no stuff. Categories without ``isthing`` need this or ``stuff_categories``.
         overwrite (bool): replace existing outputs (atomically) instead of raising.
 
     Returns:
@@ -169,10 +189,10 @@ def convert_instances_to_panoptic(
         for path in (output_json, output_dir):
             if os.path.lexists(path):
                 raise FileExistsError(f"'{path}' exists; pass overwrite=True (--overwrite).")
-    if semantic_dir is not None and stuff_categories is None:
+    if things_only and (stuff_categories is not None or semantic_dir is not None):
         raise ConversionError(
-            f"Semantic PNGs ('{semantic_dir}') need stuff_categories (--stuff-categories) to say "
-            "which ids they hold."
+            "things_only (--things-only) says there is no stuff; it cannot come with "
+            "stuff_categories (--stuff-categories) or semantic PNGs (--semantic-dir)."
         )
     if semantic_dir is not None and not os.path.isdir(semantic_dir):
         raise FileNotFoundError(f"Semantic PNG folder '{semantic_dir}' does not exist.")
@@ -181,24 +201,24 @@ def convert_instances_to_panoptic(
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise ConversionError(f"'{instances_json}' has no '{key}' list.")
-    things = _check_categories(data["categories"], instances_json, isthing=1)
-    stuff = {}
+    stuff_source = None
     if stuff_categories is not None:
-        source = "stuff categories"
+        stuff_source = "stuff categories"
         if isinstance(stuff_categories, (str, os.PathLike)):
-            source = str(stuff_categories)
-            stuff_categories = _load_json(source, "stuff category json")
+            stuff_source = str(stuff_categories)
+            stuff_categories = _load_json(stuff_source, "stuff category json")
         if isinstance(stuff_categories, dict):
             stuff_categories = stuff_categories.get("categories")
         if not isinstance(stuff_categories, list):
-            raise ConversionError(f"{source}: expected a list of categories.")
-        stuff = _check_categories(stuff_categories, source, isthing=0)
-        both = sorted(set(things) & set(stuff))
-        if both:
-            raise ConversionError(
-                f"Category ids {both} are both thing categories (in '{instances_json}') and stuff "
-                f"categories (in {source})."
-            )
+            raise ConversionError(f"{stuff_source}: expected a list of categories.")
+    things, stuff = _split_categories(
+        data["categories"], instances_json, stuff_categories, stuff_source, things_only
+    )
+    if semantic_dir is not None and not stuff:
+        raise ConversionError(
+            f"Semantic PNGs ('{semantic_dir}') need stuff_categories (--stuff-categories) to say "
+            "which ids they hold."
+        )
 
     images = _check_images(data["images"], instances_json)
     anns_per_image = {image_id: [] for image_id in images}
@@ -216,7 +236,7 @@ def convert_instances_to_panoptic(
                 image, anns_per_image[image_id], things, stuff, semantic_dir, report, instances_json
             )
             png_name = image["_png_name"]
-            out.write_png(png_name, _id_map_to_rgb(id_map))
+            out.write_png(png_name, id2rgb(id_map))
             out_annotations.append(
                 {"image_id": image_id, "file_name": png_name, "segments_info": segments_info}
             )
@@ -247,6 +267,67 @@ def _load_json(path, what):
 
 def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _split_categories(categories, source, stuff_list, stuff_source, things_only):
+    """(things, stuff), each {id: category}: the json's categories split by their ``isthing``,
+    or (without it) by ``stuff_list``'s ids or ``things_only``, never guessed; plus the stuff
+    categories of ``stuff_list`` that the json lacks."""
+    for c in categories:
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise ConversionError(f"{source}: category {c!r} needs an 'id' and a 'name'.")
+    flagged = [c for c in categories if "isthing" in c]
+    if flagged and len(flagged) < len(categories):
+        missing = [c["id"] for c in categories if "isthing" not in c]
+        raise ConversionError(
+            f"'{source}': categories {missing[:10]} have no 'isthing' while others have one; give "
+            "every category isthing 1 (thing) or 0 (stuff)."
+        )
+    for c in flagged:
+        if c["isthing"] not in (0, 1):  # True/False compare equal to 1/0
+            raise ConversionError(
+                f"'{source}': category {c.get('id')!r} has isthing={c['isthing']!r}; 0 or 1 "
+                "expected."
+            )
+    if stuff_list is not None:
+        # A COCO panoptic categories list (with isthing) may serve: its stuff entries count.
+        stuff_list = [c for c in stuff_list if not (isinstance(c, dict) and c.get("isthing"))]
+        extra = _check_categories(stuff_list, stuff_source, isthing=0)
+    if flagged:
+        if things_only and any(not c["isthing"] for c in flagged):
+            raise ConversionError(
+                f"'{source}' has stuff categories (isthing 0), but things_only (--things-only) "
+                "says there is none."
+            )
+        is_stuff = {c["id"]: not c["isthing"] for c in flagged}
+    elif stuff_list is None and not things_only:
+        raise ConversionError(
+            f"'{source}': its categories have no 'isthing', so nothing says which are stuff. "
+            "Stuff must stay stuff: add isthing (1 thing, 0 stuff) to every category (COCO "
+            "panoptic detection format), pass the stuff categories (--stuff-categories, e.g. "
+            "COCO's panoptic_coco_categories.json), or state that all are things (--things-only)."
+        )
+    else:  # without isthing, --stuff-categories says which of the json's categories are stuff
+        ids = set(extra) if stuff_list is not None else set()
+        is_stuff = {c["id"]: c["id"] in ids for c in categories}
+    things = _check_categories([c for c in categories if not is_stuff[c["id"]]], source, 1)
+    stuff = _check_categories([c for c in categories if is_stuff[c["id"]]], source, 0)
+    if stuff_list is not None:
+        both = sorted(set(things) & set(extra))
+        if both:
+            raise ConversionError(
+                f"Category ids {both} are both thing categories (in '{source}') and stuff "
+                f"categories (in {stuff_source})."
+            )
+        renamed = sorted(i for i in set(stuff) & set(extra) if stuff[i]["name"] != extra[i]["name"])
+        if renamed:
+            raise ConversionError(
+                f"Stuff category ids {renamed} have other names in '{source}' than in "
+                f"{stuff_source} (e.g. '{stuff[renamed[0]]['name']}' and "
+                f"'{extra[renamed[0]]['name']}')."
+            )
+        stuff.update({i: c for i, c in extra.items() if i not in stuff})
+    return things, stuff
 
 
 def _check_categories(categories, source, isthing):
@@ -331,20 +412,20 @@ def _check_annotation(ann, source, images, things, stuff, seen_ids):
             "'images'."
         )
     category_id = ann.get("category_id")
-    if category_id not in things:
-        hint = (
-            " It is a stuff category: stuff comes from the semantic PNGs only."
-            if category_id in stuff
-            else ""
-        )
+    if category_id not in things and category_id not in stuff:
         raise ConversionError(
             f"'{source}': annotation {ann_id!r} (image {image_id!r}) has category_id "
-            f"{category_id!r}, which is not among the categories {sorted(things)}.{hint}"
+            f"{category_id!r}, which is not among the categories {sorted(things) + sorted(stuff)}."
         )
     if ann.get("iscrowd", 0) not in (0, 1):
         raise ConversionError(
             f"'{source}': annotation {ann_id!r} (image {image_id!r}) has iscrowd="
             f"{ann['iscrowd']!r}; 0 or 1 expected."
+        )
+    if category_id in stuff and ann.get("iscrowd", 0):
+        raise ConversionError(
+            f"'{source}': annotation {ann_id!r} (image {image_id!r}) is a crowd of the stuff "
+            f"category {category_id}; only things have crowds."
         )
 
 
@@ -450,12 +531,11 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
     masks = [_decode_segmentation(ann, image, source) for ann in anns]
     areas = [int(m.sum()) for m in masks]
 
-    # Paint order: crowd first, then larger before smaller, then higher id before lower; the last
-    # painted wins, so non-crowd beats crowd, smaller beats larger, lower id beats higher.
-    order = sorted(
-        range(len(anns)),
-        key=lambda i: (-int(anns[i].get("iscrowd", 0)), -areas[i], -anns[i]["id"]),
-    )
+    # Paint order: stuff first, then crowd, then larger before smaller, then higher id before
+    # lower; the last painted wins, so instances beat stuff, non-crowd beats crowd, smaller beats
+    # larger, lower id beats higher.
+    layer = [2 if a["category_id"] in stuff else int(a.get("iscrowd", 0)) for a in anns]
+    order = sorted(range(len(anns)), key=lambda i: (-layer[i], -areas[i], -anns[i]["id"]))
     owner = np.full((h, w), -1, dtype=np.int64)
     cover = np.zeros((h, w), dtype=np.int32)
     for i in order:
@@ -485,6 +565,9 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
                 }
             )
             continue
+        if layer[i] == 2:  # stuff: one segment per category, listed below from the id map
+            segment_ids[i] = ann["category_id"] * LABEL_DIVISOR
+            continue
         k = next_index.get(ann["category_id"], 0) + 1
         if k >= LABEL_DIVISOR:
             raise ConversionError(
@@ -510,7 +593,6 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
             report.num_thing_segments += 1
 
     id_map = segment_ids[owner]  # owner -1 picks the trailing 0
-    stuff_info = []
     if semantic_dir is not None:
         sem = _read_semantic(semantic_dir, image, things, stuff)
         free = owner < 0
@@ -522,22 +604,23 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
                 ) + int(region.sum())
                 continue
             id_map[region] = category_id * LABEL_DIVISOR
-            stuff_info.append(
-                {
-                    "id": category_id * LABEL_DIVISOR,
-                    "category_id": category_id,
-                    "iscrowd": 0,
-                    "bbox": _bbox(region),
-                    "area": int(region.sum()),
-                }
-            )
-            report.num_stuff_segments += 1
+    stuff_info = []
+    for segment_id in np.unique(id_map).tolist():
+        if segment_id % LABEL_DIVISOR or segment_id // LABEL_DIVISOR not in stuff:
+            continue  # void, or a thing/crowd segment
+        region = id_map == segment_id
+        stuff_info.append(
+            {
+                "id": segment_id,
+                "category_id": segment_id // LABEL_DIVISOR,
+                "iscrowd": 0,
+                "bbox": _bbox(region),
+                "area": int(region.sum()),
+            }
+        )
+        report.num_stuff_segments += 1
     segments_info = sorted(stuff_info + things_info, key=lambda s: s["id"])
     return segments_info, id_map
-
-
-def _id_map_to_rgb(id_map):
-    return np.stack([id_map % 256, id_map // 256 % 256, id_map // 256**2], axis=-1).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,12 +700,17 @@ class _AtomicOutput:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m efficientps_d2.data.convert",
-        description="Convert COCO instance annotations (+ semantic PNGs for stuff) to COCO "
-        "panoptic format. Overlaps: the smaller instance wins, ties to the lower annotation id; "
-        f"semantic PNG void value: {SEMANTIC_VOID}.",
+        prog="python -m efficientps_d2.tools.convert_instances_to_panoptic",
+        description="Convert COCO instance annotations (+ semantic PNGs for stuff) or COCO "
+        "panoptic detection format (stuff as annotations, categories with isthing) to COCO "
+        "panoptic format. Overlaps: instances over stuff, the smaller instance wins, ties to the "
+        f"lower annotation id; semantic PNG void value: {SEMANTIC_VOID}.",
     )
-    parser.add_argument("--instances", required=True, help="COCO instance json")
+    parser.add_argument(
+        "--instances",
+        required=True,
+        help="COCO instance json, or COCO panoptic detection format json",
+    )
     parser.add_argument("--output-json", required=True, help="panoptic json to write")
     parser.add_argument("--output-dir", required=True, help="folder of panoptic PNGs to write")
     parser.add_argument(
@@ -632,6 +720,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--stuff-categories", help='json list of stuff categories [{"id": ..., "name": ...}]'
+    )
+    parser.add_argument(
+        "--things-only",
+        action="store_true",
+        help="the json's categories (without isthing) are all things; there is no stuff",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--report", help="also write the conversion report to this json file")
@@ -643,6 +736,7 @@ def main(argv=None):
             args.output_dir,
             semantic_dir=args.semantic_dir,
             stuff_categories=args.stuff_categories,
+            things_only=args.things_only,
             overwrite=args.overwrite,
         )
     except (ConversionError, FileNotFoundError, FileExistsError) as e:

@@ -11,7 +11,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from ..checkpoint_loading import EfficientPSCheckpointer
+from ..checkpoint import EfficientPSCheckpointer
+from ..config import tta_config
 from ..modeling.test_time_augmentation import EfficientPSWithTTA
 
 __all__ = ["EfficientPSPredictor", "VisualizationDemo", "resolve_metadata"]
@@ -45,7 +46,7 @@ class EfficientPSPredictor(DefaultPredictor):
 
     The same call (a BGR (H, W, 3) uint8 image in, one output dict out, INPUT.MIN/MAX_SIZE_TEST
     resizing), plus: weights load through :class:`EfficientPSCheckpointer`, which refuses a
-    checkpoint of another architecture or variant, and with TEST.PANOPTIC_TTA.ENABLED the model
+    checkpoint of another architecture or variant, and with TEST.AUG.ENABLED the model
     runs with test-time augmentation (:class:`EfficientPSWithTTA`).
     """
 
@@ -53,7 +54,7 @@ class EfficientPSPredictor(DefaultPredictor):
         self.cfg = cfg.clone()
         model = build_model(self.cfg)
         EfficientPSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        if cfg.TEST.PANOPTIC_TTA.ENABLED:
+        if tta_config(cfg).ENABLED:
             model = EfficientPSWithTTA(self.cfg, model)
         self.model = model.eval()
         self.metadata, self.dataset_name = resolve_metadata(cfg)

@@ -1,0 +1,159 @@
+"""Pictures while training: the panoptic prediction next to the ground truth, in tensorboard.
+
+Detectron2's ``GeneralizedRCNN.visualize_training`` shows ground-truth boxes next to proposals
+every ``VIS_PERIOD`` iterations. For panoptic segmentation the picture to watch is the fused
+output: :class:`PanopticVisualizationHook` runs the model in eval mode on one training image (the
+first of DATASETS.TRAIN[0], un-augmented, resized as at test time) every ``VIS_PERIOD``
+iterations and puts ``[ground truth | prediction]``, both drawn by Detectron2's ``Visualizer``,
+into the event storage, which the trainer's ``TensorboardXWriter`` writes. It lives in a hook,
+not in the model's forward, so inference never pays for it.
+"""
+
+import copy
+import logging
+import os
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.visualizer import Visualizer
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["PanopticVisualizationHook", "add_panoptic_visualization", "draw_panoptic_pair"]
+
+logger = logging.getLogger(__name__)
+
+#: The event-storage (tensorboard) name of the pictures.
+IMAGE_NAME = "panoptic: ground truth (left) | prediction (right)"
+
+
+def _with_isthing(segments_info, metadata):
+    # Detectron2's Cityscapes loader leaves "isthing" out; the Visualizer needs it.
+    things = set(metadata.thing_dataset_id_to_contiguous_id.values())
+    return [dict(s, isthing=s.get("isthing", s["category_id"] in things)) for s in segments_info]
+
+
+def draw_panoptic_pair(rgb, dataset_dict, panoptic_seg, segments_info, metadata, max_side=1024):
+    """``[ground truth | prediction]`` as one (H, 2W, 3) uint8 RGB picture.
+
+    Args:
+        rgb: (H, W, 3) uint8 RGB image.
+        dataset_dict: its Detectron2 dataset dict ("pan_seg_file_name", "segments_info" with
+            contiguous ids); without "pan_seg_file_name" the left half is the bare image.
+        panoptic_seg, segments_info: the model's "panoptic_seg" output at (H, W).
+        metadata: the data set's metadata (class names, colours, id maps).
+        max_side: the longer side of each half is scaled down to this.
+    """
+    scale = min(1.0, max_side / max(rgb.shape[:2]))
+    gt = Visualizer(rgb, metadata, scale=scale)
+    if dataset_dict.get("pan_seg_file_name"):
+        gt_dict = {
+            "pan_seg_file_name": dataset_dict["pan_seg_file_name"],
+            "segments_info": _with_isthing(dataset_dict["segments_info"], metadata),
+        }
+        gt = gt.draw_dataset_dict(gt_dict)
+    else:
+        gt = gt.get_output()
+    pred = Visualizer(rgb, metadata, scale=scale).draw_panoptic_seg(
+        panoptic_seg.cpu(), copy.deepcopy(segments_info)
+    )
+    return np.concatenate([gt.get_image(), pred.get_image()], axis=1)
+
+
+class PanopticVisualizationHook(HookBase):
+    """Every ``period`` iterations, puts :data:`IMAGE_NAME` into the trainer's event storage.
+
+    Register it before the ``PeriodicWriter`` (:func:`add_panoptic_visualization` does), on the
+    main process only.
+
+    Args:
+        period: iterations between pictures (> 0).
+        dataset_name: the data set whose first image is drawn.
+        min_size, max_size: test-time resizing (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
+        input_format: INPUT.FORMAT ("BGR" or "RGB").
+    """
+
+    def __init__(self, period, dataset_name, *, min_size, max_size, input_format="BGR"):
+        if period <= 0:
+            raise ValueError(f"VIS_PERIOD must be > 0 for the panoptic pictures, got {period}.")
+        self._period = period
+        self._dataset_name = dataset_name
+        self._resize = T.ResizeShortestEdge([min_size, min_size], max_size)
+        self._input_format = input_format
+        self._dict = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        if not cfg.DATASETS.TRAIN:
+            raise ValueError("VIS_PERIOD > 0 draws a training image, but DATASETS.TRAIN is empty.")
+        return cls(
+            cfg.VIS_PERIOD,
+            cfg.DATASETS.TRAIN[0],
+            min_size=cfg.INPUT.MIN_SIZE_TEST,
+            max_size=cfg.INPUT.MAX_SIZE_TEST,
+            input_format=cfg.INPUT.FORMAT,
+        )
+
+    def before_train(self):
+        dicts = DatasetCatalog.get(self._dataset_name)
+        if not dicts:
+            raise ValueError(f"Data set '{self._dataset_name}' (VIS_PERIOD) has no image.")
+        self._dict = dicts[0]
+        missing = [
+            self._dict[k]
+            for k in ("file_name", "pan_seg_file_name")
+            if k in self._dict and not os.path.isfile(self._dict[k])
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"VIS_PERIOD draws the first image of '{self._dataset_name}', but {missing} do "
+                "not exist."
+            )
+        if "pan_seg_file_name" not in self._dict:
+            logger.warning(
+                f"'{self._dataset_name}' has no panoptic ground truth (pan_seg_file_name): the "
+                "pictures show the prediction next to the bare image."
+            )
+
+    def after_step(self):
+        if (self.trainer.iter + 1) % self._period == 0:
+            self.trainer.storage.put_image(IMAGE_NAME, self.draw().transpose(2, 0, 1))
+
+    def draw(self):
+        """The picture for the model as it is now: (H, 2W, 3) uint8 RGB."""
+        model = self.trainer.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        image = read_image(self._dict["file_name"], format=self._input_format)
+        height, width = image.shape[:2]
+        resized = self._resize.get_transform(image).apply_image(image)
+        inputs = {
+            "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+            "height": height,
+            "width": width,
+        }
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                panoptic_seg, segments_info = model([inputs])[0]["panoptic_seg"]
+        finally:
+            model.train(was_training)
+        rgb = image[:, :, ::-1] if self._input_format == "BGR" else image
+        metadata = MetadataCatalog.get(self._dataset_name)
+        return draw_panoptic_pair(rgb, self._dict, panoptic_seg, segments_info, metadata)
+
+
+def add_panoptic_visualization(cfg, hook_list):
+    """``hook_list`` with a :class:`PanopticVisualizationHook` before the ``PeriodicWriter`` when
+    ``cfg.VIS_PERIOD`` > 0 (on the main process, which writes tensorboard)."""
+    if cfg.VIS_PERIOD <= 0 or not comm.is_main_process():
+        return hook_list
+    hook = PanopticVisualizationHook.from_config(cfg)
+    writers = [i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicWriter)]
+    index = writers[0] if writers else len(hook_list)
+    return hook_list[:index] + [hook] + hook_list[index:]
