@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -56,6 +57,10 @@ OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
 ALL_MODELS = (OURS_FAST, OURS, THEIRS, THEIRS_FUSED)
 # What --models accepts.
 MODEL_KEYS = {"ours-fast": OURS_FAST, "ours": OURS, "theirs": THEIRS, "theirs-fused": THEIRS_FUSED}
+# The plain model exported to ONNX and run by onnxruntime on the CPU (efficientps_d2.export);
+# not in "all": it needs onnxruntime and a trace of the B5 graph first.
+OURS_ONNX = "EfficientPS-B5 onnxruntime-CPU"
+MODEL_KEYS["ours-onnx"] = OURS_ONNX
 
 logger = logging.getLogger("efficientps_d2.benchmark")
 
@@ -142,7 +147,26 @@ def build_models(device, names=ALL_MODELS):
     if THEIRS_FUSED in names:
         fused = fuse_for_inference(copy.deepcopy(theirs))
         models[THEIRS_FUSED] = (fused, fused)
+    if OURS_ONNX in names:
+        models[OURS_ONNX] = (ours, onnxruntime_runner(ours, ours_config(device)))
     return {name: models[name] for name in names}, ours, theirs
+
+
+def onnxruntime_runner(model, cfg):
+    """``model`` exported to ONNX (efficientps_d2.export, traced on the CPU) and loaded into an
+    onnxruntime CPU session; called like the model. The export takes a minute or more for B5."""
+    from efficientps_d2.export import export_model, load
+
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = "cpu"
+    if model.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, cfg, os.path.join(tmp, "onnx"), "onnx")
+        exported = load(os.path.join(tmp, "onnx"))  # the session holds the graph in memory
+    logger.info("ONNX export and session: %.1f s", time.perf_counter() - start)
+    return exported
 
 
 def _with_fast_inference(model, enabled):
@@ -548,7 +572,8 @@ def parse_args(argv=None):
         default=["ours-fast", "theirs"],
         choices=list(MODEL_KEYS) + ["all"],
         help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), theirs "
-        "(Panoptic FPN as shipped), theirs-fused (Panoptic FPN with fuse_for_inference), all",
+        "(Panoptic FPN as shipped), theirs-fused (Panoptic FPN with fuse_for_inference), all "
+        "(these four), ours-onnx (ours exported to ONNX, run by onnxruntime on the CPU)",
     )
     parser.add_argument(
         "--training-memory",
@@ -674,6 +699,7 @@ def main(argv=None):
         (f"{OURS} / {THEIRS}", OURS, THEIRS),
         (f"{OURS_FAST} / {THEIRS_FUSED}", OURS_FAST, THEIRS_FUSED),
         (f"{OURS_FAST} / {OURS}", OURS_FAST, OURS),
+        (f"{OURS_ONNX} / {OURS}", OURS_ONNX, OURS),
     ):
         values = {}
         for size in args.sizes:
