@@ -37,8 +37,10 @@ Exit status:
        the shortfall reported);
     1  nothing processed: no readable image, a video or webcam that cannot be opened or yields no
        frame, no usable video codec, no window to show results in without --output, a checkpoint
-       that does not fit the model, or an invalid configuration;
-    2  invalid command line.
+       that does not fit the model, an invalid configuration, or a --confidence-threshold outside
+       [0, 1];
+    2  invalid command line;
+    130  interrupted (Ctrl-C): a video output keeps the frames written so far and is named.
 """
 
 import argparse
@@ -110,6 +112,8 @@ def config_overrides(args):
     opts = list(args.opts)
     if args.confidence_threshold is not None:
         threshold = args.confidence_threshold
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"--confidence-threshold must be a score in [0, 1], got {threshold}.")
         opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", threshold]
         opts += ["MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH", threshold]
     return opts
@@ -169,9 +173,19 @@ def main(argv=None):
             demo, capture, name, args.output, save_panoptic=args.save_panoptic, show=show
         )
         print(summary.report(), file=sys.stdout if summary.complete else sys.stderr)
+        if summary.stopped == "interrupted":  # Ctrl-C: the partial output is kept, and named
+            if summary.output:
+                print(f"Interrupted: '{summary.output}' is partial.", file=sys.stderr)
+            return _INTERRUPTED
         return 0
+    except KeyboardInterrupt:  # between images: what was written is complete
+        print("Interrupted.", file=sys.stderr)
+        return _INTERRUPTED
     except (RuntimeError, ValueError, OSError, ImportError) as e:  # readable messages
         return _fail(str(e))
+
+
+_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 
 
 def _problem_lines(title, problems):

@@ -45,7 +45,13 @@ setup(
     python_requires=">=3.8",
     packages=find_packages(include=["efficientps_d2", "efficientps_d2.*"]),
     # The configs travel inside the package so that the model zoo works from a wheel.
-    package_data={"efficientps_d2": ["model_zoo/configs/**/*.yaml", "model_zoo/configs/*.yaml"]},
+    package_data={
+        "efficientps_d2": [
+            "model_zoo/configs/**/*.yaml",
+            "model_zoo/configs/*.yaml",
+            "model_zoo/configs/**/*.py",  # the LazyConfig twins
+        ]
+    },
     install_requires=[
         "torch>=1.13",
         "torchvision>=0.14",

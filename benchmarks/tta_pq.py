@@ -28,6 +28,7 @@ from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 
 from efficientps_d2 import setup_cfg
+from efficientps_d2.atomic_io import atomic_write
 from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.config import tta_config
 from efficientps_d2.data import register_panoptic_dataset
@@ -132,8 +133,8 @@ def main(argv=None):
     print(f"Data set '{dataset}', weights '{args.weights}'")
     print(format_table(results, cfg))
     if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"dataset": dataset, "weights": args.weights, **results}, f, indent=2)
+        output = {"dataset": dataset, "weights": args.weights, **results}
+        atomic_write(args.output_json, lambda f: json.dump(output, f, indent=2), mode="w")
     return results
 
 

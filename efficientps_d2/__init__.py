@@ -22,6 +22,9 @@ _check_detectron2()
 
 from . import data  # noqa: E402,F401  (registers the built-in data sets)
 from . import modeling  # noqa: E402,F401  (registers the components)
+from .torchvision_weights import register_torchvision_handler  # noqa: E402
+
+register_torchvision_handler()  # MODEL.WEIGHTS "torchvision://efficientnet_bN"
 from .config import add_efficientps_config, setup_cfg  # noqa: E402
 
 __version__ = "0.1.0"

@@ -1,11 +1,20 @@
-"""Writing files so that a crash or a kill never leaves a half-written one behind.
+"""Writing files and folders so that a crash or a kill never leaves a half-written one behind.
 
-Everything is written to a hidden temporary file in the target's folder and renamed over the
-target, which is atomic on POSIX file systems: readers see the old file or the new one.
+Everything is written under a hidden temporary name next to the target (same folder, so the same
+file system) and renamed over the target, which is atomic on POSIX file systems: readers see the
+old file or folder, or the new one. Every writer of the package goes through these functions.
 """
 
+import contextlib
+import logging
 import os
+import re
+import shutil
 import uuid
+
+__all__ = ["atomic_directory", "atomic_write", "remove_stale_temporaries", "temporary_path"]
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path, write, mode="wb"):
@@ -36,3 +45,73 @@ def temporary_path(path):
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
     return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp{ext}")
+
+
+@contextlib.contextmanager
+def atomic_directory(path, *, overwrite=False, then=None):
+    """Yields a path (not created yet) to write a folder at; on success it is renamed to ``path``.
+
+    The yielded path lies inside a hidden temporary folder next to ``path`` (see
+    :func:`temporary_path`), which is removed in every case, so a killed writer leaves at most that
+    one folder behind. On leaving the block without error:
+
+    - an existing ``path`` is moved aside (``overwrite``) or raises ``FileExistsError``;
+    - the new folder is renamed to ``path``, then ``then()`` is called (e.g. to rename a file that
+      belongs with the folder); if it raises, the old folder is put back.
+
+    On an error nothing at ``path`` changes.
+    """
+    path = os.path.abspath(path)
+    workspace = temporary_path(path)
+    os.mkdir(workspace)
+    new = os.path.join(workspace, "new")
+    try:
+        yield new
+        old = os.path.join(workspace, "old")
+        if os.path.lexists(path):
+            if not overwrite:
+                raise FileExistsError(f"'{path}' exists (appeared while it was being written?).")
+            os.rename(path, old)
+        try:
+            os.rename(new, path)
+            try:
+                if then is not None:
+                    then()
+            except BaseException:
+                os.rename(path, new)
+                raise
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, path)
+            raise
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+# The names temporary_path makes: ".<base>.<12 hex digits>.tmp<ext>".
+_TEMPORARY_NAME = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp(?P<ext>\.[^./]*)?$")
+
+
+def remove_stale_temporaries(folder, target=None):
+    """Deletes the temporary files and folders that :func:`temporary_path` named in ``folder``
+    (only those of ``target``, a name in it, when given); returns their paths. Killed writers
+    leave them behind; nothing reads them. Call it only where no live writer can own one: under
+    a lock, or for an output that one process writes at a time."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = _TEMPORARY_NAME.match(name)
+        if not match:
+            continue
+        if target is not None and match.group("base") + (match.group("ext") or "") != target:
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):  # atomic_directory's workspace
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        removed.append(path)
+    if removed:
+        logger.warning(f"Removed {len(removed)} temporary files of killed writers: {removed[:5]}")
+    return removed

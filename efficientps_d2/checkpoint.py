@@ -20,6 +20,14 @@ the model left random, and the run goes on. :class:`EfficientPSCheckpointer` che
   initialised, e.g. the FPN and heads after loading ImageNet backbone weights) and checkpoint
   tensors the model does not use.
 
+With ``allow_missing=False`` (training, see ``MODEL.ALLOW_PARTIAL_WEIGHTS``) model tensors that the
+checkpoint lacks are refused too, unless the checkpoint is a known partial kind: a converted
+ImageNet backbone (:func:`is_partial_checkpoint`).
+
+A file that is not a checkpoint at all (empty, truncated, an HTML page, another format) raises
+:class:`CheckpointFileError`, naming the file and saying what it looks like; ``resume_or_load``
+with ``resume=True`` then falls back to the newest intact checkpoint of ``save_dir`` (warning).
+
 After :meth:`load`, :attr:`EfficientPSCheckpointer.last_report` holds the :class:`LoadReport`.
 Everything else (URLs, ``.pkl`` files, resuming optimizer state) is Detectron2's behaviour.
 """
@@ -38,9 +46,12 @@ from .atomic_io import atomic_write
 
 __all__ = [
     "AtomicDetectionCheckpointer",
+    "CheckpointFileError",
     "CheckpointMismatchError",
     "EfficientPSCheckpointer",
     "LoadReport",
+    "describe_file",
+    "is_partial_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +88,67 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
+class CheckpointFileError(ValueError):
+    """A file given as a checkpoint cannot be read as one (empty, truncated, another format)."""
+
+
+# ``__author__`` of checkpoints that hold only part of EfficientPS by design.
+PARTIAL_CHECKPOINT_AUTHORS = ("efficientps_d2.tools.convert_torchvision_weights",)
+
+
+def is_partial_checkpoint(checkpoint):
+    """Whether a loaded checkpoint dict is a known partial kind (a converted ImageNet backbone,
+    marked by its ``__author__``), whose missing FPN and head tensors are expected."""
+    author = str(checkpoint.get("__author__", "")) if isinstance(checkpoint, dict) else ""
+    return author.startswith(PARTIAL_CHECKPOINT_AUTHORS)
+
+
+_MAGIC = [
+    (b"PK\x03\x04", "a zip archive (torch's checkpoint format) that is truncated or corrupt"),
+    (b"\x89HDF", "an HDF5 file (e.g. Keras weights), not a torch checkpoint"),
+    (b"\x89PNG", "a PNG image, not a checkpoint"),
+    (b"\xff\xd8\xff", "a JPEG image, not a checkpoint"),
+    (b"\x1f\x8b", "a gzip archive: unpack it first"),
+]
+
+
+def describe_file(path):
+    """A few words on what the file at ``path`` looks like, for errors about unreadable weights."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"unreadable ({e})"
+    if size == 0:
+        return "an empty file (0 bytes)"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f"{what} ({size} bytes)"
+    if head[:1] == b"\x80":
+        return f"a pickle ({size} bytes) that torch cannot load"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a checkpoint: unknown binary data ({size} bytes, starts with {head[:8]!r})"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file ({size} bytes, starts with {first!r}), not a checkpoint"
+
+
+def _reason(error):
+    """The useful part of a torch.load error, without torch's advice to pass weights_only=False
+    (which is not what a file of another format or a truncated one needs)."""
+    message = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in message:
+        detail = [line.strip() for line in message.split(marker, 1)[1].splitlines() if line.strip()]
+        return f"unpickling: {detail[0] if detail else 'failed'}"
+    if isinstance(error, EOFError):
+        return "the data ends early"
+    first = message.strip().splitlines()[0].split(". ")[0][:200] if message.strip() else ""
+    return f"{type(error).__name__}: {first}"
+
+
 @dataclass
 class LoadReport:
     """What one checkpoint load did.
@@ -84,6 +156,7 @@ class LoadReport:
     Attributes:
         path: the checkpoint loaded.
         loaded: number of model tensors that received a value from the checkpoint.
+        loaded_names: their names (empty for heuristically matched ``.pkl`` files).
         missing: model tensors the checkpoint lacks (left as they were: random or pre-loaded).
         unexpected: checkpoint tensors the model does not have.
         incorrect_shapes: (name, shape in the checkpoint, shape in the model) of skipped tensors.
@@ -91,6 +164,7 @@ class LoadReport:
 
     path: str
     loaded: int = 0
+    loaded_names: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     incorrect_shapes: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
@@ -98,6 +172,8 @@ class LoadReport:
     def summary(self):
         """A few human-readable lines."""
         lines = [f"Loaded {self.loaded} tensors from '{self.path}'."]
+        if self.loaded_names:
+            lines[0] = lines[0][:-1] + f": {group_names(self.loaded_names)}."
         if self.incorrect_shapes:
             lines.append(
                 f"Skipped {len(self.incorrect_shapes)} tensors of another shape: "
@@ -161,11 +237,22 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         model, save_dir, checkpointables: as for ``DetectionCheckpointer``.
         allow_shape_mismatch: skip tensors of another shape with a warning instead of raising
             (e.g. to fine-tune a trained model on a data set with other classes).
+        allow_missing: accept checkpoints that lack model tensors (they keep their initial
+            values) with a warning; False raises unless :func:`is_partial_checkpoint`.
     """
 
-    def __init__(self, model, save_dir="", *, allow_shape_mismatch=False, **checkpointables):
+    def __init__(
+        self,
+        model,
+        save_dir="",
+        *,
+        allow_shape_mismatch=False,
+        allow_missing=True,
+        **checkpointables,
+    ):
         super().__init__(model, save_dir, **checkpointables)
         self.allow_shape_mismatch = allow_shape_mismatch
+        self.allow_missing = allow_missing
         self.last_report = None
         self._path = None
 
@@ -175,7 +262,73 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             raise FileNotFoundError(f"Checkpoint '{path}' (MODEL.WEIGHTS) does not exist.")
         self._path = path
         self.last_report = None
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # Detectron2 resets this only on success; a failed load must not block the next one.
+            self._parsed_url_during_load = None
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except CheckpointFileError:
+            raise
+        except Exception as e:  # pickle errors of .pkl files: say which file and what it is
+            raise CheckpointFileError(
+                f"Checkpoint '{self._path or filename}' cannot be loaded: it is "
+                f"{describe_file(filename)} ({_reason(e)})."
+            ) from e
+
+    def _torch_load(self, f):
+        try:
+            loaded = super()._torch_load(f)
+        except Exception as e:  # torch's zip and unpickling errors
+            raise CheckpointFileError(
+                f"Checkpoint '{self._path or f}' cannot be loaded: it is {describe_file(f)} "
+                f"({_reason(e)})."
+            ) from e
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("model", {}), dict):
+            inner = loaded.get("model") if isinstance(loaded, dict) else loaded
+            raise CheckpointFileError(
+                f"Checkpoint '{self._path or f}' holds a {type(inner).__name__}, not a state dict "
+                "(a dict of tensors, or a dict with one under 'model')."
+            )
+        return loaded
+
+    def resume_or_load(self, path, *, resume=True):
+        """As Detectron2's, but when resuming from a checkpoint of ``save_dir`` that cannot be read
+        (truncated, deleted), falls back to the newest one that can, with a warning."""
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        last = self.get_checkpoint_file()
+        candidates = [last] + [f for f in self._saved_checkpoints() if f != last]
+        for candidate in candidates:
+            try:
+                checkpoint = self.load(candidate)
+            except (CheckpointFileError, FileNotFoundError) as e:
+                logger.warning(f"Cannot resume from '{candidate}': {e}")
+                continue
+            if candidate != last:
+                logger.warning(
+                    f"Resumed from '{candidate}', the newest intact checkpoint in "
+                    f"'{self.save_dir}', instead of '{last}' (named by last_checkpoint)."
+                )
+            return checkpoint
+        raise CheckpointFileError(
+            f"No intact checkpoint in '{self.save_dir}' to resume from (tried {candidates}); "
+            "start without --resume, or from MODEL.WEIGHTS."
+        )
+
+    def _saved_checkpoints(self):
+        """Paths of the visible ``*.pth`` files of ``save_dir``, newest first."""
+        if not self.save_dir or "://" in self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        paths = [
+            os.path.join(self.save_dir, f)
+            for f in os.listdir(self.save_dir)
+            if f.endswith(".pth") and not f.startswith(".")
+        ]
+        return sorted(paths, key=os.path.getmtime, reverse=True)
 
     def _load_model(self, checkpoint):
         heuristics = checkpoint.get("matching_heuristics", False)
@@ -184,14 +337,18 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             # Checked before anything is copied, so a refused checkpoint leaves the model intact.
             # (Heuristically matched .pkl files are only known after Detectron2's matching.)
             self._check_fits(checkpoint["model"])
+            if not self.allow_missing and not is_partial_checkpoint(checkpoint):
+                self._refuse_missing(checkpoint_names)
         incompatible = super()._load_model(checkpoint)
         model_names = set(self.model.state_dict())
         incorrect = {k for k, _, _ in incompatible.incorrect_shapes}
         if heuristics:  # names were rewritten by the matching; count what the model received
             checkpoint_names = model_names - set(incompatible.missing_keys)
+        loaded_names = sorted((checkpoint_names & model_names) - incorrect)
         self.last_report = LoadReport(
             path=str(self._path),
-            loaded=len((checkpoint_names & model_names) - incorrect),
+            loaded=len(loaded_names),
+            loaded_names=loaded_names,
             missing=list(incompatible.missing_keys),
             unexpected=list(incompatible.unexpected_keys),
             incorrect_shapes=list(incompatible.incorrect_shapes),
@@ -199,6 +356,21 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         if heuristics:
             self._raise_if_unfit(self.last_report.incorrect_shapes, self.last_report.loaded)
         return incompatible
+
+    def _refuse_missing(self, checkpoint_names):
+        # BatchNorm's step counters are not weights (checkpoints of frozen BN have none).
+        missing = [
+            n
+            for n in self.model.state_dict()
+            if n not in checkpoint_names and not n.endswith("num_batches_tracked")
+        ]
+        if missing:
+            raise CheckpointMismatchError(
+                f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
+                f"would train from random values: {group_names(missing)}. Set "
+                "MODEL.ALLOW_PARTIAL_WEIGHTS True to load it anyway (converted ImageNet backbones "
+                "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
+            )
 
     def _check_fits(self, checkpoint_state):
         model_state = self.model.state_dict()

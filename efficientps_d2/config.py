@@ -31,8 +31,9 @@ def add_efficientps_config(cfg):
     _C.MODEL.EFFICIENTNET.LEAKY_RELU_SLOPE = 0.01
     # The paper removes squeeze-and-excitation; True keeps it (e.g. to load every ImageNet weight).
     _C.MODEL.EFFICIENTNET.SQUEEZE_EXCITATION = False
-    # Stochastic-depth probability of the last MBConv block (scaled linearly from 0 in the first).
-    _C.MODEL.EFFICIENTNET.STOCHASTIC_DEPTH_PROB = 0.2
+    # Stochastic-depth probability of the last MBConv block (scaled linearly from 0 in the first);
+    # 0: off, as in the official EfficientPS training (torchvision's ImageNet recipe used 0.2).
+    _C.MODEL.EFFICIENTNET.STOCHASTIC_DEPTH_PROB = 0.0
     # Trunk stages to expose, by stride: any of "stride4", "stride8", "stride16", "stride32".
     _C.MODEL.EFFICIENTNET.OUT_FEATURES = ["stride4", "stride8", "stride16", "stride32"]
     # Number of first trunk stages whose weights are frozen (0 = train everything).
@@ -55,6 +56,10 @@ def add_efficientps_config(cfg):
     # ---------------------------------------------------------------------------------------------
     # Fraction of the hardest pixels (highest loss) that the cross-entropy is averaged over.
     _C.MODEL.SEM_SEG_HEAD.HARD_PIXEL_FRACTION = 0.25
+    # What that fraction is of: "image", every pixel of the (unpadded) image, void ones counting
+    # with zero loss (the paper's w = 4/(H*W), and the official code); "labelled", the labelled
+    # pixels only (large void regions then do not dilute the loss).
+    _C.MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION = "image"
     # Channels inside the DPC branches (their outputs are reduced to CONVS_DIM).
     _C.MODEL.SEM_SEG_HEAD.DPC_CHANNELS = 256
     # Recompute the head's activations in the backward pass to save training memory.
@@ -91,8 +96,9 @@ def add_efficientps_config(cfg):
 
     # ---------------------------------------------------------------------------------------------
     # Test-time augmentation: Detectron2's TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP), run by
-    # EfficientPSWithTTA. Shorter-side sizes to run at, in addition to horizontal flips when FLIP:
+    # EfficientPSWithTTA, with EfficientPS's scales.
     # ---------------------------------------------------------------------------------------------
+    # Shorter-side sizes to run at, in addition to horizontal flips when TEST.AUG.FLIP.
     _C.TEST.AUG.MIN_SIZES = (512, 1024, 1536)
     # The longer side is capped at this.
     _C.TEST.AUG.MAX_SIZE = 4096
@@ -112,6 +118,21 @@ def add_efficientps_config(cfg):
 
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one norm over all gradients
     # (efficientps_d2.solver), as the official training clipped at 35.
+
+    # ---------------------------------------------------------------------------------------------
+    # Reliability: checks before work starts, what training tolerates.
+    # ---------------------------------------------------------------------------------------------
+    # train_net.py opens every panoptic PNG of DATASETS.TRAIN/TEST before it starts and checks its
+    # mode, size and ids against segments_info (efficientps_d2.data.check); False checks the json
+    # only (for very large data sets: the full pass reads every PNG once).
+    _C.DATASETS.CHECK_PNGS = True
+    # Training accepts MODEL.WEIGHTS that leave model tensors random (missing) or hold tensors of
+    # another shape (skipped, e.g. to fine-tune on other classes); False refuses them before
+    # training, as evaluation refuses misfits. Converted ImageNet backbones are always accepted.
+    _C.MODEL.ALLOW_PARTIAL_WEIGHTS = False
+    # Training skips a sample whose image or panoptic PNG cannot be read, with a counted warning,
+    # and stops when more than this fraction of DATASETS.TRAIN has proved unreadable.
+    _C.DATALOADER.MAX_UNREADABLE_FRACTION = 0.01
 
     # ---------------------------------------------------------------------------------------------
     # Data: the dataset mapper's augmentations.

@@ -2,11 +2,15 @@
 
 Detectron2's SOLVER.CLIP_GRADIENTS clips each parameter tensor on its own ("value", "norm"); the
 paper clips the norm of all gradients together at 35. SOLVER.CLIP_GRADIENTS.CLIP_TYPE
-"full_model" selects that; every other setting is Detectron2's own ``build_optimizer``.
+"full_model" selects that, through the optimizer wrapper of Detectron2's ``solver/build.py`` with a
+global clipper; every other setting is Detectron2's own ``build_optimizer``.
 """
+
+import functools
 
 import torch
 from detectron2.solver import build_optimizer as build_detectron2_optimizer
+from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
 
 
 def build_optimizer(cfg, model):
@@ -20,6 +24,15 @@ def build_optimizer(cfg, model):
     return with_full_model_gradient_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
 
 
+def sgd_with_full_model_gradient_clipping(
+    params, *, lr, momentum=0.9, weight_decay=1e-4, clip_value=35.0, norm_type=2.0
+):
+    """SGD whose ``step()`` first clips the norm of all gradients together, for LazyConfig files
+    (``optimizer.params`` is Detectron2's ``get_default_optimizer_params``, as in its configs)."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return with_full_model_gradient_clipping(optimizer, clip_value, norm_type)
+
+
 def with_full_model_gradient_clipping(optimizer, max_norm, norm_type=2.0):
     """Makes ``optimizer.step()`` first clip the total gradient norm of all its parameters.
 
@@ -27,12 +40,29 @@ def with_full_model_gradient_clipping(optimizer, max_norm, norm_type=2.0):
     sees true gradient values.
     """
     base = type(optimizer)
-
-    def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-        return base.step(self, closure)
-
-    name = base.__name__ + "WithFullModelGradientClipping"
-    optimizer.__class__ = type(name, (base,), {"step": step})
+    clipper = functools.partial(
+        torch.nn.utils.clip_grad_norm_, max_norm=max_norm, norm_type=norm_type
+    )
+    clipped = _generate_optimizer_class_with_gradient_clipping(base, global_clipper=clipper)
+    clipped.__name__ = clipped.__qualname__ = base.__name__ + "WithFullModelGradientClipping"
+    optimizer.__class__ = clipped
     return optimizer
+
+
+def warmup_multi_step_lr(*, max_iter, steps, warmup_iters, warmup_factor=0.001, gamma=0.1):
+    """SOLVER.LR_SCHEDULER_NAME "WarmupMultiStepLR" as a LazyConfig ``lr_multiplier``.
+
+    Linear warm-up from ``warmup_factor`` over ``warmup_iters``, then the rate times ``gamma`` at
+    each of ``steps``; steps at or after ``max_iter`` are dropped, as the YAML path does. Taking
+    iterations (not fractions of training) keeps it right when ``train.max_iter`` is overridden.
+    """
+    from detectron2.solver import WarmupParamScheduler
+    from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+    steps = [s for s in steps if s < max_iter]
+    scheduler = MultiStepParamScheduler(
+        values=[gamma**k for k in range(len(steps) + 1)], milestones=steps, num_updates=max_iter
+    )
+    return WarmupParamScheduler(
+        scheduler, warmup_factor, min(warmup_iters / max_iter, 1.0), warmup_method="linear"
+    )

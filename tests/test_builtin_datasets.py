@@ -35,6 +35,7 @@ CITYSCAPES_THINGS, COCO_THINGS = {24, 26}, {1, 3, 18}
 _LOADER = r"""
 import json, sys
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from efficientps_d2.data.check import check_dataset
 
 out = {}
 for name in sys.argv[2:]:
@@ -48,6 +49,7 @@ for name in sys.argv[2:]:
         },
         "things": {str(k): v for k, v in meta.thing_dataset_id_to_contiguous_id.items()},
         "stuff": {str(k): v for k, v in meta.stuff_dataset_id_to_contiguous_id.items()},
+        "check_errors": check_dataset(name).errors,
     }
 with open(sys.argv[1], "w") as f:
     json.dump(out, f)
@@ -160,3 +162,10 @@ def test_coco_2017_panoptic(loaded, split):
     for dataset_id, contiguous_id in COCO_CONTIGUOUS.items():
         kind = "things" if dataset_id in COCO_THINGS else "stuff"
         assert result[kind][str(dataset_id)] == contiguous_id
+
+
+def test_fixtures_pass_the_data_check(loaded):
+    # efficientps_d2.data.check (run before training) accepts valid Cityscapes and COCO data.
+    _, _, data = loaded
+    for name in NAMES:
+        assert data[name]["check_errors"] == [], name

@@ -11,6 +11,7 @@ from detectron2.evaluation import COCOPanopticEvaluator
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.data.coco_panoptic import register_panoptic_dataset
 from efficientps_d2.tools import convert_instances_to_panoptic as convert
 from efficientps_d2.tools.convert_instances_to_panoptic import (
@@ -494,3 +495,20 @@ def test_stuff_annotations_lie_under_instances_and_merge_per_category(tmp_path):
         _ids(os.path.join(out_dir, "sub", "b.png")), expected_id_maps()[1]
     )
     assert report.num_stuff_segments == 3 and report.dropped[0]["annotation_id"] == 14
+
+
+def test_leftovers_of_a_killed_conversion_are_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # What a conversion killed mid-way leaves: the PNG folder's hidden workspace and the json's
+    # temporary file. Another output's temporary file is not this conversion's to remove.
+    workspace = temporary_path(str(out / "png"))
+    os.makedirs(os.path.join(workspace, "new"))
+    with open(os.path.join(workspace, "new", "a.png"), "wb") as f:
+        f.write(b"half")
+    with open(temporary_path(str(out / "panoptic.json")), "w") as f:
+        f.write("{")
+    other = temporary_path(str(out / "other.json"))
+    open(other, "w").close()
+    _convert(str(tmp_path))
+    assert sorted(os.listdir(out)) == [os.path.basename(other), "panoptic.json", "png"]

@@ -276,3 +276,41 @@ def test_unreadable_inputs_are_clear_errors(tmp_path, model_files, capsys):
         == 1
     )
     assert "x.png: unreadable image" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_video_exits_130_keeping_the_partial_output(tmp_path, model_files, capsys):
+    config_file, _ = model_files["small"]
+    video = _write_video(tmp_path / "clip.mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".clip.0123456789ab.tmp.mp4"  # left by an earlier, killed run
+    stale.write_bytes(b"half a video")
+
+    class InterruptedDemo(demo.VisualizationDemo):
+        def run_on_video(self, frames):
+            for index, result in enumerate(super().run_on_video(frames)):
+                if index == 3:
+                    raise KeyboardInterrupt
+                yield result
+
+    original = demo.VisualizationDemo
+    demo.VisualizationDemo = InterruptedDemo
+    try:
+        rc = demo.main(
+            ["--config-file", config_file, "--video-input", str(video), "--output", str(out)]
+        )
+    finally:
+        demo.VisualizationDemo = original
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert f"Interrupted: '{out / 'clip.mp4'}' is partial." in err
+    assert count_video_frames(str(out / "clip.mp4")) == 3
+    assert os.listdir(out) == ["clip.mp4"]  # the stale temporary file is gone too
+
+
+def test_confidence_threshold_out_of_range_is_refused(model_files, capsys):
+    config_file, _ = model_files["small"]
+    rc = demo.main(["--config-file", config_file, "--input", "x.png", "--output", "o"]
+                   + ["--confidence-threshold", "5"])  # fmt: skip
+    assert rc == 1
+    assert "--confidence-threshold must be a score in [0, 1], got 5.0" in capsys.readouterr().err

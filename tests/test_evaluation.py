@@ -121,3 +121,16 @@ def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):
         assert results[task]["AP"] == pytest.approx(100.0)
         rows = {k[len("AP-") :] for k in results[task] if k.startswith("AP-")}
         assert rows == thing_names
+
+    # No detection at all: every instance is missed, AP 0 (Detectron2 alone says nan).
+    evaluator.reset()
+    for image in gt["images"]:
+        instances = Instances((image["height"], image["width"]))
+        instances.pred_boxes = Boxes(torch.zeros((0, 4)))
+        instances.scores = torch.zeros(0)
+        instances.pred_classes = torch.zeros(0, dtype=torch.int64)
+        instances.pred_masks = torch.zeros((0, image["height"], image["width"]), dtype=torch.bool)
+        evaluator.process([{"image_id": image["id"]}], [{"instances": instances}])
+    results = evaluator.evaluate()
+    for task in ("bbox", "segm"):
+        assert results[task]["AP"] == 0.0 and results[task]["AP50"] == 0.0

@@ -290,4 +290,4 @@ def test_unsupported_exports_say_what_and_why(cfg, model, tmp_path, capsys):
     assert export_tool.main(base + ["--sample-image", str(config_file)]) == 1
     assert "not a readable image" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".export-")]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders

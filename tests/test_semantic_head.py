@@ -65,13 +65,41 @@ def test_hard_pixel_loss_averages_the_hardest_fraction():
 def test_hard_pixel_loss_ignores_unlabelled_pixels():
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)
     targets = torch.full((1, 4, 4), 255)
-    loss = hard_pixel_cross_entropy(logits, targets, ignore_value=255, hard_pixel_fraction=0.25)
-    loss.backward()
-    assert loss.item() == 0.0 and logits.grad is not None
+    for normalization in ("image", "labelled"):
+        loss = hard_pixel_cross_entropy(
+            logits, targets, ignore_value=255, hard_pixel_fraction=0.25, normalization=normalization
+        )
+        loss.backward()
+        assert loss.item() == 0.0 and logits.grad is not None
     targets[0, 0, 0] = 1
-    loss = hard_pixel_cross_entropy(logits, targets, ignore_value=255, hard_pixel_fraction=0.25)
     expected = torch.nn.functional.cross_entropy(logits[:, :, 0, 0], targets[:, 0, 0])
+    loss = hard_pixel_cross_entropy(
+        logits, targets, ignore_value=255, hard_pixel_fraction=0.25, normalization="labelled"
+    )
     torch.testing.assert_close(loss, expected)
+    # The paper's w = 4/(H*W): the one labelled pixel's loss over a quarter of the 16 pixels.
+    loss = hard_pixel_cross_entropy(logits, targets, ignore_value=255, hard_pixel_fraction=0.25)
+    torch.testing.assert_close(loss, expected / 4)
+
+
+def test_hard_pixel_loss_normalises_by_each_unpadded_image():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 6)
+    targets = torch.randint(0, 3, (2, 4, 6))
+    targets[1, :, 4:] = 255  # image 1 is 4x4, padded to 4x6
+    per_pixel = torch.nn.functional.cross_entropy(
+        logits, targets, reduction="none", ignore_index=255
+    )
+    loss = hard_pixel_cross_entropy(
+        logits, targets, ignore_value=255, hard_pixel_fraction=0.25, image_sizes=[(4, 6), (4, 4)]
+    )
+    image0 = per_pixel[0].flatten().sort().values[-6:].mean()  # ceil(0.25 * 24) = 6
+    image1 = per_pixel[1, :, :4].flatten().sort().values[-4:].mean()  # ceil(0.25 * 16) = 4
+    torch.testing.assert_close(loss, (image0 + image1) / 2)
+    with pytest.raises(ValueError, match="HARD_PIXEL_NORMALIZATION.*'pixels'"):
+        hard_pixel_cross_entropy(
+            logits, targets, ignore_value=255, hard_pixel_fraction=0.25, normalization="pixels"
+        )
 
 
 def test_bad_hard_pixel_fraction_names_the_key():
@@ -91,3 +119,37 @@ def test_head_from_config_checks_features():
     cfg = tiny_config(["MODEL.SEM_SEG_HEAD.NAME", "NoSuchHead"])
     with pytest.raises(KeyError, match="NoSuchHead"):
         build_sem_seg_head(cfg, SHAPES)
+
+
+def test_official_recipe_defaults_and_the_quick_configs_own_values():
+    from .common import load_config
+
+    for name in (
+        "Cityscapes-PanopticSegmentation/efficientps_b5.yaml",
+        "Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml",
+    ):
+        cfg = load_config(name)
+        assert cfg.MODEL.EFFICIENTNET.STOCHASTIC_DEPTH_PROB == 0.0, name
+        assert cfg.MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION == "image", name
+    cityscapes = load_config("Cityscapes-PanopticSegmentation/efficientps_b5.yaml")
+    assert cityscapes.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 256
+    assert cityscapes.MODEL.RPN.POST_NMS_TOPK_TRAIN == 2000
+    # The main job keeps its smaller, measured sampling (set in its own file).
+    quick = load_config("Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml")
+    assert (quick.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, quick.MODEL.RPN.POST_NMS_TOPK_TRAIN) == (
+        64,
+        300,
+    )
+
+
+def test_image_and_labelled_normalisation_agree_on_fully_labelled_padded_images():
+    # The synthetic data labels every pixel, so switching its config to the paper's "image"
+    # normalisation leaves its loss (and the README's measured run) unchanged.
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 8)
+    targets = torch.randint(0, 4, (2, 6, 8))
+    targets[1, 4:, :] = 255  # image 1 is 4x8, padded to 6x8
+    kwargs = dict(ignore_value=255, hard_pixel_fraction=0.25)
+    image = hard_pixel_cross_entropy(logits, targets, image_sizes=[(6, 8), (4, 8)], **kwargs)
+    labelled = hard_pixel_cross_entropy(logits, targets, normalization="labelled", **kwargs)
+    torch.testing.assert_close(image, labelled)

@@ -3,14 +3,17 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
+import torch
+from PIL import Image
 
-from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
+from efficientps_d2.atomic_io import temporary_path
+from efficientps_d2.output_lock import lock_output_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick.yaml")
@@ -30,23 +33,16 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    ensure_synthetic_panoptic(str(root), num_train=6, num_val=3)
-    return str(root)
-
-
-def train_net(args, data_root, stdout=subprocess.PIPE):
+def train_net(args, data_root, stdout=subprocess.PIPE, config_file=QUICK):
     env = dict(os.environ, DETECTRON2_DATASETS=data_root, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICK, *args]
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config_file, *args]
     return subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True
     )
 
 
-def run_to_end(args, data_root, timeout=900):
-    proc = train_net(args, data_root)
+def run_to_end(args, data_root, timeout=900, config_file=QUICK):
+    proc = train_net(args, data_root, config_file=config_file)
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -71,6 +67,11 @@ def test_train_checkpoint_evaluate_then_eval_only_reproduces(tmp_path, data_root
         os.listdir(out_dir)
     )
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))  # tensorboard
+    with open(os.path.join(out_dir, "log.txt")) as f:  # our loggers reach log.txt too
+        assert (
+            "efficientps_d2.data.check INFO: Checked data set 'synthetic_panoptic_train'"
+            in f.read()
+        )
     # The real evaluators ran: panoptic quality, semantic mIoU and box/mask AP.
     trained = copypaste_results(log)
     assert set(trained) == {"panoptic_seg", "sem_seg", "bbox", "segm"}
@@ -120,3 +121,55 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     with open(out_dir / "metrics.json") as f:
         iterations = [json.loads(line)["iteration"] for line in f if line.strip()]
     assert iterations[-1] == 11
+
+
+def test_bad_panoptic_png_refused_before_training(tmp_path, data_root):
+    # A copy of the data whose first validation PNG is 8-bit grayscale: panopticapi would crash
+    # on it after training; the start-up check names it before the first iteration.
+    root = tmp_path / "datasets"
+    shutil.copytree(os.path.join(data_root, "synthetic_panoptic"), root / "synthetic_panoptic")
+    png = sorted((root / "synthetic_panoptic" / "panoptic_val").glob("*.png"))[0]
+    Image.open(png).convert("L").save(png)
+    out_dir = tmp_path / "run"
+    proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], str(root))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert f"Panoptic PNG '{png}' has mode L" in out
+    assert "Starting training" not in out
+    assert not list(out_dir.glob("*.pth"))
+
+
+def test_partial_weights_refused_before_training(tmp_path, data_root):
+    # Backbone weights without the converter's marker would leave the heads random: training
+    # refuses them (MODEL.ALLOW_PARTIAL_WEIGHTS opts in), as evaluation refuses misfits.
+    from detectron2.modeling import build_model
+
+    from tests.common import load_config
+
+    cfg = load_config("Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml", TINY)
+    state = build_model(cfg).state_dict()
+    weights = str(tmp_path / "backbone.pth")
+    torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, weights)
+    # A checkpoint write killed by an earlier run left its temporary file: removed, never read.
+    stale = temporary_path(str(tmp_path / "run" / "model_0000001.pth"))
+    open(stale, "wb").close()
+    args = [*TINY, "SOLVER.MAX_ITER", "2", "MODEL.WEIGHTS", weights]
+    proc = train_net([*args, "OUTPUT_DIR", str(tmp_path / "run")], data_root)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert f"Checkpoint '{weights}' lacks" in out and "MODEL.ALLOW_PARTIAL_WEIGHTS" in out
+    assert "Starting training" not in out
+    assert not os.path.exists(stale)
+
+
+def test_second_run_on_the_same_output_dir_is_refused(tmp_path, data_root):
+    out_dir = tmp_path / "run"
+    held = lock_output_dir(str(out_dir))  # as a run in progress holds it
+    try:
+        proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], data_root)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        held.close()
+    assert proc.returncode != 0
+    assert f"is in use by another training run (PID {os.getpid()}" in out
+    assert sorted(os.listdir(out_dir)) == [".train_net.lock"]  # nothing written

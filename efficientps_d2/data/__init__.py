@@ -1,4 +1,4 @@
-"""Data: the panoptic dataset mapper, built-in synthetic data, custom data registration."""
+"""Data: the panoptic dataset mapper, COCO-panoptic-format registration, built-in synthetic data."""
 
 from . import synthetic  # noqa: F401  (registers synthetic_panoptic_{train,val})
 from .coco_panoptic import register_panoptic_dataset

@@ -87,43 +87,21 @@ class EfficientPSDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
-        if is_train:
-            if cfg.INPUT.RANDOM_SCALE.ENABLED:
-                min_scale, max_scale = cfg.INPUT.RANDOM_SCALE.RANGE
-                target_height, target_width = cfg.INPUT.RANDOM_SCALE.TARGET_SIZE
-                augs = [T.ResizeScale(min_scale, max_scale, target_height, target_width)]
-                if cfg.INPUT.CROP.ENABLED:
-                    if cfg.INPUT.CROP.TYPE == "absolute":
-                        # A fixed output size, padded where the scaled image is smaller: equal-size
-                        # batches, as in the paper's scale-then-crop recipe.
-                        augs.append(T.FixedSizeCrop(tuple(cfg.INPUT.CROP.SIZE)))
-                    else:
-                        augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+        # Detectron2's resize (MIN_SIZE_TEST 0: none) and, in training, flip; the paper's
+        # scale-then-crop recipe replaces the resize when INPUT.RANDOM_SCALE is enabled.
+        augs = utils.build_augmentation(cfg, is_train)
+        if is_train and cfg.INPUT.RANDOM_SCALE.ENABLED:
+            min_scale, max_scale = cfg.INPUT.RANDOM_SCALE.RANGE
+            target_height, target_width = cfg.INPUT.RANDOM_SCALE.TARGET_SIZE
+            augs[0] = T.ResizeScale(min_scale, max_scale, target_height, target_width)
+        crop = cfg.INPUT.CROP
+        if is_train and crop.ENABLED:
+            if cfg.INPUT.RANDOM_SCALE.ENABLED and crop.TYPE == "absolute":
+                # A fixed output size, padded where the scaled image is smaller: equal-size
+                # batches, as in the paper's scale-then-crop recipe.
+                augs.insert(1, T.FixedSizeCrop(tuple(crop.SIZE)))
             else:
-                augs = [
-                    T.ResizeShortestEdge(
-                        cfg.INPUT.MIN_SIZE_TRAIN,
-                        cfg.INPUT.MAX_SIZE_TRAIN,
-                        cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-                    )
-                ]
-                if cfg.INPUT.CROP.ENABLED:
-                    augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
-            if cfg.INPUT.RANDOM_FLIP != "none":
-                augs.append(
-                    T.RandomFlip(
-                        horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                        vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
-                    )
-                )
-        else:
-            min_size = cfg.INPUT.MIN_SIZE_TEST
-            # MIN_SIZE_TEST = 0 means "no resizing", as in Detectron2's DefaultPredictor.
-            augs = (
-                [T.ResizeShortestEdge(min_size, cfg.INPUT.MAX_SIZE_TEST, "choice")]
-                if min_size
-                else []
-            )
+                augs.insert(1, T.RandomCrop(crop.TYPE, crop.SIZE))
 
         # Targets are built in the training set's label space; inference needs no labels, so an
         # evaluation-only config may name only DATASETS.TEST.

@@ -25,13 +25,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
 from detectron2.data import DatasetCatalog
 from PIL import Image
 
+from ..atomic_io import atomic_directory
 from .coco_panoptic import register_panoptic_dataset
 from .synthetic_drawing import SYNTHETIC_CATEGORIES, THING_IDS, render_sample
 
@@ -50,7 +50,7 @@ SPLITS = ("train", "val")
 DEFAULT_NUM_IMAGES = {"train": 200, "val": 50}
 DEFAULT_SIZE = (128, 192)  # (height, width)
 DEFAULT_SEED = 0
-_TMP_PREFIX = f".{DIRNAME}.tmp-"
+_TMP_PREFIX = f".{DIRNAME}."  # atomic_io.temporary_path's names
 # Temp folders older than this, found while holding the lock, are leftovers of killed runs.
 _STALE_TMP_SECONDS = 600
 
@@ -183,7 +183,7 @@ def _generation_lock(root):
     except ImportError:  # no flock (Windows): the rename race below is tolerated instead
         yield False
         return
-    with open(os.path.join(root, f".{DIRNAME}.lock"), "a") as lock_file:
+    with open(os.path.join(root, f".{DIRNAME}-lock"), "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield True
@@ -243,22 +243,15 @@ def ensure_synthetic_panoptic(
         if locked:
             _remove_stale_tmp_dirs(root)
         start = time.perf_counter()
-        tmp_dir = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root)
         try:
-            out_dir = os.path.join(tmp_dir, DIRNAME)
-            generate_synthetic_panoptic(
-                out_dir, num_train=num_train, num_val=num_val, size=size, seed=seed
-            )
-            if os.path.exists(data_dir):  # overwrite: move the old set aside, then swap
-                os.rename(data_dir, os.path.join(tmp_dir, "old"))
-            try:
-                os.rename(out_dir, data_dir)
-            except OSError:
-                if not _is_complete(data_dir):
-                    raise
-                # Lost a race against a process without the lock; its data is the same.
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            with atomic_directory(data_dir, overwrite=overwrite) as out_dir:
+                generate_synthetic_panoptic(
+                    out_dir, num_train=num_train, num_val=num_val, size=size, seed=seed
+                )
+        except OSError:
+            if not _is_complete(data_dir):
+                raise
+            # Lost a race against a process without the lock; its data is the same.
     logger.info(
         f"Generated the synthetic panoptic data set ({num_train} train + {num_val} val images of "
         f"{size[0]}x{size[1]}, seed {seed}) in '{data_dir}' in {time.perf_counter() - start:.1f} s."

@@ -1,5 +1,5 @@
-"""Inference helpers behind ``demo.py``: a predictor, a drawing demo, COCO panoptic export and
-the image/video loops."""
+"""What ``demo.py`` is made of: a predictor, its drawing, the COCO panoptic writer and the
+image/video loops."""
 
 from .coco_panoptic_writer import (
     CocoPanopticWriter,

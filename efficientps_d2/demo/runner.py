@@ -21,7 +21,7 @@ import cv2
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
-from ..atomic_io import atomic_write, temporary_path
+from ..atomic_io import atomic_write, remove_stale_temporaries, temporary_path
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 
 __all__ = [
@@ -139,8 +139,7 @@ class ImageRunSummary:
     def report(self):
         lines = [f"Processed {len(self.processed)} images, skipped {len(self.skipped)}."]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
-        if self.panoptic_json:
-            lines.append(f"COCO panoptic predictions: {self.panoptic_json}")
+        lines += _export_lines(self.panoptic_json)
         if self.unmatched_ids:
             lines.append(
                 f"  {len(self.unmatched_ids)} images have their file name as image id (e.g. "
@@ -149,6 +148,10 @@ class ImageRunSummary:
                 "to score them against a ground truth."
             )
         return "\n".join(lines)
+
+
+def _export_lines(panoptic_json, indent=""):
+    return [f"{indent}COCO panoptic predictions: {panoptic_json}"] if panoptic_json else []
 
 
 def _image_output_path(output, path, stem, single):
@@ -297,6 +300,8 @@ def open_video_writer(path, fps, size, codecs=VIDEO_CODECS):
     tried = []
     for fourcc, extension in ordered:
         final = stem + extension
+        # Leftovers of a killed run writing the same file: never read, only in the way.
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(final)), os.path.basename(final))
         tmp = temporary_path(final)
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*fourcc), float(fps), tuple(size))
         if writer.isOpened():
@@ -376,8 +381,7 @@ class VideoRunSummary:
                 f"  Wrote {self.frames_written} frames to '{self.output}' (codec {self.codec}); "
                 f"{self.frames_verified} read back."
             )
-        if self.panoptic_json:
-            lines.append(f"  COCO panoptic predictions: {self.panoptic_json}")
+        lines += _export_lines(self.panoptic_json, indent="  ")
         return "\n".join(lines)
 
 

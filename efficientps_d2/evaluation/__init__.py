@@ -1,11 +1,12 @@
 """Evaluation: what Detectron2's evaluators lack for panoptic data, and the evaluator choice."""
 
-from .build import ThingCOCOEvaluator, build_evaluator
+from .build import ThingCOCOEvaluator, build_dataset_evaluator, build_evaluator
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
 from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
 from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
 
 __all__ = [
+    "build_dataset_evaluator",
     "build_evaluator",
     "COCOPanopticEvaluatorKeepingPNGs",
     "CompatCityscapesInstanceEvaluator",

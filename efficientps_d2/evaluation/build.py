@@ -11,6 +11,8 @@ from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
 from .panoptic_sem_seg import PanopticSemSegEvaluator
 
 SUPPORTED = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
+# COCO's object size ranges (area in pixels): small < 32^2 <= medium < 96^2 <= large.
+_SMALL, _LARGE = 32**2, 96**2
 
 
 class ThingCOCOEvaluator(COCOEvaluator):
@@ -22,13 +24,39 @@ class ThingCOCOEvaluator(COCOEvaluator):
     ``COCOEvaluator`` names its per-category AP rows after ``thing_classes`` and asserts one name
     per evaluated category, so on such data it fails once any detection exists. Here the names are
     those of the thing categories, in the order COCO evaluates them (sorted dataset ids).
+
+    With no detection at all, Detectron2 reports AP nan; when the ground truth has instances, the
+    right score is 0 (every instance is missed), reported here with a warning. Size ranges without
+    ground-truth instances stay nan, as COCO reports them.
     """
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if coco_eval is None and iou_type in ("bbox", "segm"):
+            return self._no_detections(iou_type)
         if class_names is not None:
             id_map = self._metadata.thing_dataset_id_to_contiguous_id
             class_names = [class_names[id_map[dataset_id]] for dataset_id in sorted(id_map)]
         return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+
+    def _no_detections(self, iou_type):
+        areas = [
+            a.get("area", 0)
+            for a in self._coco_api.loadAnns(self._coco_api.getAnnIds())
+            if not a.get("iscrowd", 0)
+        ]
+        if not areas:  # nothing to find either: undefined
+            return super()._derive_coco_results(None, iou_type)
+        sizes = {
+            "APs": any(a < _SMALL for a in areas),
+            "APm": any(_SMALL <= a < _LARGE for a in areas),
+            "APl": any(a >= _LARGE for a in areas),
+        }
+        self._logger.warning(
+            f"No {iou_type} detections for the {len(areas)} ground-truth instances: AP is 0."
+        )
+        results = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        results.update({k: 0.0 if present else float("nan") for k, present in sizes.items()})
+        return results
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
@@ -45,11 +73,23 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    return build_dataset_evaluator(
+        dataset_name, output_folder, keep_panoptic_pngs=cfg.TEST.KEEP_PANOPTIC_PNGS
+    )
+
+
+def build_dataset_evaluator(dataset_name, output_folder, *, keep_panoptic_pngs=False):
+    """:func:`build_evaluator` without a config (for LazyConfig files); ``dataset_name`` may be a
+    one-element list, as ``get_detection_dataset_dicts`` takes."""
+    if not isinstance(dataset_name, str):
+        if len(dataset_name) != 1:
+            raise ValueError(f"Evaluate one data set at a time, got {list(dataset_name)}.")
+        dataset_name = dataset_name[0]
     meta = MetadataCatalog.get(dataset_name)
     evaluator_type = meta.get("evaluator_type")
     if evaluator_type == "coco_panoptic_seg":
         evaluators = [
-            _panoptic_evaluator(cfg, dataset_name, output_folder),
+            _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder),
             PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
         ]
         if meta.get("json_file") and os.path.isfile(meta.json_file):
@@ -60,7 +100,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             )
     elif evaluator_type == "cityscapes_panoptic_seg":
         evaluators = [
-            _panoptic_evaluator(cfg, dataset_name, output_folder),
+            _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder),
             CompatCityscapesSemSegEvaluator(dataset_name),
             CompatCityscapesInstanceEvaluator(dataset_name),
         ]
@@ -73,8 +113,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     return DatasetEvaluators(evaluators)
 
 
-def _panoptic_evaluator(cfg, dataset_name, output_folder):
-    if cfg.TEST.KEEP_PANOPTIC_PNGS:
+def _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder):
+    if keep_panoptic_pngs:
         return COCOPanopticEvaluatorKeepingPNGs(
             dataset_name, output_folder, png_dir=os.path.join(output_folder, "panoptic")
         )

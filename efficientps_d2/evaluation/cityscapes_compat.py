@@ -18,11 +18,14 @@ the class lies on ignored ground truth (groups, instances under 100 pixels).
 """
 
 import contextlib
+import functools
 import json
 import os
 
 import numpy as np
 from detectron2.evaluation import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
+
+from ..atomic_io import atomic_write
 
 __all__ = [
     "CompatCityscapesInstanceEvaluator",
@@ -74,8 +77,8 @@ class CompatCityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
 
         def write_json(data, file_name):
             path = file_name if os.path.isabs(file_name) else os.path.join(folder, file_name)
-            with open(path, "w") as f:
-                json.dump(data, f, default=_to_json, sort_keys=True, indent=4)
+            dump = functools.partial(json.dump, default=_to_json, sort_keys=True, indent=4)
+            atomic_write(path, lambda f: dump(data, f), mode="w")
 
         original = cityscapes_eval.writeDict2JSON
         cityscapes_eval.writeDict2JSON = write_json

@@ -18,14 +18,13 @@ image before writing anything. ONNX goes through the same trace (``torch.onnx.ex
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Dict, Optional
 
 import torch
 from detectron2.export.torchscript_patch import patch_builtin_len
 
+from ..atomic_io import atomic_directory
 from .graph import OUTPUT_NAMES, EfficientPSGraph
 from .runtime import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODEL_FILES
 
@@ -185,28 +184,16 @@ def export_model(
     )[0].round()
     _compare(graph, traced, other, f"an image of another size {tuple(other.shape[1:])}")
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        model_path = os.path.join(tmp, MODEL_FILES[export_format])
+    with atomic_directory(output_dir, overwrite=True) as folder:
+        os.mkdir(folder)
+        model_path = os.path.join(folder, MODEL_FILES[export_format])
         if export_format == "torchscript":
             traced.save(model_path)
         else:
             _export_onnx(graph, image, model_path)
         manifest = _manifest(model, cfg, export_format, metadata, dataset_name)
-        with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
-        if os.path.isdir(output_dir):
-            old = output_dir.rstrip("/") + ".old-export"
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     path = os.path.join(output_dir, MODEL_FILES[export_format])
     logger.info(f"Exported EfficientPS ({export_format}) to {path}")
     return path

@@ -1,4 +1,4 @@
-"""EfficientPS's model zoo: the shipped configs by name, and a registry of trained checkpoints.
+"""EfficientPS's model zoo: the shipped configs by name, and the models they build.
 
 from efficientps_d2 import model_zoo
 

@@ -1,4 +1,4 @@
-"""Configs by name, trained checkpoints by name, and models built from both.
+"""Configs by name, and models built from them.
 
 Names are the configs' paths relative to the source tree's ``configs/`` folder, e.g.
 "Cityscapes-PanopticSegmentation/efficientps_b5.yaml". That folder is the single source of truth:
@@ -6,24 +6,14 @@ Names are the configs' paths relative to the source tree's ``configs/`` folder, 
 source tree, copied files in a wheel), and an editable install without it falls back to the source
 tree's ``configs/``.
 
-There are no released EfficientPS weights for this implementation yet, so :data:`CHECKPOINTS` holds
-``None`` for every shipped config; :func:`register_checkpoint` adds a local file or URL.
+There are no released EfficientPS weights for this implementation yet, so ``trained=True`` (kept
+for the signature of Detectron2's ``model_zoo``) is an error that says so; a checkpoint of your own
+goes in MODEL.WEIGHTS.
 """
 
 import os
-from typing import Dict, Optional
-from urllib.parse import urlparse
 
-__all__ = [
-    "CHECKPOINTS",
-    "get",
-    "get_checkpoint_url",
-    "get_config",
-    "get_config_file",
-    "list_checkpoints",
-    "list_configs",
-    "register_checkpoint",
-]
+__all__ = ["get", "get_config", "get_config_file", "list_configs"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Packaged copy (wheel) or build-time symlink (source tree), then the source tree itself.
@@ -32,13 +22,6 @@ _CONFIG_ROOTS = (
     os.path.join(os.path.dirname(os.path.dirname(_HERE)), "configs"),
 )
 _MARKER = "Base-EfficientPS.yaml"
-
-# Config name -> trained checkpoint (URL or local path); None: nothing released for it.
-CHECKPOINTS: Dict[str, Optional[str]] = {
-    "Cityscapes-PanopticSegmentation/efficientps_b5.yaml": None,
-    "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml": None,
-    "COCO-PanopticSegmentation/efficientps_b5.yaml": None,
-}
 
 
 def _configs_root():
@@ -89,63 +72,22 @@ def get_config_file(name):
     return path
 
 
-def list_checkpoints():
-    """Config names that have a trained checkpoint (released or registered)."""
-    return sorted(k for k, v in CHECKPOINTS.items() if v)
-
-
-def register_checkpoint(name, path_or_url):
-    """Registers (or, with None, removes) the trained checkpoint of a shipped config.
-
-    Args:
-        name: a config name of :func:`list_configs`.
-        path_or_url: a local checkpoint file (checked to exist, stored as an absolute path), an
-            http(s) URL, or None to remove the entry.
-    """
-    name = _normalise(name)
-    get_config_file(name)  # raises for unknown names
-    if path_or_url is None:
-        CHECKPOINTS[name] = None
-        return
-    if not urlparse(str(path_or_url)).scheme:
-        path_or_url = os.path.abspath(os.path.expanduser(str(path_or_url)))
-        if not os.path.isfile(path_or_url):
-            raise FileNotFoundError(f"Checkpoint '{path_or_url}' (for '{name}') does not exist.")
-    CHECKPOINTS[name] = str(path_or_url)
-
-
-def get_checkpoint_url(name):
-    """The trained checkpoint (URL or local path) registered for a config name.
-
-    Raises:
-        RuntimeError: the config has no checkpoint (the names that have one are listed).
-    """
-    name = _normalise(name)
-    get_config_file(name)
-    url = CHECKPOINTS.get(name)
-    if not url:
-        available = list_checkpoints()
-        raise RuntimeError(
-            f"No trained checkpoint is registered for '{name}'. Configs with a checkpoint: "
-            f"{available if available else 'none (no EfficientPS weights are released yet)'}. "
-            "Register your own with efficientps_d2.model_zoo.register_checkpoint(name, path)."
-        )
-    return url
-
-
 def get_config(name, trained=False):
     """The Detectron2 config of a shipped config name, EfficientPS's keys included.
 
     Args:
         name: see :func:`get_config_file`.
-        trained: set MODEL.WEIGHTS to the registered trained checkpoint (else the config's own
-            MODEL.WEIGHTS is kept).
+        trained: the released trained weights; none are released yet, so True raises
+            RuntimeError (the config's own MODEL.WEIGHTS is kept otherwise).
     """
     from ..config import setup_cfg
 
     cfg = setup_cfg(get_config_file(name), freeze=False)
     if trained:
-        cfg.MODEL.WEIGHTS = get_checkpoint_url(name)
+        raise RuntimeError(
+            f"No trained checkpoint is released for '{_normalise(name)}': none of the configs has "
+            "one yet. Set MODEL.WEIGHTS to a checkpoint of your own (a local file or a URL)."
+        )
     return cfg
 
 
@@ -154,7 +96,10 @@ def get(name, trained=False, device=None):
 
     Args:
         name: see :func:`get_config_file`.
-        trained: load the registered trained checkpoint (see :func:`get_config`).
+        trained: load the released trained weights (see :func:`get_config`); else the config's
+            own MODEL.WEIGHTS, as Detectron2 does: torchvision's ImageNet backbone for the
+            Cityscapes and COCO configs (``torchvision://``, downloaded once), none for the
+            synthetic one.
         device: e.g. "cpu" or "cuda"; default: the config's MODEL.DEVICE when CUDA is available,
             else "cpu".
     Returns:

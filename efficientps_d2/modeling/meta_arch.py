@@ -102,7 +102,7 @@ class EfficientPS(GeneralizedRCNN):
             self.sem_seg_head.ignore_value,
             self.backbone.padding_constraints,
         ).tensor
-        _, losses = self.sem_seg_head(features, gt_sem_seg)
+        _, losses = self.sem_seg_head(features, gt_sem_seg, images.image_sizes)
 
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)

@@ -77,14 +77,22 @@ def _checkpointed(module, *args):
     return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
 
 
-def hard_pixel_cross_entropy(logits, targets, *, ignore_value, hard_pixel_fraction):
-    """Cross-entropy averaged over each image's hardest ``hard_pixel_fraction`` of labelled pixels.
+NORMALIZATIONS = ("image", "labelled")
 
-    This is the paper's weighting w = 4/(H*W) on the worst quarter of pixels and 0 elsewhere,
-    counted over labelled pixels so that large void regions do not dilute it.
+
+def hard_pixel_cross_entropy(
+    logits, targets, *, ignore_value, hard_pixel_fraction, normalization="image", image_sizes=None
+):
+    """Cross-entropy averaged over each image's hardest ``hard_pixel_fraction`` of its pixels.
+
+    With ``normalization="image"`` this is the paper's weighting w = 4/(H*W) on the worst quarter
+    of the image's H*W pixels and 0 elsewhere, as in the official code: unlabelled pixels count,
+    with zero loss. With "labelled" the fraction is of the labelled pixels only.
 
     Args:
         logits: (N, C, H, W); targets: (N, H, W) long, ``ignore_value`` where unlabelled.
+        normalization: "image" or "labelled" (MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION).
+        image_sizes: (h, w) of each image before padding to (H, W), for "image"; None: H*W.
     Returns:
         scalar tensor; zero (still differentiable) when no pixel is labelled.
     """
@@ -93,12 +101,22 @@ def hard_pixel_cross_entropy(logits, targets, *, ignore_value, hard_pixel_fracti
             "MODEL.SEM_SEG_HEAD.HARD_PIXEL_FRACTION must be in (0, 1], got "
             f"{hard_pixel_fraction}."
         )
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION must be one of {list(NORMALIZATIONS)}, "
+            f"got '{normalization}'."
+        )
     pixel_losses = F.cross_entropy(
         logits, targets, reduction="none", ignore_index=ignore_value
     ).flatten(1)
-    labelled = (targets != ignore_value).flatten(1).sum(dim=1)
+    if normalization == "labelled":
+        counts = (targets != ignore_value).flatten(1).sum(dim=1).tolist()
+    elif image_sizes is not None:
+        counts = [int(h) * int(w) for h, w in image_sizes]
+    else:
+        counts = [targets.shape[-2] * targets.shape[-1]] * targets.shape[0]
     per_image = []
-    for losses, count in zip(pixel_losses, labelled.tolist()):
+    for losses, count in zip(pixel_losses, counts):
         k = math.ceil(hard_pixel_fraction * count)
         if k == 0:
             per_image.append(losses.sum() * 0.0)
@@ -114,7 +132,9 @@ class EfficientPSSemSegHead(nn.Module):
     ``forward(features, targets=None)`` reads the four FPN levels named in ``in_features``
     (strides 4, 8, 16, 32). It returns ``(logits, {})`` in inference, logits of shape
     (N, num_classes, H, W) at the padded input size, and ``(None, {"loss_sem_seg": loss})`` in
-    training, where ``targets`` is (N, H, W) long with ``ignore_value`` for unlabelled pixels.
+    training, where ``targets`` is (N, H, W) long with ``ignore_value`` for unlabelled pixels and
+    ``image_sizes`` the (h, w) of each image before padding (for the loss's normalisation).
+    As in Detectron2's heads, ``layers`` is the network and ``losses`` the training loss.
 
     With ``activation_checkpointing`` the DPC, LSFE, MC and prediction blocks recompute their
     activations in the backward pass instead of keeping them (less training memory, more time).
@@ -132,6 +152,7 @@ class EfficientPSSemSegHead(nn.Module):
         ignore_value=255,
         loss_weight=1.0,
         hard_pixel_fraction=0.25,
+        hard_pixel_normalization="image",
         activation_checkpointing=False,
     ):
         super().__init__()
@@ -164,6 +185,12 @@ class EfficientPSSemSegHead(nn.Module):
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
         self.hard_pixel_fraction = hard_pixel_fraction
+        if hard_pixel_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                "MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION must be one of "
+                f"{list(NORMALIZATIONS)}, got '{hard_pixel_normalization}'."
+            )
+        self.hard_pixel_normalization = hard_pixel_normalization
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -183,6 +210,7 @@ class EfficientPSSemSegHead(nn.Module):
             "ignore_value": head.IGNORE_VALUE,
             "loss_weight": head.LOSS_WEIGHT,
             "hard_pixel_fraction": head.HARD_PIXEL_FRACTION,
+            "hard_pixel_normalization": head.HARD_PIXEL_NORMALIZATION,
             "activation_checkpointing": head.ACTIVATION_CHECKPOINTING,
         }
 
@@ -214,14 +242,19 @@ class EfficientPSSemSegHead(nn.Module):
             logits = logits + part
         return logits
 
-    def forward(self, features, targets=None):
-        logits = F.interpolate(
-            self.layers(features), scale_factor=self.common_stride, mode="bilinear"
-        )
-        if not self.training:
-            return logits, {}
+    def forward(self, features, targets=None, image_sizes=None):
+        logits = self.layers(features)
+        if self.training:
+            return None, self.losses(logits, targets, image_sizes)
+        return self._upsample(logits), {}
+
+    def losses(self, predictions, targets, image_sizes=None):
+        """Training loss {"loss_sem_seg"} of ``layers``' stride-4 logits against (N, H, W) targets
+        at the padded input size: the hard-pixel cross-entropy, times ``loss_weight``.
+        ``image_sizes``: (h, w) of each image before padding, for the "image" normalisation."""
         if targets is None:
             raise ValueError("EfficientPSSemSegHead needs semantic targets in training.")
+        logits = self._upsample(predictions)
         if targets.shape[-2:] != logits.shape[-2:]:
             raise ValueError(
                 f"Semantic targets of size {tuple(targets.shape[-2:])} do not match the padded "
@@ -232,5 +265,10 @@ class EfficientPSSemSegHead(nn.Module):
             targets,
             ignore_value=self.ignore_value,
             hard_pixel_fraction=self.hard_pixel_fraction,
+            normalization=self.hard_pixel_normalization,
+            image_sizes=image_sizes,
         )
-        return None, {"loss_sem_seg": loss * self.loss_weight}
+        return {"loss_sem_seg": loss * self.loss_weight}
+
+    def _upsample(self, logits):
+        return F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear")

@@ -52,12 +52,11 @@ annotation id, and the offending value.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import shutil
 import sys
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
@@ -67,9 +66,16 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from ..atomic_io import (
+    atomic_directory,
+    atomic_write,
+    remove_stale_temporaries,
+    temporary_path,
+)
+
 __all__ = [
     "ConversionError",
-    "ConversionReport",
+    "PanopticConversionReport",
     "LABEL_DIVISOR",
     "SEMANTIC_VOID",
     "convert_instances_to_panoptic",
@@ -88,7 +94,7 @@ class ConversionError(ValueError):
 
 
 @dataclass
-class ConversionReport:
+class PanopticConversionReport:
     """What :func:`convert_instances_to_panoptic` did.
 
     Attributes:
@@ -178,7 +184,7 @@ def convert_instances_to_panoptic(
         overwrite (bool): replace existing outputs (atomically) instead of raising.
 
     Returns:
-        ConversionReport
+        PanopticConversionReport
     """
     if os.path.abspath(output_json).startswith(os.path.abspath(output_dir) + os.sep):
         raise ConversionError(
@@ -227,7 +233,7 @@ def convert_instances_to_panoptic(
         _check_annotation(ann, instances_json, images, things, stuff, seen_ann_ids)
         anns_per_image[ann["image_id"]].append(ann)
 
-    report = ConversionReport()
+    report = PanopticConversionReport()
     categories = sorted(list(things.values()) + list(stuff.values()), key=lambda c: c["id"])
     out_annotations = []
     with _AtomicOutput(output_json, output_dir, overwrite) as out:
@@ -628,25 +634,28 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
 
 
 class _AtomicOutput:
-    """Writes into hidden temporary siblings of the outputs and renames them on success."""
+    """The PNG folder and the json, written under temporary names and renamed into place together
+    on success (:func:`~efficientps_d2.atomic_io.atomic_directory`)."""
 
     def __init__(self, output_json, output_dir, overwrite):
         self.json_path = os.path.abspath(output_json)
         self.dir_path = os.path.abspath(output_dir)
         self.overwrite = overwrite
-        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp_dir = os.path.join(
-            os.path.dirname(self.dir_path), "." + os.path.basename(self.dir_path) + tag
-        )
-        self.tmp_json = os.path.join(
-            os.path.dirname(self.json_path), "." + os.path.basename(self.json_path) + tag
-        )
+        self.tmp_json = temporary_path(self.json_path)
         self.json_written = False
 
     def __enter__(self):
-        os.makedirs(os.path.dirname(self.dir_path), exist_ok=True)
-        os.makedirs(os.path.dirname(self.json_path), exist_ok=True)
-        os.mkdir(self.tmp_dir)
+        for path in (self.dir_path, self.json_path):  # leftovers of a killed conversion
+            remove_stale_temporaries(os.path.dirname(path), os.path.basename(path))
+        self._stack = contextlib.ExitStack()
+        self._stack.callback(self._remove_tmp_json)
+        try:
+            directory = atomic_directory(self.dir_path, overwrite=self.overwrite, then=self._commit)
+            self.tmp_dir = self._stack.enter_context(directory)
+            os.mkdir(self.tmp_dir)
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def write_png(self, name, rgb):
@@ -659,39 +668,19 @@ class _AtomicOutput:
             json.dump(data, f)
         self.json_written = True
 
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                assert self.json_written, "the json was never written"
-                self._commit()
-        finally:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            if os.path.lexists(self.tmp_json):
-                os.remove(self.tmp_json)
-        return False
+    def __exit__(self, *exc_info):
+        return self._stack.__exit__(*exc_info)
 
     def _commit(self):
-        backup = None
-        if os.path.lexists(self.dir_path):
-            if not self.overwrite:
-                raise FileExistsError(f"'{self.dir_path}' appeared during the conversion.")
-            backup = self.tmp_dir + ".old"
-            os.rename(self.dir_path, backup)
-        try:
-            os.rename(self.tmp_dir, self.dir_path)
-            try:
-                if not self.overwrite and os.path.lexists(self.json_path):
-                    raise FileExistsError(f"'{self.json_path}' appeared during the conversion.")
-                os.replace(self.tmp_json, self.json_path)
-            except BaseException:
-                os.rename(self.dir_path, self.tmp_dir)  # removed by __exit__
-                raise
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, self.dir_path)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        # Called once the PNG folder is in place; raising puts the previous folder back.
+        assert self.json_written, "the json was never written"
+        if not self.overwrite and os.path.lexists(self.json_path):
+            raise FileExistsError(f"'{self.json_path}' appeared during the conversion.")
+        os.replace(self.tmp_json, self.json_path)
+
+    def _remove_tmp_json(self):
+        if os.path.lexists(self.tmp_json):
+            os.remove(self.tmp_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,8 +733,7 @@ def main(argv=None):
         return 1
     print(report.summary())
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        atomic_write(args.report, lambda f: json.dump(report.to_dict(), f, indent=2), mode="w")
     return 0
 
 

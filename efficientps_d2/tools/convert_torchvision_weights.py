@@ -32,7 +32,7 @@ from ..modeling.backbone.efficientnet import VARIANTS, EfficientNet
 
 __all__ = [
     "BACKBONE_PREFIX",
-    "ConversionReport",
+    "WeightConversionReport",
     "WeightConversionError",
     "convert_file",
     "convert_torchvision_efficientnet",
@@ -53,7 +53,7 @@ class WeightConversionError(ValueError):
 
 
 @dataclass
-class ConversionReport:
+class WeightConversionReport:
     """What a conversion kept and dropped.
 
     Attributes:
@@ -128,7 +128,7 @@ def convert_torchvision_efficientnet(state_dict, variant, *, squeeze_excitation=
         variant: "b0" ... "b7", the MODEL.EFFICIENTNET.VARIANT of the model to load it into.
         squeeze_excitation: keep SE weights (for MODEL.EFFICIENTNET.SQUEEZE_EXCITATION True).
     Returns:
-        (checkpoint, report): a Detectron2 checkpoint dict and a :class:`ConversionReport`.
+        (checkpoint, report): a Detectron2 checkpoint dict and a :class:`WeightConversionReport`.
     Raises:
         WeightConversionError: not a torchvision EfficientNet state dict, or one of another
             variant (the tensors with other shapes, missing or extra are named).
@@ -143,7 +143,7 @@ def convert_torchvision_efficientnet(state_dict, variant, *, squeeze_excitation=
             f"{list(state_dict)[:3]})."
         )
 
-    report = ConversionReport(variant=variant, squeeze_excitation=squeeze_excitation)
+    report = WeightConversionReport(variant=variant, squeeze_excitation=squeeze_excitation)
     model, wrong_shape, unknown = {}, [], []
     for name, tensor in state_dict.items():
         if name in expected:
@@ -194,7 +194,7 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
     """Reads a torchvision ``.pth``, converts it and writes the checkpoint atomically.
 
     Returns:
-        the :class:`ConversionReport`.
+        the :class:`WeightConversionReport`.
     """
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"Input weights '{input_path}' do not exist.")
@@ -214,16 +214,9 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
 
 
 def _config(config_file, opts):
-    from detectron2.config import get_cfg
+    from ..config import setup_cfg
 
-    from ..config import add_efficientps_config
-
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], freeze=False)
 
 
 def _check_against_model(cfg, output_path):

@@ -9,7 +9,7 @@ are skipped, because SE is replaced in place by an identity that keeps the block
 import copy
 
 import torch.utils.checkpoint
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 from torchvision.models.efficientnet import _efficientnet_conf
@@ -144,14 +144,6 @@ class EfficientNet(Backbone):
             if index in wanted:
                 outputs[wanted[index]] = x
         return outputs
-
-    def output_shape(self):
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
 
 
 def _repeat_config(stage_config, first):

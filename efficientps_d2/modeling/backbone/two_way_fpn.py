@@ -1,8 +1,8 @@
 """EfficientPS's 2-way FPN: a top-down and a bottom-up path, summed at every level."""
 
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
 from ..layers import conv_norm_act
@@ -47,7 +47,8 @@ class TwoWayFPN(Backbone):
         self.output_convs = nn.ModuleList(
             conv_norm_act(out_channels, out_channels, 3, norm=norm) for _ in in_features
         )
-        self.top_block = top_block
+        # Detectron2 FPN's own "p6": a 1x1 max-pool of stride 2 on the coarsest output.
+        self.top_block = LastLevelMaxPool() if top_block else None
         levels = [int(s).bit_length() - 1 for s in strides]
         self._out_features = [f"p{level}" for level in levels]
         self._out_feature_strides = {f"p{lv}": 2**lv for lv in levels}
@@ -79,17 +80,9 @@ class TwoWayFPN(Backbone):
             bottom_up.append(lateral + _downsample_to(bottom_up[-1], lateral.shape[-2:]))
 
         outputs = [conv(td + bu) for conv, td, bu in zip(self.output_convs, top_down, bottom_up)]
-        if self.top_block:
-            outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
+        if self.top_block is not None:
+            outputs.extend(self.top_block(outputs[-1]))
         return dict(zip(self._out_features, outputs))
-
-    def output_shape(self):
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
 
 
 def _downsample_to(x, size):

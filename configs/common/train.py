@@ -1,0 +1,35 @@
+# Training settings for train_net.py's LazyConfig flow (Detectron2's common/train.py layout), with
+# the optimizer and schedule of Base-EfficientPS.yaml.
+from detectron2.config import LazyCall as L
+from detectron2.solver.build import get_default_optimizer_params
+
+from efficientps_d2.solver import sgd_with_full_model_gradient_clipping, warmup_multi_step_lr
+
+train = dict(
+    output_dir="./output",
+    # torchvision's ImageNet weights (see efficientps_d2/torchvision_weights.py); "": from scratch.
+    init_checkpoint="",
+    max_iter=90000,
+    amp=dict(enabled=False),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=5000, max_to_keep=100),
+    eval_period=0,
+    log_period=20,
+    device="cuda",
+)
+
+# SGD with one norm over all gradients clipped at 35, as the official training.
+optimizer = L(sgd_with_full_model_gradient_clipping)(
+    # params.model is set to the model before instantiating (Detectron2's convention).
+    params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
+    lr=0.07,
+    momentum=0.9,
+    weight_decay=1e-4,
+    clip_value=35.0,
+    norm_type=2.0,
+)
+
+# Linear warm-up from 1/3 over 500 iterations, then steps of 0.1 (leaf configs set the steps).
+lr_multiplier = L(warmup_multi_step_lr)(
+    max_iter="${train.max_iter}", steps=[67500, 81000], warmup_iters=500, warmup_factor=0.3333
+)

@@ -1,0 +1,375 @@
+"""Checks a panoptic data set and a config against each other before any work starts.
+
+Faults that Detectron2 and panopticapi only meet late (an 8-bit grayscale panoptic PNG crashes
+panopticapi at the end of training; a data set without segments trains to a ZeroDivisionError in
+PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-training; an unknown
+``DATASETS.TEST`` name fails after training) are found here, with the file, id or key named:
+
+- :func:`check_dataset_names`: every name in ``DATASETS.TRAIN``/``DATASETS.TEST`` is registered
+  (otherwise the closest registered names are suggested);
+- :func:`check_class_counts`: ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` equals the data set's number of
+  classes and ``MODEL.ROI_HEADS.NUM_CLASSES`` its number of thing classes;
+- :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
+  ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
+  ``segments_info`` both ways);
+- :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it.
+
+From the command line (prints a report, exits 1 on errors)::
+
+    python -m efficientps_d2.data.check synthetic_panoptic_train [--no-pngs] \
+        [--config-file C [--opts KEY VALUE ...]]
+"""
+
+import argparse
+import difflib
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+__all__ = [
+    "DataCheckError",
+    "DatasetReport",
+    "check_class_counts",
+    "check_dataset",
+    "check_dataset_names",
+    "validate_datasets",
+]
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 10  # errors shown in one exception message
+_EXIF_ORIENTATION = 0x0112
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class DataCheckError(ValueError):
+    """A data set, or a config's use of it, is not fit for training or evaluation."""
+
+
+@dataclass
+class DatasetReport:
+    """What :func:`check_dataset` found in one data set.
+
+    Attributes:
+        name: the data set.
+        num_images: number of records.
+        num_segments: number of segments over all records.
+        class_counts: {contiguous class id: number of segments}.
+        class_names: names of the contiguous class ids (``stuff_classes``), when known.
+        pngs_checked: number of panoptic PNGs opened and compared with their ``segments_info``.
+        errors: one line per fault, naming the file, id or key.
+        seconds: time the check took.
+    """
+
+    name: str
+    num_images: int = 0
+    num_segments: int = 0
+    class_counts: Counter = field(default_factory=Counter)
+    class_names: List[str] = field(default_factory=list)
+    pngs_checked: int = 0
+    errors: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def format(self):
+        """The report as text, as the command line prints it."""
+        lines = [
+            f"Data set '{self.name}': {self.num_images} images, {self.num_segments} segments, "
+            f"{self.pngs_checked} panoptic PNGs checked in {self.seconds:.2f} s."
+        ]
+        for class_id in sorted(set(self.class_counts) | set(range(len(self.class_names)))):
+            name = self.class_names[class_id] if class_id < len(self.class_names) else "?"
+            lines.append(
+                f"  class {class_id:3d} {name:<24s} {self.class_counts[class_id]} segments"
+            )
+        if self.errors:
+            lines.append(f"{len(self.errors)} errors:")
+            lines += [f"  {e}" for e in self.errors]
+        else:
+            lines.append("No errors.")
+        return "\n".join(lines)
+
+    def raise_if_errors(self):
+        if not self.errors:
+            return
+        shown = "\n  ".join(self.errors[:_MAX_LISTED])
+        more = (
+            f"\n  ... and {len(self.errors) - _MAX_LISTED} more"
+            if len(self.errors) > _MAX_LISTED
+            else ""
+        )
+        raise DataCheckError(
+            f"Data set '{self.name}' has {len(self.errors)} errors:\n  {shown}{more}\n"
+            f"(`python -m efficientps_d2.data.check {self.name}` prints the full report.)"
+        )
+
+
+def closest_names(name, choices, n=3):
+    """The registered names most like ``name`` (difflib), for 'did you mean' messages."""
+    return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.4)
+
+
+def check_dataset_names(cfg):
+    """Raises :class:`DataCheckError` for a name in DATASETS.TRAIN or DATASETS.TEST that is not
+    registered, suggesting the closest registered names. (Evaluation checks DATASETS.TRAIN too:
+    the model reads its class layout from the first training set's metadata.)"""
+    registered = DatasetCatalog.list()
+    for key, names in (
+        ("DATASETS.TRAIN", cfg.DATASETS.TRAIN),
+        ("DATASETS.TEST", cfg.DATASETS.TEST),
+    ):
+        for name in names:
+            if name in registered:
+                continue
+            close = closest_names(name, registered)
+            hint = f" Closest registered names: {close}." if close else ""
+            raise DataCheckError(
+                f"{key} names data set '{name}', which is not registered.{hint} Register custom "
+                "data with efficientps_d2.data.register_panoptic_dataset before training."
+            )
+
+
+def _panoptic_classes(meta):
+    """(number of classes, sorted thing ids) of "standard" panoptic metadata, or None."""
+    stuff_classes = meta.get("stuff_classes", None)
+    things = meta.get("thing_dataset_id_to_contiguous_id", None)
+    if not stuff_classes or things is None:
+        return None
+    return len(stuff_classes), sorted(things.values())
+
+
+def check_class_counts(cfg, *, training=True):
+    """Raises :class:`DataCheckError` when a data set's classes do not match the config.
+
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` must equal the number of classes (stuff and things) and
+    ``MODEL.ROI_HEADS.NUM_CLASSES`` the number of thing classes of every panoptic data set in
+    DATASETS.TRAIN (when ``training``) and DATASETS.TEST; ``MODEL.EFFICIENTPS.THING_SEMANTIC_IDS``,
+    when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``.
+    """
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    num_things = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    thing_ids = list(cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS)
+    if thing_ids and (
+        len(thing_ids) != num_things or not all(0 <= i < num_classes for i in thing_ids)
+    ):
+        raise DataCheckError(
+            f"MODEL.EFFICIENTPS.THING_SEMANTIC_IDS {thing_ids} must have MODEL.ROI_HEADS"
+            f".NUM_CLASSES={num_things} entries in [0, MODEL.SEM_SEG_HEAD.NUM_CLASSES="
+            f"{num_classes})."
+        )
+    names = (list(cfg.DATASETS.TRAIN) if training else []) + list(cfg.DATASETS.TEST)
+    for name in dict.fromkeys(names):
+        classes = _panoptic_classes(MetadataCatalog.get(name))
+        if classes is None:
+            continue
+        data_classes, data_things = classes
+        for key, value, expected, what in (
+            ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", num_classes, data_classes, "classes"),
+            ("MODEL.ROI_HEADS.NUM_CLASSES", num_things, len(data_things), "thing classes"),
+        ):
+            if value != expected:
+                raise DataCheckError(
+                    f"{key} is {value} but data set '{name}' has {expected} {what}; set {key} "
+                    f"{expected} (too few fails mid-training, too many wastes a class)."
+                )
+
+
+def _png_size(image_file):
+    """(width, height) of an image as Detectron2 reads it (EXIF orientation applied)."""
+    with Image.open(image_file) as im:
+        width, height = im.size
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION)
+        except Exception:  # a broken EXIF block: Detectron2 ignores it too
+            orientation = None
+    if orientation in _SWAPPED_ORIENTATIONS:
+        width, height = height, width
+    return width, height
+
+
+def _check_png(record):
+    """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG."""
+    errors = []
+    opened = _check_png_into(record, errors)
+    return opened, errors
+
+
+def _check_png_into(record, errors):
+    png = record["pan_seg_file_name"]
+    try:
+        with Image.open(png) as im:
+            mode, (width, height) = im.mode, im.size
+            if mode != "RGB":
+                errors.append(
+                    f"Panoptic PNG '{png}' has mode {mode}; COCO panoptic PNGs are RGB "
+                    "(id = R + 256 G + 256^2 B)."
+                )
+                return True
+            rgb = np.asarray(im)
+    except OSError as e:
+        errors.append(f"Panoptic PNG '{png}' cannot be read: {e}")
+        return False
+    if "height" in record and "width" in record:
+        expected, source = (record["width"], record["height"]), "its record"
+    else:
+        try:
+            expected, source = _png_size(record["file_name"]), f"image '{record['file_name']}'"
+        except OSError as e:
+            errors.append(f"Image '{record['file_name']}' cannot be read: {e}")
+            return True
+    if (width, height) != tuple(expected):
+        errors.append(
+            f"Panoptic PNG '{png}' is {width}x{height} (WxH) but {source} says "
+            f"{expected[0]}x{expected[1]}."
+        )
+    from panopticapi.utils import rgb2id  # optional dependency, as for training
+
+    present = set(np.unique(rgb2id(rgb)).tolist()) - {0}
+    listed = {int(s["id"]) for s in record["segments_info"]}
+    unlisted, absent = sorted(present - listed), sorted(listed - present)
+    if unlisted:
+        errors.append(
+            f"Panoptic PNG '{png}' has segment ids {unlisted[:_MAX_LISTED]} that its "
+            "segments_info does not list (panopticapi refuses such PNGs)."
+        )
+    if absent:
+        errors.append(
+            f"segments_info of '{png}' lists segment ids {absent[:_MAX_LISTED]} that the PNG does "
+            "not contain."
+        )
+    return True
+
+
+def check_dataset(name, *, pngs=True):
+    """Checks the records of data set ``name``; returns a :class:`DatasetReport`.
+
+    Loading (``DatasetCatalog.get``) must succeed; loader errors propagate. Then: at least one
+    record and one segment; every segment's ``category_id`` a class of the metadata, ``isthing``
+    agreeing with it; with ``pngs``, every panoptic PNG as in :func:`_check_png`. Records without
+    ``pan_seg_file_name`` (not a panoptic data set) are only counted.
+    """
+    start = time.perf_counter()
+    report = DatasetReport(name)
+    meta = MetadataCatalog.get(name)
+    classes = _panoptic_classes(meta)
+    if classes is not None:
+        report.class_names = list(meta.stuff_classes)
+    records = DatasetCatalog.get(name)
+    report.num_images = len(records)
+    if not records:
+        report.errors.append(f"Data set '{name}' has no images.")
+    panoptic = any("pan_seg_file_name" in r for r in records)
+    for record in records:
+        if "pan_seg_file_name" not in record:
+            continue
+        segments = record.get("segments_info", [])
+        report.num_segments += len(segments)
+        for seg in segments:
+            category = seg.get("category_id")
+            report.class_counts[category] += 1
+            if classes is None:
+                continue
+            num_classes, things = classes
+            if not isinstance(category, int) or not 0 <= category < num_classes:
+                report.errors.append(
+                    f"Segment {seg.get('id')} of '{record['pan_seg_file_name']}' has category_id "
+                    f"{category!r}, not a class of data set '{name}' (0..{num_classes - 1})."
+                )
+            elif bool(seg.get("isthing", category in things)) != (category in things):
+                report.errors.append(
+                    f"Segment {seg.get('id')} of '{record['pan_seg_file_name']}' has isthing="
+                    f"{seg.get('isthing')} but class {category} ('{meta.stuff_classes[category]}') "
+                    f"is {'a thing' if category in things else 'stuff'}."
+                )
+    if pngs:
+        for record in records:
+            if "pan_seg_file_name" in record:
+                opened, errors = _check_png(record)
+                report.pngs_checked += opened
+                report.errors += errors
+    if panoptic and records and report.num_segments == 0:
+        report.errors.append(
+            f"Data set '{name}' has no segments at all: every segments_info is empty "
+            f"(panoptic json: {meta.get('panoptic_json', '?')}). Nothing can be learnt or scored."
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def validate_datasets(cfg, *, training=True):
+    """Everything this module checks, for the data sets a config trains on and evaluates on.
+
+    Raises :class:`DataCheckError` at the first fault; returns the :class:`DatasetReport` of each
+    data set. Panoptic PNGs are opened when ``DATASETS.CHECK_PNGS`` is True.
+    """
+    check_dataset_names(cfg)
+    check_class_counts(cfg, training=training)
+    names = (list(cfg.DATASETS.TRAIN) if training else []) + list(cfg.DATASETS.TEST)
+    reports = []
+    for name in dict.fromkeys(names):
+        report = check_dataset(name, pngs=cfg.DATASETS.CHECK_PNGS)
+        report.raise_if_errors()
+        logger.info(
+            f"Checked data set '{name}': {report.num_images} images, {report.num_segments} "
+            f"segments, {report.pngs_checked} panoptic PNGs in {report.seconds:.2f} s."
+        )
+        reports.append(report)
+    return reports
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Check panoptic data sets (and a config's use of them) before training."
+    )
+    parser.add_argument("names", nargs="+", metavar="DATASET_NAME", help="registered data sets")
+    parser.add_argument("--config-file", help="also check this config's class counts and names")
+    parser.add_argument("--no-pngs", action="store_true", help="check the json only")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs (last)"
+    )
+    args = parser.parse_args(argv)
+
+    import efficientps_d2  # noqa: F401  (registers the built-in data sets)
+
+    ok = True
+    registered = DatasetCatalog.list()
+    if args.config_file:
+        from detectron2.config import get_cfg
+
+        cfg = get_cfg()
+        efficientps_d2.add_efficientps_config(cfg)
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        try:
+            check_dataset_names(cfg)
+            check_class_counts(cfg)
+            print(f"Config '{args.config_file}': data set names and class counts fit.")
+        except DataCheckError as e:
+            print(f"Config '{args.config_file}': {e}")
+            ok = False
+    for name in args.names:
+        if name not in registered:
+            print(
+                f"Data set '{name}' is not registered; closest: {closest_names(name, registered)}"
+            )
+            ok = False
+            continue
+        try:
+            report = check_dataset(name, pngs=not args.no_pngs)
+        except (OSError, ValueError) as e:  # the loader's own checks
+            print(f"Data set '{name}' cannot be loaded: {e}")
+            ok = False
+            continue
+        print(report.format())
+        ok = ok and not report.errors
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

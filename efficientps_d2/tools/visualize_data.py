@@ -1,0 +1,156 @@
+"""Draws a config's training data, with the flags and output of Detectron2's
+``tools/visualize_data.py``::
+
+    python -m efficientps_d2.tools.visualize_data --config-file CONFIG \\
+        --source {annotation,dataloader} --output-dir DIR [--show] [--max-images N] [OPTS ...]
+
+- ``annotation``: each image of the training data sets with its panoptic annotation as stored
+  (Detectron2's ``Visualizer.draw_dataset_dict``: segments with class names), saved under the
+  image's file name.
+- ``dataloader``: what the model is trained on, after EfficientPS's mapper and augmentations: the
+  all-class semantic target, then the thing instances (boxes, masks, class names), saved as
+  ``<image_id>.jpg``. Detectron2's tool loops until interrupted; here one pass over the data set
+  (or ``--max-images``) ends it.
+
+``--show`` opens a window per image instead of saving (any key for the next). YAML and LazyConfig
+(``.py``) configs are both accepted.
+"""
+
+import argparse
+import os
+import sys
+from itertools import chain
+
+import numpy as np
+
+from ..atomic_io import atomic_write
+
+__all__ = ["get_parser", "main"]
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m efficientps_d2.tools.visualize_data",
+        description="Visualize ground-truth data",
+    )
+    parser.add_argument(
+        "--source",
+        choices=["annotation", "dataloader"],
+        required=True,
+        help="visualize the annotations or the data loader (with pre-processing)",
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument("--output-dir", default="./", help="path to output directory")
+    parser.add_argument("--show", action="store_true", help="show output in a window")
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="stop after this many images (default: one pass over the training data sets)",
+    )
+    parser.add_argument(
+        "opts",
+        default=None,
+        nargs=argparse.REMAINDER,
+        help="config overrides: 'KEY VALUE' pairs (YAML) or 'key=value' (.py)",
+    )
+    return parser
+
+
+def _setup(args):
+    from ..engine.lazy_config import ConfigAdapter, load_config
+
+    opts = list(args.opts or [])
+    lazy = args.config_file.endswith(".py")
+    # One process: the tool reads images in order, as Detectron2's does.
+    opts += ["dataloader.train.num_workers=0"] if lazy else ["DATALOADER.NUM_WORKERS", "0"]
+    return ConfigAdapter(load_config(args.config_file, opts))
+
+
+def _output(vis, fname, args):
+    if args.show:
+        import cv2
+
+        cv2.imshow("window", vis.get_image()[:, :, ::-1])
+        cv2.waitKey()
+    else:
+        filepath = os.path.join(args.output_dir, fname)
+        print("Saving to {} ...".format(filepath))
+        atomic_write(filepath, vis.save, mode=None)
+
+
+def _annotations(config, metadata, args):
+    import tqdm
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+    from detectron2.utils.visualizer import Visualizer
+
+    dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names()))
+    if args.max_images is not None:
+        dicts = dicts[: args.max_images]
+    for dic in tqdm.tqdm(dicts):
+        img = utils.read_image(dic["file_name"], "RGB")
+        vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
+        _output(vis, os.path.basename(dic["file_name"]), args)
+    return len(dicts)
+
+
+def _dataloader(config, metadata, args):
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+    from detectron2.utils.visualizer import Visualizer
+
+    from ..data.metadata import thing_semantic_ids
+
+    thing_ids = thing_semantic_ids(metadata)
+    limit = args.max_images
+    if limit is None:
+        limit = sum(len(DatasetCatalog.get(k)) for k in config.train_dataset_names())
+    done = 0
+    for batch in config.build_train_loader():
+        for per_image in batch:
+            if done >= limit:
+                return done
+            img = per_image["image"].permute(1, 2, 0).cpu().numpy()
+            img = utils.convert_image_to_rgb(img, config.input_format)
+            visualizer = Visualizer(img, metadata=metadata)
+            # Thing pixels are drawn as instances below; the semantic map shows the stuff.
+            sem_seg = per_image["sem_seg"].numpy()
+            visualizer.draw_sem_seg(np.where(np.isin(sem_seg, thing_ids), 255, sem_seg), alpha=0.5)
+            target = per_image["instances"].get_fields()
+            # Mask R-CNN class k is the k-th thing in all-class order; names are all-class.
+            labels = [metadata.thing_classes[thing_ids[int(k)]] for k in target["gt_classes"]]
+            vis = visualizer.overlay_instances(
+                labels=labels,
+                boxes=target.get("gt_boxes", None),
+                masks=target.get("gt_masks", None),
+            )
+            _output(vis, str(per_image.get("image_id", done)) + ".jpg", args)
+            done += 1
+    return done
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status (0 ok)."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.utils.logger import setup_logger
+
+    args = get_parser().parse_args(argv)
+    logger = setup_logger()
+    logger.info("Arguments: " + str(args))
+    config = _setup(args)
+    names = config.train_dataset_names()
+    if not names:
+        raise SystemExit(f"'{args.config_file}' names no training data set to visualize.")
+    os.makedirs(args.output_dir, exist_ok=True)
+    metadata = MetadataCatalog.get(names[0])
+    if args.source == "annotation":
+        count = _annotations(config, metadata, args)
+    else:
+        count = _dataloader(config, metadata, args)
+    logger.info(f"Visualized {count} images" + ("." if args.show else f" into {args.output_dir}."))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""atomic_io: a folder appears whole or not at all, and nothing temporary is left behind."""
+
+import os
+
+import pytest
+
+from efficientps_d2.atomic_io import atomic_directory
+
+
+def _write(folder, text):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "a.txt"), "w") as f:
+        f.write(text)
+
+
+def _read(folder):
+    with open(os.path.join(folder, "a.txt")) as f:
+        return f.read()
+
+
+def test_folder_is_placed_replaced_or_refused(tmp_path):
+    target = str(tmp_path / "out")
+    with atomic_directory(target) as new:
+        assert not os.path.exists(target)
+        _write(new, "one")
+    assert _read(target) == "one"
+    with pytest.raises(FileExistsError, match="out"):
+        with atomic_directory(target) as new:
+            _write(new, "two")
+    with atomic_directory(target, overwrite=True) as new:
+        _write(new, "three")
+    assert _read(target) == "three" and os.listdir(tmp_path) == ["out"]
+
+
+def test_failure_in_the_block_or_in_then_keeps_the_old_folder(tmp_path):
+    target = str(tmp_path / "out")
+    _write(target, "old")
+    with pytest.raises(RuntimeError, match="block"):
+        with atomic_directory(target, overwrite=True) as new:
+            _write(new, "new")
+            raise RuntimeError("block")
+    assert _read(target) == "old" and os.listdir(tmp_path) == ["out"]
+
+    def then():
+        assert _read(target) == "new"  # called with the new folder in place
+        raise RuntimeError("then")
+
+    with pytest.raises(RuntimeError, match="then"):
+        with atomic_directory(target, overwrite=True, then=then) as new:
+            _write(new, "new")
+    assert _read(target) == "old" and os.listdir(tmp_path) == ["out"]

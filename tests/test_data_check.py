@@ -1,0 +1,199 @@
+"""Fault corpus for efficientps_d2.data.check: each fault is refused with its file, id or key."""
+
+import itertools
+import os
+import shutil
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+from efficientps_d2.data import register_panoptic_dataset
+from efficientps_d2.data.check import (
+    DataCheckError,
+    check_class_counts,
+    check_dataset,
+    check_dataset_names,
+    main,
+    validate_datasets,
+)
+from tests.common import load_config
+from tests.fixtures import edit_json, write_panoptic_dataset
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A valid custom data set (4 classes, 2 things), registered under a fresh name."""
+    files = write_panoptic_dataset(str(tmp_path), num_images=2)
+    name = f"test_data_check_{next(_counter)}"
+    files["name"] = name
+
+    def register():
+        register_panoptic_dataset(
+            name, **{k: files[k] for k in ("image_root", "panoptic_root", "panoptic_json")}
+        )
+
+    files["register"] = register
+    yield files
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def _config(name, num_classes=4, num_things=2, test=()):
+    cfg = load_config(
+        opts=[
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES", num_classes,
+            "MODEL.ROI_HEADS.NUM_CLASSES", num_things,
+        ]
+    )  # fmt: skip
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.DATASETS.TEST = tuple(test)
+    return cfg
+
+
+def test_valid_dataset_passes_with_class_counts(dataset):
+    dataset["register"]()
+    (report,) = validate_datasets(_config(dataset["name"]))
+    assert report.errors == [] and report.pngs_checked == 2 and report.num_images == 2
+    # Per image: cat x2, dog x2 (one crowd), grass, sky; things first in contiguous order.
+    assert report.class_counts == {0: 4, 1: 4, 2: 2, 3: 2}
+    assert "grass" in report.format()
+
+
+def _grayscale(dataset):
+    png = dataset["records"][0]["pan_seg_file_name"]
+    Image.open(png).convert("L").save(png)
+    return png, "mode L"
+
+
+def _wrong_size(dataset):
+    png = dataset["records"][1]["pan_seg_file_name"]
+    Image.open(png).resize((20, 10), Image.NEAREST).save(png)
+    return png, "20x10"
+
+
+def _unlisted_id(dataset):
+    edit_json(dataset["panoptic_json"], lambda d: d["annotations"][0]["segments_info"].pop())
+    return dataset["records"][0]["pan_seg_file_name"], "does not list"
+
+
+def _absent_id(dataset):
+    def edit(data):
+        data["annotations"][1]["segments_info"].append({"id": 4242, "category_id": 10})
+
+    edit_json(dataset["panoptic_json"], edit)
+    return dataset["records"][1]["pan_seg_file_name"], "4242"
+
+
+def _no_segments(dataset):
+    def edit(data):
+        for ann in data["annotations"]:
+            ann["segments_info"] = []
+
+    edit_json(dataset["panoptic_json"], edit)
+    # Also make the PNGs void, so the only fault is the empty data set.
+    for record in dataset["records"]:
+        png = record["pan_seg_file_name"]
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(png)))).save(png)
+    return dataset["panoptic_json"], "no segments at all"
+
+
+def _truncated_png(dataset):
+    png = dataset["records"][0]["pan_seg_file_name"]
+    with open(png, "rb") as f:
+        data = f.read()
+    with open(png, "wb") as f:
+        f.write(data[: len(data) // 2])
+    return png, "cannot be read"
+
+
+@pytest.mark.parametrize(
+    "fault", [_grayscale, _wrong_size, _unlisted_id, _absent_id, _no_segments, _truncated_png]
+)
+def test_faulty_dataset_refused_naming_the_file(dataset, fault):
+    culprit, words = fault(dataset)
+    dataset["register"]()
+    with pytest.raises(DataCheckError) as e:
+        validate_datasets(_config(dataset["name"]))
+    assert culprit in str(e.value) and words in str(e.value)
+
+
+def test_json_only_check_skips_pngs(dataset):
+    _grayscale(dataset)
+    dataset["register"]()
+    cfg = _config(dataset["name"])
+    cfg.DATASETS.CHECK_PNGS = False
+    (report,) = validate_datasets(cfg)
+    assert report.pngs_checked == 0 and report.errors == []
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3), ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5)]
+    + [("MODEL.ROI_HEADS.NUM_CLASSES", 1), ("MODEL.ROI_HEADS.NUM_CLASSES", 3)],
+)
+def test_class_count_mismatch_refused_both_ways(dataset, key, value):
+    dataset["register"]()
+    cfg = _config(dataset["name"])
+    cfg.merge_from_list([key, value])
+    with pytest.raises(DataCheckError, match=f"{key} is {value} but data set '{dataset['name']}'"):
+        validate_datasets(cfg)
+
+
+def test_class_count_of_test_set_checked_in_eval_only(dataset):
+    dataset["register"]()
+    cfg = _config("synthetic_panoptic_train", num_classes=6, num_things=3, test=[dataset["name"]])
+    with pytest.raises(DataCheckError, match=dataset["name"]):
+        validate_datasets(cfg, training=False)
+
+
+@pytest.mark.parametrize("key", ["DATASETS.TRAIN", "DATASETS.TEST"])
+def test_unknown_dataset_name_suggests_closest(key):
+    cfg = _config("synthetic_panoptic_train", num_classes=6, num_things=3)
+    cfg.merge_from_list([key, ("synthetic_panoptc_val",)])
+    with pytest.raises(DataCheckError, match=f"{key} names data set 'synthetic_panoptc_val'") as e:
+        check_dataset_names(cfg)
+    assert "synthetic_panoptic_val" in str(e.value)
+
+
+def test_command_line_report(dataset, capsys):
+    dataset["register"]()
+    assert main([dataset["name"]]) == 0
+    assert "No errors." in capsys.readouterr().out
+    png, _ = _grayscale(dataset)
+    assert main([dataset["name"], "--no-pngs"]) == 0
+    assert main([dataset["name"]]) == 1
+    assert png in capsys.readouterr().out
+    assert main(["no_such_set"]) == 1
+
+
+def test_builtin_synthetic_data_passes(tmp_path):
+    from efficientps_d2.data.synthetic import ensure_synthetic_panoptic, register_synthetic
+
+    ensure_synthetic_panoptic(str(tmp_path), num_train=3, num_val=2)
+    names = register_synthetic(str(tmp_path), prefix="test_data_check_synthetic")
+    try:
+        for name in names:
+            report = check_dataset(name)
+            assert report.errors == [] and report.pngs_checked > 0, report.format()
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        shutil.rmtree(os.path.join(str(tmp_path), "synthetic_panoptic"))
+
+
+def test_shipped_configs_fit_their_data_sets():
+    for name in (
+        "COCO-PanopticSegmentation/efficientps_b5.yaml",
+        "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml",
+        "Cityscapes-PanopticSegmentation/efficientps_b5.yaml",
+        "Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml",
+    ):
+        cfg = load_config(name)
+        check_dataset_names(cfg)
+        check_class_counts(cfg)

@@ -1,0 +1,123 @@
+"""LazyConfig (.py) twins of the shipped YAML configs: same model, trained through train_net.py."""
+
+import glob
+import os
+
+import pytest
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from efficientps_d2.engine import ConfigAdapter, load_config
+
+from .test_train_net import REPO, copypaste_results
+from .test_train_net import run_to_end as run_yaml_to_end
+
+CONFIGS = os.path.join(REPO, "configs")
+YAML_CONFIGS = sorted(
+    os.path.relpath(p, CONFIGS)[: -len(".yaml")]
+    for p in glob.glob(os.path.join(CONFIGS, "*", "*.yaml"))
+)
+QUICK_PY = os.path.join(CONFIGS, "Synthetic-PanopticSegmentation", "efficientps_b0_quick.py")
+# The quick config with narrower heads and a few tiny steps, so a run takes seconds.
+TINY = [
+    "model.backbone.out_channels=32",
+    "model.sem_seg_head.dpc_channels=16",
+    "model.sem_seg_head.convs_dim=16",
+    "model.roi_heads.box_head.fc_dims=[32,32]",
+    "model.roi_heads.box_predictor.input_shape.channels=32",
+    "model.roi_heads.mask_head.conv_dims=[16,16,16,16,16]",
+    "model.roi_heads.batch_size_per_image=32",
+    "dataloader.train.total_batch_size=2",
+    "optimizer.lr=0.01",
+    "lr_multiplier.warmup_iters=2",
+    "lr_multiplier.steps=[]",
+]
+
+
+def _plain(value):
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, torch.nn.Module):
+        return repr(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def settings(model):
+    """Every plain setting held by the model's modules and their helpers (matchers, transforms)."""
+    simple = (int, float, str, bool, tuple, list, dict, ListConfig, DictConfig, type(None))
+    found = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training":
+                continue
+            if isinstance(value, simple):
+                found[f"{name}.{key}"] = _plain(value)
+            elif not isinstance(value, (torch.nn.Module, torch.Tensor)) and hasattr(
+                value, "__dict__"
+            ):
+                for k, v in vars(value).items():
+                    if isinstance(v, simple) or (isinstance(v, torch.Tensor) and v.numel() < 10):
+                        found[f"{name}.{key}.{k}"] = _plain(v)
+    # A float loss weight means {"loss_cls": w, "loss_box_reg": w}; from a YAML config Detectron2
+    # passes only the box one (the class loss then defaults to 1.0): the same weights.
+    found.pop("roi_heads.box_predictor.loss_weight")
+    return found
+
+
+def test_every_yaml_config_has_a_lazy_twin():
+    assert len(YAML_CONFIGS) == 4
+    for name in YAML_CONFIGS:
+        assert os.path.isfile(os.path.join(CONFIGS, name + ".py")), name
+
+
+@pytest.mark.parametrize("name", YAML_CONFIGS)
+def test_python_and_yaml_configs_build_the_same_model(name):
+    torch.manual_seed(0)
+    from_yaml = ConfigAdapter(load_config(os.path.join(CONFIGS, name + ".yaml"))).build_model()
+    from_py = ConfigAdapter(load_config(os.path.join(CONFIGS, name + ".py"))).build_model()
+    shapes = {k: tuple(v.shape) for k, v in from_yaml.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in from_py.state_dict().items()}
+    assert settings(from_yaml) == settings(from_py)
+
+
+def test_lazy_configs_name_the_same_data_weights_and_schedule():
+    for name in YAML_CONFIGS:
+        yaml_cfg = load_config(os.path.join(CONFIGS, name + ".yaml"))
+        py_cfg = load_config(os.path.join(CONFIGS, name + ".py"))
+        a, b = ConfigAdapter(yaml_cfg), ConfigAdapter(py_cfg)
+        assert a.train_dataset_names() == b.train_dataset_names(), name
+        assert a.test_dataset_names() == b.test_dataset_names(), name
+        assert a.weights == b.weights, name
+        assert (yaml_cfg.SOLVER.MAX_ITER, list(yaml_cfg.SOLVER.STEPS)) == (
+            py_cfg.train.max_iter,
+            list(py_cfg.lr_multiplier.steps),
+        ), name
+        assert yaml_cfg.SOLVER.BASE_LR == py_cfg.optimizer.lr, name
+        assert yaml_cfg.SOLVER.IMS_PER_BATCH == py_cfg.dataloader.train.total_batch_size, name
+
+
+def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data_root):
+    out_dir = str(tmp_path / "run")
+    args = [*TINY, "train.max_iter=2", f"train.output_dir={out_dir}"]
+    log = run_lazy_to_end(args, data_root)
+    assert {"model_final.pth", "last_checkpoint", "config.yaml"} <= set(os.listdir(out_dir))
+    trained = copypaste_results(log)
+    assert set(trained) == {"panoptic_seg", "sem_seg", "bbox", "segm"}
+    assert {"PQ", "SQ", "RQ"} <= set(trained["panoptic_seg"]) and "mIoU" in trained["sem_seg"]
+
+    weights = os.path.join(out_dir, "model_final.pth")
+    eval_args = [*TINY, f"train.init_checkpoint={weights}", f"train.output_dir={tmp_path / 'e'}"]
+    log = run_lazy_to_end(["--eval-only", *eval_args], data_root)
+    assert copypaste_results(log) == trained
+
+
+def run_lazy_to_end(args, root):
+    return run_yaml_to_end(args, root, config_file=QUICK_PY)

@@ -1,0 +1,42 @@
+"""One training run per OUTPUT_DIR; temporary files of killed runs are removed, never read."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from efficientps_d2.atomic_io import remove_stale_temporaries, temporary_path
+from efficientps_d2.output_lock import LOCK_NAME, OutputDirInUseError, lock_output_dir
+
+
+def test_second_run_refused_naming_the_pid_and_dead_locks_taken_over(tmp_path):
+    folder = str(tmp_path / "run")
+    held = lock_output_dir(folder)
+    with pytest.raises(
+        OutputDirInUseError, match=f"in use by another training run \\(PID {os.getpid()}"
+    ):
+        lock_output_dir(folder)
+    held.close()  # as when the holder exits or is killed: the OS drops its flock
+    # A lock file naming a process that has ended does not block anyone.
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    with open(os.path.join(folder, LOCK_NAME), "w") as f:
+        f.write(f"{dead.pid}\n")
+    taken = lock_output_dir(folder)
+    with open(os.path.join(folder, LOCK_NAME)) as f:
+        assert f.read().strip() == str(os.getpid())
+    taken.close()
+
+
+def test_only_temporaries_of_the_atomic_writer_are_removed(tmp_path):
+    keep = ["model_0000001.pth", ".hidden_config", "last_checkpoint", ".x.tmp.pth"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"keep")
+    stale = [temporary_path(str(tmp_path / n)) for n in ("model_final.pth", "clip.mp4", "lc")]
+    for path in stale:
+        open(path, "wb").close()
+    removed = remove_stale_temporaries(str(tmp_path), target="clip.mp4")
+    assert removed == [stale[1]]
+    assert sorted(remove_stale_temporaries(str(tmp_path))) == sorted([stale[0], stale[2]])
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)

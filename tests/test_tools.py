@@ -1,0 +1,55 @@
+"""The Detectron2-style command-line tools: visualize_data and analyze_model."""
+
+import logging
+import os
+import re
+
+import pytest
+
+from efficientps_d2.tools import analyze_model, visualize_data
+
+from .test_train_net import QUICK
+
+# Narrow heads and small inputs so that the analysis takes seconds.
+TINY = [
+    "MODEL.TWO_WAY_FPN.OUT_CHANNELS", "32",
+    "MODEL.SEM_SEG_HEAD.DPC_CHANNELS", "16",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthetic(data_root):
+    """Config overrides naming the tiny synthetic data set, registered under names of its own."""
+    from efficientps_d2.data.synthetic import register_synthetic
+
+    train, val = register_synthetic(data_root, prefix="tools_synthetic")
+    return ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)"]
+
+
+@pytest.mark.parametrize("source", ["annotation", "dataloader"])
+def test_visualize_data_writes_an_image_per_training_image(tmp_path, synthetic, source):
+    out = tmp_path / source
+    argv = ["--config-file", QUICK, "--source", source, "--output-dir", str(out), *synthetic]
+    assert visualize_data.main(argv) == 0
+    images = sorted(os.listdir(out))
+    assert len(images) == 6 and all(f.endswith((".jpg", ".png")) for f in images), images
+    assert all(os.path.getsize(out / f) > 1000 for f in images)
+
+
+def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog):
+    tasks = ["--tasks", "parameter", "flop", "activation", "structure"]
+    argv = ["--config-file", QUICK, *tasks, "-n", "1", *TINY, *synthetic]
+    with caplog.at_level(logging.INFO, logger="detectron2"):
+        assert analyze_model.main(argv) == 0
+    log = caplog.text
+    table = re.search(r"Parameter Count:\n(.*)", log, re.S).group(1)
+    assert re.search(r"\| model\s*\|\s*[\d.]+[MK]\s*\|", table)
+    assert "backbone.bottom_up" in table and "sem_seg_head" in table
+    total = float(re.search(r"Total GFlops: ([\d.]+)±", log).group(1))
+    assert 0 < total < 10
+    assert "Flops table computed from only one input sample" in log
+    assert float(re.search(r"Total \(Million\) Activations: ([\d.]+)±", log).group(1)) > 0
+    assert "Model Structure:\nEfficientPS(" in log

@@ -1,0 +1,123 @@
+"""Weight files that are not checkpoints; partial weights in training; resuming past bad files."""
+
+import logging
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from efficientps_d2.checkpoint import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    EfficientPSCheckpointer,
+)
+from tests.common import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def full_checkpoint(model, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("weights") / "full.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def _write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def _truncated(tmp_path, full_checkpoint):
+    with open(full_checkpoint, "rb") as f:
+        data = f.read()
+    return _write(tmp_path / "truncated.pth", data[: len(data) // 3])
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p, _: _write(p / "empty.pth", b""), "an empty file (0 bytes)"),
+        (lambda p, _: _write(p / "page.pth", b"<!DOCTYPE html>\n<html>"), "a text file"),
+        (
+            lambda p, _: _write(p / "noise.pth", bytes(range(200, 256)) * 4),
+            "not a checkpoint: unknown binary data",
+        ),
+        (_truncated, "a zip archive (torch's checkpoint format) that is truncated or corrupt"),
+        (lambda p, _: _write(p / "legacy.pth", b"\x80\x02}q\x00"), "a pickle"),
+    ],
+)
+def test_unreadable_weight_file_named_and_described(model, full_checkpoint, tmp_path, make, words):
+    path = make(tmp_path, full_checkpoint)
+    with pytest.raises(CheckpointFileError) as e:
+        EfficientPSCheckpointer(model).load(path)
+    message = str(e.value)
+    assert f"Checkpoint '{path}' cannot be loaded: it is {words}" in message
+    assert "weights_only=False" not in message and "weights_only` set to False" not in message
+
+
+def test_weight_file_holding_a_tensor_is_refused(model, tmp_path):
+    path = str(tmp_path / "tensor.pth")
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointFileError, match="holds a Tensor, not a state dict"):
+        EfficientPSCheckpointer(model).load(path)
+
+
+def test_training_refuses_partial_weights_unless_known_kind_or_asked(model, tmp_path, caplog):
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.bottom_up")}
+    plain = str(tmp_path / "backbone.pth")
+    torch.save({"model": backbone}, plain)
+    with pytest.raises(CheckpointMismatchError, match="MODEL.ALLOW_PARTIAL_WEIGHTS") as e:
+        EfficientPSCheckpointer(model, allow_missing=False).load(plain)
+    assert plain in str(e.value) and "sem_seg_head" in str(e.value)
+
+    # The converter's output is partial by design, and so accepted.
+    converted = str(tmp_path / "converted.pth")
+    author = "efficientps_d2.tools.convert_torchvision_weights (efficientnet_b0)"
+    torch.save({"model": backbone, "__author__": author, "matching_heuristics": False}, converted)
+    with caplog.at_level(logging.INFO, logger="efficientps_d2"):
+        checkpointer = EfficientPSCheckpointer(model, allow_missing=False)
+        checkpointer.load(converted)
+    assert checkpointer.last_report.loaded == len(backbone)
+    # The log says which tensors were loaded, grouped by module.
+    assert f"Loaded {len(backbone)} tensors from '{converted}': backbone.bottom_up (" in caplog.text
+
+    # A full checkpoint without BatchNorm's step counters (frozen BN) is not partial.
+    no_counters = str(tmp_path / "no_counters.pth")
+    state = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
+    torch.save({"model": state}, no_counters)
+    EfficientPSCheckpointer(model, allow_missing=False).load(no_counters)
+
+    # Asking for it (MODEL.ALLOW_PARTIAL_WEIGHTS) accepts the plain file too.
+    EfficientPSCheckpointer(model, allow_missing=True).load(plain)
+
+
+def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
+    checkpointer = EfficientPSCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    checkpointer.save("model_0000003", iteration=3)
+    os.utime(tmp_path / "model_0000001.pth", (1, 1))  # older on coarse-mtime file systems too
+    last = tmp_path / "model_0000003.pth"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated (e.g. a bad copy of the folder)
+
+    with caplog.at_level(logging.WARNING, logger="efficientps_d2"):
+        checkpoint = EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert checkpoint["iteration"] == 1
+    assert f"Cannot resume from '{last}'" in caplog.text
+    assert "newest intact checkpoint" in caplog.text
+
+    # last_checkpoint naming a file that is gone: the same fallback.
+    last.unlink()
+    with caplog.at_level(logging.WARNING, logger="efficientps_d2"):
+        checkpoint = EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert checkpoint["iteration"] == 1
+
+    (tmp_path / "model_0000001.pth").write_bytes(b"")
+    with pytest.raises(CheckpointFileError, match="No intact checkpoint"):
+        EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
