@@ -289,5 +289,8 @@ def test_unsupported_exports_say_what_and_why(cfg, model, tmp_path, capsys):
     assert "MODEL.MASK_ON" in capsys.readouterr().err
     assert export_tool.main(base + ["--sample-image", str(config_file)]) == 1
     assert "not a readable image" in capsys.readouterr().err
+    lazy = ["--config-file", "configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.py"]
+    assert export_tool.main(lazy + base[2:]) == 1
+    assert "efficientps_b0_quick.yaml" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders

@@ -27,6 +27,7 @@ from detectron2.modeling import build_model
 
 from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.config import setup_cfg, tta_config
+from efficientps_d2.engine.lazy_config import is_lazy_config
 from efficientps_d2.export import FORMATS, export_model
 
 logger = logging.getLogger("efficientps_d2.tools.export")
@@ -50,6 +51,13 @@ def get_parser():
 
 def export_cfg(args):
     """The config to export: setup_cfg's, on the CPU, checked for what export supports."""
+    if is_lazy_config(args.config_file):
+        twin = args.config_file[: -len(".py")] + ".yaml"
+        raise ValueError(
+            f"--config-file '{args.config_file}' is a LazyConfig (.py): the export reads the "
+            f"runtime settings (input format, test resizing, classes) from a YAML config; use its "
+            f"YAML twin ('{twin}'), which builds the same model."
+        )
     cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"  # the trace records devices; the CPU graph is the portable one
     if tta_config(cfg).ENABLED:
