@@ -38,7 +38,7 @@ from detectron2.utils.logger import setup_logger
 from efficientps_d2 import setup_cfg
 from efficientps_d2.atomic_io import remove_stale_temporaries
 from efficientps_d2.checkpoint import EfficientPSCheckpointer
-from efficientps_d2.config import tta_config
+from efficientps_d2.config import configure_amp_trainer, tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.data.unreadable import SkipUnreadable
@@ -73,6 +73,7 @@ class Trainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer
         )
+        configure_amp_trainer(self._trainer, cfg)  # SOLVER.AMP.PRECISION (bfloat16 or float16)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = None  # made in build_hooks, which needs self.cfg
         self.start_iter = 0

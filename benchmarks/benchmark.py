@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import functools
 import gc
 import json
@@ -40,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from efficientps_d2 import add_efficientps_config
 from efficientps_d2.atomic_io import atomic_write
-from efficientps_d2.modeling.layers import fuse_for_inference
+from efficientps_d2.modeling.fast_inference import fuse_for_inference
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 OURS_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b5.yaml"
@@ -61,6 +62,16 @@ MODEL_KEYS = {"ours-fast": OURS_FAST, "ours": OURS, "theirs": THEIRS, "theirs-fu
 # not in "all": it needs onnxruntime and a trace of the B5 graph first.
 OURS_ONNX = "EfficientPS-B5 onnxruntime-CPU"
 MODEL_KEYS["ours-onnx"] = OURS_ONNX
+
+# --paths: EfficientPS-B5 fast run other ways (changes to its InferenceOptions, see
+# efficientps_d2.modeling.fast_inference), each a row of its own.
+PATHS = {
+    "bf16": {"dtype": "bfloat16"},
+    "graph": {"cuda_graph": True},
+    "graph-bf16": {"cuda_graph": True, "dtype": "bfloat16"},
+    "compiled-bf16": {"compile": True, "dtype": "bfloat16"},
+}
+DEFAULT_CUDA_PATHS = list(PATHS)
 
 logger = logging.getLogger("efficientps_d2.benchmark")
 
@@ -147,9 +158,24 @@ def build_models(device, names=ALL_MODELS):
     if THEIRS_FUSED in names:
         fused = fuse_for_inference(copy.deepcopy(theirs))
         models[THEIRS_FUSED] = (fused, fused)
+    for path, changes in PATHS.items():
+        name = path_name(path)
+        if name in names:
+            # A model of its own (same weights), so that each keeps its own cached copy.
+            variant = copy.deepcopy(ours)
+            variant.__dict__.pop("_inference_copy", None)
+            variant.inference_options = dataclasses.replace(
+                ours.inference_options, fast_inference=True, **changes
+            )
+            models[name] = (variant, variant)
     if OURS_ONNX in names:
         models[OURS_ONNX] = (ours, onnxruntime_runner(ours, ours_config(device)))
     return {name: models[name] for name in names}, ours, theirs
+
+
+def path_name(path):
+    """The row name of one of ``PATHS``."""
+    return f"{OURS_FAST} {path}"
 
 
 def onnxruntime_runner(model, cfg):
@@ -250,7 +276,9 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
 
     Returns:
         ({name: [seconds of each timed run]}, {name: (detections, thing segments)},
-        {name: peak memory increase of the first run in MiB} if ``memory``, else {}).
+        {name: peak memory increase of the last warm-up run in MiB} if ``memory``, else {}).
+        The memory is that of the last warm-up run, after the others: with ``warmup`` >= 2, after
+        one-off costs (cuDNN autotuning, CUDA-graph capture, compilation, cached copies).
     """
     if memory and warmup == 0:
         raise ValueError("Measuring memory needs at least one warm-up run (--warmup).")
@@ -269,8 +297,8 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
 
     for i in range(warmup + repeats):
         for name, run in runners.items():
-            if i == 0 and memory:
-                # The first run also gives the memory (and is untimed if there is a warm-up).
+            if i == warmup - 1 and memory:
+                # The last warm-up run gives the memory (peak statistics reset just before it).
                 result = {}
                 peaks[name] = peak_memory_increase_mib(
                     lambda: result.update(out=run_once(run)), device
@@ -287,6 +315,50 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
             counts[name] = detections(outputs[0])
             del outputs
     return times, counts, peaks
+
+
+def _ours_network(model, name):
+    """The InferenceNetwork that the row ``name`` runs (OURS and OURS_FAST share one model)."""
+    if name in (OURS, OURS_FAST):
+        model.fast_inference = name == OURS_FAST
+    return model._inference_network()
+
+
+def time_dense(models, image, *, device, warmup, repeats):
+    """Seconds of each timed run of the dense network alone (backbone, FPN, semantic head, RPN
+    head: ``InferenceNetwork.dense``) of each EfficientPS row, interleaved, batch 1."""
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        x = next(iter(models.values())).preprocess_image([{"image": image}]).tensor
+        for i in range(warmup + repeats):
+            for name, model in models.items():
+                network = _ours_network(model, name)
+                _sync(device)
+                start = time.perf_counter()
+                network.dense(x)
+                _sync(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
+def gpu_kernel_seconds(run, runs=3):
+    """Mean GPU time of the kernels (and copies) that one ``run()`` launches, from torch.profiler;
+    divided by the wall time it gives the fraction of the run in which the GPU is busy."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            run()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA:
+            total_us += getattr(event, "self_device_time_total", None) or getattr(
+                event, "self_cuda_time_total", 0
+            )
+    return total_us / 1e6 / runs
 
 
 def training_batch(height, width, num_classes, device, seed=0, num_instances=8):
@@ -378,8 +450,9 @@ def training_memory(device, height, width):
     return rows
 
 
-def training_speed(models, device, height, width, warmup, repeats, amp_dtype):
-    """Training iterations/s and peak GPU memory at one crop (CUDA only)."""
+def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on_row=None):
+    """Training iterations/s and peak GPU memory (of one step after the timed ones) at one crop
+    (CUDA only); ``on_row(rows)`` after each row."""
     rows = {}
     for name, model in models.items():
         num_classes = NUM_CLASSES if name == OURS else NUM_CLASSES - NUM_THINGS + 1
@@ -401,6 +474,8 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype):
             key = f"{name} {'fp32' if dtype is None else str(dtype).replace('torch.', '')}"
             rows[key] = {"iter_per_s": 1 / statistics.median(times), "peak_mib": peak}
             logger.info("training %s: %s", key, rows[key])
+            if on_row is not None:
+                on_row(rows)
         model.eval()
     return rows
 
@@ -467,7 +542,8 @@ def markdown(report):
         "a load above the core count means other processes shared the CPU during the timing.",
         f"Latency: batch 1, eval mode, full panoptic inference (pre- and post-processing "
         f"included), {s['warmup']} warm-up run(s), then the median (min) of "
-        f"{s['repeats']} runs per size; models interleaved run by run.",
+        f"{s['repeats']} runs per size; models interleaved run by run. Peak memory: the last "
+        "warm-up run, above what was allocated before it.",
         "Both models: random weights with BN statistics set from one image; test score threshold "
         "0 and panoptic confidence threshold 0, so each keeps its 100 best detections "
         "(TEST.DETECTIONS_PER_IMAGE) and the mask head and fusion do the same amount of work.",
@@ -521,6 +597,28 @@ def markdown(report):
                 + " | ".join(_fmt(per_size.get(z, {}).get("median_s"), 3) for z in sizes)
                 + " |"
             )
+    if report.get("dense"):
+        lines += [
+            "",
+            "Dense network alone (backbone, FPN, semantic head, RPN head), median (s):",
+            "",
+        ]
+        lines += ["| path | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for name, per_size in report["dense"].items():
+            cells = [
+                _fmt(statistics.median(per_size[z]), 4) if z in per_size else "n/a" for z in sizes
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("gpu_busy"):
+        lines += [
+            "",
+            "GPU-busy fraction (kernel time from torch.profiler / median latency):",
+            "",
+            "| model | " + " | ".join(sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for name, per_size in report["gpu_busy"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(per_size.get(z)) for z in sizes) + " |")
     if report.get("training"):
         lines += ["", f"Training at {s['train_size']} (batch 1):", ""]
         lines += ["| model, precision | iterations/s | peak GPU memory (MiB) |", "|---|---|---|"]
@@ -540,6 +638,8 @@ def markdown(report):
                 f"| {row['model']} | {row['size']} | {row['checkpointing']} | "
                 f"{_fmt(row['peak_mib'], 0)} | {_fmt(row['step_s'], 1)} |"
             )
+    if report.get("unfinished"):
+        lines += ["", f"Unfinished: stopped during {report['unfinished']}."]
     lines += ["", f"Total benchmark time: {report['total_s']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -591,7 +691,45 @@ def parse_args(argv=None):
         help="wait before each timing until the 1-minute load average is below this",
     )
     parser.add_argument("--max-wait", type=float, default=120, help="longest wait for the load")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=None,
+        choices=list(PATHS) + ["none"],
+        help="EfficientPS-B5 fast also run these ways, a row each (default: all on CUDA, none "
+        "on CPU): " + ", ".join(f"{k} {v}" for k, v in PATHS.items()),
+    )
+    parser.add_argument(
+        "--compile-sizes",
+        nargs="*",
+        default=None,
+        help="sizes at which to time the compiled path (compiling takes about a minute per "
+        "size on a GPU; default: every size, --quick: the largest)",
+    )
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help="also time the dense network alone (always on CUDA)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a GPU run in under 3 minutes on one H100: --warmup 3 --repeats 10 --no-flops "
+        "--training-memory '' --amp-dtypes bfloat16, compiled path at the largest size only, "
+        "5 training iterations per row",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.repeats, args.no_flops = 3, [10], True
+        args.training_memory, args.amp_dtypes = "", ["bfloat16"]
+        if args.compile_sizes is None:
+            args.compile_sizes = args.sizes[-1:]
+    if args.paths is None:
+        args.paths = list(DEFAULT_CUDA_PATHS) if args.device.startswith("cuda") else []
+    args.paths = [p for p in args.paths if p != "none"]
+    if args.compile_sizes is None:
+        args.compile_sizes = list(args.sizes)
+    return args
 
 
 def _size(text):
@@ -630,6 +768,29 @@ def main(argv=None):
         "ratios": {},
     }
     names = ALL_MODELS if "all" in args.models else [MODEL_KEYS[k] for k in args.models]
+    names = list(names) + [path_name(p) for p in args.paths]
+    report["settings"]["paths"] = {path_name(p): PATHS[p] for p in args.paths}
+    report["settings"]["compile_sizes"] = args.compile_sizes
+    compiled = {path_name(p) for p in args.paths if PATHS[p].get("compile")}
+
+    def save(section_done=None, next_section=None):
+        """Writes results.json and results.md as they stand (atomically): a run stopped by a
+        timeout still leaves every finished section."""
+        report["total_s"] = time.perf_counter() - started
+        report["ratios"] = latency_ratios(report, args.sizes)
+        if next_section:
+            report["unfinished"] = next_section
+        else:
+            report.pop("unfinished", None)
+        text = markdown(report)
+        atomic_write(
+            os.path.join(args.output, "results.json"),
+            lambda f: json.dump(report, f, indent=2),
+            "w",
+        )
+        atomic_write(os.path.join(args.output, "results.md"), lambda f: f.write(text), "w")
+        return text
+
     models, ours, theirs = build_models(device, names)
     for name, (model, _) in models.items():
         report["models"][name] = {"params": sum(p.numel() for p in model.parameters()), "sizes": {}}
@@ -639,39 +800,68 @@ def main(argv=None):
         start = time.perf_counter()
         ours._inference_network()
         report["fast_copy_build_s"] = time.perf_counter() - start
+    save(next_section="inference")
 
     runners = {name: run for name, (_, run) in models.items()}
+    cuda = device.startswith("cuda")
     for size, n in zip(args.sizes, repeats):
         height, width = _size(size)
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
         wait_for_load(args.wait_for_load, args.max_wait)
         report["load_average"].append(load_average())
         logger.info("timing %s (load %s)", size, report["load_average"][-1])
+        size_runners = {
+            k: v for k, v in runners.items() if k not in compiled or size in args.compile_sizes
+        }
         times, counts, peaks = time_inference(
-            runners,
+            size_runners,
             image,
             device=device,
             warmup=args.warmup,
             repeats=n,
             memory=not args.no_memory,
         )
-        for name in runners:
+        for name in size_runners:
             entry = report["models"][name]["sizes"].setdefault(size, {})
             entry["latency_s"] = times[name]
             entry["detections"] = counts[name]
             entry["peak_mib"] = peaks.get(name)
             logger.info("%s %s: %s s, %s", name, size, times[name], entry)
+        save(next_section=f"{size} extras")
+        ours_rows = {
+            name: model
+            for name, (model, _) in models.items()
+            if name.startswith(OURS) and name in size_runners
+        }
+        if (cuda or args.dense) and ours_rows:
+            dense = time_dense(ours_rows, image, device=device, warmup=args.warmup, repeats=n)
+            for name, values in dense.items():
+                report.setdefault("dense", {}).setdefault(name, {})[size] = values
+            save(next_section=f"{size} extras")
+        if cuda:
+            inputs = [{"image": image}]
+            for name, run in size_runners.items():
+                latency = statistics.median(times[name])
+
+                def once(run=run):
+                    with torch.no_grad():
+                        run(inputs)
+
+                busy = gpu_kernel_seconds(once) / latency
+                report.setdefault("gpu_busy", {}).setdefault(name, {})[size] = busy
+            save(next_section=f"{size} extras")
         if not args.no_flops:  # counted on the plain models: the architectures, not the kernels
             ours.fast_inference = False
             for prefix, model in ((OURS, ours), (THEIRS, theirs)):
                 if not any(name.startswith(prefix) for name in runners):
                     continue
                 flops = count_flops(model, image)
-                for name in runners:
+                for name in size_runners:
                     if name.startswith(prefix):
                         report["models"][name]["sizes"][size]["flops"] = flops
                 logger.info("%s %s: %.1f GFLOPs", prefix, size, flops / 1e9)
-        if device.startswith("cuda"):
+            save(next_section=f"{size} extras")
+        if cuda:
             report.setdefault("amp", {})
             amp_runners = {k: v for k, v in runners.items() if k in (OURS_FAST, THEIRS)}
             for dtype_name in args.amp_dtypes:
@@ -689,47 +879,57 @@ def main(argv=None):
                         "median_s": statistics.median(values),
                         "images_per_s": 1 / statistics.median(values),
                     }
+        save(next_section="training" if cuda or args.training_memory else None)
 
-    def median_latency(name, size):
-        values = report["models"].get(name, {}).get("sizes", {}).get(size, {}).get("latency_s")
-        return statistics.median(values) if values else None
-
-    for label, a, b in (
-        (f"{OURS_FAST} / {THEIRS}", OURS_FAST, THEIRS),
-        (f"{OURS} / {THEIRS}", OURS, THEIRS),
-        (f"{OURS_FAST} / {THEIRS_FUSED}", OURS_FAST, THEIRS_FUSED),
-        (f"{OURS_FAST} / {OURS}", OURS_FAST, OURS),
-        (f"{OURS_ONNX} / {OURS}", OURS_ONNX, OURS),
-    ):
-        values = {}
-        for size in args.sizes:
-            x, y = median_latency(a, size), median_latency(b, size)
-            if x is not None and y is not None:
-                values[size] = x / y
-        if values:
-            report["ratios"][label] = values
-
-    if device.startswith("cuda"):
+    if cuda:
         height, width = _size(args.train_size)
         train_models = {OURS: ours, THEIRS: theirs}
         report["training"] = training_speed(
-            train_models, device, height, width, args.warmup, 5, getattr(torch, args.amp_dtypes[0])
+            train_models,
+            device,
+            height,
+            width,
+            args.warmup,
+            5,
+            getattr(torch, args.amp_dtypes[0]),
+            on_row=lambda rows: (report.update(training=rows), save(next_section="training")),
         )
+        save(next_section="training memory" if args.training_memory else None)
     del models, runners, ours, theirs
     _release_free_memory()
     if args.training_memory:
         height, width = _size(args.training_memory)
         report["training_memory"] = training_memory(device, height, width)
     report["load_average"].append(load_average())
-    report["total_s"] = time.perf_counter() - started
-
-    text = markdown(report)
-    atomic_write(
-        os.path.join(args.output, "results.json"), lambda f: json.dump(report, f, indent=2), "w"
-    )
-    atomic_write(os.path.join(args.output, "results.md"), lambda f: f.write(text), "w")
+    text = save()
     print(text)
     return report
+
+
+def latency_ratios(report, sizes):
+    """{"A / B": {size: median latency ratio}} for the pairs of rows that were timed."""
+
+    def median_latency(name, size):
+        values = report["models"].get(name, {}).get("sizes", {}).get(size, {}).get("latency_s")
+        return statistics.median(values) if values else None
+
+    ratios = {}
+    pairs = [
+        (OURS_FAST, THEIRS),
+        (OURS, THEIRS),
+        (OURS_FAST, THEIRS_FUSED),
+        (OURS_FAST, OURS),
+        (OURS_ONNX, OURS),
+    ] + [(path_name(p), THEIRS) for p in PATHS]
+    for a, b in pairs:
+        values = {}
+        for size in sizes:
+            x, y = median_latency(a, size), median_latency(b, size)
+            if x is not None and y is not None:
+                values[size] = x / y
+        if values:
+            ratios[f"{a} / {b}"] = values
+    return ratios
 
 
 if __name__ == "__main__":

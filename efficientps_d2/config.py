@@ -93,6 +93,21 @@ def add_efficientps_config(cfg):
     # Inference runs a cached copy of the network with BatchNorm folded into the convs and conv +
     # LeakyReLU fused (oneDNN on CPU): same outputs within float rounding, one more weight copy.
     _C.MODEL.EFFICIENTPS.FAST_INFERENCE = False
+    # Dtype of the dense network (backbone, FPN, semantic head, RPN head) in inference: "float32",
+    # "bfloat16" or "float16". Its outputs, the ROI heads, mask logits and fusion stay float32.
+    _C.MODEL.EFFICIENTPS.INFERENCE_DTYPE = "float32"
+    # On CUDA, replay the dense network as a CUDA graph captured once per padded input size (no
+    # effect on other devices). Needs fixed input sizes to pay: each new size is captured anew.
+    _C.MODEL.EFFICIENTPS.CUDA_GRAPH = False
+    # Most CUDA graphs (padded input sizes) kept; the least recently used one is dropped.
+    _C.MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE = 4
+    # Run the dense network through torch.compile (compiles once per input size; slow first call).
+    _C.MODEL.EFFICIENTPS.COMPILE = False
+    # torch.compile mode for COMPILE: "default", "reduce-overhead" (with CUDA graphs),
+    # "max-autotune", ...
+    _C.MODEL.EFFICIENTPS.COMPILE_MODE = "default"
+    # Training runs the backbone and the semantic head through torch.compile (same parameters).
+    _C.MODEL.EFFICIENTPS.COMPILE_TRAINING = False
 
     # ---------------------------------------------------------------------------------------------
     # Test-time augmentation: Detectron2's TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP), run by
@@ -115,6 +130,10 @@ def add_efficientps_config(cfg):
 
     # Detectron2's VIS_PERIOD > 0 also puts the panoptic prediction next to the ground truth of a
     # training image into tensorboard every VIS_PERIOD iterations (efficientps_d2.visualization).
+
+    # Autocast dtype of training under SOLVER.AMP.ENABLED (CUDA): "float16" (Detectron2's, with
+    # gradient scaling) or "bfloat16" (float32's range: no gradient scaling, no per-step sync).
+    _C.SOLVER.AMP.PRECISION = "float16"
 
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one norm over all gradients
     # (efficientps_d2.solver), as the official training clipped at 35.
@@ -192,3 +211,24 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def configure_amp_trainer(trainer, cfg):
+    """Applies SOLVER.AMP.PRECISION to Detectron2's ``AMPTrainer`` (which autocasts to float16
+    with a GradScaler unless told otherwise); a no-op for other trainers or with AMP off."""
+    import torch
+
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    precision = cfg.SOLVER.AMP.PRECISION
+    if precision not in dtypes:
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION must be one of {sorted(dtypes)}, got {precision!r}."
+        )
+    if not cfg.SOLVER.AMP.ENABLED or not hasattr(trainer, "grad_scaler"):
+        return trainer
+    trainer.precision = dtypes[precision]
+    if precision == "bfloat16":
+        # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
+        # inf/nan check, a host sync, to every step.
+        trainer.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return trainer

@@ -56,3 +56,34 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
     assert "| EfficientPS-B5 fast |" in table and "| PanopticFPN-R50 |" in table
     assert report["models"].keys() == saved["models"].keys()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
+
+
+def test_benchmark_paths_dense_rows_and_partial_results(benchmark, tmp_path, monkeypatch):
+    """A --paths row (bf16) and the dense-network table on the CPU; a run that dies mid-way
+    (here in the FLOP count) leaves the finished sections on disk, marked unfinished."""
+
+    def fail(*args):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(benchmark, "count_flops", fail)
+    argv = ["--output", str(tmp_path), "--sizes", "64x128", "--repeats", "1", "--warmup", "1"]
+    argv += ["--models", "ours-fast", "--paths", "bf16", "--dense", "--training-memory", ""]
+    with pytest.raises(RuntimeError, match="stopped"):
+        benchmark.main(argv + ["--device", "cpu"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    bf16 = "EfficientPS-B5 fast bf16"
+    assert saved["models"].keys() == {"EfficientPS-B5 fast", bf16}
+    assert len(saved["models"][bf16]["sizes"]["64x128"]["latency_s"]) == 1
+    assert saved["settings"]["paths"] == {bf16: {"dtype": "bfloat16"}}
+    assert set(saved["dense"]) == {"EfficientPS-B5 fast", bf16}
+    assert saved["unfinished"] == "64x128 extras"
+    table = (tmp_path / "results.md").read_text()
+    assert f"| {bf16} |" in table and "Dense network alone" in table and "Unfinished" in table
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_quick_mode_settings(benchmark):
+    args = benchmark.parse_args(["--quick", "--device", "cuda"])
+    assert (args.warmup, args.repeats, args.no_flops, args.training_memory) == (3, [10], True, "")
+    assert args.paths == list(benchmark.PATHS) and args.compile_sizes == ["1024x2048"]
+    assert benchmark.parse_args(["--device", "cpu"]).paths == []

@@ -27,7 +27,7 @@ import demo
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.synthetic import register_synthetic
 from efficientps_d2.demo import CocoPanopticWriter
-from efficientps_d2.export import FORMAT_VERSION, export_model, load
+from efficientps_d2.export import FORMAT_VERSION, EfficientPSGraph, export_model, load, postprocess
 from efficientps_d2.tools import export as export_tool
 from tests.common import tiny_config
 
@@ -195,6 +195,27 @@ def test_pq_on_synthetic_val_equals_eager(cfg, model, exports, dataset, tmp_path
     for data in (dataset, own):
         for backend in exports:
             assert abs(pq[data, backend] - pq[data, "eager"]) <= 0.1, pq
+
+
+def test_postprocess_of_graph_outputs_is_the_eager_output():
+    """The runtime's glue (resize, fusion, class ids) on the untraced graph equals the eager model,
+    with thing classes that are not semantic classes 0..T-1 (here 3, 4)."""
+    cfg = tiny_config(["MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT", 0])
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = THRESH
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=300.0)
+    torch.nn.init.constant_(model.roi_heads.mask_head.predictor.bias, 2.0)  # things win pixels
+    graph = EfficientPSGraph(model).eval()
+    fusion = {k: getattr(model, k) for k in ("overlap_thresh", "stuff_area_limit")}
+    fusion.update(confidence_thresh=THRESH, mask_logit_scale=model.mask_logit_scale)
+    image = _image(72, 100, seed=0)
+    with torch.no_grad():
+        eager = model([{"image": image, "height": 36, "width": 50}])[0]
+        got = postprocess(*graph(image.float()), 36, 50, thing_semantic_ids=[3, 4], **fusion)
+    assert any(s["isthing"] for s in got["panoptic_seg"][1])
+    assert set(got["instances"].pred_classes.tolist()) <= {3, 4}
+    _assert_matches(eager, got)
 
 
 def test_manifest_describes_the_runtime(exports, cfg, dataset):

@@ -3,7 +3,9 @@
 project-then-upsample predictor, and activation checkpointing in the semantic head."""
 
 import copy
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,16 +13,19 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from efficientps_d2.modeling import fusion
-from efficientps_d2.modeling.fusion import panoptic_fusion
-from efficientps_d2.modeling.layers import (
+from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
+    SizeLRUCache,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
+    rpn_proposals,
 )
+from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
 from tests.common import PERMISSIVE, THING_SEMANTIC_IDS, tiny_config, training_input
 
@@ -144,7 +149,29 @@ def test_fused_copy_follows_weight_changes_and_is_not_saved():
 
     model.fast_inference = True
     model.train()
-    assert "_fused_network" not in model.__dict__  # training drops the copy
+    assert "_inference_copy" not in model.__dict__  # training drops the copy
+
+
+def test_copy_follows_replaced_tensors():
+    """The weight list behind the copy's signature is listed once, and again after whatever may
+    replace tensors: load_state_dict(assign=True), conversions, train()/eval()."""
+    model = _tiny_model(["MODEL.EFFICIENTPS.FAST_INFERENCE", True])
+    inputs = _inputs()[:1]
+    with torch.no_grad():
+        model(inputs)
+        first = model._inference_network()
+        other = _randomize(build_model(tiny_config(PERMISSIVE)), seed=1)
+        model.load_state_dict(other.state_dict(), assign=True)  # new tensor objects
+        weights = {id(t) for t in model._weight_tensors()}
+        assert weights == {id(t) for t in (*model.parameters(), *model.buffers())}
+        fast = model(inputs)[0]
+        assert model._inference_network() is not first
+        model.fast_inference = False
+        plain = model(inputs)[0]
+    _assert_same_panoptic(plain, fast)
+    listed = model._weight_tensors()
+    model.float()
+    assert model._weight_tensors() is not listed
 
 
 def test_fast_inference_under_inference_mode_and_tta_contract():
@@ -211,6 +238,277 @@ def test_conv_leaky_relu_equals_conv_then_activation(
     x.requires_grad_(True)
     fused(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# The inference network: dtype, CUDA graphs, torch.compile (efficientps_d2.modeling.fast_inference)
+# -------------------------------------------------------------------------------------------------
+
+
+def _with_options(model, **changes):
+    model.inference_options = dataclasses.replace(model.inference_options, **changes)
+    return model
+
+
+def test_dense_network_contract():
+    model = _with_options(_tiny_model(), dtype="bfloat16")
+    network = model._inference_network()
+    assert network.dense_network.dtype == torch.bfloat16
+    with torch.no_grad():
+        features, sem, objectness, deltas = network.dense(torch.randn(2, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        f"p{i}": (2, 32, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
+    }
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in features.values())
+    assert sem.shape == (2, 5, 64, 96) and sem.dtype == torch.float32
+    assert [tuple(x.shape) for x in objectness] == [
+        (2, 3, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
+    ]
+    assert [tuple(x.shape) for x in deltas] == [
+        (2, 12, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
+    ]
+    assert all(x.dtype == torch.float32 for x in objectness + deltas)
+    # Only the copy was cast: the model's own weights stay float32.
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
+    """rpn_proposals and InferenceNetwork.detect stand in for RPN.forward and
+    StandardROIHeads.forward in inference: same proposals, same detections and masks."""
+    model = _tiny_model()
+    network = model._inference_network()
+    with torch.inference_mode():
+        images = model.preprocess_image(_inputs())
+        features, _, objectness, deltas = network.dense(images.tensor)
+        proposals = rpn_proposals(model.proposal_generator, images, features, objectness, deltas)
+        expected_proposals, _ = model.proposal_generator(images, features)
+        detections = network.detect(model.roi_heads, features, proposals)
+        expected, _ = model.roi_heads(images, features, expected_proposals)
+    for a, b in zip(proposals, expected_proposals):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)
+    for a, b in zip(detections, expected):
+        assert len(a) > 0 and a.get_fields().keys() == b.get_fields().keys()
+        for name in b.get_fields():
+            x, y = a.get(name), b.get(name)
+            x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
+            assert torch.equal(x, y), name
+
+
+def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
+    """bfloat16 rounds every layer's output (~0.4%); through this random, untrained B0 the
+    relative error grows to several percent, so the sound bound is torch.autocast's own error on
+    the same network, not a fixed number; and the semantic argmax agrees on most pixels."""
+    model = _tiny_model()
+    x = torch.stack([model.preprocess_image([i]).tensor[0, :, :80, :96] for i in _inputs()[1:]])
+    with torch.no_grad():
+        reference = model._inference_network().dense(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model._inference_network().dense(x)
+        outputs = _with_options(model, dtype="bfloat16")._inference_network().dense(x)
+
+    def error(a, b):
+        return ((a - b).norm() / a.norm()).item()
+
+    for name in reference[0]:
+        bound = 1.5 * error(reference[0][name], autocast[0][name]) + 1e-3
+        assert error(reference[0][name], outputs[0][name]) <= bound, name
+    assert error(reference[1], outputs[1]) <= 1.5 * error(reference[1], autocast[1]) + 1e-3
+    agree = (reference[1].argmax(1) == outputs[1].argmax(1)).float().mean().item()
+    assert agree >= 0.75
+
+    with torch.no_grad():
+        out = model(_inputs())  # the whole model runs in bfloat16 and fuses as usual
+    assert all(o["sem_seg"].dtype == torch.float32 for o in out)
+    assert all(o["instances"].pred_mask_logits.dtype == torch.float32 for o in out)
+
+
+def test_compiled_dense_network_equals_eager(monkeypatch):
+    """The COMPILE path end to end. Inductor takes minutes to compile even a B0 on two CPU cores,
+    so torch.compile runs with the "eager" backend here: Dynamo traces the whole dense network
+    (no graph breaks that change results) and the outputs are the eager ones."""
+    model = _tiny_model()
+    inputs = _inputs()
+    with torch.no_grad():
+        eager = model(inputs)
+    compile_calls = []
+    real_compile = torch.compile
+
+    def compile_eager(module, **kwargs):
+        compile_calls.append(kwargs)
+        return real_compile(module, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = _with_options(model, compile=True, compile_mode="max-autotune")(inputs)
+    assert compile_calls == [{"mode": "max-autotune", "dynamic": False}]
+    assert model._inference_network().compiled is not None
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a["sem_seg"], b["sem_seg"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+        assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_off_cuda_runs_the_model_itself():
+    model = _with_options(_tiny_model(), cuda_graph=True)
+    network = model._inference_network()
+    assert not network.cuda_graph and network.dense_network.backbone is model.backbone
+    assert "_inference_copy" not in model.__dict__
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("INFERENCE_DTYPE", "float64", "INFERENCE_DTYPE"),
+        ("CUDA_GRAPH_CACHE_SIZE", 0, "CUDA_GRAPH_CACHE_SIZE"),
+        ("COMPILE", True, "CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE"),
+    ],
+)
+def test_inference_options_are_checked_when_the_model_is_built(key, value, message):
+    opts = ["MODEL.EFFICIENTPS.CUDA_GRAPH", key == "COMPILE", f"MODEL.EFFICIENTPS.{key}", value]
+    with pytest.raises(ValueError, match=message):
+        build_model(tiny_config(opts))
+
+
+def test_size_cache_evicts_least_recently_used():
+    built = []
+
+    def capture(key, example):
+        built.append(key)
+        return (key, example)
+
+    cache = SizeLRUCache(2, capture)
+    assert cache.get((1, 3, 64, 96), "a") == ((1, 3, 64, 96), "a")
+    cache.get((1, 3, 128, 96), "b")
+    assert cache.get((1, 3, 64, 96), "ignored") == ((1, 3, 64, 96), "a")  # cached: not rebuilt
+    cache.get((1, 3, 32, 32), "c")  # evicts (1, 3, 128, 96), the least recently used
+    assert cache.keys() == [(1, 3, 64, 96), (1, 3, 32, 32)] and len(cache) == 2
+    cache.get((1, 3, 128, 96), "d")
+    assert built == [(1, 3, 64, 96), (1, 3, 128, 96), (1, 3, 32, 32), (1, 3, 128, 96)]
+    assert cache.keys() == [(1, 3, 32, 32), (1, 3, 128, 96)]
+    with pytest.raises(ValueError, match="CUDA_GRAPH_CACHE_SIZE"):
+        SizeLRUCache(0, capture)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_model(opts=()):
+    return _tiny_model(opts).cuda()
+
+
+def _cuda_inputs():
+    return [{k: v.cuda() if torch.is_tensor(v) else v for k, v in x.items()} for x in _inputs()]
+
+
+@_CUDA
+@pytest.mark.parametrize("fast_inference", [False, True])
+def test_cuda_graph_gives_the_eager_panoptic_output(fast_inference):
+    model = _cuda_model()
+    inputs = _cuda_inputs()
+    with torch.no_grad():
+        eager = model(inputs)
+        _with_options(model, cuda_graph=True, fast_inference=fast_inference)
+        graphed = model(inputs)
+        again = model(inputs)  # replayed
+    network = model._inference_network()
+    assert network.cuda_graph and len(network.graphs) == 1
+    for a, b, c in zip(eager, graphed, again):
+        _assert_same_panoptic(a, b)
+        assert torch.equal(b["panoptic_seg"][0], c["panoptic_seg"][0])
+        assert b["panoptic_seg"][1] == c["panoptic_seg"][1]
+
+
+@_CUDA
+def test_cuda_graph_cache_per_input_size_and_weights():
+    model = _with_options(_cuda_model(), cuda_graph=True, cuda_graph_cache_size=2)
+    inputs = _cuda_inputs()
+    with torch.no_grad():
+        for x in (inputs[:1], inputs[1:], inputs[:1], inputs):  # padded sizes A, B, A, C
+            model(x)
+        network = model._inference_network()
+        assert len(network.graphs) == 2 and [k[0] for k in network.graphs.keys()] == [
+            (1, 3, 128, 160),
+            (2, 3, 128, 160),
+        ]
+        other = _randomize(build_model(tiny_config(PERMISSIVE)), seed=1).cuda()
+        model.load_state_dict(other.state_dict())
+        graphed = model(inputs[:1])[0]
+        assert model._inference_network() is not network  # new weights: captured anew
+        _with_options(model, cuda_graph=False)
+        plain = model(inputs[:1])[0]
+    _assert_same_panoptic(plain, graphed)
+
+
+@_CUDA
+def test_bfloat16_cuda_graph_runs():
+    model = _with_options(_cuda_model(), cuda_graph=True, dtype="bfloat16", fast_inference=True)
+    with torch.no_grad():
+        out = model(_cuda_inputs())
+    assert all(o["panoptic_seg"][0].is_cuda and o["sem_seg"].dtype == torch.float32 for o in out)
+
+
+# -------------------------------------------------------------------------------------------------
+# Training: torch.compile of backbone and semantic head, no cuDNN autotuning in the ROI heads
+# -------------------------------------------------------------------------------------------------
+
+
+def _training_batch():
+    return [
+        training_input(64, 96, [[8, 8, 40, 40], [50, 10, 90, 60]], [0, 1], seed=1),
+        training_input(64, 96, [[20, 4, 60, 50]], [1], seed=2),
+    ]
+
+
+def test_compiled_training_gives_the_eager_losses_and_gradients(monkeypatch):
+    """MODEL.EFFICIENTPS.COMPILE_TRAINING, with Dynamo's "eager" backend (Inductor is too slow
+    to compile a B0 on two CPU cores for a unit test): same losses, gradients on the model's own
+    parameters, nothing added to the state_dict."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager", **kw))
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(["MODEL.EFFICIENTPS.COMPILE_TRAINING", compiled])).train()
+        keys = set(model.state_dict())
+        with EventStorage():
+            torch.manual_seed(1)
+            losses = model(_training_batch())
+        sum(losses.values()).backward()
+        assert set(model.state_dict()) == keys
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    assert model._training_parts()[0] is not model.backbone  # the compiled wrapper ran
+    (losses_a, grads_a), (losses_b, grads_b) = results
+    torch.testing.assert_close(losses_a, losses_b)
+    assert grads_a.keys() == grads_b.keys() and any("backbone" in n for n in grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_cudnn_autotuning_is_off_in_the_roi_heads_forward_and_backward(monkeypatch):
+    from efficientps_d2.modeling import meta_arch
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with meta_arch._cudnn_benchmark_off(torch.device("cuda")):
+        assert not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark
+    with meta_arch._cudnn_benchmark_off(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark
+
+    # Backward: off from the ROI losses back to the features they read, then on again.
+    seen = []
+    features = torch.ones(3, requires_grad=True)
+    inner = meta_arch._SetCudnnBenchmarkInBackward.apply(features, True)
+    inner.register_hook(lambda g: seen.append(torch.backends.cudnn.benchmark))
+    loss = meta_arch._SetCudnnBenchmarkInBackward.apply((inner * 2).sum(), False)
+    loss.backward()
+    assert seen == [False] and torch.backends.cudnn.benchmark
+    assert torch.equal(features.grad, torch.full((3,), 2.0))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -346,7 +644,7 @@ def _reference_fusion(
                 {
                     "id": len(info) + 1,
                     "isthing": True,
-                    "category_id": int(instances.pred_classes[det]),
+                    "category_id": int(thing_ids[instances.pred_classes[det]]),
                     "score": float(scores[det]),
                     "instance_id": det,
                     "area": thing_areas[j],
@@ -390,9 +688,15 @@ def _random_scene(seed, height, width, num, num_classes=8, things=(2, 5, 6, 7)):
     return sem, inst, list(things)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 3000])
-def test_batched_fusion_equals_one_at_a_time_reference(monkeypatch, chunk_elements):
+@pytest.mark.parametrize(
+    "method, chunk_elements, rounds_per_check",
+    [("loop", 1 << 22, 4), ("loop", 3000, 4), ("scatter", 1 << 22, 4), ("scatter", 3000, 1)],
+)
+def test_batched_fusion_equals_one_at_a_time_reference(
+    monkeypatch, method, chunk_elements, rounds_per_check
+):
     monkeypatch.setattr(fusion, "_CHUNK_ELEMENTS", chunk_elements)  # small: many chunks
+    monkeypatch.setattr(fusion, "_ROUNDS_PER_CHECK", rounds_per_check)
     for seed in range(6):
         sem, inst, things = _random_scene(seed, 61 + 7 * seed, 93 + 5 * seed, 40)
         for confidence, overlap, limit, scale in ((0.2, 0.5, 20, 4.0), (0.0, 0.1, 0, 1.0)):
@@ -404,11 +708,42 @@ def test_batched_fusion_equals_one_at_a_time_reference(monkeypatch, chunk_elemen
                 overlap_thresh=overlap,
                 stuff_area_limit=limit,
                 mask_logit_scale=scale,
+                method=method,
             )
             expected = _reference_fusion(sem, inst, things, confidence, overlap, limit, scale)
             assert torch.equal(got[0], expected[0]), (seed, confidence)
             assert got[1] == expected[1], (seed, confidence)
             assert any(s["isthing"] for s in got[1])
+
+
+def test_scatter_fusion_overlap_chains_and_fallback(monkeypatch):
+    """Each box overlaps only the next: A kept, B dropped (on A), C kept (B is gone), D dropped...
+    The fixed point needs one round per link; the scatter method must get the loop's answer
+    whether it checks every round or not, and when its crops exceed _SCATTER_ELEMENTS."""
+    height, width, num = 20, 200, 12
+    sem = torch.zeros(3, height, width)
+    sem[0] = 1.0
+    boxes = torch.tensor([[15.0 * i, 2.0, 15.0 * i + 20, 18.0] for i in range(num)])
+    inst = Instances((height, width))
+    inst.pred_boxes = Boxes(boxes)
+    inst.scores = torch.linspace(0.99, 0.6, num)
+    inst.pred_classes = torch.zeros(num, dtype=torch.long)
+    inst.pred_mask_logits = torch.full((num, 1, 28, 28), 3.0)
+    expected = _reference_fusion(sem, inst, [2], 0.5, 0.2, 0, 4.0)
+    kept = [s["instance_id"] for s in expected[1] if s["isthing"]]
+    assert kept == list(range(0, num, 2))
+    for rounds, limit in ((1, 1 << 25), (4, 1 << 25), (100, 1 << 25), (4, 10)):
+        monkeypatch.setattr(fusion, "_ROUNDS_PER_CHECK", rounds)
+        monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", limit)
+        got = panoptic_fusion(
+            sem,
+            inst,
+            thing_semantic_ids=[2],
+            overlap_thresh=0.2,
+            stuff_area_limit=0,
+            method="scatter",
+        )
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1], rounds
 
 
 def test_fusion_chunks_bound_memory_and_padding():
@@ -450,8 +785,30 @@ def test_model_output_matches_reference_fusion(image_size):
     local.pred_classes = torch.tensor([thing_index[int(c)] for c in inst.pred_classes])
     local.pred_mask_logits = inst.pred_mask_logits
     pan, info = _reference_fusion(out["sem_seg"], local, THING_SEMANTIC_IDS, 0.0, 0.5, 0, 4.0)
-    for s in info:
-        if s["isthing"]:
-            s["category_id"] = THING_SEMANTIC_IDS[s["category_id"]]
     assert torch.equal(out["panoptic_seg"][0], pan)
     assert out["panoptic_seg"][1] == info
+
+
+def test_amp_precision_configures_detectron2s_amp_trainer():
+    from detectron2.engine import AMPTrainer, SimpleTrainer
+
+    from efficientps_d2.config import configure_amp_trainer
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for precision, dtype, scaling in (
+        ("bfloat16", torch.bfloat16, False),
+        ("float16", torch.float16, True),
+    ):
+        cfg = tiny_config(["SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", precision])
+        with warnings.catch_warnings():  # Detectron2's GradScaler warns without CUDA
+            warnings.simplefilter("ignore")
+            trainer = AMPTrainer(model, [], optimizer)
+        configure_amp_trainer(trainer, cfg)
+        assert trainer.precision == dtype and trainer.grad_scaler.is_enabled() is (
+            scaling and torch.cuda.is_available()
+        )
+    plain = SimpleTrainer(model, [], optimizer)
+    assert configure_amp_trainer(plain, cfg) is plain and not hasattr(plain, "precision")
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
+        configure_amp_trainer(plain, tiny_config(["SOLVER.AMP.PRECISION", "float64"]))

@@ -1,13 +1,16 @@
 """Panoptic fusion on hand-built logits whose right answer is known."""
 
+import functools
 import math
+import sys
 
 import pytest
 import torch
 from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.structures import Boxes, Instances
 
-from efficientps_d2.modeling.fusion import _paste_mask_logits, panoptic_fusion
+from efficientps_d2.modeling import fusion
+from efficientps_d2.modeling.fusion import _paste_mask_logits
 
 H, W = 32, 48
 HALF = H // 2
@@ -15,6 +18,20 @@ M = 28
 # Semantic classes: 0 road, 1 sky (stuff); 2 car, 3 person (things -> thing ids 0, 1).
 ROAD, SKY, CAR, PERSON = 0, 1, 2, 3
 THINGS = [CAR, PERSON]
+
+
+@pytest.fixture(autouse=True, params=["loop", "scatter"])
+def method(request, monkeypatch):
+    """Every case runs with both ways of fusing the instances (module docstring of fusion.py)."""
+    monkeypatch.setattr(
+        sys.modules[__name__],
+        "panoptic_fusion",
+        functools.partial(fusion.panoptic_fusion, method=request.param),
+    )
+    return request.param
+
+
+panoptic_fusion = fusion.panoptic_fusion
 
 
 def pixel_mask(pattern, value=5.0, m=M):
@@ -93,7 +110,7 @@ def test_single_instance_on_stuff():
     assert thing == {
         "id": 1,
         "isthing": True,
-        "category_id": 0,
+        "category_id": CAR,
         "score": pytest.approx(0.9),
         "instance_id": 0,
         "area": 14 * 7,
@@ -123,7 +140,7 @@ def test_box_partly_outside_image_is_clipped_and_never_wins_outside():
     person = segment_of(info, isthing=True)
     expected = torch.zeros(H, W, dtype=torch.bool)
     expected[20:, :10] = True
-    assert person["category_id"] == 1 and person["area"] == int(expected.sum())
+    assert person["category_id"] == PERSON and person["area"] == int(expected.sum())
     assert torch.equal(pan == person["id"], expected)
     assert segment_of(info, category_id=ROAD, isthing=False)["area"] == H * W - int(expected.sum())
 
@@ -244,7 +261,7 @@ def test_detections_below_threshold_are_ignored():
     pan, info = fuse(sem, inst, confidence_thresh=0.5)
     check_consistent(pan, info)
     things = [s for s in info if s["isthing"]]
-    assert [(s["instance_id"], s["category_id"]) for s in things] == [(1, 1)]
+    assert [(s["instance_id"], s["category_id"]) for s in things] == [(1, PERSON)]
 
     pan, info = fuse(sem, inst, confidence_thresh=0.6)
     assert all(not s["isthing"] for s in info)
@@ -324,7 +341,7 @@ def test_random_scene_is_consistent():
         if seg["isthing"]:
             i = seg["instance_id"]
             assert inst.scores[i] >= 0.5
-            assert seg["category_id"] == int(inst.pred_classes[i])
+            assert seg["category_id"] == things[int(inst.pred_classes[i])]
             x0, y0, x1, y1 = boxes[i]
             ys, xs = torch.nonzero(pan == seg["id"], as_tuple=True)
             # pixel centres inside the box

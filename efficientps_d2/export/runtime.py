@@ -93,12 +93,11 @@ def postprocess(
         stuff_area_limit=stuff_area_limit,
         mask_logit_scale=mask_logit_scale,
     )
-    # Mask R-CNN's thing ids 0..T-1 -> all-class ids, as the eager model outputs them.
-    semantic_ids = [int(i) for i in thing_semantic_ids]
-    for segment in segments_info:
-        if segment["isthing"]:
-            segment["category_id"] = semantic_ids[segment["category_id"]]
-    lut = torch.as_tensor(semantic_ids, dtype=torch.long, device=instances.pred_classes.device)
+    # The fusion gives all-class category ids; the instances' Mask R-CNN thing ids 0..T-1 become
+    # all-class ids too, as the eager model outputs them.
+    lut = torch.as_tensor(
+        [int(i) for i in thing_semantic_ids], dtype=torch.long, device=instances.pred_classes.device
+    )
     instances.pred_classes = lut[instances.pred_classes]
     return {
         "sem_seg": sem_seg,

@@ -15,11 +15,22 @@ The fusion is parameter-free and works on logits throughout:
    produce no segment.
 
 All detections are pasted at once (one ``grid_sample`` per chunk of boxes, padded to the chunk's
-largest box), so the per-instance work is a few tensor ops on the instance's box crop, with no
-host-device round trip: the overlap decisions stay on the device until the end. Memory stays at a
-few H x W maps plus one chunk of padded crops (bounded by ``_CHUNK_ELEMENTS``), however many
-instances there are. The result equals visiting the instances one by one (the reference
-behaviour, kept in ``tests/test_fast_paths.py``).
+largest box). Steps 3-5 then run in one of two ways, with the same result:
+
+- ``"loop"`` (the default off CUDA): the instances are visited in score order, each with a few
+  tensor ops on its box crop; the least work, best where a kernel launch is cheap (CPU).
+- ``"scatter"`` (the default on CUDA): every instance at once, with a fixed number of kernels
+  whatever their count. The overlap filter is solved as a fixed point: an instance's fate depends
+  only on the higher-scored ones', so "keep every non-empty instance" refined by scattering the
+  lowest kept instance index onto each pixel is exact after at most K rounds, and in practice
+  stops after a handful (the check costs one tiny read per four rounds).
+
+Either way the fusion reads the device twice per image, whatever the number of detections: once
+the candidates' crop sizes (tensor shapes need them on the host) and once, at the end, every
+number of ``segments_info`` in one copy. Memory stays at a few H x W maps plus the padded crops
+(the loop holds one chunk of at most ``_CHUNK_ELEMENTS``, the scatter all of them, up to
+``_SCATTER_ELEMENTS``, past which it falls back to the loop). The result equals visiting the
+instances one by one (the reference behaviour, kept in ``tests/test_fast_paths.py``).
 """
 
 from typing import Dict, List, Sequence, Tuple, Union
@@ -35,6 +46,11 @@ _REQUIRED_FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_mask_logits")
 
 # Most padded crop elements (instances x rows x cols) pasted at once; bounds the fusion's memory.
 _CHUNK_ELEMENTS = 1 << 22
+# Most padded crop elements the "scatter" method holds at once (about 14 bytes each).
+_SCATTER_ELEMENTS = 1 << 25
+# Fixed-point rounds of the "scatter" overlap filter between two checks for convergence.
+_ROUNDS_PER_CHECK = 4
+_METHODS = ("auto", "loop", "scatter")
 
 
 def _box_pixel_ranges(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -140,9 +156,12 @@ def _chunks(sizes: List[Tuple[int, int]]) -> List[Tuple[int, int, int, int]]:
 def _validate(
     sem_seg_logits: torch.Tensor,
     instances: Instances,
-    thing_ids: torch.Tensor,
+    thing_ids: List[int],
     mask_logit_scale: float,
+    method: str,
 ) -> None:
+    """Checks everything that is known on the host; the classes' range is checked at the end
+    (``_ClassCheck``), so that no device is read here."""
     if not isinstance(sem_seg_logits, torch.Tensor) or sem_seg_logits.dim() != 3:
         shape = tuple(sem_seg_logits.shape) if isinstance(sem_seg_logits, torch.Tensor) else None
         raise ValueError(f"sem_seg_logits must be a 3-D [C, H, W] tensor, got shape {shape}")
@@ -154,17 +173,17 @@ def _validate(
         raise ValueError(
             f"instances.image_size {image_size} must equal sem_seg_logits' (H, W) {(height, width)}"
         )
-    if thing_ids.dim() != 1:
-        raise ValueError(f"thing_semantic_ids must be 1-D, got shape {tuple(thing_ids.shape)}")
-    if thing_ids.numel() and (thing_ids.min() < 0 or thing_ids.max() >= num_classes):
+    if any(not 0 <= c < num_classes for c in thing_ids):
         raise ValueError(
             f"thing_semantic_ids must lie in [0, {num_classes}) (C = sem_seg_logits.shape[0]), "
-            f"got {thing_ids.tolist()}"
+            f"got {thing_ids}"
         )
-    if thing_ids.unique().numel() != thing_ids.numel():
-        raise ValueError(f"thing_semantic_ids must not repeat a class, got {thing_ids.tolist()}")
+    if len(set(thing_ids)) != len(thing_ids):
+        raise ValueError(f"thing_semantic_ids must not repeat a class, got {thing_ids}")
     if not mask_logit_scale > 0:
         raise ValueError(f"mask_logit_scale must be positive, got {mask_logit_scale}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
 
     if not instances.get_fields():
         return  # an Instances with no fields at all is read as zero detections
@@ -182,11 +201,10 @@ def _validate(
         raise ValueError(
             f"instances.pred_mask_logits must hold square M x M masks, got {tuple(masks.shape)}"
         )
-    classes = instances.pred_classes
-    if num_det and (classes.min() < 0 or classes.max() >= thing_ids.numel()):
+    if num_det and not thing_ids:
         raise ValueError(
-            f"instances.pred_classes must be contiguous thing ids in [0, {thing_ids.numel()}) "
-            f"(T = len(thing_semantic_ids)), got {classes.tolist()}"
+            "instances.pred_classes must be contiguous thing ids in [0, 0) "
+            "(T = len(thing_semantic_ids)): there are detections but no thing classes"
         )
 
 
@@ -200,9 +218,10 @@ def panoptic_fusion(
     overlap_thresh: float = 0.5,
     stuff_area_limit: int = 2048,
     mask_logit_scale: float = 4.0,
+    method: str = "auto",
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """
-    Fuse semantic and instance predictions of one image (ARCHITECTURE.md section 5).
+    Fuse semantic and instance predictions of one image (see the module docstring).
 
     Args:
         sem_seg_logits: float [C, H, W] semantic logits over all classes, at output resolution.
@@ -217,134 +236,166 @@ def panoptic_fusion(
             already claimed by higher-scored instances.
         stuff_area_limit: stuff segments with fewer pixels become void.
         mask_logit_scale: factor applied to the pasted mask logits.
+        method: "loop", "scatter" or "auto" ("scatter" on CUDA, else "loop"); same result.
 
     Returns:
         panoptic_seg: int32 [H, W] on sem_seg_logits' device; 0 is void, segments are 1..S.
-        segments_info: one dict per segment, things first (by score) then stuff (by class):
-            things ``{"id", "isthing": True, "category_id" (thing id), "score", "instance_id"
-            (index into ``instances``), "area"}``; stuff ``{"id", "isthing": False,
-            "category_id" (semantic class index), "area"}``.
+        segments_info: one dict per segment, things first (by score) then stuff (by class), with
+            all-class ``category_id`` (semantic class index 0..C-1) for both: things
+            ``{"id", "isthing": True, "category_id", "score", "instance_id" (index into
+            ``instances``), "area"}``; stuff ``{"id", "isthing": False, "category_id", "area"}``.
     """
-    if isinstance(sem_seg_logits, torch.Tensor):
-        device = sem_seg_logits.device
+    if isinstance(thing_semantic_ids, torch.Tensor):
+        thing_id_list = [int(c) for c in thing_semantic_ids.flatten().tolist()]
+        if thing_semantic_ids.dim() != 1:
+            raise ValueError(
+                f"thing_semantic_ids must be 1-D, got shape {tuple(thing_semantic_ids.shape)}"
+            )
     else:
-        device = torch.device("cpu")
-    thing_ids = torch.as_tensor(thing_semantic_ids, dtype=torch.long, device=device)
-    _validate(sem_seg_logits, instances, thing_ids, mask_logit_scale)
+        thing_id_list = [int(c) for c in thing_semantic_ids]
+    _validate(sem_seg_logits, instances, thing_id_list, mask_logit_scale, method)
+    device = sem_seg_logits.device
+    if method == "auto":
+        method = "scatter" if device.type == "cuda" else "loop"
 
     sem = sem_seg_logits.float()
     num_classes, height, width = sem.shape
-    thing_id_list = thing_ids.tolist()
+    thing_ids = torch.tensor(thing_id_list, dtype=torch.long, device=device)
     stuff_id_list = [c for c in range(num_classes) if c not in set(thing_id_list)]
-
-    # Index 0 of best_idx stands for "stuff"; candidate j (in score order) is index j + 1. Strict
-    # ">" updates in score order reproduce argmax's first-maximum tie-breaking over
-    # [stuff ; FL_1 ... FL_n].
     if stuff_id_list:
-        best_val = _class_max(sem, stuff_id_list)
+        stuff_val = _class_max(sem, stuff_id_list)
     else:
-        best_val = torch.full((height, width), float("-inf"), device=device)
-    best_idx = torch.zeros((height, width), dtype=torch.int32, device=device)
-    claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
+        stuff_val = torch.full((height, width), float("-inf"), device=device)
 
-    candidates, kept = _fuse_instances(
-        sem,
-        instances,
-        thing_ids,
-        best_val,
-        best_idx,
-        claimed,
-        confidence_thresh=confidence_thresh,
-        overlap_thresh=overlap_thresh,
-        mask_logit_scale=mask_logit_scale,
+    numbers = []  # device tensors read back in one copy at the end
+    candidates = _candidates(
+        instances, device, height, width, confidence_thresh, len(thing_id_list)
     )
-    class_list: List[int] = []
-    score_list: List[float] = []
-    if candidates:
-        class_list = instances.pred_classes.tolist()
-        score_list = instances.scores.float().tolist()
+    if candidates is None:
+        num = 0
+        best_idx = torch.zeros((height, width), dtype=torch.int32, device=device)
+    else:
+        order, boxes, ranges, crops = candidates
+        num = len(crops)
+        masks = instances.pred_mask_logits.to(device).float()[order]
+        classes = instances.pred_classes.to(device)[order]
+        sem_ids = thing_ids[classes.clamp(0, max(len(thing_id_list) - 1, 0))]
+        sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
+        padded = sum((end - start) * h * w for start, end, h, w in _chunks(sizes))
+        if method == "scatter" and padded > _SCATTER_ELEMENTS:
+            method = "loop"
+        fuse = _fuse_by_scatter if method == "scatter" else _fuse_by_loop
+        best_idx, kept = fuse(
+            sem,
+            stuff_val,
+            masks,
+            boxes,
+            ranges,
+            crops,
+            sem_ids,
+            overlap_thresh=overlap_thresh,
+            mask_logit_scale=mask_logit_scale,
+        )
+        numbers += [order, classes, instances.scores.to(device)[order]]
 
     # One code per pixel: its semantic argmax class c (0..C-1) where stuff won step 5, C + j where
-    # candidate j did. One bincount gives every area, one lookup the segment ids.
+    # candidate j did. One bincount gives every area; the segment ids are numbered on the device.
     # (max(dim).indices is argmax, first maximum included, but several times faster on CPU.)
     sem_argmax = sem.max(dim=0).indices.to(best_idx.dtype)
     code = torch.where(best_idx == 0, sem_argmax, best_idx + (num_classes - 1))
-    areas = torch.bincount(code.flatten(), minlength=num_classes + len(candidates)).tolist()
+    areas = torch.bincount(code.flatten(), minlength=num_classes + num)
     stuff_areas, thing_areas = areas[:num_classes], areas[num_classes:]
+    is_stuff = torch.ones(num_classes, dtype=torch.bool, device=device)
+    is_stuff[thing_ids] = False
+    stuff_present = is_stuff & (stuff_areas > 0) & (stuff_areas >= stuff_area_limit)
+    thing_present = thing_areas > 0
+    if num:
+        thing_present &= kept
+    present = torch.cat([thing_present, stuff_present])  # segment order: things, then stuff
+    seg_ids = (torch.cumsum(present, 0) * present).to(torch.int32)
+    lut = torch.cat([seg_ids[num:], seg_ids[:num]])  # by code: stuff classes, then candidates
+    panoptic_seg = lut[code]
+
+    # The one read at the end: float64 holds every id, area and float32 score exactly.
+    numbers += [present, areas]
+    values = torch.cat([x.double().flatten() for x in numbers]).tolist()
+    order_list, class_list, score_list = (values[i * num : (i + 1) * num] for i in range(3))
+    values = values[3 * num :]
+    present_list = values[: num + num_classes]
+    area_list = [int(a) for a in values[num + num_classes :]]
 
     segments_info: List[Dict] = []
-    lut = [0] * (num_classes + len(candidates))  # code -> segment id (0: void)
-    for j, (det, is_kept) in enumerate(zip(candidates, kept)):
-        if not is_kept or thing_areas[j] == 0:
-            continue
-        seg_id = len(segments_info) + 1
-        lut[num_classes + j] = seg_id
-        segments_info.append(
-            {
-                "id": seg_id,
-                "isthing": True,
-                "category_id": class_list[det],
-                "score": score_list[det],
-                "instance_id": det,
-                "area": thing_areas[j],
-            }
-        )
-    for cls in stuff_id_list:  # thing classes stay void where stuff won
-        if stuff_areas[cls] == 0 or stuff_areas[cls] < stuff_area_limit:
-            continue
-        seg_id = len(segments_info) + 1
-        lut[cls] = seg_id
-        segments_info.append(
-            {"id": seg_id, "isthing": False, "category_id": cls, "area": stuff_areas[cls]}
-        )
-    panoptic_seg = torch.tensor(lut, dtype=torch.int32, device=device)[code]
+    for j in range(num):
+        if present_list[j]:
+            segments_info.append(
+                {
+                    "id": len(segments_info) + 1,
+                    "isthing": True,
+                    "category_id": thing_id_list[int(class_list[j])],
+                    "score": score_list[j],
+                    "instance_id": int(order_list[j]),
+                    "area": area_list[num_classes + j],
+                }
+            )
+    for cls in range(num_classes):
+        if present_list[num + cls]:
+            segments_info.append(
+                {
+                    "id": len(segments_info) + 1,
+                    "isthing": False,
+                    "category_id": cls,
+                    "area": area_list[cls],
+                }
+            )
     return panoptic_seg, segments_info
 
 
-def _fuse_instances(
-    sem: torch.Tensor,
-    instances: Instances,
-    thing_ids: torch.Tensor,
-    best_val: torch.Tensor,
-    best_idx: torch.Tensor,
-    claimed: torch.Tensor,
-    *,
-    confidence_thresh: float,
-    overlap_thresh: float,
-    mask_logit_scale: float,
-) -> Tuple[List[int], List[bool]]:
+def _candidates(instances, device, height, width, confidence_thresh, num_things):
     """
-    Steps 1-5 of the fusion for all detections; updates best_val, best_idx and claimed in place.
+    Steps 1-2's selection: detections scoring at least ``confidence_thresh`` whose box covers some
+    pixel centre, by score (stable). The one read before the end: their crops, as Python ints
+    (and whether every class is a thing id: an error otherwise).
 
     Returns:
-        candidates: indices into ``instances`` of the detections that reach the overlap filter
-            (score >= confidence_thresh, a box covering some pixel centre), by score; candidate
-            j is index j + 1 in ``best_idx``.
-        kept: for each candidate, whether it passed the overlap filter.
+        None if there is none, else (order [n] indices into ``instances``, boxes [n, 4] float32,
+        ranges [n, 4] long (row_start, row_end, col_start, col_end), crops (the ranges as a list of
+        n int 4-tuples)).
     """
     if not instances.get_fields() or len(instances) == 0:
-        return [], []
-    device = sem.device
-    height, width = sem.shape[-2:]
+        return None
     scores = instances.scores.to(device).float()
     order = torch.sort(scores, descending=True, stable=True).indices
-    order = order[scores[order] >= confidence_thresh]
     boxes = instances.pred_boxes.tensor.to(device).float()[order]
-    valid = torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
+    valid = scores[order] >= confidence_thresh
+    valid &= torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
     valid &= boxes[:, 3] > boxes[:, 1]
     boxes = torch.where(valid[:, None], boxes, torch.zeros_like(boxes))
     ranges = _box_pixel_ranges(boxes, height, width)
     valid &= (ranges[:, 0] < ranges[:, 1]) & (ranges[:, 2] < ranges[:, 3])
-    # The only host round trip before the end: the candidates and their crops, as Python ints.
-    order, boxes, ranges = order[valid], boxes[valid], ranges[valid]
-    candidates = order.tolist()
-    if not candidates:
-        return [], []
-    crops = ranges.tolist()
+    # The valid ones first, in score order, so that they are a prefix known from one read.
+    first = torch.sort((~valid).to(torch.uint8), stable=True).indices
+    order, boxes, ranges, valid = order[first], boxes[first], ranges[first], valid[first]
+    classes = instances.pred_classes.to(device)
+    class_error = ((classes < 0) | (classes >= num_things)).any()
+    flags = torch.stack([valid, class_error.expand_as(valid)], dim=1).long()
+    rows = torch.cat([flags, ranges], dim=1).tolist()
+    if rows[0][1]:
+        raise ValueError(
+            f"instances.pred_classes must be contiguous thing ids in [0, {num_things}) "
+            f"(T = len(thing_semantic_ids)), got {instances.pred_classes.tolist()}"
+        )
+    crops = [tuple(row[2:]) for row in rows if row[0]]
+    if not crops:
+        return None
+    num = len(crops)
+    return order[:num], boxes[:num], ranges[:num], crops
 
-    masks = instances.pred_mask_logits.to(device).float()[order]
-    sem_ids = thing_ids[instances.pred_classes.to(device)[order]]
-    keeps = []
+
+def _pasted_chunks(sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale):
+    """For each chunk of crops: (start, end, fused logits FL, binary masks, inside-the-crop
+    flags, flat pixel index), all [k, h, w], padding included (inside is False there)."""
+    device = sem.device
+    height, width = sem.shape[-2:]
     sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
     for start, end, h, w in _chunks(sizes):
         origins = ranges[start:end][:, [0, 2]]
@@ -359,7 +410,26 @@ def _fuse_instances(
         extents = ranges[start:end, 1::2] - ranges[start:end, 0::2]  # (h, w) of each crop
         rows_in = torch.arange(h, device=device) < extents[:, :1]
         cols_in = torch.arange(w, device=device) < extents[:, 1:]
-        binary = (mla > 0) & rows_in[:, :, None] & cols_in[:, None, :]  # sigmoid(mla) > 0.5
+        inside = rows_in[:, :, None] & cols_in[:, None, :]
+        binary = (mla > 0) & inside  # sigmoid(mla) > 0.5
+        flat = rows[:, :, None] * width + cols[:, None, :]
+        yield start, end, fused, binary, inside, flat
+
+
+def _fuse_by_loop(
+    sem, stuff_val, masks, boxes, ranges, crops, sem_ids, *, overlap_thresh, mask_logit_scale
+):
+    """Steps 3-5, instance by instance on its crop. Returns (best_idx int32 [H, W]: 0 for stuff,
+    j + 1 for candidate j; kept bool [n])."""
+    height, width = sem.shape[-2:]
+    device = sem.device
+    best_val = stuff_val.clone()
+    best_idx = torch.zeros((height, width), dtype=torch.int32, device=device)
+    claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
+    keeps = []
+    for start, end, fused, binary, _, _ in _pasted_chunks(
+        sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale
+    ):
         areas = binary.sum(dim=(1, 2))
         # float64, as the Python arithmetic of the one-at-a-time definition.
         limits = areas.double() * overlap_thresh
@@ -377,5 +447,65 @@ def _fuse_instances(
             wins = (fl > region_val) & keep
             region_val.copy_(torch.where(wins, fl, region_val))
             best_idx[crop].masked_fill_(wins, start + k + 1)
-    kept = torch.stack(keeps).tolist()
-    return candidates, kept
+    return best_idx, torch.stack(keeps)
+
+
+def _fuse_by_scatter(
+    sem, stuff_val, masks, boxes, ranges, crops, sem_ids, *, overlap_thresh, mask_logit_scale
+):
+    """Steps 3-5 for all instances at once; returns what :func:`_fuse_by_loop` returns.
+
+    Candidate k is kept iff its binary mask is non-empty and at most ``overlap_thresh`` of it lies
+    on pixels whose lowest-indexed kept candidate covering them has index < k. That depends only on
+    the candidates before k, so iterating "kept <- that test applied to kept" from any start is
+    exact for candidates 0..t-1 after t rounds, and a round that changes nothing has reached the
+    unique solution. Then each pixel goes to the first candidate reaching the highest FL there, if
+    that beats the stuff logit: what the loop's strict ">" updates in score order give.
+    """
+    height, width = sem.shape[-2:]
+    device = sem.device
+    num = len(crops)
+    chunks = list(_pasted_chunks(sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale))
+    index = torch.arange(num, device=device)
+    areas = torch.cat([binary.sum(dim=(1, 2)) for _, _, _, binary, _, _ in chunks])
+    limits = areas.double() * overlap_thresh  # float64, as in the loop
+    nonempty = areas > 0
+
+    def refine(kept):
+        first = torch.full((height * width,), num, dtype=torch.long, device=device)
+        for start, end, _, binary, _, flat in chunks:
+            own = torch.where(
+                binary & kept[start:end, None, None], index[start:end, None, None], num
+            )
+            first.scatter_reduce_(0, flat.flatten(), own.flatten(), "amin")
+        overlaps = torch.cat(
+            [
+                ((first[flat] < index[start:end, None, None]) & binary).sum(dim=(1, 2))
+                for start, end, _, binary, _, flat in chunks
+            ]
+        )
+        return nonempty & (overlaps <= limits)
+
+    kept = nonempty
+    for rounds in range(1, num + 1):
+        refined = refine(kept)
+        if rounds == num or (rounds % _ROUNDS_PER_CHECK == 0 and torch.equal(refined, kept)):
+            kept = refined
+            break
+        kept = refined
+
+    best_val = stuff_val.flatten().clone()
+    stuff_flat = stuff_val.flatten()
+    contenders = []
+    for start, end, fused, _, inside, flat in chunks:
+        valid = inside & kept[start:end, None, None] & ~fused.isnan()
+        contenders.append((valid, fused, flat, start, end))
+        values = torch.where(valid, fused, float("-inf"))
+        best_val.scatter_reduce_(0, flat.flatten(), values.flatten(), "amax")
+    winner = torch.full((height * width,), num + 1, dtype=torch.long, device=device)
+    for valid, fused, flat, start, end in contenders:
+        wins = valid & (fused == best_val[flat]) & (fused > stuff_flat[flat])
+        own = torch.where(wins, index[start:end, None, None] + 1, num + 1)
+        winner.scatter_reduce_(0, flat.flatten(), own.flatten(), "amin")
+    best_idx = torch.where(winner > num, 0, winner).to(torch.int32).view(height, width)
+    return best_idx, kept

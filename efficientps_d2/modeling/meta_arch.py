@@ -1,7 +1,7 @@
 """The EfficientPS meta-architecture: backbone, semantic head, Mask R-CNN, panoptic fusion."""
 
 import contextlib
-import copy
+import dataclasses
 from typing import Dict, List
 
 import torch
@@ -11,8 +11,13 @@ from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_pos
 from detectron2.structures import ImageList
 
 from ..data.metadata import thing_semantic_ids_from_config
+from .fast_inference import (
+    InferenceNetwork,
+    InferenceOptions,
+    build_inference_network,
+    rpn_proposals,
+)
 from .fusion import panoptic_fusion
-from .layers import fuse_for_inference
 
 
 @META_ARCH_REGISTRY.register()
@@ -31,11 +36,12 @@ class EfficientPS(GeneralizedRCNN):
     ``efficientps_d2.data.metadata``), for things as for stuff.
 
     Inference runs under ``torch.inference_mode`` (outputs are inference tensors: clone one to
-    change it in place). With ``fast_inference`` (MODEL.EFFICIENTPS.FAST_INFERENCE) it runs cached
-    copies of the convolutional parts (backbone, semantic head, RPN, box and mask heads) with
-    BatchNorm folded into the convs and conv + LeakyReLU fused
-    (:func:`~efficientps_d2.modeling.layers.fuse_for_inference`); the copies are rebuilt whenever a
-    weight or buffer changes and dropped by ``train()``, and they cost one more copy of the weights.
+    change it in place), through an
+    :class:`~efficientps_d2.modeling.fast_inference.InferenceNetwork` chosen by
+    ``inference_options`` (MODEL.EFFICIENTPS.FAST_INFERENCE, INFERENCE_DTYPE, CUDA_GRAPH, COMPILE):
+    this model's own modules, or a cached copy of the convolutional parts (backbone, semantic head,
+    RPN, box and mask heads) that is fused, cast, graphed or compiled. The copy is rebuilt whenever
+    a weight, buffer or option changes and dropped by ``train()``; it costs one more set of weights.
     """
 
     @configurable
@@ -50,6 +56,12 @@ class EfficientPS(GeneralizedRCNN):
         mask_logit_scale=4.0,
         channels_last=True,
         fast_inference=False,
+        inference_dtype="float32",
+        cuda_graph=False,
+        cuda_graph_cache_size=4,
+        compile=False,
+        compile_mode="default",
+        compile_training=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -66,7 +78,17 @@ class EfficientPS(GeneralizedRCNN):
             # network runs in that layout; load_state_dict copies into it, keeping the layout.
             self.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        self.fast_inference = fast_inference
+        # How inference runs (see fast_inference.InferenceOptions); change it as a whole, e.g.
+        # ``model.inference_options = dataclasses.replace(model.inference_options, ...)``.
+        self.inference_options = InferenceOptions(
+            fast_inference=fast_inference,
+            dtype=inference_dtype,
+            cuda_graph=cuda_graph,
+            cuda_graph_cache_size=cuda_graph_cache_size,
+            compile=compile,
+            compile_mode=compile_mode,
+        )
+        self.compile_training = compile_training
         self._thing_semantic_id_list = [int(i) for i in thing_semantic_ids]
 
     @classmethod
@@ -83,7 +105,8 @@ class EfficientPS(GeneralizedRCNN):
             stuff_area_limit=fusion.STUFF_AREA_LIMIT,
             mask_logit_scale=fusion.MASK_LOGIT_SCALE,
             channels_last=cfg.MODEL.EFFICIENTPS.CHANNELS_LAST,
-            fast_inference=cfg.MODEL.EFFICIENTPS.FAST_INFERENCE,
+            **InferenceOptions.config_kwargs(cfg),
+            compile_training=cfg.MODEL.EFFICIENTPS.COMPILE_TRAINING,
         )
         return ret
 
@@ -91,7 +114,8 @@ class EfficientPS(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
+        backbone, sem_seg_head = self._training_parts()
+        features = backbone(images.tensor)
 
         for key in ("sem_seg", "instances"):
             if key not in batched_inputs[0]:
@@ -102,11 +126,20 @@ class EfficientPS(GeneralizedRCNN):
             self.sem_seg_head.ignore_value,
             self.backbone.padding_constraints,
         ).tensor
-        _, losses = self.sem_seg_head(features, gt_sem_seg, images.image_sizes)
+        _, losses = sem_seg_head(features, gt_sem_seg, images.image_sizes)
 
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        # No cuDNN autotuning in the ROI heads, forward or backward (see _cudnn_benchmark_off).
+        autotuning = self.device.type == "cuda" and torch.backends.cudnn.benchmark
+        if autotuning:
+            features = {k: _SetCudnnBenchmarkInBackward.apply(v, True) for k, v in features.items()}
+        with _cudnn_benchmark_off(self.device):
+            _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        if autotuning:
+            detector_losses = {
+                k: _SetCudnnBenchmarkInBackward.apply(v, False) for k, v in detector_losses.items()
+            }
         losses.update(proposal_losses)
         losses.update(detector_losses)
         return losses
@@ -118,15 +151,12 @@ class EfficientPS(GeneralizedRCNN):
         detector Instances in input coordinates) — what test-time augmentation merges.
         """
         network = self._inference_network()
-        with torch.inference_mode(), self._fused_heads(network):
+        with torch.inference_mode():
             images = self.preprocess_image(batched_inputs)
-            features = network["backbone"](images.tensor)
-            sem_seg_logits, _ = network["sem_seg_head"](features)
-            proposals, _ = self.proposal_generator(images, features, None)
-            if self.fast_inference:
-                # ROIAlign reads NCHW: convert the levels once, not once per pooler (box, mask).
-                features = {k: v.contiguous() for k, v in features.items()}
-            detections, _ = self.roi_heads(images, features, proposals, None)
+            features, sem_seg_logits, objectness, deltas = network.dense(images.tensor)
+            proposals = rpn_proposals(self.proposal_generator, images, features, objectness, deltas)
+            with _cudnn_benchmark_off(self.device):
+                detections = network.detect(self.roi_heads, features, proposals)
             if not do_postprocess:
                 return sem_seg_logits, detections, images.image_sizes
             return [
@@ -136,63 +166,81 @@ class EfficientPS(GeneralizedRCNN):
                 )
             ]
 
-    # The convolutional parts that the fast path replaces with fused copies. The RPN and ROI heads'
-    # own logic (thresholds, NMS, box predictor) always runs from this model, so changing e.g.
-    # roi_heads.box_predictor.test_score_thresh takes effect with or without the fast path.
-    _FUSED_PARTS = {
-        "backbone": ("backbone",),
-        "sem_seg_head": ("sem_seg_head",),
-        "rpn_head": ("proposal_generator", "rpn_head"),
-        "box_head": ("roi_heads", "box_head"),
-        "mask_head": ("roi_heads", "mask_head"),
-    }
-
-    def _part(self, path):
-        module = self
-        for name in path:
-            module = getattr(module, name)
-        return module
-
-    def _inference_network(self):
-        """{part name: module} that inference runs: this model's own modules, or fused copies of
-        them (``fast_inference``), rebuilt whenever one of their weights or buffers changes."""
-        parts = {name: self._part(path) for name, path in self._FUSED_PARTS.items()}
-        if not self.fast_inference:
-            return parts
+    def _inference_network(self) -> InferenceNetwork:
+        """The :class:`~efficientps_d2.modeling.fast_inference.InferenceNetwork` that inference
+        runs under ``self.inference_options``: this model's own modules, or a cached copy of them
+        (fused, cast, graphed or compiled), rebuilt whenever one of the model's weights or buffers
+        or the options change."""
+        options = self.inference_options
+        if not options.needs_copy(self.device):
+            return build_inference_network(self, options)
         # A weight that is loaded, trained or moved changes its version counter or storage.
-        tensors = [t for module in parts.values() for t in module.state_dict().values()]
-        signature = [(t._version, t.data_ptr(), t.dtype) for t in tensors]
-        cached = self.__dict__.get("_fused_network")  # not a submodule: no state_dict entries
+        signature = [options] + [(t._version, t.data_ptr()) for t in self._weight_tensors()]
+        cached = self.__dict__.get("_inference_copy")  # not a submodule: no state_dict entries
         if cached is None or cached[0] != signature:
-            self.__dict__.pop("_fused_network", None)  # free the stale copy first
-            # Ordinary (not inference) tensors even when called under inference_mode.
-            with torch.inference_mode(False), torch.no_grad():
-                network = copy.deepcopy(torch.nn.ModuleDict(parts))
-                network = fuse_for_inference(network, channels_last=self.channels_last)
-            cached = (signature, network)
-            self.__dict__["_fused_network"] = cached
+            self.__dict__.pop("_inference_copy", None)  # free the stale copy first
+            cached = (signature, build_inference_network(self, options))
+            self.__dict__["_inference_copy"] = cached
         return cached[1]
 
-    @contextlib.contextmanager
-    def _fused_heads(self, network):
-        """Puts the fused RPN, box and mask heads in place of this model's own for one call."""
-        swaps = [
-            (self._part(path[:-1]), path[-1], network[name])
-            for name, path in self._FUSED_PARTS.items()
-            if len(path) == 2 and network[name] is not self._part(path)
-        ]
-        originals = [parent._modules[attr] for parent, attr, _ in swaps]
-        try:
-            for parent, attr, fused in swaps:
-                parent._modules[attr] = fused
-            yield
-        finally:
-            for (parent, attr, _), original in zip(swaps, originals):
-                parent._modules[attr] = original
+    @property
+    def fast_inference(self) -> bool:
+        """MODEL.EFFICIENTPS.FAST_INFERENCE: run a fused copy of the convolutional parts."""
+        return self.inference_options.fast_inference
+
+    @fast_inference.setter
+    def fast_inference(self, enabled: bool):
+        self.inference_options = dataclasses.replace(self.inference_options, fast_inference=enabled)
+
+    def _training_parts(self):
+        """(backbone, semantic head) for the training forward: the modules themselves, or with
+        ``compile_training`` (MODEL.EFFICIENTPS.COMPILE_TRAINING) torch.compile wrappers of them
+        (same parameters; kept outside the module tree, so no state_dict entries)."""
+        if not self.compile_training:
+            return self.backbone, self.sem_seg_head
+        compiled = self.__dict__.get("_compiled_training")
+        if (
+            compiled is None
+            or compiled[0] is not self.backbone
+            or compiled[1] is not self.sem_seg_head
+        ):
+            compiled = (
+                self.backbone,
+                self.sem_seg_head,
+                torch.compile(self.backbone),
+                torch.compile(self.sem_seg_head),
+            )
+            self.__dict__["_compiled_training"] = compiled
+        return compiled[2], compiled[3]
+
+    def _weight_tensors(self):
+        """Every parameter and buffer, listed once and kept until ``train``/``eval``, a
+        conversion (``to``, ``cuda``, ``float``, ...) or ``load_state_dict`` may replace them:
+        walking the module tree on every call would cost milliseconds (B5: ~1,100 tensors)."""
+        tensors = self.__dict__.get("_weight_tensor_list")
+        if tensors is None:
+            tensors = [
+                t
+                for module in self.modules()
+                for table in (module._parameters, module._buffers)
+                for t in table.values()
+                if t is not None
+            ]
+            self.__dict__["_weight_tensor_list"] = tensors
+        return tensors
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_weight_tensor_list", None)  # conversions may replace the tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_weight_tensor_list", None)  # load_state_dict(assign=True) replaces
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def train(self, mode: bool = True):
+        self.__dict__.pop("_weight_tensor_list", None)
         if mode:
-            self.__dict__.pop("_fused_network", None)
+            self.__dict__.pop("_inference_copy", None)
         return super().train(mode)
 
     def postprocess(self, sem_seg_logits, detections, image_size, height=None, width=None):
@@ -223,14 +271,43 @@ class EfficientPS(GeneralizedRCNN):
             mask_logit_scale=self.mask_logit_scale,
         )
         # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect
-        # the all-class contiguous ids of the "standard" panoptic metadata.
-        semantic_ids = self._thing_semantic_id_list
-        for segment in segments_info:
-            if segment["isthing"]:
-                segment["category_id"] = semantic_ids[segment["category_id"]]
+        # the all-class contiguous ids of the "standard" panoptic metadata, which the fusion gives.
         instances.pred_classes = self.thing_semantic_ids[instances.pred_classes]
         return {
             "sem_seg": sem_seg,
             "instances": instances,
             "panoptic_seg": (panoptic_seg, segments_info),
         }
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark_off(device):
+    """cuDNN autotuning off for the ROI heads, whose batch (proposals or detections per step)
+    changes every time: with ``cudnn.benchmark`` each new count re-tunes the mask head's convs
+    (about a minute per size on an H200 in training). Padding the ROI batch to a fixed size
+    would avoid that too, but the padding would enter the mask head's BatchNorm statistics;
+    these 14 x 14 convs lose nothing measurable to cuDNN's heuristic choice."""
+    if device.type != "cuda" or not torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = True
+
+
+class _SetCudnnBenchmarkInBackward(torch.autograd.Function):
+    """Identity whose backward sets ``torch.backends.cudnn.benchmark``: on the ROI heads' losses
+    (off) and on the features they read (back on), it brackets their backward pass as
+    :func:`_cudnn_benchmark_off` brackets their forward."""
+
+    @staticmethod
+    def forward(ctx, x, enabled):
+        ctx.enabled = enabled
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.backends.cudnn.benchmark = ctx.enabled
+        return grad, None

@@ -119,5 +119,13 @@ model = L(EfficientPS)(
     stuff_area_limit=2048,
     mask_logit_scale=4.0,
     channels_last=True,
+    # Inference paths (MODEL.EFFICIENTPS.* in YAML configs): folded/fused copy, dense-network dtype
+    # ("float32", "bfloat16", "float16"), CUDA graphs per padded input size, torch.compile.
     fast_inference=False,
+    inference_dtype="float32",
+    cuda_graph=False,
+    cuda_graph_cache_size=4,
+    compile=False,
+    compile_mode="default",
+    compile_training=False,
 )

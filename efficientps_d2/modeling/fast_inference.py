@@ -1,0 +1,527 @@
+"""Every inference fast path of EfficientPS, in one place.
+
+What ``EfficientPS.inference`` runs is an :class:`InferenceNetwork`: a :class:`DenseNetwork`
+(backbone + 2-way FPN + semantic head layers + RPN head convs: everything whose shapes depend only
+on the padded input size) and the ROI heads' box and mask heads. Built by
+:func:`build_inference_network` from the model and its :class:`InferenceOptions`
+(MODEL.EFFICIENTPS.FAST_INFERENCE, INFERENCE_DTYPE, CUDA_GRAPH, COMPILE), it is either the
+model's own modules (all options off) or a cached copy of them that is
+
+- fused: BatchNorm folded into the convs and conv + LeakyReLU fused (:func:`fuse_for_inference`);
+- cast: the dense network's weights in bfloat16 / float16, with its outputs in float32;
+- graphed: the dense network replayed as a CUDA graph captured once per padded input size
+  (:class:`SizeLRUCache`), on CUDA only;
+- compiled: the dense network through ``torch.compile``.
+
+The RPN's anchor / NMS logic and the ROI heads' pooling, box predictor and NMS always run from the
+model itself, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with or
+without a fast path. Nothing here is needed on the CPU.
+"""
+
+import collections
+import copy
+import dataclasses
+import logging
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling.proposal_generator.rpn import RPN
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import ImageList, Instances
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "ConvLeakyReLU",
+    "DenseNetwork",
+    "InferenceNetwork",
+    "InferenceOptions",
+    "SizeLRUCache",
+    "build_inference_network",
+    "fold_batch_norms",
+    "fuse_conv_leaky_relu",
+    "fuse_for_inference",
+]
+
+logger = logging.getLogger(__name__)
+
+# -------------------------------------------------------------------------------------------------
+# Inference fast path: BatchNorm folded into the preceding conv, conv + LeakyReLU fused.
+# -------------------------------------------------------------------------------------------------
+
+# oneDNN's fused "conv + unary op" kernel (the one Inductor emits on CPU); absent in some builds.
+_FUSED_CONV_OP = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+
+
+class ConvLeakyReLU(nn.Module):
+    """Inference-only ``leaky_relu(conv(x))``, one fused oneDNN kernel on CPU for float32.
+
+    Elsewhere (GPU, other dtypes, autograd, empty inputs) it runs the conv and the activation one
+    after the other. Built by :func:`fuse_conv_leaky_relu`; the conv must have no norm/activation.
+    """
+
+    def __init__(self, conv: nn.Conv2d, negative_slope: float):
+        super().__init__()
+        if getattr(conv, "norm", None) is not None or getattr(conv, "activation", None) is not None:
+            raise ValueError("ConvLeakyReLU needs a conv without its own norm or activation.")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("ConvLeakyReLU supports numeric zero padding only.")
+        self.conv = conv
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        conv = self.conv
+        if (
+            _FUSED_CONV_OP is not None
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+        ):
+            return _FUSED_CONV_OP(
+                x,
+                conv.weight,
+                conv.bias,
+                list(conv.padding),
+                list(conv.stride),
+                list(conv.dilation),
+                conv.groups,
+                "leaky_relu",
+                [self.negative_slope],
+                "",
+            )
+        return F.leaky_relu(conv(x), self.negative_slope, inplace=True)
+
+
+def _is_foldable_norm(module) -> bool:
+    if isinstance(module, FrozenBatchNorm2d):
+        return True
+    return (
+        isinstance(module, _BatchNorm)
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
+@torch.no_grad()
+def _fold_norm_into_conv(conv: nn.Conv2d, norm) -> None:
+    """conv <- norm(conv(.)) with the norm's running statistics (its inference behaviour)."""
+    weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_mean)
+    bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+    scale = weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    conv_bias = conv.bias.double() if conv.bias is not None else 0.0
+    new_bias = (conv_bias - norm.running_mean.double()) * scale + bias.double()
+    new_weight = torch.empty_like(conv.weight)  # keeps the weight's memory format
+    new_weight.copy_(conv.weight.double() * scale.reshape(-1, 1, 1, 1))
+    conv.weight = nn.Parameter(new_weight, requires_grad=False)
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+
+
+def _is_plain_conv(module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and getattr(module, "norm", None) is None
+        and getattr(module, "activation", None) is None
+    )
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Folds, in place, every BatchNorm that directly follows a conv into that conv.
+
+    Handles Detectron2's ``Conv2d(norm=...)`` (BN, SyncBN, FrozenBN; GN cannot be folded) and
+    ``[Conv2d, BatchNorm2d, ...]`` runs in ``nn.Sequential`` (torchvision's
+    ``Conv2dNormActivation``, EfficientNet's blocks). The folded conv computes the norm's
+    inference-mode output (running statistics), so the module is for inference only afterwards.
+
+    Returns:
+        the number of norms folded.
+    """
+    count = 0
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Conv2d) and _is_foldable_norm(getattr(parent, "norm", None)):
+            _fold_norm_into_conv(parent, parent.norm)
+            parent.norm = None
+            count += 1
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for previous, name in zip(names, names[1:]):
+                conv, norm = parent._modules[previous], parent._modules[name]
+                if _is_plain_conv(conv) and _is_foldable_norm(norm):
+                    _fold_norm_into_conv(conv, norm)
+                    parent._modules[name] = nn.Identity()
+                    count += 1
+    return count
+
+
+def fuse_conv_leaky_relu(module: nn.Module) -> int:
+    """Replaces, in place, each conv directly followed by a LeakyReLU with a :class:`ConvLeakyReLU`.
+
+    Handles Detectron2's ``Conv2d(activation=nn.LeakyReLU)`` without norm (fold the norms first)
+    and ``[Conv2d, (Identity ...,) LeakyReLU]`` runs in ``nn.Sequential``.
+
+    Returns:
+        the number of convs fused.
+    """
+    count = 0
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            child = parent._modules[name]
+            if (
+                isinstance(child, nn.Conv2d)
+                and getattr(child, "norm", None) is None
+                and isinstance(getattr(child, "activation", None), nn.LeakyReLU)
+            ):
+                slope = child.activation.negative_slope
+                child.activation = None
+                parent._modules[name] = ConvLeakyReLU(child, slope)
+                count += 1
+            elif isinstance(parent, nn.Sequential) and _is_plain_conv(child):
+                j = i + 1
+                while j < len(names) and isinstance(parent._modules[names[j]], nn.Identity):
+                    j += 1
+                if j < len(names) and isinstance(parent._modules[names[j]], nn.LeakyReLU):
+                    slope = parent._modules[names[j]].negative_slope
+                    parent._modules[name] = ConvLeakyReLU(child, slope)
+                    parent._modules[names[j]] = nn.Identity()
+                    count += 1
+    return count
+
+
+@torch.no_grad()
+def fuse_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+    """Turns ``model`` (in place) into a faster, inference-only equivalent, and returns it.
+
+    BatchNorms are folded into their convs (:func:`fold_batch_norms`), conv + LeakyReLU pairs
+    fused (:func:`fuse_conv_leaky_relu`), weights made channels-last (``channels_last``), gradients
+    turned off and the model put in eval mode. Outputs equal the original's in eval mode within
+    float rounding. Works on any Detectron2 model (Panoptic FPN's FrozenBN convs fold too); the
+    BatchNorms are gone afterwards, so do not train the result.
+    """
+    model.eval()
+    fold_batch_norms(model)
+    fuse_conv_leaky_relu(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.requires_grad_(False)
+    return model
+
+
+# -------------------------------------------------------------------------------------------------
+# The dense network and the ways of running it.
+# -------------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DenseNetwork(nn.Module):
+    """Backbone + 2-way FPN + semantic head layers + RPN head convs: the part of EfficientPS whose
+    work depends only on the padded input size, so it can be captured as a CUDA graph, compiled,
+    or exported.
+
+    ``forward(images)``:
+        images: (N, 3, H, W) normalised images, H and W multiples of the backbone's
+            ``size_divisibility`` (an ``ImageList.tensor``); any float dtype (cast to the weights').
+    Returns a tuple, every tensor float32 whatever the weights' dtype:
+        features: {name: (N, C, H / stride, W / stride)} the backbone's outputs ("p2" ... "p5"),
+            contiguous NCHW (what ROIAlign reads);
+        sem_seg_logits: (N, num_classes, H, W) semantic logits at the padded input size;
+        objectness: [(N, A, H_l, W_l)] one per RPN level (the RPN's in_features, in order);
+        anchor_deltas: [(N, A * 4, H_l, W_l)] likewise.
+    """
+
+    def __init__(self, backbone, sem_seg_head, rpn_head, rpn_in_features: List[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.rpn_head = rpn_head
+        self.rpn_in_features = list(rpn_in_features)
+
+    @property
+    def dtype(self):
+        return next(self.backbone.parameters()).dtype
+
+    def forward(self, images: torch.Tensor):
+        features = self.backbone(images.to(self.dtype))
+        # The semantic head's forward in eval mode, with the stride-4 logits upsampled in float32.
+        logits = self.sem_seg_head.layers(features).float()
+        sem_seg_logits = F.interpolate(
+            logits, scale_factor=self.sem_seg_head.common_stride, mode="bilinear"
+        )
+        objectness, deltas = self.rpn_head([features[f] for f in self.rpn_in_features])
+        features = {k: v.float().contiguous() for k, v in features.items()}
+        return (
+            features,
+            sem_seg_logits,
+            [x.float() for x in objectness],
+            [x.float() for x in deltas],
+        )
+
+
+class SizeLRUCache:
+    """At most ``capacity`` values, one per key, built on first use by ``build(key)``; the least
+    recently used one is dropped to make room. Holds the CUDA graphs, one per padded input size."""
+
+    def __init__(self, capacity: int, build: Callable):
+        if capacity < 1:
+            raise ValueError(
+                f"MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE must be at least 1, got {capacity}."
+            )
+        self.capacity = capacity
+        self.build = build
+        self._values = collections.OrderedDict()
+
+    def get(self, key, *args):
+        """The value for ``key``, built by ``build(key, *args)`` if it is not cached."""
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        while len(self._values) >= self.capacity:
+            self._values.popitem(last=False)  # free the old graph before capturing a new one
+        value = self.build(key, *args)
+        self._values[key] = value
+        return value
+
+    def keys(self):
+        """Cached keys, least recently used first."""
+        return list(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+class _CapturedDenseNetwork:
+    """One CUDA graph of a dense network for one input shape and dtype: copy in, replay, read the
+    outputs (static tensors, overwritten by the next replay)."""
+
+    WARMUP_RUNS = 2
+
+    def __init__(self, network: nn.Module, example: torch.Tensor):
+        self.static_input = example.clone()
+        # Warm up (cuDNN autotuning, lazy initialisation) on the stream that captures, as the
+        # CUDA-graph docs require, then capture.
+        stream = torch.cuda.Stream(device=example.device)
+        stream.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_RUNS):
+                network(self.static_input)
+        torch.cuda.current_stream(example.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=stream):
+            self.static_output = network(self.static_input)
+
+    def __call__(self, images: torch.Tensor):
+        self.static_input.copy_(images)
+        self.graph.replay()
+        return self.static_output
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+    """How inference runs; see the MODEL.EFFICIENTPS keys of the same names in config.py."""
+
+    fast_inference: bool = False
+    dtype: str = "float32"
+    cuda_graph: bool = False
+    cuda_graph_cache_size: int = 4
+    compile: bool = False
+    compile_mode: str = "default"
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"MODEL.EFFICIENTPS.INFERENCE_DTYPE must be one of {sorted(_DTYPES)}, "
+                f"got {self.dtype!r}."
+            )
+        if self.cuda_graph_cache_size < 1:
+            raise ValueError(
+                "MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE must be at least 1, got "
+                f"{self.cuda_graph_cache_size}."
+            )
+        if self.cuda_graph and self.compile:
+            raise ValueError(
+                "MODEL.EFFICIENTPS.CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE are both on: choose "
+                "one (MODEL.EFFICIENTPS.COMPILE_MODE 'reduce-overhead' gives a compiled network "
+                "replayed as CUDA graphs)."
+            )
+
+    @staticmethod
+    def config_kwargs(cfg):
+        """EfficientPS's keyword arguments for these options, from MODEL.EFFICIENTPS."""
+        node = cfg.MODEL.EFFICIENTPS
+        return {
+            "fast_inference": node.FAST_INFERENCE,
+            "inference_dtype": node.INFERENCE_DTYPE,
+            "cuda_graph": node.CUDA_GRAPH,
+            "cuda_graph_cache_size": node.CUDA_GRAPH_CACHE_SIZE,
+            "compile": node.COMPILE,
+            "compile_mode": node.COMPILE_MODE,
+        }
+
+    def needs_copy(self, device: torch.device) -> bool:
+        """Whether inference runs a copy of the model's modules rather than the modules."""
+        graph = self.cuda_graph and device.type == "cuda"
+        return self.fast_inference or self.dtype != "float32" or graph or self.compile
+
+
+class InferenceNetwork:
+    """What ``EfficientPS.inference`` runs: :meth:`dense` then :meth:`detect`.
+
+    Not an ``nn.Module`` of the model (no state_dict entries): either the model's own modules or a
+    copy of them made by :func:`build_inference_network`.
+    """
+
+    def __init__(
+        self,
+        dense: DenseNetwork,
+        box_head: nn.Module,
+        mask_head: Optional[nn.Module],
+        *,
+        cuda_graph: bool = False,
+        cuda_graph_cache_size: int = 4,
+        compiled: Optional[Callable] = None,
+    ):
+        self.dense_network = dense
+        self.box_head = box_head
+        self.mask_head = mask_head
+        self.cuda_graph = cuda_graph
+        self.compiled = compiled
+        self.graphs = SizeLRUCache(cuda_graph_cache_size, self._capture)
+
+    def modules(self):
+        """Every module it runs (dense network, box head, mask head)."""
+        for part in (self.dense_network, self.box_head, self.mask_head):
+            if part is not None:
+                yield from part.modules()
+
+    def parameters(self):
+        for module in self.modules():
+            yield from module.parameters(recurse=False)
+
+    def _capture(self, key, images):
+        logger.info("Capturing the dense network as a CUDA graph for input %s.", key)
+        return _CapturedDenseNetwork(self.dense_network, images)
+
+    def dense(self, images: torch.Tensor):
+        """The dense network's outputs (see :class:`DenseNetwork`) for ``images``: replayed as a
+        CUDA graph (on CUDA, with ``cuda_graph``), compiled, or eager. A graph's outputs are
+        static, valid until the next call, except the semantic logits, which are a fresh copy."""
+        if self.cuda_graph and images.is_cuda:
+            key = (tuple(images.shape), images.dtype, images.device)
+            features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
+            return features, sem_seg_logits.clone(), objectness, deltas
+        if self.compiled is not None:
+            return self.compiled(images)
+        return self.dense_network(images)
+
+    def detect(
+        self,
+        roi_heads: StandardROIHeads,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+    ) -> List[Instances]:
+        """``roi_heads``' inference (Detectron2's ``StandardROIHeads._forward_box`` then
+        ``forward_with_given_boxes``) with this network's box and mask heads in place of its own;
+        pooling, box predictor and NMS are the ROI heads' own."""
+        in_features = [features[f] for f in roi_heads.box_in_features]
+        box_features = roi_heads.box_pooler(in_features, [x.proposal_boxes for x in proposals])
+        predictions = roi_heads.box_predictor(self.box_head(box_features))
+        del box_features
+        instances, _ = roi_heads.box_predictor.inference(predictions, proposals)
+        if self.mask_head is None:
+            return instances
+        if roi_heads.mask_pooler is not None:
+            in_features = [features[f] for f in roi_heads.mask_in_features]
+            mask_features = roi_heads.mask_pooler(in_features, [x.pred_boxes for x in instances])
+        else:
+            mask_features = {f: features[f] for f in roi_heads.mask_in_features}
+        return self.mask_head(mask_features, instances)
+
+
+def rpn_proposals(
+    rpn: RPN,
+    images: ImageList,
+    features: Dict[str, torch.Tensor],
+    objectness: List[torch.Tensor],
+    anchor_deltas: List[torch.Tensor],
+) -> List[Instances]:
+    """Detectron2's ``RPN.forward`` in inference from its head's outputs (computed elsewhere: by
+    the dense network). The reshapes are the ones ``RPN.forward`` makes, repeated here because
+    it runs the head itself."""
+    anchors = rpn.anchor_generator([features[f] for f in rpn.in_features])
+    box_dim = rpn.anchor_generator.box_dim
+    objectness = [x.permute(0, 2, 3, 1).flatten(1) for x in objectness]
+    anchor_deltas = [
+        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
+        .permute(0, 3, 4, 1, 2)
+        .flatten(1, -2)
+        for x in anchor_deltas
+    ]
+    return rpn.predict_proposals(anchors, objectness, anchor_deltas, images.image_sizes)
+
+
+def check_supported(model) -> None:
+    """Fails, naming the config key, if ``model``'s RPN or ROI heads are not the kinds that
+    :class:`InferenceNetwork` runs (Detectron2's RPN and StandardROIHeads without keypoints)."""
+    if type(model.proposal_generator) is not RPN:
+        raise NotImplementedError(
+            "EfficientPS inference runs Detectron2's RPN (MODEL.PROPOSAL_GENERATOR.NAME 'RPN'), "
+            f"got {type(model.proposal_generator).__name__}."
+        )
+    roi_heads = model.roi_heads
+    if not isinstance(roi_heads, StandardROIHeads) or roi_heads.keypoint_on:
+        raise NotImplementedError(
+            "EfficientPS inference runs StandardROIHeads without keypoints (MODEL.ROI_HEADS.NAME "
+            f"'StandardROIHeads', MODEL.KEYPOINT_ON False), got {type(roi_heads).__name__}."
+        )
+
+
+def build_inference_network(model, options: InferenceOptions) -> InferenceNetwork:
+    """The :class:`InferenceNetwork` of ``model`` (an EfficientPS) under ``options``.
+
+    With every option off (or only CUDA_GRAPH, off CUDA) it runs the model's own modules. Otherwise
+    it runs a copy (one more set of weights), made with gradients off, in eval mode, fused
+    (``fast_inference``), with the dense network cast to ``dtype``, compiled (``compile``) or
+    graphed (``cuda_graph``, on CUDA only: elsewhere it has no effect).
+    """
+    check_supported(model)
+    roi_heads = model.roi_heads
+    parts = {
+        "backbone": model.backbone,
+        "sem_seg_head": model.sem_seg_head,
+        "rpn_head": model.proposal_generator.rpn_head,
+        "box_head": roi_heads.box_head,
+        "mask_head": roi_heads.mask_head if roi_heads.mask_on else nn.Identity(),
+    }
+    if options.needs_copy(model.device):
+        # Ordinary (not inference) tensors even when called under inference_mode.
+        with torch.inference_mode(False), torch.no_grad():
+            parts = copy.deepcopy(nn.ModuleDict(parts)).eval().requires_grad_(False)
+            if options.fast_inference:
+                fuse_for_inference(parts, channels_last=model.channels_last)
+            dtype = _DTYPES[options.dtype]
+            if dtype != torch.float32:
+                for name in ("backbone", "sem_seg_head", "rpn_head"):
+                    parts[name].to(dtype)
+        if options.cuda_graph and model.device.type != "cuda":
+            logger.info("MODEL.EFFICIENTPS.CUDA_GRAPH has no effect on device %s.", model.device)
+    dense = DenseNetwork(
+        parts["backbone"],
+        parts["sem_seg_head"],
+        parts["rpn_head"],
+        model.proposal_generator.in_features,
+    )
+    compiled = None
+    if options.compile:
+        compiled = torch.compile(dense, mode=options.compile_mode, dynamic=False)
+    return InferenceNetwork(
+        dense,
+        parts["box_head"],
+        parts["mask_head"] if roi_heads.mask_on else None,
+        cuda_graph=options.cuda_graph and model.device.type == "cuda",
+        cuda_graph_cache_size=options.cuda_graph_cache_size,
+        compiled=compiled,
+    )
