@@ -71,7 +71,11 @@ def add_efficientps_config(cfg):
     _C.MODEL.RPN.HEAD_NORM = "BN"
 
     # ---------------------------------------------------------------------------------------------
-    # Panoptic fusion (parameter-free, inference only).
+    # Panoptic fusion (parameter-free, inference only). A node of its own rather than Detectron2's
+    # MODEL.PANOPTIC_FPN.COMBINE, whose three thresholds mean the same here: that node configures
+    # Panoptic FPN's heuristic merge of binary masks (with defaults of its own, e.g. a stuff limit
+    # of 4096), while this fusion merges logits, (sigmoid(A) + sigmoid(B)) * (A + B), and needs
+    # MASK_LOGIT_SCALE, which has no counterpart there.
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.PANOPTIC_FUSION = CN()
     # Detections below this score are not fused.
