@@ -205,7 +205,13 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
     if not os.path.isfile(config_file):
         from .model_zoo import get_config_file
 
-        config_file = get_config_file(config_file)  # RuntimeError lists the known names
+        try:
+            config_file = get_config_file(config_file)
+        except RuntimeError as error:  # its message lists the model zoo's names
+            raise FileNotFoundError(
+                f"Config file '{config_file}' does not exist, and it is not a model zoo name: "
+                f"{error}"
+            ) from None
     cfg = get_cfg()
     add_efficientps_config(cfg)
     cfg.merge_from_file(config_file)
