@@ -66,7 +66,7 @@ def _manifest(model, cfg, backend: str, metadata, dataset_name) -> Dict:
         if value is not None:
             meta[key] = [[int(k), int(v)] for k, v in value.items()]
     num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
-    thing_ids = [int(i) for i in model._thing_semantic_id_list]
+    thing_ids = [int(i) for i in model.thing_semantic_ids]
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
