@@ -13,7 +13,7 @@ and :class:`ExportedPredictor`, Detectron2's ``DefaultPredictor`` call for an ex
 The network runs from the artifact alone: TorchScript through ``torch.jit.load`` (torchvision
 imported for its NMS and ROIAlign ops), ONNX through onnxruntime on the CPU. No config is read and
 no model is built; what runs in Python is :func:`postprocess`, which resizes the outputs and fuses
-them with :func:`efficientps_d2.modeling.fusion.panoptic_fusion`, the fusion the eager model runs.
+them with :func:`efficientps_d2.modeling.fusion.panoptic_postprocess`, as the eager model does.
 """
 
 import json
@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
 
-from ..modeling.fusion import panoptic_fusion
+from ..modeling.fusion import panoptic_postprocess
 from .graph import OUTPUT_NAMES
 
 __all__ = [
@@ -72,10 +71,6 @@ def postprocess(
         "panoptic_seg": (int32 (height, width), segments_info with all-class category ids)}.
     """
     image_size = tuple(int(s) for s in sem_seg_logits.shape[-2:])
-    if (height, width) == image_size:
-        sem_seg = sem_seg_logits
-    else:
-        sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
     detections = Instances(image_size)
     detections.pred_boxes = Boxes(boxes)
     detections.scores = scores
@@ -83,27 +78,18 @@ def postprocess(
     # What Detectron2's mask_rcnn_inference stores: the predicted class's mask probabilities.
     detections.pred_masks = mask_logits.sigmoid()
     detections.pred_mask_logits = mask_logits
-    instances = detector_postprocess(detections, height, width)
-    panoptic_seg, segments_info = panoptic_fusion(
-        sem_seg,
-        instances,
+    return panoptic_postprocess(
+        sem_seg_logits,
+        detections,
+        image_size,
+        height,
+        width,
         thing_semantic_ids=thing_semantic_ids,
         confidence_thresh=confidence_thresh,
         overlap_thresh=overlap_thresh,
         stuff_area_limit=stuff_area_limit,
         mask_logit_scale=mask_logit_scale,
     )
-    # The fusion gives all-class category ids; the instances' Mask R-CNN thing ids 0..T-1 become
-    # all-class ids too, as the eager model outputs them.
-    lut = torch.as_tensor(
-        [int(i) for i in thing_semantic_ids], dtype=torch.long, device=instances.pred_classes.device
-    )
-    instances.pred_classes = lut[instances.pred_classes]
-    return {
-        "sem_seg": sem_seg,
-        "instances": instances,
-        "panoptic_seg": (panoptic_seg, segments_info),
-    }
 
 
 class _TorchScriptBackend:
