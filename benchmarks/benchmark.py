@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -38,7 +39,7 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from efficientps_d2 import add_efficientps_config
+from efficientps_d2 import setup_cfg
 from efficientps_d2.atomic_io import atomic_write
 from efficientps_d2.modeling.fast_inference import fuse_for_inference
 
@@ -66,6 +67,10 @@ MODEL_KEYS = {
     "theirs": THEIRS,
     "theirs-fused": THEIRS_FUSED,
 }
+# The plain model exported to ONNX and run by onnxruntime on the CPU (efficientps_d2.export);
+# not in "all": it needs onnxruntime and a trace of the B5 graph first.
+OURS_ONNX = "EfficientPS-B5 onnxruntime-CPU"
+MODEL_KEYS["ours-onnx"] = OURS_ONNX
 
 # --paths: EfficientPS-B5 fast run other ways (changes to its InferenceOptions, see
 # efficientps_d2.modeling.fast_inference), each a row of its own.
@@ -87,9 +92,10 @@ logger = logging.getLogger("efficientps_d2.benchmark")
 
 def ours_config(device, name=OURS_CONFIG):
     """The shipped config with every SyncBN replaced by BN (one process) and test thresholds 0."""
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    cfg = setup_cfg(os.path.join(CONFIGS, name), freeze=False)
+    cfg.MODEL.DEVICE = device  # as asked, even where setup_cfg would fall back to the CPU
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
     for node in (
         cfg.MODEL.EFFICIENTNET,
         cfg.MODEL.TWO_WAY_FPN,
@@ -99,9 +105,6 @@ def ours_config(device, name=OURS_CONFIG):
         node.NORM = "BN" if node.NORM == "SyncBN" else node.NORM
     if cfg.MODEL.RPN.HEAD_NORM == "SyncBN":
         cfg.MODEL.RPN.HEAD_NORM = "BN"
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
-    cfg.MODEL.DEVICE = device
     return cfg
 
 
@@ -176,12 +179,31 @@ def build_models(device, names=ALL_MODELS):
                 ours.inference_options, fast_inference=True, **changes
             )
             models[name] = (variant, variant)
+    if OURS_ONNX in names:
+        models[OURS_ONNX] = (ours, onnxruntime_runner(ours, ours_config(device)))
     return {name: models[name] for name in names}, ours, theirs
 
 
 def path_name(path):
     """The row name of one of ``PATHS``."""
     return f"{OURS_FAST} {path}"
+
+
+def onnxruntime_runner(model, cfg):
+    """``model`` exported to ONNX (efficientps_d2.export, traced on the CPU) and loaded into an
+    onnxruntime CPU session; called like the model. The export takes a minute or more for B5."""
+    from efficientps_d2.export import export_model, load
+
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = "cpu"
+    if model.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, cfg, os.path.join(tmp, "onnx"), "onnx")
+        exported = load(os.path.join(tmp, "onnx"))  # the session holds the graph in memory
+    logger.info("ONNX export and session: %.1f s", time.perf_counter() - start)
+    return exported
 
 
 def _with_fast_inference(model, enabled):
@@ -675,7 +697,8 @@ def parse_args(argv=None):
         choices=list(MODEL_KEYS) + ["all"],
         help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), ours-r50 "
         "(EfficientPS on ResNet-50, fast), theirs (Panoptic FPN as shipped), theirs-fused "
-        "(Panoptic FPN with fuse_for_inference), all",
+        "(Panoptic FPN with fuse_for_inference), all (these five), ours-onnx (ours exported to "
+        "ONNX, run by onnxruntime on the CPU)",
     )
     parser.add_argument(
         "--training-memory",
@@ -923,6 +946,7 @@ def latency_ratios(report, sizes):
         (OURS, THEIRS),
         (OURS_FAST, THEIRS_FUSED),
         (OURS_FAST, OURS),
+        (OURS_ONNX, OURS),
     ] + [(path_name(p), THEIRS) for p in PATHS]
     for a, b in pairs:
         values = {}
