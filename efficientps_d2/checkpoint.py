@@ -224,7 +224,10 @@ def _architecture_hint(checkpoint_names):
             "`python -m efficientps_d2.tools.convert_torchvision_weights --variant bN IN OUT`."
         )
     if any(n.startswith(("layer1.", "conv1.", "res2.")) for n in names):
-        return " It looks like a ResNet checkpoint, not an EfficientPS or EfficientNet one."
+        return (
+            " It looks like a ResNet checkpoint: it fits a model whose "
+            "MODEL.TWO_WAY_FPN.BOTTOM_UP is 'build_resnet_backbone' (the efficientps_R_50 configs)."
+        )
     return ""
 
 
@@ -399,7 +402,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         if incorrect and not self.allow_shape_mismatch:
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' was made for another model: {len(incorrect)} tensors "
-                f"have other shapes ({_list_shapes(incorrect)}). Check MODEL.EFFICIENTNET.VARIANT, "
+                f"have other shapes ({_list_shapes(incorrect)}). Check the backbone "
+                "(MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
                 "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD"
                 ".NUM_CLASSES, MODEL.ROI_HEADS.NUM_CLASSES) against the checkpoint's config, or "
                 "load with EfficientPSCheckpointer(..., allow_shape_mismatch=True) to skip them."
