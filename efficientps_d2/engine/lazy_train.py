@@ -1,24 +1,38 @@
 """train_net.py's flow for Detectron2 LazyConfig (``.py``) files, as Detectron2's
 ``tools/lazyconfig_train_net.py`` does it: instantiate the config's ``model``, ``optimizer``,
 ``dataloader`` and ``lr_multiplier``, train with ``AMPTrainer`` or ``SimpleTrainer`` and hooks,
-checkpoint with an (atomic) ``DetectionCheckpointer`` and evaluate with ``inference_on_dataset``.
+and evaluate with ``inference_on_dataset``.
+
+The start-up steps are the YAML flow's, shared through :mod:`.startup`: the output folder lock and
+removal of stale temporaries, ``efficientps_d2``'s loggers in ``log.txt``, naive SyncBN and DDP
+without device ids on the CPU, the data check (before training and before ``--eval-only``),
+strict weight loading (``train.allow_partial_weights`` opts in to partial weights), resuming from
+the newest intact checkpoint, and the AMP precision.
 
 The config follows Detectron2's layout (``configs/common/train.py``): ``train.output_dir``,
-``train.init_checkpoint``, ``train.max_iter``, ``train.amp.enabled``, ``train.ddp``,
-``train.checkpointer`` (``period``, ``max_to_keep``), ``train.eval_period``,
-``train.log_period``, ``train.device``; ``dataloader.evaluator`` is optional.
+``train.init_checkpoint``, ``train.allow_partial_weights``, ``train.max_iter``,
+``train.amp.enabled``, ``train.amp.precision``, ``train.ddp``, ``train.checkpointer``
+(``period``, ``max_to_keep``), ``train.eval_period``, ``train.log_period``, ``train.device``,
+``train.check_pngs``; ``dataloader.evaluator`` is optional.
 """
 
 import logging
 
 import detectron2.utils.comm as comm
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
-from ..checkpoint import AtomicDetectionCheckpointer, EfficientPSCheckpointer
+from ..data.check import validate_datasets
 from .lazy_config import load_config
+from .startup import (
+    build_checkpointer,
+    build_trainer,
+    load_for_evaluation,
+    run_settings,
+    start_run,
+    wrap_ddp,
+)
 
 __all__ = ["do_test", "do_train", "main", "setup"]
 
@@ -26,12 +40,9 @@ logger = logging.getLogger("efficientps_d2")
 
 
 def setup(args):
-    """Loads ``args.config_file`` with ``args.opts`` (``key=value``) and runs ``default_setup``."""
-    cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
-    if cfg.train.device == "cpu":
-        logger.warning("CUDA is not available: running on the CPU.")
-    return cfg
+    """Loads ``args.config_file`` with ``args.opts`` (``key=value``) and takes the start-up steps
+    of :func:`.startup.start_run` (lock, ``default_setup``, log.txt, ...)."""
+    return start_run(load_config(args.config_file, args.opts), args)
 
 
 def do_test(cfg, model):
@@ -55,11 +66,10 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
-        model, train_loader, optimizer
-    )
-    checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    model = wrap_ddp(model, cfg.train.device, **cfg.train.ddp)
+    settings = run_settings(cfg)
+    trainer = build_trainer(model, train_loader, optimizer, settings)
+    checkpointer = build_checkpointer(model, settings, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -89,13 +99,12 @@ def do_train(args, cfg):
 def main(args):
     """train_net.py's entry for a ``.py`` config: train, or with ``--eval-only`` evaluate."""
     cfg = setup(args)
+    # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
+    validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        model = create_ddp_model(model)
-        # Evaluating a checkpoint that does not fit the model is always a mistake: refuse it.
-        EfficientPSCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
-        )
+        model = wrap_ddp(model, cfg.train.device)
+        load_for_evaluation(model, run_settings(cfg), resume=args.resume)
         return do_test(cfg, model)
     do_train(args, cfg)
