@@ -135,17 +135,15 @@ def _get(cfg, key):
 
 def _replace_lazy_norms(node, prefix):
     changed = []
-    if isinstance(node, ListConfig):
-        for i, child in enumerate(node):
-            changed += _replace_lazy_norms(child, f"{prefix}[{i}]")
-    elif isinstance(node, DictConfig):
-        for key in list(node.keys()):
-            value = node._get_node(key)._value()  # without resolving interpolations
-            if (key == "norm" or str(key).endswith("_norm")) and value == "SyncBN":
-                node[key] = "naiveSyncBN"
-                changed.append(f"{prefix}.{key}")
-            elif isinstance(value, (DictConfig, ListConfig)):
-                changed += _replace_lazy_norms(value, f"{prefix}.{key}")
+    keys = range(len(node)) if isinstance(node, ListConfig) else list(node.keys())
+    for key in keys:
+        child = node._get_node(key)  # not resolved: interpolations stay as they are
+        name = f"{prefix}[{key}]" if isinstance(node, ListConfig) else f"{prefix}.{key}"
+        if isinstance(child, (DictConfig, ListConfig)):
+            changed += _replace_lazy_norms(child, name)
+        elif (str(key) == "norm" or str(key).endswith("_norm")) and child._value() == "SyncBN":
+            node[key] = "naiveSyncBN"
+            changed.append(name)
     return changed
 
 
