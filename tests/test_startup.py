@@ -5,9 +5,11 @@ import dataclasses
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import instantiate
+from detectron2.data import transforms as T
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -15,6 +17,7 @@ from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.checkpoint import CheckpointMismatchError
 from efficientps_d2.data.check import DataCheckError, data_use, validate_datasets
 from efficientps_d2.engine import load_config, startup
+from efficientps_d2.visualization import add_panoptic_visualization
 
 from .test_lazy_config import CONFIGS, QUICK_PY, TINY
 from .test_train_net import train_net
@@ -146,3 +149,21 @@ def test_lazy_run_refuses_a_bad_panoptic_png_before_training(tmp_path, data_root
     assert f"Panoptic PNG '{png}' has mode L" in out
     assert "Starting training" not in out
     assert not list(out_dir.glob("*.pth"))
+
+
+def test_lazy_vis_period_draws_the_same_picture_inputs_as_vis_period():
+    yaml_cfg = load_config(QUICK_YAML, ["VIS_PERIOD", "3"])
+    py_cfg = load_config(QUICK_PY, ["train.vis_period=3"])
+    hooks = [add_panoptic_visualization(c, [])[0] for c in (yaml_cfg, py_cfg)]
+    assert [(h._period, h._dataset_name, h._input_format) for h in hooks] == 2 * [
+        (3, "synthetic_panoptic_train", "RGB")
+    ]
+    for height, width in ((128, 192), (100, 300), (400, 200)):
+        image = np.zeros((height, width, 3), np.uint8)
+        shapes = set()
+        for hook in hooks:
+            aug_input = T.AugInput(image)
+            hook._augmentations(aug_input)
+            shapes.add(aug_input.image.shape)
+        assert len(shapes) == 1, shapes
+    assert add_panoptic_visualization(load_config(QUICK_PY), []) == []  # vis_period 0: none

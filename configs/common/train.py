@@ -25,6 +25,9 @@ train = dict(
     # Open every panoptic PNG of the train/test data sets before starting and check its mode, size
     # and ids against segments_info (efficientps_d2.data.check); False checks the json only.
     check_pngs=True,
+    # > 0: every vis_period iterations, the panoptic prediction next to the ground truth of the
+    # first training image goes to tensorboard (as VIS_PERIOD; efficientps_d2.visualization).
+    vis_period=0,
 )
 
 # SGD with one norm over all gradients clipped at 35, as the official training.

@@ -7,13 +7,14 @@ The start-up steps are the YAML flow's, shared through :mod:`.startup`: the outp
 removal of stale temporaries, ``efficientps_d2``'s loggers in ``log.txt``, naive SyncBN and DDP
 without device ids on the CPU, the data check (before training and before ``--eval-only``),
 strict weight loading (``train.allow_partial_weights`` opts in to partial weights), resuming from
-the newest intact checkpoint, and the AMP precision.
+the newest intact checkpoint, the AMP precision, and the panoptic pictures in tensorboard
+(``train.vis_period``, as VIS_PERIOD).
 
 The config follows Detectron2's layout (``configs/common/train.py``): ``train.output_dir``,
 ``train.init_checkpoint``, ``train.allow_partial_weights``, ``train.max_iter``,
 ``train.amp.enabled``, ``train.amp.precision``, ``train.ddp``, ``train.checkpointer``
 (``period``, ``max_to_keep``), ``train.eval_period``, ``train.log_period``, ``train.device``,
-``train.check_pngs``; ``dataloader.evaluator`` is optional.
+``train.check_pngs``, ``train.vis_period``; ``dataloader.evaluator`` is optional.
 """
 
 import logging
@@ -24,6 +25,7 @@ from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
 from ..data.check import validate_datasets
+from ..visualization import add_panoptic_visualization
 from .lazy_config import load_config
 from .startup import (
     build_checkpointer,
@@ -71,7 +73,8 @@ def do_train(args, cfg):
     trainer = build_trainer(model, train_loader, optimizer, settings)
     checkpointer = build_checkpointer(model, settings, trainer=trainer)
     main_process = comm.is_main_process()
-    trainer.register_hooks(
+    hook_list = add_panoptic_visualization(  # with train.vis_period > 0
+        cfg,
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -89,8 +92,9 @@ def do_train(args, cfg):
                 if main_process
                 else None
             ),
-        ]
+        ],
     )
+    trainer.register_hooks(hook_list)
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
