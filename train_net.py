@@ -31,15 +31,7 @@ from efficientps_d2.config import tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.data.unreadable import SkipUnreadable
-from efficientps_d2.engine import is_lazy_config, lazy_train
-from efficientps_d2.engine.startup import (
-    build_checkpointer,
-    build_trainer,
-    load_for_evaluation,
-    run_settings,
-    start_run,
-    wrap_ddp,
-)
+from efficientps_d2.engine import is_lazy_config, lazy_train, startup
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
 from efficientps_d2.visualization import add_panoptic_visualization
@@ -62,9 +54,11 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = wrap_ddp(model, cfg.MODEL.DEVICE, broadcast_buffers=False)
+        model = startup.wrap_ddp(model, cfg.MODEL.DEVICE, broadcast_buffers=False)
         # AMPTrainer autocasts to SOLVER.AMP.PRECISION (bfloat16 or float16).
-        self._trainer = build_trainer(model, data_loader, optimizer, run_settings(cfg))
+        self._trainer = startup.build_trainer(
+            model, data_loader, optimizer, startup.run_settings(cfg)
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = None  # made in build_hooks, which needs self.cfg
         self.start_iter = 0
@@ -76,8 +70,8 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.
         # Misfit or partial weights are refused unless MODEL.ALLOW_PARTIAL_WEIGHTS (see
         # build_checkpointer); resuming skips unreadable checkpoints.
-        self.checkpointer = build_checkpointer(
-            self._trainer.model, run_settings(self.cfg), trainer=weakref.proxy(self)
+        self.checkpointer = startup.build_checkpointer(
+            self._trainer.model, startup.run_settings(self.cfg), trainer=weakref.proxy(self)
         )
         return add_panoptic_visualization(self.cfg, super().build_hooks())
 
@@ -127,7 +121,7 @@ class Trainer(DefaultTrainer):
 def setup(args):
     # The start-up steps the LazyConfig flow shares (efficientps_d2.engine.startup): naive SyncBN
     # on the CPU, OUTPUT_DIR lock, default_setup, log.txt, stale temporaries removed.
-    return start_run(setup_cfg(args.config_file, args.opts, freeze=False), args)
+    return startup.start_run(setup_cfg(args.config_file, args.opts, freeze=False), args)
 
 
 def main(args):
@@ -138,7 +132,9 @@ def main(args):
     # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
     validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
-        model = load_for_evaluation(Trainer.build_model(cfg), run_settings(cfg), resume=args.resume)
+        model = startup.load_for_evaluation(
+            Trainer.build_model(cfg), startup.run_settings(cfg), resume=args.resume
+        )
         results = Trainer.test(cfg, model)
         if tta_config(cfg).ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))

@@ -3,7 +3,6 @@ by YAML and LazyConfig runs: the same checks, each naming its own config's keys.
 
 import dataclasses
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import torch
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
 from omegaconf import OmegaConf
-from PIL import Image
 
 from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.checkpoint import CheckpointMismatchError
@@ -20,7 +18,7 @@ from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import add_panoptic_visualization
 
 from .test_lazy_config import CONFIGS, QUICK_PY, TINY
-from .test_train_net import train_net
+from .test_train_net import data_with_grayscale_png, train_net
 
 QUICK_YAML = QUICK_PY[: -len(".py")] + ".yaml"
 
@@ -137,10 +135,7 @@ def test_lazy_run_refuses_partial_weights_before_training(tmp_path, data_root):
 
 
 def test_lazy_run_refuses_a_bad_panoptic_png_before_training(tmp_path, data_root):
-    root = tmp_path / "datasets"
-    shutil.copytree(os.path.join(data_root, "synthetic_panoptic"), root / "synthetic_panoptic")
-    png = sorted((root / "synthetic_panoptic" / "panoptic_val").glob("*.png"))[0]
-    Image.open(png).convert("L").save(png)
+    root, png = data_with_grayscale_png(tmp_path, data_root)
     out_dir = tmp_path / "run"
     args = [*TINY, "train.max_iter=2", f"train.output_dir={out_dir}"]
     proc = train_net(args, str(root), config_file=QUICK_PY)
