@@ -162,3 +162,19 @@ def test_lazy_vis_period_draws_the_same_picture_inputs_as_vis_period():
             shapes.add(aug_input.image.shape)
         assert len(shapes) == 1, shapes
     assert add_panoptic_visualization(load_config(QUICK_PY), []) == []  # vis_period 0: none
+
+
+def test_lazy_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    settings = startup.run_settings(load_config(QUICK_PY, [f"train.output_dir={tmp_path}"]))
+    model = torch.nn.Linear(2, 2)
+    checkpointer = startup.build_checkpointer(model, settings)
+    checkpointer.save("model_0000001")
+    intact = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    checkpointer.save("model_0000002")
+    with open(tmp_path / "model_0000002.pth", "r+b") as f:  # killed while the disk filled up
+        f.truncate(10)
+    os.utime(tmp_path / "model_0000001.pth", (1, 1))  # older
+    startup.build_checkpointer(model, settings).resume_or_load(settings.weights, resume=True)
+    assert torch.equal(model.weight, intact)

@@ -231,6 +231,8 @@ def check_class_counts(cfg, *, training=True):
     ``MODEL.ROI_HEADS.NUM_CLASSES`` the number of thing classes of every panoptic data set in
     DATASETS.TRAIN (when ``training``) and DATASETS.TEST; ``MODEL.EFFICIENTPS.THING_SEMANTIC_IDS``,
     when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``.
+    (A LazyConfig's twins: ``model.sem_seg_head.num_classes``, ``model.roi_heads.num_classes``,
+    ``model.thing_semantic_ids`` when it is a list, see :func:`data_use`.)
     """
     use = data_use(cfg)
     num_classes, num_things, thing_ids = use.num_classes, use.num_things, use.thing_ids
