@@ -38,7 +38,7 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from efficientps_d2 import add_efficientps_config
+from efficientps_d2 import setup_cfg
 from efficientps_d2.atomic_io import atomic_write
 from efficientps_d2.modeling.fast_inference import fuse_for_inference
 
@@ -78,9 +78,10 @@ logger = logging.getLogger("efficientps_d2.benchmark")
 
 def ours_config(device, name=OURS_CONFIG):
     """The shipped config with every SyncBN replaced by BN (one process) and test thresholds 0."""
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    cfg = setup_cfg(os.path.join(CONFIGS, name), freeze=False)
+    cfg.MODEL.DEVICE = device  # as asked, even where setup_cfg would fall back to the CPU
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
     for node in (
         cfg.MODEL.EFFICIENTNET,
         cfg.MODEL.TWO_WAY_FPN,
@@ -90,9 +91,6 @@ def ours_config(device, name=OURS_CONFIG):
         node.NORM = "BN" if node.NORM == "SyncBN" else node.NORM
     if cfg.MODEL.RPN.HEAD_NORM == "SyncBN":
         cfg.MODEL.RPN.HEAD_NORM = "BN"
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
-    cfg.MODEL.DEVICE = device
     return cfg
 
 

@@ -71,7 +71,11 @@ def add_efficientps_config(cfg):
     _C.MODEL.RPN.HEAD_NORM = "BN"
 
     # ---------------------------------------------------------------------------------------------
-    # Panoptic fusion (parameter-free, inference only).
+    # Panoptic fusion (parameter-free, inference only). A node of its own rather than Detectron2's
+    # MODEL.PANOPTIC_FPN.COMBINE, whose three thresholds mean the same here: that node configures
+    # Panoptic FPN's heuristic merge of binary masks (with defaults of its own, e.g. a stuff limit
+    # of 4096), while this fusion merges logits, (sigmoid(A) + sigmoid(B)) * (A + B), and needs
+    # MASK_LOGIT_SCALE, which has no counterpart there.
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.PANOPTIC_FUSION = CN()
     # Detections below this score are not fused.
@@ -201,7 +205,13 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
     if not os.path.isfile(config_file):
         from .model_zoo import get_config_file
 
-        config_file = get_config_file(config_file)  # RuntimeError lists the known names
+        try:
+            config_file = get_config_file(config_file)
+        except RuntimeError as error:  # its message lists the model zoo's names
+            raise FileNotFoundError(
+                f"Config file '{config_file}' does not exist, and it is not a model zoo name: "
+                f"{error}"
+            ) from None
     cfg = get_cfg()
     add_efficientps_config(cfg)
     cfg.merge_from_file(config_file)

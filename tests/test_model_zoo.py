@@ -115,3 +115,12 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["EfficientPS", "32"]  # the B0 stem
+
+
+def test_missing_config_file_is_named_with_the_model_zoo_names():
+    from efficientps_d2 import setup_cfg
+
+    with pytest.raises(
+        FileNotFoundError, match="'configs/nope.yaml' does not exist.*efficientps_b5"
+    ):
+        setup_cfg("configs/nope.yaml")

@@ -424,12 +424,7 @@ def main(argv=None):
     ok = True
     registered = DatasetCatalog.list()
     if args.config_file:
-        from detectron2.config import get_cfg
-
-        cfg = get_cfg()
-        efficientps_d2.add_efficientps_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg = efficientps_d2.setup_cfg(args.config_file, args.opts)
         try:
             check_dataset_names(cfg)
             check_class_counts(cfg)

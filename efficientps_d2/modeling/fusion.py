@@ -102,27 +102,6 @@ def _paste_mask_logits_batched(
     return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[:, 0]
 
 
-def _paste_mask_logits(
-    mask_logits: torch.Tensor, box: Sequence[float], rows: Tuple[int, int], cols: Tuple[int, int]
-) -> torch.Tensor:
-    """
-    Bilinearly sample one mask onto the pixel crop ``rows x cols`` of its box.
-
-    Args:
-        mask_logits: [1, 1, M, M] float logits.
-        box: (x0, y0, x1, y1) in image pixels, with x1 > x0 and y1 > y0.
-        rows, cols: [start, end) pixel ranges of the crop.
-
-    Returns:
-        [h, w] logits for the crop.
-    """
-    device = mask_logits.device
-    boxes = torch.tensor([list(box)], dtype=torch.float32, device=device)
-    origins = torch.tensor([[rows[0], cols[0]]], device=device)
-    size = (rows[1] - rows[0], cols[1] - cols[0])
-    return _paste_mask_logits_batched(mask_logits, boxes, origins, size)[0]
-
-
 def _class_max(sem: torch.Tensor, class_ids: List[int]) -> torch.Tensor:
     """Max over the given classes of [C, H, W] logits, reading contiguous runs as slices."""
     best = None
