@@ -104,6 +104,13 @@ def test_lazy_configs_name_the_same_data_weights_and_schedule():
         ), name
         assert yaml_cfg.SOLVER.BASE_LR == py_cfg.optimizer.lr, name
         assert yaml_cfg.SOLVER.IMS_PER_BATCH == py_cfg.dataloader.train.total_batch_size, name
+        aug, tta = yaml_cfg.TEST.AUG, py_cfg.train.tta
+        assert (aug.ENABLED, list(aug.MIN_SIZES), aug.MAX_SIZE, aug.FLIP) == (
+            tta.enabled,
+            list(tta.min_sizes),
+            tta.max_size,
+            tta.flip,
+        ), name
 
 
 def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data_root):
@@ -121,8 +128,13 @@ def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data
 
     weights = os.path.join(out_dir, "model_final.pth")
     eval_args = [*TINY, f"train.init_checkpoint={weights}", f"train.output_dir={tmp_path / 'e'}"]
-    log = run_lazy_to_end(["--eval-only", *eval_args], data_root)
-    assert copypaste_results(log) == trained
+    # train.tta (TEST.AUG): the same evaluation, then one with test-time augmentation.
+    tta = ["train.tta.enabled=True", "train.tta.min_sizes=[112,128]", "train.tta.max_size=192"]
+    log = run_lazy_to_end(["--eval-only", *eval_args, *tta], data_root)
+    results = copypaste_results(log)
+    assert {k: v for k, v in results.items() if not k.endswith("_TTA")} == trained
+    assert set(results) - set(trained) == {f"{task}_TTA" for task in trained}
+    assert os.path.isdir(tmp_path / "e" / "inference_TTA")
 
 
 def run_lazy_to_end(args, root):

@@ -28,6 +28,10 @@ train = dict(
     # > 0: every vis_period iterations, the panoptic prediction next to the ground truth of the
     # first training image goes to tensorboard (as VIS_PERIOD; efficientps_d2.visualization).
     vis_period=0,
+    # Test-time augmentation (as TEST.AUG): with enabled, evaluation after training and with
+    # --eval-only also runs the model at these shorter-side sizes (longer side capped at max_size)
+    # and flipped, merged by EfficientPSWithTTA; results are named "<task>_TTA".
+    tta=dict(enabled=False, min_sizes=[512, 1024, 1536], max_size=4096, flip=True),
 )
 
 # SGD with one norm over all gradients clipped at 35, as the official training.

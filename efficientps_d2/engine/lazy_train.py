@@ -8,21 +8,25 @@ removal of stale temporaries, ``efficientps_d2``'s loggers in ``log.txt``, naive
 without device ids on the CPU, the data check (before training and before ``--eval-only``),
 strict weight loading (``train.allow_partial_weights`` opts in to partial weights), resuming from
 the newest intact checkpoint, the AMP precision, and the panoptic pictures in tensorboard
-(``train.vis_period``, as VIS_PERIOD).
+(``train.vis_period``, as VIS_PERIOD). ``train.tta`` is TEST.AUG: test-time augmentation after
+training and with ``--eval-only``.
 
 The config follows Detectron2's layout (``configs/common/train.py``): ``train.output_dir``,
 ``train.init_checkpoint``, ``train.allow_partial_weights``, ``train.max_iter``,
 ``train.amp.enabled``, ``train.amp.precision``, ``train.ddp``, ``train.checkpointer``
 (``period``, ``max_to_keep``), ``train.eval_period``, ``train.log_period``, ``train.device``,
-``train.check_pngs``, ``train.vis_period``; ``dataloader.evaluator`` is optional.
+``train.check_pngs``, ``train.vis_period``, ``train.tta`` (``enabled``, ``min_sizes``,
+``max_size``, ``flip``); ``dataloader.evaluator`` is optional.
 """
 
 import logging
+import os
 
 import detectron2.utils.comm as comm
 from detectron2.config import instantiate
 from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from omegaconf import OmegaConf
 
 from ..data.check import validate_datasets
 from ..visualization import add_panoptic_visualization
@@ -36,7 +40,7 @@ from .startup import (
     wrap_ddp,
 )
 
-__all__ = ["do_test", "do_train", "main", "setup"]
+__all__ = ["do_test", "do_test_with_tta", "do_train", "main", "setup", "tta_enabled"]
 
 logger = logging.getLogger("efficientps_d2")
 
@@ -51,9 +55,40 @@ def do_test(cfg, model):
     """Evaluates ``model`` on ``dataloader.test`` with ``dataloader.evaluator``; {} without one."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    return _evaluate(cfg, model, instantiate(cfg.dataloader.evaluator))
+
+
+def tta_enabled(cfg):
+    """Whether ``train.tta.enabled`` (the LazyConfig twin of TEST.AUG.ENABLED)."""
+    tta = cfg.train.get("tta", None)
+    return bool(tta is not None and tta.enabled)
+
+
+def do_test_with_tta(cfg, model):
+    """:func:`do_test` through :class:`EfficientPSWithTTA` with ``train.tta``'s sizes and flip; the
+    results are named "<task>_TTA" and the evaluator writes to ``<output_dir>/inference_TTA``."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    from ..modeling.test_time_augmentation import EfficientPSWithTTA
+
+    tta, predictor = cfg.train.tta, cfg.model.roi_heads.box_predictor
+    tta_model = EfficientPSWithTTA(
+        None,
+        model,
+        min_sizes=list(tta.min_sizes),
+        max_size=tta.max_size,
+        flip=tta.flip,
+        nms_thresh=predictor.test_nms_thresh,
+        detections_per_image=predictor.test_topk_per_image,
     )
+    evaluator = OmegaConf.to_container(cfg.dataloader.evaluator, resolve=True)
+    evaluator["output_folder"] = os.path.join(cfg.train.output_dir, "inference_TTA")
+    return _evaluate(cfg, tta_model, instantiate(evaluator), suffix="_TTA")
+
+
+def _evaluate(cfg, model, evaluator, suffix=""):
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    results = {f"{task}{suffix}": value for task, value in results.items()}
     if comm.is_main_process() and results:
         print_csv_format(results)
     return results
@@ -94,6 +129,8 @@ def do_train(args, cfg):
             ),
         ],
     )
+    if tta_enabled(cfg):  # after training, as the YAML flow's TEST.AUG.ENABLED
+        hook_list.append(hooks.EvalHook(0, lambda: do_test_with_tta(cfg, model)))
     trainer.register_hooks(hook_list)
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
@@ -110,5 +147,8 @@ def main(args):
         model.to(cfg.train.device)
         model = wrap_ddp(model, cfg.train.device)
         load_for_evaluation(model, run_settings(cfg), resume=args.resume)
-        return do_test(cfg, model)
+        results = do_test(cfg, model)
+        if tta_enabled(cfg):
+            results.update(do_test_with_tta(cfg, model))
+        return results
     do_train(args, cfg)
