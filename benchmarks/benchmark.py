@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -57,6 +58,10 @@ OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
 ALL_MODELS = (OURS_FAST, OURS, THEIRS, THEIRS_FUSED)
 # What --models accepts.
 MODEL_KEYS = {"ours-fast": OURS_FAST, "ours": OURS, "theirs": THEIRS, "theirs-fused": THEIRS_FUSED}
+# The plain model exported to ONNX and run by onnxruntime on the CPU (efficientps_d2.export);
+# not in "all": it needs onnxruntime and a trace of the B5 graph first.
+OURS_ONNX = "EfficientPS-B5 onnxruntime-CPU"
+MODEL_KEYS["ours-onnx"] = OURS_ONNX
 
 # --paths: EfficientPS-B5 fast run other ways (changes to its InferenceOptions, see
 # efficientps_d2.modeling.fast_inference), each a row of its own.
@@ -161,12 +166,31 @@ def build_models(device, names=ALL_MODELS):
                 ours.inference_options, fast_inference=True, **changes
             )
             models[name] = (variant, variant)
+    if OURS_ONNX in names:
+        models[OURS_ONNX] = (ours, onnxruntime_runner(ours, ours_config(device)))
     return {name: models[name] for name in names}, ours, theirs
 
 
 def path_name(path):
     """The row name of one of ``PATHS``."""
     return f"{OURS_FAST} {path}"
+
+
+def onnxruntime_runner(model, cfg):
+    """``model`` exported to ONNX (efficientps_d2.export, traced on the CPU) and loaded into an
+    onnxruntime CPU session; called like the model. The export takes a minute or more for B5."""
+    from efficientps_d2.export import export_model, load
+
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = "cpu"
+    if model.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, cfg, os.path.join(tmp, "onnx"), "onnx")
+        exported = load(os.path.join(tmp, "onnx"))  # the session holds the graph in memory
+    logger.info("ONNX export and session: %.1f s", time.perf_counter() - start)
+    return exported
 
 
 def _with_fast_inference(model, enabled):
@@ -646,7 +670,8 @@ def parse_args(argv=None):
         default=["ours-fast", "theirs"],
         choices=list(MODEL_KEYS) + ["all"],
         help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), theirs "
-        "(Panoptic FPN as shipped), theirs-fused (Panoptic FPN with fuse_for_inference), all",
+        "(Panoptic FPN as shipped), theirs-fused (Panoptic FPN with fuse_for_inference), all "
+        "(these four), ours-onnx (ours exported to ONNX, run by onnxruntime on the CPU)",
     )
     parser.add_argument(
         "--training-memory",
@@ -892,6 +917,7 @@ def latency_ratios(report, sizes):
         (OURS, THEIRS),
         (OURS_FAST, THEIRS_FUSED),
         (OURS_FAST, OURS),
+        (OURS_ONNX, OURS),
     ] + [(path_name(p), THEIRS) for p in PATHS]
     for a, b in pairs:
         values = {}

@@ -7,7 +7,6 @@ from typing import Dict, List
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
-from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ..data.metadata import thing_semantic_ids_from_config
@@ -17,7 +16,7 @@ from .fast_inference import (
     build_inference_network,
     rpn_proposals,
 )
-from .fusion import panoptic_fusion
+from .fusion import panoptic_postprocess
 
 
 @META_ARCH_REGISTRY.register()
@@ -251,32 +250,18 @@ class EfficientPS(GeneralizedRCNN):
         height = height or image_size[0]
         width = width or image_size[1]
         with torch.inference_mode():
-            if (height, width) == tuple(image_size):
-                # What sem_seg_postprocess gives, without its same-size (identity) interpolation.
-                sem_seg = sem_seg_logits[:, :height, :width]
-            else:
-                sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
-            instances = detector_postprocess(detections, height, width)
-            panoptic_seg, segments_info = panoptic_fusion(
-                sem_seg,
-                instances,
+            return panoptic_postprocess(
+                sem_seg_logits,
+                detections,
+                image_size,
+                height,
+                width,
                 thing_semantic_ids=self.thing_semantic_ids,
                 confidence_thresh=self.confidence_thresh,
                 overlap_thresh=self.overlap_thresh,
                 stuff_area_limit=self.stuff_area_limit,
                 mask_logit_scale=self.mask_logit_scale,
             )
-            # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators
-            # expect the all-class contiguous ids of the "standard" panoptic metadata, which the
-            # fusion gives.
-            classes = instances.pred_classes
-            thing_ids = torch.tensor(self.thing_semantic_ids, dtype=torch.long)
-            instances.pred_classes = thing_ids.to(classes.device)[classes]
-            return {
-                "sem_seg": sem_seg,
-                "instances": instances,
-                "panoptic_seg": (panoptic_seg, segments_info),
-            }
 
 
 @contextlib.contextmanager
