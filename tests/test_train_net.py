@@ -129,13 +129,19 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     assert iterations[-1] == 11
 
 
-def test_bad_panoptic_png_refused_before_training(tmp_path, data_root):
-    # A copy of the data whose first validation PNG is 8-bit grayscale: panopticapi would crash
-    # on it after training; the start-up check names it before the first iteration.
+def data_with_grayscale_png(tmp_path, data_root):
+    """(root, png): a copy of the data whose first validation PNG is 8-bit grayscale."""
     root = tmp_path / "datasets"
     shutil.copytree(os.path.join(data_root, "synthetic_panoptic"), root / "synthetic_panoptic")
     png = sorted((root / "synthetic_panoptic" / "panoptic_val").glob("*.png"))[0]
     Image.open(png).convert("L").save(png)
+    return root, png
+
+
+def test_bad_panoptic_png_refused_before_training(tmp_path, data_root):
+    # panopticapi would crash on a grayscale PNG after training; the start-up check names it
+    # before the first iteration.
+    root, png = data_with_grayscale_png(tmp_path, data_root)
     out_dir = tmp_path / "run"
     proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], str(root))
     out, _ = proc.communicate(timeout=600)
