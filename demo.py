@@ -7,6 +7,10 @@
     python demo.py --config-file CONFIG --video-input drive.mp4 --output out/drive.mp4 \\
         --opts MODEL.WEIGHTS model_final.pth
     python demo.py --config-file CONFIG --webcam --output webcam.mp4 --opts MODEL.WEIGHTS W.pth
+    python demo.py --exported exported/ --input images/ --output out/
+
+--exported runs a TorchScript or ONNX export (``python -m efficientps_d2.tools.export``) on the CPU
+in place of a config and weights; class names, resizing and thresholds come from the export.
 
 --config-file also takes a model zoo name ("Cityscapes-PanopticSegmentation/efficientps_b5.yaml").
 Class names come from the metadata of DATASETS.TEST[0] (else DATASETS.TRAIN[0]). The model runs on
@@ -40,6 +44,7 @@ Exit status:
 """
 
 import argparse
+import functools
 import sys
 
 from efficientps_d2 import setup_cfg
@@ -53,12 +58,18 @@ from efficientps_d2.demo import (
     run_on_images,
     run_on_video,
 )
+from efficientps_d2.export import ExportedPredictor
+from efficientps_d2.export import load as load_export
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description="EfficientPS panoptic segmentation demo")
-    parser.add_argument(
-        "--config-file", required=True, metavar="FILE", help="config file or model zoo name"
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE", help="config file or model zoo name")
+    model.add_argument(
+        "--exported",
+        metavar="PATH",
+        help="an exported model (folder of python -m efficientps_d2.tools.export) to run instead",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -118,14 +129,24 @@ def main(argv=None):
     show = not args.output
     if show and not display_available():
         return _fail("No window can be opened here (headless OpenCV or no display): use --output.")
+    if args.exported and (args.opts or args.confidence_threshold is not None):
+        return _fail(
+            "--opts and --confidence-threshold do not apply to --exported: the export fixed the "
+            "config and thresholds; export again with the settings you want."
+        )
     try:
-        cfg = setup_cfg(args.config_file, config_overrides(args))
+        if args.exported:
+            exported = ExportedPredictor(load_export(args.exported))
+            make_demo = functools.partial(VisualizationDemo, predictor=exported)
+        else:
+            cfg = setup_cfg(args.config_file, config_overrides(args))
+            make_demo = functools.partial(VisualizationDemo, cfg)
         if args.input:
             paths, problems = collect_images(args.input)
             if not paths:
                 return _fail(_problem_lines("No image to process.", problems))
             image_ids = ImageIds.from_json(args.image_info) if args.image_info else None
-            demo = VisualizationDemo(cfg)
+            demo = make_demo()
             if args.save_panoptic and image_ids is None and demo.dataset_name:
                 image_ids = ImageIds.from_dataset(demo.dataset_name, demo.metadata)
             summary = run_on_images(
@@ -144,7 +165,7 @@ def main(argv=None):
         else:
             capture, name = open_webcam(args.webcam), f"webcam{args.webcam}"
         try:
-            demo = VisualizationDemo(cfg)
+            demo = make_demo()
         except BaseException:
             capture.release()
             raise
@@ -160,7 +181,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # between images: what was written is complete
         print("Interrupted.", file=sys.stderr)
         return _INTERRUPTED
-    except (RuntimeError, ValueError, OSError) as e:  # readable messages, not tracebacks
+    except (RuntimeError, ValueError, OSError, ImportError) as e:  # readable messages
         return _fail(str(e))
 
 

@@ -22,29 +22,17 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import (
-    AMPTrainer,
-    DefaultTrainer,
-    SimpleTrainer,
-    TrainerBase,
-    create_ddp_model,
-    default_argument_parser,
-    default_setup,
-    launch,
-)
+from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from efficientps_d2 import setup_cfg
-from efficientps_d2.atomic_io import remove_stale_temporaries
-from efficientps_d2.checkpoint import EfficientPSCheckpointer
-from efficientps_d2.config import configure_amp_trainer, tta_config
+from efficientps_d2.config import tta_config
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.data.unreadable import SkipUnreadable
-from efficientps_d2.engine import is_lazy_config, lazy_train
+from efficientps_d2.engine import is_lazy_config, lazy_train, startup
 from efficientps_d2.evaluation import build_evaluator
-from efficientps_d2.output_lock import lock_output_dir
 from efficientps_d2.solver import build_optimizer
 from efficientps_d2.visualization import add_panoptic_visualization
 
@@ -66,14 +54,11 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        on_cuda = cfg.MODEL.DEVICE.startswith("cuda")
-        model = create_ddp_model(
-            model, broadcast_buffers=False, device_ids=[comm.get_local_rank()] if on_cuda else None
+        model = startup.wrap_ddp(model, cfg.MODEL.DEVICE, broadcast_buffers=False)
+        # AMPTrainer autocasts to SOLVER.AMP.PRECISION (bfloat16 or float16).
+        self._trainer = startup.build_trainer(
+            model, data_loader, optimizer, startup.run_settings(cfg)
         )
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
-        configure_amp_trainer(self._trainer, cfg)  # SOLVER.AMP.PRECISION (bfloat16 or float16)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = None  # made in build_hooks, which needs self.cfg
         self.start_iter = 0
@@ -83,16 +68,10 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.
-        # Weights that do not fit are refused as in evaluation, and so are weights that leave
-        # tensors random, unless MODEL.ALLOW_PARTIAL_WEIGHTS (fine-tuning on other classes) or
-        # the file is a converted ImageNet backbone; resuming skips unreadable checkpoints.
-        partial = self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS
-        self.checkpointer = EfficientPSCheckpointer(
-            self._trainer.model,
-            self.cfg.OUTPUT_DIR,
-            allow_shape_mismatch=partial,
-            allow_missing=partial,
-            trainer=weakref.proxy(self),
+        # Misfit or partial weights are refused unless MODEL.ALLOW_PARTIAL_WEIGHTS (see
+        # build_checkpointer); resuming skips unreadable checkpoints.
+        self.checkpointer = startup.build_checkpointer(
+            self._trainer.model, startup.run_settings(self.cfg), trainer=weakref.proxy(self)
         )
         return add_panoptic_visualization(self.cfg, super().build_hooks())
 
@@ -139,48 +118,10 @@ class Trainer(DefaultTrainer):
         return OrderedDict({k + "_TTA": v for k, v in results.items()})
 
 
-_output_dir_lock = None  # held (open) for the life of the training process
-
-
 def setup(args):
-    global _output_dir_lock
-    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
-    # torch's SyncBatchNorm runs on CUDA only; Detectron2's NaiveSyncBatchNorm syncs the same
-    # statistics with all_reduce, which gloo does on the CPU.
-    sync_bn_keys = [k for k in _NORM_KEYS if cfg.MODEL.DEVICE == "cpu" and _get(cfg, k) == "SyncBN"]
-    for key in sync_bn_keys:
-        cfg.merge_from_list([key, "naiveSyncBN"])
-    cfg.freeze()
-    if not args.eval_only and comm.is_main_process():
-        # Before anything is written there: a second run on the same OUTPUT_DIR is refused.
-        _output_dir_lock = lock_output_dir(cfg.OUTPUT_DIR)
-    default_setup(cfg, args)
-    # default_setup logs only detectron2's and fvcore's loggers to OUTPUT_DIR/log.txt; add ours.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="efficientps_d2")
-    if _output_dir_lock is not None:
-        remove_stale_temporaries(cfg.OUTPUT_DIR)  # of killed runs; never read
-    if cfg.MODEL.DEVICE == "cpu":
-        logger.warning("CUDA is not available: running on the CPU.")
-    if sync_bn_keys:
-        logger.warning(f"On the CPU, {sync_bn_keys} use naiveSyncBN instead of SyncBN.")
-    return cfg
-
-
-# Config keys that choose a norm layer (detectron2.layers.get_norm names).
-_NORM_KEYS = (
-    "MODEL.EFFICIENTNET.NORM",
-    "MODEL.TWO_WAY_FPN.NORM",
-    "MODEL.SEM_SEG_HEAD.NORM",
-    "MODEL.RPN.HEAD_NORM",
-    "MODEL.ROI_BOX_HEAD.NORM",
-    "MODEL.ROI_MASK_HEAD.NORM",
-)
-
-
-def _get(cfg, key):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
+    # The start-up steps the LazyConfig flow shares (efficientps_d2.engine.startup): naive SyncBN
+    # on the CPU, OUTPUT_DIR lock, default_setup, log.txt, stale temporaries removed.
+    return startup.start_run(setup_cfg(args.config_file, args.opts, freeze=False), args)
 
 
 def main(args):
@@ -191,10 +132,8 @@ def main(args):
     # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
     validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        # Evaluating a checkpoint that does not fit the model is always a mistake: refuse it.
-        EfficientPSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        model = startup.load_for_evaluation(
+            Trainer.build_model(cfg), startup.run_settings(cfg), resume=args.resume
         )
         results = Trainer.test(cfg, model)
         if tta_config(cfg).ENABLED:

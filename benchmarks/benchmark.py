@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -38,13 +39,14 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from efficientps_d2 import add_efficientps_config
+from efficientps_d2 import setup_cfg
 from efficientps_d2.atomic_io import atomic_write
 from efficientps_d2.modeling.fast_inference import fuse_for_inference
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 OURS_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b5.yaml"
 OURS_SMALL_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml"
+OURS_R50_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_R_50.yaml"
 THEIRS_CONFIG = "COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml"
 # Cityscapes: 19 classes, of which 8 things (train ids 11-18).
 NUM_CLASSES, NUM_THINGS = 19, 8
@@ -54,9 +56,21 @@ OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
     "PanopticFPN-R50",
     "PanopticFPN-R50 fused",
 )
-ALL_MODELS = (OURS_FAST, OURS, THEIRS, THEIRS_FUSED)
+# EfficientPS on Detectron2's ResNet-50 (the backbone Panoptic FPN R50 uses), fast inference path.
+OURS_R50 = "EfficientPS-R50 fast"
+ALL_MODELS = (OURS_FAST, OURS, OURS_R50, THEIRS, THEIRS_FUSED)
 # What --models accepts.
-MODEL_KEYS = {"ours-fast": OURS_FAST, "ours": OURS, "theirs": THEIRS, "theirs-fused": THEIRS_FUSED}
+MODEL_KEYS = {
+    "ours-fast": OURS_FAST,
+    "ours": OURS,
+    "ours-r50": OURS_R50,
+    "theirs": THEIRS,
+    "theirs-fused": THEIRS_FUSED,
+}
+# The plain model exported to ONNX and run by onnxruntime on the CPU (efficientps_d2.export);
+# not in "all": it needs onnxruntime and a trace of the B5 graph first.
+OURS_ONNX = "EfficientPS-B5 onnxruntime-CPU"
+MODEL_KEYS["ours-onnx"] = OURS_ONNX
 
 # --paths: EfficientPS-B5 fast run other ways (changes to its InferenceOptions, see
 # efficientps_d2.modeling.fast_inference), each a row of its own.
@@ -78,9 +92,10 @@ logger = logging.getLogger("efficientps_d2.benchmark")
 
 def ours_config(device, name=OURS_CONFIG):
     """The shipped config with every SyncBN replaced by BN (one process) and test thresholds 0."""
-    cfg = get_cfg()
-    add_efficientps_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    cfg = setup_cfg(os.path.join(CONFIGS, name), freeze=False)
+    cfg.MODEL.DEVICE = device  # as asked, even where setup_cfg would fall back to the CPU
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
     for node in (
         cfg.MODEL.EFFICIENTNET,
         cfg.MODEL.TWO_WAY_FPN,
@@ -90,9 +105,6 @@ def ours_config(device, name=OURS_CONFIG):
         node.NORM = "BN" if node.NORM == "SyncBN" else node.NORM
     if cfg.MODEL.RPN.HEAD_NORM == "SyncBN":
         cfg.MODEL.RPN.HEAD_NORM = "BN"
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
-    cfg.MODEL.DEVICE = device
     return cfg
 
 
@@ -153,6 +165,10 @@ def build_models(device, names=ALL_MODELS):
     if THEIRS_FUSED in names:
         fused = fuse_for_inference(copy.deepcopy(theirs))
         models[THEIRS_FUSED] = (fused, fused)
+    if OURS_R50 in names:  # random weights like the others (no ImageNet download)
+        r50 = build_model(ours_config(device, OURS_R50_CONFIG)).eval()
+        calibrate_norms(r50, calibration)
+        models[OURS_R50] = (r50, _fast_only_while_running(r50))
     for path, changes in PATHS.items():
         name = path_name(path)
         if name in names:
@@ -163,6 +179,8 @@ def build_models(device, names=ALL_MODELS):
                 ours.inference_options, fast_inference=True, **changes
             )
             models[name] = (variant, variant)
+    if OURS_ONNX in names:
+        models[OURS_ONNX] = (ours, onnxruntime_runner(ours, ours_config(device)))
     return {name: models[name] for name in names}, ours, theirs
 
 
@@ -171,10 +189,40 @@ def path_name(path):
     return f"{OURS_FAST} {path}"
 
 
+def onnxruntime_runner(model, cfg):
+    """``model`` exported to ONNX (efficientps_d2.export, traced on the CPU) and loaded into an
+    onnxruntime CPU session; called like the model. The export takes a minute or more for B5."""
+    from efficientps_d2.export import export_model, load
+
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = "cpu"
+    if model.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, cfg, os.path.join(tmp, "onnx"), "onnx")
+        exported = load(os.path.join(tmp, "onnx"))  # the session holds the graph in memory
+    logger.info("ONNX export and session: %.1f s", time.perf_counter() - start)
+    return exported
+
+
 def _with_fast_inference(model, enabled):
     def run(inputs):
         model.fast_inference = enabled
         return model(inputs)
+
+    return run
+
+
+def _fast_only_while_running(model):
+    """Runs ``model`` on its fast path; it stays plain otherwise (FLOPs are counted on it)."""
+
+    def run(inputs):
+        model.fast_inference = True
+        try:
+            return model(inputs)
+        finally:
+            model.fast_inference = False
 
     return run
 
@@ -647,8 +695,10 @@ def parse_args(argv=None):
         nargs="+",
         default=["ours-fast", "theirs"],
         choices=list(MODEL_KEYS) + ["all"],
-        help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), theirs "
-        "(Panoptic FPN as shipped), theirs-fused (Panoptic FPN with fuse_for_inference), all",
+        help="what to time: ours-fast (MODEL.EFFICIENTPS.FAST_INFERENCE), ours (plain), ours-r50 "
+        "(EfficientPS on ResNet-50, fast), theirs (Panoptic FPN as shipped), theirs-fused "
+        "(Panoptic FPN with fuse_for_inference), all (these five), ours-onnx (ours exported to "
+        "ONNX, run by onnxruntime on the CPU)",
     )
     parser.add_argument(
         "--training-memory",
@@ -827,7 +877,8 @@ def main(argv=None):
             save(next_section=f"{size} extras")
         if not args.no_flops:  # counted on the plain models: the architectures, not the kernels
             ours.fast_inference = False
-            for prefix, model in ((OURS, ours), (THEIRS, theirs)):
+            r50 = models[OURS_R50][0] if OURS_R50 in models else None
+            for prefix, model in ((OURS, ours), (THEIRS, theirs), (OURS_R50, r50)):
                 if not any(name.startswith(prefix) for name in runners):
                     continue
                 flops = count_flops(model, image)
@@ -891,9 +942,11 @@ def latency_ratios(report, sizes):
     ratios = {}
     pairs = [
         (OURS_FAST, THEIRS),
+        (OURS_R50, THEIRS),
         (OURS, THEIRS),
         (OURS_FAST, THEIRS_FUSED),
         (OURS_FAST, OURS),
+        (OURS_ONNX, OURS),
     ] + [(path_name(p), THEIRS) for p in PATHS]
     for a, b in pairs:
         values = {}

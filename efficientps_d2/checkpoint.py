@@ -224,7 +224,10 @@ def _architecture_hint(checkpoint_names):
             "`python -m efficientps_d2.tools.convert_torchvision_weights --variant bN IN OUT`."
         )
     if any(n.startswith(("layer1.", "conv1.", "res2.")) for n in names):
-        return " It looks like a ResNet checkpoint, not an EfficientPS or EfficientNet one."
+        return (
+            " It looks like a ResNet checkpoint: it fits a model whose "
+            "MODEL.TWO_WAY_FPN.BOTTOM_UP is 'build_resnet_backbone' (the efficientps_R_50 configs)."
+        )
     return ""
 
 
@@ -239,6 +242,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             (e.g. to fine-tune a trained model on a data set with other classes).
         allow_missing: accept checkpoints that lack model tensors (they keep their initial
             values) with a warning; False raises unless :func:`is_partial_checkpoint`.
+        weights_key, partial_key: the config keys that name the weights and opt in to partial
+            ones, for messages (a LazyConfig's ``train.init_checkpoint``, ...).
     """
 
     def __init__(
@@ -248,9 +253,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         *,
         allow_shape_mismatch=False,
         allow_missing=True,
+        weights_key="MODEL.WEIGHTS",
+        partial_key="MODEL.ALLOW_PARTIAL_WEIGHTS",
         **checkpointables,
     ):
         super().__init__(model, save_dir, **checkpointables)
+        self.weights_key, self.partial_key = weights_key, partial_key
         self.allow_shape_mismatch = allow_shape_mismatch
         self.allow_missing = allow_missing
         self.last_report = None
@@ -259,7 +267,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
     def load(self, path, *args, **kwargs):
         """Loads ``path`` (local file or URL); raises FileNotFoundError for a missing local file."""
         if path and not urlparse(path).scheme and not os.path.isfile(path):
-            raise FileNotFoundError(f"Checkpoint '{path}' (MODEL.WEIGHTS) does not exist.")
+            raise FileNotFoundError(f"Checkpoint '{path}' ({self.weights_key}) does not exist.")
         self._path = path
         self.last_report = None
         try:
@@ -316,7 +324,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             return checkpoint
         raise CheckpointFileError(
             f"No intact checkpoint in '{self.save_dir}' to resume from (tried {candidates}); "
-            "start without --resume, or from MODEL.WEIGHTS."
+            f"start without --resume, or from {self.weights_key}."
         )
 
     def _saved_checkpoints(self):
@@ -368,7 +376,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
                 f"would train from random values: {group_names(missing)}. Set "
-                "MODEL.ALLOW_PARTIAL_WEIGHTS True to load it anyway (converted ImageNet backbones "
+                f"{self.partial_key} True to load it anyway (converted ImageNet backbones "
                 "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
             )
 
@@ -399,7 +407,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         if incorrect and not self.allow_shape_mismatch:
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' was made for another model: {len(incorrect)} tensors "
-                f"have other shapes ({_list_shapes(incorrect)}). Check MODEL.EFFICIENTNET.VARIANT, "
+                f"have other shapes ({_list_shapes(incorrect)}). Check the backbone "
+                "(MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
                 "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD"
                 ".NUM_CLASSES, MODEL.ROI_HEADS.NUM_CLASSES) against the checkpoint's config, or "
                 "load with EfficientPSCheckpointer(..., allow_shape_mismatch=True) to skip them."

@@ -20,7 +20,8 @@ def add_efficientps_config(cfg):
     _C = cfg
 
     # ---------------------------------------------------------------------------------------------
-    # Backbone: EfficientNet without squeeze-and-excitation, then the 2-way FPN.
+    # Backbone: EfficientNet without squeeze-and-excitation (or another bottom-up backbone), then
+    # the 2-way FPN.
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.EFFICIENTNET = CN()
     # Compound-scaling variant: one of "b0" ... "b7" (the paper uses "b5").
@@ -41,8 +42,13 @@ def add_efficientps_config(cfg):
     # Recompute MBConv activations in the backward pass to save training memory.
     _C.MODEL.EFFICIENTNET.ACTIVATION_CHECKPOINTING = False
 
+    # MODEL.BACKBONE.NAME "build_two_way_fpn_backbone" builds the 2-way FPN on any registered
+    # bottom-up backbone; "build_efficientnet_two_way_fpn_backbone" always on EfficientNet.
     _C.MODEL.TWO_WAY_FPN = CN()
-    # Trunk features the FPN reads, finest first.
+    # BACKBONE_REGISTRY name of the bottom-up builder, e.g. "build_efficientnet_backbone",
+    # Detectron2's "build_resnet_backbone" (MODEL.RESNETS), or your own (e.g. wrapping RegNet).
+    _C.MODEL.TWO_WAY_FPN.BOTTOM_UP = "build_efficientnet_backbone"
+    # Its four outputs at strides 4, 8, 16, 32 that the FPN reads, finest first (ResNet: res2-res5).
     _C.MODEL.TWO_WAY_FPN.IN_FEATURES = ["stride4", "stride8", "stride16", "stride32"]
     # Channels of every FPN output.
     _C.MODEL.TWO_WAY_FPN.OUT_CHANNELS = 256
@@ -71,7 +77,11 @@ def add_efficientps_config(cfg):
     _C.MODEL.RPN.HEAD_NORM = "BN"
 
     # ---------------------------------------------------------------------------------------------
-    # Panoptic fusion (parameter-free, inference only).
+    # Panoptic fusion (parameter-free, inference only). A node of its own rather than Detectron2's
+    # MODEL.PANOPTIC_FPN.COMBINE, whose three thresholds mean the same here: that node configures
+    # Panoptic FPN's heuristic merge of binary masks (with defaults of its own, e.g. a stuff limit
+    # of 4096), while this fusion merges logits, (sigmoid(A) + sigmoid(B)) * (A + B), and needs
+    # MASK_LOGIT_SCALE, which has no counterpart there.
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.PANOPTIC_FUSION = CN()
     # Detections below this score are not fused.
@@ -201,7 +211,13 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
     if not os.path.isfile(config_file):
         from .model_zoo import get_config_file
 
-        config_file = get_config_file(config_file)  # RuntimeError lists the known names
+        try:
+            config_file = get_config_file(config_file)
+        except RuntimeError as error:  # its message lists the model zoo's names
+            raise FileNotFoundError(
+                f"Config file '{config_file}' does not exist, and it is not a model zoo name: "
+                f"{error}"
+            ) from None
     cfg = get_cfg()
     add_efficientps_config(cfg)
     cfg.merge_from_file(config_file)
@@ -216,16 +232,28 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
 def configure_amp_trainer(trainer, cfg):
     """Applies SOLVER.AMP.PRECISION to Detectron2's ``AMPTrainer`` (which autocasts to float16
     with a GradScaler unless told otherwise); a no-op for other trainers or with AMP off."""
+    return set_amp_precision(
+        trainer, cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.PRECISION, key="SOLVER.AMP.PRECISION"
+    )
+
+
+def set_amp_precision(trainer, enabled, precision, *, key):
+    """Makes Detectron2's ``AMPTrainer`` autocast to ``precision`` ("float16" or "bfloat16", set
+    by config key ``key``, named when it is neither); a no-op for other trainers or unless
+    ``enabled``."""
     import torch
 
     dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-    precision = cfg.SOLVER.AMP.PRECISION
     if precision not in dtypes:
-        raise ValueError(
-            f"SOLVER.AMP.PRECISION must be one of {sorted(dtypes)}, got {precision!r}."
-        )
-    if not cfg.SOLVER.AMP.ENABLED or not hasattr(trainer, "grad_scaler"):
+        raise ValueError(f"{key} must be one of {sorted(dtypes)}, got {precision!r}.")
+    if not enabled or not hasattr(trainer, "grad_scaler"):
         return trainer
+    trainer.precision = dtypes[precision]
+    if precision == "bfloat16":
+        # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
+        # inf/nan check, a host sync, to every step.
+        trainer.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return trainer
     trainer.precision = dtypes[precision]
     if precision == "bfloat16":
         # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's

@@ -23,7 +23,12 @@ from detectron2.utils import comm
 from detectron2.utils.visualizer import Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["PanopticVisualizationHook", "add_panoptic_visualization", "draw_panoptic_pair"]
+__all__ = [
+    "PanopticVisualizationHook",
+    "add_panoptic_visualization",
+    "draw_panoptic_pair",
+    "vis_period",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +80,52 @@ class PanopticVisualizationHook(HookBase):
         dataset_name: the data set whose first image is drawn.
         min_size, max_size: test-time resizing (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
         input_format: INPUT.FORMAT ("BGR" or "RGB").
+        augmentations: the test-time augmentations (a LazyConfig's test mapper's), instead of
+            ``min_size`` and ``max_size``.
     """
 
-    def __init__(self, period, dataset_name, *, min_size, max_size, input_format="BGR"):
+    def __init__(
+        self,
+        period,
+        dataset_name,
+        *,
+        min_size=None,
+        max_size=None,
+        input_format="BGR",
+        augmentations=None,
+    ):
         if period <= 0:
             raise ValueError(f"VIS_PERIOD must be > 0 for the panoptic pictures, got {period}.")
         self._period = period
         self._dataset_name = dataset_name
-        self._resize = T.ResizeShortestEdge([min_size, min_size], max_size)
+        if augmentations is None:
+            augmentations = [T.ResizeShortestEdge([min_size, min_size], max_size)]
+        self._augmentations = T.AugmentationList(list(augmentations))
         self._input_format = input_format
         self._dict = None
 
     @classmethod
     def from_config(cls, cfg):
+        """From a YAML config (VIS_PERIOD, DATASETS.TRAIN[0], INPUT) or a LazyConfig
+        (``train.vis_period``, the first training data set, the test mapper's augmentations and
+        ``model.input_format``)."""
+        if not hasattr(cfg, "MODEL"):
+            from detectron2.config import instantiate
+
+            from .data.check import data_use
+
+            names = data_use(cfg).train
+            if not names:
+                raise ValueError(
+                    "train.vis_period > 0 draws a training image, but "
+                    "dataloader.train.dataset.names is empty."
+                )
+            return cls(
+                vis_period(cfg),
+                names[0],
+                input_format=cfg.model.input_format,
+                augmentations=instantiate(cfg.dataloader.test.mapper.augmentations),
+            )
         if not cfg.DATASETS.TRAIN:
             raise ValueError("VIS_PERIOD > 0 draws a training image, but DATASETS.TRAIN is empty.")
         return cls(
@@ -130,7 +168,9 @@ class PanopticVisualizationHook(HookBase):
             model = model.module
         image = read_image(self._dict["file_name"], format=self._input_format)
         height, width = image.shape[:2]
-        resized = self._resize.get_transform(image).apply_image(image)
+        resized = T.AugInput(image)
+        self._augmentations(resized)
+        resized = resized.image
         inputs = {
             "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
             "height": height,
@@ -148,10 +188,16 @@ class PanopticVisualizationHook(HookBase):
         return draw_panoptic_pair(rgb, self._dict, panoptic_seg, segments_info, metadata)
 
 
+def vis_period(cfg):
+    """VIS_PERIOD of a YAML config, ``train.vis_period`` (default 0) of a LazyConfig."""
+    return cfg.VIS_PERIOD if hasattr(cfg, "MODEL") else cfg.train.get("vis_period", 0)
+
+
 def add_panoptic_visualization(cfg, hook_list):
     """``hook_list`` with a :class:`PanopticVisualizationHook` before the ``PeriodicWriter`` when
-    ``cfg.VIS_PERIOD`` > 0 (on the main process, which writes tensorboard)."""
-    if cfg.VIS_PERIOD <= 0 or not comm.is_main_process():
+    ``cfg.VIS_PERIOD`` (a LazyConfig's ``train.vis_period``) > 0 (on the main process, which writes
+    tensorboard)."""
+    if vis_period(cfg) <= 0 or not comm.is_main_process():
         return hook_list
     hook = PanopticVisualizationHook.from_config(cfg)
     writers = [i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicWriter)]

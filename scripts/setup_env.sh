@@ -4,6 +4,7 @@
 #   bash scripts/setup_env.sh            # creates .venv and installs everything
 #   VENV=/path/to/venv bash scripts/setup_env.sh
 #   EPS_DETECTRON2=git bash scripts/setup_env.sh   # official detectron2 from git (needs network + compiler)
+#   EPS_ONNX=0 bash scripts/setup_env.sh           # skip the optional onnx + onnxruntime
 #
 # Idempotent: re-running only installs what is missing. Every step says what it does and the script
 # stops at the first failing step with the step's name.
@@ -13,6 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 EPS_DETECTRON2="${EPS_DETECTRON2:-wheel}"
+EPS_ONNX="${EPS_ONNX:-1}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 # A pure-Python snapshot of upstream detectron2 (commit a59f056); see README "Set-up".
 D2_WHEEL="sal-detectron2==0.7.2"
@@ -71,6 +73,16 @@ elif [ "$EPS_DETECTRON2" = "wheel" ]; then
   "$PY" -c "import detectron2.modeling" || fail "detectron2 was unpacked to $D2_HOME but does not import"
 else
   fail "EPS_DETECTRON2 must be 'wheel' or 'git', got '$EPS_DETECTRON2'"
+fi
+
+CURRENT_STEP="onnx (optional)"
+if [ "$EPS_ONNX" = "1" ]; then
+  # Optional: ONNX export (torch.onnx.export needs onnx) and running it on the CPU (onnxruntime).
+  # Versions verified with torch 2.14 and numpy 2 on Python 3.11.
+  step "Installing onnx and onnxruntime (optional; EPS_ONNX=0 skips them)"
+  "${PIP[@]}" -q "onnx==1.23.2" "onnxruntime==1.32.0"
+else
+  step "Skipping onnx and onnxruntime (EPS_ONNX=$EPS_ONNX): no ONNX export, its tests skip"
 fi
 
 CURRENT_STEP="efficientps_d2"

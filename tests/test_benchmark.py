@@ -33,6 +33,7 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
             "1",
             "--models",
             "ours-fast",
+            "ours-r50",
             "theirs",
             "--training-memory",
             "",
@@ -41,11 +42,17 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
         ]
     )
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["models"].keys() == {"EfficientPS-B5 fast", "PanopticFPN-R50"}
+    assert saved["models"].keys() == {
+        "EfficientPS-B5 fast",
+        "EfficientPS-R50 fast",
+        "PanopticFPN-R50",
+    }
     ours, theirs = saved["models"]["EfficientPS-B5 fast"], saved["models"]["PanopticFPN-R50"]
+    r50 = saved["models"]["EfficientPS-R50 fast"]
+    assert 40e6 < r50["params"] < 46e6  # R50 trunk 23.5M (FrozenBN: no parameters) + FPN, heads
     assert 36.8e6 < ours["params"] < 45.0e6  # the B5 Cityscapes model, as the paper's 40.89M
     assert 40e6 < theirs["params"] < 50e6  # Panoptic FPN R50: 46M with Cityscapes classes
-    for row in (ours, theirs):
+    for row in (ours, r50, theirs):
         entry = row["sizes"]["64x128"]
         assert len(entry["latency_s"]) == 2 and all(t > 0 for t in entry["latency_s"])
         assert entry["flops"] > 0

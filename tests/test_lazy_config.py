@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from efficientps_d2.engine import ConfigAdapter, load_config
+from efficientps_d2.visualization import IMAGE_NAME
 
 from .test_train_net import REPO, copypaste_results
 from .test_train_net import run_to_end as run_yaml_to_end
@@ -73,7 +75,7 @@ def settings(model):
 
 
 def test_every_yaml_config_has_a_lazy_twin():
-    assert len(YAML_CONFIGS) == 4
+    assert len(YAML_CONFIGS) == 6
     for name in YAML_CONFIGS:
         assert os.path.isfile(os.path.join(CONFIGS, name + ".py")), name
 
@@ -102,21 +104,37 @@ def test_lazy_configs_name_the_same_data_weights_and_schedule():
         ), name
         assert yaml_cfg.SOLVER.BASE_LR == py_cfg.optimizer.lr, name
         assert yaml_cfg.SOLVER.IMS_PER_BATCH == py_cfg.dataloader.train.total_batch_size, name
+        aug, tta = yaml_cfg.TEST.AUG, py_cfg.train.tta
+        assert (aug.ENABLED, list(aug.MIN_SIZES), aug.MAX_SIZE, aug.FLIP) == (
+            tta.enabled,
+            list(tta.min_sizes),
+            tta.max_size,
+            tta.flip,
+        ), name
 
 
 def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data_root):
     out_dir = str(tmp_path / "run")
-    args = [*TINY, "train.max_iter=2", f"train.output_dir={out_dir}"]
+    args = [*TINY, "train.max_iter=2", "train.vis_period=1", f"train.output_dir={out_dir}"]
     log = run_lazy_to_end(args, data_root)
     assert {"model_final.pth", "last_checkpoint", "config.yaml"} <= set(os.listdir(out_dir))
+    # train.vis_period: the panoptic pictures of VIS_PERIOD, one per iteration, in tensorboard.
+    events = EventAccumulator(out_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [p.step for p in events.Images(IMAGE_NAME)] == [0, 1]
     trained = copypaste_results(log)
     assert set(trained) == {"panoptic_seg", "sem_seg", "bbox", "segm"}
     assert {"PQ", "SQ", "RQ"} <= set(trained["panoptic_seg"]) and "mIoU" in trained["sem_seg"]
 
     weights = os.path.join(out_dir, "model_final.pth")
     eval_args = [*TINY, f"train.init_checkpoint={weights}", f"train.output_dir={tmp_path / 'e'}"]
-    log = run_lazy_to_end(["--eval-only", *eval_args], data_root)
-    assert copypaste_results(log) == trained
+    # train.tta (TEST.AUG): the same evaluation, then one with test-time augmentation.
+    tta = ["train.tta.enabled=True", "train.tta.min_sizes=[112,128]", "train.tta.max_size=192"]
+    log = run_lazy_to_end(["--eval-only", *eval_args, *tta], data_root)
+    results = copypaste_results(log)
+    assert {k: v for k, v in results.items() if not k.endswith("_TTA")} == trained
+    assert set(results) - set(trained) == {f"{task}_TTA" for task in trained}
+    assert os.path.isdir(tmp_path / "e" / "inference_TTA")
 
 
 def run_lazy_to_end(args, root):

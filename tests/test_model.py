@@ -43,6 +43,7 @@ def test_b5_cityscapes_model_size_matches_the_paper():
     [
         "COCO-PanopticSegmentation/efficientps_b5.yaml",
         "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml",
+        "Cityscapes-PanopticSegmentation/efficientps_R_50.yaml",
     ],
 )
 def test_shipped_configs_build(name):

@@ -22,6 +22,9 @@ SHIPPED = [
     "COCO-PanopticSegmentation/efficientps_b5.yaml",
     "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml",
     "Cityscapes-PanopticSegmentation/efficientps_b5.yaml",
+    "Cityscapes-PanopticSegmentation/efficientps_R_50.yaml",
+    "Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml",
+    "Synthetic-PanopticSegmentation/efficientps_R_50_quick.yaml",
 ]
 
 
@@ -83,7 +86,8 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
         pip + ["--target", str(target), str(source)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.path.isfile(target / "efficientps_d2" / "model_zoo" / "configs" / B0)
+    for name in SHIPPED:
+        assert os.path.isfile(target / "efficientps_d2" / "model_zoo" / "configs" / name), name
 
     # The B0 config starts from torchvision's ImageNet B0: a local stand-in for the download.
     hub = tmp_path / "torch" / "hub" / "checkpoints"
@@ -115,3 +119,12 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["EfficientPS", "32"]  # the B0 stem
+
+
+def test_missing_config_file_is_named_with_the_model_zoo_names():
+    from efficientps_d2 import setup_cfg
+
+    with pytest.raises(
+        FileNotFoundError, match="'configs/nope.yaml' does not exist.*efficientps_b5"
+    ):
+        setup_cfg("configs/nope.yaml")

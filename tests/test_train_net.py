@@ -9,7 +9,10 @@ import subprocess
 import sys
 import time
 
+import cv2
+import numpy as np
 import torch
+from panopticapi.utils import rgb2id
 from PIL import Image
 
 from efficientps_d2.atomic_io import temporary_path
@@ -17,6 +20,9 @@ from efficientps_d2.output_lock import lock_output_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick.yaml")
+R50_QUICK = os.path.join(
+    REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_R_50_quick.yaml"
+)
 # The quick config with narrower heads and a few tiny steps, so a run takes seconds.
 TINY = [
     "MODEL.TWO_WAY_FPN.OUT_CHANNELS", "32",
@@ -123,13 +129,19 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     assert iterations[-1] == 11
 
 
-def test_bad_panoptic_png_refused_before_training(tmp_path, data_root):
-    # A copy of the data whose first validation PNG is 8-bit grayscale: panopticapi would crash
-    # on it after training; the start-up check names it before the first iteration.
+def data_with_grayscale_png(tmp_path, data_root):
+    """(root, png): a copy of the data whose first validation PNG is 8-bit grayscale."""
     root = tmp_path / "datasets"
     shutil.copytree(os.path.join(data_root, "synthetic_panoptic"), root / "synthetic_panoptic")
     png = sorted((root / "synthetic_panoptic" / "panoptic_val").glob("*.png"))[0]
     Image.open(png).convert("L").save(png)
+    return root, png
+
+
+def test_bad_panoptic_png_refused_before_training(tmp_path, data_root):
+    # panopticapi would crash on a grayscale PNG after training; the start-up check names it
+    # before the first iteration.
+    root, png = data_with_grayscale_png(tmp_path, data_root)
     out_dir = tmp_path / "run"
     proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], str(root))
     out, _ = proc.communicate(timeout=600)
@@ -173,3 +185,44 @@ def test_second_run_on_the_same_output_dir_is_refused(tmp_path, data_root):
     assert proc.returncode != 0
     assert f"is in use by another training run (PID {os.getpid()}" in out
     assert sorted(os.listdir(out_dir)) == [".train_net.lock"]  # nothing written
+
+
+def test_resnet_50_trains_evaluates_and_runs_in_the_demo(tmp_path, data_root):
+    out_dir = tmp_path / "r50"
+    narrow = [  # ResNet-50's depth at 1/8 of its width, for a test in seconds
+        "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
+        "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
+    ]  # fmt: skip
+    log = run_to_end(
+        [*TINY, *narrow, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)],
+        data_root,
+        config_file=R50_QUICK,
+    )
+    assert "ResNet" in log  # the model printed at start: ResNet under the 2-way FPN
+    results = copypaste_results(log)
+    assert set(results) == {"panoptic_seg", "sem_seg", "bbox", "segm"}
+    assert {"PQ", "SQ", "RQ"} <= set(results["panoptic_seg"])
+
+    # The demo on the trained model, from the config train_net saved next to it.
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.RandomState(0)
+    cv2.imwrite(str(images / "a.png"), rng.randint(0, 255, (64, 96, 3), np.uint8))
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "demo.py"), "--config-file"]
+        + [str(out_dir / "config.yaml"), "--input", str(images), "--output", str(out)]
+        + ["--save-panoptic", "--confidence-threshold", "0"]
+        + ["--opts", "MODEL.WEIGHTS", str(out_dir / "model_final.pth"), "MODEL.DEVICE", "cpu"],
+        env=dict(os.environ, DETECTRON2_DATASETS=data_root, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["a.png", "panoptic", "predictions.json"]
+    (annotation,) = json.loads((out / "predictions.json").read_text())["annotations"]
+    ids = rgb2id(np.asarray(Image.open(out / "panoptic" / annotation["file_name"])))
+    assert ids.shape == (64, 96)
+    assert set(np.unique(ids)) - {0} == {s["id"] for s in annotation["segments_info"]}

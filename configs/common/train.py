@@ -9,13 +9,29 @@ train = dict(
     output_dir="./output",
     # torchvision's ImageNet weights (see efficientps_d2/torchvision_weights.py); "": from scratch.
     init_checkpoint="",
+    # True accepts init_checkpoint weights that leave model tensors random (missing) or hold
+    # tensors of another shape (skipped, e.g. to fine-tune on other classes); False refuses them
+    # before training, as evaluation refuses misfits. Converted ImageNet backbones are accepted.
+    allow_partial_weights=False,
     max_iter=90000,
-    amp=dict(enabled=False),
+    # precision: the autocast dtype under AMP (CUDA), "float16" (with gradient scaling) or
+    # "bfloat16" (float32's range: no gradient scaling, no per-step sync).
+    amp=dict(enabled=False, precision="float16"),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=0,
     log_period=20,
     device="cuda",
+    # Open every panoptic PNG of the train/test data sets before starting and check its mode, size
+    # and ids against segments_info (efficientps_d2.data.check); False checks the json only.
+    check_pngs=True,
+    # > 0: every vis_period iterations, the panoptic prediction next to the ground truth of the
+    # first training image goes to tensorboard (as VIS_PERIOD; efficientps_d2.visualization).
+    vis_period=0,
+    # Test-time augmentation (as TEST.AUG): with enabled, evaluation after training and with
+    # --eval-only also runs the model at these shorter-side sizes (longer side capped at max_size)
+    # and flipped, merged by EfficientPSWithTTA; results are named "<task>_TTA".
+    tta=dict(enabled=False, min_sizes=[512, 1024, 1536], max_size=4096, flip=True),
 )
 
 # SGD with one norm over all gradients clipped at 35, as the official training.

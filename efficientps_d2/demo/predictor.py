@@ -72,10 +72,14 @@ class VisualizationDemo:
     Args:
         cfg: an EfficientPS config (MODEL.WEIGHTS, MODEL.DEVICE, DATASETS.TEST for class names).
         instance_mode: Detectron2's ``ColorMode`` for the drawing.
+        predictor: instead of ``cfg``, a predictor with the same call and ``metadata`` and
+            ``dataset_name`` attributes (e.g. :class:`efficientps_d2.export.ExportedPredictor`).
     """
 
-    def __init__(self, cfg, instance_mode=ColorMode.IMAGE):
-        self.predictor = EfficientPSPredictor(cfg)
+    def __init__(self, cfg=None, instance_mode=ColorMode.IMAGE, *, predictor=None):
+        if (cfg is None) == (predictor is None):
+            raise ValueError("VisualizationDemo needs either a config or a predictor.")
+        self.predictor = predictor if predictor is not None else EfficientPSPredictor(cfg)
         self.metadata = self.predictor.metadata
         self.dataset_name = self.predictor.dataset_name
         self.instance_mode = instance_mode

@@ -1,46 +1,94 @@
 """train_net.py's flow for Detectron2 LazyConfig (``.py``) files, as Detectron2's
 ``tools/lazyconfig_train_net.py`` does it: instantiate the config's ``model``, ``optimizer``,
 ``dataloader`` and ``lr_multiplier``, train with ``AMPTrainer`` or ``SimpleTrainer`` and hooks,
-checkpoint with an (atomic) ``DetectionCheckpointer`` and evaluate with ``inference_on_dataset``.
+and evaluate with ``inference_on_dataset``.
+
+The start-up steps are the YAML flow's, shared through :mod:`.startup`: the output folder lock and
+removal of stale temporaries, ``efficientps_d2``'s loggers in ``log.txt``, naive SyncBN and DDP
+without device ids on the CPU, the data check (before training and before ``--eval-only``),
+strict weight loading (``train.allow_partial_weights`` opts in to partial weights), resuming from
+the newest intact checkpoint, the AMP precision, and the panoptic pictures in tensorboard
+(``train.vis_period``, as VIS_PERIOD). ``train.tta`` is TEST.AUG: test-time augmentation after
+training and with ``--eval-only``.
 
 The config follows Detectron2's layout (``configs/common/train.py``): ``train.output_dir``,
-``train.init_checkpoint``, ``train.max_iter``, ``train.amp.enabled``, ``train.ddp``,
-``train.checkpointer`` (``period``, ``max_to_keep``), ``train.eval_period``,
-``train.log_period``, ``train.device``; ``dataloader.evaluator`` is optional.
+``train.init_checkpoint``, ``train.allow_partial_weights``, ``train.max_iter``,
+``train.amp.enabled``, ``train.amp.precision``, ``train.ddp``, ``train.checkpointer``
+(``period``, ``max_to_keep``), ``train.eval_period``, ``train.log_period``, ``train.device``,
+``train.check_pngs``, ``train.vis_period``, ``train.tta`` (``enabled``, ``min_sizes``,
+``max_size``, ``flip``); ``dataloader.evaluator`` is optional.
 """
 
 import logging
+import os
 
 import detectron2.utils.comm as comm
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from omegaconf import OmegaConf
 
-from ..checkpoint import AtomicDetectionCheckpointer, EfficientPSCheckpointer
+from ..data.check import validate_datasets
+from ..visualization import add_panoptic_visualization
 from .lazy_config import load_config
+from .startup import (
+    build_checkpointer,
+    build_trainer,
+    load_for_evaluation,
+    run_settings,
+    start_run,
+    wrap_ddp,
+)
 
-__all__ = ["do_test", "do_train", "main", "setup"]
+__all__ = ["do_test", "do_test_with_tta", "do_train", "main", "setup", "tta_enabled"]
 
 logger = logging.getLogger("efficientps_d2")
 
 
 def setup(args):
-    """Loads ``args.config_file`` with ``args.opts`` (``key=value``) and runs ``default_setup``."""
-    cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
-    if cfg.train.device == "cpu":
-        logger.warning("CUDA is not available: running on the CPU.")
-    return cfg
+    """Loads ``args.config_file`` with ``args.opts`` (``key=value``) and takes the start-up steps
+    of :func:`.startup.start_run` (lock, ``default_setup``, log.txt, ...)."""
+    return start_run(load_config(args.config_file, args.opts), args)
 
 
 def do_test(cfg, model):
     """Evaluates ``model`` on ``dataloader.test`` with ``dataloader.evaluator``; {} without one."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    return _evaluate(cfg, model, instantiate(cfg.dataloader.evaluator))
+
+
+def tta_enabled(cfg):
+    """Whether ``train.tta.enabled`` (the LazyConfig twin of TEST.AUG.ENABLED)."""
+    tta = cfg.train.get("tta", None)
+    return bool(tta is not None and tta.enabled)
+
+
+def do_test_with_tta(cfg, model):
+    """:func:`do_test` through :class:`EfficientPSWithTTA` with ``train.tta``'s sizes and flip; the
+    results are named "<task>_TTA" and the evaluator writes to ``<output_dir>/inference_TTA``."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    from ..modeling.test_time_augmentation import EfficientPSWithTTA
+
+    tta, predictor = cfg.train.tta, cfg.model.roi_heads.box_predictor
+    tta_model = EfficientPSWithTTA(
+        None,
+        model,
+        min_sizes=list(tta.min_sizes),
+        max_size=tta.max_size,
+        flip=tta.flip,
+        nms_thresh=predictor.test_nms_thresh,
+        detections_per_image=predictor.test_topk_per_image,
     )
+    evaluator = OmegaConf.to_container(cfg.dataloader.evaluator, resolve=True)
+    evaluator["output_folder"] = os.path.join(cfg.train.output_dir, "inference_TTA")
+    return _evaluate(cfg, tta_model, instantiate(evaluator), suffix="_TTA")
+
+
+def _evaluate(cfg, model, evaluator, suffix=""):
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    results = {f"{task}{suffix}": value for task, value in results.items()}
     if comm.is_main_process() and results:
         print_csv_format(results)
     return results
@@ -55,13 +103,13 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
-        model, train_loader, optimizer
-    )
-    checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    model = wrap_ddp(model, cfg.train.device, **cfg.train.ddp)
+    settings = run_settings(cfg)
+    trainer = build_trainer(model, train_loader, optimizer, settings)
+    checkpointer = build_checkpointer(model, settings, trainer=trainer)
     main_process = comm.is_main_process()
-    trainer.register_hooks(
+    hook_list = add_panoptic_visualization(  # with train.vis_period > 0
+        cfg,
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -79,8 +127,11 @@ def do_train(args, cfg):
                 if main_process
                 else None
             ),
-        ]
+        ],
     )
+    if tta_enabled(cfg):  # after training, as the YAML flow's TEST.AUG.ENABLED
+        hook_list.append(hooks.EvalHook(0, lambda: do_test_with_tta(cfg, model)))
+    trainer.register_hooks(hook_list)
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
@@ -89,13 +140,15 @@ def do_train(args, cfg):
 def main(args):
     """train_net.py's entry for a ``.py`` config: train, or with ``--eval-only`` evaluate."""
     cfg = setup(args)
+    # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
+    validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        model = create_ddp_model(model)
-        # Evaluating a checkpoint that does not fit the model is always a mistake: refuse it.
-        EfficientPSCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
-        )
-        return do_test(cfg, model)
+        model = wrap_ddp(model, cfg.train.device)
+        load_for_evaluation(model, run_settings(cfg), resume=args.resume)
+        results = do_test(cfg, model)
+        if tta_enabled(cfg):
+            results.update(do_test_with_tta(cfg, model))
+        return results
     do_train(args, cfg)

@@ -36,10 +36,11 @@ instances one by one (the reference behaviour, kept in ``tests/test_fast_paths.p
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
+from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import Instances
 from torch.nn import functional as F
 
-__all__ = ["panoptic_fusion"]
+__all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
 _REQUIRED_FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_mask_logits")
 
@@ -100,27 +101,6 @@ def _paste_mask_logits_batched(
     # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
     # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
     return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[:, 0]
-
-
-def _paste_mask_logits(
-    mask_logits: torch.Tensor, box: Sequence[float], rows: Tuple[int, int], cols: Tuple[int, int]
-) -> torch.Tensor:
-    """
-    Bilinearly sample one mask onto the pixel crop ``rows x cols`` of its box.
-
-    Args:
-        mask_logits: [1, 1, M, M] float logits.
-        box: (x0, y0, x1, y1) in image pixels, with x1 > x0 and y1 > y0.
-        rows, cols: [start, end) pixel ranges of the crop.
-
-    Returns:
-        [h, w] logits for the crop.
-    """
-    device = mask_logits.device
-    boxes = torch.tensor([list(box)], dtype=torch.float32, device=device)
-    origins = torch.tensor([[rows[0], cols[0]]], device=device)
-    size = (rows[1] - rows[0], cols[1] - cols[0])
-    return _paste_mask_logits_batched(mask_logits, boxes, origins, size)[0]
 
 
 def _class_max(sem: torch.Tensor, class_ids: List[int]) -> torch.Tensor:
@@ -509,3 +489,62 @@ def _fuse_by_scatter(
         winner.scatter_reduce_(0, flat.flatten(), own.flatten(), "amin")
     best_idx = torch.where(winner > num, 0, winner).to(torch.int32).view(height, width)
     return best_idx, kept
+
+
+def panoptic_postprocess(
+    sem_seg_logits: torch.Tensor,
+    detections: Instances,
+    image_size: Tuple[int, int],
+    height: int,
+    width: int,
+    *,
+    thing_semantic_ids: Sequence[int],
+    confidence_thresh: float,
+    overlap_thresh: float,
+    stuff_area_limit: int,
+    mask_logit_scale: float,
+) -> Dict:
+    """
+    One image's network outputs -> EfficientPS's output dict at (height, width): the eager model
+    and an exported one (``efficientps_d2.export``) both end here.
+
+    Args:
+        sem_seg_logits: (C, H_pad, W_pad) logits of the padded input; only its top-left
+            ``image_size`` is the image.
+        detections: Instances at ``image_size`` (see :func:`panoptic_fusion`; ``pred_classes``
+            are thing ids 0..T-1).
+        image_size: (h, w) of the network's input image, before padding.
+        height, width: the output size.
+        thing_semantic_ids, confidence_thresh, overlap_thresh, stuff_area_limit,
+            mask_logit_scale: as for :func:`panoptic_fusion`.
+
+    Returns:
+        {"sem_seg": (C, height, width) logits, "instances": the detections at (height, width)
+        with all-class ``pred_classes``, "panoptic_seg": (int32 (height, width) segment ids,
+        segments_info with all-class category ids)}.
+    """
+    if (height, width) == tuple(image_size):
+        # What sem_seg_postprocess gives, without its same-size (identity) interpolation.
+        sem_seg = sem_seg_logits[:, :height, :width]
+    else:
+        sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
+    instances = detector_postprocess(detections, height, width)
+    panoptic_seg, segments_info = panoptic_fusion(
+        sem_seg,
+        instances,
+        thing_semantic_ids=thing_semantic_ids,
+        confidence_thresh=confidence_thresh,
+        overlap_thresh=overlap_thresh,
+        stuff_area_limit=stuff_area_limit,
+        mask_logit_scale=mask_logit_scale,
+    )
+    # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect the
+    # all-class contiguous ids of the "standard" panoptic metadata, which the fusion already gives.
+    classes = instances.pred_classes
+    thing_ids = torch.as_tensor([int(i) for i in thing_semantic_ids], dtype=torch.long)
+    instances.pred_classes = thing_ids.to(classes.device)[classes]
+    return {
+        "sem_seg": sem_seg,
+        "instances": instances,
+        "panoptic_seg": (panoptic_seg, segments_info),
+    }

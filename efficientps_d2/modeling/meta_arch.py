@@ -7,7 +7,6 @@ from typing import Dict, List
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
-from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ..data.metadata import thing_semantic_ids_from_config
@@ -17,7 +16,7 @@ from .fast_inference import (
     build_inference_network,
     rpn_proposals,
 )
-from .fusion import panoptic_fusion
+from .fusion import panoptic_postprocess
 
 
 @META_ARCH_REGISTRY.register()
@@ -66,9 +65,9 @@ class EfficientPS(GeneralizedRCNN):
     ):
         super().__init__(**kwargs)
         self.sem_seg_head = sem_seg_head
-        self.register_buffer(
-            "thing_semantic_ids", torch.as_tensor(thing_semantic_ids, dtype=torch.long), False
-        )
+        # A Python list, not a buffer: the fusion needs the ids on the host (a buffer on the GPU
+        # would cost it a device read per image); the remap of pred_classes copies it over.
+        self.thing_semantic_ids = [int(i) for i in thing_semantic_ids]
         self.confidence_thresh = confidence_thresh
         self.overlap_thresh = overlap_thresh
         self.stuff_area_limit = stuff_area_limit
@@ -89,7 +88,6 @@ class EfficientPS(GeneralizedRCNN):
             compile_mode=compile_mode,
         )
         self.compile_training = compile_training
-        self._thing_semantic_id_list = [int(i) for i in thing_semantic_ids]
 
     @classmethod
     def from_config(cls, cfg):
@@ -252,32 +250,18 @@ class EfficientPS(GeneralizedRCNN):
         height = height or image_size[0]
         width = width or image_size[1]
         with torch.inference_mode():
-            return self._postprocess(sem_seg_logits, detections, image_size, height, width)
-
-    def _postprocess(self, sem_seg_logits, detections, image_size, height, width):
-        if (height, width) == tuple(image_size):
-            # What sem_seg_postprocess gives, without its same-size (identity) interpolation.
-            sem_seg = sem_seg_logits[:, :height, :width]
-        else:
-            sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
-        instances = detector_postprocess(detections, height, width)
-        panoptic_seg, segments_info = panoptic_fusion(
-            sem_seg,
-            instances,
-            thing_semantic_ids=self._thing_semantic_id_list,
-            confidence_thresh=self.confidence_thresh,
-            overlap_thresh=self.overlap_thresh,
-            stuff_area_limit=self.stuff_area_limit,
-            mask_logit_scale=self.mask_logit_scale,
-        )
-        # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect
-        # the all-class contiguous ids of the "standard" panoptic metadata, which the fusion gives.
-        instances.pred_classes = self.thing_semantic_ids[instances.pred_classes]
-        return {
-            "sem_seg": sem_seg,
-            "instances": instances,
-            "panoptic_seg": (panoptic_seg, segments_info),
-        }
+            return panoptic_postprocess(
+                sem_seg_logits,
+                detections,
+                image_size,
+                height,
+                width,
+                thing_semantic_ids=self.thing_semantic_ids,
+                confidence_thresh=self.confidence_thresh,
+                overlap_thresh=self.overlap_thresh,
+                stuff_area_limit=self.stuff_area_limit,
+                mask_logit_scale=self.mask_logit_scale,
+            )
 
 
 @contextlib.contextmanager

@@ -55,9 +55,22 @@ class EfficientPSWithTTA(nn.Module):
         batch_size: most augmented images per network call; only images of one size share a
             call (an image and its mirror image do), so batches need no padding.
         min_sizes, max_size, flip: override the config's TEST.AUG values.
+        nms_thresh, detections_per_image: override MODEL.ROI_HEADS.NMS_THRESH_TEST and
+            TEST.DETECTIONS_PER_IMAGE. With all five given, ``cfg`` may be None (LazyConfig runs).
     """
 
-    def __init__(self, cfg, model, *, batch_size=2, min_sizes=None, max_size=None, flip=None):
+    def __init__(
+        self,
+        cfg,
+        model,
+        *,
+        batch_size=2,
+        min_sizes=None,
+        max_size=None,
+        flip=None,
+        nms_thresh=None,
+        detections_per_image=None,
+    ):
         super().__init__()
         if isinstance(model, DistributedDataParallel):
             model = model.module
@@ -65,17 +78,25 @@ class EfficientPSWithTTA(nn.Module):
             raise TypeError(
                 f"EfficientPSWithTTA needs an EfficientPS model, got {type(model).__name__}."
             )
-        tta = tta_config(cfg)
+        if cfg is not None:
+            tta = tta_config(cfg)
+            min_sizes = tta.MIN_SIZES if min_sizes is None else min_sizes
+            max_size = tta.MAX_SIZE if max_size is None else max_size
+            flip = tta.FLIP if flip is None else flip
+            if nms_thresh is None:
+                nms_thresh = cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST
+            if detections_per_image is None:
+                detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
         self.model = model
-        self.min_sizes = [int(s) for s in (tta.MIN_SIZES if min_sizes is None else min_sizes)]
-        self.max_size = int(tta.MAX_SIZE if max_size is None else max_size)
-        self.flip = bool(tta.FLIP if flip is None else flip)
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+        self.flip = bool(flip)
         if not self.min_sizes or any(s <= 0 for s in self.min_sizes):
             raise ValueError(f"TEST.AUG.MIN_SIZES must list positive sizes, got {self.min_sizes}.")
         if self.max_size <= 0:
             raise ValueError(f"TEST.AUG.MAX_SIZE must be positive, got {self.max_size}.")
-        self.nms_thresh = cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST
-        self.detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
         self.batch_size = max(1, int(batch_size))
 
     def forward(self, batched_inputs):

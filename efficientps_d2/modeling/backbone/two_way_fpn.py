@@ -19,23 +19,26 @@ class TwoWayFPN(Backbone):
 
     ``forward(x)`` returns {"p2": stride 4, "p3": 8, "p4": 16, "p5": 32 [, "p6": 64]}, each with
     ``out_channels`` channels, so Detectron2's RPN and ROI heads read it like its own FPN.
+
+    The bottom-up network is any backbone with outputs at strides 4, 8, 16 and 32; its weights are
+    ``bottom_up.*`` in the state dict, whichever network it is.
     """
 
     def __init__(self, *, bottom_up, in_features, out_channels=256, norm="BN", top_block=False):
+        """
+        Args:
+            bottom_up: any Detectron2 ``Backbone`` (it needs ``output_shape()``) whose outputs
+                include four feature maps at strides 4, 8, 16 and 32, e.g. :class:`EfficientNet`
+                ("stride4" ... "stride32") or Detectron2's ``ResNet`` ("res2" ... "res5").
+            in_features: the names of those four outputs, finest first.
+            out_channels: channels of every output level.
+            norm: norm after every conv (then LeakyReLU), as for ``get_norm``, plus "" and any GN.
+            top_block: add a "p6" level (stride 64) max-pooled from "p5".
+        """
         super().__init__()
         shapes = bottom_up.output_shape()
-        missing = [f for f in in_features if f not in shapes]
-        if missing:
-            raise ValueError(
-                f"MODEL.TWO_WAY_FPN.IN_FEATURES names {missing}, which the backbone does not "
-                f"output (it outputs {list(shapes)})."
-            )
+        check_bottom_up_features(bottom_up, shapes, in_features)
         strides = [shapes[f].stride for f in in_features]
-        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-            raise ValueError(
-                "MODEL.TWO_WAY_FPN.IN_FEATURES must be finest first with strides doubling, got "
-                f"strides {strides}."
-            )
         self.bottom_up = bottom_up
         self.in_features = list(in_features)
         self.top_down_laterals = nn.ModuleList(
@@ -93,14 +96,95 @@ def _downsample_to(x, size):
     return pooled
 
 
-@BACKBONE_REGISTRY.register()
-def build_efficientnet_two_way_fpn_backbone(cfg, input_shape):
-    """EfficientNet + 2-way FPN (MODEL.BACKBONE.NAME: "build_efficientnet_two_way_fpn_backbone")."""
+# The levels the 2-way FPN (and EfficientPS's heads, which read p2-p5) are defined on.
+REQUIRED_STRIDES = (4, 8, 16, 32)
+
+
+def check_bottom_up_features(bottom_up, shapes, in_features):
+    """Raises ValueError unless ``in_features`` names four outputs of ``bottom_up`` (whose
+    ``output_shape()`` is ``shapes``) at strides 4, 8, 16 and 32, finest first.
+
+    The message names MODEL.TWO_WAY_FPN.IN_FEATURES, what the backbone outputs (names and strides)
+    and what is wrong, so a backbone that cannot feed the FPN is refused before any work.
+    """
+    in_features = list(in_features)
+    missing = [f for f in in_features if f not in shapes]
+    strides = [shapes[f].stride for f in in_features if f in shapes]
+    if not missing and tuple(strides) == REQUIRED_STRIDES:
+        return
+    found = ", ".join(f"'{name}' (stride {spec.stride})" for name, spec in shapes.items())
+    if missing:
+        problem = f"it does not output {missing}"
+    elif len(in_features) != len(REQUIRED_STRIDES):
+        problem = f"{len(in_features)} features are named, the FPN needs {len(REQUIRED_STRIDES)}"
+    else:
+        problem = f"the named features have strides {strides}"
+    raise ValueError(
+        f"The 2-way FPN needs four bottom-up features at strides {list(REQUIRED_STRIDES)}, named "
+        f"finest first in MODEL.TWO_WAY_FPN.IN_FEATURES (now {in_features}). The bottom-up "
+        f"backbone ({type(bottom_up).__name__}, built by MODEL.TWO_WAY_FPN.BOTTOM_UP) outputs "
+        f"{found or 'nothing'}: {problem}. Name its stride 4-32 outputs in "
+        "MODEL.TWO_WAY_FPN.IN_FEATURES, or make it output them (e.g. MODEL.RESNETS.OUT_FEATURES: "
+        "[res2, res3, res4, res5], MODEL.EFFICIENTNET.OUT_FEATURES: [stride4, ..., stride32])."
+    )
+
+
+# Builders that return a 2-way FPN: never a bottom-up network themselves.
+_TWO_WAY_FPN_BUILDERS = ("build_two_way_fpn_backbone", "build_efficientnet_two_way_fpn_backbone")
+
+
+def build_bottom_up(cfg, input_shape):
+    """The bottom-up backbone that MODEL.TWO_WAY_FPN.BOTTOM_UP names in BACKBONE_REGISTRY."""
+    name = cfg.MODEL.TWO_WAY_FPN.BOTTOM_UP
+    registered = sorted(key for key, _ in BACKBONE_REGISTRY)
+    if name in _TWO_WAY_FPN_BUILDERS or name not in registered:
+        raise ValueError(
+            f"MODEL.TWO_WAY_FPN.BOTTOM_UP must name a bottom-up backbone builder registered in "
+            f"Detectron2's BACKBONE_REGISTRY (other than {list(_TWO_WAY_FPN_BUILDERS)}), got "
+            f"'{name}'. Registered: {[k for k in registered if k not in _TWO_WAY_FPN_BUILDERS]}. "
+            "Register your own with @BACKBONE_REGISTRY.register() before building the model."
+        )
+    bottom_up = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
+    if not callable(getattr(bottom_up, "output_shape", None)):
+        raise ValueError(
+            f"MODEL.TWO_WAY_FPN.BOTTOM_UP '{name}' returned a {type(bottom_up).__name__}, which "
+            "has no output_shape(): the builder must return a detectron2.modeling.Backbone."
+        )
+    return bottom_up
+
+
+def _two_way_fpn(cfg, bottom_up):
     c = cfg.MODEL.TWO_WAY_FPN
     return TwoWayFPN(
-        bottom_up=build_efficientnet_backbone(cfg, input_shape),
+        bottom_up=bottom_up,
         in_features=c.IN_FEATURES,
         out_channels=c.OUT_CHANNELS,
         norm=c.NORM,
         top_block=c.TOP_BLOCK,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_two_way_fpn_backbone(cfg, input_shape):
+    """2-way FPN on the bottom-up backbone named by MODEL.TWO_WAY_FPN.BOTTOM_UP
+    (MODEL.BACKBONE.NAME: "build_two_way_fpn_backbone"), e.g. "build_efficientnet_backbone" or
+    Detectron2's "build_resnet_backbone", with MODEL.TWO_WAY_FPN.IN_FEATURES naming its outputs
+    at strides 4, 8, 16, 32."""
+    return _two_way_fpn(cfg, build_bottom_up(cfg, input_shape))
+
+
+@BACKBONE_REGISTRY.register()
+def build_efficientnet_two_way_fpn_backbone(cfg, input_shape):
+    """EfficientNet + 2-way FPN (MODEL.BACKBONE.NAME: "build_efficientnet_two_way_fpn_backbone").
+
+    The same model (and parameter names) as ``build_two_way_fpn_backbone`` with
+    MODEL.TWO_WAY_FPN.BOTTOM_UP "build_efficientnet_backbone"; kept for configs that name it.
+    """
+    name = cfg.MODEL.TWO_WAY_FPN.BOTTOM_UP
+    if name != "build_efficientnet_backbone":
+        raise ValueError(
+            "MODEL.BACKBONE.NAME 'build_efficientnet_two_way_fpn_backbone' always builds "
+            f"EfficientNet, but MODEL.TWO_WAY_FPN.BOTTOM_UP is '{name}': set MODEL.BACKBONE.NAME "
+            "to 'build_two_way_fpn_backbone' to build the 2-way FPN on it."
+        )
+    return _two_way_fpn(cfg, build_efficientnet_backbone(cfg, input_shape))

@@ -1,0 +1,317 @@
+"""Export to TorchScript and ONNX: the exported model's panoptic output equals the eager model's on
+images of several sizes (other than the traced one), with and without detections; PQ on the
+synthetic validation images; the export tool, demo.py --exported and clear errors."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
+from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+
+import demo
+from efficientps_d2.data import register_panoptic_dataset
+from efficientps_d2.data.synthetic import register_synthetic
+from efficientps_d2.demo import CocoPanopticWriter
+from efficientps_d2.export import FORMAT_VERSION, EfficientPSGraph, export_model, load, postprocess
+from efficientps_d2.tools import export as export_tool
+from tests.common import tiny_config
+
+# ONNX is optional (scripts/setup_env.sh installs it): without it only TorchScript is tested.
+HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+BACKENDS = [
+    "torchscript",
+    pytest.param("onnx", marks=pytest.mark.skipif(not HAVE_ONNX, reason="onnxruntime missing")),
+]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASET = "test_export_synthetic"
+THRESH = 0.6
+# (height, width) of the network input, and the output size asked for (None: the same).
+SIZES = [((80, 112), None), ((71, 133), None), ((128, 96), (64, 48)), ((128, 192), None)]
+# A uniform grey image that the calibrated model below detects nothing in (best score ~0.44).
+EMPTY_VALUE = 96
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The first 3 images of the synthetic validation split (same generator, 128 x 192)."""
+    root = tmp_path_factory.mktemp("datasets")
+    register_synthetic(str(root), prefix=DATASET, num_train=1, num_val=3)
+    return f"{DATASET}_val"
+
+
+@pytest.fixture(scope="module")
+def cfg(dataset):
+    opts = ["DATASETS.TEST", (dataset,), "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", []]
+    opts += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", 6, "MODEL.ROI_HEADS.NUM_CLASSES", 3]
+    opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", THRESH]
+    opts += ["MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH", THRESH]
+    opts += ["MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT", 0, "DATALOADER.NUM_WORKERS", 0]
+    return tiny_config(opts)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    """A randomly initialised model whose box classifier is scaled up so that its scores spread
+    over 0..1: some detections pass THRESH on most images, none on a uniform grey one."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=300.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, cfg, model):
+    """{"torchscript": folder (written by the export tool), "onnx": folder (export_model)}."""
+    work = tmp_path_factory.mktemp("export")
+    DetectionCheckpointer(model, str(work)).save("weights")
+    config_file = work / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    sample = work / "sample.png"
+    cv2.imwrite(str(sample), np.random.RandomState(0).randint(0, 256, (96, 128, 3), np.uint8))
+    args = ["--config-file", str(config_file), "--format", "torchscript"]
+    args += ["--output", str(work / "ts"), "--sample-image", str(sample)]
+    assert export_tool.main(args + ["MODEL.WEIGHTS", str(work / "weights.pth")]) == 0
+    # Traced on 96 x 128: none of SIZES.
+    image = torch.as_tensor(cv2.imread(str(sample))[:, :, ::-1].transpose(2, 0, 1).copy()).float()
+    folders = {"torchscript": str(work / "ts")}
+    if HAVE_ONNX:
+        folders["onnx"] = export_model(model, cfg, str(work / "onnx"), "onnx", sample_image=image)
+        folders["onnx"] = os.path.dirname(folders["onnx"])
+    return folders
+
+
+def _image(height, width, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
+
+
+def _assert_matches(eager, exported):
+    """Same segment id on >= 99.9% of pixels, same segments and classes, same detections."""
+    seg_e, info_e = eager["panoptic_seg"]
+    seg_x, info_x = exported["panoptic_seg"]
+    assert seg_x.dtype == torch.int32 and seg_x.shape == seg_e.shape
+    assert (seg_e == seg_x).float().mean().item() >= 0.999
+    key = [(s["id"], s["isthing"], s["category_id"]) for s in info_e]
+    assert key == [(s["id"], s["isthing"], s["category_id"]) for s in info_x]
+    assert eager["sem_seg"].shape == exported["sem_seg"].shape
+    torch.testing.assert_close(exported["sem_seg"], eager["sem_seg"], rtol=1e-3, atol=1e-3)
+    ie, ix = eager["instances"], exported["instances"]
+    assert ie.image_size == ix.image_size and len(ie) == len(ix)
+    assert torch.equal(ie.pred_classes, ix.pred_classes)
+    torch.testing.assert_close(ix.scores, ie.scores, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ix.pred_boxes.tensor, ie.pred_boxes.tensor, rtol=1e-3, atol=1e-2)
+    if len(ie):
+        assert (ie.pred_masks == ix.pred_masks).float().mean().item() >= 0.999
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_output_matches_eager_on_other_sizes(model, exports, backend):
+    exported = load(exports[backend])
+    assert exported.backend == backend
+    things = 0
+    for seed, (size, output) in enumerate(SIZES):
+        inputs = {"image": _image(*size, seed)}
+        if output:
+            inputs.update(height=output[0], width=output[1])
+        with torch.no_grad():
+            eager = model([inputs])[0]
+        got = exported([inputs])[0]
+        assert got["panoptic_seg"][0].shape == tuple(output or size)
+        _assert_matches(eager, got)
+        things += sum(s["isthing"] for s in got["panoptic_seg"][1])
+    assert things > 0  # the comparison covered thing segments, not only stuff
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_without_detections(model, exports, backend):
+    inputs = {"image": torch.full((3, 80, 112), EMPTY_VALUE, dtype=torch.uint8)}
+    with torch.no_grad():
+        eager = model([inputs])[0]
+    got = load(exports[backend])([inputs])[0]
+    assert len(eager["instances"]) == len(got["instances"]) == 0
+    assert got["instances"].pred_masks.shape == (0, 80, 112)
+    assert all(not s["isthing"] for s in got["panoptic_seg"][1])
+    _assert_matches(eager, got)
+
+
+def test_pq_on_synthetic_val_equals_eager(cfg, model, exports, dataset, tmp_path):
+    """PQ on the first 3 synthetic validation images (a subset of synthetic_panoptic_val, to stay
+    fast), against their real ground truth and against the eager model's own predictions written
+    as ground truth. The untrained model scores PQ ~0 on the former, so the latter is the strict
+    check: eager scores 100 there and the exports must be within 0.1 of it."""
+    loader = build_detection_test_loader(cfg, dataset, mapper=DatasetMapper(cfg, is_train=False))
+    runners = [("eager", model)] + [(b, load(p)) for b, p in exports.items()]
+
+    own = f"{DATASET}_eager_predictions"
+    writer = CocoPanopticWriter(
+        str(tmp_path / "own.json"), str(tmp_path / "own"), MetadataCatalog.get(dataset)
+    )
+    for batch in loader:
+        with torch.no_grad():
+            output = model(batch)[0]
+        x = batch[0]
+        stem = os.path.splitext(os.path.basename(x["file_name"]))[0]
+        writer.add(
+            stem, os.path.basename(x["file_name"]), *output["panoptic_seg"], x["height"], x["width"]
+        )
+    writer.write_json()
+    register_panoptic_dataset(
+        own,
+        image_root=os.path.dirname(x["file_name"]),
+        panoptic_root=str(tmp_path / "own"),
+        panoptic_json=str(tmp_path / "own.json"),
+    )
+    try:
+        pq = {}
+        for data in (dataset, own):
+            loader = build_detection_test_loader(
+                cfg, data, mapper=DatasetMapper(cfg, is_train=False)
+            )
+            for name, runner in runners:
+                evaluator = COCOPanopticEvaluator(data, str(tmp_path / data / name))
+                pq[data, name] = inference_on_dataset(runner, loader, evaluator)["panoptic_seg"][
+                    "PQ"
+                ]
+    finally:
+        DatasetCatalog.remove(own)
+        MetadataCatalog.remove(own)
+    assert pq[own, "eager"] == pytest.approx(100.0)
+    for data in (dataset, own):
+        for backend in exports:
+            assert abs(pq[data, backend] - pq[data, "eager"]) <= 0.1, pq
+
+
+def test_postprocess_of_graph_outputs_is_the_eager_output():
+    """The runtime's glue (resize, fusion, class ids) on the untraced graph equals the eager model,
+    with thing classes that are not semantic classes 0..T-1 (here 3, 4)."""
+    cfg = tiny_config(["MODEL.PANOPTIC_FUSION.STUFF_AREA_LIMIT", 0])
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = THRESH
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=300.0)
+    torch.nn.init.constant_(model.roi_heads.mask_head.predictor.bias, 2.0)  # things win pixels
+    graph = EfficientPSGraph(model).eval()
+    fusion = {k: getattr(model, k) for k in ("overlap_thresh", "stuff_area_limit")}
+    fusion.update(confidence_thresh=THRESH, mask_logit_scale=model.mask_logit_scale)
+    image = _image(72, 100, seed=0)
+    with torch.no_grad():
+        eager = model([{"image": image, "height": 36, "width": 50}])[0]
+        got = postprocess(*graph(image.float()), 36, 50, thing_semantic_ids=[3, 4], **fusion)
+    assert any(s["isthing"] for s in got["panoptic_seg"][1])
+    assert set(got["instances"].pred_classes.tolist()) <= {3, 4}
+    _assert_matches(eager, got)
+
+
+def test_manifest_describes_the_runtime(exports, cfg, dataset):
+    with open(os.path.join(exports["torchscript"], "efficientps_export.json")) as f:
+        manifest = json.load(f)
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["backend"] == "torchscript"
+    assert manifest["thing_semantic_ids"] == [0, 1, 2]
+    assert manifest["is_thing"] == [True, True, True, False, False, False]
+    assert manifest["metadata"]["stuff_classes"] == MetadataCatalog.get(dataset).stuff_classes
+    assert manifest["input_format"] == "RGB" and manifest["size_divisibility"] == 32
+    assert manifest["pixel_mean"] == pytest.approx(list(cfg.MODEL.PIXEL_MEAN))
+    assert manifest["fusion"]["confidence_thresh"] == THRESH
+
+
+def test_torchscript_runs_without_efficientps_d2(exports):
+    """torch.jit.load + torchvision alone run the graph: no model code, config or registry."""
+    script = (
+        "import sys, torch, torchvision\n"
+        f"m = torch.jit.load({os.path.join(exports['torchscript'], 'model.ts')!r})\n"
+        "out = m(torch.rand(3, 75, 101) * 255)\n"
+        "assert out[0].shape == (6, 75, 101) and out[1].shape[1] == 4, [o.shape for o in out]\n"
+        "assert not [k for k in sys.modules if k.startswith(('efficientps_d2', 'detectron2'))]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd="/", env=env, timeout=300)
+
+
+def test_demo_runs_an_export(exports, tmp_path):
+    image = tmp_path / "in.png"
+    cv2.imwrite(str(image), np.random.RandomState(1).randint(0, 256, (90, 140, 3), np.uint8))
+    for backend, folder in exports.items():
+        out = tmp_path / backend
+        args = ["--exported", folder, "--input", str(image), "--output", str(out)]
+        assert demo.main(args + ["--save-panoptic"]) == 0
+        assert cv2.imread(str(out / "in.png")).shape == (90, 140, 3)
+        with open(out / "predictions.json") as f:
+            assert len(json.load(f)["annotations"]) == 1
+    args = ["--exported", exports["torchscript"], "--input", str(image), "--output", str(tmp_path)]
+    assert demo.main(args + ["--confidence-threshold", "0.3"]) == 1
+
+
+def test_bad_artifacts_are_named(exports, tmp_path):
+    with pytest.raises(ValueError, match="no efficientps_export.json"):
+        load(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        load(str(tmp_path / "missing"))
+    for backend, folder in exports.items():
+        copy = tmp_path / backend
+        shutil.copytree(folder, copy)
+        manifest_file = copy / "efficientps_export.json"
+        manifest = json.loads(manifest_file.read_text())
+        model_file = copy / manifest["model_file"]
+        model_file.write_bytes(b"not a model")
+        with pytest.raises(ValueError, match=f"{model_file.name}' is not a loadable"):
+            load(str(copy))
+        model_file.unlink()
+        with pytest.raises(ValueError, match="lacks its model file"):
+            load(str(copy))
+        shutil.copy(os.path.join(folder, manifest["model_file"]), model_file)
+        manifest_file.write_text(json.dumps(dict(manifest, format_version=FORMAT_VERSION + 1)))
+        with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}"):
+            load(str(copy))
+        manifest_file.write_text(json.dumps(dict(manifest, format="something else")))
+        with pytest.raises(ValueError, match="is not an EfficientPS export description"):
+            load(str(copy / manifest["model_file"]))
+        manifest_file.write_text("{broken")
+        with pytest.raises(ValueError, match="not a readable export description"):
+            load(str(copy))
+
+
+def test_unsupported_exports_say_what_and_why(cfg, model, tmp_path, capsys):
+    with pytest.raises(ValueError, match="Unknown export format 'tflite'"):
+        export_model(model, cfg, str(tmp_path / "a"), "tflite")
+    with pytest.raises(ValueError, match="eval mode"):
+        export_model(model.train(), cfg, str(tmp_path / "a"), "torchscript")
+    model.eval()
+    with pytest.raises(TypeError, match="Only EfficientPS"):
+        export_model(torch.nn.Linear(1, 1), cfg, str(tmp_path / "a"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty folder"):
+        export_model(model, cfg, str(tmp_path / "busy"))
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    base = ["--config-file", str(config_file), "--format", "torchscript"]
+    base += ["--output", str(tmp_path / "o")]
+    assert export_tool.main(base + ["TEST.AUG.ENABLED", "True"]) == 1
+    assert "test-time augmentation" in capsys.readouterr().err
+    assert export_tool.main(base + ["MODEL.MASK_ON", "False"]) == 1
+    assert "MODEL.MASK_ON" in capsys.readouterr().err
+    assert export_tool.main(base + ["--sample-image", str(config_file)]) == 1
+    assert "not a readable image" in capsys.readouterr().err
+    lazy = ["--config-file", "configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.py"]
+    assert export_tool.main(lazy + base[2:]) == 1
+    assert "efficientps_b0_quick.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders

@@ -1,0 +1,180 @@
+"""train_net.py's start-up steps (efficientps_d2.engine.startup, efficientps_d2.data.check), shared
+by YAML and LazyConfig runs: the same checks, each naming its own config's keys."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import instantiate
+from detectron2.data import transforms as T
+from omegaconf import OmegaConf
+
+from efficientps_d2.atomic_io import temporary_path
+from efficientps_d2.checkpoint import CheckpointMismatchError
+from efficientps_d2.data.check import DataCheckError, data_use, validate_datasets
+from efficientps_d2.engine import load_config, startup
+from efficientps_d2.visualization import add_panoptic_visualization
+
+from .test_lazy_config import CONFIGS, QUICK_PY, TINY
+from .test_train_net import data_with_grayscale_png, train_net
+
+QUICK_YAML = QUICK_PY[: -len(".py")] + ".yaml"
+
+
+def test_yaml_and_lazy_twins_give_the_same_start_up_settings():
+    yaml_cfg, py_cfg = load_config(QUICK_YAML), load_config(QUICK_PY)
+    a, b = startup.run_settings(yaml_cfg), startup.run_settings(py_cfg)
+    assert (a.device, a.weights, a.allow_partial_weights, a.amp_enabled, a.amp_precision) == (
+        b.device,
+        b.weights,
+        b.allow_partial_weights,
+        b.amp_enabled,
+        b.amp_precision,
+    )
+    assert b.keys["allow_partial_weights"] == "train.allow_partial_weights"
+    yaml_use, py_use = data_use(yaml_cfg), data_use(py_cfg)
+    for field in ("train", "test", "num_classes", "num_things", "check_pngs"):
+        assert getattr(yaml_use, field) == getattr(py_use, field), field
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("model.sem_seg_head.num_classes", 5), ("model.roi_heads.num_classes", 2)],
+)
+def test_lazy_class_count_mismatch_names_the_lazy_key(key, value):
+    cfg = load_config(QUICK_PY, [f"{key}={value}"])
+    with pytest.raises(DataCheckError, match=f"{key} is {value} but data set 'synthetic_panoptic"):
+        validate_datasets(cfg)
+
+
+def test_lazy_unknown_dataset_name_names_the_lazy_key():
+    cfg = load_config(QUICK_PY, ["dataloader.test.dataset.names=synthetic_panoptc_val"])
+    with pytest.raises(DataCheckError, match="dataloader.test.dataset.names names data set") as e:
+        validate_datasets(cfg, training=False)
+    assert "synthetic_panoptic_val" in str(e.value)  # the closest registered name
+
+
+def test_cpu_runs_use_naive_sync_bn_for_every_syncbn_norm_of_both_kinds():
+    name = os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_b5")
+    yaml_cfg = load_config(name + ".yaml", ["MODEL.DEVICE", "cpu"])
+    py_cfg = load_config(name + ".py", ["train.device=cpu"])
+    assert len(startup.use_naive_sync_bn(yaml_cfg)) == 5
+    changed = startup.use_naive_sync_bn(py_cfg)
+    assert "model.roi_heads.mask_head.conv_norm" in changed and len(changed) == 5
+    assert "SyncBN" not in OmegaConf.to_yaml(py_cfg.model).replace("naiveSyncBN", "")
+    # On CUDA nothing changes.
+    on_cuda = load_config(name + ".py")
+    on_cuda.train.device = "cuda"  # load_config chose "cpu" on a machine without CUDA
+    assert startup.use_naive_sync_bn(on_cuda) == []
+
+
+def test_cpu_ddp_gets_no_device_ids(monkeypatch):
+    calls = []
+    monkeypatch.setattr(startup, "create_ddp_model", lambda model, **kw: calls.append(kw) or model)
+    startup.wrap_ddp(torch.nn.Linear(1, 1), "cpu", broadcast_buffers=False)
+    startup.wrap_ddp(torch.nn.Linear(1, 1), "cuda:0")
+    assert calls == [
+        {"device_ids": None, "broadcast_buffers": False},
+        {"device_ids": [0]},  # the local rank of a single process
+    ]
+
+
+def test_lazy_amp_precision_is_checked_and_named():
+    settings = startup.run_settings(load_config(QUICK_PY, ["train.amp.precision=float64"]))
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="train.amp.precision must be one of"):
+        startup.build_trainer(model, [], optimizer, settings)
+
+
+def test_lazy_partial_weights_refused_unless_opted_in(tmp_path):
+    cfg = load_config(QUICK_PY, [*TINY, f"train.output_dir={tmp_path}"])
+    model = instantiate(cfg.model)
+    weights = str(tmp_path / "backbone.pth")
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    torch.save({"model": backbone}, weights)
+    with pytest.raises(CheckpointMismatchError, match="Set train.allow_partial_weights True"):
+        startup.build_checkpointer(model, startup.run_settings(cfg)).resume_or_load(weights)
+    cfg.train.allow_partial_weights = True
+    startup.build_checkpointer(model, startup.run_settings(cfg)).resume_or_load(weights)
+    # Evaluation refuses tensors of another shape whatever train.allow_partial_weights says.
+    state = model.state_dict()
+    state["sem_seg_head.predictor.weight"] = torch.zeros(1)
+    misfit = str(tmp_path / "misfit.pth")
+    torch.save({"model": state}, misfit)
+    settings = dataclasses.replace(startup.run_settings(cfg), weights=misfit)
+    with pytest.raises(CheckpointMismatchError, match="was made for another model"):
+        startup.load_for_evaluation(model, settings, resume=False)
+
+
+def test_lazy_run_refuses_partial_weights_before_training(tmp_path, data_root):
+    cfg = load_config(QUICK_PY, TINY)
+    model = instantiate(cfg.model)
+    weights = str(tmp_path / "backbone.pth")
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    torch.save({"model": backbone}, weights)
+    out_dir = tmp_path / "run"
+    # A checkpoint write killed by an earlier run left its temporary file: removed under the lock.
+    stale = temporary_path(str(out_dir / "model_0000001.pth"))
+    os.makedirs(out_dir, exist_ok=True)
+    open(stale, "wb").close()
+    args = [*TINY, "train.max_iter=2", f"train.init_checkpoint={weights}"]
+    proc = train_net([*args, f"train.output_dir={out_dir}"], data_root, config_file=QUICK_PY)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert f"Checkpoint '{weights}' lacks" in out and "train.allow_partial_weights" in out
+    assert "Starting training" not in out
+    assert not os.path.exists(stale)
+    assert os.path.exists(out_dir / ".train_net.lock")
+    with open(out_dir / "log.txt") as f:  # our loggers reach log.txt, after the data check ran
+        assert "efficientps_d2.data.check INFO: Checked data set 'synthetic_panoptic_train'" in (
+            f.read()
+        )
+
+
+def test_lazy_run_refuses_a_bad_panoptic_png_before_training(tmp_path, data_root):
+    root, png = data_with_grayscale_png(tmp_path, data_root)
+    out_dir = tmp_path / "run"
+    args = [*TINY, "train.max_iter=2", f"train.output_dir={out_dir}"]
+    proc = train_net(args, str(root), config_file=QUICK_PY)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert f"Panoptic PNG '{png}' has mode L" in out
+    assert "Starting training" not in out
+    assert not list(out_dir.glob("*.pth"))
+
+
+def test_lazy_vis_period_draws_the_same_picture_inputs_as_vis_period():
+    yaml_cfg = load_config(QUICK_YAML, ["VIS_PERIOD", "3"])
+    py_cfg = load_config(QUICK_PY, ["train.vis_period=3"])
+    hooks = [add_panoptic_visualization(c, [])[0] for c in (yaml_cfg, py_cfg)]
+    assert [(h._period, h._dataset_name, h._input_format) for h in hooks] == 2 * [
+        (3, "synthetic_panoptic_train", "RGB")
+    ]
+    for height, width in ((128, 192), (100, 300), (400, 200)):
+        image = np.zeros((height, width, 3), np.uint8)
+        shapes = set()
+        for hook in hooks:
+            aug_input = T.AugInput(image)
+            hook._augmentations(aug_input)
+            shapes.add(aug_input.image.shape)
+        assert len(shapes) == 1, shapes
+    assert add_panoptic_visualization(load_config(QUICK_PY), []) == []  # vis_period 0: none
+
+
+def test_lazy_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    settings = startup.run_settings(load_config(QUICK_PY, [f"train.output_dir={tmp_path}"]))
+    model = torch.nn.Linear(2, 2)
+    checkpointer = startup.build_checkpointer(model, settings)
+    checkpointer.save("model_0000001")
+    intact = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    checkpointer.save("model_0000002")
+    with open(tmp_path / "model_0000002.pth", "r+b") as f:  # killed while the disk filled up
+        f.truncate(10)
+    os.utime(tmp_path / "model_0000001.pth", (1, 1))  # older
+    startup.build_checkpointer(model, settings).resume_or_load(settings.weights, resume=True)
+    assert torch.equal(model.weight, intact)
