@@ -29,6 +29,7 @@ train.max_iter = 300
 train.checkpointer.period = 100
 train.eval_period = 0
 train.output_dir = "./output/synthetic_b0_quick_lazy"
+train.seed = 1  # fixed, as SEED in the YAML twin, so that results can be reproduced
 train.tta.min_sizes = [96, 128, 160]
 train.tta.max_size = 256
 lr_multiplier.steps = [225, 275]
