@@ -108,7 +108,11 @@ def _is_foldable_norm(module) -> bool:
 
 @torch.no_grad()
 def _fold_norm_into_conv(conv: nn.Conv2d, norm) -> None:
-    """conv <- norm(conv(.)) with the norm's running statistics (its inference behaviour)."""
+    """conv <- norm(conv(.)) with the norm's running statistics (its inference behaviour).
+
+    What torch's ``fuse_conv_bn_weights`` computes, but in float64 and into a weight of the conv's
+    own memory format: folded in float32, near-tie pixels of the panoptic map flip.
+    """
     weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_mean)
     bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
     scale = weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
