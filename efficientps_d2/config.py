@@ -196,6 +196,12 @@ def tta_config(cfg):
     return aug
 
 
+def is_yaml_config(cfg) -> bool:
+    """True for a YAML-style config (``CfgNode``, keys like MODEL.WEIGHTS), False for a
+    Detectron2 LazyConfig (``DictConfig`` with ``model``, ``train``, ``dataloader``)."""
+    return hasattr(cfg, "MODEL")
+
+
 def setup_cfg(config_file, opts=(), *, freeze=True):
     """The config of a run: Detectron2's defaults, EfficientPS's keys, a config file, then ``opts``.
 

@@ -23,6 +23,8 @@ from detectron2.utils import comm
 from detectron2.utils.visualizer import Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import is_yaml_config
+
 __all__ = [
     "PanopticVisualizationHook",
     "add_panoptic_visualization",
@@ -109,7 +111,7 @@ class PanopticVisualizationHook(HookBase):
         """From a YAML config (VIS_PERIOD, DATASETS.TRAIN[0], INPUT) or a LazyConfig
         (``train.vis_period``, the first training data set, the test mapper's augmentations and
         ``model.input_format``)."""
-        if not hasattr(cfg, "MODEL"):
+        if not is_yaml_config(cfg):
             from detectron2.config import instantiate
 
             from .data.check import data_use
@@ -190,7 +192,7 @@ class PanopticVisualizationHook(HookBase):
 
 def vis_period(cfg):
     """VIS_PERIOD of a YAML config, ``train.vis_period`` (default 0) of a LazyConfig."""
-    return cfg.VIS_PERIOD if hasattr(cfg, "MODEL") else cfg.train.get("vis_period", 0)
+    return cfg.VIS_PERIOD if is_yaml_config(cfg) else cfg.train.get("vis_period", 0)
 
 
 def add_panoptic_visualization(cfg, hook_list):

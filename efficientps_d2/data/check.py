@@ -37,6 +37,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from ..config import is_yaml_config
+
 __all__ = [
     "DataCheckError",
     "DataUse",
@@ -158,7 +160,7 @@ _LAZY_KEYS = {
 
 def data_use(cfg):
     """The :class:`DataUse` of a YAML (``CfgNode``) or LazyConfig (``DictConfig``) config."""
-    if hasattr(cfg, "MODEL"):
+    if is_yaml_config(cfg):
         return DataUse(
             train=list(cfg.DATASETS.TRAIN),
             test=list(cfg.DATASETS.TEST),

@@ -16,7 +16,7 @@ from detectron2.data import (
 )
 from detectron2.modeling import build_model
 
-from ..config import setup_cfg
+from ..config import is_yaml_config, setup_cfg
 from ..data.metadata import thing_semantic_ids
 
 __all__ = ["ConfigAdapter", "is_lazy_config", "load_config", "thing_semantic_ids_of"]
@@ -76,7 +76,7 @@ class ConfigAdapter:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.lazy = not hasattr(cfg, "MODEL")
+        self.lazy = not is_yaml_config(cfg)
 
     @property
     def device(self):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import EfficientPSCheckpointer
-from ..config import set_amp_precision
+from ..config import is_yaml_config, set_amp_precision
 from ..output_lock import lock_output_dir
 
 __all__ = [
@@ -77,13 +77,9 @@ class RunSettings:
     keys: dict
 
 
-def is_yaml(cfg):
-    return hasattr(cfg, "MODEL")
-
-
 def run_settings(cfg):
     """The :class:`RunSettings` of a YAML (``CfgNode``) or LazyConfig (``DictConfig``) config."""
-    if is_yaml(cfg):
+    if is_yaml_config(cfg):
         return RunSettings(
             output_dir=cfg.OUTPUT_DIR,
             device=cfg.MODEL.DEVICE,
@@ -119,7 +115,7 @@ def use_naive_sync_bn(cfg):
     NaiveSyncBatchNorm syncs the same statistics with all_reduce, which gloo does on the CPU."""
     if run_settings(cfg).device != "cpu":
         return []
-    if is_yaml(cfg):
+    if is_yaml_config(cfg):
         keys = [k for k in YAML_NORM_KEYS if _get(cfg, k) == "SyncBN"]
         for key in keys:
             cfg.merge_from_list([key, "naiveSyncBN"])
@@ -159,7 +155,7 @@ def start_run(cfg, args):
     """
     global _output_dir_lock
     sync_bn_keys = use_naive_sync_bn(cfg)
-    if is_yaml(cfg):
+    if is_yaml_config(cfg):
         cfg.freeze()
     settings = run_settings(cfg)
     lock = None
