@@ -8,7 +8,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from efficientps_d2.engine import ConfigAdapter, load_config
+from efficientps_d2.config_adapter import ConfigAdapter
+from efficientps_d2.engine import load_config
 from efficientps_d2.visualization import IMAGE_NAME
 
 from .test_train_net import REPO, copypaste_results
@@ -95,8 +96,8 @@ def test_lazy_configs_name_the_same_data_weights_and_schedule():
         yaml_cfg = load_config(os.path.join(CONFIGS, name + ".yaml"))
         py_cfg = load_config(os.path.join(CONFIGS, name + ".py"))
         a, b = ConfigAdapter(yaml_cfg), ConfigAdapter(py_cfg)
-        assert a.train_dataset_names() == b.train_dataset_names(), name
-        assert a.test_dataset_names() == b.test_dataset_names(), name
+        assert a.train_dataset_names == b.train_dataset_names, name
+        assert a.test_dataset_names == b.test_dataset_names, name
         assert a.weights == b.weights, name
         assert (yaml_cfg.SOLVER.MAX_ITER, list(yaml_cfg.SOLVER.STEPS)) == (
             py_cfg.train.max_iter,

@@ -28,6 +28,7 @@ from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from omegaconf import OmegaConf
 
+from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..visualization import add_panoptic_visualization
 from .lazy_config import load_config
@@ -35,7 +36,6 @@ from .startup import (
     build_checkpointer,
     build_trainer,
     load_for_evaluation,
-    run_settings,
     start_run,
     wrap_ddp,
 )
@@ -96,17 +96,16 @@ def _evaluate(cfg, model, evaluator, suffix=""):
 
 def do_train(args, cfg):
     """Trains from ``train.init_checkpoint`` (or, with ``args.resume``, the last checkpoint)."""
-    model = instantiate(cfg.model)
-    model.to(cfg.train.device)
+    config = ConfigAdapter(cfg)
+    model = config.build_model()
     logger.info("Model:\n{}".format(model))
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
-    model = wrap_ddp(model, cfg.train.device, **cfg.train.ddp)
-    settings = run_settings(cfg)
-    trainer = build_trainer(model, train_loader, optimizer, settings)
-    checkpointer = build_checkpointer(model, settings, trainer=trainer)
+    train_loader = config.build_train_loader()
+    model = wrap_ddp(model, config.device, **cfg.train.ddp)
+    trainer = build_trainer(model, train_loader, optimizer, config)
+    checkpointer = build_checkpointer(model, config, trainer=trainer)
     main_process = comm.is_main_process()
     hook_list = add_panoptic_visualization(  # with train.vis_period > 0
         cfg,
@@ -132,7 +131,7 @@ def do_train(args, cfg):
     if tta_enabled(cfg):  # after training, as the YAML flow's TEST.AUG.ENABLED
         hook_list.append(hooks.EvalHook(0, lambda: do_test_with_tta(cfg, model)))
     trainer.register_hooks(hook_list)
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    checkpointer.resume_or_load(config.weights, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
 
@@ -143,10 +142,9 @@ def main(args):
     # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
     validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(cfg.train.device)
-        model = wrap_ddp(model, cfg.train.device)
-        load_for_evaluation(model, run_settings(cfg), resume=args.resume)
+        config = ConfigAdapter(cfg)
+        model = wrap_ddp(config.build_model(), config.device)
+        load_for_evaluation(model, config, resume=args.resume)
         results = do_test(cfg, model)
         if tta_enabled(cfg):
             results.update(do_test_with_tta(cfg, model))
