@@ -23,7 +23,6 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, launch
-from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from efficientps_d2 import setup_cfg
@@ -138,7 +137,7 @@ def main(args):
         if tta_config(cfg).ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
-            verify_results(cfg, results)
+            startup.verify_results(cfg, results)
         return results
 
     trainer = Trainer(cfg)

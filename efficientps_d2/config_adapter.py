@@ -43,6 +43,7 @@ _KEYS = {
     ),
     "check_pngs": ("DATASETS.CHECK_PNGS", "train.check_pngs", True),
     "vis_period": ("VIS_PERIOD", "train.vis_period", 0),
+    "expected_results": ("TEST.EXPECTED_RESULTS", "train.expected_results", None),
 }
 
 
@@ -167,6 +168,13 @@ class ConfigAdapter:
     def vis_period(self):
         """VIS_PERIOD / ``train.vis_period`` (default 0): iterations between panoptic pictures."""
         return self._get("vis_period")
+
+    @property
+    def expected_results(self):
+        """TEST.EXPECTED_RESULTS / ``train.expected_results`` (default []): ``[task, metric,
+        expected value, tolerance]`` rows that Detectron2's ``verify_results`` checks, as
+        lists."""
+        return [list(row) for row in self._get("expected_results") or []]
 
     def build_model(self):
         """The model, on :attr:`device`."""

@@ -12,7 +12,9 @@ same steps, each reading its own keys through
 - :func:`build_trainer`: ``AMPTrainer`` (autocast to the configured precision) or ``SimpleTrainer``;
 - :func:`build_checkpointer` / :func:`load_for_evaluation`: strict weight loading (misfits and
   weights that leave tensors random are refused unless opted in; converted ImageNet backbones are
-  accepted), resuming from the newest intact checkpoint.
+  accepted), resuming from the newest intact checkpoint;
+- :func:`verify_results`: Detectron2's check of the results against TEST.EXPECTED_RESULTS
+  (``train.expected_results``).
 
 The data check is :func:`efficientps_d2.data.check.validate_datasets`, which reads either kind.
 """
@@ -20,7 +22,9 @@ The data check is :func:`efficientps_d2.data.check.validate_datasets`, which rea
 import logging
 
 import detectron2.utils.comm as comm
+from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
+from detectron2.evaluation import verify_results as d2_verify_results
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
@@ -36,6 +40,7 @@ __all__ = [
     "load_for_evaluation",
     "start_run",
     "use_naive_sync_bn",
+    "verify_results",
     "wrap_ddp",
 ]
 
@@ -164,3 +169,13 @@ def load_for_evaluation(model, config, *, resume):
     it is refused."""
     _checkpointer(model, config).resume_or_load(config.weights, resume=resume)
     return model
+
+
+def verify_results(cfg, results):
+    """Detectron2's ``verify_results`` for either kind of config: each ``[task, metric, expected,
+    tolerance]`` row of TEST.EXPECTED_RESULTS (``train.expected_results``) is compared with
+    ``results`` ({task: {metric: value}}); a result that is off (or missing) logs both and exits
+    with status 1. Returns True otherwise. Call it on the main process, as Detectron2 does."""
+    expected = ConfigAdapter(cfg).expected_results
+    # Detectron2 reads TEST.EXPECTED_RESULTS; a LazyConfig's rows are passed the same way.
+    return d2_verify_results(CfgNode({"TEST": {"EXPECTED_RESULTS": expected}}), results)
