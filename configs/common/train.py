@@ -23,7 +23,8 @@ train = dict(
     log_period=20,
     device="cuda",
     # Open every panoptic PNG of the train/test data sets before starting and check its mode, size
-    # and ids against segments_info (efficientps_d2.data.check); False checks the json only.
+    # and ids against segments_info (efficientps_d2.data.check; with several processes, on local
+    # rank 0 of each machine only, its verdict shared); False checks the json only.
     check_pngs=True,
     # > 0: every vis_period iterations, the panoptic prediction next to the ground truth of the
     # first training image goes to tensorboard (as VIS_PERIOD; efficientps_d2.visualization).

@@ -12,7 +12,9 @@ PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-t
 - :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
   ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
   ``segments_info`` both ways);
-- :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it.
+- :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it. In a
+  multi-process run the PNG pass (minutes for Cityscapes) runs once per machine, on its local
+  rank 0, and every rank gets the verdict: a fault stops every rank with the same error.
 
 The config is a YAML one or a LazyConfig (``.py``):
 :class:`~efficientps_d2.config_adapter.ConfigAdapter` reads the same settings from either, and the
@@ -35,6 +37,7 @@ from typing import List
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils import comm
 from PIL import Image
 
 from ..config_adapter import ConfigAdapter
@@ -316,21 +319,58 @@ def validate_datasets(cfg, *, training=True):
     Raises :class:`DataCheckError` at the first fault; returns the :class:`DatasetReport` of each
     data set. Panoptic PNGs are opened when ``DATASETS.CHECK_PNGS`` (a LazyConfig's
     ``train.check_pngs``, default True) is True. ``cfg`` is a YAML or a LazyConfig config.
+
+    Every process of a multi-process run calls it: each checks the config and the json, but only
+    the local rank 0 of each machine opens the PNGs (each machine reads its own files); the
+    verdicts are then gathered (``comm.all_gather``), so that every rank raises the same error,
+    or returns the same reports, and none waits for a rank that stopped.
     """
-    check_dataset_names(cfg)
+    check_dataset_names(cfg)  # the config and the registered names: the same on every rank
     check_class_counts(cfg, training=training)
     config = ConfigAdapter(cfg)
     names = (config.train_dataset_names if training else []) + config.test_dataset_names
+    read_pngs = config.check_pngs and comm.get_local_rank() == 0
     reports = []
     for name in dict.fromkeys(names):
-        report = check_dataset(name, pngs=config.check_pngs)
+        report = _check_on_every_rank(name, pngs=read_pngs)
         report.raise_if_errors()
+        shared = " (read on local rank 0)" if comm.get_world_size() > 1 else ""
         logger.info(
             f"Checked data set '{name}': {report.num_images} images, {report.num_segments} "
-            f"segments, {report.pngs_checked} panoptic PNGs in {report.seconds:.2f} s."
+            f"segments, {report.pngs_checked} panoptic PNGs{shared} in {report.seconds:.2f} s."
         )
         reports.append(report)
     return reports
+
+
+def _check_on_every_rank(name, *, pngs):
+    """:func:`check_dataset` on this rank, then, in a multi-process run, the faults found on all
+    ranks merged into its report (PNGs counted as on the ranks that read them). An exception on
+    any rank (a loader error) is raised on every rank: as itself where it happened, as a
+    :class:`DataCheckError` naming that rank and the error elsewhere."""
+    if comm.get_world_size() == 1:
+        return check_dataset(name, pngs=pngs)
+    report, failure = DatasetReport(name), None
+    try:
+        report = check_dataset(name, pngs=pngs)
+    except Exception as e:  # shared below, so that no rank waits for this one in all_gather
+        failure = e
+    verdicts = comm.all_gather(
+        (
+            comm.get_rank(),
+            report.errors,
+            report.pngs_checked,
+            None if failure is None else repr(failure),
+        )
+    )
+    if failure is not None:
+        raise failure
+    for rank, _, _, error in verdicts:
+        if error is not None:
+            raise DataCheckError(f"Data set '{name}' could not be checked on rank {rank}: {error}")
+    report.errors = list(dict.fromkeys(e for _, errors, _, _ in verdicts for e in errors))
+    report.pngs_checked = max(count for _, _, count, _ in verdicts)
+    return report
 
 
 def main(argv=None):
