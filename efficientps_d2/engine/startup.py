@@ -174,8 +174,9 @@ def load_for_evaluation(model, config, *, resume):
 def verify_results(cfg, results):
     """Detectron2's ``verify_results`` for either kind of config: each ``[task, metric, expected,
     tolerance]`` row of TEST.EXPECTED_RESULTS (``train.expected_results``) is compared with
-    ``results`` ({task: {metric: value}}); a result that is off (or missing) logs both and exits
-    with status 1. Returns True otherwise. Call it on the main process, as Detectron2 does."""
+    ``results`` ({task: {metric: value}}); a metric that is off, missing or not finite logs both
+    and exits with status 1. Returns True otherwise. Call it on the main process, as Detectron2
+    does."""
     expected = ConfigAdapter(cfg).expected_results
     # Detectron2 reads TEST.EXPECTED_RESULTS; a LazyConfig's rows are passed the same way.
     return d2_verify_results(CfgNode({"TEST": {"EXPECTED_RESULTS": expected}}), results)
