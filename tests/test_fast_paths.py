@@ -4,6 +4,7 @@ project-then-upsample predictor, and activation checkpointing in the semantic he
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
 
@@ -390,6 +391,26 @@ def test_size_cache_evicts_least_recently_used():
     assert cache.keys() == [(1, 3, 32, 32), (1, 3, 128, 96)]
     with pytest.raises(ValueError, match="CUDA_GRAPH_CACHE_SIZE"):
         SizeLRUCache(0, capture)
+
+
+def test_size_cache_warns_once_when_sizes_outnumber_it():
+    """Three sizes in turn through a cache of two: every call captures again; say so, once."""
+    cache = SizeLRUCache(2, lambda key: key)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # a handler of its own: the logger may not propagate to root
+    logger = logging.getLogger("efficientps_d2.modeling.fast_inference")
+    logger.addHandler(handler)
+    try:
+        for size in [64, 96, 64, 96]:  # fits: nothing dropped
+            cache.get((1, 3, size, size))
+        assert cache.evictions == 0 and not records
+        for size in [128, 64, 96, 128, 64, 96]:
+            cache.get((1, 3, size, size))
+    finally:
+        logger.removeHandler(handler)
+    assert cache.evictions == 6
+    assert len(records) == 1 and "CUDA_GRAPH_CACHE_SIZE (2)" in records[0].getMessage()
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
