@@ -297,7 +297,8 @@ def panoptic_fusion(
     areas = torch.bincount(code.flatten(), minlength=num_classes + num)
     stuff_areas, thing_areas = areas[:num_classes], areas[num_classes:]
     is_stuff = torch.ones(num_classes, dtype=torch.bool, device=device)
-    is_stuff.index_fill_(0, thing_ids, False)
+    # 0 rather than False: torch.jit's tracer (fvcore's FLOP count) takes no bool fill value.
+    is_stuff.index_fill_(0, thing_ids, 0)
     stuff_present = is_stuff & (stuff_areas > 0) & (stuff_areas >= stuff_area_limit)
     thing_present = thing_areas > 0
     if num:
