@@ -366,23 +366,46 @@ def time_dense(models, image, *, device, warmup, repeats):
     return times
 
 
-def gpu_kernel_seconds(run, runs=3):
-    """Mean GPU time of the kernels (and copies) that one ``run()`` launches, from torch.profiler;
-    divided by the wall time it gives the fraction of the run in which the GPU is busy."""
-    from torch.autograd import DeviceType
+# CUDA runtime calls seen by torch.profiler on the host: kernel launches, and the calls that
+# make the host wait for the GPU (a blocking copy in either direction, an explicit sync).
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
+
+
+def gpu_profile(run, runs=3):
+    """What one ``run()`` costs the GPU, from torch.profiler (CPU and CUDA activities), averaged
+    over ``runs``: {"kernel_s": GPU time of its kernels and copies (divided by the wall time, the
+    fraction of the run in which the GPU is busy), "launches": kernel launches, "syncs": times
+    the host waits for the GPU}. Launches and waits are what bind a run to the CPU."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
             run()
         torch.cuda.synchronize()
-    total_us = 0.0
-    for event in prof.key_averages():
+    return summarize_profile(prof.key_averages(), runs, trailing_syncs=1)
+
+
+def summarize_profile(events, runs, trailing_syncs=0):
+    """:func:`gpu_profile`'s numbers from ``key_averages()`` events of ``runs`` runs, less the
+    ``trailing_syncs`` waits the profiling itself added."""
+    from torch.autograd import DeviceType
+
+    kernel_us, launches, syncs = 0.0, 0, -trailing_syncs
+    for event in events:
         if event.device_type == DeviceType.CUDA:
-            total_us += getattr(event, "self_device_time_total", None) or getattr(
+            kernel_us += getattr(event, "self_device_time_total", None) or getattr(
                 event, "self_cuda_time_total", 0
             )
-    return total_us / 1e6 / runs
+        elif event.key in _LAUNCH_CALLS:
+            launches += event.count
+        elif event.key in _SYNC_CALLS:
+            syncs += event.count
+    return {
+        "kernel_s": kernel_us / 1e6 / runs,
+        "launches": launches / runs,
+        "syncs": max(syncs, 0) / runs,
+    }
 
 
 def training_batch(height, width, num_classes, device, seed=0, num_instances=8):
@@ -633,16 +656,23 @@ def markdown(report):
                 _fmt(statistics.median(per_size[z]), 4) if z in per_size else "n/a" for z in sizes
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if report.get("gpu_busy"):
+    if report.get("gpu_profile"):
         lines += [
             "",
-            "GPU-busy fraction (kernel time from torch.profiler / median latency):",
+            "Per image, from torch.profiler: GPU-busy fraction (kernel time / median latency), "
+            "kernel launches, host waits for the GPU (syncs and blocking copies):",
             "",
-            "| model | " + " | ".join(sizes) + " |",
-            "|---|" + "---|" * len(sizes),
+            "| model | size | GPU busy | launches | host waits |",
+            "|---|---|---|---|---|",
         ]
-        for name, per_size in report["gpu_busy"].items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(per_size.get(z)) for z in sizes) + " |")
+        for name, per_size in report["gpu_profile"].items():
+            for z in sizes:
+                if z in per_size:
+                    row = per_size[z]
+                    lines.append(
+                        f"| {name} | {z} | {_fmt(row['busy'])} | {row['launches']:.0f} | "
+                        f"{row['syncs']:.0f} |"
+                    )
     if report.get("training"):
         lines += ["", f"Training at {s['train_size']} (batch 1):", ""]
         lines += ["| model, precision | iterations/s | peak GPU memory (MiB) |", "|---|---|---|"]
@@ -872,8 +902,9 @@ def main(argv=None):
                     with torch.no_grad():
                         run(inputs)
 
-                busy = gpu_kernel_seconds(once) / latency
-                report.setdefault("gpu_busy", {}).setdefault(name, {})[size] = busy
+                profiled = gpu_profile(once)
+                profiled["busy"] = profiled.pop("kernel_s") / latency
+                report.setdefault("gpu_profile", {}).setdefault(name, {})[size] = profiled
             save(next_section=f"{size} extras")
         if not args.no_flops:  # counted on the plain models: the architectures, not the kernels
             ours.fast_inference = False

@@ -94,3 +94,27 @@ def test_quick_mode_settings(benchmark):
     assert (args.warmup, args.repeats, args.no_flops, args.training_memory) == (3, [10], True, "")
     assert args.paths == list(benchmark.PATHS) and args.compile_sizes == ["1024x2048"]
     assert benchmark.parse_args(["--device", "cpu"]).paths == []
+
+
+def test_gpu_profile_counts_launches_and_host_waits(benchmark):
+    """The GPU rows' launches and host waits per image, from torch.profiler's averaged events."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, count, device_type=DeviceType.CPU, device_us=0.0):
+        return SimpleNamespace(
+            key=key, count=count, device_type=device_type, self_device_time_total=device_us
+        )
+
+    events = [
+        event("cudaLaunchKernel", 300),
+        event("cuLaunchKernel", 30),
+        event("cudaStreamSynchronize", 20),
+        event("cudaDeviceSynchronize", 1),  # the profiling's own, at the end
+        event("aten::conv2d", 90),
+        event("void conv_kernel<...>", 90, DeviceType.CUDA, 4500.0),
+        event("Memcpy DtoH (Device -> Pinned)", 20, DeviceType.CUDA, 1500.0),
+    ]
+    summary = benchmark.summarize_profile(events, runs=3, trailing_syncs=1)
+    assert summary == {"kernel_s": 0.002, "launches": 110, "syncs": 20 / 3}

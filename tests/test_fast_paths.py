@@ -4,6 +4,7 @@ project-then-upsample predictor, and activation checkpointing in the semantic he
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
 
@@ -15,6 +16,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficientps_d2.modeling import fusion
 from efficientps_d2.modeling.fast_inference import (
@@ -390,6 +392,26 @@ def test_size_cache_evicts_least_recently_used():
     assert cache.keys() == [(1, 3, 32, 32), (1, 3, 128, 96)]
     with pytest.raises(ValueError, match="CUDA_GRAPH_CACHE_SIZE"):
         SizeLRUCache(0, capture)
+
+
+def test_size_cache_warns_once_when_sizes_outnumber_it():
+    """Three sizes in turn through a cache of two: every call captures again; say so, once."""
+    cache = SizeLRUCache(2, lambda key: key)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # a handler of its own: the logger may not propagate to root
+    logger = logging.getLogger("efficientps_d2.modeling.fast_inference")
+    logger.addHandler(handler)
+    try:
+        for size in [64, 96, 64, 96]:  # fits: nothing dropped
+            cache.get((1, 3, size, size))
+        assert cache.evictions == 0 and not records
+        for size in [128, 64, 96, 128, 64, 96]:
+            cache.get((1, 3, size, size))
+    finally:
+        logger.removeHandler(handler)
+    assert cache.evictions == 6
+    assert len(records) == 1 and "CUDA_GRAPH_CACHE_SIZE (2)" in records[0].getMessage()
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -812,3 +834,44 @@ def test_amp_precision_configures_detectron2s_amp_trainer():
     assert configure_amp_trainer(plain, cfg) is plain and not hasattr(plain, "precision")
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
         configure_amp_trainer(plain, tiny_config(["SOLVER.AMP.PRECISION", "float64"]))
+
+
+class _Convolutions(TorchDispatchMode):
+    """Records each convolution of a step (after autocast's casts) and its backward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.forward, self.backward, self.in_roi_heads = [], [], False
+        model.roi_heads.register_forward_pre_hook(lambda *_: setattr(self, "in_roi_heads", True))
+        model.roi_heads.register_forward_hook(lambda *_: setattr(self, "in_roi_heads", False))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            x, weight = args[0], args[1]
+            layout = x.is_contiguous(memory_format=torch.channels_last)
+            self.forward.append((x.dtype, weight.dtype, layout, self.in_roi_heads, x.shape))
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.backward.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bfloat16_training_convolves_in_bfloat16_and_channels_last():
+    """Under bf16 autocast (SOLVER.AMP.PRECISION bfloat16) every conv of a training step, forward
+    and backward, runs in bfloat16, and the dense network's in the channels-last layout: no layer
+    falls back to float32 or to a layout change, which would cost a GPU step its bf16 speed."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(PERMISSIVE)).train()
+    boxes = [(8, 8, 40, 40), (50, 20, 90, 60)]
+    batch = [training_input(64, 96, boxes, [0, 1], seed=s) for s in (0, 1)]
+    convolutions = _Convolutions(model)
+    with EventStorage(0), convolutions:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(batch)
+        sum(losses.values()).backward()
+    forward = convolutions.forward
+    assert forward and any(roi for *_, roi, _ in forward) and not all(roi for *_, roi, _ in forward)
+    assert {(x, w) for x, w, *_ in forward} == {(torch.bfloat16, torch.bfloat16)}
+    assert set(convolutions.backward) == {torch.bfloat16}
+    # The images themselves come in NCHW (the stem's conv takes them in either layout).
+    dense = [(layout, shape) for _, _, layout, roi, shape in forward if not roi and shape[1] != 3]
+    assert dense and all(layout for layout, _ in dense), [s for ok, s in dense if not ok]

@@ -1,5 +1,6 @@
 """Panoptic fusion on hand-built logits whose right answer is known."""
 
+import collections
 import functools
 import math
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.structures import Boxes, Instances
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficientps_d2.modeling import fusion
 from efficientps_d2.modeling.fusion import _paste_mask_logits_batched
@@ -441,3 +443,83 @@ def test_cuda_matches_cpu():
     assert pan_gpu.device.type == "cuda"
     assert torch.equal(pan_gpu.cpu(), pan)
     assert info_gpu == info
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the operations that, on a GPU, wait for the device: scalar and list reads, nonzero /
+    boolean indexing, equality checks, and tensors made from host data ("upload": torch.tensor,
+    a list used as an index), which reach the GPU by a copy that waits unless made non-blocking.
+    On the CPU they cost nothing, but the fusion's GPU speed rests on how many there are."""
+
+    _SYNCING = {
+        torch.ops.aten._local_scalar_dense.default: "scalar",
+        torch.ops.aten.nonzero.default: "nonzero",
+        torch.ops.aten.masked_select.default: "masked_select",
+        torch.ops.aten.equal.default: "equal",
+        torch.ops.aten.lift_fresh.default: "upload",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __enter__(self):
+        # Tensor.tolist reads the data without dispatching an operator.
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(tensor):
+            self.counts["tolist"] += 1
+            return tolist(tensor)
+
+        self._restore = tolist
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._restore
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self._SYNCING:
+            self.counts[self._SYNCING[func]] += 1
+        elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default):
+            if any(i is not None and i.dtype == torch.bool for i in args[1]):
+                self.counts["boolean index"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def random_scene(k, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sem = torch.randn(6, H, W, generator=generator) * 3
+    xy0 = torch.rand(k, 2, generator=generator) * torch.tensor([W, H]) - 4
+    wh = torch.rand(k, 2, generator=generator) * 20 + 1
+    inst = make_instances(
+        torch.cat([xy0, xy0 + wh], dim=1).tolist(),
+        (torch.rand(k, generator=generator) * 0.5 + 0.5).tolist(),
+        torch.randint(0, 3, (k,), generator=generator).tolist(),
+        list(torch.randn(k, M, M, generator=generator) * 3),
+    )
+    return sem, inst
+
+
+@pytest.mark.parametrize("k", [0, 1, 24])
+def test_device_reads_do_not_grow_with_detections(k, method, monkeypatch):
+    """Two reads per image (the candidates' crop sizes, then every number of segments_info), one
+    non-blocking upload (the thing ids), plus for "scatter" one convergence check per
+    fusion._ROUNDS_PER_CHECK rounds: nothing per detection."""
+    sem, inst = random_scene(k)
+    uploads = []
+    upload_ints = fusion._upload_ints
+    monkeypatch.setattr(
+        fusion, "_upload_ints", lambda *args: uploads.append(args) or upload_ints(*args)
+    )
+    with DeviceReads() as reads:
+        pan, info = panoptic_fusion(sem, inst, thing_semantic_ids=[2, 4, 5])
+    assert any(s["isthing"] for s in info) == (k > 0)  # the scene does have instances
+    checks = reads.counts.pop("equal", 0)
+    assert dict(reads.counts) == {"tolist": 2 if k else 1, "upload": 1}
+    assert len(uploads) == 1  # the one upload is the non-blocking one
+    if method == "loop":
+        assert checks == 0
+    else:
+        assert checks <= math.ceil(k / fusion._ROUNDS_PER_CHECK)

@@ -267,7 +267,12 @@ class DenseNetwork(nn.Module):
 
 class SizeLRUCache:
     """At most ``capacity`` values, one per key, built on first use by ``build(key)``; the least
-    recently used one is dropped to make room. Holds the CUDA graphs, one per padded input size."""
+    recently used one is dropped to make room. Holds the CUDA graphs, one per padded input size.
+
+    Once as many values have been dropped as the cache holds, the inputs come in more sizes than
+    it can keep, and each new one costs a capture (warm-up runs included) instead of saving time:
+    that is logged once, as a warning naming the remedies.
+    """
 
     def __init__(self, capacity: int, build: Callable):
         if capacity < 1:
@@ -277,6 +282,7 @@ class SizeLRUCache:
         self.capacity = capacity
         self.build = build
         self._values = collections.OrderedDict()
+        self.evictions = 0
 
     def get(self, key, *args):
         """The value for ``key``, built by ``build(key, *args)`` if it is not cached."""
@@ -285,6 +291,17 @@ class SizeLRUCache:
             return self._values[key]
         while len(self._values) >= self.capacity:
             self._values.popitem(last=False)  # free the old graph before capturing a new one
+            self.evictions += 1
+            if self.evictions == self.capacity:
+                logger.warning(
+                    "CUDA graphs have been captured for more input sizes than "
+                    "MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE (%d) keeps, now %s: every new "
+                    "size is captured again, which is slower than not using graphs. Raise "
+                    "the cache size, resize the inputs to a few fixed sizes, or set "
+                    "MODEL.EFFICIENTPS.CUDA_GRAPH False.",
+                    self.capacity,
+                    key,
+                )
         value = self.build(key, *args)
         self._values[key] = value
         return value

@@ -27,7 +27,8 @@ largest box). Steps 3-5 then run in one of two ways, with the same result:
 
 Either way the fusion reads the device twice per image, whatever the number of detections: once
 the candidates' crop sizes (tensor shapes need them on the host) and once, at the end, every
-number of ``segments_info`` in one copy. Memory stays at a few H x W maps plus the padded crops
+number of ``segments_info`` in one copy. The one upload (the thing ids) does not wait for the
+device either. Memory stays at a few H x W maps plus the padded crops
 (the loop holds one chunk of at most ``_CHUNK_ELEMENTS``, the scatter all of them, up to
 ``_SCATTER_ELEMENTS``, past which it falls back to the loop). The result equals visiting the
 instances one by one (the reference behaviour, kept in ``tests/test_fast_paths.py``).
@@ -101,6 +102,16 @@ def _paste_mask_logits_batched(
     # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
     # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
     return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[:, 0]
+
+
+def _upload_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host integers as an int64 tensor on ``device``, without waiting for the device.
+
+    ``torch.tensor(values, device="cuda")`` (or a list used as an index) copies with a blocking
+    host-to-device copy, which synchronises the stream as a read does; a non-blocking copy from
+    ordinary (pageable) memory is staged at once, so ``values`` may go away after the call.
+    """
+    return torch.tensor([int(v) for v in values], dtype=torch.long).to(device, non_blocking=True)
 
 
 def _class_max(sem: torch.Tensor, class_ids: List[int]) -> torch.Tensor:
@@ -240,7 +251,7 @@ def panoptic_fusion(
 
     sem = sem_seg_logits.float()
     num_classes, height, width = sem.shape
-    thing_ids = torch.tensor(thing_id_list, dtype=torch.long, device=device)
+    thing_ids = _upload_ints(thing_id_list, device)
     stuff_id_list = [c for c in range(num_classes) if c not in set(thing_id_list)]
     if stuff_id_list:
         stuff_val = _class_max(sem, stuff_id_list)
@@ -286,7 +297,8 @@ def panoptic_fusion(
     areas = torch.bincount(code.flatten(), minlength=num_classes + num)
     stuff_areas, thing_areas = areas[:num_classes], areas[num_classes:]
     is_stuff = torch.ones(num_classes, dtype=torch.bool, device=device)
-    is_stuff[thing_ids] = False
+    # 0 rather than False: torch.jit's tracer (fvcore's FLOP count) takes no bool fill value.
+    is_stuff.index_fill_(0, thing_ids, 0)
     stuff_present = is_stuff & (stuff_areas > 0) & (stuff_areas >= stuff_area_limit)
     thing_present = thing_areas > 0
     if num:
@@ -378,7 +390,7 @@ def _pasted_chunks(sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale):
     height, width = sem.shape[-2:]
     sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
     for start, end, h, w in _chunks(sizes):
-        origins = ranges[start:end][:, [0, 2]]
+        origins = ranges[start:end, 0::2]  # (row_start, col_start); a slice, not a list index
         mla = _paste_mask_logits_batched(masks[start:end], boxes[start:end], origins, (h, w))
         mla = mla * mask_logit_scale
         # MLB: the semantic logit of each instance's class on its crop (the padding reads clamped
@@ -541,8 +553,7 @@ def panoptic_postprocess(
     # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect the
     # all-class contiguous ids of the "standard" panoptic metadata, which the fusion already gives.
     classes = instances.pred_classes
-    thing_ids = torch.as_tensor([int(i) for i in thing_semantic_ids], dtype=torch.long)
-    instances.pred_classes = thing_ids.to(classes.device)[classes]
+    instances.pred_classes = _upload_ints(thing_semantic_ids, classes.device)[classes]
     return {
         "sem_seg": sem_seg,
         "instances": instances,
