@@ -23,11 +23,11 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, launch
-from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from efficientps_d2 import setup_cfg
 from efficientps_d2.config import tta_config
+from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.check import validate_datasets
 from efficientps_d2.data.unreadable import SkipUnreadable
@@ -56,9 +56,7 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         model = startup.wrap_ddp(model, cfg.MODEL.DEVICE, broadcast_buffers=False)
         # AMPTrainer autocasts to SOLVER.AMP.PRECISION (bfloat16 or float16).
-        self._trainer = startup.build_trainer(
-            model, data_loader, optimizer, startup.run_settings(cfg)
-        )
+        self._trainer = startup.build_trainer(model, data_loader, optimizer, ConfigAdapter(cfg))
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = None  # made in build_hooks, which needs self.cfg
         self.start_iter = 0
@@ -71,7 +69,7 @@ class Trainer(DefaultTrainer):
         # Misfit or partial weights are refused unless MODEL.ALLOW_PARTIAL_WEIGHTS (see
         # build_checkpointer); resuming skips unreadable checkpoints.
         self.checkpointer = startup.build_checkpointer(
-            self._trainer.model, startup.run_settings(self.cfg), trainer=weakref.proxy(self)
+            self._trainer.model, ConfigAdapter(self.cfg), trainer=weakref.proxy(self)
         )
         return add_panoptic_visualization(self.cfg, super().build_hooks())
 
@@ -133,13 +131,13 @@ def main(args):
     validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
         model = startup.load_for_evaluation(
-            Trainer.build_model(cfg), startup.run_settings(cfg), resume=args.resume
+            Trainer.build_model(cfg), ConfigAdapter(cfg), resume=args.resume
         )
         results = Trainer.test(cfg, model)
         if tta_config(cfg).ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
-            verify_results(cfg, results)
+            startup.verify_results(cfg, results)
         return results
 
     trainer = Trainer(cfg)

@@ -152,8 +152,9 @@ def add_efficientps_config(cfg):
     # Reliability: checks before work starts, what training tolerates.
     # ---------------------------------------------------------------------------------------------
     # train_net.py opens every panoptic PNG of DATASETS.TRAIN/TEST before it starts and checks its
-    # mode, size and ids against segments_info (efficientps_d2.data.check); False checks the json
-    # only (for very large data sets: the full pass reads every PNG once).
+    # mode, size and ids against segments_info (efficientps_d2.data.check; in a multi-process run
+    # on local rank 0 of each machine, its verdict shared); False checks the json only (for very
+    # large data sets: the full pass reads every PNG once).
     _C.DATASETS.CHECK_PNGS = True
     # Training accepts MODEL.WEIGHTS that leave model tensors random (missing) or hold tensors of
     # another shape (skipped, e.g. to fine-tune on other classes); False refuses them before

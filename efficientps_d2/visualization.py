@@ -23,13 +23,12 @@ from detectron2.utils import comm
 from detectron2.utils.visualizer import Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import is_yaml_config
+from .config_adapter import ConfigAdapter
 
 __all__ = [
     "PanopticVisualizationHook",
     "add_panoptic_visualization",
     "draw_panoptic_pair",
-    "vis_period",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,32 +110,20 @@ class PanopticVisualizationHook(HookBase):
         """From a YAML config (VIS_PERIOD, DATASETS.TRAIN[0], INPUT) or a LazyConfig
         (``train.vis_period``, the first training data set, the test mapper's augmentations and
         ``model.input_format``)."""
-        if not is_yaml_config(cfg):
+        config = ConfigAdapter(cfg)
+        names = config.train_dataset_names
+        if not names:
+            raise ValueError(
+                f"{config.keys['vis_period']} > 0 draws a training image, but "
+                f"{config.keys['train_dataset_names']} is empty."
+            )
+        if config.is_yaml:
+            sizes = dict(min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST)
+        else:
             from detectron2.config import instantiate
 
-            from .data.check import data_use
-
-            names = data_use(cfg).train
-            if not names:
-                raise ValueError(
-                    "train.vis_period > 0 draws a training image, but "
-                    "dataloader.train.dataset.names is empty."
-                )
-            return cls(
-                vis_period(cfg),
-                names[0],
-                input_format=cfg.model.input_format,
-                augmentations=instantiate(cfg.dataloader.test.mapper.augmentations),
-            )
-        if not cfg.DATASETS.TRAIN:
-            raise ValueError("VIS_PERIOD > 0 draws a training image, but DATASETS.TRAIN is empty.")
-        return cls(
-            cfg.VIS_PERIOD,
-            cfg.DATASETS.TRAIN[0],
-            min_size=cfg.INPUT.MIN_SIZE_TEST,
-            max_size=cfg.INPUT.MAX_SIZE_TEST,
-            input_format=cfg.INPUT.FORMAT,
-        )
+            sizes = dict(augmentations=instantiate(cfg.dataloader.test.mapper.augmentations))
+        return cls(config.vis_period, names[0], input_format=config.input_format, **sizes)
 
     def before_train(self):
         dicts = DatasetCatalog.get(self._dataset_name)
@@ -190,16 +177,11 @@ class PanopticVisualizationHook(HookBase):
         return draw_panoptic_pair(rgb, self._dict, panoptic_seg, segments_info, metadata)
 
 
-def vis_period(cfg):
-    """VIS_PERIOD of a YAML config, ``train.vis_period`` (default 0) of a LazyConfig."""
-    return cfg.VIS_PERIOD if is_yaml_config(cfg) else cfg.train.get("vis_period", 0)
-
-
 def add_panoptic_visualization(cfg, hook_list):
     """``hook_list`` with a :class:`PanopticVisualizationHook` before the ``PeriodicWriter`` when
     ``cfg.VIS_PERIOD`` (a LazyConfig's ``train.vis_period``) > 0 (on the main process, which writes
     tensorboard)."""
-    if vis_period(cfg) <= 0 or not comm.is_main_process():
+    if ConfigAdapter(cfg).vis_period <= 0 or not comm.is_main_process():
         return hook_list
     hook = PanopticVisualizationHook.from_config(cfg)
     writers = [i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicWriter)]

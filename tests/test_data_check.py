@@ -1,12 +1,14 @@
 """Fault corpus for efficientps_d2.data.check: each fault is refused with its file, id or key."""
 
 import itertools
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import launch
 from PIL import Image
 
 from efficientps_d2.data import register_panoptic_dataset
@@ -197,3 +199,66 @@ def test_shipped_configs_fit_their_data_sets():
         cfg = load_config(name)
         check_dataset_names(cfg)
         check_class_counts(cfg)
+
+
+def _validate_on_each_rank(datasets, out_dir):
+    """One process of launch(): validate_datasets on each (name, files) of ``datasets``; writes
+    this rank's verdicts and how many PNGs it opened to ``out_dir/rank<R>.json``. PNGs under a
+    "crash" folder make rank 0's PNG pass raise, as a failing disk would."""
+    from detectron2.utils import comm
+
+    from efficientps_d2.data import check
+
+    opened, check_png = [], check._check_png
+
+    def counting_check_png(record):
+        opened.append(record["pan_seg_file_name"])
+        if "crash" in record["pan_seg_file_name"]:
+            raise RuntimeError("disk gone")
+        return check_png(record)
+
+    check._check_png = counting_check_png
+    verdicts = {}
+    for name, files in datasets:
+        register_panoptic_dataset(name, **files)
+        try:
+            (report,) = validate_datasets(_config(name))
+            verdicts[name] = f"passed, {report.pngs_checked} PNGs"
+        except Exception as e:
+            verdicts[name] = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w") as f:
+        json.dump({"verdicts": verdicts, "opened": len(opened)}, f)
+    # Both ranks are done; leave without the interpreter's teardown, in which torch (2.14, gloo,
+    # CPU) aborts about one spawned process in four ("terminate called without an active
+    # exception", SIGABRT) even after destroy_process_group: not what this test is about.
+    comm.synchronize()
+    os._exit(0)
+
+
+def test_two_processes_read_the_pngs_once_and_share_the_verdict(tmp_path):
+    datasets, png = [], None
+    for kind in ("good", "bad", "crash"):
+        files = write_panoptic_dataset(str(tmp_path / kind), num_images=2)
+        if kind == "bad":
+            png = files["records"][1]["pan_seg_file_name"]
+            Image.open(png).convert("L").save(png)
+        keys = ("image_root", "panoptic_root", "panoptic_json")
+        datasets.append((f"test_two_ranks_{kind}", {k: files[k] for k in keys}))
+    # Two gloo processes, as train_net.py --num-gpus 2 on the CPU; "auto": a free port.
+    launch(_validate_on_each_rank, 2, dist_url="auto", args=(datasets, str(tmp_path)))
+    ranks = []
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            ranks.append(json.load(f))
+    assert [r["opened"] for r in ranks] == [5, 0]  # good 2, bad 2, crash 1 (it raised): rank 0
+    for verdicts in (r["verdicts"] for r in ranks):
+        assert verdicts["test_two_ranks_good"] == "passed, 2 PNGs"
+        assert verdicts["test_two_ranks_bad"].startswith("DataCheckError: Data set")
+        assert f"Panoptic PNG '{png}' has mode L" in verdicts["test_two_ranks_bad"]
+    assert ranks[0]["verdicts"]["test_two_ranks_bad"] == ranks[1]["verdicts"]["test_two_ranks_bad"]
+    # A PNG pass that fails outright on rank 0 stops rank 1 too, naming it, instead of a hang.
+    assert ranks[0]["verdicts"]["test_two_ranks_crash"] == "RuntimeError: disk gone"
+    assert ranks[1]["verdicts"]["test_two_ranks_crash"] == (
+        "DataCheckError: Data set 'test_two_ranks_crash' could not be checked on rank 0: "
+        "RuntimeError('disk gone')"
+    )

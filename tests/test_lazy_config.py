@@ -2,17 +2,23 @@
 
 import glob
 import os
+import shutil
 
 import pytest
 import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from efficientps_d2.engine import ConfigAdapter, load_config
+from efficientps_d2.config_adapter import ConfigAdapter
+from efficientps_d2.data.synthetic import register_synthetic
+from efficientps_d2.data.unreadable import UnreadableDataError
+from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import IMAGE_NAME
 
 from .test_train_net import REPO, copypaste_results
 from .test_train_net import run_to_end as run_yaml_to_end
+from .test_train_net import train_net
 
 CONFIGS = os.path.join(REPO, "configs")
 YAML_CONFIGS = sorted(
@@ -95,8 +101,8 @@ def test_lazy_configs_name_the_same_data_weights_and_schedule():
         yaml_cfg = load_config(os.path.join(CONFIGS, name + ".yaml"))
         py_cfg = load_config(os.path.join(CONFIGS, name + ".py"))
         a, b = ConfigAdapter(yaml_cfg), ConfigAdapter(py_cfg)
-        assert a.train_dataset_names() == b.train_dataset_names(), name
-        assert a.test_dataset_names() == b.test_dataset_names(), name
+        assert a.train_dataset_names == b.train_dataset_names, name
+        assert a.test_dataset_names == b.test_dataset_names, name
         assert a.weights == b.weights, name
         assert (yaml_cfg.SOLVER.MAX_ITER, list(yaml_cfg.SOLVER.STEPS)) == (
             py_cfg.train.max_iter,
@@ -139,3 +145,70 @@ def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data
 
 def run_lazy_to_end(args, root):
     return run_yaml_to_end(args, root, config_file=QUICK_PY)
+
+
+def data_with_unreadable_image(tmp_path, data_root):
+    """(root, image): a copy of the data whose first training image is truncated."""
+    root = tmp_path / "datasets"
+    shutil.copytree(os.path.join(data_root, "synthetic_panoptic"), root / "synthetic_panoptic")
+    image = sorted((root / "synthetic_panoptic" / "images" / "train").glob("*.jpg"))[0]
+    with open(image, "r+b") as f:
+        f.truncate(40)  # the header survives, the data does not
+    return root, image
+
+
+def test_lazy_run_skips_an_unreadable_image_and_verifies_the_results(tmp_path, data_root):
+    root, image = data_with_unreadable_image(tmp_path, data_root)
+    out_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        "train.max_iter=1",
+        "dataloader.train.total_batch_size=6",  # the whole training set: the broken image too
+        "dataloader.train.max_unreadable_fraction=0.2",
+        "train.expected_results=[[sem_seg,mIoU,1000,1]]",  # out of reach
+        f"train.output_dir={out_dir}",
+    ]
+    proc = train_net(args, str(root), config_file=QUICK_PY)
+    out, _ = proc.communicate(timeout=600)
+    assert "Skipping unreadable training sample (1 so far)" in out and str(image) in out
+    assert (out_dir / "model_final.pth").exists()  # trained past it
+    # train.expected_results: Detectron2's verify_results after training, as TEST.EXPECTED_RESULTS.
+    assert proc.returncode == 1 and "Result verification failed!" in out, out[-3000:]
+
+
+def test_lazy_train_loader_stops_past_max_unreadable_fraction_naming_the_file(tmp_path, data_root):
+    root, image = data_with_unreadable_image(tmp_path, data_root)
+    names = register_synthetic(str(root), prefix="test_lazy_unreadable")
+    try:
+        cfg = load_config(
+            QUICK_PY,
+            [
+                f"dataloader.train.dataset.names={names[0]}",
+                "dataloader.train.total_batch_size=6",
+                "dataloader.train.max_unreadable_fraction=0",
+            ],
+        )
+        with pytest.raises(UnreadableDataError) as e:
+            next(iter(ConfigAdapter(cfg).build_train_loader()))
+        assert "1 of the 6 training samples cannot be read" in str(e.value)
+        assert "dataloader.train.max_unreadable_fraction=0 allows" in str(e.value)
+        assert str(image) in str(e.value)
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+def test_lazy_expected_results_are_verified_as_test_expected_results():
+    results = {"panoptic_seg": {"PQ": 60.0}}
+    for cfg in (
+        load_config(QUICK_PY, ["train.expected_results=[[panoptic_seg,PQ,60.3,0.5]]"]),
+        load_config(
+            QUICK_PY[: -len(".py")] + ".yaml",
+            ["TEST.EXPECTED_RESULTS", "[['panoptic_seg', 'PQ', 60.3, 0.5]]"],
+        ),
+    ):
+        assert startup.verify_results(cfg, results)
+        with pytest.raises(SystemExit):
+            startup.verify_results(cfg, {"panoptic_seg": {"PQ": 59.0}})
+    assert startup.verify_results(load_config(QUICK_PY), {})  # none expected: nothing checked

@@ -1,7 +1,6 @@
 """train_net.py's start-up steps (efficientps_d2.engine.startup, efficientps_d2.data.check), shared
 by YAML and LazyConfig runs: the same checks, each naming its own config's keys."""
 
-import dataclasses
 import os
 
 import numpy as np
@@ -13,7 +12,8 @@ from omegaconf import OmegaConf
 
 from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.checkpoint import CheckpointMismatchError
-from efficientps_d2.data.check import DataCheckError, data_use, validate_datasets
+from efficientps_d2.config_adapter import ConfigAdapter
+from efficientps_d2.data.check import DataCheckError, validate_datasets
 from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import add_panoptic_visualization
 
@@ -25,7 +25,7 @@ QUICK_YAML = QUICK_PY[: -len(".py")] + ".yaml"
 
 def test_yaml_and_lazy_twins_give_the_same_start_up_settings():
     yaml_cfg, py_cfg = load_config(QUICK_YAML), load_config(QUICK_PY)
-    a, b = startup.run_settings(yaml_cfg), startup.run_settings(py_cfg)
+    a, b = ConfigAdapter(yaml_cfg), ConfigAdapter(py_cfg)
     assert (a.device, a.weights, a.allow_partial_weights, a.amp_enabled, a.amp_precision) == (
         b.device,
         b.weights,
@@ -34,9 +34,14 @@ def test_yaml_and_lazy_twins_give_the_same_start_up_settings():
         b.amp_precision,
     )
     assert b.keys["allow_partial_weights"] == "train.allow_partial_weights"
-    yaml_use, py_use = data_use(yaml_cfg), data_use(py_cfg)
-    for field in ("train", "test", "num_classes", "num_things", "check_pngs"):
-        assert getattr(yaml_use, field) == getattr(py_use, field), field
+    for field in (
+        "train_dataset_names",
+        "test_dataset_names",
+        "num_classes",
+        "num_things",
+        "check_pngs",
+    ):
+        assert getattr(a, field) == getattr(b, field), field
 
 
 @pytest.mark.parametrize(
@@ -82,7 +87,7 @@ def test_cpu_ddp_gets_no_device_ids(monkeypatch):
 
 
 def test_lazy_amp_precision_is_checked_and_named():
-    settings = startup.run_settings(load_config(QUICK_PY, ["train.amp.precision=float64"]))
+    settings = ConfigAdapter(load_config(QUICK_PY, ["train.amp.precision=float64"]))
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="train.amp.precision must be one of"):
@@ -96,17 +101,17 @@ def test_lazy_partial_weights_refused_unless_opted_in(tmp_path):
     backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     torch.save({"model": backbone}, weights)
     with pytest.raises(CheckpointMismatchError, match="Set train.allow_partial_weights True"):
-        startup.build_checkpointer(model, startup.run_settings(cfg)).resume_or_load(weights)
+        startup.build_checkpointer(model, ConfigAdapter(cfg)).resume_or_load(weights)
     cfg.train.allow_partial_weights = True
-    startup.build_checkpointer(model, startup.run_settings(cfg)).resume_or_load(weights)
+    startup.build_checkpointer(model, ConfigAdapter(cfg)).resume_or_load(weights)
     # Evaluation refuses tensors of another shape whatever train.allow_partial_weights says.
     state = model.state_dict()
     state["sem_seg_head.predictor.weight"] = torch.zeros(1)
     misfit = str(tmp_path / "misfit.pth")
     torch.save({"model": state}, misfit)
-    settings = dataclasses.replace(startup.run_settings(cfg), weights=misfit)
+    cfg.train.init_checkpoint = misfit
     with pytest.raises(CheckpointMismatchError, match="was made for another model"):
-        startup.load_for_evaluation(model, settings, resume=False)
+        startup.load_for_evaluation(model, ConfigAdapter(cfg), resume=False)
 
 
 def test_lazy_run_refuses_partial_weights_before_training(tmp_path, data_root):
@@ -165,7 +170,7 @@ def test_lazy_vis_period_draws_the_same_picture_inputs_as_vis_period():
 
 
 def test_lazy_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
-    settings = startup.run_settings(load_config(QUICK_PY, [f"train.output_dir={tmp_path}"]))
+    settings = ConfigAdapter(load_config(QUICK_PY, [f"train.output_dir={tmp_path}"]))
     model = torch.nn.Linear(2, 2)
     checkpointer = startup.build_checkpointer(model, settings)
     checkpointer.save("model_0000001")

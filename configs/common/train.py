@@ -23,7 +23,8 @@ train = dict(
     log_period=20,
     device="cuda",
     # Open every panoptic PNG of the train/test data sets before starting and check its mode, size
-    # and ids against segments_info (efficientps_d2.data.check); False checks the json only.
+    # and ids against segments_info (efficientps_d2.data.check; with several processes, on local
+    # rank 0 of each machine only, its verdict shared); False checks the json only.
     check_pngs=True,
     # > 0: every vis_period iterations, the panoptic prediction next to the ground truth of the
     # first training image goes to tensorboard (as VIS_PERIOD; efficientps_d2.visualization).
@@ -32,6 +33,10 @@ train = dict(
     # --eval-only also runs the model at these shorter-side sizes (longer side capped at max_size)
     # and flipped, merged by EfficientPSWithTTA; results are named "<task>_TTA".
     tta=dict(enabled=False, min_sizes=[512, 1024, 1536], max_size=4096, flip=True),
+    # [task, metric, expected value, tolerance] rows (as TEST.EXPECTED_RESULTS), e.g.
+    # [["panoptic_seg", "PQ", 60.4, 0.5]]: after training and --eval-only, the main process checks
+    # the results with Detectron2's verify_results and exits with status 1 when one is off.
+    expected_results=[],
 )
 
 # SGD with one norm over all gradients clipped at 35, as the official training.

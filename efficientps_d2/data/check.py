@@ -12,10 +12,13 @@ PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-t
 - :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
   ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
   ``segments_info`` both ways);
-- :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it.
+- :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it. In a
+  multi-process run the PNG pass (minutes for Cityscapes) runs once per machine, on its local
+  rank 0, and every rank gets the verdict: a fault stops every rank with the same error.
 
-The config is a YAML one or a LazyConfig (``.py``): :func:`data_use` reads the same settings from
-either and names the key of each in the messages (``model.sem_seg_head.num_classes``, ...).
+The config is a YAML one or a LazyConfig (``.py``):
+:class:`~efficientps_d2.config_adapter.ConfigAdapter` reads the same settings from either, and the
+messages name the key of each (``model.sem_seg_head.num_classes``, ...).
 
 From the command line (prints a report, exits 1 on errors)::
 
@@ -30,23 +33,21 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from omegaconf import DictConfig, OmegaConf
+from detectron2.utils import comm
 from PIL import Image
 
-from ..config import is_yaml_config
+from ..config_adapter import ConfigAdapter
 
 __all__ = [
     "DataCheckError",
-    "DataUse",
     "DatasetReport",
     "check_class_counts",
     "check_dataset",
     "check_dataset_names",
-    "data_use",
     "validate_datasets",
 ]
 
@@ -118,81 +119,6 @@ class DatasetReport:
         )
 
 
-@dataclass
-class DataUse:
-    """What a config says about its data, with the key that says it (for messages).
-
-    Attributes:
-        train, test: names of the training and test data sets.
-        num_classes, num_things: the semantic head's classes and Mask R-CNN's thing classes.
-        thing_ids: the all-class semantic id of each thing class; [] when taken from metadata.
-        check_pngs: whether to open every panoptic PNG.
-        keys: {"train", "test", "num_classes", "num_things", "thing_ids": config key}.
-        assign: how the config's overrides set a key (``.format(key=..., value=...)``).
-    """
-
-    train: List[str]
-    test: List[str]
-    num_classes: int
-    num_things: int
-    thing_ids: List[int]
-    check_pngs: bool
-    keys: Dict[str, str]
-    assign: str
-
-
-_YAML_KEYS = {
-    "train": "DATASETS.TRAIN",
-    "test": "DATASETS.TEST",
-    "num_classes": "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
-    "num_things": "MODEL.ROI_HEADS.NUM_CLASSES",
-    "thing_ids": "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS",
-}
-# The same settings in a LazyConfig laid out as configs/common (Detectron2's layout).
-_LAZY_KEYS = {
-    "train": "dataloader.train.dataset.names",
-    "test": "dataloader.test.dataset.names",
-    "num_classes": "model.sem_seg_head.num_classes",
-    "num_things": "model.roi_heads.num_classes",
-    "thing_ids": "model.thing_semantic_ids",
-}
-
-
-def data_use(cfg):
-    """The :class:`DataUse` of a YAML (``CfgNode``) or LazyConfig (``DictConfig``) config."""
-    if is_yaml_config(cfg):
-        return DataUse(
-            train=list(cfg.DATASETS.TRAIN),
-            test=list(cfg.DATASETS.TEST),
-            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            num_things=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-            thing_ids=list(cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS),
-            check_pngs=cfg.DATASETS.CHECK_PNGS,
-            keys=_YAML_KEYS,
-            assign="{key} {value}",
-        )
-
-    def names(key):
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else list(value)
-
-    thing_ids = OmegaConf.select(cfg, _LAZY_KEYS["thing_ids"], default=None)
-    # A LazyCall (thing_semantic_ids_of) derives the ids from the metadata: nothing to check.
-    listed = not isinstance(thing_ids, (dict, DictConfig)) and thing_ids is not None
-    return DataUse(
-        train=names(_LAZY_KEYS["train"]),
-        test=names(_LAZY_KEYS["test"]),
-        num_classes=OmegaConf.select(cfg, _LAZY_KEYS["num_classes"]),
-        num_things=OmegaConf.select(cfg, _LAZY_KEYS["num_things"]),
-        thing_ids=list(thing_ids) if listed else [],
-        check_pngs=bool(OmegaConf.select(cfg, "train.check_pngs", default=True)),
-        keys=_LAZY_KEYS,
-        assign="{key}={value}",
-    )
-
-
 def closest_names(name, choices, n=3):
     """The registered names most like ``name`` (difflib), for 'did you mean' messages."""
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.4)
@@ -203,9 +129,10 @@ def check_dataset_names(cfg):
     LazyConfig: ``dataloader.train.dataset.names``, ``dataloader.test.dataset.names``) that is not
     registered, suggesting the closest registered names. (Evaluation checks the training names
     too: the model reads its class layout from the first training set's metadata.)"""
-    use = data_use(cfg)
+    config = ConfigAdapter(cfg)
     registered = DatasetCatalog.list()
-    for key, names in ((use.keys["train"], use.train), (use.keys["test"], use.test)):
+    for setting in ("train_dataset_names", "test_dataset_names"):
+        key, names = config.keys[setting], getattr(config, setting)
         for name in names:
             if name in registered:
                 continue
@@ -234,32 +161,32 @@ def check_class_counts(cfg, *, training=True):
     DATASETS.TRAIN (when ``training``) and DATASETS.TEST; ``MODEL.EFFICIENTPS.THING_SEMANTIC_IDS``,
     when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``.
     (A LazyConfig's twins: ``model.sem_seg_head.num_classes``, ``model.roi_heads.num_classes``,
-    ``model.thing_semantic_ids`` when it is a list, see :func:`data_use`.)
+    ``model.thing_semantic_ids`` when it is a list.)
     """
-    use = data_use(cfg)
-    num_classes, num_things, thing_ids = use.num_classes, use.num_things, use.thing_ids
-    key_classes, key_things = use.keys["num_classes"], use.keys["num_things"]
+    config = ConfigAdapter(cfg)
+    num_classes, num_things = config.num_classes, config.num_things
+    thing_ids, keys = config.thing_semantic_ids, config.keys
     if thing_ids and (
         len(thing_ids) != num_things or not all(0 <= i < num_classes for i in thing_ids)
     ):
         raise DataCheckError(
-            f"{use.keys['thing_ids']} {thing_ids} must have {key_things}={num_things} entries in "
-            f"[0, {key_classes}={num_classes})."
+            f"{keys['thing_semantic_ids']} {thing_ids} must have {keys['num_things']}={num_things} "
+            f"entries in [0, {keys['num_classes']}={num_classes})."
         )
-    names = (use.train if training else []) + use.test
+    names = (config.train_dataset_names if training else []) + config.test_dataset_names
     for name in dict.fromkeys(names):
         classes = _panoptic_classes(MetadataCatalog.get(name))
         if classes is None:
             continue
         data_classes, data_things = classes
-        for key, value, expected, what in (
-            (key_classes, num_classes, data_classes, "classes"),
-            (key_things, num_things, len(data_things), "thing classes"),
+        for setting, value, expected, what in (
+            ("num_classes", num_classes, data_classes, "classes"),
+            ("num_things", num_things, len(data_things), "thing classes"),
         ):
             if value != expected:
                 raise DataCheckError(
-                    f"{key} is {value} but data set '{name}' has {expected} {what}; set "
-                    f"{use.assign.format(key=key, value=expected)} (too few fails mid-training, "
+                    f"{keys[setting]} is {value} but data set '{name}' has {expected} {what}; set "
+                    f"{config.override(setting, expected)} (too few fails mid-training, "
                     "too many wastes a class)."
                 )
 
@@ -392,21 +319,58 @@ def validate_datasets(cfg, *, training=True):
     Raises :class:`DataCheckError` at the first fault; returns the :class:`DatasetReport` of each
     data set. Panoptic PNGs are opened when ``DATASETS.CHECK_PNGS`` (a LazyConfig's
     ``train.check_pngs``, default True) is True. ``cfg`` is a YAML or a LazyConfig config.
+
+    Every process of a multi-process run calls it: each checks the config and the json, but only
+    the local rank 0 of each machine opens the PNGs (each machine reads its own files); the
+    verdicts are then gathered (``comm.all_gather``), so that every rank raises the same error,
+    or returns the same reports, and none waits for a rank that stopped.
     """
-    check_dataset_names(cfg)
+    check_dataset_names(cfg)  # the config and the registered names: the same on every rank
     check_class_counts(cfg, training=training)
-    use = data_use(cfg)
-    names = (use.train if training else []) + use.test
+    config = ConfigAdapter(cfg)
+    names = (config.train_dataset_names if training else []) + config.test_dataset_names
+    read_pngs = config.check_pngs and comm.get_local_rank() == 0
     reports = []
     for name in dict.fromkeys(names):
-        report = check_dataset(name, pngs=use.check_pngs)
+        report = _check_on_every_rank(name, pngs=read_pngs)
         report.raise_if_errors()
+        shared = " (read on local rank 0)" if comm.get_world_size() > 1 else ""
         logger.info(
             f"Checked data set '{name}': {report.num_images} images, {report.num_segments} "
-            f"segments, {report.pngs_checked} panoptic PNGs in {report.seconds:.2f} s."
+            f"segments, {report.pngs_checked} panoptic PNGs{shared} in {report.seconds:.2f} s."
         )
         reports.append(report)
     return reports
+
+
+def _check_on_every_rank(name, *, pngs):
+    """:func:`check_dataset` on this rank, then, in a multi-process run, the faults found on all
+    ranks merged into its report (PNGs counted as on the ranks that read them). An exception on
+    any rank (a loader error) is raised on every rank: as itself where it happened, as a
+    :class:`DataCheckError` naming that rank and the error elsewhere."""
+    if comm.get_world_size() == 1:
+        return check_dataset(name, pngs=pngs)
+    report, failure = DatasetReport(name), None
+    try:
+        report = check_dataset(name, pngs=pngs)
+    except Exception as e:  # shared below, so that no rank waits for this one in all_gather
+        failure = e
+    verdicts = comm.all_gather(
+        (
+            comm.get_rank(),
+            report.errors,
+            report.pngs_checked,
+            None if failure is None else repr(failure),
+        )
+    )
+    if failure is not None:
+        raise failure
+    for rank, _, _, error in verdicts:
+        if error is not None:
+            raise DataCheckError(f"Data set '{name}' could not be checked on rank {rank}: {error}")
+    report.errors = list(dict.fromkeys(e for _, errors, _, _ in verdicts for e in errors))
+    report.pngs_checked = max(count for _, _, count, _ in verdicts)
+    return report
 
 
 def main(argv=None):

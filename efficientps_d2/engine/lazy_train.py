@@ -9,14 +9,17 @@ without device ids on the CPU, the data check (before training and before ``--ev
 strict weight loading (``train.allow_partial_weights`` opts in to partial weights), resuming from
 the newest intact checkpoint, the AMP precision, and the panoptic pictures in tensorboard
 (``train.vis_period``, as VIS_PERIOD). ``train.tta`` is TEST.AUG: test-time augmentation after
-training and with ``--eval-only``.
+training and with ``--eval-only``. The training loader of ``configs/common/data/panoptic.py``
+skips unreadable samples up to ``dataloader.train.max_unreadable_fraction`` (as
+DATALOADER.MAX_UNREADABLE_FRACTION), and ``train.expected_results`` (TEST.EXPECTED_RESULTS) is
+checked with Detectron2's ``verify_results`` after training and after ``--eval-only``.
 
 The config follows Detectron2's layout (``configs/common/train.py``): ``train.output_dir``,
 ``train.init_checkpoint``, ``train.allow_partial_weights``, ``train.max_iter``,
 ``train.amp.enabled``, ``train.amp.precision``, ``train.ddp``, ``train.checkpointer``
 (``period``, ``max_to_keep``), ``train.eval_period``, ``train.log_period``, ``train.device``,
 ``train.check_pngs``, ``train.vis_period``, ``train.tta`` (``enabled``, ``min_sizes``,
-``max_size``, ``flip``); ``dataloader.evaluator`` is optional.
+``max_size``, ``flip``), ``train.expected_results``; ``dataloader.evaluator`` is optional.
 """
 
 import logging
@@ -28,6 +31,7 @@ from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from omegaconf import OmegaConf
 
+from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..visualization import add_panoptic_visualization
 from .lazy_config import load_config
@@ -35,8 +39,8 @@ from .startup import (
     build_checkpointer,
     build_trainer,
     load_for_evaluation,
-    run_settings,
     start_run,
+    verify_results,
     wrap_ddp,
 )
 
@@ -95,19 +99,25 @@ def _evaluate(cfg, model, evaluator, suffix=""):
 
 
 def do_train(args, cfg):
-    """Trains from ``train.init_checkpoint`` (or, with ``args.resume``, the last checkpoint)."""
-    model = instantiate(cfg.model)
-    model.to(cfg.train.device)
+    """Trains from ``train.init_checkpoint`` (or, with ``args.resume``, the last checkpoint);
+    returns the results of the last evaluation, checked against ``train.expected_results``."""
+    config = ConfigAdapter(cfg)
+    model = config.build_model()
     logger.info("Model:\n{}".format(model))
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
-    model = wrap_ddp(model, cfg.train.device, **cfg.train.ddp)
-    settings = run_settings(cfg)
-    trainer = build_trainer(model, train_loader, optimizer, settings)
-    checkpointer = build_checkpointer(model, settings, trainer=trainer)
+    train_loader = config.build_train_loader()
+    model = wrap_ddp(model, config.device, **cfg.train.ddp)
+    trainer = build_trainer(model, train_loader, optimizer, config)
+    checkpointer = build_checkpointer(model, config, trainer=trainer)
     main_process = comm.is_main_process()
+    last = {}  # {"results": of the last evaluation}, as DefaultTrainer's _last_eval_results
+
+    def test_and_keep_results():
+        last["results"] = do_test(cfg, model)
+        return last["results"]
+
     hook_list = add_panoptic_visualization(  # with train.vis_period > 0
         cfg,
         [
@@ -118,7 +128,7 @@ def do_train(args, cfg):
                 if main_process
                 else None
             ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -132,9 +142,18 @@ def do_train(args, cfg):
     if tta_enabled(cfg):  # after training, as the YAML flow's TEST.AUG.ENABLED
         hook_list.append(hooks.EvalHook(0, lambda: do_test_with_tta(cfg, model)))
     trainer.register_hooks(hook_list)
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    checkpointer.resume_or_load(config.weights, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
+    results = last.get("results", {})
+    if main_process and config.expected_results:
+        if not results:
+            raise ValueError(
+                "train.expected_results is set but training evaluated nothing: give the config a "
+                "dataloader.evaluator."
+            )
+        verify_results(cfg, results)
+    return results
 
 
 def main(args):
@@ -143,12 +162,13 @@ def main(args):
     # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
     validate_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(cfg.train.device)
-        model = wrap_ddp(model, cfg.train.device)
-        load_for_evaluation(model, run_settings(cfg), resume=args.resume)
+        config = ConfigAdapter(cfg)
+        model = wrap_ddp(config.build_model(), config.device)
+        load_for_evaluation(model, config, resume=args.resume)
         results = do_test(cfg, model)
         if tta_enabled(cfg):
             results.update(do_test_with_tta(cfg, model))
+        if comm.is_main_process():
+            verify_results(cfg, results)
         return results
-    do_train(args, cfg)
+    return do_train(args, cfg)

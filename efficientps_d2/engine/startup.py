@@ -1,7 +1,8 @@
 """The start-up steps of train_net.py, one implementation for both kinds of config file.
 
 The YAML flow (``Trainer`` in train_net.py) and the LazyConfig flow (:mod:`.lazy_train`) take the
-same steps, each reading its own keys through :class:`RunSettings`:
+same steps, each reading its own keys through
+:class:`~efficientps_d2.config_adapter.ConfigAdapter`:
 
 - :func:`start_run`: on the CPU, SyncBN norms become Detectron2's naiveSyncBN (gloo all_reduce);
   the output folder is locked for a training run (a second run on it is refused) before anything
@@ -11,32 +12,35 @@ same steps, each reading its own keys through :class:`RunSettings`:
 - :func:`build_trainer`: ``AMPTrainer`` (autocast to the configured precision) or ``SimpleTrainer``;
 - :func:`build_checkpointer` / :func:`load_for_evaluation`: strict weight loading (misfits and
   weights that leave tensors random are refused unless opted in; converted ImageNet backbones are
-  accepted), resuming from the newest intact checkpoint.
+  accepted), resuming from the newest intact checkpoint;
+- :func:`verify_results`: Detectron2's check of the results against TEST.EXPECTED_RESULTS
+  (``train.expected_results``).
 
 The data check is :func:`efficientps_d2.data.check.validate_datasets`, which reads either kind.
 """
 
 import logging
-from dataclasses import dataclass
 
 import detectron2.utils.comm as comm
+from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
+from detectron2.evaluation import verify_results as d2_verify_results
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import EfficientPSCheckpointer
 from ..config import is_yaml_config, set_amp_precision
+from ..config_adapter import ConfigAdapter
 from ..output_lock import lock_output_dir
 
 __all__ = [
-    "RunSettings",
     "build_checkpointer",
     "build_trainer",
     "load_for_evaluation",
-    "run_settings",
     "start_run",
     "use_naive_sync_bn",
+    "verify_results",
     "wrap_ddp",
 ]
 
@@ -54,66 +58,11 @@ YAML_NORM_KEYS = (
 )
 
 
-@dataclass
-class RunSettings:
-    """The settings of a run that the start-up steps use, with the keys that set them.
-
-    Attributes:
-        output_dir: OUTPUT_DIR / ``train.output_dir``.
-        device: MODEL.DEVICE / ``train.device``.
-        weights: MODEL.WEIGHTS / ``train.init_checkpoint``.
-        allow_partial_weights: MODEL.ALLOW_PARTIAL_WEIGHTS / ``train.allow_partial_weights``.
-        amp_enabled: SOLVER.AMP.ENABLED / ``train.amp.enabled``.
-        amp_precision: SOLVER.AMP.PRECISION / ``train.amp.precision``.
-        keys: {"weights", "allow_partial_weights", "amp_precision": config key}.
-    """
-
-    output_dir: str
-    device: str
-    weights: str
-    allow_partial_weights: bool
-    amp_enabled: bool
-    amp_precision: str
-    keys: dict
-
-
-def run_settings(cfg):
-    """The :class:`RunSettings` of a YAML (``CfgNode``) or LazyConfig (``DictConfig``) config."""
-    if is_yaml_config(cfg):
-        return RunSettings(
-            output_dir=cfg.OUTPUT_DIR,
-            device=cfg.MODEL.DEVICE,
-            weights=cfg.MODEL.WEIGHTS,
-            allow_partial_weights=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
-            amp_enabled=cfg.SOLVER.AMP.ENABLED,
-            amp_precision=cfg.SOLVER.AMP.PRECISION,
-            keys={
-                "weights": "MODEL.WEIGHTS",
-                "allow_partial_weights": "MODEL.ALLOW_PARTIAL_WEIGHTS",
-                "amp_precision": "SOLVER.AMP.PRECISION",
-            },
-        )
-    train = cfg.train
-    return RunSettings(
-        output_dir=train.output_dir,
-        device=train.get("device", "cuda"),
-        weights=train.init_checkpoint,
-        allow_partial_weights=bool(train.get("allow_partial_weights", False)),
-        amp_enabled=bool(train.amp.enabled),
-        amp_precision=train.amp.get("precision", "float16"),
-        keys={
-            "weights": "train.init_checkpoint",
-            "allow_partial_weights": "train.allow_partial_weights",
-            "amp_precision": "train.amp.precision",
-        },
-    )
-
-
 def use_naive_sync_bn(cfg):
     """On the CPU, sets every norm of the model that is "SyncBN" to "naiveSyncBN" (in place);
     returns the keys changed. torch's SyncBatchNorm runs on CUDA only; Detectron2's
     NaiveSyncBatchNorm syncs the same statistics with all_reduce, which gloo does on the CPU."""
-    if run_settings(cfg).device != "cpu":
+    if ConfigAdapter(cfg).device != "cpu":
         return []
     if is_yaml_config(cfg):
         keys = [k for k in YAML_NORM_KEYS if _get(cfg, k) == "SyncBN"]
@@ -157,17 +106,17 @@ def start_run(cfg, args):
     sync_bn_keys = use_naive_sync_bn(cfg)
     if is_yaml_config(cfg):
         cfg.freeze()
-    settings = run_settings(cfg)
+    config = ConfigAdapter(cfg)
     lock = None
     if not args.eval_only and comm.is_main_process():
         # A second run on the same folder is refused here (OutputDirInUseError names its PID).
-        lock = _output_dir_lock = lock_output_dir(settings.output_dir)
+        lock = _output_dir_lock = lock_output_dir(config.output_dir)
     default_setup(cfg, args)
     # default_setup logs only detectron2's and fvcore's loggers to log.txt; add ours.
-    setup_logger(settings.output_dir, distributed_rank=comm.get_rank(), name="efficientps_d2")
+    setup_logger(config.output_dir, distributed_rank=comm.get_rank(), name="efficientps_d2")
     if lock is not None:
-        remove_stale_temporaries(settings.output_dir)  # of killed runs; never read
-    if settings.device == "cpu":
+        remove_stale_temporaries(config.output_dir)  # of killed runs; never read
+    if config.device == "cpu":
         logger.warning("CUDA is not available: running on the CPU.")
     if sync_bn_keys:
         logger.warning(f"On the CPU, {sync_bn_keys} use naiveSyncBN instead of SyncBN.")
@@ -181,42 +130,53 @@ def wrap_ddp(model, device, **kwargs):
     return create_ddp_model(model, device_ids=device_ids, **kwargs)
 
 
-def build_trainer(model, data_loader, optimizer, settings):
-    """``AMPTrainer`` autocasting to ``settings.amp_precision`` when AMP is on, else
-    ``SimpleTrainer``."""
-    trainer = (AMPTrainer if settings.amp_enabled else SimpleTrainer)(model, data_loader, optimizer)
+def build_trainer(model, data_loader, optimizer, config):
+    """``AMPTrainer`` autocasting to ``config.amp_precision`` when AMP is on, else
+    ``SimpleTrainer``. ``config``: a :class:`ConfigAdapter`."""
+    trainer = (AMPTrainer if config.amp_enabled else SimpleTrainer)(model, data_loader, optimizer)
     return set_amp_precision(
         trainer,
-        settings.amp_enabled,
-        settings.amp_precision,
-        key=settings.keys["amp_precision"],
+        config.amp_enabled,
+        config.amp_precision,
+        key=config.keys["amp_precision"],
     )
 
 
-def _checkpointer(model, settings, **kwargs):
+def _checkpointer(model, config, **kwargs):
     return EfficientPSCheckpointer(
         model,
-        settings.output_dir,
-        weights_key=settings.keys["weights"],
-        partial_key=settings.keys["allow_partial_weights"],
+        config.output_dir,
+        weights_key=config.keys["weights"],
+        partial_key=config.keys["allow_partial_weights"],
         **kwargs,
     )
 
 
-def build_checkpointer(model, settings, **checkpointables):
+def build_checkpointer(model, config, **checkpointables):
     """The training checkpointer: weights that do not fit are refused as in evaluation, and so
     are weights that leave tensors random, unless ``allow_partial_weights`` (fine-tuning on other
     classes) or the file is a converted ImageNet backbone; resuming skips unreadable
     checkpoints. Saving is atomic."""
-    partial = settings.allow_partial_weights
+    partial = config.allow_partial_weights
     return _checkpointer(
-        model, settings, allow_shape_mismatch=partial, allow_missing=partial, **checkpointables
+        model, config, allow_shape_mismatch=partial, allow_missing=partial, **checkpointables
     )
 
 
-def load_for_evaluation(model, settings, *, resume):
+def load_for_evaluation(model, config, *, resume):
     """Loads the weights to evaluate (or, with ``resume``, the last checkpoint of the output
     folder) into ``model``. A checkpoint that does not fit the model is always a mistake here:
     it is refused."""
-    _checkpointer(model, settings).resume_or_load(settings.weights, resume=resume)
+    _checkpointer(model, config).resume_or_load(config.weights, resume=resume)
     return model
+
+
+def verify_results(cfg, results):
+    """Detectron2's ``verify_results`` for either kind of config: each ``[task, metric, expected,
+    tolerance]`` row of TEST.EXPECTED_RESULTS (``train.expected_results``) is compared with
+    ``results`` ({task: {metric: value}}); a metric that is off, missing or not finite logs both
+    and exits with status 1. Returns True otherwise. Call it on the main process, as Detectron2
+    does."""
+    expected = ConfigAdapter(cfg).expected_results
+    # Detectron2 reads TEST.EXPECTED_RESULTS; a LazyConfig's rows are passed the same way.
+    return d2_verify_results(CfgNode({"TEST": {"EXPECTED_RESULTS": expected}}), results)

@@ -46,7 +46,8 @@ def get_parser():
 
 def _load(args):
     from ..checkpoint import EfficientPSCheckpointer
-    from ..engine.lazy_config import ConfigAdapter, load_config
+    from ..config_adapter import ConfigAdapter
+    from ..engine.lazy_config import load_config
 
     config = ConfigAdapter(load_config(args.config_file, args.opts or []))
     model = config.build_model()

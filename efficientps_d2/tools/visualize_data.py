@@ -58,7 +58,8 @@ def get_parser():
 
 
 def _setup(args):
-    from ..engine.lazy_config import ConfigAdapter, load_config
+    from ..config_adapter import ConfigAdapter
+    from ..engine.lazy_config import load_config
 
     opts = list(args.opts or [])
     lazy = args.config_file.endswith(".py")
@@ -85,7 +86,7 @@ def _annotations(config, metadata, args):
     from detectron2.data import detection_utils as utils
     from detectron2.utils.visualizer import Visualizer
 
-    dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names()))
+    dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names))
     if args.max_images is not None:
         dicts = dicts[: args.max_images]
     for dic in tqdm.tqdm(dicts):
@@ -105,7 +106,7 @@ def _dataloader(config, metadata, args):
     thing_ids = thing_semantic_ids(metadata)
     limit = args.max_images
     if limit is None:
-        limit = sum(len(DatasetCatalog.get(k)) for k in config.train_dataset_names())
+        limit = sum(len(DatasetCatalog.get(k)) for k in config.train_dataset_names)
     done = 0
     for batch in config.build_train_loader():
         for per_image in batch:
@@ -139,7 +140,7 @@ def main(argv=None):
     logger = setup_logger()
     logger.info("Arguments: " + str(args))
     config = _setup(args)
-    names = config.train_dataset_names()
+    names = config.train_dataset_names
     if not names:
         raise SystemExit(f"'{args.config_file}' names no training data set to visualize.")
     os.makedirs(args.output_dir, exist_ok=True)

@@ -1,14 +1,11 @@
 # Train and test loaders for a panoptic data set in Detectron2's "standard" metadata, with
 # EfficientPS's mapper (all-class semantic target, thing instances) and evaluators.
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from omegaconf import OmegaConf
 
 from efficientps_d2.data import EfficientPSDatasetMapper
+from efficientps_d2.data.unreadable import build_train_loader_skipping_unreadable
 from efficientps_d2.engine.lazy_config import thing_semantic_ids_of
 from efficientps_d2.evaluation import build_dataset_evaluator
 
@@ -18,7 +15,8 @@ def panoptic_dataloader(
 ):
     """``dataloader.train``, ``.test`` and ``.evaluator`` for the data sets ``train``/``test``."""
     dataloader = OmegaConf.create()
-    dataloader.train = L(build_detection_train_loader)(
+    # Detectron2's build_detection_train_loader, skipping unreadable samples (see below).
+    dataloader.train = L(build_train_loader_skipping_unreadable)(
         dataset=L(get_detection_dataset_dicts)(names=train, filter_empty=False),
         mapper=L(EfficientPSDatasetMapper)(
             is_train=True,
@@ -30,6 +28,10 @@ def panoptic_dataloader(
         ),
         total_batch_size=batch_size,
         num_workers=num_workers,
+        # A sample whose image or panoptic PNG cannot be read is skipped with a counted warning;
+        # training stops, naming the files, when more than this fraction of the training data
+        # set has proved unreadable (as DATALOADER.MAX_UNREADABLE_FRACTION; 0: at the first).
+        max_unreadable_fraction=0.01,
     )
     dataloader.test = L(build_detection_test_loader)(
         dataset=L(get_detection_dataset_dicts)(names=test, filter_empty=False),

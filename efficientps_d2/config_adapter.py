@@ -1,0 +1,204 @@
+"""One reader for Detectron2's two kinds of config: YAML (``CfgNode``) and LazyConfig (``.py``).
+
+train_net.py's start-up steps, the data check, the panoptic pictures and the command-line tools
+ask :class:`ConfigAdapter` for what they need of a config (device, weights, data sets, class
+counts, ...), whichever kind it is. Each setting keeps the key that sets it in either kind, so
+that a message names the key the user wrote (``MODEL.WEIGHTS`` or ``train.init_checkpoint``) and
+the override that fixes it (``KEY VALUE`` or ``key=value``).
+
+A LazyConfig follows Detectron2's layout, as ``configs/common`` does: ``model``,
+``dataloader.train``/``.test`` (built by ``instantiate``), ``train.*``.
+"""
+
+from detectron2.config import instantiate
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.modeling import build_model
+from omegaconf import DictConfig, OmegaConf
+
+from .config import is_yaml_config
+from .data import EfficientPSDatasetMapper
+
+__all__ = ["ConfigAdapter"]
+
+_REQUIRED = object()
+
+# setting: (YAML key, LazyConfig key, LazyConfig default when the key is absent). Every YAML key
+# has a default (efficientps_d2.config, Detectron2's defaults).
+_KEYS = {
+    "output_dir": ("OUTPUT_DIR", "train.output_dir", _REQUIRED),
+    "device": ("MODEL.DEVICE", "train.device", "cuda"),
+    "weights": ("MODEL.WEIGHTS", "train.init_checkpoint", _REQUIRED),
+    "allow_partial_weights": ("MODEL.ALLOW_PARTIAL_WEIGHTS", "train.allow_partial_weights", False),
+    "amp_enabled": ("SOLVER.AMP.ENABLED", "train.amp.enabled", _REQUIRED),
+    "amp_precision": ("SOLVER.AMP.PRECISION", "train.amp.precision", "float16"),
+    "input_format": ("INPUT.FORMAT", "model.input_format", _REQUIRED),
+    "train_dataset_names": ("DATASETS.TRAIN", "dataloader.train.dataset.names", None),
+    "test_dataset_names": ("DATASETS.TEST", "dataloader.test.dataset.names", None),
+    "num_classes": ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", "model.sem_seg_head.num_classes", None),
+    "num_things": ("MODEL.ROI_HEADS.NUM_CLASSES", "model.roi_heads.num_classes", None),
+    "thing_semantic_ids": (
+        "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS",
+        "model.thing_semantic_ids",
+        None,
+    ),
+    "check_pngs": ("DATASETS.CHECK_PNGS", "train.check_pngs", True),
+    "vis_period": ("VIS_PERIOD", "train.vis_period", 0),
+    "expected_results": ("TEST.EXPECTED_RESULTS", "train.expected_results", None),
+}
+
+
+def _names(value):
+    """A list of data set names from a name, a list of names or None."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class ConfigAdapter:
+    """The settings, model and loaders of a YAML or LazyConfig config, asked for the same way.
+
+    Settings are read from the config when asked (a change to the config shows). ``keys`` maps
+    each setting to the key that sets it in this config's kind, e.g. ``keys["weights"]`` is
+    "MODEL.WEIGHTS" or "train.init_checkpoint"; :meth:`override` writes the command-line override
+    that sets a key.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.is_yaml = is_yaml_config(cfg)
+        column = 0 if self.is_yaml else 1
+        self.keys = {name: keys[column] for name, keys in _KEYS.items()}
+
+    def override(self, name, value):
+        """The override that sets setting ``name`` to ``value``: "KEY VALUE" (YAML) or
+        "key=value" (LazyConfig), as train_net.py takes them."""
+        return f"{self.keys[name]} {value}" if self.is_yaml else f"{self.keys[name]}={value}"
+
+    def _get(self, name):
+        key = self.keys[name]
+        if self.is_yaml:
+            node = self.cfg
+            for part in key.split("."):
+                node = node[part]
+            return node
+        default = _KEYS[name][2]
+        value = OmegaConf.select(self.cfg, key, default=default)
+        if value is _REQUIRED:
+            raise KeyError(
+                f"The LazyConfig has no {key}: train_net.py reads Detectron2's layout (model, "
+                "dataloader.train/.test, train.*; see configs/common/train.py)."
+            )
+        return value
+
+    @property
+    def output_dir(self):
+        """OUTPUT_DIR / ``train.output_dir``."""
+        return self._get("output_dir")
+
+    @property
+    def device(self):
+        """MODEL.DEVICE / ``train.device`` (default "cuda")."""
+        return self._get("device")
+
+    @property
+    def weights(self):
+        """MODEL.WEIGHTS / ``train.init_checkpoint``: the weights to start from or evaluate."""
+        return self._get("weights")
+
+    @property
+    def allow_partial_weights(self):
+        """MODEL.ALLOW_PARTIAL_WEIGHTS / ``train.allow_partial_weights`` (default False)."""
+        return bool(self._get("allow_partial_weights"))
+
+    @property
+    def amp_enabled(self):
+        """SOLVER.AMP.ENABLED / ``train.amp.enabled``."""
+        return bool(self._get("amp_enabled"))
+
+    @property
+    def amp_precision(self):
+        """SOLVER.AMP.PRECISION / ``train.amp.precision`` (default "float16")."""
+        return self._get("amp_precision")
+
+    @property
+    def input_format(self):
+        """INPUT.FORMAT / ``model.input_format``: channel order of the model's images."""
+        return self._get("input_format")
+
+    @property
+    def train_dataset_names(self):
+        """DATASETS.TRAIN / ``dataloader.train.dataset.names``, as a list."""
+        return _names(self._get("train_dataset_names"))
+
+    @property
+    def test_dataset_names(self):
+        """DATASETS.TEST / ``dataloader.test.dataset.names``, as a list."""
+        return _names(self._get("test_dataset_names"))
+
+    @property
+    def num_classes(self):
+        """The semantic head's classes (stuff and things): MODEL.SEM_SEG_HEAD.NUM_CLASSES /
+        ``model.sem_seg_head.num_classes``."""
+        return self._get("num_classes")
+
+    @property
+    def num_things(self):
+        """Mask R-CNN's thing classes: MODEL.ROI_HEADS.NUM_CLASSES /
+        ``model.roi_heads.num_classes``."""
+        return self._get("num_things")
+
+    @property
+    def thing_semantic_ids(self):
+        """The all-class semantic id of each thing class as the config lists them:
+        MODEL.EFFICIENTPS.THING_SEMANTIC_IDS / ``model.thing_semantic_ids``; [] where they come
+        from the data set's metadata (an empty YAML list, a LazyCall of
+        ``thing_semantic_ids_of``)."""
+        ids = self._get("thing_semantic_ids")
+        if ids is None or isinstance(ids, (dict, DictConfig)):
+            return []
+        return list(ids)
+
+    @property
+    def check_pngs(self):
+        """DATASETS.CHECK_PNGS / ``train.check_pngs`` (default True): whether the data check
+        opens every panoptic PNG."""
+        return bool(self._get("check_pngs"))
+
+    @property
+    def vis_period(self):
+        """VIS_PERIOD / ``train.vis_period`` (default 0): iterations between panoptic pictures."""
+        return self._get("vis_period")
+
+    @property
+    def expected_results(self):
+        """TEST.EXPECTED_RESULTS / ``train.expected_results`` (default []): ``[task, metric,
+        expected value, tolerance]`` rows that Detectron2's ``verify_results`` checks, as
+        lists."""
+        return [list(row) for row in self._get("expected_results") or []]
+
+    def build_model(self):
+        """The model, on :attr:`device`."""
+        if self.is_yaml:
+            return build_model(self.cfg)
+        return instantiate(self.cfg.model).to(self.device)
+
+    def build_train_loader(self):
+        """The training loader: ``dataloader.train``, or Detectron2's with EfficientPS's
+        mapper."""
+        if not self.is_yaml:
+            return instantiate(self.cfg.dataloader.train)
+        return build_detection_train_loader(
+            self.cfg, mapper=EfficientPSDatasetMapper(self.cfg, True)
+        )
+
+    def build_test_loader(self):
+        """The loader of the first test data set: ``dataloader.test``, or Detectron2's with
+        EfficientPS's mapper."""
+        if not self.is_yaml:
+            return instantiate(self.cfg.dataloader.test)
+        names = self.test_dataset_names
+        if not names:
+            raise ValueError("DATASETS.TEST is empty: name a data set to read inputs from.")
+        return build_detection_test_loader(
+            self.cfg, names[0], mapper=EfficientPSDatasetMapper(self.cfg, False)
+        )
