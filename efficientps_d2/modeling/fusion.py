@@ -28,10 +28,10 @@ largest box). Steps 3-5 then run in one of two ways, with the same result:
 Either way the fusion reads the device twice per image, whatever the number of detections: once
 the candidates' crop sizes (tensor shapes need them on the host) and once, at the end, every
 number of ``segments_info`` in one copy. The one upload (the thing ids) does not wait for the
-device either. Memory stays at a few H x W maps plus the padded crops
-(the loop holds one chunk of at most ``_CHUNK_ELEMENTS``, the scatter all of them, up to
-``_SCATTER_ELEMENTS``, past which it falls back to the loop). The result equals visiting the
-instances one by one (the reference behaviour, kept in ``tests/test_fast_paths.py``).
+device either. Memory stays at a few H x W maps plus the padded crops (the loop holds one chunk of
+at most ``_CHUNK_ELEMENTS``, the scatter all of them, up to ``_SCATTER_ELEMENTS``, past which it
+falls back to the loop). The result equals visiting the instances one by one (the reference
+behaviour, kept in ``tests/test_fast_paths.py``).
 """
 
 from typing import Dict, List, Sequence, Tuple, Union
