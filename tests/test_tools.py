@@ -8,16 +8,7 @@ import pytest
 
 from efficientps_d2.tools import analyze_model, visualize_data
 
-from .test_train_net import QUICK
-
-# Narrow heads and small inputs so that the analysis takes seconds.
-TINY = [
-    "MODEL.TWO_WAY_FPN.OUT_CHANNELS", "32",
-    "MODEL.SEM_SEG_HEAD.DPC_CHANNELS", "16",
-    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16",
-    "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
-]  # fmt: skip
+from .test_train_net import NARROW_HEADS, QUICK
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def test_visualize_data_writes_an_image_per_training_image(tmp_path, synthetic, 
 
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog):
     tasks = ["--tasks", "parameter", "flop", "activation", "structure"]
-    argv = ["--config-file", QUICK, *tasks, "-n", "1", *TINY, *synthetic]
+    argv = ["--config-file", QUICK, *tasks, "-n", "1", *NARROW_HEADS, *synthetic]
     with caplog.at_level(logging.INFO, logger="detectron2"):
         assert analyze_model.main(argv) == 0
     log = caplog.text
