@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
+from detectron2.data.detection_utils import build_augmentation, read_image
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.visualizer import Visualizer
@@ -79,28 +79,15 @@ class PanopticVisualizationHook(HookBase):
     Args:
         period: iterations between pictures (> 0).
         dataset_name: the data set whose first image is drawn.
-        min_size, max_size: test-time resizing (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
+        augmentations: the test-time augmentations, as the test data loader applies them.
         input_format: INPUT.FORMAT ("BGR" or "RGB").
-        augmentations: the test-time augmentations (a LazyConfig's test mapper's), instead of
-            ``min_size`` and ``max_size``.
     """
 
-    def __init__(
-        self,
-        period,
-        dataset_name,
-        *,
-        min_size=None,
-        max_size=None,
-        input_format="BGR",
-        augmentations=None,
-    ):
+    def __init__(self, period, dataset_name, *, augmentations, input_format="BGR"):
         if period <= 0:
             raise ValueError(f"VIS_PERIOD must be > 0 for the panoptic pictures, got {period}.")
         self._period = period
         self._dataset_name = dataset_name
-        if augmentations is None:
-            augmentations = [T.ResizeShortestEdge([min_size, min_size], max_size)]
         self._augmentations = T.AugmentationList(list(augmentations))
         self._input_format = input_format
         self._dict = None
@@ -117,13 +104,18 @@ class PanopticVisualizationHook(HookBase):
                 f"{config.keys['vis_period']} > 0 draws a training image, but "
                 f"{config.keys['train_dataset_names']} is empty."
             )
-        if config.is_yaml:
-            sizes = dict(min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST)
+        if config.is_yaml:  # what the test DatasetMapper builds
+            augmentations = build_augmentation(cfg, is_train=False)
         else:
             from detectron2.config import instantiate
 
-            sizes = dict(augmentations=instantiate(cfg.dataloader.test.mapper.augmentations))
-        return cls(config.vis_period, names[0], input_format=config.input_format, **sizes)
+            augmentations = instantiate(cfg.dataloader.test.mapper.augmentations)
+        return cls(
+            config.vis_period,
+            names[0],
+            augmentations=augmentations,
+            input_format=config.input_format,
+        )
 
     def before_train(self):
         dicts = DatasetCatalog.get(self._dataset_name)

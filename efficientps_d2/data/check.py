@@ -207,11 +207,6 @@ def _png_size(image_file):
 def _check_png(record):
     """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG."""
     errors = []
-    opened = _check_png_into(record, errors)
-    return opened, errors
-
-
-def _check_png_into(record, errors):
     png = record["pan_seg_file_name"]
     try:
         with Image.open(png) as im:
@@ -221,11 +216,11 @@ def _check_png_into(record, errors):
                     f"Panoptic PNG '{png}' has mode {mode}; COCO panoptic PNGs are RGB "
                     "(id = R + 256 G + 256^2 B)."
                 )
-                return True
+                return True, errors
             rgb = np.asarray(im)
     except OSError as e:
         errors.append(f"Panoptic PNG '{png}' cannot be read: {e}")
-        return False
+        return False, errors
     if "height" in record and "width" in record:
         expected, source = (record["width"], record["height"]), "its record"
     else:
@@ -233,7 +228,7 @@ def _check_png_into(record, errors):
             expected, source = _png_size(record["file_name"]), f"image '{record['file_name']}'"
         except OSError as e:
             errors.append(f"Image '{record['file_name']}' cannot be read: {e}")
-            return True
+            return True, errors
     if (width, height) != tuple(expected):
         errors.append(
             f"Panoptic PNG '{png}' is {width}x{height} (WxH) but {source} says "
@@ -254,7 +249,7 @@ def _check_png_into(record, errors):
             f"segments_info of '{png}' lists segment ids {absent[:_MAX_LISTED]} that the PNG does "
             "not contain."
         )
-    return True
+    return True, errors
 
 
 def check_dataset(name, *, pngs=True):

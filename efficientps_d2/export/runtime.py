@@ -191,15 +191,14 @@ class ExportedPredictor:
         self.dataset_name = model.manifest.get("dataset_name")
         self.input_format = model.input_format
         min_size, max_size = model.manifest["min_size_test"], model.manifest["max_size_test"]
-        self.aug = T.ResizeShortestEdge([min_size, min_size], max_size) if min_size else None
+        # As DefaultPredictor; a min_size of 0 gives a NoOpTransform.
+        self.aug = T.ResizeShortestEdge([min_size, min_size], max_size)
 
     def __call__(self, original_image: np.ndarray) -> Dict:
         if self.input_format == "RGB":
             original_image = original_image[:, :, ::-1]
         height, width = original_image.shape[:2]
-        image = original_image
-        if self.aug is not None:
-            image = self.aug.get_transform(original_image).apply_image(original_image)
+        image = self.aug.get_transform(original_image).apply_image(original_image)
         image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
         return self.model([{"image": image, "height": height, "width": width}])[0]
 

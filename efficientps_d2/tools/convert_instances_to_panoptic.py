@@ -66,12 +66,7 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from ..atomic_io import (
-    atomic_directory,
-    atomic_write,
-    remove_stale_temporaries,
-    temporary_path,
-)
+from ..atomic_io import atomic_directory, atomic_write, remove_stale_temporaries
 
 __all__ = [
     "ConversionError",
@@ -634,21 +629,21 @@ def _convert_image(image, anns, things, stuff, semantic_dir, report, source):
 
 
 class _AtomicOutput:
-    """The PNG folder and the json, written under temporary names and renamed into place together
-    on success (:func:`~efficientps_d2.atomic_io.atomic_directory`)."""
+    """The PNG folder and the json, renamed into place together on success: the folder by
+    :func:`~efficientps_d2.atomic_io.atomic_directory`, then the json by
+    :func:`~efficientps_d2.atomic_io.atomic_write` in its ``then`` callback, so that failing to
+    write the json puts the previous folder back."""
 
     def __init__(self, output_json, output_dir, overwrite):
         self.json_path = os.path.abspath(output_json)
         self.dir_path = os.path.abspath(output_dir)
         self.overwrite = overwrite
-        self.tmp_json = temporary_path(self.json_path)
-        self.json_written = False
+        self.json_data = None
 
     def __enter__(self):
         for path in (self.dir_path, self.json_path):  # leftovers of a killed conversion
             remove_stale_temporaries(os.path.dirname(path), os.path.basename(path))
         self._stack = contextlib.ExitStack()
-        self._stack.callback(self._remove_tmp_json)
         try:
             directory = atomic_directory(self.dir_path, overwrite=self.overwrite, then=self._commit)
             self.tmp_dir = self._stack.enter_context(directory)
@@ -664,23 +659,18 @@ class _AtomicOutput:
         Image.fromarray(rgb).save(path, format="PNG")
 
     def write_json(self, data):
-        with open(self.tmp_json, "x") as f:
-            json.dump(data, f)
-        self.json_written = True
+        """Keeps ``data``; it is written once the PNG folder is in place."""
+        self.json_data = data
 
     def __exit__(self, *exc_info):
         return self._stack.__exit__(*exc_info)
 
     def _commit(self):
         # Called once the PNG folder is in place; raising puts the previous folder back.
-        assert self.json_written, "the json was never written"
+        assert self.json_data is not None, "the json was never written"
         if not self.overwrite and os.path.lexists(self.json_path):
             raise FileExistsError(f"'{self.json_path}' appeared during the conversion.")
-        os.replace(self.tmp_json, self.json_path)
-
-    def _remove_tmp_json(self):
-        if os.path.lexists(self.tmp_json):
-            os.remove(self.tmp_json)
+        atomic_write(self.json_path, lambda f: json.dump(self.json_data, f), mode="w")
 
 
 # ---------------------------------------------------------------------------------------------

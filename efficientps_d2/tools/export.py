@@ -22,7 +22,7 @@ import sys
 
 import torch
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
+from detectron2.data.detection_utils import build_augmentation, read_image
 from detectron2.modeling import build_model
 
 from efficientps_d2.checkpoint import EfficientPSCheckpointer
@@ -86,11 +86,9 @@ def sample_image(cfg, path):
         image = read_image(path, format=cfg.INPUT.FORMAT)
     except Exception as e:  # PIL raises several types for unreadable files
         raise ValueError(f"--sample-image '{path}' is not a readable image: {e}") from e
-    if cfg.INPUT.MIN_SIZE_TEST:
-        size = cfg.INPUT.MIN_SIZE_TEST
-        resize = T.ResizeShortestEdge([size, size], cfg.INPUT.MAX_SIZE_TEST)
-        image = resize.get_transform(image).apply_image(image)
-    return torch.as_tensor(image.transpose(2, 0, 1).astype("float32"))
+    resized = T.AugInput(image)  # the test DatasetMapper's resize (none for MIN_SIZE_TEST 0)
+    T.AugmentationList(build_augmentation(cfg, is_train=False))(resized)
+    return torch.as_tensor(resized.image.transpose(2, 0, 1).astype("float32"))
 
 
 def main(argv=None):

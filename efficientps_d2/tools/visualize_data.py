@@ -59,10 +59,10 @@ def get_parser():
 
 def _setup(args):
     from ..config_adapter import ConfigAdapter
-    from ..engine.lazy_config import load_config
+    from ..engine.lazy_config import is_lazy_config, load_config
 
     opts = list(args.opts or [])
-    lazy = args.config_file.endswith(".py")
+    lazy = is_lazy_config(args.config_file)
     # One process: the tool reads images in order, as Detectron2's does.
     opts += ["dataloader.train.num_workers=0"] if lazy else ["DATALOADER.NUM_WORKERS", "0"]
     return ConfigAdapter(load_config(args.config_file, opts))
