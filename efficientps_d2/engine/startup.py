@@ -22,6 +22,7 @@ The data check is :func:`efficientps_d2.data.check.validate_datasets`, which rea
 import logging
 
 import detectron2.utils.comm as comm
+import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
 from detectron2.evaluation import verify_results as d2_verify_results
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import EfficientPSCheckpointer
-from ..config import is_yaml_config, set_amp_precision
+from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..output_lock import lock_output_dir
 
@@ -131,14 +132,23 @@ def wrap_ddp(model, device, **kwargs):
 
 
 def build_trainer(model, data_loader, optimizer, config):
-    """``AMPTrainer`` autocasting to ``config.amp_precision`` when AMP is on, else
-    ``SimpleTrainer``. ``config``: a :class:`ConfigAdapter`."""
-    trainer = (AMPTrainer if config.amp_enabled else SimpleTrainer)(model, data_loader, optimizer)
-    return set_amp_precision(
-        trainer,
-        config.amp_enabled,
-        config.amp_precision,
-        key=config.keys["amp_precision"],
+    """``AMPTrainer`` autocasting to ``config.amp_precision`` ("float16" or "bfloat16") when AMP
+    is on, else ``SimpleTrainer``. The precision is checked either way: a value that is neither
+    is refused, naming its key. ``config``: a :class:`ConfigAdapter`."""
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    precision = config.amp_precision
+    if precision not in dtypes:
+        key = config.keys["amp_precision"]
+        raise ValueError(f"{key} must be one of {sorted(dtypes)}, got {precision!r}.")
+    if not config.amp_enabled:
+        return SimpleTrainer(model, data_loader, optimizer)
+    grad_scaler = None  # Detectron2's default: a GradScaler, enabled when CUDA is available
+    if precision == "bfloat16":
+        # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
+        # inf/nan check, a host sync, to every step.
+        grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return AMPTrainer(
+        model, data_loader, optimizer, grad_scaler=grad_scaler, precision=dtypes[precision]
     )
 
 
