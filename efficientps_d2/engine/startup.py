@@ -4,6 +4,8 @@ The YAML flow (``Trainer`` in train_net.py) and the LazyConfig flow (:mod:`.lazy
 same steps, each reading its own keys through
 :class:`~efficientps_d2.config_adapter.ConfigAdapter`:
 
+- :func:`setup`: both flows' entry: the config file loaded, :func:`start_run`, then the data
+  check (:func:`efficientps_d2.data.check.validate_datasets`, which reads either kind);
 - :func:`start_run`: on the CPU, SyncBN norms become Detectron2's naiveSyncBN (gloo all_reduce);
   the output folder is locked for a training run (a second run on it is refused) before anything
   is written, Detectron2's ``default_setup`` runs, ``efficientps_d2``'s loggers also write
@@ -15,8 +17,6 @@ same steps, each reading its own keys through
   accepted), resuming from the newest intact checkpoint;
 - :func:`verify_results`: Detectron2's check of the results against TEST.EXPECTED_RESULTS
   (``train.expected_results``).
-
-The data check is :func:`efficientps_d2.data.check.validate_datasets`, which reads either kind.
 """
 
 import logging
@@ -33,12 +33,15 @@ from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import EfficientPSCheckpointer
 from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
+from ..data.check import validate_datasets
 from ..output_lock import lock_output_dir
+from .lazy_config import load_config
 
 __all__ = [
     "build_checkpointer",
     "build_trainer",
     "load_for_evaluation",
+    "setup",
     "start_run",
     "use_naive_sync_bn",
     "verify_results",
@@ -94,6 +97,17 @@ def _replace_lazy_norms(node, prefix):
 
 
 _output_dir_lock = None  # held (open) for the life of the training process
+
+
+def setup(args):
+    """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
+    LazyConfig) with ``args.opts``, takes the steps of :func:`start_run` (naive SyncBN on the
+    CPU, lock, ``default_setup``, log.txt, stale temporaries removed), then checks the data sets
+    (names, class counts and every panoptic PNG are checked now, not found wrong hours later).
+    Returns the config."""
+    cfg = start_run(load_config(args.config_file, args.opts), args)
+    validate_datasets(cfg, training=not args.eval_only)
+    return cfg
 
 
 def start_run(cfg, args):
