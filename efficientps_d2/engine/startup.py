@@ -50,36 +50,32 @@ __all__ = [
 
 logger = logging.getLogger("efficientps_d2")
 
-# Config keys that choose a norm layer (detectron2.layers.get_norm names) in a YAML config. In a
-# LazyConfig every ``norm`` or ``*_norm`` argument of the model does.
-YAML_NORM_KEYS = (
-    "MODEL.EFFICIENTNET.NORM",
-    "MODEL.TWO_WAY_FPN.NORM",
-    "MODEL.SEM_SEG_HEAD.NORM",
-    "MODEL.RPN.HEAD_NORM",
-    "MODEL.ROI_BOX_HEAD.NORM",
-    "MODEL.ROI_MASK_HEAD.NORM",
-)
-
 
 def use_naive_sync_bn(cfg):
     """On the CPU, sets every norm of the model that is "SyncBN" to "naiveSyncBN" (in place);
     returns the keys changed. torch's SyncBatchNorm runs on CUDA only; Detectron2's
-    NaiveSyncBatchNorm syncs the same statistics with all_reduce, which gloo does on the CPU."""
+    NaiveSyncBatchNorm syncs the same statistics with all_reduce, which gloo does on the CPU.
+
+    The norms are the keys ``NORM`` or ``*_NORM`` under MODEL of a YAML config (MODEL.RESNETS.NORM,
+    MODEL.RPN.HEAD_NORM, ...), and every ``norm`` or ``*_norm`` argument of a LazyConfig's model.
+    """
     if ConfigAdapter(cfg).device != "cpu":
         return []
     if is_yaml_config(cfg):
-        keys = [k for k in YAML_NORM_KEYS if _get(cfg, k) == "SyncBN"]
-        for key in keys:
-            cfg.merge_from_list([key, "naiveSyncBN"])
-        return keys
+        return _replace_yaml_norms(cfg.MODEL, "MODEL")
     return _replace_lazy_norms(cfg.model, "model")
 
 
-def _get(cfg, key):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
+def _replace_yaml_norms(node, prefix):
+    changed = []
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, CfgNode):
+            changed += _replace_yaml_norms(value, name)
+        elif (key == "NORM" or key.endswith("_NORM")) and value == "SyncBN":
+            setattr(node, key, "naiveSyncBN")  # refused, as any change, if cfg is frozen
+            changed.append(name)
+    return changed
 
 
 def _replace_lazy_norms(node, prefix):
