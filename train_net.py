@@ -17,18 +17,13 @@ import weakref
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, launch
 from detectron2.utils.logger import setup_logger
 
 from efficientps_d2.config import tta_config
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data import EfficientPSDatasetMapper
-from efficientps_d2.data.unreadable import SkipUnreadable
 from efficientps_d2.engine import is_lazy_config, lazy_train, startup
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
@@ -77,16 +72,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # The data set dicts as Detectron2 would load them, loaded here to size the skip limit.
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
-        mapper = SkipUnreadable(
-            EfficientPSDatasetMapper(cfg, True),
-            num_samples=len(dataset),
-            max_fraction=cfg.DATALOADER.MAX_UNREADABLE_FRACTION,
-        )
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        # EfficientPS's mapper, skipping unreadable samples up to
+        # DATALOADER.MAX_UNREADABLE_FRACTION; tools (visualize_data) read the same loader.
+        return ConfigAdapter(cfg).build_train_loader()
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
