@@ -64,7 +64,7 @@ class ConvLeakyReLU(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, negative_slope: float):
         super().__init__()
-        if getattr(conv, "norm", None) is not None or getattr(conv, "activation", None) is not None:
+        if not _is_plain_conv(conv):
             raise ValueError("ConvLeakyReLU needs a conv without its own norm or activation.")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("ConvLeakyReLU supports numeric zero padding only.")
@@ -223,8 +223,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class DenseNetwork(nn.Module):
     """Backbone + 2-way FPN + semantic head layers + RPN head convs: the part of EfficientPS whose
-    work depends only on the padded input size, so it can be captured as a CUDA graph, compiled,
-    or exported.
+    work depends only on the padded input size, so it can be captured as a CUDA graph or
+    compiled.
 
     ``forward(images)``:
         images: (N, 3, H, W) normalised images, H and W multiples of the backbone's
@@ -251,10 +251,7 @@ class DenseNetwork(nn.Module):
     def forward(self, images: torch.Tensor):
         features = self.backbone(images.to(self.dtype))
         # The semantic head's forward in eval mode, with the stride-4 logits upsampled in float32.
-        logits = self.sem_seg_head.layers(features).float()
-        sem_seg_logits = F.interpolate(
-            logits, scale_factor=self.sem_seg_head.common_stride, mode="bilinear"
-        )
+        sem_seg_logits = self.sem_seg_head.upsample(self.sem_seg_head.layers(features).float())
         objectness, deltas = self.rpn_head([features[f] for f in self.rpn_in_features])
         features = {k: v.float().contiguous() for k, v in features.items()}
         return (

@@ -151,8 +151,8 @@ def _validate(
     mask_logit_scale: float,
     method: str,
 ) -> None:
-    """Checks everything that is known on the host; the classes' range is checked at the end
-    (``_ClassCheck``), so that no device is read here."""
+    """Checks everything that is known on the host; the classes' range is checked with the
+    candidates' crops (:func:`_candidates`), so that no device is read here."""
     if not isinstance(sem_seg_logits, torch.Tensor) or sem_seg_logits.dim() != 3:
         shape = tuple(sem_seg_logits.shape) if isinstance(sem_seg_logits, torch.Tensor) else None
         raise ValueError(f"sem_seg_logits must be a 3-D [C, H, W] tensor, got shape {shape}")
@@ -271,8 +271,8 @@ def panoptic_fusion(
         masks = instances.pred_mask_logits.to(device).float()[order]
         classes = instances.pred_classes.to(device)[order]
         sem_ids = thing_ids[classes.clamp(0, max(len(thing_id_list) - 1, 0))]
-        sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
-        padded = sum((end - start) * h * w for start, end, h, w in _chunks(sizes))
+        chunks = _chunks([(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops])
+        padded = sum((end - start) * h * w for start, end, h, w in chunks)
         if method == "scatter" and padded > _SCATTER_ELEMENTS:
             method = "loop"
         fuse = _fuse_by_scatter if method == "scatter" else _fuse_by_loop
@@ -283,6 +283,7 @@ def panoptic_fusion(
             boxes,
             ranges,
             crops,
+            chunks,
             sem_ids,
             overlap_thresh=overlap_thresh,
             mask_logit_scale=mask_logit_scale,
@@ -383,13 +384,13 @@ def _candidates(instances, device, height, width, confidence_thresh, num_things)
     return order[:num], boxes[:num], ranges[:num], crops
 
 
-def _pasted_chunks(sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale):
-    """For each chunk of crops: (start, end, fused logits FL, binary masks, inside-the-crop
-    flags, flat pixel index), all [k, h, w], padding included (inside is False there)."""
+def _pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale):
+    """For each of the ``chunks`` (see :func:`_chunks`): (start, end, fused logits FL, binary
+    masks, inside-the-crop flags, flat pixel index), all [k, h, w], padding included (inside is
+    False there)."""
     device = sem.device
     height, width = sem.shape[-2:]
-    sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
-    for start, end, h, w in _chunks(sizes):
+    for start, end, h, w in chunks:
         origins = ranges[start:end, 0::2]  # (row_start, col_start); a slice, not a list index
         mla = _paste_mask_logits_batched(masks[start:end], boxes[start:end], origins, (h, w))
         mla = mla * mask_logit_scale
@@ -409,7 +410,17 @@ def _pasted_chunks(sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale):
 
 
 def _fuse_by_loop(
-    sem, stuff_val, masks, boxes, ranges, crops, sem_ids, *, overlap_thresh, mask_logit_scale
+    sem,
+    stuff_val,
+    masks,
+    boxes,
+    ranges,
+    crops,
+    chunks,
+    sem_ids,
+    *,
+    overlap_thresh,
+    mask_logit_scale,
 ):
     """Steps 3-5, instance by instance on its crop. Returns (best_idx int32 [H, W]: 0 for stuff,
     j + 1 for candidate j; kept bool [n])."""
@@ -420,7 +431,7 @@ def _fuse_by_loop(
     claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
     keeps = []
     for start, end, fused, binary, _, _ in _pasted_chunks(
-        sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale
+        sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale
     ):
         areas = binary.sum(dim=(1, 2))
         # float64, as the Python arithmetic of the one-at-a-time definition.
@@ -443,7 +454,17 @@ def _fuse_by_loop(
 
 
 def _fuse_by_scatter(
-    sem, stuff_val, masks, boxes, ranges, crops, sem_ids, *, overlap_thresh, mask_logit_scale
+    sem,
+    stuff_val,
+    masks,
+    boxes,
+    ranges,
+    crops,
+    chunks,
+    sem_ids,
+    *,
+    overlap_thresh,
+    mask_logit_scale,
 ):
     """Steps 3-5 for all instances at once; returns what :func:`_fuse_by_loop` returns.
 
@@ -457,7 +478,7 @@ def _fuse_by_scatter(
     height, width = sem.shape[-2:]
     device = sem.device
     num = len(crops)
-    chunks = list(_pasted_chunks(sem, masks, boxes, ranges, crops, sem_ids, mask_logit_scale))
+    chunks = list(_pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale))
     index = torch.arange(num, device=device)
     areas = torch.cat([binary.sum(dim=(1, 2)) for _, _, _, binary, _, _ in chunks])
     limits = areas.double() * overlap_thresh  # float64, as in the loop

@@ -80,6 +80,14 @@ def _checkpointed(module, *args):
 NORMALIZATIONS = ("image", "labelled")
 
 
+def _check_normalization(normalization):
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION must be one of {list(NORMALIZATIONS)}, "
+            f"got '{normalization}'."
+        )
+
+
 def hard_pixel_cross_entropy(
     logits, targets, *, ignore_value, hard_pixel_fraction, normalization="image", image_sizes=None
 ):
@@ -101,11 +109,7 @@ def hard_pixel_cross_entropy(
             "MODEL.SEM_SEG_HEAD.HARD_PIXEL_FRACTION must be in (0, 1], got "
             f"{hard_pixel_fraction}."
         )
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION must be one of {list(NORMALIZATIONS)}, "
-            f"got '{normalization}'."
-        )
+    _check_normalization(normalization)
     pixel_losses = F.cross_entropy(
         logits, targets, reduction="none", ignore_index=ignore_value
     ).flatten(1)
@@ -185,11 +189,7 @@ class EfficientPSSemSegHead(nn.Module):
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
         self.hard_pixel_fraction = hard_pixel_fraction
-        if hard_pixel_normalization not in NORMALIZATIONS:
-            raise ValueError(
-                "MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION must be one of "
-                f"{list(NORMALIZATIONS)}, got '{hard_pixel_normalization}'."
-            )
+        _check_normalization(hard_pixel_normalization)  # at build time, not at the first step
         self.hard_pixel_normalization = hard_pixel_normalization
 
     @classmethod
@@ -246,7 +246,7 @@ class EfficientPSSemSegHead(nn.Module):
         logits = self.layers(features)
         if self.training:
             return None, self.losses(logits, targets, image_sizes)
-        return self._upsample(logits), {}
+        return self.upsample(logits), {}
 
     def losses(self, predictions, targets, image_sizes=None):
         """Training loss {"loss_sem_seg"} of ``layers``' stride-4 logits against (N, H, W) targets
@@ -254,7 +254,7 @@ class EfficientPSSemSegHead(nn.Module):
         ``image_sizes``: (h, w) of each image before padding, for the "image" normalisation."""
         if targets is None:
             raise ValueError("EfficientPSSemSegHead needs semantic targets in training.")
-        logits = self._upsample(predictions)
+        logits = self.upsample(predictions)
         if targets.shape[-2:] != logits.shape[-2:]:
             raise ValueError(
                 f"Semantic targets of size {tuple(targets.shape[-2:])} do not match the padded "
@@ -270,5 +270,6 @@ class EfficientPSSemSegHead(nn.Module):
         )
         return {"loss_sem_seg": loss * self.loss_weight}
 
-    def _upsample(self, logits):
+    def upsample(self, logits):
+        """``layers``' stride-4 logits -> logits at the padded input size (bilinear)."""
         return F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear")

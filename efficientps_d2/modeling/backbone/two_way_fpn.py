@@ -6,7 +6,6 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
 from ..layers import conv_norm_act
-from .efficientnet import build_efficientnet_backbone
 
 
 class TwoWayFPN(Backbone):
@@ -153,24 +152,20 @@ def build_bottom_up(cfg, input_shape):
     return bottom_up
 
 
-def _two_way_fpn(cfg, bottom_up):
-    c = cfg.MODEL.TWO_WAY_FPN
-    return TwoWayFPN(
-        bottom_up=bottom_up,
-        in_features=c.IN_FEATURES,
-        out_channels=c.OUT_CHANNELS,
-        norm=c.NORM,
-        top_block=c.TOP_BLOCK,
-    )
-
-
 @BACKBONE_REGISTRY.register()
 def build_two_way_fpn_backbone(cfg, input_shape):
     """2-way FPN on the bottom-up backbone named by MODEL.TWO_WAY_FPN.BOTTOM_UP
     (MODEL.BACKBONE.NAME: "build_two_way_fpn_backbone"), e.g. "build_efficientnet_backbone" or
     Detectron2's "build_resnet_backbone", with MODEL.TWO_WAY_FPN.IN_FEATURES naming its outputs
     at strides 4, 8, 16, 32."""
-    return _two_way_fpn(cfg, build_bottom_up(cfg, input_shape))
+    c = cfg.MODEL.TWO_WAY_FPN
+    return TwoWayFPN(
+        bottom_up=build_bottom_up(cfg, input_shape),
+        in_features=c.IN_FEATURES,
+        out_channels=c.OUT_CHANNELS,
+        norm=c.NORM,
+        top_block=c.TOP_BLOCK,
+    )
 
 
 @BACKBONE_REGISTRY.register()
@@ -187,4 +182,4 @@ def build_efficientnet_two_way_fpn_backbone(cfg, input_shape):
             f"EfficientNet, but MODEL.TWO_WAY_FPN.BOTTOM_UP is '{name}': set MODEL.BACKBONE.NAME "
             "to 'build_two_way_fpn_backbone' to build the 2-way FPN on it."
         )
-    return _two_way_fpn(cfg, build_efficientnet_backbone(cfg, input_shape))
+    return build_two_way_fpn_backbone(cfg, input_shape)
