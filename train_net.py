@@ -17,20 +17,13 @@ import weakref
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, launch
 from detectron2.utils.logger import setup_logger
 
-from efficientps_d2 import setup_cfg
 from efficientps_d2.config import tta_config
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data import EfficientPSDatasetMapper
-from efficientps_d2.data.check import validate_datasets
-from efficientps_d2.data.unreadable import SkipUnreadable
 from efficientps_d2.engine import is_lazy_config, lazy_train, startup
 from efficientps_d2.evaluation import build_evaluator
 from efficientps_d2.solver import build_optimizer
@@ -79,16 +72,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # The data set dicts as Detectron2 would load them, loaded here to size the skip limit.
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
-        mapper = SkipUnreadable(
-            EfficientPSDatasetMapper(cfg, True),
-            num_samples=len(dataset),
-            max_fraction=cfg.DATALOADER.MAX_UNREADABLE_FRACTION,
-        )
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        # EfficientPS's mapper, skipping unreadable samples up to
+        # DATALOADER.MAX_UNREADABLE_FRACTION; tools (visualize_data) read the same loader.
+        return ConfigAdapter(cfg).build_train_loader()
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -116,19 +102,13 @@ class Trainer(DefaultTrainer):
         return OrderedDict({k + "_TTA": v for k, v in results.items()})
 
 
-def setup(args):
-    # The start-up steps the LazyConfig flow shares (efficientps_d2.engine.startup): naive SyncBN
-    # on the CPU, OUTPUT_DIR lock, default_setup, log.txt, stale temporaries removed.
-    return startup.start_run(setup_cfg(args.config_file, args.opts, freeze=False), args)
-
-
 def main(args):
     if is_lazy_config(args.config_file):
         # A Detectron2 LazyConfig (.py): Detectron2's lazyconfig_train_net flow.
         return lazy_train.main(args)
-    cfg = setup(args)
-    # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
-    validate_datasets(cfg, training=not args.eval_only)
+    # The start-up the LazyConfig flow shares (efficientps_d2.engine.startup): naive SyncBN on the
+    # CPU, OUTPUT_DIR lock, default_setup, log.txt, stale temporaries removed, data sets checked.
+    cfg = startup.setup(args)
     if args.eval_only:
         model = startup.load_for_evaluation(
             Trainer.build_model(cfg), ConfigAdapter(cfg), resume=args.resume

@@ -234,36 +234,3 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
     if freeze:
         cfg.freeze()
     return cfg
-
-
-def configure_amp_trainer(trainer, cfg):
-    """Applies SOLVER.AMP.PRECISION to Detectron2's ``AMPTrainer`` (which autocasts to float16
-    with a GradScaler unless told otherwise); a no-op for other trainers or with AMP off."""
-    return set_amp_precision(
-        trainer, cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.PRECISION, key="SOLVER.AMP.PRECISION"
-    )
-
-
-def set_amp_precision(trainer, enabled, precision, *, key):
-    """Makes Detectron2's ``AMPTrainer`` autocast to ``precision`` ("float16" or "bfloat16", set
-    by config key ``key``, named when it is neither); a no-op for other trainers or unless
-    ``enabled``."""
-    import torch
-
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-    if precision not in dtypes:
-        raise ValueError(f"{key} must be one of {sorted(dtypes)}, got {precision!r}.")
-    if not enabled or not hasattr(trainer, "grad_scaler"):
-        return trainer
-    trainer.precision = dtypes[precision]
-    if precision == "bfloat16":
-        # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
-        # inf/nan check, a host sync, to every step.
-        trainer.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return trainer
-    trainer.precision = dtypes[precision]
-    if precision == "bfloat16":
-        # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
-        # inf/nan check, a host sync, to every step.
-        trainer.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return trainer

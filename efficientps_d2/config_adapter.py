@@ -11,12 +11,17 @@ A LazyConfig follows Detectron2's layout, as ``configs/common`` does: ``model``,
 """
 
 from detectron2.config import instantiate
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.modeling import build_model
 from omegaconf import DictConfig, OmegaConf
 
 from .config import is_yaml_config
 from .data import EfficientPSDatasetMapper
+from .data.unreadable import SkipUnreadable
 
 __all__ = ["ConfigAdapter"]
 
@@ -183,13 +188,22 @@ class ConfigAdapter:
         return instantiate(self.cfg.model).to(self.device)
 
     def build_train_loader(self):
-        """The training loader: ``dataloader.train``, or Detectron2's with EfficientPS's
-        mapper."""
+        """The training loader: ``dataloader.train``, or Detectron2's with EfficientPS's mapper
+        wrapped in :class:`SkipUnreadable` (DATALOADER.MAX_UNREADABLE_FRACTION), as
+        train_net.py trains with."""
         if not self.is_yaml:
             return instantiate(self.cfg.dataloader.train)
-        return build_detection_train_loader(
-            self.cfg, mapper=EfficientPSDatasetMapper(self.cfg, True)
+        cfg = self.cfg
+        # The data set dicts as Detectron2 would load them, loaded here to size the skip limit.
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
+        mapper = SkipUnreadable(
+            EfficientPSDatasetMapper(cfg, True),
+            num_samples=len(dataset),
+            max_fraction=cfg.DATALOADER.MAX_UNREADABLE_FRACTION,
+        )
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     def build_test_loader(self):
         """The loader of the first test data set: ``dataloader.test``, or Detectron2's with

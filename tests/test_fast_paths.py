@@ -812,9 +812,10 @@ def test_model_output_matches_reference_fusion(image_size):
 
 
 def test_amp_precision_configures_detectron2s_amp_trainer():
-    from detectron2.engine import AMPTrainer, SimpleTrainer
+    from detectron2.engine import SimpleTrainer
 
-    from efficientps_d2.config import configure_amp_trainer
+    from efficientps_d2.config_adapter import ConfigAdapter
+    from efficientps_d2.engine import startup
 
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -825,15 +826,17 @@ def test_amp_precision_configures_detectron2s_amp_trainer():
         cfg = tiny_config(["SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", precision])
         with warnings.catch_warnings():  # Detectron2's GradScaler warns without CUDA
             warnings.simplefilter("ignore")
-            trainer = AMPTrainer(model, [], optimizer)
-        configure_amp_trainer(trainer, cfg)
+            trainer = startup.build_trainer(model, [], optimizer, ConfigAdapter(cfg))
         assert trainer.precision == dtype and trainer.grad_scaler.is_enabled() is (
             scaling and torch.cuda.is_available()
         )
-    plain = SimpleTrainer(model, [], optimizer)
-    assert configure_amp_trainer(plain, cfg) is plain and not hasattr(plain, "precision")
+    cfg = tiny_config(["SOLVER.AMP.ENABLED", False])
+    plain = startup.build_trainer(model, [], optimizer, ConfigAdapter(cfg))
+    assert type(plain) is SimpleTrainer and not hasattr(plain, "precision")
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
-        configure_amp_trainer(plain, tiny_config(["SOLVER.AMP.PRECISION", "float64"]))
+        startup.build_trainer(
+            model, [], optimizer, ConfigAdapter(tiny_config(["SOLVER.AMP.PRECISION", "float64"]))
+        )
 
 
 class _Convolutions(TorchDispatchMode):

@@ -199,6 +199,35 @@ def test_lazy_train_loader_stops_past_max_unreadable_fraction_naming_the_file(tm
             MetadataCatalog.remove(name)
 
 
+def test_yaml_train_loader_of_the_adapter_also_stops_past_max_unreadable_fraction(
+    tmp_path, data_root
+):
+    # The tools (visualize_data) read the loader train_net.py trains with, for either kind.
+    root, image = data_with_unreadable_image(tmp_path, data_root)
+    names = register_synthetic(str(root), prefix="test_yaml_unreadable")
+    try:
+        cfg = load_config(
+            QUICK_PY[: -len(".py")] + ".yaml",
+            [
+                "DATASETS.TRAIN",
+                f"('{names[0]}',)",
+                "SOLVER.IMS_PER_BATCH",
+                6,
+                "DATALOADER.MAX_UNREADABLE_FRACTION",
+                0.0,
+            ],
+        )
+        with pytest.raises(UnreadableDataError) as e:
+            next(iter(ConfigAdapter(cfg).build_train_loader()))
+        assert "1 of the 6 training samples cannot be read" in str(e.value)
+        assert "DATALOADER.MAX_UNREADABLE_FRACTION=0.0 allows" in str(e.value)
+        assert str(image) in str(e.value)
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
 def test_lazy_expected_results_are_verified_as_test_expected_results():
     results = {"panoptic_seg": {"PQ": 60.0}}
     for cfg in (

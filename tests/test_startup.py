@@ -75,6 +75,13 @@ def test_cpu_runs_use_naive_sync_bn_for_every_syncbn_norm_of_both_kinds():
     assert startup.use_naive_sync_bn(on_cuda) == []
 
 
+def test_cpu_yaml_run_uses_naive_sync_bn_for_the_resnet_norm():
+    name = os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_R_50.yaml")
+    cfg = load_config(name, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "SyncBN"])
+    assert "MODEL.RESNETS.NORM" in startup.use_naive_sync_bn(cfg)
+    assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
+
+
 def test_cpu_ddp_gets_no_device_ids(monkeypatch):
     calls = []
     monkeypatch.setattr(startup, "create_ddp_model", lambda model, **kw: calls.append(kw) or model)

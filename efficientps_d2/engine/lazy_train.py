@@ -32,27 +32,19 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from omegaconf import OmegaConf
 
 from ..config_adapter import ConfigAdapter
-from ..data.check import validate_datasets
 from ..visualization import add_panoptic_visualization
-from .lazy_config import load_config
 from .startup import (
     build_checkpointer,
     build_trainer,
     load_for_evaluation,
-    start_run,
+    setup,
     verify_results,
     wrap_ddp,
 )
 
-__all__ = ["do_test", "do_test_with_tta", "do_train", "main", "setup", "tta_enabled"]
+__all__ = ["do_test", "do_test_with_tta", "do_train", "main", "tta_enabled"]
 
 logger = logging.getLogger("efficientps_d2")
-
-
-def setup(args):
-    """Loads ``args.config_file`` with ``args.opts`` (``key=value``) and takes the start-up steps
-    of :func:`.startup.start_run` (lock, ``default_setup``, log.txt, ...)."""
-    return start_run(load_config(args.config_file, args.opts), args)
 
 
 def do_test(cfg, model):
@@ -158,9 +150,7 @@ def do_train(args, cfg):
 
 def main(args):
     """train_net.py's entry for a ``.py`` config: train, or with ``--eval-only`` evaluate."""
-    cfg = setup(args)
-    # Names, class counts and every panoptic PNG are checked now, not found wrong hours later.
-    validate_datasets(cfg, training=not args.eval_only)
+    cfg = setup(args)  # the start-up both flows share, the data check included
     if args.eval_only:
         config = ConfigAdapter(cfg)
         model = wrap_ddp(config.build_model(), config.device)

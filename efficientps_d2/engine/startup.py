@@ -4,6 +4,8 @@ The YAML flow (``Trainer`` in train_net.py) and the LazyConfig flow (:mod:`.lazy
 same steps, each reading its own keys through
 :class:`~efficientps_d2.config_adapter.ConfigAdapter`:
 
+- :func:`setup`: both flows' entry: the config file loaded, :func:`start_run`, then the data
+  check (:func:`efficientps_d2.data.check.validate_datasets`, which reads either kind);
 - :func:`start_run`: on the CPU, SyncBN norms become Detectron2's naiveSyncBN (gloo all_reduce);
   the output folder is locked for a training run (a second run on it is refused) before anything
   is written, Detectron2's ``default_setup`` runs, ``efficientps_d2``'s loggers also write
@@ -15,13 +17,12 @@ same steps, each reading its own keys through
   accepted), resuming from the newest intact checkpoint;
 - :func:`verify_results`: Detectron2's check of the results against TEST.EXPECTED_RESULTS
   (``train.expected_results``).
-
-The data check is :func:`efficientps_d2.data.check.validate_datasets`, which reads either kind.
 """
 
 import logging
 
 import detectron2.utils.comm as comm
+import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
 from detectron2.evaluation import verify_results as d2_verify_results
@@ -30,14 +31,17 @@ from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import EfficientPSCheckpointer
-from ..config import is_yaml_config, set_amp_precision
+from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
+from ..data.check import validate_datasets
 from ..output_lock import lock_output_dir
+from .lazy_config import load_config
 
 __all__ = [
     "build_checkpointer",
     "build_trainer",
     "load_for_evaluation",
+    "setup",
     "start_run",
     "use_naive_sync_bn",
     "verify_results",
@@ -46,36 +50,32 @@ __all__ = [
 
 logger = logging.getLogger("efficientps_d2")
 
-# Config keys that choose a norm layer (detectron2.layers.get_norm names) in a YAML config. In a
-# LazyConfig every ``norm`` or ``*_norm`` argument of the model does.
-YAML_NORM_KEYS = (
-    "MODEL.EFFICIENTNET.NORM",
-    "MODEL.TWO_WAY_FPN.NORM",
-    "MODEL.SEM_SEG_HEAD.NORM",
-    "MODEL.RPN.HEAD_NORM",
-    "MODEL.ROI_BOX_HEAD.NORM",
-    "MODEL.ROI_MASK_HEAD.NORM",
-)
-
 
 def use_naive_sync_bn(cfg):
     """On the CPU, sets every norm of the model that is "SyncBN" to "naiveSyncBN" (in place);
     returns the keys changed. torch's SyncBatchNorm runs on CUDA only; Detectron2's
-    NaiveSyncBatchNorm syncs the same statistics with all_reduce, which gloo does on the CPU."""
+    NaiveSyncBatchNorm syncs the same statistics with all_reduce, which gloo does on the CPU.
+
+    The norms are the keys ``NORM`` or ``*_NORM`` under MODEL of a YAML config (MODEL.RESNETS.NORM,
+    MODEL.RPN.HEAD_NORM, ...), and every ``norm`` or ``*_norm`` argument of a LazyConfig's model.
+    """
     if ConfigAdapter(cfg).device != "cpu":
         return []
     if is_yaml_config(cfg):
-        keys = [k for k in YAML_NORM_KEYS if _get(cfg, k) == "SyncBN"]
-        for key in keys:
-            cfg.merge_from_list([key, "naiveSyncBN"])
-        return keys
+        return _replace_yaml_norms(cfg.MODEL, "MODEL")
     return _replace_lazy_norms(cfg.model, "model")
 
 
-def _get(cfg, key):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
+def _replace_yaml_norms(node, prefix):
+    changed = []
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, CfgNode):
+            changed += _replace_yaml_norms(value, name)
+        elif (key == "NORM" or key.endswith("_NORM")) and value == "SyncBN":
+            setattr(node, key, "naiveSyncBN")  # refused, as any change, if cfg is frozen
+            changed.append(name)
+    return changed
 
 
 def _replace_lazy_norms(node, prefix):
@@ -93,6 +93,17 @@ def _replace_lazy_norms(node, prefix):
 
 
 _output_dir_lock = None  # held (open) for the life of the training process
+
+
+def setup(args):
+    """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
+    LazyConfig) with ``args.opts``, takes the steps of :func:`start_run` (naive SyncBN on the
+    CPU, lock, ``default_setup``, log.txt, stale temporaries removed), then checks the data sets
+    (names, class counts and every panoptic PNG are checked now, not found wrong hours later).
+    Returns the config."""
+    cfg = start_run(load_config(args.config_file, args.opts), args)
+    validate_datasets(cfg, training=not args.eval_only)
+    return cfg
 
 
 def start_run(cfg, args):
@@ -131,14 +142,23 @@ def wrap_ddp(model, device, **kwargs):
 
 
 def build_trainer(model, data_loader, optimizer, config):
-    """``AMPTrainer`` autocasting to ``config.amp_precision`` when AMP is on, else
-    ``SimpleTrainer``. ``config``: a :class:`ConfigAdapter`."""
-    trainer = (AMPTrainer if config.amp_enabled else SimpleTrainer)(model, data_loader, optimizer)
-    return set_amp_precision(
-        trainer,
-        config.amp_enabled,
-        config.amp_precision,
-        key=config.keys["amp_precision"],
+    """``AMPTrainer`` autocasting to ``config.amp_precision`` ("float16" or "bfloat16") when AMP
+    is on, else ``SimpleTrainer``. The precision is checked either way: a value that is neither
+    is refused, naming its key. ``config``: a :class:`ConfigAdapter`."""
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    precision = config.amp_precision
+    if precision not in dtypes:
+        key = config.keys["amp_precision"]
+        raise ValueError(f"{key} must be one of {sorted(dtypes)}, got {precision!r}.")
+    if not config.amp_enabled:
+        return SimpleTrainer(model, data_loader, optimizer)
+    grad_scaler = None  # Detectron2's default: a GradScaler, enabled when CUDA is available
+    if precision == "bfloat16":
+        # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
+        # inf/nan check, a host sync, to every step.
+        grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return AMPTrainer(
+        model, data_loader, optimizer, grad_scaler=grad_scaler, precision=dtypes[precision]
     )
 
 
