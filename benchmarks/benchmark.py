@@ -94,6 +94,8 @@ def ours_config(device, name=OURS_CONFIG):
     """The shipped config with every SyncBN replaced by BN (one process) and test thresholds 0."""
     cfg = setup_cfg(os.path.join(CONFIGS, name), freeze=False)
     cfg.MODEL.DEVICE = device  # as asked, even where setup_cfg would fall back to the CPU
+    # Plain: each row picks its path, and FLOPs are counted on the model's own modules.
+    cfg.MODEL.EFFICIENTPS.FAST_INFERENCE = False
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH = 0.0
     for node in (

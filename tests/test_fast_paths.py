@@ -61,6 +61,11 @@ def _randomize(model, seed=0):
     return model
 
 
+# The model's own modules at inference, not the fused copy that MODEL.EFFICIENTPS.FAST_INFERENCE
+# (on by default) runs.
+PLAIN = ["MODEL.EFFICIENTPS.FAST_INFERENCE", False]
+
+
 def _tiny_model(opts=()):
     torch.manual_seed(0)
     return _randomize(build_model(tiny_config([*PERMISSIVE, *opts]))).eval()
@@ -104,10 +109,18 @@ def _assert_same_panoptic(a, b, atol=1e-4):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_fast_inference_gives_the_plain_panoptic_output(channels_last):
-    model = _tiny_model(["MODEL.EFFICIENTPS.CHANNELS_LAST", channels_last])
+    model = _tiny_model(
+        [
+            "MODEL.EFFICIENTPS.CHANNELS_LAST",
+            channels_last,
+            "MODEL.EFFICIENTPS.FAST_INFERENCE",
+            False,
+        ]
+    )
     inputs = _inputs()
     with torch.no_grad():
         plain = model(inputs)
+        assert "_inference_copy" not in model.__dict__  # the model's own modules ran
         model.fast_inference = True
         fast = model(inputs)
     network = model._inference_network()
@@ -121,9 +134,9 @@ def test_fast_inference_gives_the_plain_panoptic_output(channels_last):
         _assert_same_panoptic(a, b)
 
 
-def test_fast_inference_from_config_without_detections():
-    model = _tiny_model(["MODEL.EFFICIENTPS.FAST_INFERENCE", True])
-    assert model.fast_inference
+def test_fast_inference_by_default_without_detections():
+    model = _tiny_model()
+    assert model.fast_inference  # MODEL.EFFICIENTPS.FAST_INFERENCE defaults to True
     model.roi_heads.box_predictor.test_score_thresh = 1.1  # no detection: empty mask-head batch
     with torch.no_grad():
         (out,) = model(_inputs()[:1])
@@ -277,7 +290,7 @@ def test_dense_network_contract():
 def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
     """rpn_proposals and InferenceNetwork.detect stand in for RPN.forward and
     StandardROIHeads.forward in inference: same proposals, same detections and masks."""
-    model = _tiny_model()
+    model = _tiny_model(PLAIN)
     network = model._inference_network()
     with torch.inference_mode():
         images = model.preprocess_image(_inputs())
@@ -301,7 +314,7 @@ def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
     """bfloat16 rounds every layer's output (~0.4%); through this random, untrained B0 the
     relative error grows to several percent, so the sound bound is torch.autocast's own error on
     the same network, not a fixed number; and the semantic argmax agrees on most pixels."""
-    model = _tiny_model()
+    model = _tiny_model(PLAIN)
     x = torch.stack([model.preprocess_image([i]).tensor[0, :, :80, :96] for i in _inputs()[1:]])
     with torch.no_grad():
         reference = model._inference_network().dense(x)
@@ -354,7 +367,7 @@ def test_compiled_dense_network_equals_eager(monkeypatch):
 
 
 def test_cuda_graph_off_cuda_runs_the_model_itself():
-    model = _with_options(_tiny_model(), cuda_graph=True)
+    model = _with_options(_tiny_model(PLAIN), cuda_graph=True)
     network = model._inference_network()
     assert not network.cuda_graph and network.dense_network.backbone is model.backbone
     assert "_inference_copy" not in model.__dict__
@@ -418,7 +431,7 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _cuda_model(opts=()):
-    return _tiny_model(opts).cuda()
+    return _tiny_model([*PLAIN, *opts]).cuda()
 
 
 def _cuda_inputs():

@@ -44,3 +44,12 @@ def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog
     assert "Flops table computed from only one input sample" in log
     assert float(re.search(r"Total \(Million\) Activations: ([\d.]+)±", log).group(1)) > 0
     assert "Model Structure:\nEfficientPS(" in log
+
+    # FLOPs are the architecture's, also where inference runs the fused copy (the default): fvcore
+    # does not count its oneDNN kernels.
+    caplog.clear()
+    plain = ["MODEL.EFFICIENTPS.FAST_INFERENCE", "False"]
+    argv = ["--config-file", QUICK, "--tasks", "flop", "-n", "1", *NARROW_HEADS, *synthetic, *plain]
+    with caplog.at_level(logging.INFO, logger="detectron2"):
+        assert analyze_model.main(argv) == 0
+    assert float(re.search(r"Total GFlops: ([\d.]+)±", caplog.text).group(1)) == total

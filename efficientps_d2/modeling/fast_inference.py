@@ -341,7 +341,7 @@ class _CapturedDenseNetwork:
 class InferenceOptions:
     """How inference runs; see the MODEL.EFFICIENTPS keys of the same names in config.py."""
 
-    fast_inference: bool = False
+    fast_inference: bool = True
     dtype: str = "float32"
     cuda_graph: bool = False
     cuda_graph_cache_size: int = 4

@@ -39,8 +39,11 @@ class EfficientPS(GeneralizedRCNN):
     :class:`~efficientps_d2.modeling.fast_inference.InferenceNetwork` chosen by
     ``inference_options`` (MODEL.EFFICIENTPS.FAST_INFERENCE, INFERENCE_DTYPE, CUDA_GRAPH, COMPILE):
     this model's own modules, or a cached copy of the convolutional parts (backbone, semantic head,
-    RPN, box and mask heads) that is fused, cast, graphed or compiled. The copy is rebuilt whenever
-    a weight, buffer or option changes and dropped by ``train()``; it costs one more set of weights.
+    RPN, box and mask heads) that is fused (the default), cast, graphed or compiled. The copy is
+    rebuilt whenever a weight, buffer or option changes and dropped by ``train()``; it costs one
+    more set of weights. Changes are seen through the tensors' version counters and storage, as
+    optimizers, ``load_state_dict`` and Detectron2's checkpointer make them; a write through
+    ``.data`` is not seen: set ``fast_inference = False`` (or call ``train()``) around such code.
     """
 
     @configurable
@@ -54,7 +57,7 @@ class EfficientPS(GeneralizedRCNN):
         stuff_area_limit=2048,
         mask_logit_scale=4.0,
         channels_last=True,
-        fast_inference=False,
+        fast_inference=True,
         inference_dtype="float32",
         cuda_graph=False,
         cuda_graph_cache_size=4,

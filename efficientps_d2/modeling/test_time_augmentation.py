@@ -201,7 +201,8 @@ def _detections_to_output_frame(detections, image_size, flipped, output_size):
     """Instances at one run's image size -> Instances at ``output_size``, unflipped."""
     boxes = detections.pred_boxes.tensor.clone()
     if flipped:
-        boxes[:, [0, 2]] = image_size[1] - boxes[:, [2, 0]]
+        # (x0, x1) <- (W - x1, W - x0); slices, not a list index (a blocking upload on CUDA).
+        boxes[:, 0::2] = image_size[1] - boxes[:, 0::2].flip(1)
     boxes[:, 0::2] *= output_size[1] / image_size[1]
     boxes[:, 1::2] *= output_size[0] / image_size[0]
     out = Instances(

@@ -53,6 +53,10 @@ def _load(args):
     model = config.build_model()
     if config.weights:
         EfficientPSCheckpointer(model).load(config.weights)
+    if hasattr(model, "fast_inference"):
+        # Count the architecture's own modules: fvcore does not count the fused oneDNN kernels
+        # of the fast inference copy (MODEL.EFFICIENTPS.FAST_INFERENCE).
+        model.fast_inference = False
     return config, model.eval()
 
 

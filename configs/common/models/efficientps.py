@@ -121,7 +121,7 @@ model = L(EfficientPS)(
     channels_last=True,
     # Inference paths (MODEL.EFFICIENTPS.* in YAML configs): folded/fused copy, dense-network dtype
     # ("float32", "bfloat16", "float16"), CUDA graphs per padded input size, torch.compile.
-    fast_inference=False,
+    fast_inference=True,
     inference_dtype="float32",
     cuda_graph=False,
     cuda_graph_cache_size=4,
