@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -117,6 +118,47 @@ def test_lazy_configs_name_the_same_data_weights_and_schedule():
             tta.max_size,
             tta.flip,
         ), name
+
+
+@pytest.fixture
+def other_metadata():
+    """Two registered data sets' metadata, unlike the synthetic one's (things [0, 1, 2])."""
+    names = {
+        "test_lazy_other_things": {1: 0, 2: 2, 3: 4},
+        "test_lazy_four_things": {1: 0, 2: 2, 3: 4, 7: 6},
+    }
+    for name, things in names.items():
+        MetadataCatalog.get(name).set(
+            thing_dataset_id_to_contiguous_id=things,
+            stuff_dataset_id_to_contiguous_id={4: 1, 5: 3, 6: 5},
+        )
+    yield list(names)
+    for name in names:
+        MetadataCatalog.remove(name)
+
+
+def test_overriding_the_training_data_set_moves_the_thing_ids_along(other_metadata):
+    # As MODEL.EFFICIENTPS.THING_SEMANTIC_IDS: [] reads DATASETS.TRAIN's metadata in a YAML
+    # config: the model and the training mapper follow dataloader.train.dataset.names.
+    cfg = load_config(QUICK_PY, [f"dataloader.train.dataset.names={other_metadata[0]}"])
+    assert instantiate(cfg.model).thing_semantic_ids == [0, 2, 4]
+    assert instantiate(cfg.dataloader.train.mapper).thing_semantic_ids == [0, 2, 4]
+    assert instantiate(load_config(QUICK_PY).model).thing_semantic_ids == [0, 1, 2]
+
+
+def test_a_data_set_with_more_things_than_the_roi_heads_stops_naming_the_key(other_metadata):
+    cfg = load_config(QUICK_PY, [f"dataloader.train.dataset.names=[{other_metadata[1]}]"])
+    with pytest.raises(
+        ValueError,
+        match=r"4 thing classes, but the ROI heads have 3 .*model\.roi_heads\.num_classes",
+    ):
+        instantiate(cfg.model)
+    cfg = load_config(
+        QUICK_PY,
+        ["model.roi_heads.num_classes=4", f"dataloader.train.dataset.names=[{other_metadata[1]}]"],
+    )
+    with pytest.raises(ValueError, match=r"\[0, 6\) .*model\.sem_seg_head\.num_classes"):
+        instantiate(cfg.model)
 
 
 def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data_root):

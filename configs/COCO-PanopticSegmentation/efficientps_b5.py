@@ -14,7 +14,6 @@ for norm_owner in (
 model.roi_heads.mask_head.conv_norm = "SyncBN"
 model.sem_seg_head.num_classes = 133
 model.roi_heads.num_classes = 80
-model.thing_semantic_ids.dataset_name = "coco_2017_train_panoptic"
 model.stuff_area_limit = 4096  # Detectron2's Panoptic FPN value for COCO's smaller images
 
 optimizer.lr = 0.02

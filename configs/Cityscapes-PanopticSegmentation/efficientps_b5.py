@@ -14,7 +14,6 @@ for norm_owner in (
 model.roi_heads.mask_head.conv_norm = "SyncBN"
 model.sem_seg_head.num_classes = 19  # train ids 0-10 stuff, 11-18 things
 model.roi_heads.num_classes = 8
-model.thing_semantic_ids.dataset_name = "cityscapes_fine_panoptic_train"
 
 train.init_checkpoint = "torchvision://efficientnet_b5"
 # About 160 epochs of the 2975 training images, decayed 10x at 75% and 90%.

@@ -20,7 +20,6 @@ model.roi_heads.mask_head.conv_dims = [128, 128, 128, 128, 128]
 model.sem_seg_head.num_classes = 6
 model.sem_seg_head.dpc_channels = 128
 model.sem_seg_head.convs_dim = 64
-model.thing_semantic_ids.dataset_name = "synthetic_panoptic_train"
 model.stuff_area_limit = 64  # about 0.26% of 128x192, as 2048 px is 0.1% of 1024x2048
 
 optimizer.lr = 0.03

@@ -22,7 +22,7 @@ def panoptic_dataloader(
             is_train=True,
             augmentations=train_augmentations,
             image_format="RGB",
-            thing_semantic_ids=L(thing_semantic_ids_of)(dataset_name=train),
+            thing_semantic_ids=L(thing_semantic_ids_of)(dataset_name="${...dataset.names}"),
             ignore_label=255,
             num_classes=num_classes,
         ),

@@ -108,7 +108,9 @@ model = L(EfficientPS)(
             conv_norm="BN",
         ),
     ),
-    thing_semantic_ids=L(thing_semantic_ids_of)(dataset_name="cityscapes_fine_panoptic_train"),
+    # From the training data set's metadata, as MODEL.EFFICIENTPS.THING_SEMANTIC_IDS: [] does:
+    # overriding dataloader.train.dataset.names moves the model's thing ids along with the data.
+    thing_semantic_ids=L(thing_semantic_ids_of)(dataset_name="${dataloader.train.dataset.names}"),
     # RGB with torchvision's ImageNet statistics, which torchvision's EfficientNet weights expect.
     pixel_mean=[123.675, 116.28, 103.53],
     pixel_std=[58.395, 57.12, 57.375],
