@@ -1,10 +1,12 @@
 """Tiny EfficientPS configs and inputs that keep CPU tests fast."""
 
+import collections
 import os
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficientps_d2 import add_efficientps_config
 
@@ -81,3 +83,46 @@ def training_input(height, width, boxes, classes, seed=0):
         "height": height,
         "width": width,
     }
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the operations that, on a GPU, wait for the device: scalar and list reads, nonzero /
+    boolean indexing, equality checks, and tensors made from host data ("upload": torch.tensor,
+    a list used as an index), which reach the GPU by a copy that waits unless made non-blocking.
+    On the CPU they cost nothing, but the fusion's GPU speed rests on how many there are."""
+
+    _SYNCING = {
+        torch.ops.aten._local_scalar_dense.default: "scalar",
+        torch.ops.aten.nonzero.default: "nonzero",
+        torch.ops.aten.masked_select.default: "masked_select",
+        torch.ops.aten.equal.default: "equal",
+        torch.ops.aten.lift_fresh.default: "upload",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __enter__(self):
+        # Tensor.tolist reads the data without dispatching an operator.
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(tensor):
+            self.counts["tolist"] += 1
+            return tolist(tensor)
+
+        self._restore = tolist
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._restore
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self._SYNCING:
+            self.counts[self._SYNCING[func]] += 1
+        elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default):
+            if any(i is not None and i.dtype == torch.bool for i in args[1]):
+                self.counts["boolean index"] += 1
+        return func(*args, **(kwargs or {}))

@@ -29,7 +29,13 @@ from efficientps_d2.modeling.fast_inference import (
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
-from tests.common import PERMISSIVE, THING_SEMANTIC_IDS, tiny_config, training_input
+from tests.common import (
+    PERMISSIVE,
+    THING_SEMANTIC_IDS,
+    DeviceReads,
+    tiny_config,
+    training_input,
+)
 
 
 def _randomize(model, seed=0):
@@ -336,6 +342,36 @@ def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
         out = model(_inputs())  # the whole model runs in bfloat16 and fuses as usual
     assert all(o["sem_seg"].dtype == torch.float32 for o in out)
     assert all(o["instances"].pred_mask_logits.dtype == torch.float32 for o in out)
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"fast_inference": False}, {"dtype": "bfloat16"}], ids=["fast", "plain", "bf16"]
+)
+def test_dense_network_never_waits_for_the_device(changes):
+    """What capturing it as a CUDA graph needs, and what lets a replay run ahead of the GPU: the
+    dense network neither reads the device nor makes tensors from host data (counted on the CPU,
+    as for the fusion)."""
+    model = _with_options(_tiny_model(), **changes)
+    network = model._inference_network()
+    images = model.preprocess_image(_inputs()).tensor
+    with torch.no_grad(), DeviceReads() as reads:
+        network.dense(images)
+    assert not reads.counts
+
+
+def test_dense_network_compiles_as_one_graph():
+    """COMPILE (and its "reduce-overhead" CUDA graphs) pays only without graph breaks: Dynamo
+    traces the whole dense network, default path and plain, with fullgraph=True."""
+    model = _tiny_model()
+    images = model.preprocess_image(_inputs()[:1]).tensor
+    for fast in (True, False):
+        model.fast_inference = fast
+        dense = model._inference_network().dense_network
+        torch._dynamo.reset()
+        compiled = torch.compile(dense, backend="eager", fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(images)[1], dense(images)[1])
+    torch._dynamo.reset()
 
 
 def test_compiled_dense_network_equals_eager(monkeypatch):

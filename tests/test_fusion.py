@@ -1,6 +1,5 @@
 """Panoptic fusion on hand-built logits whose right answer is known."""
 
-import collections
 import functools
 import math
 import sys
@@ -9,10 +8,10 @@ import pytest
 import torch
 from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.structures import Boxes, Instances
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficientps_d2.modeling import fusion
 from efficientps_d2.modeling.fusion import _paste_mask_logits_batched
+from tests.common import DeviceReads
 
 H, W = 32, 48
 HALF = H // 2
@@ -443,49 +442,6 @@ def test_cuda_matches_cpu():
     assert pan_gpu.device.type == "cuda"
     assert torch.equal(pan_gpu.cpu(), pan)
     assert info_gpu == info
-
-
-class DeviceReads(TorchDispatchMode):
-    """Counts the operations that, on a GPU, wait for the device: scalar and list reads, nonzero /
-    boolean indexing, equality checks, and tensors made from host data ("upload": torch.tensor,
-    a list used as an index), which reach the GPU by a copy that waits unless made non-blocking.
-    On the CPU they cost nothing, but the fusion's GPU speed rests on how many there are."""
-
-    _SYNCING = {
-        torch.ops.aten._local_scalar_dense.default: "scalar",
-        torch.ops.aten.nonzero.default: "nonzero",
-        torch.ops.aten.masked_select.default: "masked_select",
-        torch.ops.aten.equal.default: "equal",
-        torch.ops.aten.lift_fresh.default: "upload",
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __enter__(self):
-        # Tensor.tolist reads the data without dispatching an operator.
-        tolist = torch.Tensor.tolist
-
-        def counted_tolist(tensor):
-            self.counts["tolist"] += 1
-            return tolist(tensor)
-
-        self._restore = tolist
-        torch.Tensor.tolist = counted_tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._restore
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self._SYNCING:
-            self.counts[self._SYNCING[func]] += 1
-        elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default):
-            if any(i is not None and i.dtype == torch.bool for i in args[1]):
-                self.counts["boolean index"] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def random_scene(k, seed=0):
