@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.data import synthetic
 from efficientps_d2.data.synthetic import (
     SYNTHETIC_CATEGORIES,
@@ -46,7 +48,7 @@ def _all_files(folder):
 
 
 def _tmp_dirs(root):
-    return [n for n in os.listdir(root) if n.startswith(synthetic._TMP_PREFIX)]
+    return [n for n in os.listdir(root) if n.startswith(f".{synthetic.DIRNAME}.")]
 
 
 @pytest.fixture(scope="module")
@@ -168,14 +170,17 @@ def test_categories_are_coco_like():
         assert c["name"] and len(c["color"]) == 3
 
 
-def test_leftover_temp_folder_does_not_break_generation(tmp_path):
-    leftover = tmp_path / (synthetic._TMP_PREFIX + "killed") / synthetic.DIRNAME
+def test_leftover_temp_folder_of_a_killed_run_is_removed(tmp_path):
+    # What atomic_directory leaves when its process is killed mid-generation.
+    leftover = Path(temporary_path(str(tmp_path / synthetic.DIRNAME))) / synthetic.DIRNAME
     leftover.mkdir(parents=True)
     (leftover / "panoptic_train.json").write_text("{ half written")
+    foreign = tmp_path / f".{synthetic.DIRNAME}.backup"  # not a temporary name: left alone
+    foreign.mkdir()
     data_dir = ensure_synthetic_panoptic(str(tmp_path), **TINY)
     assert data_dir == str(tmp_path / synthetic.DIRNAME)
     assert len(_load(data_dir, "panoptic", "train")["annotations"]) == TINY["num_train"]
-    assert _tmp_dirs(tmp_path) == [synthetic._TMP_PREFIX + "killed"]  # not old enough to reap
+    assert _tmp_dirs(tmp_path) == [foreign.name]
 
 
 def test_failure_midway_leaves_no_data_set(tmp_path, monkeypatch):

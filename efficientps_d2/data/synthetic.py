@@ -24,14 +24,13 @@ import functools
 import json
 import logging
 import os
-import shutil
 import time
 
 import numpy as np
 from detectron2.data import DatasetCatalog
 from PIL import Image
 
-from ..atomic_io import atomic_directory
+from ..atomic_io import atomic_directory, remove_stale_temporaries
 from .coco_panoptic import register_panoptic_dataset
 from .synthetic_drawing import SYNTHETIC_CATEGORIES, THING_IDS, render_sample
 
@@ -50,9 +49,6 @@ SPLITS = ("train", "val")
 DEFAULT_NUM_IMAGES = {"train": 200, "val": 50}
 DEFAULT_SIZE = (128, 192)  # (height, width)
 DEFAULT_SEED = 0
-_TMP_PREFIX = f".{DIRNAME}."  # atomic_io.temporary_path's names
-# Temp folders older than this, found while holding the lock, are leftovers of killed runs.
-_STALE_TMP_SECONDS = 600
 
 
 # -------------------------------------------------------------------------------------------------
@@ -191,16 +187,6 @@ def _generation_lock(root):
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def _remove_stale_tmp_dirs(root):
-    # Only called under the lock: whoever wrote these is gone (or hung for minutes).
-    now = time.time()
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith(_TMP_PREFIX) and os.path.isdir(path):
-            if now - os.path.getmtime(path) > _STALE_TMP_SECONDS:
-                shutil.rmtree(path, ignore_errors=True)
-
-
 def ensure_synthetic_panoptic(
     root=None,
     *,
@@ -240,8 +226,8 @@ def ensure_synthetic_panoptic(
                 f"'{data_dir}' exists but is not a complete synthetic data set (its json files "
                 "are missing); delete it to have it generated again."
             )
-        if locked:
-            _remove_stale_tmp_dirs(root)
+        if locked:  # no live generator can own a temporary folder: they all take the lock
+            remove_stale_temporaries(root, target=DIRNAME)
         start = time.perf_counter()
         try:
             with atomic_directory(data_dir, overwrite=overwrite) as out_dir:
