@@ -276,6 +276,15 @@ def test_manifest_describes_the_runtime(exports, cfg, dataset):
     assert manifest["fusion"]["confidence_thresh"] == THRESH
 
 
+def test_torchscript_graph_has_its_batch_norms_folded(model, exports):
+    """As the eager model's default inference path: one op fewer per conv at deployment (ONNX
+    export folds them by itself)."""
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    ts = torch.jit.load(os.path.join(exports["torchscript"], "model.ts"))
+    assert "aten::_convolution" in str(ts.inlined_graph)
+    assert "batch_norm" not in str(ts.inlined_graph)
+
+
 def test_torchscript_runs_without_efficientps_d2(exports):
     """torch.jit.load + torchvision alone run the graph: no model code, config or registry."""
     script = (
