@@ -143,11 +143,17 @@ def calibrate_norms(model, image):
         if isinstance(m, (_BatchNorm, FrozenBatchNorm2d))
     ]
     model.eval()
+    # The hooks sit on the model's own norms, which a fused inference copy would not run.
+    fast = getattr(model, "fast_inference", None)
+    if fast is not None:
+        model.fast_inference = False
     try:
         model([{"image": image}])
     finally:
         for hook in hooks:
             hook.remove()
+        if fast is not None:
+            model.fast_inference = fast
 
 
 def build_models(device, names=ALL_MODELS):

@@ -173,8 +173,9 @@ def _check_model(cfg):
 
 
 def test_resnet_model_trains_and_keeps_the_output_contract_also_on_the_fast_path():
-    model, image, out = _check_model(tiny_config(TINY_R50 + PERMISSIVE))
-    # BatchNorm folding covers ResNet's convs too: the fast path gives the same outputs.
+    plain = ["MODEL.EFFICIENTPS.FAST_INFERENCE", False]
+    model, image, out = _check_model(tiny_config(TINY_R50 + PERMISSIVE + plain))
+    # BatchNorm folding covers ResNet's convs too: the fast path gives the plain path's outputs.
     model.fast_inference = True
     with torch.no_grad():
         (fast,) = model([{"image": image, "height": 32, "width": 48}])

@@ -61,7 +61,9 @@ def _randomize(model, seed=0):
         ):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.3)
         hooks = [m.register_forward_pre_hook(set_statistics) for m in norms]
+        fast, model.fast_inference = model.fast_inference, False  # the hooks sit on these norms
         model(_inputs())  # padded as the test inputs are
+        model.fast_inference = fast  # rebuilt from the new statistics at the next call
         for hook in hooks:
             hook.remove()
     return model
@@ -115,14 +117,7 @@ def _assert_same_panoptic(a, b, atol=1e-4):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_fast_inference_gives_the_plain_panoptic_output(channels_last):
-    model = _tiny_model(
-        [
-            "MODEL.EFFICIENTPS.CHANNELS_LAST",
-            channels_last,
-            "MODEL.EFFICIENTPS.FAST_INFERENCE",
-            False,
-        ]
-    )
+    model = _tiny_model(["MODEL.EFFICIENTPS.CHANNELS_LAST", channels_last, *PLAIN])
     inputs = _inputs()
     with torch.no_grad():
         plain = model(inputs)
@@ -359,26 +354,13 @@ def test_dense_network_never_waits_for_the_device(changes):
     assert not reads.counts
 
 
-def test_dense_network_compiles_as_one_graph():
-    """COMPILE (and its "reduce-overhead" CUDA graphs) pays only without graph breaks: Dynamo
-    traces the whole dense network, default path and plain, with fullgraph=True."""
-    model = _tiny_model()
-    images = model.preprocess_image(_inputs()[:1]).tensor
-    for fast in (True, False):
-        model.fast_inference = fast
-        dense = model._inference_network().dense_network
-        torch._dynamo.reset()
-        compiled = torch.compile(dense, backend="eager", fullgraph=True, dynamic=False)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(images)[1], dense(images)[1])
-    torch._dynamo.reset()
-
-
-def test_compiled_dense_network_equals_eager(monkeypatch):
+@pytest.mark.parametrize("fast_inference", [True, False], ids=["fast", "plain"])
+def test_compiled_dense_network_equals_eager(monkeypatch, fast_inference):
     """The COMPILE path end to end. Inductor takes minutes to compile even a B0 on two CPU cores,
-    so torch.compile runs with the "eager" backend here: Dynamo traces the whole dense network
-    (no graph breaks that change results) and the outputs are the eager ones."""
-    model = _tiny_model()
+    so torch.compile runs with the "eager" backend here. Dynamo traces the whole dense network as
+    one graph (fullgraph: a graph break would split COMPILE_MODE reduce-overhead's CUDA graphs)
+    and the outputs are the eager ones."""
+    model = _tiny_model([] if fast_inference else PLAIN)
     inputs = _inputs()
     with torch.no_grad():
         eager = model(inputs)
@@ -387,7 +369,7 @@ def test_compiled_dense_network_equals_eager(monkeypatch):
 
     def compile_eager(module, **kwargs):
         compile_calls.append(kwargs)
-        return real_compile(module, **{**kwargs, "backend": "eager"})
+        return real_compile(module, **{**kwargs, "backend": "eager", "fullgraph": True})
 
     monkeypatch.setattr(torch, "compile", compile_eager)
     torch._dynamo.reset()

@@ -63,17 +63,29 @@ def thing_semantic_ids_from_config(cfg, num_things=None, num_classes=None):
             )
         ids = thing_semantic_ids(MetadataCatalog.get(names[0]))
         source = f"the metadata of data set '{names[0]}'"
+    check_thing_semantic_ids(ids, num_things, num_classes, source=source)
+    return [int(i) for i in ids]
+
+
+def check_thing_semantic_ids(
+    ids, num_things=None, num_classes=None, *, source="thing_semantic_ids"
+):
+    """Fails, naming both spellings of the key at fault, unless there is one id per Mask R-CNN
+    class (``num_things``) and each is a semantic class in ``[0, num_classes)``; None skips a
+    check. ``source`` says where the ids came from."""
+    ids = [int(i) for i in ids]
     if num_things is not None and len(ids) != num_things:
         raise ValueError(
-            f"{source} gives {len(ids)} thing classes but MODEL.ROI_HEADS.NUM_CLASSES is "
-            f"{num_things}."
+            f"{source} gives {len(ids)} thing classes, but the ROI heads have {num_things} "
+            "(MODEL.ROI_HEADS.NUM_CLASSES / model.roi_heads.num_classes): set them to the data "
+            "set's number of thing classes."
         )
     if num_classes is not None and any(not 0 <= i < num_classes for i in ids):
         raise ValueError(
-            f"{source} gives semantic ids {ids}, not all within MODEL.SEM_SEG_HEAD.NUM_CLASSES "
-            f"({num_classes})."
+            f"{source} gives semantic ids {ids}, not all within [0, {num_classes}) "
+            "(MODEL.SEM_SEG_HEAD.NUM_CLASSES / model.sem_seg_head.num_classes): set it to the "
+            "data set's number of stuff and thing classes."
         )
-    return [int(i) for i in ids]
 
 
 def panoptic_metadata(categories):

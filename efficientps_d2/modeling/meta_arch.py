@@ -9,7 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from detectron2.structures import ImageList
 
-from ..data.metadata import thing_semantic_ids_from_config
+from ..data.metadata import check_thing_semantic_ids, thing_semantic_ids_from_config
 from .fast_inference import (
     InferenceNetwork,
     InferenceOptions,
@@ -71,7 +71,9 @@ class EfficientPS(GeneralizedRCNN):
         # A Python list, not a buffer: the fusion needs the ids on the host (a buffer on the GPU
         # would cost it a device read per image); the remap of pred_classes copies it over.
         self.thing_semantic_ids = [int(i) for i in thing_semantic_ids]
-        _check_thing_semantic_ids(
+        # A YAML config's ids were checked as it was read; a LazyConfig's come from the metadata
+        # of whichever data set dataloader.train.dataset.names names.
+        check_thing_semantic_ids(
             self.thing_semantic_ids,
             getattr(self.roi_heads, "num_classes", None),
             getattr(sem_seg_head, "num_classes", None),
@@ -303,21 +305,3 @@ class _SetCudnnBenchmarkInBackward(torch.autograd.Function):
     def backward(ctx, grad):
         torch.backends.cudnn.benchmark = ctx.enabled
         return grad, None
-
-
-def _check_thing_semantic_ids(ids, num_things, num_classes):
-    """Fails before any work if the thing ids do not fit the heads: one per Mask R-CNN class, each
-    a semantic class. (A YAML config is checked as it is read; a LazyConfig reaches here with the
-    ids of whichever data set ``dataloader.train.dataset.names`` names.)"""
-    if num_things is not None and len(ids) != num_things:
-        raise ValueError(
-            f"thing_semantic_ids {ids} name {len(ids)} thing classes, but the ROI heads have "
-            f"{num_things} (MODEL.ROI_HEADS.NUM_CLASSES / model.roi_heads.num_classes): set "
-            "them to the data set's number of thing classes."
-        )
-    if num_classes is not None and any(not 0 <= i < num_classes for i in ids):
-        raise ValueError(
-            f"thing_semantic_ids {ids} must be semantic classes in [0, {num_classes}) "
-            "(MODEL.SEM_SEG_HEAD.NUM_CLASSES / model.sem_seg_head.num_classes): set it to the "
-            "data set's number of stuff and thing classes."
-        )
