@@ -181,8 +181,7 @@ def build_models(device, names=ALL_MODELS):
         name = path_name(path)
         if name in names:
             # A model of its own (same weights), so that each keeps its own cached copy.
-            variant = copy.deepcopy(ours)
-            variant.__dict__.pop("_inference_copy", None)
+            variant = copy.deepcopy(ours)  # without its cached copy
             variant.inference_options = dataclasses.replace(
                 ours.inference_options, fast_inference=True, **changes
             )

@@ -4,6 +4,7 @@ project-then-upsample predictor, and activation checkpointing in the semantic he
 
 import copy
 import dataclasses
+import io
 import logging
 import math
 import warnings
@@ -166,6 +167,28 @@ def test_fused_copy_follows_weight_changes_and_is_not_saved():
     model.fast_inference = True
     model.train()
     assert "_inference_copy" not in model.__dict__  # training drops the copy
+
+
+def test_deep_copies_and_saved_models_leave_the_caches_behind():
+    """A deep copy (EMA, SWA, the benchmark's variants) or torch.save(model) carries the weights,
+    not the inference copy built from them: it rebuilds its own, with the same output."""
+    model = _tiny_model()
+    inputs = _inputs()[:1]
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    with torch.no_grad():
+        out = model(inputs)[0]
+    first = model._inference_network()
+    again = io.BytesIO()
+    torch.save(model, again)
+    assert again.tell() <= 1.01 * saved.tell()  # no second set of weights
+    twin = copy.deepcopy(model)
+    assert not {"_inference_copy", "_weight_tensor_list"} & set(twin.__dict__)
+    assert model._inference_network() is first  # the original keeps its copy
+    with torch.no_grad():
+        _assert_same_panoptic(out, twin(inputs)[0])
+        again.seek(0)
+        _assert_same_panoptic(out, torch.load(again, weights_only=False)(inputs)[0])
 
 
 def test_copy_follows_replaced_tensors():

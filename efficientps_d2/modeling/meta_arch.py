@@ -251,6 +251,15 @@ class EfficientPS(GeneralizedRCNN):
             self.__dict__.pop("_inference_copy", None)
         return super().train(mode)
 
+    def __getstate__(self):
+        # The caches (inference copy, weight list, compiled training wrappers) are rebuilt on
+        # demand from the model's own tensors: a deep copy, pickle or torch.save(model) would
+        # otherwise carry a second set of weights, or a torch.compile wrapper of the old modules.
+        state = super().__getstate__()
+        for cache in ("_inference_copy", "_weight_tensor_list", "_compiled_training"):
+            state.pop(cache, None)
+        return state
+
     def postprocess(self, sem_seg_logits, detections, image_size, height=None, width=None):
         """Resizes one image's outputs to (height, width) and fuses them into a panoptic result.
 
