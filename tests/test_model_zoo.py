@@ -11,6 +11,7 @@ import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from omegaconf import DictConfig
 
 from efficientps_d2 import model_zoo
 from efficientps_d2.checkpoint import CheckpointMismatchError, EfficientPSCheckpointer
@@ -40,6 +41,25 @@ def test_config_files_are_the_top_level_configs():
     cfg = model_zoo.get_config(B0)
     assert cfg.MODEL.EFFICIENTNET.VARIANT == "b0" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
     assert model_zoo.get_config_file("configs/" + B0) == model_zoo.get_config_file(B0)
+    # Each YAML config's LazyConfig twin is a model zoo name too; the shared parts are not.
+    assert {n[: -len(".py")] + ".yaml" for n in names if n.endswith(".py")} == set(SHIPPED)
+    assert not [n for n in names if n.startswith("common/")]
+
+
+def test_lazy_config_names_give_a_lazy_config_and_the_same_model():
+    """As Detectron2's model_zoo: a .py name gives LazyConfig.load's config, and get()
+    instantiates its model, loading train.init_checkpoint."""
+    quick = "Synthetic-PanopticSegmentation/efficientps_b0_quick"
+    cfg = model_zoo.get_config(quick + ".py")
+    assert isinstance(cfg, DictConfig) and cfg.train.max_iter == 300
+    lazy, yaml = (model_zoo.get(quick + ext, device="cpu") for ext in (".py", ".yaml"))
+    assert lazy.training and lazy.thing_semantic_ids == yaml.thing_semantic_ids
+    shapes = {k: v.shape for k, v in yaml.state_dict().items()}
+    assert {k: v.shape for k, v in lazy.state_dict().items()} == shapes
+    with pytest.raises(RuntimeError, match="No trained checkpoint.*train.init_checkpoint"):
+        model_zoo.get_config(quick + ".py", trained=True)
+    with pytest.raises(RuntimeError, match="not in efficientps_d2's model zoo"):
+        model_zoo.get_config_file("common/train.py")
 
 
 @pytest.mark.parametrize("name", ["NoSuch/config.yaml", "../setup.py", "Base-EfficientPS"])
@@ -87,7 +107,9 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in SHIPPED:
-        assert os.path.isfile(target / "efficientps_d2" / "model_zoo" / "configs" / name), name
+        for shipped in (name, name[: -len(".yaml")] + ".py"):
+            path = target / "efficientps_d2" / "model_zoo" / "configs" / shipped
+            assert os.path.isfile(path), shipped
 
     # The B0 config starts from torchvision's ImageNet B0: a local stand-in for the download.
     hub = tmp_path / "torch" / "hub" / "checkpoints"

@@ -1,14 +1,16 @@
 """Configs by name, and models built from them.
 
 Names are the configs' paths relative to the source tree's ``configs/`` folder, e.g.
-"Cityscapes-PanopticSegmentation/efficientps_b5.yaml". That folder is the single source of truth:
+"Cityscapes-PanopticSegmentation/efficientps_b5.yaml", or its LazyConfig twin "...b5.py" (as in
+Detectron2's model zoo, a ``.py`` name gives a LazyConfig and a model instantiated from it). That
+folder is the single source of truth:
 ``setup.py`` ships it inside the package as ``efficientps_d2/model_zoo/configs`` (a symlink in the
 source tree, copied files in a wheel), and an editable install without it falls back to the source
 tree's ``configs/``.
 
 There are no released EfficientPS weights for this implementation yet, so ``trained=True`` (kept
 for the signature of Detectron2's ``model_zoo``) is an error that says so; a checkpoint of your own
-goes in MODEL.WEIGHTS.
+goes in MODEL.WEIGHTS (train.init_checkpoint).
 """
 
 import os
@@ -36,12 +38,15 @@ def _configs_root():
 
 
 def list_configs():
-    """Names of the shipped model configs (the ``Base-*.yaml`` files they inherit are left out)."""
+    """Names of the shipped model configs: the YAML ones and their LazyConfig twins (``.py``).
+    What they build on is left out (``Base-*.yaml``, the LazyConfig parts in ``common/``)."""
     root = _configs_root()
     names = []
-    for folder, _, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        if folder == root:
+            subfolders[:] = [d for d in subfolders if d != "common"]
         for f in files:
-            if f.endswith(".yaml") and not f.startswith("Base-"):
+            if f.endswith((".yaml", ".py")) and not f.startswith("Base-"):
                 rel = os.path.relpath(os.path.join(folder, f), root)
                 names.append(rel.replace(os.sep, "/"))
     return sorted(names)
@@ -57,7 +62,8 @@ def get_config_file(name):
 
     Args:
         name: path relative to ``configs/``, e.g.
-            "Cityscapes-PanopticSegmentation/efficientps_b5.yaml".
+            "Cityscapes-PanopticSegmentation/efficientps_b5.yaml" (or ``.py``, its LazyConfig
+            twin).
     Raises:
         RuntimeError: unknown name (the known ones are listed).
     """
@@ -65,7 +71,9 @@ def get_config_file(name):
     root = _configs_root()
     path = os.path.normpath(os.path.join(root, name))
     inside = path.startswith(os.path.normpath(root) + os.sep)
-    if not inside or not name.endswith(".yaml") or not os.path.isfile(path):
+    # A .py file is a config unless it is one of the LazyConfig parts in common/.
+    lazy = name.endswith(".py") and not name.startswith("common/")
+    if not inside or not (name.endswith(".yaml") or lazy) or not os.path.isfile(path):
         raise RuntimeError(
             f"'{name}' is not in efficientps_d2's model zoo; the configs are: {list_configs()}."
         )
@@ -73,20 +81,25 @@ def get_config_file(name):
 
 
 def get_config(name, trained=False):
-    """The Detectron2 config of a shipped config name, EfficientPS's keys included.
+    """The Detectron2 config of a shipped config name, as Detectron2's ``model_zoo.get_config``:
+    a ``CfgNode`` with EfficientPS's keys for a ``.yaml`` name, an omegaconf ``DictConfig``
+    (``LazyConfig.load``) for a ``.py`` one. Either falls back to the CPU without CUDA.
 
     Args:
         name: see :func:`get_config_file`.
         trained: the released trained weights; none are released yet, so True raises
-            RuntimeError (the config's own MODEL.WEIGHTS is kept otherwise).
+            RuntimeError (the config's own MODEL.WEIGHTS / train.init_checkpoint is kept
+            otherwise).
     """
-    from ..config import setup_cfg
+    from ..config_adapter import ConfigAdapter
+    from ..engine.lazy_config import load_config
 
-    cfg = setup_cfg(get_config_file(name), freeze=False)
+    cfg = load_config(get_config_file(name))
     if trained:
         raise RuntimeError(
             f"No trained checkpoint is released for '{_normalise(name)}': none of the configs has "
-            "one yet. Set MODEL.WEIGHTS to a checkpoint of your own (a local file or a URL)."
+            f"one yet. Set {ConfigAdapter(cfg).keys['weights']} to a checkpoint of your own (a "
+            "local file or a URL)."
         )
     return cfg
 
@@ -97,22 +110,23 @@ def get(name, trained=False, device=None):
     Args:
         name: see :func:`get_config_file`.
         trained: load the released trained weights (see :func:`get_config`); else the config's
-            own MODEL.WEIGHTS, as Detectron2 does: torchvision's ImageNet backbone for the
-            Cityscapes and COCO configs (``torchvision://``, downloaded once), none for the
-            synthetic one.
-        device: e.g. "cpu" or "cuda"; default: the config's MODEL.DEVICE when CUDA is available,
-            else "cpu".
+            own MODEL.WEIGHTS / train.init_checkpoint, as Detectron2 does: torchvision's ImageNet
+            backbone for the Cityscapes and COCO configs (``torchvision://``, downloaded once),
+            none for the synthetic one.
+        device: e.g. "cpu" or "cuda"; default: the config's MODEL.DEVICE / train.device when
+            CUDA is available, else "cpu".
     Returns:
         the EfficientPS model, in training mode like Detectron2's ``model_zoo.get``; call
         ``.eval()`` before inference.
     """
-    from detectron2.modeling import build_model
-
     from ..checkpoint import EfficientPSCheckpointer
+    from ..config_adapter import ConfigAdapter
 
-    cfg = get_config(name, trained)
-    if device is not None:
-        cfg.MODEL.DEVICE = device
-    model = build_model(cfg)
-    EfficientPSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    config = ConfigAdapter(get_config(name, trained))
+    if device is not None and config.is_yaml:
+        config.cfg.MODEL.DEVICE = device
+    elif device is not None:
+        config.cfg.train.device = device
+    model = config.build_model()
+    EfficientPSCheckpointer(model).load(config.weights)
     return model
