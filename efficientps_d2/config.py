@@ -226,6 +226,12 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
                 f"Config file '{config_file}' does not exist, and it is not a model zoo name: "
                 f"{error}"
             ) from None
+    if str(config_file).endswith(".py"):
+        raise ValueError(
+            f"'{config_file}' is a LazyConfig (.py) file; setup_cfg reads YAML configs. Load it "
+            "with efficientps_d2.engine.load_config (or model_zoo.get_config for a model zoo "
+            "name), or use its YAML twin."
+        )
     cfg = get_cfg()
     add_efficientps_config(cfg)
     cfg.merge_from_file(config_file)

@@ -13,7 +13,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from omegaconf import DictConfig
 
-from efficientps_d2 import model_zoo
+from efficientps_d2 import model_zoo, setup_cfg
 from efficientps_d2.checkpoint import CheckpointMismatchError, EfficientPSCheckpointer
 from tests.common import tiny_config
 
@@ -60,6 +60,8 @@ def test_lazy_config_names_give_a_lazy_config_and_the_same_model():
         model_zoo.get_config(quick + ".py", trained=True)
     with pytest.raises(RuntimeError, match="not in efficientps_d2's model zoo"):
         model_zoo.get_config_file("common/train.py")
+    with pytest.raises(ValueError, match="LazyConfig.*engine.load_config.*YAML twin"):
+        setup_cfg(quick + ".py")  # the YAML reader, which a .py name used to meet as bad YAML
 
 
 @pytest.mark.parametrize("name", ["NoSuch/config.yaml", "../setup.py", "Base-EfficientPS"])
@@ -144,8 +146,6 @@ def test_configs_ship_inside_a_non_editable_install(tmp_path):
 
 
 def test_missing_config_file_is_named_with_the_model_zoo_names():
-    from efficientps_d2 import setup_cfg
-
     with pytest.raises(
         FileNotFoundError, match="'configs/nope.yaml' does not exist.*efficientps_b5"
     ):
