@@ -17,6 +17,7 @@ from efficientps_d2.data.unreadable import UnreadableDataError
 from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import IMAGE_NAME
 
+from .fixtures import write_panoptic_dataset
 from .test_train_net import REPO, copypaste_results
 from .test_train_net import run_to_end as run_yaml_to_end
 from .test_train_net import train_net
@@ -159,6 +160,55 @@ def test_a_data_set_with_more_things_than_the_roi_heads_stops_naming_the_key(oth
     )
     with pytest.raises(ValueError, match=r"\[0, 6\) .*model\.sem_seg_head\.num_classes"):
         instantiate(cfg.model)
+
+
+# The README's LazyConfig for one's own data (Data section), on the data set ROOT.
+OWN_DATA_CONFIG = """
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog
+
+from efficientps_d2 import model_zoo
+from efficientps_d2.data import register_panoptic_dataset
+
+for split in ("train", "val"):
+    if f"mydata_{{split}}" not in DatasetCatalog.list():
+        register_panoptic_dataset(
+            f"mydata_{{split}}",
+            image_root=f"{root}/images/{{split}}",
+            panoptic_root=f"{root}/panoptic_{{split}}",
+            panoptic_json=f"{root}/panoptic_{{split}}.json",
+        )
+
+_base = LazyConfig.load(
+    model_zoo.get_config_file("Synthetic-PanopticSegmentation/efficientps_b0_quick.py")
+)
+model, dataloader, optimizer, lr_multiplier, train = (
+    _base[k] for k in ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+)
+dataloader.train.dataset.names = "mydata_train"
+dataloader.test.dataset.names = "mydata_val"
+model.roi_heads.num_classes = 2  # thing classes
+model.sem_seg_head.num_classes = 4  # stuff and thing classes
+dataloader.train.mapper.num_classes = dataloader.test.mapper.num_classes = 4
+"""
+
+
+def test_own_data_registered_in_a_lazy_config_trains_and_evaluates(tmp_path, data_root):
+    """train_net.py on a data set of one's own (2 things, 2 stuff classes, other ids than the
+    synthetic data's), registered by the config file itself; the model's thing ids follow it."""
+    root = tmp_path / "mydata"
+    for split in ("train", "val"):
+        write_panoptic_dataset(str(root), split, num_images=4, height=64, width=96)
+    config = tmp_path / "my_data.py"
+    config.write_text(OWN_DATA_CONFIG.format(root=root))
+    out_dir = tmp_path / "run"
+    args = [*TINY, "train.max_iter=2", "dataloader.train.total_batch_size=2"]
+    log = run_yaml_to_end(
+        [*args, f"train.output_dir={out_dir}"], data_root, config_file=str(config)
+    )
+    results = copypaste_results(log)
+    assert {"panoptic_seg", "sem_seg"} <= set(results), log[-3000:]
+    assert (out_dir / "model_final.pth").is_file()
 
 
 def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data_root):
