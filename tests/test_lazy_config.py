@@ -144,6 +144,10 @@ def test_overriding_the_training_data_set_moves_the_thing_ids_along(other_metada
     cfg = load_config(QUICK_PY, [f"dataloader.train.dataset.names={other_metadata[0]}"])
     assert instantiate(cfg.model).thing_semantic_ids == [0, 2, 4]
     assert instantiate(cfg.dataloader.train.mapper).thing_semantic_ids == [0, 2, 4]
+    # The mappers' semantic classes are the model's: one override sets both.
+    cfg = load_config(QUICK_PY, ["model.sem_seg_head.num_classes=7"])
+    assert instantiate(cfg.dataloader.train.mapper).num_classes == 7
+    assert instantiate(cfg.dataloader.test.mapper).num_classes == 7
     assert instantiate(load_config(QUICK_PY).model).thing_semantic_ids == [0, 1, 2]
 
 
@@ -189,7 +193,6 @@ dataloader.train.dataset.names = "mydata_train"
 dataloader.test.dataset.names = "mydata_val"
 model.roi_heads.num_classes = 2  # thing classes
 model.sem_seg_head.num_classes = 4  # stuff and thing classes
-dataloader.train.mapper.num_classes = dataloader.test.mapper.num_classes = 4
 """
 
 

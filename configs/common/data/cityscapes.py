@@ -8,7 +8,6 @@ from .panoptic import panoptic_dataloader
 dataloader = panoptic_dataloader(
     train="cityscapes_fine_panoptic_train",
     test="cityscapes_fine_panoptic_val",
-    num_classes=19,
     train_augmentations=[
         L(T.ResizeScale)(min_scale=0.5, max_scale=2.0, target_height=1024, target_width=2048),
         L(T.FixedSizeCrop)(crop_size=(1024, 2048)),

@@ -7,7 +7,6 @@ from .panoptic import panoptic_dataloader
 dataloader = panoptic_dataloader(
     train="coco_2017_train_panoptic",
     test="coco_2017_val_panoptic",
-    num_classes=133,
     train_augmentations=[
         L(T.ResizeShortestEdge)(
             short_edge_length=(640, 672, 704, 736, 768, 800), max_size=1333, sample_style="choice"

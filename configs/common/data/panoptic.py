@@ -11,7 +11,7 @@ from efficientps_d2.evaluation import build_dataset_evaluator
 
 
 def panoptic_dataloader(
-    *, train, test, num_classes, train_augmentations, test_augmentations, batch_size, num_workers=4
+    *, train, test, train_augmentations, test_augmentations, batch_size, num_workers=4
 ):
     """``dataloader.train``, ``.test`` and ``.evaluator`` for the data sets ``train``/``test``."""
     dataloader = OmegaConf.create()
@@ -24,7 +24,8 @@ def panoptic_dataloader(
             image_format="RGB",
             thing_semantic_ids=L(thing_semantic_ids_of)(dataset_name="${...dataset.names}"),
             ignore_label=255,
-            num_classes=num_classes,
+            # The model's semantic classes: one override (model.sem_seg_head.num_classes) sets both.
+            num_classes="${model.sem_seg_head.num_classes}",
         ),
         total_batch_size=batch_size,
         num_workers=num_workers,
@@ -41,7 +42,7 @@ def panoptic_dataloader(
             image_format="RGB",
             thing_semantic_ids=[],  # unused at inference
             ignore_label=255,
-            num_classes=num_classes,
+            num_classes="${model.sem_seg_head.num_classes}",
         ),
         num_workers=num_workers,
     )

@@ -7,7 +7,6 @@ from .panoptic import panoptic_dataloader
 dataloader = panoptic_dataloader(
     train="synthetic_panoptic_train",
     test="synthetic_panoptic_val",
-    num_classes=6,
     train_augmentations=[
         L(T.ResizeShortestEdge)(
             short_edge_length=(112, 128, 144, 160), max_size=256, sample_style="choice"
