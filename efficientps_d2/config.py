@@ -226,7 +226,9 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
                 f"Config file '{config_file}' does not exist, and it is not a model zoo name: "
                 f"{error}"
             ) from None
-    if str(config_file).endswith(".py"):
+    from .engine.lazy_config import is_lazy_config  # imports this module: not at the top
+
+    if is_lazy_config(config_file):
         raise ValueError(
             f"'{config_file}' is a LazyConfig (.py) file; setup_cfg reads YAML configs. Load it "
             "with efficientps_d2.engine.load_config (or model_zoo.get_config for a model zoo "

@@ -168,7 +168,6 @@ def test_a_data_set_with_more_things_than_the_roi_heads_stops_naming_the_key(oth
 
 # The README's LazyConfig for one's own data (Data section), on the data set ROOT.
 OWN_DATA_CONFIG = """
-from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog
 
 from efficientps_d2 import model_zoo
@@ -183,9 +182,7 @@ for split in ("train", "val"):
             panoptic_json=f"{root}/panoptic_{{split}}.json",
         )
 
-_base = LazyConfig.load(
-    model_zoo.get_config_file("Synthetic-PanopticSegmentation/efficientps_b0_quick.py")
-)
+_base = model_zoo.get_config("Synthetic-PanopticSegmentation/efficientps_b0_quick.py")
 model, dataloader, optimizer, lr_multiplier, train = (
     _base[k] for k in ("model", "dataloader", "optimizer", "lr_multiplier", "train")
 )

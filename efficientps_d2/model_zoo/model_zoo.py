@@ -72,7 +72,8 @@ def get_config_file(name):
     path = os.path.normpath(os.path.join(root, name))
     inside = path.startswith(os.path.normpath(root) + os.sep)
     # A .py file is a config unless it is one of the LazyConfig parts in common/.
-    lazy = name.endswith(".py") and not name.startswith("common/")
+    relative = os.path.relpath(path, root).replace(os.sep, "/")
+    lazy = name.endswith(".py") and not relative.startswith("common/")
     if not inside or not (name.endswith(".yaml") or lazy) or not os.path.isfile(path):
         raise RuntimeError(
             f"'{name}' is not in efficientps_d2's model zoo; the configs are: {list_configs()}."

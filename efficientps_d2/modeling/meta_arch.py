@@ -18,6 +18,10 @@ from .fast_inference import (
 )
 from .fusion import panoptic_postprocess
 
+# What EfficientPS keeps in __dict__ besides nn.Module's state: derived from its modules, rebuilt
+# on demand (see _inference_network, _weight_tensors, _training_parts).
+_CACHES = ("_inference_copy", "_weight_tensor_list", "_compiled_training")
+
 
 @META_ARCH_REGISTRY.register()
 class EfficientPS(GeneralizedRCNN):
@@ -256,7 +260,7 @@ class EfficientPS(GeneralizedRCNN):
         # demand from the model's own tensors: a deep copy, pickle or torch.save(model) would
         # otherwise carry a second set of weights, or a torch.compile wrapper of the old modules.
         state = super().__getstate__()
-        for cache in ("_inference_copy", "_weight_tensor_list", "_compiled_training"):
+        for cache in _CACHES:
             state.pop(cache, None)
         return state
 
