@@ -12,10 +12,13 @@
 --exported runs a TorchScript or ONNX export (``python -m efficientps_d2.tools.export``) on the CPU
 in place of a config and weights; class names, resizing and thresholds come from the export.
 
---config-file also takes a model zoo name ("Cityscapes-PanopticSegmentation/efficientps_b5.yaml").
-Class names come from the metadata of DATASETS.TEST[0] (else DATASETS.TRAIN[0]). The model runs on
-MODEL.DEVICE, on the CPU when CUDA is not available. TEST.AUG.ENABLED True in --opts turns
-on test-time augmentation.
+--config-file is a YAML or LazyConfig (.py) file, or a model zoo name
+("Cityscapes-PanopticSegmentation/efficientps_b5.yaml"); --opts takes KEY VALUE pairs for a YAML
+config, key=value for a .py one (e.g. train.init_checkpoint=model_final.pth). Class names come
+from the metadata of the first test data set (DATASETS.TEST, dataloader.test.dataset.names),
+else the first training one. The model runs on MODEL.DEVICE / train.device, on the CPU when CUDA
+is not available. TEST.AUG.ENABLED True (train.tta.enabled=True) turns on test-time
+augmentation.
 
 Outputs: one drawing per image in the --output folder (same name; or the --output file for a single
 image); for video, the --output file (or <folder>/<video name>.mp4), mp4v-coded, or MJPG .avi when
@@ -47,7 +50,7 @@ import argparse
 import functools
 import sys
 
-from efficientps_d2 import setup_cfg
+from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.demo import (
     ImageIds,
     VisualizationDemo,
@@ -58,6 +61,7 @@ from efficientps_d2.demo import (
     run_on_images,
     run_on_video,
 )
+from efficientps_d2.engine import load_config
 from efficientps_d2.export import ExportedPredictor
 from efficientps_d2.export import load as load_export
 
@@ -102,21 +106,26 @@ def get_parser():
         "id in predictions.json",
     )
     parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides: KEY VALUE pairs (YAML) or key=value (.py)",
     )
     return parser
 
 
-def config_overrides(args):
-    """--opts, then what --confidence-threshold sets."""
-    opts = list(args.opts)
-    if args.confidence_threshold is not None:
-        threshold = args.confidence_threshold
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"--confidence-threshold must be a score in [0, 1], got {threshold}.")
-        opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", threshold]
-        opts += ["MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH", threshold]
-    return opts
+def build_config(args):
+    """The config of --config-file (YAML or LazyConfig) with --opts, then what
+    --confidence-threshold sets."""
+    threshold = args.confidence_threshold
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--confidence-threshold must be a score in [0, 1], got {threshold}.")
+    cfg = load_config(args.config_file, args.opts)
+    if threshold is not None:
+        config = ConfigAdapter(cfg)
+        config.set("score_thresh_test", threshold)
+        config.set("fusion_confidence_thresh", threshold)
+    return cfg
 
 
 def main(argv=None):
@@ -139,7 +148,7 @@ def main(argv=None):
             exported = ExportedPredictor(load_export(args.exported))
             make_demo = functools.partial(VisualizationDemo, predictor=exported)
         else:
-            cfg = setup_cfg(args.config_file, config_overrides(args))
+            cfg = build_config(args)
             make_demo = functools.partial(VisualizationDemo, cfg)
         if args.input:
             paths, problems = collect_images(args.input)

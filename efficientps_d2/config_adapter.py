@@ -14,14 +14,16 @@ from detectron2.config import instantiate
 from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
+    detection_utils,
     get_detection_dataset_dicts,
 )
 from detectron2.modeling import build_model
 from omegaconf import DictConfig, OmegaConf
 
-from .config import is_yaml_config
+from .config import is_yaml_config, tta_config
 from .data import EfficientPSDatasetMapper
 from .data.unreadable import SkipUnreadable
+from .modeling.test_time_augmentation import EfficientPSWithTTA
 
 __all__ = ["ConfigAdapter"]
 
@@ -49,6 +51,16 @@ _KEYS = {
     "check_pngs": ("DATASETS.CHECK_PNGS", "train.check_pngs", True),
     "vis_period": ("VIS_PERIOD", "train.vis_period", 0),
     "expected_results": ("TEST.EXPECTED_RESULTS", "train.expected_results", None),
+    "score_thresh_test": (
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "model.roi_heads.box_predictor.test_score_thresh",
+        _REQUIRED,
+    ),
+    "fusion_confidence_thresh": (
+        "MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH",
+        "model.confidence_thresh",
+        _REQUIRED,
+    ),
 }
 
 
@@ -78,6 +90,13 @@ class ConfigAdapter:
         """The override that sets setting ``name`` to ``value``: "KEY VALUE" (YAML) or
         "key=value" (LazyConfig), as train_net.py takes them."""
         return f"{self.keys[name]} {value}" if self.is_yaml else f"{self.keys[name]}={value}"
+
+    def set(self, name, value):
+        """Sets setting ``name`` (a key of either kind, see :attr:`keys`) to ``value``."""
+        if self.is_yaml:
+            self.cfg.merge_from_list([self.keys[name], value])
+        else:
+            OmegaConf.update(self.cfg, self.keys[name], value, merge=False)
 
     def _get(self, name):
         key = self.keys[name]
@@ -186,6 +205,32 @@ class ConfigAdapter:
         if self.is_yaml:
             return build_model(self.cfg)
         return instantiate(self.cfg.model).to(self.device)
+
+    def build_test_augmentations(self):
+        """What resizes an input for inference: Detectron2's test-time resize of
+        INPUT.MIN/MAX_SIZE_TEST, or ``dataloader.test.mapper.augmentations``."""
+        if self.is_yaml:
+            return detection_utils.build_augmentation(self.cfg, False)
+        return list(instantiate(self.cfg.dataloader.test.mapper.augmentations))
+
+    def build_tta_model(self, model):
+        """``model`` wrapped in :class:`EfficientPSWithTTA` as TEST.AUG / ``train.tta`` set it,
+        or None where test-time augmentation is off."""
+        if self.is_yaml:
+            return EfficientPSWithTTA(self.cfg, model) if tta_config(self.cfg).ENABLED else None
+        tta = self.cfg.train.get("tta", None)
+        if tta is None or not tta.enabled:
+            return None
+        predictor = self.cfg.model.roi_heads.box_predictor
+        return EfficientPSWithTTA(
+            None,
+            model,
+            min_sizes=list(tta.min_sizes),
+            max_size=tta.max_size,
+            flip=tta.flip,
+            nms_thresh=predictor.test_nms_thresh,
+            detections_per_image=predictor.test_topk_per_image,
+        )
 
     def build_train_loader(self):
         """The training loader: ``dataloader.train``, or Detectron2's with EfficientPS's mapper

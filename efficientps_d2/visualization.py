@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import build_augmentation, read_image
+from detectron2.data.detection_utils import read_image
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.visualizer import Visualizer
@@ -104,16 +104,10 @@ class PanopticVisualizationHook(HookBase):
                 f"{config.keys['vis_period']} > 0 draws a training image, but "
                 f"{config.keys['train_dataset_names']} is empty."
             )
-        if config.is_yaml:  # what the test DatasetMapper builds
-            augmentations = build_augmentation(cfg, is_train=False)
-        else:
-            from detectron2.config import instantiate
-
-            augmentations = instantiate(cfg.dataloader.test.mapper.augmentations)
         return cls(
             config.vis_period,
             names[0],
-            augmentations=augmentations,
+            augmentations=config.build_test_augmentations(),  # what the test mapper builds
             input_format=config.input_format,
         )
 

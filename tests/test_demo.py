@@ -29,6 +29,7 @@ from efficientps_d2.demo import (
     open_video_writer,
     to_coco_segments,
 )
+from efficientps_d2.engine import load_config
 from tests.common import PERMISSIVE as COMMON_PERMISSIVE
 from tests.common import tiny_config
 
@@ -314,3 +315,37 @@ def test_confidence_threshold_out_of_range_is_refused(model_files, capsys):
                    + ["--confidence-threshold", "5"])  # fmt: skip
     assert rc == 1
     assert "--confidence-threshold must be a score in [0, 1], got 5.0" in capsys.readouterr().err
+
+
+def test_a_lazy_config_gives_the_yaml_twins_output(tmp_path, data_root):
+    """demo.py on the quick config's LazyConfig twin: same weights, same drawings' predictions
+    (COCO panoptic export, byte for byte), threshold set through either kind's keys."""
+    quick = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick")
+    torch.manual_seed(0)
+    model = build_model(load_config(quick + ".yaml", ["MODEL.DEVICE", "cpu"]))
+    AtomicDetectionCheckpointer(model, str(tmp_path)).save("weights")
+    weights = str(tmp_path / "weights.pth")
+    images = os.path.join(data_root, "synthetic_panoptic", "images", "val")
+    outputs = {}
+    for kind, opts in (
+        (".yaml", ["MODEL.WEIGHTS", weights]),
+        (".py", [f"train.init_checkpoint={weights}"]),
+    ):
+        out = tmp_path / kind.strip(".")
+        args = ["--config-file", quick + kind, "--input", images, "--output", str(out)]
+        args += ["--save-panoptic", "--confidence-threshold", "0.05", "--opts", *opts]
+        assert demo.main(args) == 0
+        outputs[kind] = json.loads((out / "predictions.json").read_text())
+        for name in os.listdir(out / "panoptic"):
+            outputs[kind][name] = (out / "panoptic" / name).read_bytes()
+    assert outputs[".py"] == outputs[".yaml"]
+    assert len(outputs[".py"]["annotations"]) == 3
+    assert any(s["isthing"] for a in outputs[".py"]["annotations"] for s in a["segments_info"])
+    # The threshold reached the LazyConfig's keys.
+    cfg = demo.build_config(
+        demo.get_parser().parse_args(
+            ["--config-file", quick + ".py", "--confidence-threshold", "0.25", "--input", "x"]
+        )
+    )
+    assert cfg.model.roi_heads.box_predictor.test_score_thresh == 0.25
+    assert cfg.model.confidence_thresh == 0.25

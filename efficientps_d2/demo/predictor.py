@@ -3,17 +3,16 @@
 import copy
 import logging
 
+import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..checkpoint import EfficientPSCheckpointer
-from ..config import tta_config
-from ..modeling.test_time_augmentation import EfficientPSWithTTA
+from ..config_adapter import ConfigAdapter
 
 __all__ = ["EfficientPSPredictor", "VisualizationDemo", "resolve_metadata"]
 
@@ -21,13 +20,15 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_metadata(cfg):
-    """The metadata to draw and export with: of DATASETS.TEST[0], else of DATASETS.TRAIN[0].
+    """The metadata to draw and export with: of the first test data set, else of the first
+    training one (DATASETS.TEST / TRAIN, or ``dataloader.test`` / ``.train.dataset.names``).
 
     Returns:
         (metadata, data set name). Without a usable data set, a stand-in naming the classes
         "class 0", "class 1", ... and None (a warning says so; the COCO export needs a data set).
     """
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+    config = ConfigAdapter(cfg)
+    for name in config.test_dataset_names + config.train_dataset_names:
         metadata = MetadataCatalog.get(name)
         if getattr(metadata, "stuff_classes", None):
             return metadata, name
@@ -37,40 +38,54 @@ def resolve_metadata(cfg):
         "'class N'. Name a registered data set in DATASETS.TEST for real class names (the COCO "
         "panoptic export needs one)."
     )
-    names = [f"class {i}" for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)]
+    names = [f"class {i}" for i in range(config.num_classes)]
     return Metadata(name="__unnamed_classes", thing_classes=names, stuff_classes=names), None
 
 
 class EfficientPSPredictor(DefaultPredictor):
-    """Detectron2's ``DefaultPredictor`` for EfficientPS.
+    """Detectron2's ``DefaultPredictor`` for EfficientPS, from a YAML or a LazyConfig config.
 
-    The same call (a BGR (H, W, 3) uint8 image in, one output dict out, INPUT.MIN/MAX_SIZE_TEST
-    resizing), plus: weights load through :class:`EfficientPSCheckpointer`, which refuses a
-    checkpoint of another architecture or variant, and with TEST.AUG.ENABLED the model
-    runs with test-time augmentation (:class:`EfficientPSWithTTA`).
+    The same call (a BGR (H, W, 3) uint8 image in, one output dict out, resized as the test
+    loader resizes: INPUT.MIN/MAX_SIZE_TEST or ``dataloader.test.mapper.augmentations``), plus:
+    weights (MODEL.WEIGHTS / ``train.init_checkpoint``) load through
+    :class:`EfficientPSCheckpointer`, which refuses a checkpoint of another architecture or
+    variant, and with TEST.AUG.ENABLED / ``train.tta.enabled`` the model runs with test-time
+    augmentation (:class:`EfficientPSWithTTA`).
     """
 
     def __init__(self, cfg):
-        self.cfg = cfg.clone()
-        model = build_model(self.cfg)
-        EfficientPSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        if tta_config(cfg).ENABLED:
-            model = EfficientPSWithTTA(self.cfg, model)
-        self.model = model.eval()
+        config = ConfigAdapter(cfg)
+        self.cfg = cfg.clone() if config.is_yaml else copy.deepcopy(cfg)
+        model = config.build_model()
+        EfficientPSCheckpointer(model).load(config.weights)
+        self.model = (config.build_tta_model(model) or model).eval()
         self.metadata, self.dataset_name = resolve_metadata(cfg)
-        self.aug = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
-        self.input_format = cfg.INPUT.FORMAT
+        self.aug = T.AugmentationList(config.build_test_augmentations())
+        self.input_format = config.input_format
         if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got '{self.input_format}'.")
+            raise ValueError(
+                f"{config.keys['input_format']} must be 'RGB' or 'BGR', got "
+                f"'{self.input_format}'."
+            )
+
+    def __call__(self, original_image):
+        """DefaultPredictor's call, with the config's list of test augmentations."""
+        with torch.no_grad():
+            if self.input_format == "RGB":
+                original_image = original_image[:, :, ::-1]
+            height, width = original_image.shape[:2]
+            aug_input = T.AugInput(original_image)
+            self.aug(aug_input)
+            image = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
+            return self.model([{"image": image, "height": height, "width": width}])[0]
 
 
 class VisualizationDemo:
     """Runs EfficientPS on images or video frames and draws the panoptic segmentation.
 
     Args:
-        cfg: an EfficientPS config (MODEL.WEIGHTS, MODEL.DEVICE, DATASETS.TEST for class names).
+        cfg: an EfficientPS config, YAML or LazyConfig (weights, device, test data set for class
+            names).
         instance_mode: Detectron2's ``ColorMode`` for the drawing.
         predictor: instead of ``cfg``, a predictor with the same call and ``metadata`` and
             ``dataset_name`` attributes (e.g. :class:`efficientps_d2.export.ExportedPredictor`).

@@ -7,6 +7,8 @@ keys added and ``KEY VALUE`` overrides. :class:`efficientps_d2.config_adapter.Co
 reads either kind's settings and builds its model and data loaders.
 """
 
+import os
+
 import torch
 from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
@@ -41,8 +43,8 @@ def _single_name(names):
 
 
 def load_config(config_file, opts=()):
-    """Loads a YAML (:func:`~efficientps_d2.config.setup_cfg`) or LazyConfig file and applies the
-    command-line overrides.
+    """Loads a YAML (:func:`~efficientps_d2.config.setup_cfg`) or LazyConfig file, or a model zoo
+    name of either kind, and applies the command-line overrides.
 
     Configs default to CUDA; where it is not available the device becomes "cpu" (MODEL.DEVICE or
     train.device), as train_net.py does.
@@ -51,6 +53,10 @@ def load_config(config_file, opts=()):
         a ``CfgNode`` (YAML; not frozen) or an omegaconf ``DictConfig`` (LazyConfig).
     """
     if is_lazy_config(config_file):
+        if not os.path.isfile(config_file):  # a model zoo name; its error lists the names
+            from ..model_zoo import get_config_file
+
+            config_file = get_config_file(config_file)
         cfg = LazyConfig.load(config_file)
         cfg = LazyConfig.apply_overrides(cfg, list(opts))
         if (

@@ -65,18 +65,7 @@ def do_test_with_tta(cfg, model):
     results are named "<task>_TTA" and the evaluator writes to ``<output_dir>/inference_TTA``."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    from ..modeling.test_time_augmentation import EfficientPSWithTTA
-
-    tta, predictor = cfg.train.tta, cfg.model.roi_heads.box_predictor
-    tta_model = EfficientPSWithTTA(
-        None,
-        model,
-        min_sizes=list(tta.min_sizes),
-        max_size=tta.max_size,
-        flip=tta.flip,
-        nms_thresh=predictor.test_nms_thresh,
-        detections_per_image=predictor.test_topk_per_image,
-    )
+    tta_model = ConfigAdapter(cfg).build_tta_model(model)
     evaluator = OmegaConf.to_container(cfg.dataloader.evaluator, resolve=True)
     evaluator["output_folder"] = os.path.join(cfg.train.output_dir, "inference_TTA")
     return _evaluate(cfg, tta_model, instantiate(evaluator), suffix="_TTA")
