@@ -213,15 +213,23 @@ class ConfigAdapter:
             return detection_utils.build_augmentation(self.cfg, False)
         return list(instantiate(self.cfg.dataloader.test.mapper.augmentations))
 
+    @property
+    def tta_enabled(self):
+        """TEST.AUG.ENABLED / ``train.tta.enabled`` (off where the LazyConfig has no
+        ``train.tta``)."""
+        if self.is_yaml:
+            return bool(tta_config(self.cfg).ENABLED)
+        tta = self.cfg.train.get("tta", None)
+        return bool(tta is not None and tta.enabled)
+
     def build_tta_model(self, model):
         """``model`` wrapped in :class:`EfficientPSWithTTA` as TEST.AUG / ``train.tta`` set it,
         or None where test-time augmentation is off."""
-        if self.is_yaml:
-            return EfficientPSWithTTA(self.cfg, model) if tta_config(self.cfg).ENABLED else None
-        tta = self.cfg.train.get("tta", None)
-        if tta is None or not tta.enabled:
+        if not self.tta_enabled:
             return None
-        predictor = self.cfg.model.roi_heads.box_predictor
+        if self.is_yaml:
+            return EfficientPSWithTTA(self.cfg, model)
+        tta, predictor = self.cfg.train.tta, self.cfg.model.roi_heads.box_predictor
         return EfficientPSWithTTA(
             None,
             model,

@@ -42,7 +42,7 @@ from .startup import (
     wrap_ddp,
 )
 
-__all__ = ["do_test", "do_test_with_tta", "do_train", "main", "tta_enabled"]
+__all__ = ["do_test", "do_test_with_tta", "do_train", "main"]
 
 logger = logging.getLogger("efficientps_d2")
 
@@ -52,12 +52,6 @@ def do_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         return {}
     return _evaluate(cfg, model, instantiate(cfg.dataloader.evaluator))
-
-
-def tta_enabled(cfg):
-    """Whether ``train.tta.enabled`` (the LazyConfig twin of TEST.AUG.ENABLED)."""
-    tta = cfg.train.get("tta", None)
-    return bool(tta is not None and tta.enabled)
 
 
 def do_test_with_tta(cfg, model):
@@ -120,7 +114,7 @@ def do_train(args, cfg):
             ),
         ],
     )
-    if tta_enabled(cfg):  # after training, as the YAML flow's TEST.AUG.ENABLED
+    if config.tta_enabled:  # after training, as the YAML flow's TEST.AUG.ENABLED
         hook_list.append(hooks.EvalHook(0, lambda: do_test_with_tta(cfg, model)))
     trainer.register_hooks(hook_list)
     checkpointer.resume_or_load(config.weights, resume=args.resume)
@@ -145,7 +139,7 @@ def main(args):
         model = wrap_ddp(config.build_model(), config.device)
         load_for_evaluation(model, config, resume=args.resume)
         results = do_test(cfg, model)
-        if tta_enabled(cfg):
+        if config.tta_enabled:
             results.update(do_test_with_tta(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -9,11 +9,11 @@ it. :func:`efficientps_d2.export.load` reads it back.
 The graph (:class:`~efficientps_d2.export.graph.EfficientPSGraph`, of a copy of the model with
 its BatchNorms folded into the convs) is recorded by tracing Detectron2-style: ``torch.jit.trace``
 under Detectron2's ``patch_builtin_len`` (so that the number of proposals and detections stays a
-traced value), on the CPU. Image sizes are traced values
-throughout (Detectron2's ImageList, anchors and poolers compute with them as tensors), so the
-graph takes any height and width; ``export_model`` checks that on a second, differently sized
-image before writing anything. ONNX goes through the same trace (``torch.onnx.export`` with
-``dynamo=False``) with dynamic height, width and number of detections.
+traced value), on the CPU. Image sizes are traced values throughout (Detectron2's ImageList,
+anchors and poolers compute with them as tensors), so the graph takes any height and width;
+``export_model`` checks that on a second, differently sized image before writing anything. ONNX
+goes through the same trace (``torch.onnx.export`` with ``dynamo=False``) with dynamic height,
+width and number of detections.
 """
 
 import copy

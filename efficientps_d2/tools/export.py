@@ -22,11 +22,12 @@ import sys
 
 import torch
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import build_augmentation, read_image
+from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
 from efficientps_d2.checkpoint import EfficientPSCheckpointer
-from efficientps_d2.config import setup_cfg, tta_config
+from efficientps_d2.config import setup_cfg
+from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.engine.lazy_config import is_lazy_config
 from efficientps_d2.export import FORMATS, export_model
 
@@ -60,7 +61,7 @@ def export_cfg(args):
         )
     cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"  # the trace records devices; the CPU graph is the portable one
-    if tta_config(cfg).ENABLED:
+    if ConfigAdapter(cfg).tta_enabled:
         raise ValueError(
             "TEST.AUG.ENABLED is True: test-time augmentation runs several passes and merges "
             "them in Python, so it cannot be exported; export the plain model."
@@ -87,7 +88,7 @@ def sample_image(cfg, path):
     except Exception as e:  # PIL raises several types for unreadable files
         raise ValueError(f"--sample-image '{path}' is not a readable image: {e}") from e
     resized = T.AugInput(image)  # the test DatasetMapper's resize (none for MIN_SIZE_TEST 0)
-    T.AugmentationList(build_augmentation(cfg, is_train=False))(resized)
+    T.AugmentationList(ConfigAdapter(cfg).build_test_augmentations())(resized)
     return torch.as_tensor(resized.image.transpose(2, 0, 1).astype("float32"))
 
 
