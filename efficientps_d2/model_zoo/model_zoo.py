@@ -37,18 +37,24 @@ def _configs_root():
     )
 
 
+def _is_config(relative):
+    """Whether a file (its path relative to ``configs/``, with "/") is a config: a YAML file, or a
+    ``.py`` one that is not among the LazyConfig parts in ``common/``."""
+    return relative.endswith(".yaml") or (
+        relative.endswith(".py") and not relative.startswith("common/")
+    )
+
+
 def list_configs():
     """Names of the shipped model configs: the YAML ones and their LazyConfig twins (``.py``).
     What they build on is left out (``Base-*.yaml``, the LazyConfig parts in ``common/``)."""
     root = _configs_root()
     names = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        if folder == root:
-            subfolders[:] = [d for d in subfolders if d != "common"]
+    for folder, _, files in os.walk(root, followlinks=True):
         for f in files:
-            if f.endswith((".yaml", ".py")) and not f.startswith("Base-"):
-                rel = os.path.relpath(os.path.join(folder, f), root)
-                names.append(rel.replace(os.sep, "/"))
+            rel = os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/")
+            if _is_config(rel) and not f.startswith("Base-"):
+                names.append(rel)
     return sorted(names)
 
 
@@ -71,10 +77,8 @@ def get_config_file(name):
     root = _configs_root()
     path = os.path.normpath(os.path.join(root, name))
     inside = path.startswith(os.path.normpath(root) + os.sep)
-    # A .py file is a config unless it is one of the LazyConfig parts in common/.
     relative = os.path.relpath(path, root).replace(os.sep, "/")
-    lazy = name.endswith(".py") and not relative.startswith("common/")
-    if not inside or not (name.endswith(".yaml") or lazy) or not os.path.isfile(path):
+    if not inside or not _is_config(relative) or not os.path.isfile(path):
         raise RuntimeError(
             f"'{name}' is not in efficientps_d2's model zoo; the configs are: {list_configs()}."
         )
