@@ -22,6 +22,15 @@ PERMISSIVE = [
     0,
 ]
 THING_SEMANTIC_IDS = [3, 4]
+# EfficientPS's training losses: the semantic head's, the RPN's and the ROI heads'.
+LOSS_NAMES = {
+    "loss_sem_seg",
+    "loss_rpn_cls",
+    "loss_rpn_loc",
+    "loss_cls",
+    "loss_box_reg",
+    "loss_mask",
+}
 
 
 def config_file(name):
@@ -126,3 +135,16 @@ class DeviceReads(TorchDispatchMode):
             if any(i is not None and i.dtype == torch.bool for i in args[1]):
                 self.counts["boolean index"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def assert_p2_to_p5(backbone, channels=32, height=97, width=131):
+    """Runs ``backbone`` (eval mode) on a zero (1, 3, height, width) input and checks its outputs:
+    p2 ... p5 with ``channels`` each, of ceil(size / stride), as the trunk's padded stride-2 convs
+    give. Returns the features."""
+    with torch.no_grad():
+        features = backbone(torch.zeros(1, 3, height, width))
+    assert list(features) == ["p2", "p3", "p4", "p5"]
+    for name, spec in backbone.output_shape().items():
+        assert spec.channels == channels
+        assert features[name].shape[-2:] == (-(-height // spec.stride), -(-width // spec.stride))
+    return features

@@ -5,7 +5,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 from torchvision.ops.misc import SqueezeExcitation
 
 from efficientps_d2.modeling.backbone import EfficientNet
-from tests.common import tiny_config
+from tests.common import assert_p2_to_p5, tiny_config
 
 # Channels at strides 4, 8, 16, 32 (the last is the 1x1 head conv), from the compound scaling.
 EXPECTED_CHANNELS = {"b0": (24, 40, 112, 1280), "b5": (40, 64, 176, 2048)}
@@ -47,13 +47,7 @@ def test_two_way_fpn_from_config_with_odd_input():
     cfg = tiny_config()
     backbone = build_backbone(cfg).eval()
     assert backbone.size_divisibility == 32
-    with torch.no_grad():
-        features = backbone(torch.zeros(1, 3, 97, 131))
-    assert list(features) == ["p2", "p3", "p4", "p5"]
-    for name, spec in backbone.output_shape().items():
-        assert spec.channels == 32
-        # Same sizes as the trunk's padded stride-2 convs: ceil(size / stride).
-        assert features[name].shape[-2:] == (-(-97 // spec.stride), -(-131 // spec.stride))
+    assert_p2_to_p5(backbone)  # same sizes as the trunk's padded stride-2 convs
 
 
 def test_fpn_top_block_adds_stride_64():

@@ -13,7 +13,15 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from efficientps_d2.checkpoint import EfficientPSCheckpointer
-from tests.common import PERMISSIVE, THING_SEMANTIC_IDS, load_config, tiny_config, training_input
+from tests.common import (
+    LOSS_NAMES,
+    PERMISSIVE,
+    THING_SEMANTIC_IDS,
+    assert_p2_to_p5,
+    load_config,
+    tiny_config,
+    training_input,
+)
 
 RES = ["res2", "res3", "res4", "res5"]
 # ResNet-50's depth at 1/8 of its width, for tests in seconds.
@@ -73,12 +81,7 @@ def _test_tiny_regnet_backbone(cfg, input_shape):
 def test_resnet_under_the_fpn_gives_p2_to_p5_with_bottom_up_parameter_names():
     backbone = build_backbone(tiny_config(TINY_R50)).eval()
     assert type(backbone.bottom_up).__name__ == "ResNet"
-    with torch.no_grad():
-        features = backbone(torch.zeros(1, 3, 97, 131))
-    assert list(features) == ["p2", "p3", "p4", "p5"]
-    for name, spec in backbone.output_shape().items():
-        assert spec.channels == 32
-        assert features[name].shape[-2:] == (-(-97 // spec.stride), -(-131 // spec.stride))
+    assert_p2_to_p5(backbone)
     names = list(backbone.state_dict())
     assert "bottom_up.stem.conv1.weight" in names and "bottom_up.res5.2.conv3.weight" in names
 
@@ -149,14 +152,7 @@ def _check_model(cfg):
     batch = [training_input(64, 96, [[10, 12, 40, 50], [50, 20, 90, 60]], [0, 1])]
     with EventStorage():
         losses = model(batch)
-    assert set(losses) == {
-        "loss_sem_seg",
-        "loss_rpn_cls",
-        "loss_rpn_loc",
-        "loss_cls",
-        "loss_box_reg",
-        "loss_mask",
-    }
+    assert set(losses) == LOSS_NAMES
     sum(losses.values()).backward()
     grads = [p.grad for p in model.backbone.bottom_up.parameters()]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -268,51 +268,43 @@ def test_lazy_run_skips_an_unreadable_image_and_verifies_the_results(tmp_path, d
     assert proc.returncode == 1 and "Result verification failed!" in out, out[-3000:]
 
 
-def test_lazy_train_loader_stops_past_max_unreadable_fraction_naming_the_file(tmp_path, data_root):
-    root, image = data_with_unreadable_image(tmp_path, data_root)
-    names = register_synthetic(str(root), prefix="test_lazy_unreadable")
-    try:
-        cfg = load_config(
-            QUICK_PY,
-            [
-                f"dataloader.train.dataset.names={names[0]}",
+@pytest.mark.parametrize(
+    "kind, overrides, allows",
+    [
+        (
+            ".py",
+            lambda name: [
+                f"dataloader.train.dataset.names={name}",
                 "dataloader.train.total_batch_size=6",
                 "dataloader.train.max_unreadable_fraction=0",
             ],
-        )
-        with pytest.raises(UnreadableDataError) as e:
-            next(iter(ConfigAdapter(cfg).build_train_loader()))
-        assert "1 of the 6 training samples cannot be read" in str(e.value)
-        assert "dataloader.train.max_unreadable_fraction=0 allows" in str(e.value)
-        assert str(image) in str(e.value)
-    finally:
-        for name in names:
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-
-
-def test_yaml_train_loader_of_the_adapter_also_stops_past_max_unreadable_fraction(
-    tmp_path, data_root
-):
-    # The tools (visualize_data) read the loader train_net.py trains with, for either kind.
-    root, image = data_with_unreadable_image(tmp_path, data_root)
-    names = register_synthetic(str(root), prefix="test_yaml_unreadable")
-    try:
-        cfg = load_config(
-            QUICK_PY[: -len(".py")] + ".yaml",
-            [
+            "dataloader.train.max_unreadable_fraction=0 allows",
+        ),
+        (  # the tools (visualize_data) read the loader train_net.py trains with, for either kind
+            ".yaml",
+            lambda name: [
                 "DATASETS.TRAIN",
-                f"('{names[0]}',)",
+                f"('{name}',)",
                 "SOLVER.IMS_PER_BATCH",
                 6,
                 "DATALOADER.MAX_UNREADABLE_FRACTION",
                 0.0,
             ],
-        )
+            "DATALOADER.MAX_UNREADABLE_FRACTION=0.0 allows",
+        ),
+    ],
+)
+def test_train_loader_stops_past_max_unreadable_fraction_naming_the_file(
+    tmp_path, data_root, kind, overrides, allows
+):
+    root, image = data_with_unreadable_image(tmp_path, data_root)
+    names = register_synthetic(str(root), prefix=f"test_unreadable_{kind[1:]}")
+    try:
+        cfg = load_config(QUICK_PY[: -len(".py")] + kind, overrides(names[0]))
         with pytest.raises(UnreadableDataError) as e:
             next(iter(ConfigAdapter(cfg).build_train_loader()))
         assert "1 of the 6 training samples cannot be read" in str(e.value)
-        assert "DATALOADER.MAX_UNREADABLE_FRACTION=0.0 allows" in str(e.value)
+        assert allows in str(e.value)
         assert str(image) in str(e.value)
     finally:
         for name in names:

@@ -15,6 +15,7 @@ from detectron2.utils.events import EventStorage
 from detectron2.utils.visualizer import Visualizer
 
 from tests.common import (
+    LOSS_NAMES,
     NUM_CLASSES,
     PERMISSIVE,
     THING_SEMANTIC_IDS,
@@ -63,15 +64,7 @@ def test_training_step_gives_finite_losses_and_gradients_in_every_head():
     ]
     with EventStorage():
         losses = model(batch)
-    expected = {
-        "loss_sem_seg",
-        "loss_rpn_cls",
-        "loss_rpn_loc",
-        "loss_cls",
-        "loss_box_reg",
-        "loss_mask",
-    }
-    assert set(losses) == expected
+    assert set(losses) == LOSS_NAMES
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     for part in (
