@@ -407,6 +407,39 @@ def test_compiled_dense_network_equals_eager(monkeypatch, fast_inference):
     torch._dynamo.reset()
 
 
+def test_compiled_graph_replays_do_not_overwrite_the_last_images_output(monkeypatch):
+    """COMPILE_MODE reduce-overhead replays CUDA graphs (CUDA graph trees): on CUDA each call's
+    outputs live in a pool that the next call overwrites. Stood in for here by a compiled network
+    that writes every call's outputs into the same tensors: the "sem_seg" a caller keeps (a
+    video's frames, a list of predictions) must stay the one of its own image."""
+    model = _tiny_model()
+    first, second = ({"image": training_input(64, 96, [], [], seed=s)["image"]} for s in (3, 8))
+    with torch.no_grad():
+        expected = model([first])[0]["sem_seg"]
+
+    def compile_into_static_outputs(module, **kwargs):
+        assert kwargs["mode"] == "reduce-overhead"
+        static = []
+
+        def replay(images):
+            outputs, spec = torch.utils._pytree.tree_flatten(module(images))
+            if not static:
+                static.extend(outputs)
+            else:
+                for buffer, value in zip(static, outputs):
+                    buffer.copy_(value)
+            return torch.utils._pytree.tree_unflatten(static, spec)
+
+        return replay
+
+    monkeypatch.setattr(torch, "compile", compile_into_static_outputs)
+    _with_options(model, compile=True, compile_mode="reduce-overhead")
+    with torch.no_grad():
+        kept = model([first])[0]["sem_seg"]
+        model([second])
+    torch.testing.assert_close(kept, expected)
+
+
 def test_cuda_graph_off_cuda_runs_the_model_itself():
     model = _with_options(_tiny_model(PLAIN), cuda_graph=True)
     network = model._inference_network()

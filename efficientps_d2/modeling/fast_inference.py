@@ -401,12 +401,16 @@ class InferenceNetwork:
         cuda_graph: bool = False,
         cuda_graph_cache_size: int = 4,
         compiled: Optional[Callable] = None,
+        compiled_replays_graphs: bool = False,
     ):
         self.dense_network = dense
         self.box_head = box_head
         self.mask_head = mask_head
         self.cuda_graph = cuda_graph
         self.compiled = compiled
+        # torch.compile modes that replay CUDA graphs (reduce-overhead, max-autotune) return, on
+        # CUDA, outputs in a pool that the next call overwrites, as a captured graph does.
+        self.compiled_replays_graphs = compiled_replays_graphs
         self.graphs = SizeLRUCache(cuda_graph_cache_size, self._capture)
 
     def modules(self):
@@ -426,13 +430,18 @@ class InferenceNetwork:
     def dense(self, images: torch.Tensor):
         """The dense network's outputs (see :class:`DenseNetwork`) for ``images``: replayed as a
         CUDA graph (on CUDA, with ``cuda_graph``), compiled, or eager. A graph's outputs are
-        static, valid until the next call, except the semantic logits, which are a fresh copy."""
+        static, valid until the next call, except the semantic logits, which are a fresh copy:
+        they reach the caller (as "sem_seg", a view of them), who may keep them past the next
+        image. The same holds for a compiled network whose mode replays CUDA graphs."""
         if self.cuda_graph and images.is_cuda:
             key = (tuple(images.shape), images.dtype, images.device)
             features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
             return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:
-            return self.compiled(images)
+            features, sem_seg_logits, objectness, deltas = self.compiled(images)
+            if self.compiled_replays_graphs:  # a needless but cheap copy where nothing is graphed
+                sem_seg_logits = sem_seg_logits.clone()
+            return features, sem_seg_logits, objectness, deltas
         return self.dense_network(images)
 
     def detect(
@@ -542,4 +551,13 @@ def build_inference_network(model, options: InferenceOptions) -> InferenceNetwor
         cuda_graph=options.cuda_graph and model.device.type == "cuda",
         cuda_graph_cache_size=options.cuda_graph_cache_size,
         compiled=compiled,
+        compiled_replays_graphs=options.compile and _compile_mode_replays_graphs(options),
     )
+
+
+def _compile_mode_replays_graphs(options: InferenceOptions) -> bool:
+    """Whether ``torch.compile`` in MODEL.EFFICIENTPS.COMPILE_MODE replays CUDA graphs (CUDA graph
+    trees: "reduce-overhead", "max-autotune"), as torch lists each mode's settings."""
+    import torch._inductor  # what torch.compile imports anyway
+
+    return bool(torch._inductor.list_mode_options(options.compile_mode).get("triton.cudagraphs"))
