@@ -21,6 +21,7 @@ without a fast path. Nothing here is needed on the CPU.
 import collections
 import copy
 import dataclasses
+import functools
 import logging
 from typing import Callable, Dict, List, Optional
 
@@ -385,6 +386,11 @@ class InferenceOptions:
         return self.fast_inference or self.dtype != "float32" or graph or self.compile
 
 
+def _capture(dense: nn.Module, key, images: torch.Tensor) -> _CapturedDenseNetwork:
+    logger.info("Capturing the dense network as a CUDA graph for input %s.", key)
+    return _CapturedDenseNetwork(dense, images)
+
+
 class InferenceNetwork:
     """What ``EfficientPS.inference`` runs: :meth:`dense` then :meth:`detect`.
 
@@ -411,7 +417,10 @@ class InferenceNetwork:
         # torch.compile modes that replay CUDA graphs (reduce-overhead, max-autotune) return, on
         # CUDA, outputs in a pool that the next call overwrites, as a captured graph does.
         self.compiled_replays_graphs = compiled_replays_graphs
-        self.graphs = SizeLRUCache(cuda_graph_cache_size, self._capture)
+        # Built from the dense network alone: a bound method of self would make a reference cycle,
+        # and a dropped copy (new weights, train()) would keep its weights and its graphs' memory
+        # pools until Python's cycle collector happened to run.
+        self.graphs = SizeLRUCache(cuda_graph_cache_size, functools.partial(_capture, dense))
 
     def modules(self):
         """Every module it runs (dense network, box head, mask head)."""
@@ -422,10 +431,6 @@ class InferenceNetwork:
     def parameters(self):
         for module in self.modules():
             yield from module.parameters(recurse=False)
-
-    def _capture(self, key, images):
-        logger.info("Capturing the dense network as a CUDA graph for input %s.", key)
-        return _CapturedDenseNetwork(self.dense_network, images)
 
     def dense(self, images: torch.Tensor):
         """The dense network's outputs (see :class:`DenseNetwork`) for ``images``: replayed as a
