@@ -25,7 +25,7 @@ from .data import EfficientPSDatasetMapper
 from .data.unreadable import SkipUnreadable
 from .modeling.test_time_augmentation import EfficientPSWithTTA
 
-__all__ = ["ConfigAdapter"]
+__all__ = ["ConfigAdapter", "lazy_keys_with_defaults"]
 
 _REQUIRED = object()
 
@@ -62,6 +62,12 @@ _KEYS = {
         _REQUIRED,
     ),
 }
+
+
+def lazy_keys_with_defaults():
+    """The LazyConfig keys read with a default where a config leaves them out (``train.device``,
+    ``train.check_pngs``, ...): an override may set them though the config has none."""
+    return {lazy for _, lazy, default in _KEYS.values() if default is not _REQUIRED}
 
 
 def _names(value):

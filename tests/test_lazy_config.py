@@ -15,6 +15,7 @@ from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data.synthetic import register_synthetic
 from efficientps_d2.data.unreadable import UnreadableDataError
 from efficientps_d2.engine import load_config, startup
+from efficientps_d2.engine.lazy_config import apply_overrides
 from efficientps_d2.visualization import IMAGE_NAME
 
 from .fixtures import write_panoptic_dataset
@@ -325,3 +326,45 @@ def test_lazy_expected_results_are_verified_as_test_expected_results():
         with pytest.raises(SystemExit):
             startup.verify_results(cfg, {"panoptic_seg": {"PQ": 59.0}})
     assert startup.verify_results(load_config(QUICK_PY), {})  # none expected: nothing checked
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_iterr=3", r"train has no key 'max_iterr'\. Did you mean 'max_iter'\?"),
+        ("trian.max_iter=3", r"the config has no key 'trian'\. Did you mean 'train'\?"),
+        (  # an argument that the LazyCall's target does not take either
+            "dataloader.test.mapper.augmentations.0.short_edge_lenght=64",
+            r"augmentations\.0 has no key 'short_edge_lenght' and its LazyCall's target takes "
+            r"no such argument\. Did you mean 'short_edge_length'\?",
+        ),
+        ("train.max_iter.x=1", r"train\.max_iter is the value 300, which has no 'x'"),
+        ("train.max_iter=abc", r"train\.max_iter is 300 \(int\) in the config; .* 'abc' \(str\)"),
+        ("optimizer.lr=fast", r"optimizer\.lr is 0\.03 \(float\)"),
+        ("train.amp.enabled=yes", r"train\.amp\.enabled is False \(bool\)"),
+        ("train.amp=False", r"train\.amp is a group of settings \(enabled, precision\)"),
+    ],
+)
+def test_a_misspelled_or_mistyped_override_is_refused_naming_key_and_file(override, message):
+    # As yacs refuses an unknown YAML key or a value of another type; Detectron2's LazyConfig
+    # would add the key silently (train.max_iterr=3 trained the config's 300 iterations).
+    with pytest.raises(ValueError, match=message) as e:
+        load_config(QUICK_PY, [override])
+    assert f"Refused override '{override}' of {QUICK_PY}" in str(e.value)
+
+
+def test_overrides_that_add_what_a_config_may_leave_out_are_accepted():
+    cfg = load_config(
+        QUICK_PY,
+        [
+            "+train.my_note=1",  # Hydra's "+": a new key, unchecked
+            "dataloader.test.batch_size=1",  # an argument its LazyCall leaves at its default
+            "dataloader.train.dataset.names=[synthetic_panoptic_train]",  # a name or a list
+            "train.max_iter=3.0",  # numbers are numbers
+            "dataloader.train.total_batch_size=2",
+        ],
+    )
+    assert (cfg.train.my_note, cfg.dataloader.test.batch_size) == (1, 1)
+    del cfg.train["check_pngs"]  # read with a default, so an override may set it where absent
+    apply_overrides(cfg, ["train.check_pngs=False"], "x.py")
+    assert cfg.train.check_pngs is False
