@@ -20,6 +20,7 @@ from detectron2.data import (
 from detectron2.modeling import build_model
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import EfficientPSCheckpointer
 from .config import is_yaml_config, tta_config
 from .data import EfficientPSDatasetMapper
 from .data.unreadable import SkipUnreadable
@@ -205,6 +206,17 @@ class ConfigAdapter:
         expected value, tolerance]`` rows that Detectron2's ``verify_results`` checks, as
         lists."""
         return [list(row) for row in self._get("expected_results") or []]
+
+    def checkpointer(self, model, save_dir="", **kwargs):
+        """An :class:`EfficientPSCheckpointer` for ``model`` (``kwargs`` as it takes them) whose
+        messages name this config's keys (MODEL.WEIGHTS or ``train.init_checkpoint``, ...)."""
+        return EfficientPSCheckpointer(
+            model,
+            save_dir,
+            weights_key=self.keys["weights"],
+            partial_key=self.keys["allow_partial_weights"],
+            **kwargs,
+        )
 
     def build_model(self):
         """The model, on :attr:`device`."""

@@ -9,6 +9,7 @@ import torch
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from efficientps_d2.config_adapter import ConfigAdapter
@@ -368,3 +369,22 @@ def test_overrides_that_add_what_a_config_may_leave_out_are_accepted():
     del cfg.train["check_pngs"]  # read with a default, so an override may set it where absent
     apply_overrides(cfg, ["train.check_pngs=False"], "x.py")
     assert cfg.train.check_pngs is False
+
+
+def test_demo_and_export_name_the_lazy_weights_key(tmp_path, capsys):
+    # Their checkpoint messages named MODEL.WEIGHTS for a .py config too.
+    import demo
+    from efficientps_d2.tools import export
+
+    missing = tmp_path / "none.pth"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (96, 64)).save(image)
+    override = [*TINY, f"train.init_checkpoint={missing}"]
+    assert demo.main(["--config-file", QUICK_PY, "--input", str(image)]
+                     + ["--output", str(tmp_path / "out"), "--opts", *override]) == 1  # fmt: skip
+    expected = f"Checkpoint '{missing}' (train.init_checkpoint) does not exist."
+    assert expected in capsys.readouterr().err
+    args = ["--config-file", QUICK_PY, "--format", "torchscript", "--output", str(tmp_path / "ex")]
+    assert export.main(args + override) == 1
+    assert expected in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]  # nothing written

@@ -30,7 +30,6 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
-from ..checkpoint import EfficientPSCheckpointer
 from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
@@ -163,13 +162,7 @@ def build_trainer(model, data_loader, optimizer, config):
 
 
 def _checkpointer(model, config, **kwargs):
-    return EfficientPSCheckpointer(
-        model,
-        config.output_dir,
-        weights_key=config.keys["weights"],
-        partial_key=config.keys["allow_partial_weights"],
-        **kwargs,
-    )
+    return config.checkpointer(model, config.output_dir, **kwargs)
 
 
 def build_checkpointer(model, config, **checkpointables):

@@ -29,7 +29,6 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 
-from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.engine import load_config
 from efficientps_d2.export import FORMATS, export_model
@@ -108,7 +107,7 @@ def main(argv=None):
         config = ConfigAdapter(cfg)
         model = config.build_model()
         if config.weights:
-            EfficientPSCheckpointer(model).load(config.weights)
+            config.checkpointer(model).load(config.weights)
         else:
             logger.warning(f"{config.keys['weights']} is empty: exporting random weights.")
         path = export_model(model.eval(), cfg, args.output, args.format, sample_image=image)
