@@ -20,6 +20,7 @@ same steps, each reading its own keys through
 """
 
 import logging
+import os
 
 import detectron2.utils.comm as comm
 import torch
@@ -39,6 +40,7 @@ from .lazy_config import load_config
 __all__ = [
     "build_checkpointer",
     "build_trainer",
+    "check_weights_to_evaluate",
     "load_for_evaluation",
     "setup",
     "start_run",
@@ -100,9 +102,28 @@ def setup(args):
     CPU, lock, ``default_setup``, log.txt, stale temporaries removed), then checks the data sets
     (names, class counts and every panoptic PNG are checked now, not found wrong hours later).
     Returns the config."""
-    cfg = start_run(load_config(args.config_file, args.opts), args)
+    cfg = load_config(args.config_file, args.opts)
+    if args.eval_only:
+        check_weights_to_evaluate(ConfigAdapter(cfg), resume=args.resume)
+    cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
     return cfg
+
+
+def check_weights_to_evaluate(config, *, resume):
+    """Refuses ``--eval-only`` with nothing to evaluate: no weights (MODEL.WEIGHTS /
+    ``train.init_checkpoint`` empty) and no checkpoint of the output folder to resume from, which
+    Detectron2 would evaluate as a randomly initialised model. ``config``: a
+    :class:`ConfigAdapter`."""
+    if config.weights or (
+        resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint"))
+    ):
+        return
+    where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""
+    raise ValueError(
+        f"--eval-only has no weights to evaluate: {config.keys['weights']} is empty{where}. "
+        f"Name the trained weights (e.g. {config.override('weights', 'output/model_final.pth')})."
+    )
 
 
 def start_run(cfg, args):
