@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import EfficientPSCheckpointer
 from .config import is_yaml_config, tta_config
 from .data import EfficientPSDatasetMapper
+from .data.dataset_mapper import check_augmentations
 from .data.unreadable import SkipUnreadable
 from .modeling.test_time_augmentation import EfficientPSWithTTA
 
@@ -229,7 +230,8 @@ class ConfigAdapter:
         INPUT.MIN/MAX_SIZE_TEST, or ``dataloader.test.mapper.augmentations``."""
         if self.is_yaml:
             return detection_utils.build_augmentation(self.cfg, False)
-        return list(instantiate(self.cfg.dataloader.test.mapper.augmentations))
+        augmentations = instantiate(self.cfg.dataloader.test.mapper.augmentations)
+        return check_augmentations(augmentations, "dataloader.test.mapper.augmentations")
 
     @property
     def tta_enabled(self):

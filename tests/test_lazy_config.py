@@ -388,3 +388,17 @@ def test_demo_and_export_name_the_lazy_weights_key(tmp_path, capsys):
     assert export.main(args + override) == 1
     assert expected in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["a.png"]  # nothing written
+
+
+@pytest.mark.parametrize("value", ["null", "ResizeShortestEdge", "128"])
+def test_test_augmentations_that_are_not_a_list_of_augmentations_are_refused(value):
+    # Detectron2's AugmentationList raised "TypeError: 'NoneType' object is not iterable" or
+    # "AssertionError: R" from deep in demo.py, the export and the test loader.
+    cfg = load_config(QUICK_PY, [f"dataloader.test.mapper.augmentations={value}"])
+    message = r"must be a list of Detectron2 Augmentation or Transform objects .*, got "
+    with pytest.raises(ValueError, match="^dataloader.test.mapper.augmentations " + message):
+        ConfigAdapter(cfg).build_test_augmentations()  # demo.py, the export
+    with pytest.raises(ValueError, match=r"\(dataloader.test.mapper.augmentations\) " + message):
+        instantiate(cfg.dataloader.test.mapper)  # train_net.py's test loader
+    cfg = load_config(QUICK_PY, ["dataloader.test.mapper.augmentations=[]"])
+    assert ConfigAdapter(cfg).build_test_augmentations() == []  # none: no resizing
