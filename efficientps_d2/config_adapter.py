@@ -27,9 +27,14 @@ from .data.dataset_mapper import check_augmentations
 from .data.unreadable import SkipUnreadable
 from .modeling.test_time_augmentation import EfficientPSWithTTA
 
-__all__ = ["ConfigAdapter", "lazy_keys_with_defaults"]
+__all__ = ["LAZY_LAYOUT", "ConfigAdapter", "lazy_keys_with_defaults"]
 
 _REQUIRED = object()
+# What a LazyConfig holds, as Detectron2's tools/lazyconfig_train_net.py reads it.
+LAZY_LAYOUT = (
+    "Detectron2's layout: model, dataloader (.train, .test, optionally .evaluator), optimizer, "
+    "lr_multiplier and train (see configs/common/train.py)"
+)
 
 # setting: (YAML key, LazyConfig key, LazyConfig default when the key is absent). Every YAML key
 # has a default (efficientps_d2.config, Detectron2's defaults).
@@ -116,10 +121,7 @@ class ConfigAdapter:
         default = _KEYS[name][2]
         value = OmegaConf.select(self.cfg, key, default=default)
         if value is _REQUIRED:
-            raise KeyError(
-                f"The LazyConfig has no {key}: train_net.py reads Detectron2's layout (model, "
-                "dataloader.train/.test, train.*; see configs/common/train.py)."
-            )
+            raise ValueError(f"The LazyConfig has no {key}: EfficientPS reads {LAZY_LAYOUT}.")
         return value
 
     @property
@@ -223,6 +225,8 @@ class ConfigAdapter:
         """The model, on :attr:`device`."""
         if self.is_yaml:
             return build_model(self.cfg)
+        if "model" not in self.cfg:
+            raise ValueError(f"The LazyConfig has no model: EfficientPS reads {LAZY_LAYOUT}.")
         return instantiate(self.cfg.model).to(self.device)
 
     def build_test_augmentations(self):

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import shutil
 
 import pytest
@@ -402,3 +403,46 @@ def test_test_augmentations_that_are_not_a_list_of_augmentations_are_refused(val
         instantiate(cfg.dataloader.test.mapper)  # train_net.py's test loader
     cfg = load_config(QUICK_PY, ["dataloader.test.mapper.augmentations=[]"])
     assert ConfigAdapter(cfg).build_test_augmentations() == []  # none: no resizing
+
+
+# The quick config without some of its parts.
+PARTIAL_CONFIG = """
+from efficientps_d2 import model_zoo
+
+_base = model_zoo.get_config("Synthetic-PanopticSegmentation/efficientps_b0_quick.py")
+{names} = (_base[k] for k in {parts!r})
+"""
+
+
+@pytest.mark.parametrize("left_out", ["model", "dataloader", "train"])
+def test_a_lazy_config_without_a_part_is_refused_naming_the_file(tmp_path, capsys, left_out):
+    # They failed inside Detectron2's default_setup (an InterpolationKeyError) after writing
+    # log.txt, or after building the model (train.ddp), or ran demo.py on the GPU default.
+    from detectron2.engine import default_argument_parser
+
+    import demo
+    from efficientps_d2.tools import export
+
+    parts = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+    config = tmp_path / "partial.py"
+    kept = tuple(p for p in parts if p != left_out)
+    config.write_text(PARTIAL_CONFIG.format(names=", ".join(kept), parts=kept))
+    missing = "dataloader.train" if left_out == "dataloader" else left_out
+    message = f"{config} defines no {missing}: EfficientPS reads a LazyConfig of Detectron2's"
+    out = tmp_path / "out"
+    args = default_argument_parser().parse_args(["--config-file", str(config)])
+    args.opts = [f"train.output_dir={out}"] if left_out != "train" else []
+    with pytest.raises(ValueError, match=re.escape(message)):
+        startup.setup(args)
+    assert not out.exists()
+    message = message.replace("dataloader.train", "dataloader.test")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (96, 64)).save(image)
+    assert (
+        demo.main(["--config-file", str(config), "--input", str(image), "--output", str(out)]) == 1
+    )
+    assert message in capsys.readouterr().err
+    args = ["--config-file", str(config), "--format", "onnx", "--output", str(out)]
+    assert export.main(args) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()

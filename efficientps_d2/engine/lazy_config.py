@@ -23,9 +23,16 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig
 
 from ..config import setup_cfg
+from ..config_adapter import LAZY_LAYOUT, lazy_keys_with_defaults
 from ..data.metadata import thing_semantic_ids
 
-__all__ = ["apply_overrides", "is_lazy_config", "load_config", "thing_semantic_ids_of"]
+__all__ = [
+    "apply_overrides",
+    "check_layout",
+    "is_lazy_config",
+    "load_config",
+    "thing_semantic_ids_of",
+]
 
 
 def is_lazy_config(path):
@@ -68,13 +75,35 @@ def load_config(config_file, opts=()):
             config_file = get_config_file(config_file)
         cfg = LazyConfig.load(config_file)
         cfg = apply_overrides(cfg, opts, config_file)
+        train = cfg.get("train")  # absent: refused by whoever needs it (check_layout)
         if (
-            str(cfg.train.get("device", "cuda")).startswith("cuda")
+            isinstance(train, DictConfig)
+            and str(train.get("device", "cuda")).startswith("cuda")
             and not torch.cuda.is_available()
         ):
-            cfg.train.device = "cpu"
+            train.device = "cpu"
         return cfg
     return setup_cfg(config_file, opts, freeze=False)
+
+
+def check_layout(cfg, config_file, keys):
+    """Refuses a LazyConfig that lacks any of ``keys`` ("model", "dataloader.train", ...),
+    naming the file and the layout, before anything reads it."""
+    missing = [key for key in keys if _node(cfg, key) is None]
+    if missing:
+        raise ValueError(
+            f"{config_file} defines no {' and no '.join(missing)}: EfficientPS reads a LazyConfig "
+            f"of {LAZY_LAYOUT}."
+        )
+
+
+def _node(cfg, key):
+    node = cfg
+    for name in key.split("."):
+        node = _child(node, name)
+        if node is None:
+            return None
+    return node
 
 
 def apply_overrides(cfg, opts, config_file):
@@ -116,8 +145,6 @@ def _target_parameters(node):
 
 
 def _check_override(cfg, key, value, override, config_file):
-    from ..config_adapter import lazy_keys_with_defaults
-
     where = f"override '{override.input_line}' of {config_file}"
     parts = key.split(".")
     node = cfg

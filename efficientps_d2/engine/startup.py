@@ -35,7 +35,7 @@ from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..output_lock import lock_output_dir
-from .lazy_config import load_config
+from .lazy_config import check_layout, is_lazy_config, load_config
 
 __all__ = [
     "build_checkpointer",
@@ -98,11 +98,18 @@ _output_dir_lock = None  # held (open) for the life of the training process
 
 def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
-    LazyConfig) with ``args.opts``, takes the steps of :func:`start_run` (naive SyncBN on the
-    CPU, lock, ``default_setup``, log.txt, stale temporaries removed), then checks the data sets
-    (names, class counts and every panoptic PNG are checked now, not found wrong hours later).
-    Returns the config."""
+    LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs and
+    ``--eval-only`` without weights (before anything is written), takes the steps of
+    :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
+    temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
+    are checked now, not found wrong hours later). Returns the config."""
     cfg = load_config(args.config_file, args.opts)
+    if is_lazy_config(args.config_file):
+        if args.eval_only:
+            needs = ["model", "dataloader.test", "train"]
+        else:
+            needs = ["model", "dataloader.train", "optimizer", "lr_multiplier", "train"]
+        check_layout(cfg, args.config_file, needs)
     if args.eval_only:
         check_weights_to_evaluate(ConfigAdapter(cfg), resume=args.resume)
     cfg = start_run(cfg, args)

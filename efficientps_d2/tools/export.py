@@ -30,7 +30,8 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 
 from efficientps_d2.config_adapter import ConfigAdapter
-from efficientps_d2.engine import load_config
+from efficientps_d2.engine import is_lazy_config, load_config
+from efficientps_d2.engine.lazy_config import check_layout
 from efficientps_d2.export import FORMATS, export_model
 from efficientps_d2.export.exporter import resize_for_export
 
@@ -60,6 +61,8 @@ def export_config(args):
     """The config to export, YAML or LazyConfig (with the overrides), set to the CPU and checked
     for what export supports before any model is built."""
     cfg = load_config(args.config_file, args.opts)
+    if is_lazy_config(args.config_file):
+        check_layout(cfg, args.config_file, ["model", "dataloader.test", "train"])
     config = ConfigAdapter(cfg)
     config.set("device", "cpu")  # the trace records devices; the CPU graph is the portable one
     if config.tta_enabled:
