@@ -28,12 +28,14 @@ import sys
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
+from detectron2.utils.registry import locate
 
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.engine import is_lazy_config, load_config
 from efficientps_d2.engine.lazy_config import check_layout
 from efficientps_d2.export import FORMATS, export_model
 from efficientps_d2.export.exporter import resize_for_export
+from efficientps_d2.modeling.meta_arch import EfficientPS
 
 logger = logging.getLogger("efficientps_d2.tools.export")
 
@@ -76,6 +78,14 @@ def export_config(args):
             f"MODEL.META_ARCHITECTURE is '{cfg.MODEL.META_ARCHITECTURE}': only 'EfficientPS' "
             "models can be exported by this tool."
         )
+    if not config.is_yaml:  # the same check, before the model is built and its weights loaded
+        target = cfg.model.get("_target_")
+        target = locate(target) if isinstance(target, str) else target
+        if not (isinstance(target, type) and issubclass(target, EfficientPS)):
+            name = getattr(target, "__qualname__", target)
+            raise ValueError(
+                f"model._target_ is {name}: only EfficientPS models can be exported by this tool."
+            )
     if config.is_yaml and not cfg.MODEL.MASK_ON:
         raise ValueError("MODEL.MASK_ON is False: EfficientPS's panoptic fusion needs the masks.")
     if config.input_format not in ("RGB", "BGR"):
