@@ -446,3 +446,29 @@ def test_a_lazy_config_without_a_part_is_refused_naming_the_file(tmp_path, capsy
     assert export.main(args) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_predictor_warns_that_empty_weights_predict_with_random_ones():
+    # demo.py drew an untrained model's output without a word (the export tool warns).
+    import logging
+
+    from efficientps_d2.demo import EfficientPSPredictor
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("efficientps_d2.demo.predictor")
+    logger.addHandler(handler)
+    try:
+        EfficientPSPredictor(load_config(QUICK_PY, TINY))
+        yaml = QUICK_PY[: -len(".py")] + ".yaml"
+        EfficientPSPredictor(load_config(yaml, ["MODEL.TWO_WAY_FPN.OUT_CHANNELS", 32]))
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert messages == [
+        "train.init_checkpoint is empty: predicting with random weights. Name the trained ones, "
+        "e.g. train.init_checkpoint=model_final.pth.",
+        "MODEL.WEIGHTS is empty: predicting with random weights. Name the trained ones, e.g. "
+        "MODEL.WEIGHTS model_final.pth.",
+    ]

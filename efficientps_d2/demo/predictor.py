@@ -56,6 +56,11 @@ class EfficientPSPredictor(DefaultPredictor):
         config = ConfigAdapter(cfg)
         self.cfg = cfg.clone() if config.is_yaml else copy.deepcopy(cfg)
         model = config.build_model()
+        if not config.weights:  # as the export tool says: the drawings show an untrained model
+            logger.warning(
+                f"{config.keys['weights']} is empty: predicting with random weights. Name the "
+                f"trained ones, e.g. {config.override('weights', 'model_final.pth')}."
+            )
         config.checkpointer(model).load(config.weights)
         self.model = (config.build_tta_model(model) or model).eval()
         self.metadata, self.dataset_name = resolve_metadata(cfg)
