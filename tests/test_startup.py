@@ -219,4 +219,28 @@ def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_pat
     assert not out.exists()
     out.mkdir()
     (out / "last_checkpoint").write_text("model_final.pth")  # --resume would evaluate it
-    startup.check_weights_to_evaluate(ConfigAdapter(load_config(config_file, opts)), resume=True)
+    startup.check_weights(
+        ConfigAdapter(load_config(config_file, opts)), eval_only=True, resume=True
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, opts",
+    [
+        (".py", ["train.output_dir={out}", "train.init_checkpoint={weights}"]),
+        (".yaml", ["OUTPUT_DIR", "{out}", "MODEL.WEIGHTS", "{weights}"]),
+    ],
+)
+def test_missing_weights_file_is_refused_before_the_data_check(tmp_path, kind, opts):
+    # It was found by the checkpointer, after the data check (minutes on Cityscapes) and the
+    # model and loaders were built.
+    from detectron2.engine import default_argument_parser
+
+    out, weights = tmp_path / "out", tmp_path / "no_such.pth"
+    opts = [o.format(out=out, weights=weights) for o in opts]
+    key = "train.init_checkpoint" if kind == ".py" else "MODEL.WEIGHTS"
+    for extra in ([], ["--eval-only"], ["--resume"]):
+        argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *opts]
+        with pytest.raises(FileNotFoundError, match=f"'{weights}' \\({key}\\) does not exist"):
+            startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()

@@ -21,6 +21,7 @@ same steps, each reading its own keys through
 
 import logging
 import os
+from urllib.parse import urlparse
 
 import detectron2.utils.comm as comm
 import torch
@@ -40,7 +41,7 @@ from .lazy_config import check_layout, is_lazy_config, load_config
 __all__ = [
     "build_checkpointer",
     "build_trainer",
-    "check_weights_to_evaluate",
+    "check_weights",
     "load_for_evaluation",
     "setup",
     "start_run",
@@ -110,21 +111,27 @@ def setup(args):
         else:
             needs = ["model", "dataloader.train", "optimizer", "lr_multiplier", "train"]
         check_layout(cfg, args.config_file, needs)
-    if args.eval_only:
-        check_weights_to_evaluate(ConfigAdapter(cfg), resume=args.resume)
+    check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
     return cfg
 
 
-def check_weights_to_evaluate(config, *, resume):
-    """Refuses ``--eval-only`` with nothing to evaluate: no weights (MODEL.WEIGHTS /
-    ``train.init_checkpoint`` empty) and no checkpoint of the output folder to resume from, which
-    Detectron2 would evaluate as a randomly initialised model. ``config``: a
-    :class:`ConfigAdapter`."""
-    if config.weights or (
-        resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint"))
-    ):
+def check_weights(config, *, eval_only, resume):
+    """Refuses, before the data check (minutes on Cityscapes) and the model are built, weights
+    that cannot be loaded: a local MODEL.WEIGHTS / ``train.init_checkpoint`` file that does not
+    exist, or with ``eval_only`` none at all (Detectron2 would evaluate a randomly initialised
+    model). Neither is read when ``resume`` finds a checkpoint in the output folder.
+    ``config``: a :class:`ConfigAdapter`."""
+    weights = config.weights
+    if resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint")):
+        return
+    if weights and not urlparse(weights).scheme and not os.path.isfile(weights):
+        # the checkpointer's message, before the work rather than after it
+        raise FileNotFoundError(
+            f"Checkpoint '{weights}' ({config.keys['weights']}) does not exist."
+        )
+    if weights or not eval_only:
         return
     where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""
     raise ValueError(
