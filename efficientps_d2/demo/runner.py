@@ -368,7 +368,9 @@ class VideoRunSummary:
 
     def report(self):
         lines = [f"{self.source}: processed {self.frames_read} frames."]
-        if self.frames_expected is not None and self.frames_read < self.frames_expected:
+        # A stop (Ctrl-C, Esc, an error) gives its own reason below: the input did not end.
+        ended_early = self.frames_expected is not None and self.frames_read < self.frames_expected
+        if ended_early and not self.stopped:
             lines.append(
                 f"  The input ended after {self.frames_read} of its {self.frames_expected} frames "
                 "(truncated file or a frame that does not decode); the output keeps the frames "
