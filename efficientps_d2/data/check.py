@@ -22,7 +22,7 @@ messages name the key of each (``model.sem_seg_head.num_classes``, ...).
 
 From the command line (prints a report, exits 1 on errors)::
 
-    python -m efficientps_d2.data.check synthetic_panoptic_train [--no-pngs] \
+    python -m efficientps_d2.data.check synthetic_panoptic_train [--no-pngs] \\
         [--config-file C [--opts KEY VALUE ...]]
 """
 
@@ -370,7 +370,8 @@ def _check_on_every_rank(name, *, pngs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Check panoptic data sets (and a config's use of them) before training."
+        prog="python -m efficientps_d2.data.check",
+        description="Check panoptic data sets (and a config's use of them) before training.",
     )
     parser.add_argument("names", nargs="+", metavar="DATASET_NAME", help="registered data sets")
     parser.add_argument("--config-file", help="also check this config's class counts and names")
