@@ -377,7 +377,10 @@ def main(argv=None):
     parser.add_argument("--config-file", help="also check this config's class counts and names")
     parser.add_argument("--no-pngs", action="store_true", help="check the json only")
     parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs (last)"
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides (last): KEY VALUE pairs (YAML) or key=value (.py)",
     )
     args = parser.parse_args(argv)
 
@@ -386,7 +389,9 @@ def main(argv=None):
     ok = True
     registered = DatasetCatalog.list()
     if args.config_file:
-        cfg = efficientps_d2.setup_cfg(args.config_file, args.opts)
+        from ..engine.lazy_config import load_config  # imports the config: not at the top
+
+        cfg = load_config(args.config_file, args.opts)  # YAML or LazyConfig (.py)
         try:
             check_dataset_names(cfg)
             check_class_counts(cfg)
