@@ -508,7 +508,13 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on
     """Training iterations/s and peak GPU memory (of one step after the timed ones) at one crop
     (CUDA only); ``on_row(rows)`` after each row."""
     rows = {}
+    autotuning = torch.backends.cudnn.benchmark
     for name, model in models.items():
+        # Panoptic FPN trains as Detectron2 ships it, without cuDNN autotuning (CUDNN_BENCHMARK
+        # False): with it, every new count of foreground ROIs re-tunes its mask head's convs
+        # inside the timed steps (about a minute each on an H200). EfficientPS keeps autotuning
+        # out of its ROI heads itself (EfficientPS.forward).
+        torch.backends.cudnn.benchmark = autotuning and name != THEIRS
         num_classes = NUM_CLASSES if name == OURS else NUM_CLASSES - NUM_THINGS + 1
         batch = [training_batch(height, width, num_classes, device)]
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
@@ -531,6 +537,7 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on
             if on_row is not None:
                 on_row(rows)
         model.eval()
+    torch.backends.cudnn.benchmark = autotuning
     return rows
 
 
@@ -681,7 +688,12 @@ def markdown(report):
                         f"{row['syncs']:.0f} |"
                     )
     if report.get("training"):
-        lines += ["", f"Training at {s['train_size']} (batch 1):", ""]
+        lines += [
+            "",
+            f"Training at {s['train_size']} (batch 1; {THEIRS} without cuDNN autotuning, as "
+            "Detectron2 ships it):",
+            "",
+        ]
         lines += ["| model, precision | iterations/s | peak GPU memory (MiB) |", "|---|---|---|"]
         for key, row in report["training"].items():
             lines.append(f"| {key} | {_fmt(row['iter_per_s'])} | {_fmt(row['peak_mib'], 0)} |")
@@ -859,8 +871,10 @@ def main(argv=None):
 
     if OURS_FAST in models:  # the fused copy is built on the first fast call; time it once
         ours.fast_inference = True
+        _sync(device)
         start = time.perf_counter()
         ours._inference_network()
+        _sync(device)  # the folding's kernels run after the call returns
         report["fast_copy_build_s"] = time.perf_counter() - start
     save(next_section="inference")
 

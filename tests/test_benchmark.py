@@ -118,3 +118,32 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
     ]
     summary = benchmark.summarize_profile(events, runs=3, trailing_syncs=1)
     assert summary == {"kernel_s": 0.002, "launches": 110, "syncs": 20 / 3}
+
+
+def test_training_rows_autotune_as_each_model_ships(benchmark, monkeypatch):
+    """On CUDA the benchmark turns cuDNN autotuning on. Panoptic FPN's training rows run without
+    it, as Detectron2 ships it: its mask head would re-tune for every new count of foreground ROIs
+    inside the timed steps. EfficientPS's keep it (its ROI heads turn it off themselves)."""
+    import torch
+
+    seen = {}
+
+    class Model(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        @property
+        def device(self):
+            return self.weight.device
+
+        def forward(self, batch):
+            seen.setdefault(self.name, set()).add(torch.backends.cudnn.benchmark)
+            return {"loss": self.weight.sum()}
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    models = {name: Model(name) for name in (benchmark.OURS, benchmark.THEIRS)}
+    rows = benchmark.training_speed(models, "cpu", 32, 48, 1, 1, torch.bfloat16)
+    assert seen == {benchmark.OURS: {True}, benchmark.THEIRS: {False}}
+    assert len(rows) == 4 and torch.backends.cudnn.benchmark  # restored

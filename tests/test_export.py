@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyCall as L
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
@@ -22,6 +23,7 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
+from detectron2.data import transforms as T
 from detectron2.engine import SimpleTrainer
 from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
@@ -31,7 +33,16 @@ from efficientps_d2 import setup_cfg
 from efficientps_d2.data import EfficientPSDatasetMapper, register_panoptic_dataset
 from efficientps_d2.data.synthetic import register_synthetic
 from efficientps_d2.demo import CocoPanopticWriter
-from efficientps_d2.export import FORMAT_VERSION, EfficientPSGraph, export_model, load, postprocess
+from efficientps_d2.engine import load_config
+from efficientps_d2.export import (
+    FORMAT_VERSION,
+    OUTPUT_NAMES,
+    EfficientPSGraph,
+    export_model,
+    load,
+    postprocess,
+)
+from efficientps_d2.export.exporter import resize_for_export
 from efficientps_d2.solver import build_optimizer
 from efficientps_d2.tools import export as export_tool
 from tests.common import tiny_config
@@ -365,8 +376,57 @@ def test_unsupported_exports_say_what_and_why(cfg, model, tmp_path, capsys):
     assert "MODEL.MASK_ON" in capsys.readouterr().err
     assert export_tool.main(base + ["--sample-image", str(config_file)]) == 1
     assert "not a readable image" in capsys.readouterr().err
-    lazy = ["--config-file", "configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.py"]
-    assert export_tool.main(lazy + base[2:]) == 1
-    assert "efficientps_b0_quick.yaml" in capsys.readouterr().err
+    lazy = ["--config-file", QUICK_CONFIG[: -len(".yaml")] + ".py"] + base[2:]
+    assert export_tool.main(lazy + ["train.tta.enabled=True"]) == 1
+    assert "train.tta.enabled is True" in capsys.readouterr().err
+    assert export_tool.main(lazy + ["model.input_format=YUV"]) == 1
+    assert "model.input_format must be 'RGB' or 'BGR'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders
+
+
+def test_a_lazy_config_exports_what_its_yaml_twin_exports(tmp_path):
+    """The quick config's LazyConfig twin, given the same weights (train.init_checkpoint), exports
+    the same description and a graph with the same outputs as the YAML config."""
+    torch.manual_seed(0)
+    yaml_cfg = setup_cfg(os.path.join(REPO, QUICK_CONFIG), ["MODEL.DEVICE", "cpu"])
+    DetectionCheckpointer(build_model(yaml_cfg), str(tmp_path)).save("weights")
+    weights = str(tmp_path / "weights.pth")
+    common = ["--format", "torchscript", "--output"]
+    yaml_args = ["--config-file", QUICK_CONFIG] + common + [str(tmp_path / "yaml")]
+    assert export_tool.main(yaml_args + ["MODEL.WEIGHTS", weights]) == 0
+    lazy_config = QUICK_CONFIG[: -len(".yaml")] + ".py"
+    lazy_args = ["--config-file", lazy_config] + common + [str(tmp_path / "lazy")]
+    assert export_tool.main(lazy_args + [f"train.init_checkpoint={weights}"]) == 0
+
+    manifests = {}
+    for kind in ("yaml", "lazy"):
+        with open(tmp_path / kind / "efficientps_export.json") as f:
+            manifests[kind] = json.load(f)
+    assert manifests["lazy"] == manifests["yaml"]
+    assert (manifests["lazy"]["min_size_test"], manifests["lazy"]["max_size_test"]) == (128, 192)
+    image = _image(128, 192, seed=3).float()
+    outputs = {kind: torch.jit.load(str(tmp_path / kind / "model.ts"))(image) for kind in manifests}
+    for name, a, b in zip(OUTPUT_NAMES, outputs["yaml"], outputs["lazy"]):
+        assert torch.equal(a, b), name
+
+
+def test_the_recorded_test_resizing_is_one_the_runtime_can_redo():
+    """A LazyConfig's test augmentations become the export's resize, or are refused by name."""
+    lazy = load_config(QUICK_CONFIG[: -len(".yaml")] + ".py", ["train.device=cpu"])
+    assert resize_for_export(lazy) == (128, 192)
+    yaml_cfg = setup_cfg(os.path.join(REPO, QUICK_CONFIG), ["INPUT.MIN_SIZE_TEST", 0])
+    assert resize_for_export(yaml_cfg) == (0, 192)  # 0: the predictor does not resize
+    lazy.dataloader.test.mapper.augmentations = []
+    assert resize_for_export(lazy) == (0, 0)
+    lazy.dataloader.test.mapper.augmentations = [
+        L(T.ResizeShortestEdge)(short_edge_length=128, max_size=192),
+        L(T.RandomFlip)(),
+    ]
+    with pytest.raises(ValueError, match="dataloader.test.mapper.augmentations"):
+        resize_for_export(lazy)
+    lazy.dataloader.test.mapper.augmentations = [
+        L(T.ResizeShortestEdge)(short_edge_length=(96, 128), max_size=192)
+    ]
+    with pytest.raises(ValueError, match="single short edge length"):
+        resize_for_export(lazy)

@@ -24,14 +24,17 @@ import warnings
 from typing import Dict, Optional
 
 import torch
+from detectron2.data import transforms as T
 from detectron2.export.torchscript_patch import patch_builtin_len
+from PIL import Image
 
 from ..atomic_io import atomic_directory
+from ..config_adapter import ConfigAdapter
 from ..modeling.fast_inference import fold_batch_norms
 from .graph import OUTPUT_NAMES, EfficientPSGraph
 from .runtime import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODEL_FILES
 
-__all__ = ["export_model", "FORMATS", "ONNX_OPSET"]
+__all__ = ["export_model", "FORMATS", "ONNX_OPSET", "resize_for_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,41 @@ def _check_model(model):
         )
 
 
-def _manifest(model, cfg, backend: str, metadata, dataset_name) -> Dict:
+def resize_for_export(cfg):
+    """(min_size, max_size) of the config's test-time resize, as the runtime redoes it.
+
+    An export records one shortest-edge resize (:class:`ExportedPredictor` rebuilds it): the one
+    of INPUT.MIN/MAX_SIZE_TEST, or a ``dataloader.test.mapper.augmentations`` of one
+    ``ResizeShortestEdge`` with a single short edge length, or none at all ((0, 0): no resizing).
+    Raises ValueError naming the key for anything else.
+    """
+    config = ConfigAdapter(cfg)
+    augmentations = config.build_test_augmentations()
+    if not augmentations:
+        return 0, 0
+    resize = augmentations[0]
+    if (
+        len(augmentations) == 1
+        and type(resize) is T.ResizeShortestEdge
+        and len(set(resize.short_edge_length)) == 1
+        and resize.interp == Image.BILINEAR
+    ):
+        return int(resize.short_edge_length[0]), int(resize.max_size)
+    where = (
+        "INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST"
+        if config.is_yaml
+        else "dataloader.test.mapper.augmentations"
+    )
+    raise ValueError(
+        f"The test-time resizing ({where}) is {augmentations}: an export can only record one "
+        "bilinear ResizeShortestEdge with a single short edge length (or no resizing), which "
+        "the exported predictor applies before the graph."
+    )
+
+
+def _manifest(model, resize, backend: str, metadata, dataset_name) -> Dict:
+    """What the runtime needs beside the graph, read from the model itself (so that a YAML and a
+    LazyConfig config describe their model the same way) and the config's test resizing."""
     import detectron2
 
     from .. import __version__
@@ -68,7 +105,7 @@ def _manifest(model, cfg, backend: str, metadata, dataset_name) -> Dict:
         value = getattr(metadata, key, None)
         if value is not None:
             meta[key] = [[int(k), int(v)] for k, v in value.items()]
-    num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    num_classes = int(model.sem_seg_head.num_classes)
     thing_ids = [int(i) for i in model.thing_semantic_ids]
     return {
         "format": FORMAT_NAME,
@@ -82,13 +119,13 @@ def _manifest(model, cfg, backend: str, metadata, dataset_name) -> Dict:
         "is_thing": [c in set(thing_ids) for c in range(num_classes)],
         "dataset_name": dataset_name,
         "metadata": meta,
-        "input_format": cfg.INPUT.FORMAT,
+        "input_format": model.input_format,
         "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
         "pixel_std": [float(v) for v in model.pixel_std.flatten()],
         "size_divisibility": int(model.backbone.size_divisibility),
-        "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST),
-        "max_size_test": int(cfg.INPUT.MAX_SIZE_TEST),
-        "score_thresh_test": float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
+        "min_size_test": resize[0],
+        "max_size_test": resize[1],
+        "score_thresh_test": float(model.roi_heads.box_predictor.test_score_thresh),
         "fusion": {
             "confidence_thresh": float(model.confidence_thresh),
             "overlap_thresh": float(model.overlap_thresh),
@@ -147,14 +184,17 @@ def export_model(
     metadata=None,
     dataset_name: Optional[str] = None,
 ) -> str:
-    """Exports ``model`` (an eval-mode EfficientPS on the CPU, built from ``cfg``) to a folder.
+    """Exports ``model`` (an eval-mode EfficientPS on the CPU, built from ``cfg``, a YAML or a
+    LazyConfig config) to a folder.
 
     Args:
         export_format: "torchscript" or "onnx".
         sample_image: float (3, H, W) image to trace with, in INPUT.FORMAT, 0-255; default: a
             random 3 x 256 x 384 image (the network is traced, not its values).
         metadata, dataset_name: class names/colours/id maps stored for the runtime; default: from
-            DATASETS.TEST/TRAIN (as the demo resolves them).
+            DATASETS.TEST/TRAIN or the LazyConfig's data loaders (as the demo resolves them).
+    The test resizing that the runtime applies comes from ``cfg`` (see :func:`resize_for_export`).
+
     Returns:
         the path of the written model file. The folder is written atomically: on failure nothing
         is left behind, and an existing export in ``output_dir`` is replaced only on success.
@@ -162,6 +202,7 @@ def export_model(
     if export_format not in FORMATS:
         raise ValueError(f"Unknown export format '{export_format}'; expected one of {FORMATS}.")
     _check_model(model)
+    resize = resize_for_export(cfg)
     if metadata is None:
         from ..demo.predictor import resolve_metadata
 
@@ -198,7 +239,7 @@ def export_model(
             traced.save(model_path)
         else:
             _export_onnx(graph, image, model_path)
-        manifest = _manifest(model, cfg, export_format, metadata, dataset_name)
+        manifest = _manifest(model, resize, export_format, metadata, dataset_name)
         with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
     path = os.path.join(output_dir, MODEL_FILES[export_format])

@@ -21,6 +21,7 @@ without a fast path. Nothing here is needed on the CPU.
 import collections
 import copy
 import dataclasses
+import functools
 import logging
 from typing import Callable, Dict, List, Optional
 
@@ -385,6 +386,11 @@ class InferenceOptions:
         return self.fast_inference or self.dtype != "float32" or graph or self.compile
 
 
+def _capture(dense: nn.Module, key, images: torch.Tensor) -> _CapturedDenseNetwork:
+    logger.info("Capturing the dense network as a CUDA graph for input %s.", key)
+    return _CapturedDenseNetwork(dense, images)
+
+
 class InferenceNetwork:
     """What ``EfficientPS.inference`` runs: :meth:`dense` then :meth:`detect`.
 
@@ -401,13 +407,20 @@ class InferenceNetwork:
         cuda_graph: bool = False,
         cuda_graph_cache_size: int = 4,
         compiled: Optional[Callable] = None,
+        compiled_replays_graphs: bool = False,
     ):
         self.dense_network = dense
         self.box_head = box_head
         self.mask_head = mask_head
         self.cuda_graph = cuda_graph
         self.compiled = compiled
-        self.graphs = SizeLRUCache(cuda_graph_cache_size, self._capture)
+        # torch.compile modes that replay CUDA graphs (reduce-overhead, max-autotune) return, on
+        # CUDA, outputs in a pool that the next call overwrites, as a captured graph does.
+        self.compiled_replays_graphs = compiled_replays_graphs
+        # Built from the dense network alone: a bound method of self would make a reference cycle,
+        # and a dropped copy (new weights, train()) would keep its weights and its graphs' memory
+        # pools until Python's cycle collector happened to run.
+        self.graphs = SizeLRUCache(cuda_graph_cache_size, functools.partial(_capture, dense))
 
     def modules(self):
         """Every module it runs (dense network, box head, mask head)."""
@@ -419,20 +432,21 @@ class InferenceNetwork:
         for module in self.modules():
             yield from module.parameters(recurse=False)
 
-    def _capture(self, key, images):
-        logger.info("Capturing the dense network as a CUDA graph for input %s.", key)
-        return _CapturedDenseNetwork(self.dense_network, images)
-
     def dense(self, images: torch.Tensor):
         """The dense network's outputs (see :class:`DenseNetwork`) for ``images``: replayed as a
         CUDA graph (on CUDA, with ``cuda_graph``), compiled, or eager. A graph's outputs are
-        static, valid until the next call, except the semantic logits, which are a fresh copy."""
+        static, valid until the next call, except the semantic logits, which are a fresh copy:
+        they reach the caller (as "sem_seg", a view of them), who may keep them past the next
+        image. The same holds for a compiled network whose mode replays CUDA graphs."""
         if self.cuda_graph and images.is_cuda:
             key = (tuple(images.shape), images.dtype, images.device)
             features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
             return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:
-            return self.compiled(images)
+            features, sem_seg_logits, objectness, deltas = self.compiled(images)
+            if self.compiled_replays_graphs:  # a needless but cheap copy where nothing is graphed
+                sem_seg_logits = sem_seg_logits.clone()
+            return features, sem_seg_logits, objectness, deltas
         return self.dense_network(images)
 
     def detect(
@@ -542,4 +556,13 @@ def build_inference_network(model, options: InferenceOptions) -> InferenceNetwor
         cuda_graph=options.cuda_graph and model.device.type == "cuda",
         cuda_graph_cache_size=options.cuda_graph_cache_size,
         compiled=compiled,
+        compiled_replays_graphs=options.compile and _compile_mode_replays_graphs(options),
     )
+
+
+def _compile_mode_replays_graphs(options: InferenceOptions) -> bool:
+    """Whether ``torch.compile`` in MODEL.EFFICIENTPS.COMPILE_MODE replays CUDA graphs (CUDA graph
+    trees: "reduce-overhead", "max-autotune"), as torch lists each mode's settings."""
+    import torch._inductor  # what torch.compile imports anyway
+
+    return bool(torch._inductor.list_mode_options(options.compile_mode).get("triton.cudagraphs"))
