@@ -429,8 +429,8 @@ def run_on_video(
         codecs: see :func:`open_video_writer`.
         progress: show a tqdm progress bar (frames/s).
     Returns:
-        :class:`VideoRunSummary`. A failure while processing keeps (and reports) what was written,
-        then re-raises.
+        :class:`VideoRunSummary` (check ``complete``; its ``report()`` says what fell short). A
+        failure while processing keeps what was written, logs the summary, then re-raises.
     """
     summary = VideoRunSummary(source=source_name)
     expected = capture.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -441,6 +441,7 @@ def run_on_video(
     path = video_output_path(output, source_name) if output else None
     stem = os.path.splitext(os.path.basename(path or source_name))[0] or "frame"
     writer = tmp = panoptic = None
+    failed = False
     if save_panoptic:
         if not output:
             raise ValueError("The COCO panoptic export (--save-panoptic) needs an output.")
@@ -486,6 +487,7 @@ def run_on_video(
         summary.stopped = "interrupted"
     except BaseException as e:
         summary.stopped = f"{type(e).__name__} at frame {summary.frames_read}: {e}"
+        failed = True  # the caller gets no summary: report it here
         raise
     finally:
         bar.close()
@@ -501,7 +503,7 @@ def run_on_video(
                 )
         if panoptic is not None and panoptic.images:
             summary.panoptic_json = panoptic.write_json()
-        if not summary.complete:
+        if failed:
             logger.warning(summary.report())
     if summary.frames_read == 0:
         raise VideoInputError(f"{source_name}: no frame could be decoded.")
