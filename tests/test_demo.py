@@ -307,6 +307,7 @@ def test_ctrl_c_in_a_video_exits_130_keeping_the_partial_output(tmp_path, model_
     assert rc == 130, err
     assert f"Interrupted: '{out / 'clip.mp4'}' is partial." in err
     assert "Stopped early: interrupted" in err and "The input ended" not in err  # not truncated
+    assert "clip.mp4: processed 3 frames." in err  # the 4th was read, then interrupted
     assert count_video_frames(str(out / "clip.mp4")) == 3
     assert os.listdir(out) == ["clip.mp4"]  # the stale temporary file is gone too
 

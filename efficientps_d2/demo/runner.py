@@ -342,6 +342,8 @@ class VideoRunSummary:
         output: the video written (None if none).
         codec: its fourcc.
         frames_read: frames decoded from the input.
+        frames_processed: frames run through the model and drawn (one fewer than read when a
+            stop, such as Ctrl-C, interrupts a frame).
         frames_expected: the input's frame count by its header (None for webcams or unknown).
         frames_written: frames written to the output.
         frames_verified: frames decoded back from the output (None if nothing was written).
@@ -353,6 +355,7 @@ class VideoRunSummary:
     output: Optional[str] = None
     codec: Optional[str] = None
     frames_read: int = 0
+    frames_processed: int = 0
     frames_expected: Optional[int] = None
     frames_written: int = 0
     frames_verified: Optional[int] = None
@@ -367,7 +370,7 @@ class VideoRunSummary:
         return not (ended_early or unverified or self.stopped)
 
     def report(self):
-        lines = [f"{self.source}: processed {self.frames_read} frames."]
+        lines = [f"{self.source}: processed {self.frames_processed} frames."]
         # A stop (Ctrl-C, Esc, an error) gives its own reason below: the input did not end.
         ended_early = self.frames_expected is not None and self.frames_read < self.frames_expected
         if ended_early and not self.stopped:
@@ -477,6 +480,7 @@ def run_on_video(
                     height=height,
                     width=width,
                 )
+            summary.frames_processed += 1
             bar.update(1)
             if show:
                 cv2.imshow(_WINDOW, vis)
