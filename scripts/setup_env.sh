@@ -48,6 +48,8 @@ step "Installing detectron2's and efficientps_d2's runtime dependencies"
 
 CURRENT_STEP="panopticapi"
 step "Installing panopticapi (panopticapi-lite, without its needless numpy<2 pin)"
+echo "    (pip's later 'dependency conflicts' note about panopticapi-lite's numpy<2 and scikit-image"
+echo "    requirements is expected: panopticapi's code runs on numpy 2 and never imports scikit-image)"
 "${PIP[@]}" -q --no-deps "panopticapi-lite==0.2.0"
 
 CURRENT_STEP="detectron2"

@@ -173,6 +173,19 @@ def test_command_line_report(dataset, capsys):
     assert main(["no_such_set"]) == 1
 
 
+def test_command_line_checks_a_lazy_config(dataset, capsys):
+    """--config-file takes a LazyConfig (.py) as train_net.py does, with key=value --opts."""
+    dataset["register"]()
+    name = dataset["name"]
+    config = ["--config-file", "Synthetic-PanopticSegmentation/efficientps_b0_quick.py", "--opts"]
+    opts = [f"dataloader.train.dataset.names={name}", f"dataloader.test.dataset.names={name}"]
+    opts += ["model.sem_seg_head.num_classes=4"]
+    assert main([name, "--no-pngs", *config, *opts, "model.roi_heads.num_classes=2"]) == 0
+    assert "data set names and class counts fit" in capsys.readouterr().out
+    assert main([name, "--no-pngs", *config, *opts, "model.roi_heads.num_classes=3"]) == 1
+    assert "model.roi_heads.num_classes is 3" in capsys.readouterr().out
+
+
 def test_builtin_synthetic_data_passes(tmp_path):
     from efficientps_d2.data.synthetic import ensure_synthetic_panoptic, register_synthetic
 

@@ -222,7 +222,7 @@ def test_video_keeps_every_frame_in_order(tmp_path, model_files, capsys):
     assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".")]  # no temp files
 
 
-def test_truncated_video_keeps_and_reports_partial_output(tmp_path, model_files, capsys):
+def test_truncated_video_keeps_and_reports_partial_output(tmp_path, model_files, capsys, caplog):
     config_file, _ = model_files["small"]
     data = _write_video(tmp_path / "full.avi", fourcc="MJPG").read_bytes()
     video = tmp_path / "cut.avi"
@@ -236,6 +236,7 @@ def test_truncated_video_keeps_and_reports_partial_output(tmp_path, model_files,
     written = count_video_frames(str(tmp_path / "cut_out.avi"))
     assert 0 < written < 6
     assert f"ended after {written} of its 6 frames" in err
+    assert "ended after" not in caplog.text  # reported once, by demo.py, not logged again
 
 
 def test_codec_fallback_reports_the_codec_used(tmp_path):
@@ -305,6 +306,8 @@ def test_ctrl_c_in_a_video_exits_130_keeping_the_partial_output(tmp_path, model_
     err = capsys.readouterr().err
     assert rc == 130, err
     assert f"Interrupted: '{out / 'clip.mp4'}' is partial." in err
+    assert "Stopped early: interrupted" in err and "The input ended" not in err  # not truncated
+    assert "clip.mp4: processed 3 frames." in err  # the 4th was read, then interrupted
     assert count_video_frames(str(out / "clip.mp4")) == 3
     assert os.listdir(out) == ["clip.mp4"]  # the stale temporary file is gone too
 

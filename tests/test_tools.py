@@ -53,3 +53,18 @@ def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog
     with caplog.at_level(logging.INFO, logger="detectron2"):
         assert analyze_model.main(argv) == 0
     assert float(re.search(r"Total GFlops: ([\d.]+)±", caplog.text).group(1)) == total
+
+
+def test_analyze_model_takes_config_overrides_right_after_tasks(synthetic, capsys):
+    """'--tasks parameter MODEL.WEIGHTS ""' (the README's order, no -n between): --tasks takes
+    several words, and those after the last task are config overrides, not bad tasks."""
+    tasks = ["--config-file", QUICK, "--tasks", "parameter"]
+    assert analyze_model.main([*tasks, "MODEL.WEIGHTS", "", *NARROW_HEADS, *synthetic]) == 0
+    with pytest.raises(
+        AssertionError, match="Non-existent key: MODEL.NO_SUCH_KEY"
+    ):  # it reached the config
+        analyze_model.main([*tasks, "MODEL.NO_SUCH_KEY", "1", *NARROW_HEADS, *synthetic])
+    with pytest.raises(SystemExit) as error:
+        analyze_model.main([*tasks, "flops"])
+    assert error.value.code == 2
+    assert "invalid choice: 'flops' (choose from flop, activation" in capsys.readouterr().err

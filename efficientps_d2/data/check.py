@@ -22,7 +22,7 @@ messages name the key of each (``model.sem_seg_head.num_classes``, ...).
 
 From the command line (prints a report, exits 1 on errors)::
 
-    python -m efficientps_d2.data.check synthetic_panoptic_train [--no-pngs] \
+    python -m efficientps_d2.data.check synthetic_panoptic_train [--no-pngs] \\
         [--config-file C [--opts KEY VALUE ...]]
 """
 
@@ -370,13 +370,17 @@ def _check_on_every_rank(name, *, pngs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Check panoptic data sets (and a config's use of them) before training."
+        prog="python -m efficientps_d2.data.check",
+        description="Check panoptic data sets (and a config's use of them) before training.",
     )
     parser.add_argument("names", nargs="+", metavar="DATASET_NAME", help="registered data sets")
     parser.add_argument("--config-file", help="also check this config's class counts and names")
     parser.add_argument("--no-pngs", action="store_true", help="check the json only")
     parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs (last)"
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides (last): KEY VALUE pairs (YAML) or key=value (.py)",
     )
     args = parser.parse_args(argv)
 
@@ -385,7 +389,9 @@ def main(argv=None):
     ok = True
     registered = DatasetCatalog.list()
     if args.config_file:
-        cfg = efficientps_d2.setup_cfg(args.config_file, args.opts)
+        from ..engine.lazy_config import load_config  # imports the config: not at the top
+
+        cfg = load_config(args.config_file, args.opts)  # YAML or LazyConfig (.py)
         try:
             check_dataset_names(cfg)
             check_class_counts(cfg)

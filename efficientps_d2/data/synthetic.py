@@ -293,7 +293,10 @@ if f"{DIRNAME}_train" not in DatasetCatalog.list():  # re-imports (e.g. `python 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate the synthetic panoptic data set.")
+    parser = argparse.ArgumentParser(
+        prog="python -m efficientps_d2.data.synthetic",
+        description="Generate the synthetic panoptic data set.",
+    )
     parser.add_argument(
         "--root", default=None, help="parent folder (default: $DETECTRON2_DATASETS or ./datasets)"
     )

@@ -342,6 +342,8 @@ class VideoRunSummary:
         output: the video written (None if none).
         codec: its fourcc.
         frames_read: frames decoded from the input.
+        frames_processed: frames run through the model and drawn (one fewer than read when a
+            stop, such as Ctrl-C, interrupts a frame).
         frames_expected: the input's frame count by its header (None for webcams or unknown).
         frames_written: frames written to the output.
         frames_verified: frames decoded back from the output (None if nothing was written).
@@ -353,6 +355,7 @@ class VideoRunSummary:
     output: Optional[str] = None
     codec: Optional[str] = None
     frames_read: int = 0
+    frames_processed: int = 0
     frames_expected: Optional[int] = None
     frames_written: int = 0
     frames_verified: Optional[int] = None
@@ -367,8 +370,10 @@ class VideoRunSummary:
         return not (ended_early or unverified or self.stopped)
 
     def report(self):
-        lines = [f"{self.source}: processed {self.frames_read} frames."]
-        if self.frames_expected is not None and self.frames_read < self.frames_expected:
+        lines = [f"{self.source}: processed {self.frames_processed} frames."]
+        # A stop (Ctrl-C, Esc, an error) gives its own reason below: the input did not end.
+        ended_early = self.frames_expected is not None and self.frames_read < self.frames_expected
+        if ended_early and not self.stopped:
             lines.append(
                 f"  The input ended after {self.frames_read} of its {self.frames_expected} frames "
                 "(truncated file or a frame that does not decode); the output keeps the frames "
@@ -427,8 +432,8 @@ def run_on_video(
         codecs: see :func:`open_video_writer`.
         progress: show a tqdm progress bar (frames/s).
     Returns:
-        :class:`VideoRunSummary`. A failure while processing keeps (and reports) what was written,
-        then re-raises.
+        :class:`VideoRunSummary` (check ``complete``; its ``report()`` says what fell short). A
+        failure while processing keeps what was written, logs the summary, then re-raises.
     """
     summary = VideoRunSummary(source=source_name)
     expected = capture.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -439,6 +444,7 @@ def run_on_video(
     path = video_output_path(output, source_name) if output else None
     stem = os.path.splitext(os.path.basename(path or source_name))[0] or "frame"
     writer = tmp = panoptic = None
+    failed = False
     if save_panoptic:
         if not output:
             raise ValueError("The COCO panoptic export (--save-panoptic) needs an output.")
@@ -474,6 +480,7 @@ def run_on_video(
                     height=height,
                     width=width,
                 )
+            summary.frames_processed += 1
             bar.update(1)
             if show:
                 cv2.imshow(_WINDOW, vis)
@@ -484,6 +491,7 @@ def run_on_video(
         summary.stopped = "interrupted"
     except BaseException as e:
         summary.stopped = f"{type(e).__name__} at frame {summary.frames_read}: {e}"
+        failed = True  # the caller gets no summary: report it here
         raise
     finally:
         bar.close()
@@ -499,7 +507,7 @@ def run_on_video(
                 )
         if panoptic is not None and panoptic.images:
             summary.panoptic_json = panoptic.write_json()
-        if not summary.complete:
+        if failed:
             logger.warning(summary.report())
     if summary.frames_read == 0:
         raise VideoInputError(f"{source_name}: no frame could be decoded.")

@@ -30,10 +30,10 @@ the candidates' crop sizes (tensor shapes need them on the host) and once, at th
 number of ``segments_info`` in one copy. On CUDA, ``torch.bincount`` (the segment areas) adds two
 small reads of its own, of the codes' minimum and maximum, just before that last copy, when
 little work is left to overlap; the scatter's convergence checks add one per four rounds. The
-one upload (the thing ids) does not wait for the device. Memory stays at a few H x W maps plus the padded crops (the loop holds one chunk of
-at most ``_CHUNK_ELEMENTS``, the scatter all of them, up to ``_SCATTER_ELEMENTS``, past which it
-falls back to the loop). The result equals visiting the instances one by one (the reference
-behaviour, kept in ``tests/test_fast_paths.py``).
+one upload (the thing ids) does not wait for the device. Memory stays at a few H x W maps plus
+the padded crops (the loop holds one chunk of at most ``_CHUNK_ELEMENTS``, the scatter all of
+them, up to ``_SCATTER_ELEMENTS``, past which it falls back to the loop). The result equals
+visiting the instances one by one (the reference behaviour, kept in ``tests/test_fast_paths.py``).
 """
 
 from typing import Dict, List, Sequence, Tuple, Union

@@ -37,11 +37,33 @@ def get_parser():
         "-n 2 MODEL.WEIGHTS ''"
     )
     parser.prog = "python -m efficientps_d2.tools.analyze_model"
-    parser.add_argument("--tasks", choices=TASKS, required=True, nargs="+")
+    # No argparse choices: "--tasks" takes one or more words and would swallow the config overrides
+    # after it ("--tasks parameter MODEL.WEIGHTS ''"); split_tasks hands those back to opts.
+    parser.add_argument(
+        "--tasks",
+        required=True,
+        nargs="+",
+        metavar="{" + ",".join(TASKS) + "}",
+        help="what to report",
+    )
     parser.add_argument(
         "-n", "--num-inputs", default=100, type=int, help="inputs to average flops/activations over"
     )
     return parser
+
+
+def split_tasks(parser, args):
+    """Moves the config overrides that ``--tasks`` took in (its words after the last task) to the
+    front of ``args.opts``; any other word that is not a task is an error naming the choices."""
+    tasks = list(args.tasks)
+    for i, word in enumerate(tasks):
+        if word in TASKS:
+            continue
+        if i > 0 and ("." in word or "=" in word):  # a KEY or key=value: the overrides start
+            args.tasks, args.opts = tasks[:i], tasks[i:] + list(args.opts or [])
+            return args
+        parser.error(f"argument --tasks: invalid choice: '{word}' (choose from {', '.join(TASKS)})")
+    return args
 
 
 def _load(args):
@@ -127,7 +149,7 @@ def do_structure(model):
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok)."""
     parser = get_parser()
-    args = parser.parse_args(argv)
+    args = split_tasks(parser, parser.parse_args(argv))
     if not args.config_file:
         parser.error("--config-file is required.")
     setup_logger(name="fvcore")
