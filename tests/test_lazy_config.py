@@ -472,3 +472,20 @@ def test_the_predictor_warns_that_empty_weights_predict_with_random_ones():
         "MODEL.WEIGHTS is empty: predicting with random weights. Name the trained ones, e.g. "
         "MODEL.WEIGHTS model_final.pth.",
     ]
+
+
+@pytest.mark.parametrize(
+    "kind, overrides", [(".py", ["train.max_iter=3"]), (".yaml", ["SOLVER.MAX_ITER", "3"])]
+)
+def test_misplaced_options_and_missing_files_are_named_for_either_kind(kind, overrides):
+    # A flag after the overrides met Hydra's "LexerNoViableAltException: --resume" or yacs's
+    # "Override list has odd length"; a mistyped .py path was called "not in the model zoo".
+    config_file = QUICK_PY[: -len(".py")] + kind
+    with pytest.raises(ValueError, match=f"Found --resume among the config overrides of .*{kind}"):
+        load_config(config_file, [*overrides, "--resume"])
+    typo = config_file.replace("quick", "quik")
+    with pytest.raises(FileNotFoundError, match=f"Config file '{typo}' does not exist, and it is"):
+        load_config(typo)
+    if kind == ".py":  # YAML's KEY VALUE pairs given to a LazyConfig
+        with pytest.raises(ValueError, match="'train.max_iter' .* has no '=': a LazyConfig takes"):
+            load_config(config_file, ["train.max_iter", "3"])

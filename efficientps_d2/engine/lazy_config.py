@@ -14,7 +14,6 @@ yes/no or a group of settings keeps its kind. Hydra's ``+key=value`` adds a key 
 
 import difflib
 import inspect
-import os
 
 import torch
 from detectron2.config import LazyConfig
@@ -22,7 +21,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig
 
-from ..config import setup_cfg
+from ..config import check_no_options, find_config_file, setup_cfg
 from ..config_adapter import LAZY_LAYOUT, lazy_keys_with_defaults
 from ..data.metadata import thing_semantic_ids
 
@@ -69,10 +68,7 @@ def load_config(config_file, opts=()):
         a ``CfgNode`` (YAML; not frozen) or an omegaconf ``DictConfig`` (LazyConfig).
     """
     if is_lazy_config(config_file):
-        if not os.path.isfile(config_file):  # a model zoo name; its error lists the names
-            from ..model_zoo import get_config_file
-
-            config_file = get_config_file(config_file)
+        config_file = find_config_file(config_file)  # or a model zoo name
         cfg = LazyConfig.load(config_file)
         cfg = apply_overrides(cfg, opts, config_file)
         train = cfg.get("train")  # absent: refused by whoever needs it (check_layout)
@@ -112,6 +108,13 @@ def apply_overrides(cfg, opts, config_file):
     ``config_file``, with the closest keys. Returns ``cfg``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    check_no_options(opts, config_file)
+    for opt in opts:
+        if "=" not in opt and not opt.startswith("~"):  # "~key" (a deletion): Detectron2 says
+            raise ValueError(
+                f"Override '{opt}' of {config_file} has no '=': a LazyConfig takes key=value "
+                "overrides (a YAML config takes KEY VALUE pairs)."
+            )
     for override in OverridesParser.create().parse_overrides(list(opts)):
         if not (override.is_add() or override.is_force_add()):
             _check_override(cfg, override.key_or_group, override.value(), override, config_file)
