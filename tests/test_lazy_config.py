@@ -489,3 +489,10 @@ def test_misplaced_options_and_missing_files_are_named_for_either_kind(kind, ove
     if kind == ".py":  # YAML's KEY VALUE pairs given to a LazyConfig
         with pytest.raises(ValueError, match="'train.max_iter' .* has no '=': a LazyConfig takes"):
             load_config(config_file, ["train.max_iter", "3"])
+
+
+def test_a_lazy_call_can_be_overridden_by_a_value_as_its_yaml_key():
+    # As MODEL.EFFICIENTPS.THING_SEMANTIC_IDS [3, 4, 5]; Detectron2's merging update refused it
+    # ("Cannot merge DictConfig with ListConfig").
+    cfg = load_config(QUICK_PY, ["model.thing_semantic_ids=[3,4,5]"])
+    assert instantiate(cfg.model).thing_semantic_ids == [3, 4, 5]

@@ -19,7 +19,7 @@ import torch
 from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils.registry import locate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..config import check_no_options, find_config_file, setup_cfg
 from ..config_adapter import LAZY_LAYOUT, lazy_keys_with_defaults
@@ -116,9 +116,16 @@ def apply_overrides(cfg, opts, config_file):
                 "overrides (a YAML config takes KEY VALUE pairs)."
             )
     for override in OverridesParser.create().parse_overrides(list(opts)):
+        key, value = override.key_or_group, override.value()
         if not (override.is_add() or override.is_force_add()):
-            _check_override(cfg, override.key_or_group, override.value(), override, config_file)
-        LazyConfig.apply_overrides(cfg, [override.input_line])
+            _check_override(cfg, key, value, override, config_file)
+        node = _node(cfg, key)
+        if isinstance(node, DictConfig) and "_target_" in node and not isinstance(value, dict):
+            # A LazyCall replaced by a value (model.thing_semantic_ids=[0,1,2]), which
+            # Detectron2's merging update refuses ("Cannot merge DictConfig with ListConfig").
+            OmegaConf.update(cfg, key, value, merge=False)
+        else:
+            LazyConfig.apply_overrides(cfg, [override.input_line])
     return cfg
 
 
