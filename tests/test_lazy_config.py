@@ -364,9 +364,14 @@ def test_overrides_that_add_what_a_config_may_leave_out_are_accepted():
             "dataloader.train.dataset.names=[synthetic_panoptic_train]",  # a name or a list
             "train.max_iter=3.0",  # numbers are numbers
             "dataloader.train.total_batch_size=2",
+            # StandardROIHeads takes it through **kwargs, for its base class ROIHeads
+            "model.roi_heads.proposal_append_gt=False",
         ],
     )
     assert (cfg.train.my_note, cfg.dataloader.test.batch_size) == (1, 1)
+    assert cfg.model.roi_heads.proposal_append_gt is False
+    with pytest.raises(ValueError, match="Did you mean 'proposal_append_gt'"):
+        load_config(QUICK_PY, ["model.roi_heads.proposal_append_gtt=False"])
     del cfg.train["check_pngs"]  # read with a default, so an override may set it where absent
     apply_overrides(cfg, ["train.check_pngs=False"], "x.py")
     assert cfg.train.check_pngs is False

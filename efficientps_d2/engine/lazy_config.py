@@ -139,19 +139,30 @@ def _child(node, name):
 
 
 def _target_parameters(node):
-    """The keyword arguments a ``LazyCall`` node's target names, or None for a plain dict (or a
-    target whose signature cannot be read)."""
-    target = node._get_node("_target_", throw_on_missing_key=False)
-    if target is None:
-        return None
-    target = target._value()
+    """The keyword arguments a ``LazyCall`` node's target takes, or None where any name may be
+    one: its signature cannot be read, or its ``**kwargs`` reach past its own classes' arguments
+    (a class's ``**kwargs`` are followed up its bases: StandardROIHeads passes
+    ``proposal_append_gt`` on to ROIHeads)."""
+    target = node._get_node("_target_")._value()
     try:
         target = locate(target) if isinstance(target, str) else target
-        parameters = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError, ImportError):
+    except ImportError:
         return None
+    if inspect.isclass(target):
+        functions = [vars(c)["__init__"] for c in target.__mro__ if "__init__" in vars(c)]
+    else:
+        functions = [target]
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in parameters if p.kind in kinds]
+    names = []
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names += [p.name for p in parameters if p.kind in kinds]
+        if all(p.kind != inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None
 
 
 def _check_override(cfg, key, value, override, config_file):
@@ -170,17 +181,19 @@ def _check_override(cfg, key, value, override, config_file):
     if not isinstance(node, DictConfig):  # a value, or a list without that index
         what = "a list" if isinstance(node, ListConfig) else f"the value {node._value()!r}"
         raise ValueError(f"Refused {where}: {parent} is {what}, which has no '{name}'.")
-    parameters = _target_parameters(node) if depth == len(parts) - 1 else None
+    is_call = depth == len(parts) - 1 and "_target_" in node
+    parameters = _target_parameters(node) if is_call else []
     if depth == len(parts) - 1 and (
         key in lazy_keys_with_defaults()  # read with a default where the config has none
-        or name in (parameters or ())  # an argument the LazyCall leaves at its default
+        or parameters is None  # a LazyCall whose arguments cannot be told
+        or name in parameters  # an argument the LazyCall leaves at its default
     ):
         return
     candidates = [str(k) for k in node.keys() if k != "_target_"]
-    candidates += [p for p in parameters or [] if p not in candidates]
+    candidates += [p for p in parameters if p not in candidates]
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    takes = " and its LazyCall's target takes no such argument" if parameters is not None else ""
+    takes = " and its LazyCall's target takes no such argument" if is_call else ""
     raise ValueError(
         f"Refused {where}: {parent} has no key '{name}'{takes}.{hint} To add a new key, write "
         f"'+{override.input_line}'."
