@@ -204,6 +204,33 @@ def is_yaml_config(cfg) -> bool:
     return hasattr(cfg, "MODEL")
 
 
+def find_config_file(config_file):
+    """``config_file`` if it is a file, else the model zoo's file of that name; FileNotFoundError
+    (listing the model zoo's names) for neither."""
+    if os.path.isfile(config_file):
+        return config_file
+    from .model_zoo import get_config_file
+
+    try:
+        return get_config_file(config_file)
+    except RuntimeError as error:  # its message lists the model zoo's names
+        raise FileNotFoundError(
+            f"Config file '{config_file}' does not exist, and it is not a model zoo name: {error}"
+        ) from None
+
+
+def check_no_options(opts, config_file):
+    """Refuses a command-line option among the overrides of ``config_file`` (``... KEY VALUE
+    --resume``): the parser took it as an override, which the config would report obscurely."""
+    options = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if options:
+        raise ValueError(
+            f"Found {', '.join(options)} among the config overrides of {config_file}: the "
+            "overrides take the rest of the command line, so options go before them (--resume "
+            "KEY VALUE, not KEY VALUE --resume)."
+        )
+
+
 def setup_cfg(config_file, opts=(), *, freeze=True):
     """The config of a run: Detectron2's defaults, EfficientPS's keys, a config file, then ``opts``.
 
@@ -216,16 +243,7 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
         the config; MODEL.DEVICE "cuda..." becomes "cpu" when CUDA is not available (the shipped
         configs default to CUDA; a CPU-only machine still runs them, slowly).
     """
-    if not os.path.isfile(config_file):
-        from .model_zoo import get_config_file
-
-        try:
-            config_file = get_config_file(config_file)
-        except RuntimeError as error:  # its message lists the model zoo's names
-            raise FileNotFoundError(
-                f"Config file '{config_file}' does not exist, and it is not a model zoo name: "
-                f"{error}"
-            ) from None
+    config_file = find_config_file(config_file)
     from .engine.lazy_config import is_lazy_config  # imports this module: not at the top
 
     if is_lazy_config(config_file):
@@ -237,6 +255,7 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
     cfg = get_cfg()
     add_efficientps_config(cfg)
     cfg.merge_from_file(config_file)
+    check_no_options(opts, config_file)
     cfg.merge_from_list(list(opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"

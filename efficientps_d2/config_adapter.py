@@ -20,14 +20,21 @@ from detectron2.data import (
 from detectron2.modeling import build_model
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import EfficientPSCheckpointer
 from .config import is_yaml_config, tta_config
 from .data import EfficientPSDatasetMapper
+from .data.dataset_mapper import check_augmentations
 from .data.unreadable import SkipUnreadable
 from .modeling.test_time_augmentation import EfficientPSWithTTA
 
-__all__ = ["ConfigAdapter"]
+__all__ = ["LAZY_LAYOUT", "ConfigAdapter", "lazy_keys_with_defaults"]
 
 _REQUIRED = object()
+# What a LazyConfig holds, as Detectron2's tools/lazyconfig_train_net.py reads it.
+LAZY_LAYOUT = (
+    "Detectron2's layout: model, dataloader (.train, .test, optionally .evaluator), optimizer, "
+    "lr_multiplier and train (see configs/common/train.py)"
+)
 
 # setting: (YAML key, LazyConfig key, LazyConfig default when the key is absent). Every YAML key
 # has a default (efficientps_d2.config, Detectron2's defaults).
@@ -62,6 +69,12 @@ _KEYS = {
         _REQUIRED,
     ),
 }
+
+
+def lazy_keys_with_defaults():
+    """The LazyConfig keys read with a default where a config leaves them out (``train.device``,
+    ``train.check_pngs``, ...): an override may set them though the config has none."""
+    return {lazy for _, lazy, default in _KEYS.values() if default is not _REQUIRED}
 
 
 def _names(value):
@@ -108,10 +121,7 @@ class ConfigAdapter:
         default = _KEYS[name][2]
         value = OmegaConf.select(self.cfg, key, default=default)
         if value is _REQUIRED:
-            raise KeyError(
-                f"The LazyConfig has no {key}: train_net.py reads Detectron2's layout (model, "
-                "dataloader.train/.test, train.*; see configs/common/train.py)."
-            )
+            raise ValueError(f"The LazyConfig has no {key}: EfficientPS reads {LAZY_LAYOUT}.")
         return value
 
     @property
@@ -200,10 +210,23 @@ class ConfigAdapter:
         lists."""
         return [list(row) for row in self._get("expected_results") or []]
 
+    def checkpointer(self, model, save_dir="", **kwargs):
+        """An :class:`EfficientPSCheckpointer` for ``model`` (``kwargs`` as it takes them) whose
+        messages name this config's keys (MODEL.WEIGHTS or ``train.init_checkpoint``, ...)."""
+        return EfficientPSCheckpointer(
+            model,
+            save_dir,
+            weights_key=self.keys["weights"],
+            partial_key=self.keys["allow_partial_weights"],
+            **kwargs,
+        )
+
     def build_model(self):
         """The model, on :attr:`device`."""
         if self.is_yaml:
             return build_model(self.cfg)
+        if "model" not in self.cfg:
+            raise ValueError(f"The LazyConfig has no model: EfficientPS reads {LAZY_LAYOUT}.")
         return instantiate(self.cfg.model).to(self.device)
 
     def build_test_augmentations(self):
@@ -211,7 +234,8 @@ class ConfigAdapter:
         INPUT.MIN/MAX_SIZE_TEST, or ``dataloader.test.mapper.augmentations``."""
         if self.is_yaml:
             return detection_utils.build_augmentation(self.cfg, False)
-        return list(instantiate(self.cfg.dataloader.test.mapper.augmentations))
+        augmentations = instantiate(self.cfg.dataloader.test.mapper.augmentations)
+        return check_augmentations(augmentations, "dataloader.test.mapper.augmentations")
 
     @property
     def tta_enabled(self):

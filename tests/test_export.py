@@ -381,6 +381,10 @@ def test_unsupported_exports_say_what_and_why(cfg, model, tmp_path, capsys):
     assert "train.tta.enabled is True" in capsys.readouterr().err
     assert export_tool.main(lazy + ["model.input_format=YUV"]) == 1
     assert "model.input_format must be 'RGB' or 'BGR'" in capsys.readouterr().err
+    # Another meta-architecture, as MODEL.META_ARCHITECTURE: refused before it is built.
+    assert export_tool.main(lazy + ["model._target_=detectron2.modeling.PanopticFPN"]) == 1
+    err = capsys.readouterr().err
+    assert "model._target_ is PanopticFPN: only EfficientPS models can be exported" in err
     assert not (tmp_path / "o").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders
 

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import shutil
 
 import pytest
@@ -9,12 +10,14 @@ import torch
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data.synthetic import register_synthetic
 from efficientps_d2.data.unreadable import UnreadableDataError
 from efficientps_d2.engine import load_config, startup
+from efficientps_d2.engine.lazy_config import apply_overrides
 from efficientps_d2.visualization import IMAGE_NAME
 
 from .fixtures import write_panoptic_dataset
@@ -325,3 +328,176 @@ def test_lazy_expected_results_are_verified_as_test_expected_results():
         with pytest.raises(SystemExit):
             startup.verify_results(cfg, {"panoptic_seg": {"PQ": 59.0}})
     assert startup.verify_results(load_config(QUICK_PY), {})  # none expected: nothing checked
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_iterr=3", r"train has no key 'max_iterr'\. Did you mean 'max_iter'\?"),
+        ("trian.max_iter=3", r"the config has no key 'trian'\. Did you mean 'train'\?"),
+        (  # an argument that the LazyCall's target does not take either
+            "dataloader.test.mapper.augmentations.0.short_edge_lenght=64",
+            r"augmentations\.0 has no key 'short_edge_lenght' and its LazyCall's target takes "
+            r"no such argument\. Did you mean 'short_edge_length'\?",
+        ),
+        ("train.max_iter.x=1", r"train\.max_iter is the value 300, which has no 'x'"),
+        ("train.max_iter=abc", r"train\.max_iter is 300 \(int\) in the config; .* 'abc' \(str\)"),
+        ("optimizer.lr=fast", r"optimizer\.lr is 0\.03 \(float\)"),
+        ("train.amp.enabled=yes", r"train\.amp\.enabled is False \(bool\)"),
+        ("train.amp=False", r"train\.amp is a group of settings \(enabled, precision\)"),
+    ],
+)
+def test_a_misspelled_or_mistyped_override_is_refused_naming_key_and_file(override, message):
+    # As yacs refuses an unknown YAML key or a value of another type; Detectron2's LazyConfig
+    # would add the key silently (train.max_iterr=3 trained the config's 300 iterations).
+    with pytest.raises(ValueError, match=message) as e:
+        load_config(QUICK_PY, [override])
+    assert f"Refused override '{override}' of {QUICK_PY}" in str(e.value)
+
+
+def test_overrides_that_add_what_a_config_may_leave_out_are_accepted():
+    cfg = load_config(
+        QUICK_PY,
+        [
+            "+train.my_note=1",  # Hydra's "+": a new key, unchecked
+            "dataloader.test.batch_size=1",  # an argument its LazyCall leaves at its default
+            "dataloader.train.dataset.names=[synthetic_panoptic_train]",  # a name or a list
+            "train.max_iter=3.0",  # numbers are numbers
+            "dataloader.train.total_batch_size=2",
+            # StandardROIHeads takes it through **kwargs, for its base class ROIHeads
+            "model.roi_heads.proposal_append_gt=False",
+        ],
+    )
+    assert (cfg.train.my_note, cfg.dataloader.test.batch_size) == (1, 1)
+    assert cfg.model.roi_heads.proposal_append_gt is False
+    with pytest.raises(ValueError, match="Did you mean 'proposal_append_gt'"):
+        load_config(QUICK_PY, ["model.roi_heads.proposal_append_gtt=False"])
+    del cfg.train["check_pngs"]  # read with a default, so an override may set it where absent
+    apply_overrides(cfg, ["train.check_pngs=False"], "x.py")
+    assert cfg.train.check_pngs is False
+
+
+def test_demo_and_export_name_the_lazy_weights_key(tmp_path, capsys):
+    # Their checkpoint messages named MODEL.WEIGHTS for a .py config too.
+    import demo
+    from efficientps_d2.tools import export
+
+    missing = tmp_path / "none.pth"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (96, 64)).save(image)
+    override = [*TINY, f"train.init_checkpoint={missing}"]
+    assert demo.main(["--config-file", QUICK_PY, "--input", str(image)]
+                     + ["--output", str(tmp_path / "out"), "--opts", *override]) == 1  # fmt: skip
+    expected = f"Checkpoint '{missing}' (train.init_checkpoint) does not exist."
+    assert expected in capsys.readouterr().err
+    args = ["--config-file", QUICK_PY, "--format", "torchscript", "--output", str(tmp_path / "ex")]
+    assert export.main(args + override) == 1
+    assert expected in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]  # nothing written
+
+
+@pytest.mark.parametrize("value", ["null", "ResizeShortestEdge", "128"])
+def test_test_augmentations_that_are_not_a_list_of_augmentations_are_refused(value):
+    # Detectron2's AugmentationList raised "TypeError: 'NoneType' object is not iterable" or
+    # "AssertionError: R" from deep in demo.py, the export and the test loader.
+    cfg = load_config(QUICK_PY, [f"dataloader.test.mapper.augmentations={value}"])
+    message = r"must be a list of Detectron2 Augmentation or Transform objects .*, got "
+    with pytest.raises(ValueError, match="^dataloader.test.mapper.augmentations " + message):
+        ConfigAdapter(cfg).build_test_augmentations()  # demo.py, the export
+    with pytest.raises(ValueError, match=r"\(dataloader.test.mapper.augmentations\) " + message):
+        instantiate(cfg.dataloader.test.mapper)  # train_net.py's test loader
+    cfg = load_config(QUICK_PY, ["dataloader.test.mapper.augmentations=[]"])
+    assert ConfigAdapter(cfg).build_test_augmentations() == []  # none: no resizing
+
+
+# The quick config without some of its parts.
+PARTIAL_CONFIG = """
+from efficientps_d2 import model_zoo
+
+_base = model_zoo.get_config("Synthetic-PanopticSegmentation/efficientps_b0_quick.py")
+{names} = (_base[k] for k in {parts!r})
+"""
+
+
+@pytest.mark.parametrize("left_out", ["model", "dataloader", "train"])
+def test_a_lazy_config_without_a_part_is_refused_naming_the_file(tmp_path, capsys, left_out):
+    # They failed inside Detectron2's default_setup (an InterpolationKeyError) after writing
+    # log.txt, or after building the model (train.ddp), or ran demo.py on the GPU default.
+    from detectron2.engine import default_argument_parser
+
+    import demo
+    from efficientps_d2.tools import export
+
+    parts = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+    config = tmp_path / "partial.py"
+    kept = tuple(p for p in parts if p != left_out)
+    config.write_text(PARTIAL_CONFIG.format(names=", ".join(kept), parts=kept))
+    missing = "dataloader.train" if left_out == "dataloader" else left_out
+    message = f"{config} defines no {missing}: EfficientPS reads a LazyConfig of Detectron2's"
+    out = tmp_path / "out"
+    args = default_argument_parser().parse_args(["--config-file", str(config)])
+    args.opts = [f"train.output_dir={out}"] if left_out != "train" else []
+    with pytest.raises(ValueError, match=re.escape(message)):
+        startup.setup(args)
+    assert not out.exists()
+    message = message.replace("dataloader.train", "dataloader.test")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (96, 64)).save(image)
+    assert (
+        demo.main(["--config-file", str(config), "--input", str(image), "--output", str(out)]) == 1
+    )
+    assert message in capsys.readouterr().err
+    args = ["--config-file", str(config), "--format", "onnx", "--output", str(out)]
+    assert export.main(args) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_predictor_warns_that_empty_weights_predict_with_random_ones():
+    # demo.py drew an untrained model's output without a word (the export tool warns).
+    import logging
+
+    from efficientps_d2.demo import EfficientPSPredictor
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("efficientps_d2.demo.predictor")
+    logger.addHandler(handler)
+    try:
+        EfficientPSPredictor(load_config(QUICK_PY, TINY))
+        yaml = QUICK_PY[: -len(".py")] + ".yaml"
+        EfficientPSPredictor(load_config(yaml, ["MODEL.TWO_WAY_FPN.OUT_CHANNELS", 32]))
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert messages == [
+        "train.init_checkpoint is empty: predicting with random weights. Name the trained ones, "
+        "e.g. train.init_checkpoint=model_final.pth.",
+        "MODEL.WEIGHTS is empty: predicting with random weights. Name the trained ones, e.g. "
+        "MODEL.WEIGHTS model_final.pth.",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind, overrides", [(".py", ["train.max_iter=3"]), (".yaml", ["SOLVER.MAX_ITER", "3"])]
+)
+def test_misplaced_options_and_missing_files_are_named_for_either_kind(kind, overrides):
+    # A flag after the overrides met Hydra's "LexerNoViableAltException: --resume" or yacs's
+    # "Override list has odd length"; a mistyped .py path was called "not in the model zoo".
+    config_file = QUICK_PY[: -len(".py")] + kind
+    with pytest.raises(ValueError, match=f"Found --resume among the config overrides of .*{kind}"):
+        load_config(config_file, [*overrides, "--resume"])
+    typo = config_file.replace("quick", "quik")
+    with pytest.raises(FileNotFoundError, match=f"Config file '{typo}' does not exist, and it is"):
+        load_config(typo)
+    if kind == ".py":  # YAML's KEY VALUE pairs given to a LazyConfig
+        with pytest.raises(ValueError, match="'train.max_iter' .* has no '=': a LazyConfig takes"):
+            load_config(config_file, ["train.max_iter", "3"])
+
+
+def test_a_lazy_call_can_be_overridden_by_a_value_as_its_yaml_key():
+    # As MODEL.EFFICIENTPS.THING_SEMANTIC_IDS [3, 4, 5]; Detectron2's merging update refused it
+    # ("Cannot merge DictConfig with ListConfig").
+    cfg = load_config(QUICK_PY, ["model.thing_semantic_ids=[3,4,5]"])
+    assert instantiate(cfg.model).thing_semantic_ids == [3, 4, 5]

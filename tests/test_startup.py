@@ -190,3 +190,57 @@ def test_lazy_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     os.utime(tmp_path / "model_0000001.pth", (1, 1))  # older
     startup.build_checkpointer(model, settings).resume_or_load(settings.weights, resume=True)
     assert torch.equal(model.weight, intact)
+
+
+@pytest.mark.parametrize(
+    "kind, opts, key",
+    [
+        (".py", ["train.output_dir={out}"], "train.init_checkpoint is empty"),
+        (".yaml", ["OUTPUT_DIR", "{out}"], "MODEL.WEIGHTS is empty"),
+    ],
+)
+def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_path, kind, opts, key):
+    # Detectron2 evaluates a randomly initialised model then, with exit status 0.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    opts = [o.format(out=out) for o in opts]
+    config_file = QUICK_PY[: -len(".py")] + kind
+    for extra, why in (
+        ([], ""),
+        (["--resume"], f" and {out} holds no checkpoint to --resume from"),
+    ):
+        args = default_argument_parser().parse_args(
+            ["--config-file", config_file, "--eval-only", *extra, *opts]
+        )
+        with pytest.raises(ValueError) as e:
+            startup.setup(args)
+        assert f"--eval-only has no weights to evaluate: {key}{why}. Name" in str(e.value)
+    assert not out.exists()
+    out.mkdir()
+    (out / "last_checkpoint").write_text("model_final.pth")  # --resume would evaluate it
+    startup.check_weights(
+        ConfigAdapter(load_config(config_file, opts)), eval_only=True, resume=True
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, opts",
+    [
+        (".py", ["train.output_dir={out}", "train.init_checkpoint={weights}"]),
+        (".yaml", ["OUTPUT_DIR", "{out}", "MODEL.WEIGHTS", "{weights}"]),
+    ],
+)
+def test_missing_weights_file_is_refused_before_the_data_check(tmp_path, kind, opts):
+    # It was found by the checkpointer, after the data check (minutes on Cityscapes) and the
+    # model and loaders were built.
+    from detectron2.engine import default_argument_parser
+
+    out, weights = tmp_path / "out", tmp_path / "no_such.pth"
+    opts = [o.format(out=out, weights=weights) for o in opts]
+    key = "train.init_checkpoint" if kind == ".py" else "MODEL.WEIGHTS"
+    for extra in ([], ["--eval-only"], ["--resume"]):
+        argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *opts]
+        with pytest.raises(FileNotFoundError, match=f"'{weights}' \\({key}\\) does not exist"):
+            startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()

@@ -3,6 +3,7 @@ thing instances, both cut from the same augmented panoptic PNG."""
 
 import copy
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -14,7 +15,23 @@ from detectron2.structures import BitMasks, Instances
 
 from .metadata import thing_semantic_ids_from_config
 
-__all__ = ["EfficientPSDatasetMapper"]
+__all__ = ["EfficientPSDatasetMapper", "check_augmentations"]
+
+
+def check_augmentations(augmentations, key="augmentations"):
+    """``augmentations`` as a list, refused (ValueError naming ``key``) unless it is a list of
+    Detectron2 :class:`Augmentation` or :class:`Transform` objects, where Detectron2's
+    ``AugmentationList`` raises a bare TypeError or AssertionError (``augmentations=null``, a
+    name)."""
+    sequence = isinstance(augmentations, Sequence) and not isinstance(augmentations, str)
+    items = list(augmentations) if sequence else None  # a list, tuple or omegaconf ListConfig
+    if items is None or not all(isinstance(a, (T.Augmentation, T.Transform)) for a in items):
+        raise ValueError(
+            f"{key} must be a list of Detectron2 Augmentation or Transform objects (in a "
+            "LazyConfig, e.g. [L(T.ResizeShortestEdge)(short_edge_length=..., max_size=...)]; [] "
+            f"for none), got {augmentations!r}."
+        )
+    return items
 
 
 class EfficientPSDatasetMapper:
@@ -67,7 +84,9 @@ class EfficientPSDatasetMapper:
                 ids; None checks stuff ids against ``ignore_label`` only.
         """
         self.is_train = is_train
-        self.augmentations = T.AugmentationList(augmentations)
+        split = "train" if is_train else "test"
+        key = f"EfficientPSDatasetMapper's augmentations (dataloader.{split}.mapper.augmentations)"
+        self.augmentations = T.AugmentationList(check_augmentations(augmentations, key))
         self.image_format = image_format
         self.thing_semantic_ids = [int(i) for i in thing_semantic_ids]
         self._thing_class = {s: k for k, s in enumerate(self.thing_semantic_ids)}

@@ -11,7 +11,6 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from ..checkpoint import EfficientPSCheckpointer
 from ..config_adapter import ConfigAdapter
 
 __all__ = ["EfficientPSPredictor", "VisualizationDemo", "resolve_metadata"]
@@ -48,16 +47,21 @@ class EfficientPSPredictor(DefaultPredictor):
     The same call (a BGR (H, W, 3) uint8 image in, one output dict out, resized as the test
     loader resizes: INPUT.MIN/MAX_SIZE_TEST or ``dataloader.test.mapper.augmentations``), plus:
     weights (MODEL.WEIGHTS / ``train.init_checkpoint``) load through
-    :class:`EfficientPSCheckpointer`, which refuses a checkpoint of another architecture or
-    variant, and with TEST.AUG.ENABLED / ``train.tta.enabled`` the model runs with test-time
-    augmentation (:class:`EfficientPSWithTTA`).
+    :class:`~efficientps_d2.checkpoint.EfficientPSCheckpointer`, which refuses a checkpoint of
+    another architecture or variant, and with TEST.AUG.ENABLED / ``train.tta.enabled`` the model
+    runs with test-time augmentation (:class:`EfficientPSWithTTA`).
     """
 
     def __init__(self, cfg):
         config = ConfigAdapter(cfg)
         self.cfg = cfg.clone() if config.is_yaml else copy.deepcopy(cfg)
         model = config.build_model()
-        EfficientPSCheckpointer(model).load(config.weights)
+        if not config.weights:  # as the export tool says: the drawings show an untrained model
+            logger.warning(
+                f"{config.keys['weights']} is empty: predicting with random weights. Name the "
+                f"trained ones, e.g. {config.override('weights', 'model_final.pth')}."
+            )
+        config.checkpointer(model).load(config.weights)
         self.model = (config.build_tta_model(model) or model).eval()
         self.metadata, self.dataset_name = resolve_metadata(cfg)
         self.aug = T.AugmentationList(config.build_test_augmentations())

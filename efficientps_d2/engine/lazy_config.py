@@ -5,18 +5,33 @@ The kind is told by the file's extension, as Detectron2's own tools do: ``.py`` 
 ``LazyConfig.load`` and ``KEY=VALUE`` overrides; anything else is a YAML config with EfficientPS's
 keys added and ``KEY VALUE`` overrides. :class:`efficientps_d2.config_adapter.ConfigAdapter`
 reads either kind's settings and builds its model and data loaders.
+
+A ``key=value`` override is checked as yacs checks a YAML one, where Detectron2 would create a
+misspelled key silently: the key must exist in the config, or be an argument that its
+``LazyCall``'s target names (or a setting train_net.py reads with a default), and a number, a
+yes/no or a group of settings keeps its kind. Hydra's ``+key=value`` adds a key unchecked.
 """
 
-import os
+import difflib
+import inspect
 
 import torch
 from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
+from detectron2.utils.registry import locate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..config import setup_cfg
+from ..config import check_no_options, find_config_file, setup_cfg
+from ..config_adapter import LAZY_LAYOUT, lazy_keys_with_defaults
 from ..data.metadata import thing_semantic_ids
 
-__all__ = ["is_lazy_config", "load_config", "thing_semantic_ids_of"]
+__all__ = [
+    "apply_overrides",
+    "check_layout",
+    "is_lazy_config",
+    "load_config",
+    "thing_semantic_ids_of",
+]
 
 
 def is_lazy_config(path):
@@ -53,16 +68,162 @@ def load_config(config_file, opts=()):
         a ``CfgNode`` (YAML; not frozen) or an omegaconf ``DictConfig`` (LazyConfig).
     """
     if is_lazy_config(config_file):
-        if not os.path.isfile(config_file):  # a model zoo name; its error lists the names
-            from ..model_zoo import get_config_file
-
-            config_file = get_config_file(config_file)
+        config_file = find_config_file(config_file)  # or a model zoo name
         cfg = LazyConfig.load(config_file)
-        cfg = LazyConfig.apply_overrides(cfg, list(opts))
+        cfg = apply_overrides(cfg, opts, config_file)
+        train = cfg.get("train")  # absent: refused by whoever needs it (check_layout)
         if (
-            str(cfg.train.get("device", "cuda")).startswith("cuda")
+            isinstance(train, DictConfig)
+            and str(train.get("device", "cuda")).startswith("cuda")
             and not torch.cuda.is_available()
         ):
-            cfg.train.device = "cpu"
+            train.device = "cpu"
         return cfg
     return setup_cfg(config_file, opts, freeze=False)
+
+
+def check_layout(cfg, config_file, keys):
+    """Refuses a LazyConfig that lacks any of ``keys`` ("model", "dataloader.train", ...),
+    naming the file and the layout, before anything reads it."""
+    missing = [key for key in keys if _node(cfg, key) is None]
+    if missing:
+        raise ValueError(
+            f"{config_file} defines no {' and no '.join(missing)}: EfficientPS reads a LazyConfig "
+            f"of {LAZY_LAYOUT}."
+        )
+
+
+def _node(cfg, key):
+    node = cfg
+    for name in key.split("."):
+        node = _child(node, name)
+        if node is None:
+            return None
+    return node
+
+
+def apply_overrides(cfg, opts, config_file):
+    """Detectron2's ``LazyConfig.apply_overrides``, one ``key=value`` at a time, each checked first
+    (see the module docstring); a refused one raises ValueError naming the override, the key and
+    ``config_file``, with the closest keys. Returns ``cfg``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    check_no_options(opts, config_file)
+    for opt in opts:
+        if "=" not in opt and not opt.startswith("~"):  # "~key" (a deletion): Detectron2 says
+            raise ValueError(
+                f"Override '{opt}' of {config_file} has no '=': a LazyConfig takes key=value "
+                "overrides (a YAML config takes KEY VALUE pairs)."
+            )
+    for override in OverridesParser.create().parse_overrides(list(opts)):
+        key, value = override.key_or_group, override.value()
+        if not (override.is_add() or override.is_force_add()):
+            _check_override(cfg, key, value, override, config_file)
+        node = _node(cfg, key)
+        if isinstance(node, DictConfig) and "_target_" in node and not isinstance(value, dict):
+            # A LazyCall replaced by a value (model.thing_semantic_ids=[0,1,2]), which
+            # Detectron2's merging update refuses ("Cannot merge DictConfig with ListConfig").
+            OmegaConf.update(cfg, key, value, merge=False)
+        else:
+            LazyConfig.apply_overrides(cfg, [override.input_line])
+    return cfg
+
+
+def _child(node, name):
+    """The child node ``name`` of a config node, or None where it has none."""
+    if isinstance(node, DictConfig):
+        return node._get_node(name, throw_on_missing_key=False)
+    if isinstance(node, ListConfig) and name.isdigit() and int(name) < len(node):
+        return node._get_node(int(name))
+    return None
+
+
+def _target_parameters(node):
+    """The keyword arguments a ``LazyCall`` node's target takes, or None where any name may be
+    one: its signature cannot be read, or its ``**kwargs`` reach past its own classes' arguments
+    (a class's ``**kwargs`` are followed up its bases: StandardROIHeads passes
+    ``proposal_append_gt`` on to ROIHeads)."""
+    target = node._get_node("_target_")._value()
+    try:
+        target = locate(target) if isinstance(target, str) else target
+    except ImportError:
+        return None
+    if inspect.isclass(target):
+        functions = [vars(c)["__init__"] for c in target.__mro__ if "__init__" in vars(c)]
+    else:
+        functions = [target]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = []
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names += [p.name for p in parameters if p.kind in kinds]
+        if all(p.kind != inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def _check_override(cfg, key, value, override, config_file):
+    where = f"override '{override.input_line}' of {config_file}"
+    parts = key.split(".")
+    node = cfg
+    for depth, name in enumerate(parts):
+        child = _child(node, name)
+        if child is None:
+            break
+        node = child
+    else:
+        _check_kind(node, key, value, where)
+        return
+    parent = ".".join(parts[:depth]) or "the config"
+    if not isinstance(node, DictConfig):  # a value, or a list without that index
+        what = "a list" if isinstance(node, ListConfig) else f"the value {node._value()!r}"
+        raise ValueError(f"Refused {where}: {parent} is {what}, which has no '{name}'.")
+    is_call = depth == len(parts) - 1 and "_target_" in node
+    parameters = _target_parameters(node) if is_call else []
+    if depth == len(parts) - 1 and (
+        key in lazy_keys_with_defaults()  # read with a default where the config has none
+        or parameters is None  # a LazyCall whose arguments cannot be told
+        or name in parameters  # an argument the LazyCall leaves at its default
+    ):
+        return
+    candidates = [str(k) for k in node.keys() if k != "_target_"]
+    candidates += [p for p in parameters if p not in candidates]
+    close = difflib.get_close_matches(name, candidates, n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    takes = " and its LazyCall's target takes no such argument" if is_call else ""
+    raise ValueError(
+        f"Refused {where}: {parent} has no key '{name}'{takes}.{hint} To add a new key, write "
+        f"'+{override.input_line}'."
+    )
+
+
+def _check_kind(node, key, value, where):
+    """Refuses a value of another kind than the config's: a number, a yes/no (bool) or a group of
+    settings replaced by something else. Strings and lists are left free (data set names are
+    either; ``short_edge_length`` takes a number or a list)."""
+    if value is None or isinstance(node, ListConfig):
+        return
+    if isinstance(node, DictConfig):
+        if isinstance(value, dict) or "_target_" in node:
+            return  # merged into the group; a LazyCall may be replaced
+        raise ValueError(
+            f"Refused {where}: {key} is a group of settings ({', '.join(map(str, node.keys()))}); "
+            f"set one of them, e.g. {key}.{next(iter(node.keys()), 'name')}=..."
+        )
+    if node._is_interpolation():
+        return
+    old = node._value()
+    if isinstance(old, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(old, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return
+    if not ok:
+        raise ValueError(
+            f"Refused {where}: {key} is {old!r} ({type(old).__name__}) in the config; the "
+            f"override gives {value!r} ({type(value).__name__})."
+        )

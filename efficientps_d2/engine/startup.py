@@ -20,6 +20,8 @@ same steps, each reading its own keys through
 """
 
 import logging
+import os
+from urllib.parse import urlparse
 
 import detectron2.utils.comm as comm
 import torch
@@ -30,16 +32,16 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
-from ..checkpoint import EfficientPSCheckpointer
 from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..output_lock import lock_output_dir
-from .lazy_config import load_config
+from .lazy_config import check_layout, is_lazy_config, load_config
 
 __all__ = [
     "build_checkpointer",
     "build_trainer",
+    "check_weights",
     "load_for_evaluation",
     "setup",
     "start_run",
@@ -97,13 +99,45 @@ _output_dir_lock = None  # held (open) for the life of the training process
 
 def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
-    LazyConfig) with ``args.opts``, takes the steps of :func:`start_run` (naive SyncBN on the
-    CPU, lock, ``default_setup``, log.txt, stale temporaries removed), then checks the data sets
-    (names, class counts and every panoptic PNG are checked now, not found wrong hours later).
-    Returns the config."""
-    cfg = start_run(load_config(args.config_file, args.opts), args)
+    LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs and
+    ``--eval-only`` without weights (before anything is written), takes the steps of
+    :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
+    temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
+    are checked now, not found wrong hours later). Returns the config."""
+    cfg = load_config(args.config_file, args.opts)
+    if is_lazy_config(args.config_file):
+        if args.eval_only:
+            needs = ["model", "dataloader.test", "train"]
+        else:
+            needs = ["model", "dataloader.train", "optimizer", "lr_multiplier", "train"]
+        check_layout(cfg, args.config_file, needs)
+    check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
+    cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
     return cfg
+
+
+def check_weights(config, *, eval_only, resume):
+    """Refuses, before the data check (minutes on Cityscapes) and the model are built, weights
+    that cannot be loaded: a local MODEL.WEIGHTS / ``train.init_checkpoint`` file that does not
+    exist, or with ``eval_only`` none at all (Detectron2 would evaluate a randomly initialised
+    model). Neither is read when ``resume`` finds a checkpoint in the output folder.
+    ``config``: a :class:`ConfigAdapter`."""
+    weights = config.weights
+    if resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint")):
+        return
+    if weights and not urlparse(weights).scheme and not os.path.isfile(weights):
+        # the checkpointer's message, before the work rather than after it
+        raise FileNotFoundError(
+            f"Checkpoint '{weights}' ({config.keys['weights']}) does not exist."
+        )
+    if weights or not eval_only:
+        return
+    where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""
+    raise ValueError(
+        f"--eval-only has no weights to evaluate: {config.keys['weights']} is empty{where}. "
+        f"Name the trained weights (e.g. {config.override('weights', 'output/model_final.pth')})."
+    )
 
 
 def start_run(cfg, args):
@@ -163,13 +197,7 @@ def build_trainer(model, data_loader, optimizer, config):
 
 
 def _checkpointer(model, config, **kwargs):
-    return EfficientPSCheckpointer(
-        model,
-        config.output_dir,
-        weights_key=config.keys["weights"],
-        partial_key=config.keys["allow_partial_weights"],
-        **kwargs,
-    )
+    return config.checkpointer(model, config.output_dir, **kwargs)
 
 
 def build_checkpointer(model, config, **checkpointables):

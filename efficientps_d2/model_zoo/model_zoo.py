@@ -124,7 +124,6 @@ def get(name, trained=False, device=None):
         the EfficientPS model, in training mode like Detectron2's ``model_zoo.get``; call
         ``.eval()`` before inference.
     """
-    from ..checkpoint import EfficientPSCheckpointer
     from ..config_adapter import ConfigAdapter
 
     config = ConfigAdapter(get_config(name, trained))
@@ -133,5 +132,5 @@ def get(name, trained=False, device=None):
     elif device is not None:
         config.cfg.train.device = device
     model = config.build_model()
-    EfficientPSCheckpointer(model).load(config.weights)
+    config.checkpointer(model).load(config.weights)
     return model

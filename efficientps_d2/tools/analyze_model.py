@@ -67,14 +67,13 @@ def split_tasks(parser, args):
 
 
 def _load(args):
-    from ..checkpoint import EfficientPSCheckpointer
     from ..config_adapter import ConfigAdapter
     from ..engine.lazy_config import load_config
 
     config = ConfigAdapter(load_config(args.config_file, args.opts or []))
     model = config.build_model()
     if config.weights:
-        EfficientPSCheckpointer(model).load(config.weights)
+        config.checkpointer(model).load(config.weights)
     if hasattr(model, "fast_inference"):
         # Count the architecture's own modules: fvcore does not count the fused oneDNN kernels
         # of the fast inference copy (MODEL.EFFICIENTPS.FAST_INFERENCE).

@@ -28,12 +28,14 @@ import sys
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
+from detectron2.utils.registry import locate
 
-from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.config_adapter import ConfigAdapter
-from efficientps_d2.engine import load_config
+from efficientps_d2.engine import is_lazy_config, load_config
+from efficientps_d2.engine.lazy_config import check_layout
 from efficientps_d2.export import FORMATS, export_model
 from efficientps_d2.export.exporter import resize_for_export
+from efficientps_d2.modeling.meta_arch import EfficientPS
 
 logger = logging.getLogger("efficientps_d2.tools.export")
 
@@ -61,6 +63,8 @@ def export_config(args):
     """The config to export, YAML or LazyConfig (with the overrides), set to the CPU and checked
     for what export supports before any model is built."""
     cfg = load_config(args.config_file, args.opts)
+    if is_lazy_config(args.config_file):
+        check_layout(cfg, args.config_file, ["model", "dataloader.test", "train"])
     config = ConfigAdapter(cfg)
     config.set("device", "cpu")  # the trace records devices; the CPU graph is the portable one
     if config.tta_enabled:
@@ -74,6 +78,14 @@ def export_config(args):
             f"MODEL.META_ARCHITECTURE is '{cfg.MODEL.META_ARCHITECTURE}': only 'EfficientPS' "
             "models can be exported by this tool."
         )
+    if not config.is_yaml:  # the same check, before the model is built and its weights loaded
+        target = cfg.model.get("_target_")
+        target = locate(target) if isinstance(target, str) else target
+        if not (isinstance(target, type) and issubclass(target, EfficientPS)):
+            name = getattr(target, "__qualname__", target)
+            raise ValueError(
+                f"model._target_ is {name}: only EfficientPS models can be exported by this tool."
+            )
     if config.is_yaml and not cfg.MODEL.MASK_ON:
         raise ValueError("MODEL.MASK_ON is False: EfficientPS's panoptic fusion needs the masks.")
     if config.input_format not in ("RGB", "BGR"):
@@ -108,7 +120,7 @@ def main(argv=None):
         config = ConfigAdapter(cfg)
         model = config.build_model()
         if config.weights:
-            EfficientPSCheckpointer(model).load(config.weights)
+            config.checkpointer(model).load(config.weights)
         else:
             logger.warning(f"{config.keys['weights']} is empty: exporting random weights.")
         path = export_model(model.eval(), cfg, args.output, args.format, sample_image=image)
