@@ -101,6 +101,25 @@ def test_lazy_amp_precision_is_checked_and_named():
         startup.build_trainer(model, [], optimizer, settings)
 
 
+def test_amp_training_resumes_from_a_checkpoint_of_another_amp_setting():
+    """Turning float16 AMP on (or moving from bfloat16 to float16) between runs: the checkpoint's
+    trainer state has no gradient scaler state, or an empty one; Detectron2's AMPTrainer raised."""
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    settings = ConfigAdapter(load_config(QUICK_PY, ["train.amp.enabled=True"]))
+    trainer = startup.build_trainer(model, [], optimizer, settings)
+    # An enabled scaler, as on CUDA (CUDA's disables itself on a machine without a GPU).
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    saved = {"iteration": 7, "optimizer": optimizer.state_dict()}  # written with AMP off
+    for state in (saved, dict(saved, grad_scaler={})):  # and under bfloat16 (disabled scaler)
+        trainer.load_state_dict(state)
+        assert trainer.iter == 7 and trainer.grad_scaler.get_scale() == 4.0
+    scaled = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaled.scale(torch.ones(1))  # a scaler's state is saved once it has scaled
+    trainer.load_state_dict(dict(saved, grad_scaler=scaled.state_dict()))  # float16 to float16
+    assert trainer.grad_scaler.get_scale() == 256.0
+
+
 def test_lazy_partial_weights_refused_unless_opted_in(tmp_path):
     cfg = load_config(QUICK_PY, [*TINY, f"train.output_dir={tmp_path}"])
     model = instantiate(cfg.model)

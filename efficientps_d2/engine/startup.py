@@ -11,7 +11,8 @@ same steps, each reading its own keys through
   is written, Detectron2's ``default_setup`` runs, ``efficientps_d2``'s loggers also write
   ``log.txt``, and temporary files of killed runs are removed under the lock;
 - :func:`wrap_ddp`: DDP with ``device_ids=None`` for a CPU model (gloo), the local GPU otherwise;
-- :func:`build_trainer`: ``AMPTrainer`` (autocast to the configured precision) or ``SimpleTrainer``;
+- :func:`build_trainer`: ``AMPTrainer`` (autocast to the configured precision; resumes from a
+  checkpoint of another AMP setting too) or ``SimpleTrainer``;
 - :func:`build_checkpointer` / :func:`load_for_evaluation`: strict weight loading (misfits and
   weights that leave tensors random are refused unless opted in; converted ImageNet backbones are
   accepted), resuming from the newest intact checkpoint;
@@ -39,6 +40,7 @@ from ..output_lock import lock_output_dir
 from .lazy_config import check_layout, is_lazy_config, load_config
 
 __all__ = [
+    "ResumableAMPTrainer",
     "build_checkpointer",
     "build_trainer",
     "check_weights",
@@ -175,10 +177,29 @@ def wrap_ddp(model, device, **kwargs):
     return create_ddp_model(model, device_ids=device_ids, **kwargs)
 
 
+class ResumableAMPTrainer(AMPTrainer):
+    """Detectron2's ``AMPTrainer``, which also resumes from a checkpoint that holds no gradient
+    scaler state: one written with AMP off (no "grad_scaler"), or under bfloat16 AMP, whose
+    disabled scaler saves an empty state. ``AMPTrainer`` raises a KeyError or "The source state
+    dict is empty" there, after the model is built; here the scaler starts from its initial
+    scale, as in a new run (it adapts within a few steps)."""
+
+    def load_state_dict(self, state_dict):
+        if state_dict.get("grad_scaler"):
+            super().load_state_dict(state_dict)
+            return
+        SimpleTrainer.load_state_dict(self, state_dict)
+        if self.grad_scaler.is_enabled():
+            logger.warning(
+                "The checkpoint holds no gradient scaler state (it was trained without float16 "
+                "AMP): the scaler starts from its initial scale."
+            )
+
+
 def build_trainer(model, data_loader, optimizer, config):
-    """``AMPTrainer`` autocasting to ``config.amp_precision`` ("float16" or "bfloat16") when AMP
-    is on, else ``SimpleTrainer``. The precision is checked either way: a value that is neither
-    is refused, naming its key. ``config``: a :class:`ConfigAdapter`."""
+    """:class:`ResumableAMPTrainer` autocasting to ``config.amp_precision`` ("float16" or
+    "bfloat16") when AMP is on, else ``SimpleTrainer``. The precision is checked either way: a
+    value that is neither is refused, naming its key. ``config``: a :class:`ConfigAdapter`."""
     dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
     precision = config.amp_precision
     if precision not in dtypes:
@@ -191,7 +212,7 @@ def build_trainer(model, data_loader, optimizer, config):
         # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
         # inf/nan check, a host sync, to every step.
         grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return AMPTrainer(
+    return ResumableAMPTrainer(
         model, data_loader, optimizer, grad_scaler=grad_scaler, precision=dtypes[precision]
     )
 
