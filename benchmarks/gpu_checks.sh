@@ -1,0 +1,93 @@
+#!/bin/bash
+# Issue 8's GPU checks in one command, for a CUDA machine (H100 / H200):
+#   1. benchmarks/benchmark.py --quick (EfficientPS-B5 on every inference path and Panoptic FPN
+#      R50 at 512x1024 and 1024x2048, the dense network alone, bf16 / fp32 training);
+#   2. the CUDA-only tests (CUDA graphs, the fusion on the GPU);
+#   3. the main job (the quick synthetic config) under bf16 AMP, keeping its panoptic PNGs;
+#   4. --eval-only of its checkpoint as a CUDA graph in fp32 and bf16 and on the model's own
+#      modules, each compared pixel by pixel with the job's own evaluation (same segments?).
+#
+#   OUT=gpu_out bash benchmarks/gpu_checks.sh
+#
+# Every step is bounded by `timeout` and writes its log under $OUT as it goes, so a stopped run
+# still leaves what it did. $OUT gets 7 files: summary.txt (steps with exit statuses,
+# nvidia-smi, the pixel comparison and the PQ of each run), bench.log, tests.log, train.log,
+# eval.log and results-gpu/results.{json,md}. On a machine without network, WHEELS names a folder
+# of wheels to install (offline) into /tmp/site first; a detectron2 source tree at
+# .venv/detectron2-src (as scripts/setup_env.sh unpacks it) is put on the path if present.
+# For a dry run on the CPU: DEVICE=cpu PY=.venv/bin/python plus shorter steps, e.g.
+# BENCH_OPTS="--sizes 128x256 --repeats 2 --warmup 1 --models ours-fast theirs"
+# TRAIN_OPTS="SOLVER.MAX_ITER 5 SOLVER.AMP.ENABLED False" (Detectron2's AMP training needs CUDA).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_checks_out}; mkdir -p "$OUT"
+WORK=${WORK:-$(mktemp -d /tmp/gpu_checks.XXXXXX)}; mkdir -p "$WORK"  # checkpoints, PNGs, data
+PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; TRAIN_OPTS=${TRAIN_OPTS:-}
+S="$OUT/summary.txt"
+log() { echo "$(date +%T) $*" | tee -a "$S"; }
+log start
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$WHEELS"/*.whl > "$WORK/pip.log" 2>&1
+  rc=$?; log "pip rc=$rc"; if [ $rc != 0 ]; then tail -30 "$WORK/pip.log" >> "$S"; exit 1; fi
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+[ -d .venv/detectron2-src ] && export PYTHONPATH=$PWD/.venv/detectron2-src:${PYTHONPATH:-}
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# The model zoo reads the configs through this link, which an installed package has built in.
+[ -e efficientps_d2/model_zoo/configs ] || ln -s ../../configs efficientps_d2/model_zoo/configs
+{ nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"; } >> "$S" 2>&1
+
+log "benchmark"
+timeout "${BENCH_S:-210}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" ${BENCH_OPTS:-} \
+  --output "$OUT/results-gpu" > "$OUT/bench.log" 2>&1
+log "benchmark rc=$?"
+
+log "cuda tests"
+timeout "${TEST_S:-60}" $PY -m pytest -q -x -p no:cacheprovider tests/test_fast_paths.py \
+  tests/test_fusion.py -k "cuda or graph" > "$OUT/tests.log" 2>&1
+log "tests rc=$?"
+
+CFG=configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml
+export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$WORK/datasets}
+log "quick job, bf16 AMP"
+timeout "${TRAIN_S:-150}" $PY train_net.py --config-file $CFG MODEL.DEVICE "$DEVICE" \
+  SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16 OUTPUT_DIR "$WORK/quick" \
+  TEST.KEEP_PANOPTIC_PNGS True $TRAIN_OPTS > "$OUT/train.log" 2>&1
+log "train rc=$?"
+
+for name in graph32 graph16 plain; do
+  case $name in
+    graph32) opts="MODEL.EFFICIENTPS.CUDA_GRAPH True" ;;
+    graph16) opts="MODEL.EFFICIENTPS.CUDA_GRAPH True MODEL.EFFICIENTPS.INFERENCE_DTYPE bfloat16" ;;
+    plain) opts="MODEL.EFFICIENTPS.FAST_INFERENCE False" ;;  # the model's own modules, eager
+  esac
+  log "eval $name"
+  echo "===== eval $name" >> "$OUT/eval.log"
+  timeout "${EVAL_S:-35}" $PY train_net.py --config-file $CFG --eval-only \
+    MODEL.WEIGHTS "$WORK/quick/model_final.pth" MODEL.DEVICE "$DEVICE" OUTPUT_DIR "$WORK/$name" \
+    TEST.KEEP_PANOPTIC_PNGS True $opts >> "$OUT/eval.log" 2>&1
+  log "eval $name rc=$?"
+done
+
+WORK="$WORK" $PY - >> "$S" 2>&1 <<'PY'
+import glob, os
+import numpy as np
+from PIL import Image
+work = os.environ["WORK"]
+reference = sorted(glob.glob(f"{work}/quick/inference/*/panoptic/*.png"))
+for name in ("graph32", "graph16", "plain"):
+    differing = total = found = 0
+    for path in reference:
+        other = path.replace(f"{work}/quick/", f"{work}/{name}/")
+        if os.path.exists(other):
+            found += 1
+            a, b = np.asarray(Image.open(path)), np.asarray(Image.open(other))
+            differing += int((a != b).any(-1).sum())
+            total += a.shape[0] * a.shape[1]
+    print(f"{name}: {found} of {len(reference)} PNGs, {differing} of {total} pixels differ")
+PY
+{ echo "PQ rows (the quick job, then the evaluations graph32, graph16, plain):"
+  grep -A2 "copypaste: Task: panoptic_seg" "$OUT/train.log" | tail -1
+  grep -A2 "copypaste: Task: panoptic_seg" "$OUT/eval.log" | grep -v "Task\|PQ,\|^--"; } >> "$S"
+log done
