@@ -59,7 +59,8 @@ def split_tasks(parser, args):
     for i, word in enumerate(tasks):
         if word in TASKS:
             continue
-        if i > 0 and ("." in word or "=" in word):  # a KEY or key=value: the overrides start
+        # A YAML KEY (MODEL.WEIGHTS, SEED: upper case) or a key=value: the overrides start.
+        if i > 0 and ("." in word or "=" in word or word.isupper()):
             args.tasks, args.opts = tasks[:i], tasks[i:] + list(args.opts or [])
             return args
         parser.error(f"argument --tasks: invalid choice: '{word}' (choose from {', '.join(TASKS)})")
