@@ -22,7 +22,6 @@ same steps, each reading its own keys through
 
 import logging
 import os
-from urllib.parse import urlparse
 
 import detectron2.utils.comm as comm
 import torch
@@ -33,6 +32,7 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
+from ..checkpoint import check_checkpoint_exists
 from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
@@ -128,11 +128,7 @@ def check_weights(config, *, eval_only, resume):
     weights = config.weights
     if resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint")):
         return
-    if weights and not urlparse(weights).scheme and not os.path.isfile(weights):
-        # the checkpointer's message, before the work rather than after it
-        raise FileNotFoundError(
-            f"Checkpoint '{weights}' ({config.keys['weights']}) does not exist."
-        )
+    check_checkpoint_exists(weights, config.keys["weights"])  # before the work, not after it
     if weights or not eval_only:
         return
     where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""
