@@ -37,7 +37,7 @@ from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..output_lock import lock_output_dir
-from .lazy_config import check_layout, is_lazy_config, load_config
+from .lazy_config import INFERENCE_PARTS, TRAINING_PARTS, load_config
 
 __all__ = [
     "ResumableAMPTrainer",
@@ -106,13 +106,8 @@ def setup(args):
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
-    cfg = load_config(args.config_file, args.opts)
-    if is_lazy_config(args.config_file):
-        if args.eval_only:
-            needs = ["model", "dataloader.test", "train"]
-        else:
-            needs = ["model", "dataloader.train", "optimizer", "lr_multiplier", "train"]
-        check_layout(cfg, args.config_file, needs)
+    needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
+    cfg = load_config(args.config_file, args.opts, needs)
     check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)

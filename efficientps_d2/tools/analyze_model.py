@@ -69,9 +69,9 @@ def split_tasks(parser, args):
 
 def _load(args):
     from ..config_adapter import ConfigAdapter
-    from ..engine.lazy_config import load_config
+    from ..engine.lazy_config import INFERENCE_PARTS, load_config
 
-    config = ConfigAdapter(load_config(args.config_file, args.opts or []))
+    config = ConfigAdapter(load_config(args.config_file, args.opts or [], INFERENCE_PARTS))
     model = config.build_model()
     if config.weights:
         config.checkpointer(model).load(config.weights)
