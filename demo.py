@@ -61,8 +61,8 @@ from efficientps_d2.demo import (
     run_on_images,
     run_on_video,
 )
-from efficientps_d2.engine import is_lazy_config, load_config
-from efficientps_d2.engine.lazy_config import check_layout
+from efficientps_d2.engine import load_config
+from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
 from efficientps_d2.export import ExportedPredictor
 from efficientps_d2.export import load as load_export
 
@@ -121,9 +121,7 @@ def build_config(args):
     threshold = args.confidence_threshold
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--confidence-threshold must be a score in [0, 1], got {threshold}.")
-    cfg = load_config(args.config_file, args.opts)
-    if is_lazy_config(args.config_file):  # refused naming the file, before a model is built
-        check_layout(cfg, args.config_file, ["model", "dataloader.test", "train"])
+    cfg = load_config(args.config_file, args.opts, INFERENCE_PARTS)
     if threshold is not None:
         config = ConfigAdapter(cfg)
         config.set("score_thresh_test", threshold)

@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointMismatchError",
     "EfficientPSCheckpointer",
     "LoadReport",
+    "check_checkpoint_exists",
     "describe_file",
     "is_partial_checkpoint",
 ]
@@ -231,6 +232,13 @@ def _architecture_hint(checkpoint_names):
     return ""
 
 
+def check_checkpoint_exists(path, key="MODEL.WEIGHTS"):
+    """Raises FileNotFoundError, naming the config ``key`` that set it, for a local checkpoint
+    ``path`` that does not exist ("" and URLs pass: nothing to load, or fetched on loading)."""
+    if path and not urlparse(path).scheme and not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint '{path}' ({key}) does not exist.")
+
+
 class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
     """``DetectionCheckpointer`` that refuses checkpoints that do not fit (see module docstring).
 
@@ -266,8 +274,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
 
     def load(self, path, *args, **kwargs):
         """Loads ``path`` (local file or URL); raises FileNotFoundError for a missing local file."""
-        if path and not urlparse(path).scheme and not os.path.isfile(path):
-            raise FileNotFoundError(f"Checkpoint '{path}' ({self.weights_key}) does not exist.")
+        check_checkpoint_exists(path, self.weights_key)
         self._path = path
         self.last_report = None
         try:

@@ -60,6 +60,7 @@ def test_analyze_model_takes_config_overrides_right_after_tasks(synthetic, capsy
     several words, and those after the last task are config overrides, not bad tasks."""
     tasks = ["--config-file", QUICK, "--tasks", "parameter"]
     assert analyze_model.main([*tasks, "MODEL.WEIGHTS", "", *NARROW_HEADS, *synthetic]) == 0
+    assert analyze_model.main([*tasks, "SEED", "3", *NARROW_HEADS, *synthetic]) == 0  # no dot
     with pytest.raises(
         AssertionError, match="Non-existent key: MODEL.NO_SUCH_KEY"
     ):  # it reached the config

@@ -363,17 +363,20 @@ class VideoRunSummary:
     panoptic_json: Optional[str] = None
 
     @property
+    def ended_early(self):
+        """Whether fewer frames were read than the input's header counts."""
+        return self.frames_expected is not None and self.frames_read < self.frames_expected
+
+    @property
     def complete(self):
         """Whether every frame of the input was processed and the output plays in full."""
-        ended_early = self.frames_expected is not None and self.frames_read < self.frames_expected
         unverified = self.output is not None and self.frames_verified != self.frames_written
-        return not (ended_early or unverified or self.stopped)
+        return not (self.ended_early or unverified or self.stopped)
 
     def report(self):
         lines = [f"{self.source}: processed {self.frames_processed} frames."]
         # A stop (Ctrl-C, Esc, an error) gives its own reason below: the input did not end.
-        ended_early = self.frames_expected is not None and self.frames_read < self.frames_expected
-        if ended_early and not self.stopped:
+        if self.ended_early and not self.stopped:
             lines.append(
                 f"  The input ended after {self.frames_read} of its {self.frames_expected} frames "
                 "(truncated file or a frame that does not decode); the output keeps the frames "

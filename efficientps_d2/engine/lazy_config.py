@@ -26,8 +26,9 @@ from ..config_adapter import LAZY_LAYOUT, lazy_keys_with_defaults
 from ..data.metadata import thing_semantic_ids
 
 __all__ = [
+    "INFERENCE_PARTS",
+    "TRAINING_PARTS",
     "apply_overrides",
-    "check_layout",
     "is_lazy_config",
     "load_config",
     "thing_semantic_ids_of",
@@ -57,12 +58,18 @@ def _single_name(names):
     return names[0]
 
 
-def load_config(config_file, opts=()):
+# The parts of a LazyConfig that inference reads (demo, export, --eval-only), and training.
+INFERENCE_PARTS = ("model", "dataloader.test", "train")
+TRAINING_PARTS = ("model", "dataloader.train", "optimizer", "lr_multiplier", "train")
+
+
+def load_config(config_file, opts=(), needs=()):
     """Loads a YAML (:func:`~efficientps_d2.config.setup_cfg`) or LazyConfig file, or a model zoo
     name of either kind, and applies the command-line overrides.
 
     Configs default to CUDA; where it is not available the device becomes "cpu" (MODEL.DEVICE or
-    train.device), as train_net.py does.
+    train.device), as train_net.py does. A LazyConfig that lacks one of the parts ``needs`` names
+    (e.g. :data:`INFERENCE_PARTS`) is refused, naming the file, before anything reads it.
 
     Returns:
         a ``CfgNode`` (YAML; not frozen) or an omegaconf ``DictConfig`` (LazyConfig).
@@ -71,7 +78,8 @@ def load_config(config_file, opts=()):
         config_file = find_config_file(config_file)  # or a model zoo name
         cfg = LazyConfig.load(config_file)
         cfg = apply_overrides(cfg, opts, config_file)
-        train = cfg.get("train")  # absent: refused by whoever needs it (check_layout)
+        _check_layout(cfg, config_file, needs)
+        train = cfg.get("train")  # absent where not needed
         if (
             isinstance(train, DictConfig)
             and str(train.get("device", "cuda")).startswith("cuda")
@@ -82,7 +90,7 @@ def load_config(config_file, opts=()):
     return setup_cfg(config_file, opts, freeze=False)
 
 
-def check_layout(cfg, config_file, keys):
+def _check_layout(cfg, config_file, keys):
     """Refuses a LazyConfig that lacks any of ``keys`` ("model", "dataloader.train", ...),
     naming the file and the layout, before anything reads it."""
     missing = [key for key in keys if _node(cfg, key) is None]

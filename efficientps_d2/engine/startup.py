@@ -22,7 +22,6 @@ same steps, each reading its own keys through
 
 import logging
 import os
-from urllib.parse import urlparse
 
 import detectron2.utils.comm as comm
 import torch
@@ -33,11 +32,12 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
+from ..checkpoint import check_checkpoint_exists
 from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..output_lock import lock_output_dir
-from .lazy_config import check_layout, is_lazy_config, load_config
+from .lazy_config import INFERENCE_PARTS, TRAINING_PARTS, load_config
 
 __all__ = [
     "ResumableAMPTrainer",
@@ -106,13 +106,8 @@ def setup(args):
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
-    cfg = load_config(args.config_file, args.opts)
-    if is_lazy_config(args.config_file):
-        if args.eval_only:
-            needs = ["model", "dataloader.test", "train"]
-        else:
-            needs = ["model", "dataloader.train", "optimizer", "lr_multiplier", "train"]
-        check_layout(cfg, args.config_file, needs)
+    needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
+    cfg = load_config(args.config_file, args.opts, needs)
     check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
@@ -128,11 +123,7 @@ def check_weights(config, *, eval_only, resume):
     weights = config.weights
     if resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint")):
         return
-    if weights and not urlparse(weights).scheme and not os.path.isfile(weights):
-        # the checkpointer's message, before the work rather than after it
-        raise FileNotFoundError(
-            f"Checkpoint '{weights}' ({config.keys['weights']}) does not exist."
-        )
+    check_checkpoint_exists(weights, config.keys["weights"])  # before the work, not after it
     if weights or not eval_only:
         return
     where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""

@@ -59,7 +59,8 @@ def split_tasks(parser, args):
     for i, word in enumerate(tasks):
         if word in TASKS:
             continue
-        if i > 0 and ("." in word or "=" in word):  # a KEY or key=value: the overrides start
+        # A YAML KEY (MODEL.WEIGHTS, SEED: upper case) or a key=value: the overrides start.
+        if i > 0 and ("." in word or "=" in word or word.isupper()):
             args.tasks, args.opts = tasks[:i], tasks[i:] + list(args.opts or [])
             return args
         parser.error(f"argument --tasks: invalid choice: '{word}' (choose from {', '.join(TASKS)})")
@@ -68,9 +69,9 @@ def split_tasks(parser, args):
 
 def _load(args):
     from ..config_adapter import ConfigAdapter
-    from ..engine.lazy_config import load_config
+    from ..engine.lazy_config import INFERENCE_PARTS, load_config
 
-    config = ConfigAdapter(load_config(args.config_file, args.opts or []))
+    config = ConfigAdapter(load_config(args.config_file, args.opts or [], INFERENCE_PARTS))
     model = config.build_model()
     if config.weights:
         config.checkpointer(model).load(config.weights)

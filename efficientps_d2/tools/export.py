@@ -31,8 +31,8 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.registry import locate
 
 from efficientps_d2.config_adapter import ConfigAdapter
-from efficientps_d2.engine import is_lazy_config, load_config
-from efficientps_d2.engine.lazy_config import check_layout
+from efficientps_d2.engine import load_config
+from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
 from efficientps_d2.export import FORMATS, export_model
 from efficientps_d2.export.exporter import resize_for_export
 from efficientps_d2.modeling.meta_arch import EfficientPS
@@ -62,9 +62,7 @@ def get_parser():
 def export_config(args):
     """The config to export, YAML or LazyConfig (with the overrides), set to the CPU and checked
     for what export supports before any model is built."""
-    cfg = load_config(args.config_file, args.opts)
-    if is_lazy_config(args.config_file):
-        check_layout(cfg, args.config_file, ["model", "dataloader.test", "train"])
+    cfg = load_config(args.config_file, args.opts, INFERENCE_PARTS)
     config = ConfigAdapter(cfg)
     config.set("device", "cpu")  # the trace records devices; the CPU graph is the portable one
     if config.tta_enabled:

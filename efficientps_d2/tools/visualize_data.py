@@ -65,7 +65,7 @@ def _setup(args):
     lazy = is_lazy_config(args.config_file)
     # One process: the tool reads images in order, as Detectron2's does.
     opts += ["dataloader.train.num_workers=0"] if lazy else ["DATALOADER.NUM_WORKERS", "0"]
-    return ConfigAdapter(load_config(args.config_file, opts))
+    return ConfigAdapter(load_config(args.config_file, opts, needs=["dataloader.train"]))
 
 
 def _output(vis, fname, args):
