@@ -30,7 +30,11 @@ def test_visualize_data_writes_an_image_per_training_image(tmp_path, synthetic, 
     assert all(os.path.getsize(out / f) > 1000 for f in images)
 
 
-def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog):
+def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):
+    # The tool's setup_logger stops the "detectron2" logger propagating: read it directly.
+    logger = logging.getLogger("detectron2")
+    logger.addHandler(caplog.handler)
+    request.addfinalizer(lambda: logger.removeHandler(caplog.handler))
     tasks = ["--tasks", "parameter", "flop", "activation", "structure"]
     argv = ["--config-file", QUICK, *tasks, "-n", "1", *NARROW_HEADS, *synthetic]
     with caplog.at_level(logging.INFO, logger="detectron2"):
