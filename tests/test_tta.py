@@ -191,3 +191,20 @@ def test_settings_come_from_test_aug_and_the_deprecated_alias_overrides_them(mod
         settings = tta_config(cfg)
     assert settings.ENABLED and settings.FLIP and not cfg.TEST.AUG.ENABLED
     assert "TEST.AUG.ENABLED, TEST.AUG.FLIP" in caplog.text and "deprecated" in caplog.text
+
+
+def test_the_predictor_gives_what_evaluation_gives_with_tta(model, tmp_path):
+    """EfficientPSPredictor hands the model the uint8 image that the test loader gives, so that
+    test-time augmentation resizes it as in evaluation (with PIL; a float image is resized by
+    torch, to other values), and a GPU uploads a quarter of float32's bytes."""
+    cfg = tiny_config(PERMISSIVE + ["TEST.AUG.ENABLED", True, "TEST.AUG.MIN_SIZES", [48, 80]])
+    DetectionCheckpointer(model, str(tmp_path)).save("weights")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "weights.pth")
+    predictor = EfficientPSPredictor(cfg)
+    bgr = np.random.RandomState(0).randint(0, 256, (64, 96, 3), np.uint8)
+    got = predictor(bgr)
+    image = bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else bgr
+    as_loaded = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))  # uint8
+    with torch.no_grad():
+        expected = predictor.model([{"image": as_loaded, "height": 64, "width": 96}])[0]
+    _assert_same_output(got, expected)

@@ -3,6 +3,7 @@
 import copy
 import logging
 
+import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
@@ -80,7 +81,10 @@ class EfficientPSPredictor(DefaultPredictor):
             height, width = original_image.shape[:2]
             aug_input = T.AugInput(original_image)
             self.aug(aug_input)
-            image = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
+            # uint8, as the test loader gives it (Detectron2's predictor makes it float32): the
+            # model normalises it on its device, so a GPU uploads a quarter of the bytes, and
+            # test-time augmentation resizes it as in evaluation (PIL, not torch).
+            image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
             return self.model([{"image": image, "height": height, "width": width}])[0]
 
 
