@@ -127,10 +127,8 @@ def get(name, trained=False, device=None):
     from ..config_adapter import ConfigAdapter
 
     config = ConfigAdapter(get_config(name, trained))
-    if device is not None and config.is_yaml:
-        config.cfg.MODEL.DEVICE = device
-    elif device is not None:
-        config.cfg.train.device = device
+    if device is not None:
+        config.set("device", device)
     model = config.build_model()
     config.checkpointer(model).load(config.weights)
     return model
