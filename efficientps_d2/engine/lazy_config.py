@@ -101,13 +101,22 @@ def _check_layout(cfg, config_file, keys):
         )
 
 
-def _node(cfg, key):
+def _walk(cfg, parts):
+    """(the deepest node on the path ``parts`` of a config, how many of the parts lead to it)."""
     node = cfg
-    for name in key.split("."):
-        node = _child(node, name)
-        if node is None:
-            return None
-    return node
+    for depth, name in enumerate(parts):
+        child = _child(node, name)
+        if child is None:
+            return node, depth
+        node = child
+    return node, len(parts)
+
+
+def _node(cfg, key):
+    """The node at ``key`` ("a.b.c"), or None where the config has none."""
+    parts = key.split(".")
+    node, depth = _walk(cfg, parts)
+    return node if depth == len(parts) else None
 
 
 def apply_overrides(cfg, opts, config_file):
@@ -176,16 +185,11 @@ def _target_parameters(node):
 def _check_override(cfg, key, value, override, config_file):
     where = f"override '{override.input_line}' of {config_file}"
     parts = key.split(".")
-    node = cfg
-    for depth, name in enumerate(parts):
-        child = _child(node, name)
-        if child is None:
-            break
-        node = child
-    else:
+    node, depth = _walk(cfg, parts)
+    if depth == len(parts):
         _check_kind(node, key, value, where)
         return
-    parent = ".".join(parts[:depth]) or "the config"
+    name, parent = parts[depth], ".".join(parts[:depth]) or "the config"
     if not isinstance(node, DictConfig):  # a value, or a list without that index
         what = "a list" if isinstance(node, ListConfig) else f"the value {node._value()!r}"
         raise ValueError(f"Refused {where}: {parent} is {what}, which has no '{name}'.")
