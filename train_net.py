@@ -11,6 +11,7 @@
         configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.py train.max_iter=100
 """
 
+import efficientps_d2  # noqa: F401  # isort: skip  (first: imports detectron2 without fvcore noise)
 import logging
 import os
 import weakref

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from efficientps_d2 import setup_cfg
 from efficientps_d2.atomic_io import atomic_write
 from efficientps_d2.modeling.fast_inference import fuse_for_inference
+from efficientps_d2.modeling.inplace_abn import convert_to_inplace_abn
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 OURS_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b5.yaml"
@@ -58,6 +59,8 @@ OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
 )
 # EfficientPS on Detectron2's ResNet-50 (the backbone Panoptic FPN R50 uses), fast inference path.
 OURS_R50 = "EfficientPS-R50 fast"
+# EfficientPS-B5 training with in-place activated BN (MODEL.EFFICIENTPS.INPLACE_ABN), GPU rows.
+OURS_IABN = "EfficientPS-B5 iABN"
 ALL_MODELS = (OURS_FAST, OURS, OURS_R50, THEIRS, THEIRS_FUSED)
 # What --models accepts.
 MODEL_KEYS = {
@@ -470,18 +473,29 @@ def _timed(fn, durations):
     durations.append(time.perf_counter() - start)
 
 
+# The ways of saving training memory that the table compares: (norm layer, checkpointing).
+MEMORY_SAVINGS = (
+    ("BN", "none"),
+    ("BN", "backbone"),
+    ("BN", "backbone + semantic head"),
+    ("iABN", "none"),
+)
+
+
 def training_memory(device, height, width):
-    """Peak memory of one training step (forward + backward) for B0 and B5, with and without
-    activation checkpointing in the backbone and in the semantic head."""
+    """Peak memory of one training step (forward + backward) for B0 and B5: with BatchNorm and
+    LeakyReLU, with and without activation checkpointing in the backbone and in the semantic
+    head, and with in-place activated BatchNorm (MODEL.EFFICIENTPS.INPLACE_ABN)."""
     rows = []
     for label, config in (
         ("EfficientPS-B0 (efficientps_b0_512x1024.yaml)", OURS_SMALL_CONFIG),
-        ("EfficientPS-B5 (efficientps_b5.yaml, BN)", OURS_CONFIG),
+        ("EfficientPS-B5 (efficientps_b5.yaml)", OURS_CONFIG),
     ):
-        for checkpointing in ("none", "backbone", "backbone + semantic head"):
+        for norm, checkpointing in MEMORY_SAVINGS:
             cfg = ours_config(device, config)
             cfg.MODEL.EFFICIENTNET.ACTIVATION_CHECKPOINTING = checkpointing != "none"
             cfg.MODEL.SEM_SEG_HEAD.ACTIVATION_CHECKPOINTING = "head" in checkpointing
+            cfg.MODEL.EFFICIENTPS.INPLACE_ABN = norm == "iABN"
             torch.manual_seed(0)
             model = build_model(cfg)
             batch = [training_batch(height, width, NUM_CLASSES, device)]
@@ -492,6 +506,7 @@ def training_memory(device, height, width):
             rows.append(
                 {
                     "model": label,
+                    "norm": norm,
                     "checkpointing": checkpointing,
                     "size": f"{height}x{width}",
                     "peak_mib": peak,
@@ -515,7 +530,7 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on
         # inside the timed steps (about a minute each on an H200). EfficientPS keeps autotuning
         # out of its ROI heads itself (EfficientPS.forward).
         torch.backends.cudnn.benchmark = autotuning and name != THEIRS
-        num_classes = NUM_CLASSES if name == OURS else NUM_CLASSES - NUM_THINGS + 1
+        num_classes = NUM_CLASSES if name != THEIRS else NUM_CLASSES - NUM_THINGS + 1
         batch = [training_batch(height, width, num_classes, device)]
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
         for dtype in (None, amp_dtype):
@@ -700,16 +715,16 @@ def markdown(report):
     if report.get("training_memory"):
         lines += [
             "",
-            "Peak memory of one training step (forward + backward, batch 1), by activation "
-            "checkpointing:",
+            "Peak memory of one training step (forward + backward, batch 1), by norm layer "
+            "(BN + LeakyReLU, or in-place activated BN) and activation checkpointing:",
             "",
-            "| model | size | checkpointing | peak memory (MiB) | step time (s) |",
-            "|---|---|---|---|---|",
+            "| model | size | norm | checkpointing | peak memory (MiB) | step time (s) |",
+            "|---|---|---|---|---|---|",
         ]
         for row in report["training_memory"]:
             lines.append(
-                f"| {row['model']} | {row['size']} | {row['checkpointing']} | "
-                f"{_fmt(row['peak_mib'], 0)} | {_fmt(row['step_s'], 1)} |"
+                f"| {row['model']} | {row['size']} | {row['norm']} | "
+                f"{row['checkpointing']} | {_fmt(row['peak_mib'], 0)} | {_fmt(row['step_s'], 1)} |"
             )
     if report.get("unfinished"):
         lines += ["", f"Unfinished: stopped during {report['unfinished']}."]
@@ -963,7 +978,10 @@ def main(argv=None):
 
     if cuda:
         height, width = _size(args.train_size)
-        train_models = {OURS: ours, THEIRS: theirs}
+        # B5 once more with in-place activated BN (MODEL.EFFICIENTPS.INPLACE_ABN), same weights.
+        ours_abn = copy.deepcopy(ours)
+        convert_to_inplace_abn(ours_abn)
+        train_models = {OURS: ours, OURS_IABN: ours_abn, THEIRS: theirs}
         report["training"] = training_speed(
             train_models,
             device,

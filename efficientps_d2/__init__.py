@@ -4,10 +4,19 @@ Importing this package registers its backbone, heads, meta-architecture and data
 Detectron2.
 """
 
+import warnings
+
 
 def _check_detectron2():
     try:
-        import detectron2.modeling  # noqa: F401
+        with warnings.catch_warnings():
+            # fvcore (imported by detectron2.layers) scripts its focal losses at import, and
+            # recent torch (2.14) warns twice that torch.jit.script is deprecated: noise at every
+            # start-up that no user of this package can act on. Only this import is silenced.
+            warnings.filterwarnings(
+                "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+            )
+            import detectron2.modeling  # noqa: F401
     except ImportError as e:
         raise ImportError(
             "efficientps_d2 needs detectron2, which is not on PyPI under its own name and could "

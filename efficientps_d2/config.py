@@ -119,6 +119,10 @@ def add_efficientps_config(cfg):
     _C.MODEL.EFFICIENTPS.COMPILE_MODE = "default"
     # Training runs the backbone and the semantic head through torch.compile (same parameters).
     _C.MODEL.EFFICIENTPS.COMPILE_TRAINING = False
+    # In-place activated BatchNorm, the paper's norm layer: every BN or SyncBN followed by a
+    # LeakyReLU keeps only its output for the backward pass (training activations about 40%
+    # smaller); same parameters, checkpoints and inference. FrozenBN and GN are left as they are.
+    _C.MODEL.EFFICIENTPS.INPLACE_ABN = False
 
     # ---------------------------------------------------------------------------------------------
     # Test-time augmentation: Detectron2's TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP), run by

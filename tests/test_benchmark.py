@@ -143,7 +143,8 @@ def test_training_rows_autotune_as_each_model_ships(benchmark, monkeypatch):
             return {"loss": self.weight.sum()}
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    models = {name: Model(name) for name in (benchmark.OURS, benchmark.THEIRS)}
+    names = (benchmark.OURS, benchmark.OURS_IABN, benchmark.THEIRS)
+    models = {name: Model(name) for name in names}
     rows = benchmark.training_speed(models, "cpu", 32, 48, 1, 1, torch.bfloat16)
-    assert seen == {benchmark.OURS: {True}, benchmark.THEIRS: {False}}
-    assert len(rows) == 4 and torch.backends.cudnn.benchmark  # restored
+    assert seen == {benchmark.OURS: {True}, benchmark.OURS_IABN: {True}, benchmark.THEIRS: {False}}
+    assert len(rows) == 6 and torch.backends.cudnn.benchmark  # restored

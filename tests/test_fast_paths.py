@@ -871,9 +871,47 @@ def test_scatter_fusion_overlap_chains_and_fallback(monkeypatch):
         assert torch.equal(got[0], expected[0]) and got[1] == expected[1], rounds
 
 
-def test_fusion_chunks_bound_memory_and_padding():
-    sizes = [(400, 300), (10, 10), (12, 9), (300, 500), (1, 1), (2000, 2000), (5, 5)]
-    chunks = fusion._chunks(sizes)
+def test_scatter_fusion_takes_fewest_chunks_then_compact_ones_then_the_loop(monkeypatch):
+    """The scatter's kernels cover whole chunks, so it takes the fewest; where their padding
+    passes _SCATTER_ELEMENTS, the loop's compact chunks; past that, the loop. Same answer."""
+    sem, inst, things = _random_scene(3, 120, 160, 30)
+    expected = _reference_fusion(sem, inst, things, 0.0, 0.5, 0, 4.0)
+    calls = []
+    for name in ("_fuse_by_scatter", "_fuse_by_loop"):
+        real = getattr(fusion, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, args[6]))  # args[6]: the chunks
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fusion, name, spy)
+
+    def fuse():
+        got = panoptic_fusion(
+            sem,
+            inst,
+            thing_semantic_ids=things,
+            confidence_thresh=0.0,
+            stuff_area_limit=0,
+            method="scatter",
+        )
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+        return calls.pop()
+
+    method, fewest = fuse()
+    assert method == "_fuse_by_scatter"
+    monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", fusion._padded(fewest) - 1)
+    method, compact = fuse()
+    assert method == "_fuse_by_scatter" and len(compact) > len(fewest)
+    assert fusion._padded(compact) < fusion._padded(fewest)
+    monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", fusion._padded(compact) - 1)
+    assert fuse() == ("_fuse_by_loop", compact)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "fewest"])
+def test_fusion_chunks_bound_memory_and_padding(compact):
+    sizes = [(400, 300), (10, 10), (12, 9), (300, 500), (1, 1), (2000, 2000), (5, 5), (3, 4)]
+    chunks = fusion._chunks(sizes, compact)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(sizes)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     for start, end, h, w in chunks:
@@ -881,7 +919,15 @@ def test_fusion_chunks_bound_memory_and_padding():
         assert h == max(s[0] for s in members) and w == max(s[1] for s in members)
         if end - start > 1:
             assert (end - start) * h * w <= fusion._CHUNK_ELEMENTS
-    assert fusion._chunks([]) == []
+    if compact:  # the loop's: at most about half padding
+        assert all(
+            (end - start) * h * w <= 2 * sum(a * b for a, b in sizes[start:end]) + (1 << 16)
+            for start, end, h, w in chunks
+        )
+        assert len(chunks) == 5
+    else:  # the scatter's: each chunk as large as the bound allows, so as few as can be
+        assert [c[:2] for c in chunks] == [(0, 5), (5, 6), (6, 8)]
+    assert fusion._chunks([], compact) == []
 
 
 def test_fusion_accepts_channels_last_logits_and_tensor_thing_ids():

@@ -77,6 +77,7 @@ def test_train_checkpoint_evaluate_then_eval_only_reproduces(tmp_path, data_root
         os.listdir(out_dir)
     )
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))  # tensorboard
+    assert "torch.jit.script` is deprecated" not in log  # fvcore's import-time warnings
     with open(os.path.join(out_dir, "log.txt")) as f:  # our loggers reach log.txt too
         assert (
             "efficientps_d2.data.check INFO: Checked data set 'synthetic_panoptic_train'"
@@ -225,6 +226,7 @@ def test_resnet_50_trains_evaluates_and_runs_in_the_demo(tmp_path, data_root):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.jit.script` is deprecated" not in proc.stderr
     assert sorted(os.listdir(out)) == ["a.png", "panoptic", "predictions.json"]
     (annotation,) = json.loads((out / "predictions.json").read_text())["annotations"]
     ids = rgb2id(np.asarray(Image.open(out / "panoptic" / annotation["file_name"])))

@@ -34,6 +34,8 @@ from detectron2.structures import ImageList, Instances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .inplace_abn import InPlaceABN
+
 __all__ = [
     "ConvLeakyReLU",
     "DenseNetwork",
@@ -136,10 +138,11 @@ def _is_plain_conv(module) -> bool:
 def fold_batch_norms(module: nn.Module) -> int:
     """Folds, in place, every BatchNorm that directly follows a conv into that conv.
 
-    Handles Detectron2's ``Conv2d(norm=...)`` (BN, SyncBN, FrozenBN; GN cannot be folded) and
-    ``[Conv2d, BatchNorm2d, ...]`` runs in ``nn.Sequential`` (torchvision's
-    ``Conv2dNormActivation``, EfficientNet's blocks). The folded conv computes the norm's
-    inference-mode output (running statistics), so the module is for inference only afterwards.
+    Handles Detectron2's ``Conv2d(norm=...)`` (BN, SyncBN, FrozenBN, InPlaceABN, whose LeakyReLU
+    stays after the conv; GN cannot be folded) and ``[Conv2d, BatchNorm2d, ...]`` runs in
+    ``nn.Sequential`` (torchvision's ``Conv2dNormActivation``, EfficientNet's blocks). The folded
+    conv computes the norm's inference-mode output (running statistics), so the module is for
+    inference only afterwards.
 
     Returns:
         the number of norms folded.
@@ -147,8 +150,11 @@ def fold_batch_norms(module: nn.Module) -> int:
     count = 0
     for parent in list(module.modules()):
         if isinstance(parent, nn.Conv2d) and _is_foldable_norm(getattr(parent, "norm", None)):
-            _fold_norm_into_conv(parent, parent.norm)
+            norm = parent.norm
+            _fold_norm_into_conv(parent, norm)
             parent.norm = None
+            if isinstance(norm, InPlaceABN):  # its activation outlives it
+                parent.activation = _activation_of(norm)
             count += 1
         if isinstance(parent, nn.Sequential):
             names = list(parent._modules)
@@ -156,9 +162,16 @@ def fold_batch_norms(module: nn.Module) -> int:
                 conv, norm = parent._modules[previous], parent._modules[name]
                 if _is_plain_conv(conv) and _is_foldable_norm(norm):
                     _fold_norm_into_conv(conv, norm)
-                    parent._modules[name] = nn.Identity()
+                    parent._modules[name] = _activation_of(norm)
                     count += 1
     return count
+
+
+def _activation_of(norm) -> nn.Module:
+    """What remains of a norm folded into its conv: InPlaceABN's LeakyReLU, or nothing."""
+    if isinstance(norm, InPlaceABN):
+        return nn.LeakyReLU(norm.negative_slope, inplace=True)
+    return nn.Identity()
 
 
 def fuse_conv_leaky_relu(module: nn.Module) -> int:

@@ -15,15 +15,16 @@ The fusion is parameter-free and works on logits throughout:
    produce no segment.
 
 All detections are pasted at once (one ``grid_sample`` per chunk of boxes, padded to the chunk's
-largest box). Steps 3-5 then run in one of two ways, with the same result:
+largest box: for the loop, chunks at most about half padding; for the scatter, as few chunks as
+``_CHUNK_ELEMENTS`` allows). Steps 3-5 then run in one of two ways, with the same result:
 
 - ``"loop"`` (the default off CUDA): the instances are visited in score order, each with a few
   tensor ops on its box crop; the least work, best where a kernel launch is cheap (CPU).
-- ``"scatter"`` (the default on CUDA): every instance at once, with a fixed number of kernels
-  whatever their count. The overlap filter is solved as a fixed point: an instance's fate depends
-  only on the higher-scored ones', so "keep every non-empty instance" refined by scattering the
-  lowest kept instance index onto each pixel is exact after at most K rounds, and in practice
-  stops after a handful (the check costs one tiny read per four rounds).
+- ``"scatter"`` (the default on CUDA): every instance at once, with a number of kernels that
+  grows with the chunks, not with the instances. The overlap filter is solved as a fixed point:
+  an instance's fate depends only on the higher-scored ones', so "keep every non-empty instance"
+  refined by scattering the lowest kept instance index onto each pixel is exact after at most K
+  rounds, and in practice stops after a handful (the check costs one tiny read per four rounds).
 
 Either way the fusion reads the device twice per image, whatever the number of detections: once
 the candidates' crop sizes (tensor shapes need them on the host) and once, at the end, every
@@ -32,8 +33,9 @@ small reads of its own, of the codes' minimum and maximum, just before that last
 little work is left to overlap; the scatter's convergence checks add one per four rounds. The
 one upload (the thing ids) does not wait for the device. Memory stays at a few H x W maps plus
 the padded crops (the loop holds one chunk of at most ``_CHUNK_ELEMENTS``, the scatter all of
-them, up to ``_SCATTER_ELEMENTS``, past which it falls back to the loop). The result equals
-visiting the instances one by one (the reference behaviour, kept in ``tests/test_fast_paths.py``).
+them, up to ``_SCATTER_ELEMENTS``, past which it takes compact chunks, then the loop). The result
+equals visiting the instances one by one (the reference behaviour, kept in
+``tests/test_fast_paths.py``).
 """
 
 from typing import Dict, List, Sequence, Tuple, Union
@@ -129,21 +131,32 @@ def _class_max(sem: torch.Tensor, class_ids: List[int]) -> torch.Tensor:
     return best
 
 
-def _chunks(sizes: List[Tuple[int, int]]) -> List[Tuple[int, int, int, int]]:
+def _chunks(sizes: List[Tuple[int, int]], compact: bool = True) -> List[Tuple[int, int, int, int]]:
     """Consecutive (start, end, h, w) groups of crops, padded to (h, w), with at most
-    _CHUNK_ELEMENTS padded elements and at most about half of them padding."""
+    _CHUNK_ELEMENTS padded elements and, if ``compact``, at most about half of them padding.
+
+    Compact chunks are the least work: what the loop wants, whose cost is per instance anyway.
+    The scatter runs some 25 kernels per chunk and round whatever the chunk holds, and on a GPU a
+    launch costs more than the padding does, so it takes the fewest chunks the size allows.
+    """
     chunks = []
     start, h, w, area = 0, 0, 0, 0
     for i, (hi, wi) in enumerate(sizes):
         nh, nw, narea = max(h, hi), max(w, wi), area + hi * wi
         padded = (i + 1 - start) * nh * nw
-        if i > start and (padded > _CHUNK_ELEMENTS or padded > 2 * narea + (1 << 16)):
+        wasteful = compact and padded > 2 * narea + (1 << 16)
+        if i > start and (padded > _CHUNK_ELEMENTS or wasteful):
             chunks.append((start, i, h, w))
             start, nh, nw, narea = i, hi, wi, hi * wi
         h, w, area = nh, nw, narea
     if start < len(sizes):
         chunks.append((start, len(sizes), h, w))
     return chunks
+
+
+def _padded(chunks: List[Tuple[int, int, int, int]]) -> int:
+    """Padded crop elements of all ``chunks``."""
+    return sum((end - start) * h * w for start, end, h, w in chunks)
 
 
 def _validate(
@@ -273,10 +286,12 @@ def panoptic_fusion(
         masks = instances.pred_mask_logits.to(device).float()[order]
         classes = instances.pred_classes.to(device)[order]
         sem_ids = thing_ids[classes.clamp(0, max(len(thing_id_list) - 1, 0))]
-        chunks = _chunks([(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops])
-        padded = sum((end - start) * h * w for start, end, h, w in chunks)
-        if method == "scatter" and padded > _SCATTER_ELEMENTS:
-            method = "loop"
+        sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
+        chunks = _chunks(sizes, compact=method == "loop")
+        if method == "scatter" and _padded(chunks) > _SCATTER_ELEMENTS:
+            chunks = _chunks(sizes)  # less padding, more kernels
+            if _padded(chunks) > _SCATTER_ELEMENTS:
+                method = "loop"
         fuse = _fuse_by_scatter if method == "scatter" else _fuse_by_loop
         best_idx, kept = fuse(
             sem,

@@ -17,6 +17,7 @@ from .fast_inference import (
     rpn_proposals,
 )
 from .fusion import panoptic_postprocess
+from .inplace_abn import convert_to_inplace_abn
 
 # What EfficientPS keeps in __dict__ besides nn.Module's state: derived from its modules, rebuilt
 # on demand (see _inference_network, _weight_tensors, _training_parts).
@@ -68,10 +69,14 @@ class EfficientPS(GeneralizedRCNN):
         compile=False,
         compile_mode="default",
         compile_training=False,
+        inplace_abn=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.sem_seg_head = sem_seg_head
+        if inplace_abn:
+            # The paper's norm layer: BatchNorm + LeakyReLU that keep half the activations.
+            convert_to_inplace_abn(self)
         # A Python list, not a buffer: the fusion needs the ids on the host (a buffer on the GPU
         # would cost it a device read per image); the remap of pred_classes copies it over.
         self.thing_semantic_ids = [int(i) for i in thing_semantic_ids]
@@ -119,6 +124,7 @@ class EfficientPS(GeneralizedRCNN):
             channels_last=cfg.MODEL.EFFICIENTPS.CHANNELS_LAST,
             **InferenceOptions.config_kwargs(cfg),
             compile_training=cfg.MODEL.EFFICIENTPS.COMPILE_TRAINING,
+            inplace_abn=cfg.MODEL.EFFICIENTPS.INPLACE_ABN,
         )
         return ret
 

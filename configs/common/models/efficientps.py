@@ -130,4 +130,7 @@ model = L(EfficientPS)(
     compile=False,
     compile_mode="default",
     compile_training=False,
+    # In-place activated BatchNorm (MODEL.EFFICIENTPS.INPLACE_ABN): BN + LeakyReLU pairs keep only
+    # their output for the backward pass.
+    inplace_abn=False,
 )
