@@ -124,6 +124,16 @@ def test_a_second_derivative_is_refused_not_wrong():
         grad.sum().backward()
 
 
+def test_freezing_after_the_conversion_is_refused():
+    """FrozenBatchNorm would take an InPlaceABN for a BatchNorm and drop its LeakyReLU."""
+    from efficientps_d2.modeling.backbone.efficientnet import EfficientNet
+
+    backbone = EfficientNet("b0")
+    convert_to_inplace_abn(backbone)
+    with pytest.raises(ValueError, match="freeze first"):
+        backbone.freeze(2)
+
+
 def test_bfloat16_under_autocast_is_close_to_float32():
     """Half-precision activations keep their dtype; the statistics and gradients are computed in
     float32, so they stay within bfloat16's rounding of the float32 ones."""
