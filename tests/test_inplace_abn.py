@@ -99,6 +99,41 @@ def test_a_zero_weight_gives_finite_gradients():
     assert abs(abn.weight.grad[2]) < 1e-8 and torch.isfinite(abn.weight.grad).all()
 
 
+def test_an_empty_batch_keeps_the_statistics_as_batch_norm_does():
+    """A mask head gets no ROIs when a training batch has no foreground: BatchNorm gives an empty
+    output and keeps its statistics (torch's BatchNorm kernel, which iABN calls, cannot take it)."""
+    reference, abn = _reference_and_abn()
+    x = torch.zeros(0, 5, 14, 14, dtype=torch.double)
+    expected, expected_grad = _run(reference, x, x, activation=True)
+    got, got_grad = _run(abn, x, x)
+    assert got.shape == expected.shape and got_grad.shape == expected_grad.shape
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(abn, name), getattr(reference, name)), name
+
+
+def test_one_value_per_channel_is_refused_as_batch_norm_does():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        InPlaceABN(3).train()(torch.ones(1, 3, 1, 1))
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    _, abn = _reference_and_abn()
+    x = torch.randn(2, 5, 3, 3, dtype=torch.double, requires_grad=True)
+    (grad,) = torch.autograd.grad(abn(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        grad.sum().backward()
+
+
+def test_freezing_after_the_conversion_is_refused():
+    """FrozenBatchNorm would take an InPlaceABN for a BatchNorm and drop its LeakyReLU."""
+    from efficientps_d2.modeling.backbone.efficientnet import EfficientNet
+
+    backbone = EfficientNet("b0")
+    convert_to_inplace_abn(backbone)
+    with pytest.raises(ValueError, match="freeze first"):
+        backbone.freeze(2)
+
+
 def test_bfloat16_under_autocast_is_close_to_float32():
     """Half-precision activations keep their dtype; the statistics and gradients are computed in
     float32, so they stay within bfloat16's rounding of the float32 ones."""
@@ -220,51 +255,66 @@ def test_model_with_inplace_abn_trains_and_infers_as_with_batch_norm():
             assert torch.equal(got["panoptic_seg"][0], expected["panoptic_seg"][0])
 
 
-def _synchronised_worker(rank, world_size, init_file, x, grad, result_dir):
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def test_a_batch_without_things_trains_with_inplace_abn():
+    """No foreground ROIs: the mask head's norms get an empty batch, as with BatchNorm."""
+    model = _tiny(True).train()
+    with EventStorage():
+        losses = model([training_input(64, 96, [], [], seed=1)])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _synchronised_worker(rank, init_file, x, grad, splits, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         _, abn = _reference_and_abn()
         abn.synchronized = True
-        half = x.shape[0] // world_size
-        part = slice(rank * half, (rank + 1) * half)
-        y, x_grad = _run(abn, x[part], grad[part])
-        torch.save(
-            {
-                "y": y,
-                "x_grad": x_grad,
-                "weight_grad": abn.weight.grad,
-                "running_var": abn.running_var,
-            },
-            os.path.join(result_dir, f"{rank}.pt"),
-        )
+        results = []
+        for split in splits:  # each the first process's share of the batch
+            part = slice(0, split) if rank == 0 else slice(split, len(x))
+            y, x_grad = _run(abn, x[part], grad[part])
+            results.append({"y": y, "x_grad": x_grad, "weight_grad": abn.weight.grad.clone()})
+            abn.weight.grad = abn.bias.grad = None
+        statistics = {name: getattr(abn, name) for name in STATISTICS}
+        torch.save((results, statistics), os.path.join(result_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_synchronized_statistics_span_the_processes(tmp_path):
-    """Two gloo processes with half a batch each compute what one process computes on the whole
-    batch: outputs, input gradients and running statistics, as SyncBatchNorm does; the weight's
-    gradient is each process's share (DDP averages it, as SyncBatchNorm's)."""
+    """Two gloo processes sharing a batch (evenly, unevenly, or one with nothing, as a mask head
+    without foreground ROIs) compute what one process computes on the whole batch: outputs,
+    input gradients and running statistics, as SyncBatchNorm does; the weight's gradient is
+    each process's share (DDP averages it, as SyncBatchNorm's)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 5, 6, 7, generator=g, dtype=torch.double) * 2 + 3  # mean well off zero
-    x[2:] += 1.5  # the processes' halves differ
+    x[2:] += 1.5  # the processes' shares differ
     grad = torch.randn(x.shape, generator=g, dtype=torch.double)
+    splits = (2, 3, 4)
     _, whole = _reference_and_abn()
-    expected_y, expected_grad = _run(whole, x, grad)
+    expected = []
+    for _ in splits:
+        expected.append(_run(whole, x, grad) + (whole.weight.grad.clone(),))
+        whole.weight.grad = whole.bias.grad = None
     mp.start_processes(
         _synchronised_worker,
-        args=(2, str(tmp_path / "rendezvous"), x, grad, str(tmp_path)),
+        args=(str(tmp_path / "rendezvous"), x, grad, splits, str(tmp_path)),
         nprocs=2,
         start_method="spawn",
     )
-    parts = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
-    torch.testing.assert_close(torch.cat([p["y"] for p in parts]), expected_y, rtol=0, atol=1e-12)
-    got_grad = torch.cat([p["x_grad"] for p in parts])
-    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
-    shares = parts[0]["weight_grad"] + parts[1]["weight_grad"]
-    torch.testing.assert_close(shares, whole.weight.grad, rtol=0, atol=1e-10)
-    for p in parts:
-        torch.testing.assert_close(p["running_var"], whole.running_var, rtol=0, atol=1e-12)
+    (first, statistics), (second, _) = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
+    for split, a, b, (y, x_grad, weight_grad) in zip(splits, first, second, expected):
+        torch.testing.assert_close(torch.cat([a["y"], b["y"]]), y, rtol=0, atol=1e-12)
+        got_grad = torch.cat([a["x_grad"], b["x_grad"]])
+        torch.testing.assert_close(got_grad, x_grad, rtol=0, atol=1e-12, msg=str(split))
+        shares = a["weight_grad"] + b["weight_grad"]
+        torch.testing.assert_close(shares, weight_grad, rtol=0, atol=1e-10, msg=str(split))
+    for name in STATISTICS:
+        torch.testing.assert_close(statistics[name], getattr(whole, name), rtol=0, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -101,6 +101,18 @@ def test_lazy_amp_precision_is_checked_and_named():
         startup.build_trainer(model, [], optimizer, settings)
 
 
+def test_bfloat16_amp_with_inplace_abn_warns_of_imprecise_norm_weight_gradients(caplog):
+    from efficientps_d2.modeling.inplace_abn import InPlaceABN
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), InPlaceABN(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for precision, warned in (("bfloat16", True), ("float16", False)):
+        opts = ["train.amp.enabled=True", f"train.amp.precision={precision}"]
+        caplog.clear()
+        startup.build_trainer(model, [], optimizer, ConfigAdapter(load_config(QUICK_PY, opts)))
+        assert ("imprecise weight gradient" in caplog.text) == warned, precision
+
+
 def test_amp_training_resumes_from_a_checkpoint_of_another_amp_setting():
     """Turning float16 AMP on (or moving from bfloat16 to float16) between runs: the checkpoint's
     trainer state has no gradient scaler state, or an empty one; Detectron2's AMPTrainer raised."""

@@ -36,6 +36,7 @@ from ..checkpoint import check_checkpoint_exists
 from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
+from ..modeling.inplace_abn import InPlaceABN
 from ..output_lock import lock_output_dir
 from .lazy_config import INFERENCE_PARTS, TRAINING_PARTS, load_config
 
@@ -203,6 +204,13 @@ def build_trainer(model, data_loader, optimizer, config):
         # bfloat16 cannot underflow where float32 does not; scaling would only add the scaler's
         # inf/nan check, a host sync, to every step.
         grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+        if any(isinstance(m, InPlaceABN) for m in model.modules()):
+            logger.warning(
+                "In-place activated BN under bfloat16 AMP rebuilds each norm's input from its "
+                "bfloat16 output: a norm whose weight is small against its bias gets an "
+                "imprecise weight gradient (SOLVER.AMP.PRECISION float16 rounds 8 times finer; "
+                "without AMP, or with MODEL.EFFICIENTPS.INPLACE_ABN False, there is no such loss)."
+            )
     return ResumableAMPTrainer(
         model, data_loader, optimizer, grad_scaler=grad_scaler, precision=dtypes[precision]
     )

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from detectron2.layers import Conv2d, NaiveSyncBatchNorm
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 __all__ = ["InPlaceABN", "convert_to_inplace_abn"]
@@ -47,18 +48,22 @@ def _statistics_across(y: torch.Tensor, group) -> tuple:
     """Mean, biased variance and element count of each channel of ``y`` (N, C, H, W) over the
     batches of every process in ``group``, as tensors (reading the count would make every layer
     wait for the device)."""
-    var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    channels = y.shape[1]
+    if y.numel():
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    else:  # no input here (a mask head without foreground ROIs): counts nothing, as SyncBN
+        var = mean = y.new_zeros(channels)
     # Each process's (count, mean, variance), combined exactly (Chan et al.'s parallel variance),
     # which stays accurate where a mean is large against its deviation, unlike E[y^2] - E[y]^2.
-    local = torch.cat([mean.new_tensor([y.numel() // y.shape[1]]), mean, var]).double()
+    count = torch.tensor([y.numel() // channels], dtype=torch.float64, device=y.device)
+    local = torch.cat([count, mean.double(), var.double()])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     stats = torch.stack(gathered)
-    channels = len(mean)
     counts, means, variances = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
     total = counts.sum()
-    global_mean = (counts * means).sum(0) / total
-    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+    global_mean = (counts * means).sum(0) / total.clamp(min=1)
+    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total.clamp(min=1)
     return global_mean.to(mean.dtype), global_var.to(var.dtype), total.to(mean.dtype)
 
 
@@ -81,8 +86,10 @@ class _InPlaceABNFunction(torch.autograd.Function):
                 mean, var, count = _statistics_across(_wide(y), group)
                 with torch.no_grad():
                     unbiased = var * count / (count - 1).clamp(min=1)
-                    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                    running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+                    # No input on any process: the statistics stay, as BatchNorm's do.
+                    step = (count > 0).to(running_mean.dtype) * momentum
+                    running_mean.lerp_(mean.to(running_mean.dtype), step)
+                    running_var.lerp_(unbiased.to(running_var.dtype), step)
                 invstd = torch.rsqrt(var + eps)
                 z = F.batch_norm(y, mean, var, weight, bias, False, 0.0, eps)
             F.leaky_relu(z, slope, inplace=True)
@@ -91,6 +98,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
         return z
 
     @staticmethod
+    @once_differentiable  # the backward's own ops would give a wrong second derivative
     def backward(ctx, grad_z):
         z, weight, bias, mean, invstd = ctx.saved_tensors
         # d loss / d pre-activation: LeakyReLU keeps the sign, so its output tells the branch.
@@ -104,9 +112,12 @@ class _InPlaceABNFunction(torch.autograd.Function):
         else:
             # The weight's and bias's gradients are this process's (DDP averages them across
             # processes, as SyncBatchNorm's); the input's needs the sums over the whole batch.
-            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad, y, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
-            )
+            if y.numel():
+                _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                    grad, y, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+                )
+            else:  # no input here: nothing to add (the kernel cannot take an empty batch)
+                grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
             grad_y = None
             if need_y:
                 sums = torch.stack([grad_bias, grad_weight])
@@ -150,7 +161,11 @@ class InPlaceABN(nn.BatchNorm2d):
     """BatchNorm2d followed by ``LeakyReLU(negative_slope)``, which in training keeps only its
     output for the backward pass (see the module docstring). With ``synchronized``, training
     statistics are those of the whole batch across the processes of ``process_group`` (the
-    default group when None), as SyncBatchNorm's; alone (one process), the local batch's."""
+    default group when None), as SyncBatchNorm's; alone (one process), the local batch's.
+
+    Converters written for BatchNorm take it for one and drop its activation: Detectron2's
+    ``FrozenBatchNorm2d.convert_frozen_batchnorm`` and torch's ``convert_sync_batchnorm``. Freeze
+    or convert before :func:`convert_to_inplace_abn` (``EfficientNet.freeze`` refuses after)."""
 
     def __init__(
         self,
@@ -198,11 +213,15 @@ class InPlaceABN(nn.BatchNorm2d):
     def forward(self, x):
         if x.dim() != 4:
             raise ValueError(f"InPlaceABN expects (N, C, H, W) input, got {tuple(x.shape)}.")
-        if not self.training:
-            x = F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-            return F.leaky_relu(x, self.negative_slope, inplace=True)
+        if not self.training:  # BatchNorm with running statistics, then the activation
+            return F.leaky_relu(super().forward(x), self.negative_slope, inplace=True)
+        group = self._group()
+        if group is None:
+            F._verify_batch_size(x.size())  # BatchNorm's: more than one value per channel
+            if x.numel() == 0:
+                # A mask head without foreground ROIs: BatchNorm keeps its statistics and gives
+                # an empty output (its kernel, which iABN calls, cannot take an empty batch).
+                return F.leaky_relu(super().forward(x), self.negative_slope)
         self.num_batches_tracked.add_(1)
         # BatchNorm's momentum rule: None means a cumulative average.
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -215,7 +234,7 @@ class InPlaceABN(nn.BatchNorm2d):
             momentum,
             self.eps,
             self.negative_slope,
-            self._group(),
+            group,
         )
 
     def extra_repr(self):

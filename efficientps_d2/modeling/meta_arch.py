@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import logging
 from typing import Dict, List
 
 import torch
@@ -18,6 +19,8 @@ from .fast_inference import (
 )
 from .fusion import panoptic_postprocess
 from .inplace_abn import convert_to_inplace_abn
+
+logger = logging.getLogger(__name__)
 
 # What EfficientPS keeps in __dict__ besides nn.Module's state: derived from its modules, rebuilt
 # on demand (see _inference_network, _weight_tensors, _training_parts).
@@ -76,7 +79,13 @@ class EfficientPS(GeneralizedRCNN):
         self.sem_seg_head = sem_seg_head
         if inplace_abn:
             # The paper's norm layer: BatchNorm + LeakyReLU that keep half the activations.
-            convert_to_inplace_abn(self)
+            converted = convert_to_inplace_abn(self)
+            log = logger.info if converted else logger.warning
+            log(
+                "MODEL.EFFICIENTPS.INPLACE_ABN: %d BatchNorm + LeakyReLU pairs made in-place "
+                "activated BN (FrozenBN, GN and norms without a LeakyReLU stay as they are).",
+                converted,
+            )
         # A Python list, not a buffer: the fusion needs the ids on the host (a buffer on the GPU
         # would cost it a device read per image); the remap of pred_classes copies it over.
         self.thing_semantic_ids = [int(i) for i in thing_semantic_ids]

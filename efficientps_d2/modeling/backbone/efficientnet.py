@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.efficientnet import _efficientnet_conf
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
+from ..inplace_abn import InPlaceABN
 from ..layers import norm_factory
 
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7")
@@ -126,6 +127,12 @@ class EfficientNet(Backbone):
         """Freezes the stem (1) and the first ``freeze_at - 1`` MBConv stages, BN included."""
         for index in range(min(freeze_at, len(self.features))):
             module = self.features[index]
+            if any(isinstance(m, InPlaceABN) for m in module.modules()):
+                # FrozenBatchNorm would take it for a BatchNorm and drop its LeakyReLU.
+                raise ValueError(
+                    "EfficientNet.freeze after MODEL.EFFICIENTPS.INPLACE_ABN converted the norms: "
+                    "freeze first (MODEL.BACKBONE.FREEZE_AT does)."
+                )
             for p in module.parameters():
                 p.requires_grad = False
             self.features[index] = FrozenBatchNorm2d.convert_frozen_batchnorm(module)
