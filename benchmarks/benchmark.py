@@ -94,7 +94,8 @@ logger = logging.getLogger("efficientps_d2.benchmark")
 
 
 def ours_config(device, name=OURS_CONFIG):
-    """The shipped config with every SyncBN replaced by BN (one process) and test thresholds 0."""
+    """The shipped config with every synchronised BN replaced by BN (one process) and test
+    thresholds 0."""
     cfg = setup_cfg(os.path.join(CONFIGS, name), freeze=False)
     cfg.MODEL.DEVICE = device  # as asked, even where setup_cfg would fall back to the CPU
     # Plain: each row picks its path, and FLOPs are counted on the model's own modules.
@@ -107,7 +108,7 @@ def ours_config(device, name=OURS_CONFIG):
         cfg.MODEL.SEM_SEG_HEAD,
         cfg.MODEL.ROI_MASK_HEAD,
     ):
-        node.NORM = "BN" if node.NORM == "SyncBN" else node.NORM
+        node.NORM = "BN" if "SyncBN" in node.NORM else node.NORM  # SyncBN, naiveSyncBN_N
     if cfg.MODEL.RPN.HEAD_NORM == "SyncBN":
         cfg.MODEL.RPN.HEAD_NORM = "BN"
     return cfg

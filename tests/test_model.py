@@ -19,6 +19,7 @@ from tests.common import (
     NUM_CLASSES,
     PERMISSIVE,
     THING_SEMANTIC_IDS,
+    config_file,
     load_config,
     tiny_config,
     training_input,
@@ -53,6 +54,45 @@ def test_shipped_configs_build(name):
     assert model.sem_seg_head.num_classes == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     # Thing classes come from Detectron2's own metadata of the configured data set.
     assert len(model.thing_semantic_ids) == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Cityscapes-PanopticSegmentation/efficientps_b5.yaml",
+        "Cityscapes-PanopticSegmentation/efficientps_b5.py",
+        "COCO-PanopticSegmentation/efficientps_b5.yaml",
+    ],
+)
+@pytest.mark.parametrize("inplace_abn", [False, True], ids=["bn", "iabn"])
+def test_gpu_configs_train_on_a_batch_without_things(name, inplace_abn):
+    """The synchronised-BN configs keep images without things (FILTER_EMPTY_ANNOTATIONS False on
+    Cityscapes): then the mask head gets no ROI, and an empty batch must not stop training, as
+    torch's SyncBatchNorm would (Detectron2's Conv2d refuses it one, on any device)."""
+    opts = ["MODEL.EFFICIENTNET.VARIANT", "b0", "MODEL.WEIGHTS", ""]
+    opts += ["MODEL.EFFICIENTPS.INPLACE_ABN", inplace_abn]
+    if name.endswith(".py"):
+        from efficientps_d2.config_adapter import ConfigAdapter
+        from efficientps_d2.engine.lazy_config import load_config as load_lazy_config
+
+        cfg = ConfigAdapter(
+            load_lazy_config(
+                config_file(name),
+                [
+                    "model.backbone.bottom_up.variant=b0",
+                    f"model.inplace_abn={inplace_abn}",
+                ],
+            )
+        )
+        model = cfg.build_model()
+    else:
+        model = build_model(load_config(name, opts))
+    batch = [training_input(64, 96, [], [], seed=1)]
+    model.train()
+    with EventStorage():
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_training_step_gives_finite_losses_and_gradients_in_every_head():

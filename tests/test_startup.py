@@ -65,9 +65,12 @@ def test_cpu_runs_use_naive_sync_bn_for_every_syncbn_norm_of_both_kinds():
     name = os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_b5")
     yaml_cfg = load_config(name + ".yaml", ["MODEL.DEVICE", "cpu"])
     py_cfg = load_config(name + ".py", ["train.device=cpu"])
-    assert len(startup.use_naive_sync_bn(yaml_cfg)) == 5
+    assert len(startup.use_naive_sync_bn(yaml_cfg)) == 4
     changed = startup.use_naive_sync_bn(py_cfg)
-    assert "model.roi_heads.mask_head.conv_norm" in changed and len(changed) == 5
+    assert "model.proposal_generator.head.norm" in changed and len(changed) == 4
+    # The mask head's count-weighted naiveSyncBN_N already runs on the CPU.
+    assert yaml_cfg.MODEL.ROI_MASK_HEAD.NORM == "naiveSyncBN_N"
+    assert py_cfg.model.roi_heads.mask_head.conv_norm == "naiveSyncBN_N"
     assert "SyncBN" not in OmegaConf.to_yaml(py_cfg.model).replace("naiveSyncBN", "")
     # On CUDA nothing changes.
     on_cuda = load_config(name + ".py")

@@ -11,7 +11,9 @@ for norm_owner in (
     model.proposal_generator.head,
 ):
     norm_owner.norm = "SyncBN"
-model.roi_heads.mask_head.conv_norm = "SyncBN"
+# Detectron2's count-weighted synchronised BN, which takes a process without foreground ROIs
+# (an image without things): torch's SyncBatchNorm cannot (see the YAML twin).
+model.roi_heads.mask_head.conv_norm = "naiveSyncBN_N"
 model.sem_seg_head.num_classes = 19  # train ids 0-10 stuff, 11-18 things
 model.roi_heads.num_classes = 8
 
