@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .inplace_abn import InPlaceABN
+from .layers import sequential_neighbours
 
 __all__ = [
     "ConvLeakyReLU",
@@ -148,22 +149,20 @@ def fold_batch_norms(module: nn.Module) -> int:
         the number of norms folded.
     """
     count = 0
-    for parent in list(module.modules()):
-        if isinstance(parent, nn.Conv2d) and _is_foldable_norm(getattr(parent, "norm", None)):
-            norm = parent.norm
-            _fold_norm_into_conv(parent, norm)
-            parent.norm = None
+    for conv in list(module.modules()):
+        if isinstance(conv, nn.Conv2d) and _is_foldable_norm(getattr(conv, "norm", None)):
+            norm = conv.norm
+            _fold_norm_into_conv(conv, norm)
+            conv.norm = None
             if isinstance(norm, InPlaceABN):  # its activation outlives it
-                parent.activation = _activation_of(norm)
+                conv.activation = _activation_of(norm)
             count += 1
-        if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
-            for previous, name in zip(names, names[1:]):
-                conv, norm = parent._modules[previous], parent._modules[name]
-                if _is_plain_conv(conv) and _is_foldable_norm(norm):
-                    _fold_norm_into_conv(conv, norm)
-                    parent._modules[name] = _activation_of(norm)
-                    count += 1
+    for parent, previous, name in sequential_neighbours(module):
+        conv, norm = parent._modules[previous], parent._modules[name]
+        if _is_plain_conv(conv) and _is_foldable_norm(norm):
+            _fold_norm_into_conv(conv, norm)
+            parent._modules[name] = _activation_of(norm)
+            count += 1
     return count
 
 

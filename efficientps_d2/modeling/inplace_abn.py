@@ -29,6 +29,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .layers import sequential_neighbours
+
 __all__ = ["InPlaceABN", "convert_to_inplace_abn"]
 
 # Weights smaller in magnitude are taken as this (sign kept) when inverting the affine norm.
@@ -270,22 +272,15 @@ def convert_to_inplace_abn(module: nn.Module) -> int:
         the number of norms replaced.
     """
     count = 0
-    for parent in list(module.modules()):
-        if (
-            isinstance(parent, Conv2d)
-            and _convertible(parent.norm)
-            and _is_leaky_relu(parent.activation)
-        ):
-            parent.norm = InPlaceABN.from_batch_norm(parent.norm, parent.activation.negative_slope)
-            parent.activation = None
+    for conv in list(module.modules()):
+        if isinstance(conv, Conv2d) and _convertible(conv.norm) and _is_leaky_relu(conv.activation):
+            conv.norm = InPlaceABN.from_batch_norm(conv.norm, conv.activation.negative_slope)
+            conv.activation = None
             count += 1
-        if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
-            for name, following in zip(names, names[1:]):
-                norm, activation = parent._modules[name], parent._modules[following]
-                if _convertible(norm) and _is_leaky_relu(activation):
-                    slope = activation.negative_slope
-                    parent._modules[name] = InPlaceABN.from_batch_norm(norm, slope)
-                    parent._modules[following] = nn.Identity()
-                    count += 1
+    for parent, name, following in sequential_neighbours(module):
+        norm, activation = parent._modules[name], parent._modules[following]
+        if _convertible(norm) and _is_leaky_relu(activation):
+            parent._modules[name] = InPlaceABN.from_batch_norm(norm, activation.negative_slope)
+            parent._modules[following] = nn.Identity()
+            count += 1
     return count

@@ -7,6 +7,17 @@ from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
 
+def sequential_neighbours(module: nn.Module):
+    """(parent, name, next name) for every two adjacent children of each ``nn.Sequential`` in
+    ``module``: where a conv, norm and activation run one after the other in torchvision's
+    blocks. The names are listed up front; read the children by name, as they may be replaced."""
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for name, following in zip(names, names[1:]):
+                yield parent, name, following
+
+
 def leaky_relu(slope=0.01):
     """The activation that follows every norm in EfficientPS (the paper's iABN uses slope 0.01)."""
     return nn.LeakyReLU(slope, inplace=True)
