@@ -45,7 +45,8 @@ log "benchmark rc=$?"
 
 log "cuda tests"
 timeout "${TEST_S:-60}" $PY -m pytest -q -x -p no:cacheprovider tests/test_fast_paths.py \
-  tests/test_fusion.py tests/test_inplace_abn.py -k "cuda or graph" > "$OUT/tests.log" 2>&1
+  tests/test_fusion.py tests/test_inplace_abn.py tests/test_mask_paste.py \
+  -k "cuda or graph" > "$OUT/tests.log" 2>&1
 log "tests rc=$?"
 
 CFG=configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml

@@ -21,7 +21,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from efficientps_d2.modeling import fusion
+from efficientps_d2.modeling import crop_chunks, fusion
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
@@ -820,7 +820,7 @@ def _random_scene(seed, height, width, num, num_classes=8, things=(2, 5, 6, 7)):
 def test_batched_fusion_equals_one_at_a_time_reference(
     monkeypatch, method, chunk_elements, rounds_per_check
 ):
-    monkeypatch.setattr(fusion, "_CHUNK_ELEMENTS", chunk_elements)  # small: many chunks
+    monkeypatch.setattr(crop_chunks, "CHUNK_ELEMENTS", chunk_elements)  # small: many chunks
     monkeypatch.setattr(fusion, "_ROUNDS_PER_CHECK", rounds_per_check)
     for seed in range(6):
         sem, inst, things = _random_scene(seed, 61 + 7 * seed, 93 + 5 * seed, 40)
@@ -900,25 +900,25 @@ def test_scatter_fusion_takes_fewest_chunks_then_compact_ones_then_the_loop(monk
 
     method, fewest = fuse()
     assert method == "_fuse_by_scatter"
-    monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", fusion._padded(fewest) - 1)
+    monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", crop_chunks.padded_elements(fewest) - 1)
     method, compact = fuse()
     assert method == "_fuse_by_scatter" and len(compact) > len(fewest)
-    assert fusion._padded(compact) < fusion._padded(fewest)
-    monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", fusion._padded(compact) - 1)
+    assert crop_chunks.padded_elements(compact) < crop_chunks.padded_elements(fewest)
+    monkeypatch.setattr(fusion, "_SCATTER_ELEMENTS", crop_chunks.padded_elements(compact) - 1)
     assert fuse() == ("_fuse_by_loop", compact)
 
 
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "fewest"])
 def test_fusion_chunks_bound_memory_and_padding(compact):
     sizes = [(400, 300), (10, 10), (12, 9), (300, 500), (1, 1), (2000, 2000), (5, 5), (3, 4)]
-    chunks = fusion._chunks(sizes, compact)
+    chunks = crop_chunks.chunk_crops(sizes, compact)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(sizes)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     for start, end, h, w in chunks:
         members = sizes[start:end]
         assert h == max(s[0] for s in members) and w == max(s[1] for s in members)
         if end - start > 1:
-            assert (end - start) * h * w <= fusion._CHUNK_ELEMENTS
+            assert (end - start) * h * w <= crop_chunks.CHUNK_ELEMENTS
     if compact:  # the loop's: at most about half padding
         assert all(
             (end - start) * h * w <= 2 * sum(a * b for a, b in sizes[start:end]) + (1 << 16)
@@ -927,7 +927,7 @@ def test_fusion_chunks_bound_memory_and_padding(compact):
         assert len(chunks) == 5
     else:  # the scatter's: each chunk as large as the bound allows, so as few as can be
         assert [c[:2] for c in chunks] == [(0, 5), (5, 6), (6, 8)]
-    assert fusion._chunks([], compact) == []
+    assert crop_chunks.chunk_crops([], compact) == []
 
 
 def test_fusion_accepts_channels_last_logits_and_tensor_thing_ids():

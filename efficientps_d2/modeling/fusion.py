@@ -16,7 +16,8 @@ The fusion is parameter-free and works on logits throughout:
 
 All detections are pasted at once (one ``grid_sample`` per chunk of boxes, padded to the chunk's
 largest box: for the loop, chunks at most about half padding; for the scatter, as few chunks as
-``_CHUNK_ELEMENTS`` allows). Steps 3-5 then run in one of two ways, with the same result:
+``crop_chunks.CHUNK_ELEMENTS`` allows). Steps 3-5 then run in one of two ways, with the same
+result:
 
 - ``"loop"`` (the default off CUDA): the instances are visited in score order, each with a few
   tensor ops on its box crop; the least work, best where a kernel launch is cheap (CPU).
@@ -32,7 +33,7 @@ number of ``segments_info`` in one copy. On CUDA, ``torch.bincount`` (the segmen
 small reads of its own, of the codes' minimum and maximum, just before that last copy, when
 little work is left to overlap; the scatter's convergence checks add one per four rounds. The
 one upload (the thing ids) does not wait for the device. Memory stays at a few H x W maps plus
-the padded crops (the loop holds one chunk of at most ``_CHUNK_ELEMENTS``, the scatter all of
+the padded crops (the loop holds one chunk of at most ``CHUNK_ELEMENTS``, the scatter all of
 them, up to ``_SCATTER_ELEMENTS``, past which it takes compact chunks, then the loop). The result
 equals visiting the instances one by one (the reference behaviour, kept in
 ``tests/test_fast_paths.py``).
@@ -45,13 +46,14 @@ from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_pos
 from detectron2.structures import Instances
 from torch.nn import functional as F
 
+from .crop_chunks import chunk_crops, padded_elements
+from .mask_paste import paste_masks
+
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
 _REQUIRED_FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_mask_logits")
 
 
-# Most padded crop elements (instances x rows x cols) pasted at once; bounds the fusion's memory.
-_CHUNK_ELEMENTS = 1 << 22
 # Most padded crop elements the "scatter" method holds at once (about 14 bytes each).
 _SCATTER_ELEMENTS = 1 << 25
 # Fixed-point rounds of the "scatter" overlap filter between two checks for convergence.
@@ -129,34 +131,6 @@ def _class_max(sem: torch.Tensor, class_ids: List[int]) -> torch.Tensor:
         best = run if best is None else torch.maximum(best, run)
         start = i
     return best
-
-
-def _chunks(sizes: List[Tuple[int, int]], compact: bool = True) -> List[Tuple[int, int, int, int]]:
-    """Consecutive (start, end, h, w) groups of crops, padded to (h, w), with at most
-    _CHUNK_ELEMENTS padded elements and, if ``compact``, at most about half of them padding.
-
-    Compact chunks are the least work: what the loop wants, whose cost is per instance anyway.
-    The scatter runs some 25 kernels per chunk and round whatever the chunk holds, and on a GPU a
-    launch costs more than the padding does, so it takes the fewest chunks the size allows.
-    """
-    chunks = []
-    start, h, w, area = 0, 0, 0, 0
-    for i, (hi, wi) in enumerate(sizes):
-        nh, nw, narea = max(h, hi), max(w, wi), area + hi * wi
-        padded = (i + 1 - start) * nh * nw
-        wasteful = compact and padded > 2 * narea + (1 << 16)
-        if i > start and (padded > _CHUNK_ELEMENTS or wasteful):
-            chunks.append((start, i, h, w))
-            start, nh, nw, narea = i, hi, wi, hi * wi
-        h, w, area = nh, nw, narea
-    if start < len(sizes):
-        chunks.append((start, len(sizes), h, w))
-    return chunks
-
-
-def _padded(chunks: List[Tuple[int, int, int, int]]) -> int:
-    """Padded crop elements of all ``chunks``."""
-    return sum((end - start) * h * w for start, end, h, w in chunks)
 
 
 def _validate(
@@ -287,10 +261,12 @@ def panoptic_fusion(
         classes = instances.pred_classes.to(device)[order]
         sem_ids = thing_ids[classes.clamp(0, max(len(thing_id_list) - 1, 0))]
         sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
-        chunks = _chunks(sizes, compact=method == "loop")
-        if method == "scatter" and _padded(chunks) > _SCATTER_ELEMENTS:
-            chunks = _chunks(sizes)  # less padding, more kernels
-            if _padded(chunks) > _SCATTER_ELEMENTS:
+        # The loop's cost is per instance anyway: compact chunks. The scatter runs some 25
+        # kernels per chunk and round whatever the chunk holds: the fewest chunks.
+        chunks = chunk_crops(sizes, compact=method == "loop")
+        if method == "scatter" and padded_elements(chunks) > _SCATTER_ELEMENTS:
+            chunks = chunk_crops(sizes)  # less padding, more kernels
+            if padded_elements(chunks) > _SCATTER_ELEMENTS:
                 method = "loop"
         fuse = _fuse_by_scatter if method == "scatter" else _fuse_by_loop
         best_idx, kept = fuse(
@@ -402,7 +378,7 @@ def _candidates(instances, device, height, width, confidence_thresh, num_things)
 
 
 def _pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale):
-    """For each of the ``chunks`` (see :func:`_chunks`): (start, end, fused logits FL, binary
+    """For each of the ``chunks`` (see :func:`chunk_crops`): (start, end, fused logits FL, binary
     masks, inside-the-crop flags, flat pixel index), all [k, h, w], padding included (inside is
     False there)."""
     device = sem.device
@@ -578,7 +554,7 @@ def panoptic_postprocess(
         sem_seg = sem_seg_logits[:, :height, :width]
     else:
         sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
-    instances = detector_postprocess(detections, height, width)
+    instances = _detector_postprocess(detections, height, width)
     panoptic_seg, segments_info = panoptic_fusion(
         sem_seg,
         instances,
@@ -597,3 +573,19 @@ def panoptic_postprocess(
         "instances": instances,
         "panoptic_seg": (panoptic_seg, segments_info),
     }
+
+
+def _detector_postprocess(detections: Instances, height: int, width: int) -> Instances:
+    """Detectron2's ``detector_postprocess`` (boxes scaled to (height, width), clipped, empty ones
+    dropped), with the masks pasted by :func:`~efficientps_d2.modeling.mask_paste.paste_masks`:
+    the same masks, without Detectron2's full-image pasting on a GPU."""
+    fields = detections.get_fields()
+    if "pred_masks" not in fields:
+        return detector_postprocess(detections, height, width)
+    # Under another name the M x M probabilities are scaled and filtered with the boxes, unpasted.
+    fields = {("pred_mask_probs" if k == "pred_masks" else k): v for k, v in fields.items()}
+    instances = detector_postprocess(Instances(detections.image_size, **fields), height, width)
+    probs = instances.pred_mask_probs
+    instances.remove("pred_mask_probs")
+    instances.pred_masks = paste_masks(probs[:, 0], instances.pred_boxes.tensor, (height, width))
+    return instances

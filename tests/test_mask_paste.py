@@ -1,0 +1,125 @@
+"""Instance masks pasted on box crops in batches: Detectron2's ``paste_masks_in_image`` masks, bit
+for bit, without its full-image pasting on a GPU."""
+
+import copy
+
+import pytest
+import torch
+from detectron2.layers import paste_masks_in_image
+from detectron2.layers.mask_ops import _do_paste_mask
+from detectron2.modeling.postprocessing import detector_postprocess
+
+from efficientps_d2.modeling import crop_chunks, mask_paste
+from efficientps_d2.modeling.fusion import panoptic_postprocess
+from efficientps_d2.modeling.mask_paste import paste_masks
+from tests.common import DeviceReads
+
+H, W = 97, 131
+
+
+def _detections(num, seed=0, height=H, width=W):
+    """Boxes as detector_postprocess leaves them (clipped, not empty): sub-pixel, large, small,
+    on the image's edges; probabilities with saturated ones (exactly 1.0), whose border samples
+    land exactly on the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([width * 1.2, height * 1.2]) - 10
+    wh = torch.rand(num, 2, generator=g) ** 2 * torch.tensor([width * 0.9, height * 0.9]) + 0.3
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+    masks = torch.rand(len(boxes), 28, 28, generator=g)
+    masks[::3] = torch.sigmoid(torch.randn(masks[::3].shape, generator=g) * 30)
+    assert (masks == 1.0).any()
+    return masks, boxes
+
+
+def _fewest_chunks(monkeypatch):
+    """The chunking that CUDA gets (few, padded chunks), on the CPU."""
+    monkeypatch.setattr(
+        mask_paste, "chunk_crops", lambda sizes, compact: crop_chunks.chunk_crops(sizes, False)
+    )
+
+
+@pytest.mark.parametrize("chunking", ["compact", "fewest", "many"])
+def test_masks_equal_detectron2s_on_both_of_its_paths(monkeypatch, chunking):
+    """Detectron2's CPU path (one box crop at a time) and its GPU path (the whole image at once,
+    run here on the CPU) give the same masks, and so does the batched crop pasting however its
+    crops are chunked."""
+    if chunking == "fewest":
+        _fewest_chunks(monkeypatch)
+    if chunking == "many":
+        monkeypatch.setattr(crop_chunks, "CHUNK_ELEMENTS", 3000)
+    for seed in range(3):
+        masks, boxes = _detections(60, seed)
+        got = paste_masks(masks, boxes, (H, W))
+        assert got.dtype == torch.bool and got.shape == (len(masks), H, W)
+        assert torch.equal(got, paste_masks_in_image(masks, boxes, (H, W)))
+        whole_image = _do_paste_mask(masks[:, None], boxes, H, W, skip_empty=False)[0] >= 0.5
+        assert torch.equal(got, whole_image)
+
+
+def test_one_device_read_whatever_the_number_of_masks(monkeypatch):
+    _fewest_chunks(monkeypatch)
+    for num in (1, 40):
+        masks, boxes = _detections(num, seed=num)
+        with DeviceReads() as reads:
+            paste_masks(masks, boxes, (H, W))
+        assert dict(reads.counts) == {"tolist": 1}
+
+
+def test_other_thresholds_and_no_masks_are_detectron2s():
+    """Below 0.5 a pixel outside its box can pass, and Detectron2's two paths differ: its own
+    function decides. None at all: an empty (0, H, W) result."""
+    masks, boxes = _detections(20)
+    for threshold in (0.3, -1):
+        expected = paste_masks_in_image(masks, boxes, (H, W), threshold)
+        assert torch.equal(paste_masks(masks, boxes, (H, W), threshold), expected)
+    none = paste_masks(masks[:0], boxes[:0], (H, W))
+    assert none.shape == (0, H, W)
+    assert none.dtype == paste_masks_in_image(masks[:0], boxes[:0], (H, W)).dtype  # uint8
+
+
+@pytest.mark.parametrize("size", [(H, W), (60, 80)], ids=["same size", "resized"])
+def test_panoptic_postprocess_instances_are_detector_postprocess_ones(size):
+    """What the model returns as instances: Detectron2's detector_postprocess (scaled, clipped,
+    empty boxes dropped, masks pasted), at the input size and resized."""
+    from detectron2.structures import Boxes, Instances
+
+    masks, boxes = _detections(30, seed=5)
+    boxes[0] = torch.tensor([10.0, 10.0, 10.0, 20.0])  # empty: dropped
+    detections = Instances((H, W))
+    detections.pred_boxes = Boxes(boxes)
+    detections.scores = torch.linspace(0.9, 0.5, len(boxes))
+    detections.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
+    detections.pred_masks = masks[:, None]
+    detections.pred_mask_logits = torch.logit(masks[:, None].clamp(1e-6, 1 - 1e-6))
+    # detector_postprocess scales the boxes of the Instances it is given in place.
+    expected = detector_postprocess(copy.deepcopy(detections), *size)
+    got = panoptic_postprocess(
+        torch.randn(3, H, W),
+        detections,
+        (H, W),
+        *size,
+        thing_semantic_ids=[2],
+        confidence_thresh=0.5,
+        overlap_thresh=0.5,
+        stuff_area_limit=0,
+        mask_logit_scale=4.0,
+    )["instances"]
+    assert got.get_fields().keys() == expected.get_fields().keys()
+    assert len(got) == len(boxes) - 1
+    for name in ("pred_boxes", "scores", "pred_masks", "pred_mask_logits"):
+        a, b = got.get(name), expected.get(name)
+        a, b = (a.tensor, b.tensor) if name == "pred_boxes" else (a, b)
+        assert torch.equal(a, b), name
+    assert detections.has("pred_masks") and detections.pred_masks.shape[-1] == 28  # untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_masks_equal_detectron2s():
+    masks, boxes = _detections(60)
+    masks, boxes = masks.cuda(), boxes.cuda()
+    expected = paste_masks_in_image(masks, boxes, (H, W))
+    got = paste_masks(masks, boxes, (H, W))
+    assert got.is_cuda and torch.equal(got, expected)
