@@ -59,6 +59,45 @@ def test_masks_equal_detectron2s_on_both_of_its_paths(monkeypatch, chunking):
         assert torch.equal(got, whole_image)
 
 
+def test_samples_exactly_on_the_threshold_are_decided_as_detectron2_decides(monkeypatch):
+    """Thresholds taken from Detectron2's own samples: every float32 operation of the mapping
+    must be Detectron2's for the pixels on the threshold to land on the same side."""
+    _fewest_chunks(monkeypatch)
+    masks, boxes = _detections(40, seed=7)
+    soft = _do_paste_mask(masks[:, None], boxes, H, W, skip_empty=False)[0]
+    candidates = soft[(soft >= 0.5) & (soft < 1.0)]
+    g = torch.Generator().manual_seed(0)
+    for threshold in candidates[torch.randint(len(candidates), (20,), generator=g)].tolist():
+        expected = paste_masks_in_image(masks, boxes, (H, W), threshold)
+        assert torch.equal(paste_masks(masks, boxes, (H, W), threshold), expected), threshold
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_masks_of_other_dtypes_are_sampled_in_their_dtype(monkeypatch, dtype):
+    _fewest_chunks(monkeypatch)
+    masks, boxes = _detections(60, seed=2)
+    masks = masks.to(dtype)
+    assert torch.equal(
+        paste_masks(masks, boxes, (H, W)), paste_masks_in_image(masks, boxes, (H, W))
+    )
+
+
+def test_a_box_never_reaches_past_its_crop(monkeypatch):
+    """A box far off the image, or not ordered, next to a large crop in its chunk: its grown
+    crop covers pixels that its own crop does not, and they stay off."""
+    _fewest_chunks(monkeypatch)
+    masks = torch.ones(3, 28, 28)
+    boxes = torch.tensor([[0.0, 0.0, W, H], [W - 40.0, 2.0, 1e9, 15.0], [20.0, 5.0, 10.0, 25.0]])
+    got = paste_masks(masks, boxes, (H, W))
+    assert torch.equal(got[:2], paste_masks_in_image(masks[:2], boxes[:2], (H, W)))
+    assert not got[2].any()  # Detectron2's CPU path cannot take it (an empty range)
+
+
+def test_non_square_masks_are_refused():
+    with pytest.raises(ValueError, match="square"):
+        paste_masks(torch.ones(1, 28, 14), torch.tensor([[0.0, 0.0, 9.0, 9.0]]), (H, W))
+
+
 def test_one_device_read_whatever_the_number_of_masks(monkeypatch):
     _fewest_chunks(monkeypatch)
     for num in (1, 40):
@@ -80,19 +119,26 @@ def test_other_thresholds_and_no_masks_are_detectron2s():
     assert none.dtype == paste_masks_in_image(masks[:0], boxes[:0], (H, W)).dtype  # uint8
 
 
-@pytest.mark.parametrize("size", [(H, W), (60, 80)], ids=["same size", "resized"])
-def test_panoptic_postprocess_instances_are_detector_postprocess_ones(size):
+@pytest.mark.parametrize(
+    "size, num, roi_masks",
+    [((H, W), 30, False), ((60, 80), 30, False), ((H, W), 0, False), ((60, 80), 30, True)],
+    ids=["same size", "resized", "no detections", "ROIMasks"],
+)
+def test_panoptic_postprocess_instances_are_detector_postprocess_ones(size, num, roi_masks):
     """What the model returns as instances: Detectron2's detector_postprocess (scaled, clipped,
-    empty boxes dropped, masks pasted), at the input size and resized."""
-    from detectron2.structures import Boxes, Instances
+    empty boxes dropped, masks pasted into bool masks, the fields in their order), at the input
+    size and resized, with no detections, and with Detectron2's ROIMasks."""
+    from detectron2.structures import Boxes, Instances, ROIMasks
 
-    masks, boxes = _detections(30, seed=5)
-    boxes[0] = torch.tensor([10.0, 10.0, 10.0, 20.0])  # empty: dropped
+    masks, boxes = _detections(max(num, 1), seed=5)
+    masks, boxes = masks[:num], boxes[:num]
+    if num:
+        boxes[0] = torch.tensor([10.0, 10.0, 10.0, 20.0])  # empty: dropped
     detections = Instances((H, W))
     detections.pred_boxes = Boxes(boxes)
+    detections.pred_masks = ROIMasks(masks) if roi_masks else masks[:, None]
     detections.scores = torch.linspace(0.9, 0.5, len(boxes))
     detections.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
-    detections.pred_masks = masks[:, None]
     detections.pred_mask_logits = torch.logit(masks[:, None].clamp(1e-6, 1 - 1e-6))
     # detector_postprocess scales the boxes of the Instances it is given in place.
     expected = detector_postprocess(copy.deepcopy(detections), *size)
@@ -107,13 +153,14 @@ def test_panoptic_postprocess_instances_are_detector_postprocess_ones(size):
         stuff_area_limit=0,
         mask_logit_scale=4.0,
     )["instances"]
-    assert got.get_fields().keys() == expected.get_fields().keys()
-    assert len(got) == len(boxes) - 1
+    assert list(got.get_fields()) == list(expected.get_fields())
+    assert len(got) == max(len(boxes) - 1, 0) and got.pred_masks.dtype == torch.bool
     for name in ("pred_boxes", "scores", "pred_masks", "pred_mask_logits"):
         a, b = got.get(name), expected.get(name)
         a, b = (a.tensor, b.tensor) if name == "pred_boxes" else (a, b)
         assert torch.equal(a, b), name
-    assert detections.has("pred_masks") and detections.pred_masks.shape[-1] == 28  # untouched
+    untouched = detections.pred_masks.tensor if roi_masks else detections.pred_masks
+    assert untouched.shape[-2:] == (28, 28)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -28,21 +28,28 @@ __all__ = ["paste_masks"]
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold: float = 0.5):
     """Detectron2's ``paste_masks_in_image(masks, boxes, image_shape, threshold)``.
 
+    The masks equal those of its CPU path (one crop at a time) for any input, and those of its
+    GPU path (the whole image) for a threshold of 0.5 or more: outside a crop no sample reaches
+    it. Lower thresholds, where its two paths differ, and no masks at all go to Detectron2.
+
     Args:
-        masks: (N, M, M) probabilities; boxes: (N, 4) XYXY in image pixels (a tensor);
-        image_shape: (height, width); threshold: binarises the pasted probabilities.
+        masks: (N, M, M) probabilities; boxes: (N, 4) XYXY in image pixels (a tensor), on the
+            output's device; image_shape: (height, width); threshold: binarises the pasted
+            probabilities.
 
     Returns:
-        (N, height, width) bool masks (uint8 for a negative threshold, as Detectron2's).
+        (N, height, width) bool masks (uint8 for a negative threshold or none, as Detectron2's).
     """
     height, width = (int(s) for s in image_shape)
     if threshold < 0.5 or len(masks) == 0:
-        # Below 0.5 a pixel outside its box can pass (Detectron2's GPU and CPU paths differ).
         return paste_masks_in_image(masks, boxes, (height, width), threshold)
-    num, device = len(masks), masks.device
-    boxes = boxes.to(device=device, dtype=torch.float32)
+    if masks.shape[-1] != masks.shape[-2]:
+        raise ValueError(f"Only square masks can be pasted, got {tuple(masks.shape)}.")
+    num, device = len(masks), boxes.device
+    masks = masks.to(device)[:, None]
+    masks = masks if masks.dtype.is_floating_point else masks.float()
     # Detectron2's CPU crop of each box: [floor(x0) - 1, ceil(x1) + 1) clipped to the image; empty
-    # for a box that is not finite (its samples are NaN, never above the threshold).
+    # for a box that is not finite or not ordered (its samples never pass the threshold).
     safe = torch.where(torch.isfinite(boxes).all(dim=1, keepdim=True), boxes, 0.0)
     x0, y0 = ((safe[:, i].floor() - 1).clamp(min=0) for i in (0, 1))
     x1, y1 = ((safe[:, i].ceil() + 1).clamp(max=limit) for i, limit in ((2, width), (3, height)))
@@ -51,25 +58,29 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold
 
     # Every pixel lands in its own mask's plane: flat index (k * height + row) * width + col.
     out = torch.zeros(num * height * width, dtype=torch.bool, device=device)
-    masks = masks[:, None].float()
     # Where a kernel launch is cheap (CPU), little padding; on CUDA, few launches.
     for first, last, h, w in chunk_crops(sizes, compact=device.type != "cuda"):
         if h == 0 or w == 0:  # boxes off the image: nothing to paste
             continue
         # Each crop grown to (h, w) but kept inside the image, so that it still covers its crop.
-        top = crops[first:last, 1:2].clamp(max=height - h)
-        left = crops[first:last, 0:1].clamp(max=width - w)
-        rows = top + torch.arange(h, device=device)
-        cols = left + torch.arange(w, device=device)
-        x0, y0, x1, y1 = boxes[first:last].split(1, dim=1)
-        # Detectron2's mapping (_do_paste_mask), op for op: pixel centres to [-1, 1] on the box.
-        grid_y = (rows.float() + 0.5 - y0) / (y1 - y0) * 2 - 1
-        grid_x = (cols.float() + 0.5 - x0) / (x1 - x0) * 2 - 1
+        crop = crops[first:last]
+        rows = crop[:, 1:2].clamp(max=height - h) + torch.arange(h, device=device)
+        cols = crop[:, 0:1].clamp(max=width - w) + torch.arange(w, device=device)
+        bx0, by0, bx1, by1 = boxes[first:last].split(1, dim=1)
+        # Detectron2's mapping (_do_paste_mask), op for op and in its dtypes: pixel centres (a
+        # float32 range) to [-1, 1] on the box, then sampled in the masks' dtype.
+        grid_y = (rows.float() + 0.5 - by0) / (by1 - by0) * 2 - 1
+        grid_x = (cols.float() + 0.5 - bx0) / (bx1 - bx0) * 2 - 1
         count = last - first
         grid = torch.stack(
             [grid_x[:, None, :].expand(count, h, w), grid_y[:, :, None].expand(count, h, w)], dim=3
         )
-        pasted = F.grid_sample(masks[first:last], grid, align_corners=False)[:, 0] >= threshold
+        sampled = F.grid_sample(masks[first:last], grid.to(masks.dtype), align_corners=False)
+        # Outside its crop a float32 sample cannot pass 0.5, but a coarser grid (half-precision
+        # masks) or a box far off the image could: the crop bounds it, as Detectron2's CPU path.
+        inside_rows = (rows >= crop[:, 1:2]) & (rows < crop[:, 3:4])
+        inside_cols = (cols >= crop[:, 0:1]) & (cols < crop[:, 2:3])
+        pasted = (sampled[:, 0] >= threshold) & inside_rows[:, :, None] & inside_cols[:, None, :]
         plane = torch.arange(first, last, device=device)[:, None, None] * height
         index = (plane + rows[:, :, None]) * width + cols[:, None, :]
         out.scatter_(0, index.flatten(), pasted.flatten())
