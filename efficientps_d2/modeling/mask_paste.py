@@ -28,9 +28,10 @@ __all__ = ["paste_masks"]
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold: float = 0.5):
     """Detectron2's ``paste_masks_in_image(masks, boxes, image_shape, threshold)``.
 
-    The masks equal those of its CPU path (one crop at a time) for any input, and those of its
-    GPU path (the whole image) for a threshold of 0.5 or more: outside a crop no sample reaches
-    it. Lower thresholds, where its two paths differ, and no masks at all go to Detectron2.
+    The masks equal those of its CPU path (one crop at a time) for every input that path takes
+    (a box whose crop is empty gives an empty mask here, an error there), and those of its GPU
+    path (the whole image) for float32 masks: outside a crop no float32 sample reaches 0.5.
+    Thresholds below 0.5, where its two paths differ, and no masks at all go to Detectron2.
 
     Args:
         masks: (N, M, M) probabilities; boxes: (N, 4) XYXY in image pixels (a tensor), on the
