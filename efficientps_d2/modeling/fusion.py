@@ -42,18 +42,16 @@ equals visiting the instances one by one (the reference behaviour, kept in
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
-from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
-from detectron2.structures import BitMasks, Instances, ROIMasks
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import Instances
 from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops, padded_elements
-from .mask_paste import paste_masks
+from .mask_paste import detector_postprocess
 
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
 _REQUIRED_FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_mask_logits")
-# Where _detector_postprocess keeps the M x M mask probabilities while Detectron2's runs.
-_UNPASTED = "pred_masks_unpasted"
 
 
 # Most padded crop elements the "scatter" method holds at once (about 14 bytes each).
@@ -556,7 +554,7 @@ def panoptic_postprocess(
         sem_seg = sem_seg_logits[:, :height, :width]
     else:
         sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
-    instances = _detector_postprocess(detections, height, width)
+    instances = detector_postprocess(detections, height, width)
     panoptic_seg, segments_info = panoptic_fusion(
         sem_seg,
         instances,
@@ -575,26 +573,3 @@ def panoptic_postprocess(
         "instances": instances,
         "panoptic_seg": (panoptic_seg, segments_info),
     }
-
-
-def _detector_postprocess(detections: Instances, height: int, width: int) -> Instances:
-    """Detectron2's ``detector_postprocess`` (boxes scaled to (height, width), clipped, empty ones
-    dropped, masks pasted), with the masks pasted by
-    :func:`~efficientps_d2.modeling.mask_paste.paste_masks`: the same masks, without Detectron2's
-    full-image pasting on a GPU."""
-    fields = detections.get_fields()
-    if "pred_masks" not in fields:
-        return detector_postprocess(detections, height, width)
-    if _UNPASTED in fields:
-        raise ValueError(f"Instances with a field named {_UNPASTED!r} cannot be postprocessed.")
-    # Under another name the M x M probabilities are scaled and filtered with the boxes, unpasted.
-    renamed = {(_UNPASTED if k == "pred_masks" else k): v for k, v in fields.items()}
-    instances = detector_postprocess(Instances(detections.image_size, **renamed), height, width)
-    out = {}
-    for name, value in instances.get_fields().items():  # in the input's order of fields
-        if name == _UNPASTED:
-            probs = value.tensor if isinstance(value, ROIMasks) else value[:, 0]
-            pasted = paste_masks(probs, instances.pred_boxes.tensor, (height, width))
-            name, value = "pred_masks", BitMasks(pasted).tensor  # bool, as Detectron2's
-        out[name] = value
-    return Instances(instances.image_size, **out)

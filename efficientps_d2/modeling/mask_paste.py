@@ -14,15 +14,22 @@ image, every pixel of it is sampled with Detectron2's float32 arithmetic, thresh
 scattered into its own mask in one call per chunk. So the masks equal Detectron2's, with one
 device read per image (the crop sizes). On the CPU it takes about the time Detectron2's loop
 takes (both are dominated by zeroing the (N, H, W) output); the point is the GPU.
+:func:`detector_postprocess` is Detectron2's with these masks: what EfficientPS's and the exported
+models' outputs go through.
 """
 
 import torch
 from detectron2.layers import paste_masks_in_image
+from detectron2.modeling.postprocessing import detector_postprocess as d2_detector_postprocess
+from detectron2.structures import BitMasks, Instances, ROIMasks
 from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops
 
-__all__ = ["paste_masks"]
+__all__ = ["detector_postprocess", "paste_masks"]
+
+# Where detector_postprocess keeps the M x M mask probabilities while Detectron2's runs.
+_UNPASTED = "pred_masks_unpasted"
 
 
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold: float = 0.5):
@@ -86,3 +93,26 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold
         index = (plane + rows[:, :, None]) * width + cols[:, None, :]
         out.scatter_(0, index.flatten(), pasted.flatten())
     return out.view(num, height, width)
+
+
+def detector_postprocess(detections: Instances, height: int, width: int) -> Instances:
+    """Detectron2's ``detector_postprocess`` (boxes scaled to (height, width), clipped, empty ones
+    dropped, masks pasted), with the masks pasted by :func:`paste_masks`: the same output (and,
+    as Detectron2's, the caller's boxes scaled in place), without Detectron2's full-image pasting
+    on a GPU."""
+    fields = detections.get_fields()
+    if "pred_masks" not in fields:
+        return d2_detector_postprocess(detections, height, width)
+    if _UNPASTED in fields:
+        raise ValueError(f"Instances with a field named {_UNPASTED!r} cannot be postprocessed.")
+    # Under another name the M x M probabilities are scaled and filtered with the boxes, unpasted.
+    renamed = {(_UNPASTED if k == "pred_masks" else k): v for k, v in fields.items()}
+    instances = d2_detector_postprocess(Instances(detections.image_size, **renamed), height, width)
+    out = {}
+    for name, value in instances.get_fields().items():  # in the input's order of fields
+        if name == _UNPASTED:
+            probs = value.tensor if isinstance(value, ROIMasks) else value[:, 0]
+            pasted = paste_masks(probs, instances.pred_boxes.tensor, (height, width))
+            name, value = "pred_masks", BitMasks(pasted).tensor  # bool, as Detectron2's
+        out[name] = value
+    return Instances(instances.image_size, **out)
