@@ -83,7 +83,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
                 z, mean, invstd = torch.native_batch_norm(
                     y, weight, bias, running_mean, running_var, True, momentum, eps
                 )
-                count = y.numel() // y.shape[1]
+                count = None  # the local backward kernel counts for itself
             else:
                 mean, var, count = _statistics_across(_wide(y), group)
                 with torch.no_grad():
@@ -152,9 +152,7 @@ def _rebuild_input(z, weight, bias, mean, invstd, slope):
     weight, bias = _wide(weight), _wide(bias)
     # A weight of (almost) zero cannot be divided by; the channel's output carries nothing of its
     # input then, and the rebuilt input only feeds the weight's own gradient (see module doc).
-    weight = torch.where(
-        weight.abs() < _MIN_WEIGHT, torch.where(weight < 0, -1.0, 1.0) * _MIN_WEIGHT, weight
-    )
+    weight = torch.copysign(weight.abs().clamp(min=_MIN_WEIGHT), weight)
     scale = 1.0 / (weight * invstd)
     return pre.mul_(_per_channel(scale)).add_(_per_channel(mean - bias * scale))
 
