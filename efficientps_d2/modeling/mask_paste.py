@@ -10,8 +10,8 @@ one pixel wider than the box on each side (Detectron2's own CPU crop) can reach 
 
 Here the crops go in chunks padded to the chunk's largest crop (as the panoptic fusion's do:
 compact chunks on the CPU, the fewest on CUDA): each crop grows to the chunk's size inside the
-image, every pixel of it is sampled with Detectron2's float32 arithmetic, thresholded, and
-scattered into its own mask in one call per chunk. So the masks equal Detectron2's, with one
+image, is sampled with Detectron2's arithmetic in its dtypes, thresholded, cut back to its own
+crop and scattered into its mask, one call per chunk. So the masks equal Detectron2's, with one
 device read per image (the crop sizes). On the CPU it takes about the time Detectron2's loop
 takes (both are dominated by zeroing the (N, H, W) output); the point is the GPU.
 :func:`detector_postprocess` is Detectron2's with these masks: what EfficientPS's and the exported
