@@ -337,3 +337,24 @@ def test_cuda_training_equals_batch_norm_then_leaky_relu(dtype):
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_torch_compile_traces_it_whole_with_the_same_results():
+    """MODEL.EFFICIENTPS.COMPILE_TRAINING compiles the backbone and semantic head: the iABN
+    Function must trace as one graph (no break) and give eager's outputs, gradients and running
+    statistics (aot_eager: the autograd graph as compiled, without Inductor's minutes on a CPU)."""
+    torch._dynamo.reset()
+    reference, abn = _reference_and_abn(dtype=torch.float32)
+    eager = InPlaceABN.from_batch_norm(copy.deepcopy(reference), SLOPE)
+    compiled = torch.compile(abn, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(4))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    for _ in range(2):
+        expected, expected_grad = _run(eager, x, grad)
+        got, got_grad = _run(compiled, x, grad)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got_grad, expected_grad)
+    torch.testing.assert_close(abn.weight.grad, eager.weight.grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(abn, name), getattr(eager, name))
+    torch._dynamo.reset()
