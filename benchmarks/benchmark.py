@@ -361,7 +361,8 @@ def _ours_network(model, name):
 
 def time_dense(models, image, *, device, warmup, repeats):
     """Seconds of each timed run of the dense network alone (backbone, FPN, semantic head, RPN
-    head: ``InferenceNetwork.dense``) of each EfficientPS row, interleaved, batch 1."""
+    head and proposal decoding: ``InferenceNetwork.dense``) of each EfficientPS row, interleaved,
+    batch 1."""
     times = {name: [] for name in models}
     with torch.inference_mode():
         x = next(iter(models.values())).preprocess_image([{"image": image}]).tensor
@@ -677,7 +678,8 @@ def markdown(report):
     if report.get("dense"):
         lines += [
             "",
-            "Dense network alone (backbone, FPN, semantic head, RPN head), median (s):",
+            "Dense network alone (backbone, FPN, semantic head, RPN head, proposal decoding), "
+            "median (s):",
             "",
         ]
         lines += ["| path | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]

@@ -96,17 +96,36 @@ def training_input(height, width, boxes, classes, seed=0):
 
 class DeviceReads(TorchDispatchMode):
     """Counts the operations that, on a GPU, wait for the device: scalar and list reads, nonzero /
-    boolean indexing, equality checks, and tensors made from host data ("upload": torch.tensor,
-    a list used as an index), which reach the GPU by a copy that waits unless made non-blocking.
-    On the CPU they cost nothing, but the fusion's GPU speed rests on how many there are."""
+    boolean indexing, outputs sized by their values (unique, repeat_interleave), equality checks,
+    and tensors made from host data ("upload": torch.tensor, a list used as an index), which
+    reach the GPU by a copy that waits unless made non-blocking. On the CPU they cost nothing,
+    but the fusion's GPU speed rests on how many there are.
+
+    Under torch.inference_mode (where EfficientPS.inference runs) some of them reach the mode as
+    the composite operators that Python called (item, is_nonzero, nonzero_numpy, one-argument
+    where): the read inside is not dispatched again, so those are counted by their own names."""
 
     _SYNCING = {
         torch.ops.aten._local_scalar_dense.default: "scalar",
+        torch.ops.aten.item.default: "scalar",
+        torch.ops.aten.is_nonzero.default: "scalar",
         torch.ops.aten.nonzero.default: "nonzero",
+        torch.ops.aten.nonzero_numpy.default: "nonzero",
+        torch.ops.aten.where.default: "nonzero",
+        torch.ops.aten.argwhere.default: "nonzero",
         torch.ops.aten.masked_select.default: "masked_select",
+        torch.ops.aten._unique2.default: "unique",
+        torch.ops.aten.unique_dim.default: "unique",
+        torch.ops.aten.unique_consecutive.default: "unique",
         torch.ops.aten.equal.default: "equal",
+        torch.ops.aten.allclose.default: "equal",
         torch.ops.aten.lift_fresh.default: "upload",
     }
+    # repeat_interleave sizes its output from the repeats unless given output_size.
+    _REPEATS = (
+        torch.ops.aten.repeat_interleave.Tensor,
+        torch.ops.aten.repeat_interleave.self_Tensor,
+    )
 
     def __init__(self):
         super().__init__()
@@ -131,6 +150,8 @@ class DeviceReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self._SYNCING:
             self.counts[self._SYNCING[func]] += 1
+        elif func in self._REPEATS and (kwargs or {}).get("output_size") is None:
+            self.counts["repeat_interleave"] += 1
         elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default):
             if any(i is not None and i.dtype == torch.bool for i in args[1]):
                 self.counts["boolean index"] += 1

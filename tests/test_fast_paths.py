@@ -296,21 +296,19 @@ def test_dense_network_contract():
     network = model._inference_network()
     assert network.dense_network.dtype == torch.bfloat16
     with torch.no_grad():
-        features, sem, objectness, deltas = network.dense(torch.randn(2, 3, 64, 96))
+        features, sem, objectness, proposals = network.dense(torch.randn(2, 3, 64, 96))
     assert {k: tuple(v.shape) for k, v in features.items()} == {
         f"p{i}": (2, 32, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
     }
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in features.values())
     assert sem.shape == (2, 5, 64, 96) and sem.dtype == torch.float32
-    assert [tuple(x.shape) for x in objectness] == [
-        (2, 3, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
-    ]
-    assert [tuple(x.shape) for x in deltas] == [
-        (2, 12, 64 // 2**i, 96 // 2**i) for i in (2, 3, 4, 5)
-    ]
-    assert all(x.dtype == torch.float32 for x in objectness + deltas)
-    # Only the copy was cast: the model's own weights stay float32.
+    anchors = [3 * (64 // 2**i) * (96 // 2**i) for i in (2, 3, 4, 5)]  # 3 aspect ratios
+    assert [tuple(x.shape) for x in objectness] == [(2, a) for a in anchors]
+    assert [tuple(x.shape) for x in proposals] == [(2, a, 4) for a in anchors]
+    assert all(x.dtype == torch.float32 for x in objectness + proposals)
+    # Only the copy was cast: the model's own weights and anchors stay float32.
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
 
 
 def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
@@ -320,8 +318,8 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
     network = model._inference_network()
     with torch.inference_mode():
         images = model.preprocess_image(_inputs())
-        features, _, objectness, deltas = network.dense(images.tensor)
-        proposals = rpn_proposals(model.proposal_generator, images, features, objectness, deltas)
+        features, _, objectness, proposal_boxes = network.dense(images.tensor)
+        proposals = rpn_proposals(model.proposal_generator, images, objectness, proposal_boxes)
         expected_proposals, _ = model.proposal_generator(images, features)
         detections = network.detect(model.roi_heads, features, proposals)
         expected, _ = model.roi_heads(images, features, expected_proposals)
@@ -374,7 +372,7 @@ def test_dense_network_never_waits_for_the_device(changes):
     model = _with_options(_tiny_model(), **changes)
     network = model._inference_network()
     images = model.preprocess_image(_inputs()).tensor
-    with torch.no_grad(), DeviceReads() as reads:
+    with torch.inference_mode(), DeviceReads() as reads:  # as EfficientPS.inference runs it
         network.dense(images)
     assert not reads.counts
 

@@ -458,18 +458,20 @@ def random_scene(k, seed=0):
     return sem, inst
 
 
+@pytest.mark.parametrize("inference_mode", [False, True], ids=["grad mode", "inference mode"])
 @pytest.mark.parametrize("k", [0, 1, 24])
-def test_device_reads_do_not_grow_with_detections(k, method, monkeypatch):
+def test_device_reads_do_not_grow_with_detections(k, method, inference_mode, monkeypatch):
     """Two reads per image (the candidates' crop sizes, then every number of segments_info), one
     non-blocking upload (the thing ids), plus for "scatter" one convergence check per
-    fusion._ROUNDS_PER_CHECK rounds: nothing per detection."""
+    fusion._ROUNDS_PER_CHECK rounds: nothing per detection. Also under inference_mode, where
+    EfficientPS.inference runs it."""
     sem, inst = random_scene(k)
     uploads = []
     upload_ints = fusion._upload_ints
     monkeypatch.setattr(
         fusion, "_upload_ints", lambda *args: uploads.append(args) or upload_ints(*args)
     )
-    with DeviceReads() as reads:
+    with torch.inference_mode(inference_mode), DeviceReads() as reads:
         pan, info = panoptic_fusion(sem, inst, thing_semantic_ids=[2, 4, 5])
     assert any(s["isthing"] for s in info) == (k > 0)  # the scene does have instances
     checks = reads.counts.pop("equal", 0)

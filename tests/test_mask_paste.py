@@ -100,9 +100,9 @@ def test_non_square_masks_are_refused():
 
 def test_one_device_read_whatever_the_number_of_masks(monkeypatch):
     _fewest_chunks(monkeypatch)
-    for num in (1, 40):
+    for num, inference_mode in ((1, False), (40, False), (40, True)):
         masks, boxes = _detections(num, seed=num)
-        with DeviceReads() as reads:
+        with torch.inference_mode(inference_mode), DeviceReads() as reads:
             paste_masks(masks, boxes, (H, W))
         assert dict(reads.counts) == {"tolist": 1}
 

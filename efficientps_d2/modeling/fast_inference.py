@@ -13,9 +13,12 @@ model's own modules (all options off) or a cached copy of them that is
   (:class:`SizeLRUCache`), on CUDA only;
 - compiled: the dense network through ``torch.compile``.
 
-The RPN's anchor / NMS logic and the ROI heads' pooling, box predictor and NMS always run from the
-model itself, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with or
-without a fast path. Nothing here is needed on the CPU.
+The dense network also decodes the RPN's proposals (with the model's own anchor generator and box
+transform): their shapes too depend only on the input size, and on a GPU these ~150 small
+operators would otherwise each cost a kernel launch from Python. The RPN's top-k selection and
+NMS and the ROI heads' pooling, box predictor and NMS always run from the model itself, so
+changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with or without a fast
+path. Nothing here is needed on the CPU.
 """
 
 import collections
@@ -28,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import ImageList, Instances
@@ -235,9 +239,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class DenseNetwork(nn.Module):
-    """Backbone + 2-way FPN + semantic head layers + RPN head convs: the part of EfficientPS whose
-    work depends only on the padded input size, so it can be captured as a CUDA graph or
-    compiled.
+    """Backbone + 2-way FPN + semantic head layers + RPN head convs and proposal decoding: the part
+    of EfficientPS whose work depends only on the padded input size, so it can be captured as a
+    CUDA graph or compiled.
 
     ``forward(images)``:
         images: (N, 3, H, W) normalised images, H and W multiples of the backbone's
@@ -246,16 +250,21 @@ class DenseNetwork(nn.Module):
         features: {name: (N, C, H / stride, W / stride)} the backbone's outputs ("p2" ... "p5"),
             contiguous NCHW (what ROIAlign reads);
         sem_seg_logits: (N, num_classes, H, W) semantic logits at the padded input size;
-        objectness: [(N, A, H_l, W_l)] one per RPN level (the RPN's in_features, in order);
-        anchor_deltas: [(N, A * 4, H_l, W_l)] likewise.
+        objectness: [(N, H_l * W_l * A)] one per RPN level (the RPN's in_features, in order),
+            flattened as ``RPN.forward`` flattens them;
+        proposals: [(N, H_l * W_l * A, 4)] every anchor's box, decoded as ``RPN.predict_proposals``
+            decodes it; what ``find_top_rpn_proposals`` takes.
     """
 
-    def __init__(self, backbone, sem_seg_head, rpn_head, rpn_in_features: List[str]):
+    def __init__(self, backbone, sem_seg_head, rpn_head, rpn: RPN):
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.rpn_head = rpn_head
-        self.rpn_in_features = list(rpn_in_features)
+        self.rpn_in_features = list(rpn.in_features)
+        # The model's own (float32 buffers, never cast); their anchors depend on the sizes only.
+        self.anchor_generator = rpn.anchor_generator
+        self.decode_proposals = rpn._decode_proposals
 
     @property
     def dtype(self):
@@ -265,14 +274,21 @@ class DenseNetwork(nn.Module):
         features = self.backbone(images.to(self.dtype))
         # The semantic head's forward in eval mode, with the stride-4 logits upsampled in float32.
         sem_seg_logits = self.sem_seg_head.upsample(self.sem_seg_head.layers(features).float())
-        objectness, deltas = self.rpn_head([features[f] for f in self.rpn_in_features])
+        rpn_features = [features[f] for f in self.rpn_in_features]
+        objectness, deltas = self.rpn_head(rpn_features)
+        # RPN.forward's reshapes, then its decoding in float32.
+        box_dim = self.anchor_generator.box_dim
+        objectness = [x.float().permute(0, 2, 3, 1).flatten(1) for x in objectness]
+        deltas = [
+            x.float()
+            .view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
+            .permute(0, 3, 4, 1, 2)
+            .flatten(1, -2)
+            for x in deltas
+        ]
+        proposals = self.decode_proposals(self.anchor_generator(rpn_features), deltas)
         features = {k: v.float().contiguous() for k, v in features.items()}
-        return (
-            features,
-            sem_seg_logits,
-            [x.float() for x in objectness],
-            [x.float() for x in deltas],
-        )
+        return features, sem_seg_logits, objectness, proposals
 
 
 class SizeLRUCache:
@@ -488,23 +504,21 @@ class InferenceNetwork:
 def rpn_proposals(
     rpn: RPN,
     images: ImageList,
-    features: Dict[str, torch.Tensor],
     objectness: List[torch.Tensor],
-    anchor_deltas: List[torch.Tensor],
+    proposals: List[torch.Tensor],
 ) -> List[Instances]:
-    """Detectron2's ``RPN.forward`` in inference from its head's outputs (computed elsewhere: by
-    the dense network). The reshapes are the ones ``RPN.forward`` makes, repeated here because
-    it runs the head itself."""
-    anchors = rpn.anchor_generator([features[f] for f in rpn.in_features])
-    box_dim = rpn.anchor_generator.box_dim
-    objectness = [x.permute(0, 2, 3, 1).flatten(1) for x in objectness]
-    anchor_deltas = [
-        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
-        .permute(0, 3, 4, 1, 2)
-        .flatten(1, -2)
-        for x in anchor_deltas
-    ]
-    return rpn.predict_proposals(anchors, objectness, anchor_deltas, images.image_sizes)
+    """Detectron2's ``RPN.forward`` in inference, from the dense network's objectness logits and
+    decoded proposals: Detectron2's own top-k and NMS, with the RPN's settings."""
+    return find_top_rpn_proposals(
+        proposals,
+        objectness,
+        images.image_sizes,
+        rpn.nms_thresh,
+        rpn.pre_nms_topk[rpn.training],
+        rpn.post_nms_topk[rpn.training],
+        rpn.min_box_size,
+        rpn.training,
+    )
 
 
 def check_supported(model) -> None:
@@ -556,7 +570,7 @@ def build_inference_network(model, options: InferenceOptions) -> InferenceNetwor
         parts["backbone"],
         parts["sem_seg_head"],
         parts["rpn_head"],
-        model.proposal_generator.in_features,
+        model.proposal_generator,
     )
     compiled = None
     if options.compile:

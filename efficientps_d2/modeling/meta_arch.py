@@ -180,8 +180,8 @@ class EfficientPS(GeneralizedRCNN):
         network = self._inference_network()
         with torch.inference_mode():
             images = self.preprocess_image(batched_inputs)
-            features, sem_seg_logits, objectness, deltas = network.dense(images.tensor)
-            proposals = rpn_proposals(self.proposal_generator, images, features, objectness, deltas)
+            features, sem_seg_logits, objectness, proposal_boxes = network.dense(images.tensor)
+            proposals = rpn_proposals(self.proposal_generator, images, objectness, proposal_boxes)
             with _cudnn_benchmark_off(self.device):
                 detections = network.detect(self.roi_heads, features, proposals)
             if not do_postprocess:
