@@ -278,3 +278,28 @@ def test_missing_weights_file_is_refused_before_the_data_check(tmp_path, kind, o
         with pytest.raises(FileNotFoundError, match=f"'{weights}' \\({key}\\) does not exist"):
             startup.setup(default_argument_parser().parse_args(argv))
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, opts, key",
+    [
+        (".py", ["train.output_dir={out}"], "train.output_dir"),
+        (".yaml", ["OUTPUT_DIR", "{out}"], "OUTPUT_DIR"),
+    ],
+)
+def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, opts, key):
+    # os.makedirs failed with a bare "[Errno 17] File exists" (training) or "[Errno 20] Not a
+    # directory: '.../log.txt'" (--eval-only), naming no key.
+    from detectron2.engine import default_argument_parser
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("notes")
+    for out, where in ((a_file, "is a file"), (a_file / "run", f"lies under '{a_file}', a file")):
+        argv = [o.format(out=out) for o in opts]
+        for extra in ([], ["--eval-only"]):
+            args = default_argument_parser().parse_args(
+                ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *argv]
+            )
+            with pytest.raises(NotADirectoryError, match=f"{key} '{out}' {where}, not a folder"):
+                startup.setup(args)
+    assert a_file.read_text() == "notes"

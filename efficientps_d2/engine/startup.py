@@ -44,6 +44,7 @@ __all__ = [
     "ResumableAMPTrainer",
     "build_checkpointer",
     "build_trainer",
+    "check_output_dir",
     "check_weights",
     "load_for_evaluation",
     "setup",
@@ -102,17 +103,34 @@ _output_dir_lock = None  # held (open) for the life of the training process
 
 def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
-    LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs and
-    ``--eval-only`` without weights (before anything is written), takes the steps of
+    LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
+    output folder that is a file and ``--eval-only`` without weights (before anything is
+    written), takes the steps of
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
     needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
     cfg = load_config(args.config_file, args.opts, needs)
+    check_output_dir(ConfigAdapter(cfg))
     check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
     return cfg
+
+
+def check_output_dir(config):
+    """Refuses, before anything is read or written, an OUTPUT_DIR / ``train.output_dir`` that is
+    a file or lies under one (os.makedirs would fail there with a bare "File exists" or "Not a
+    directory"). ``config``: a :class:`ConfigAdapter`."""
+    path = os.path.abspath(config.output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the nearest part that exists
+    if not os.path.isdir(path):
+        where = "is" if path == os.path.abspath(config.output_dir) else f"lies under '{path}',"
+        raise NotADirectoryError(
+            f"{config.keys['output_dir']} '{config.output_dir}' {where} a file, not a folder: "
+            f"set it to a folder (e.g. {config.override('output_dir', './output')})."
+        )
 
 
 def check_weights(config, *, eval_only, resume):
