@@ -78,6 +78,14 @@ def _wrong_size(dataset):
     return png, "20x10"
 
 
+def _wrong_image_size(dataset):
+    # The PNG fits the json's width and height; the image does not. Detectron2's check_image_size
+    # stopped training at the first batch that drew it.
+    image = dataset["records"][1]["file_name"]
+    Image.open(image).resize((18, 12)).save(image)
+    return image, "is 18x12 (WxH) but its record says 36x24"
+
+
 def _unlisted_id(dataset):
     edit_json(dataset["panoptic_json"], lambda d: d["annotations"][0]["segments_info"].pop())
     return dataset["records"][0]["pan_seg_file_name"], "does not list"
@@ -114,7 +122,9 @@ def _truncated_png(dataset):
 
 
 @pytest.mark.parametrize(
-    "fault", [_grayscale, _wrong_size, _unlisted_id, _absent_id, _no_segments, _truncated_png]
+    "fault",
+    [_grayscale, _wrong_size, _wrong_image_size, _unlisted_id, _absent_id, _no_segments]
+    + [_truncated_png],
 )
 def test_faulty_dataset_refused_naming_the_file(dataset, fault):
     culprit, words = fault(dataset)

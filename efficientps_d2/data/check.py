@@ -11,7 +11,7 @@ PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-t
   classes and ``MODEL.ROI_HEADS.NUM_CLASSES`` its number of thing classes;
 - :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
   ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
-  ``segments_info`` both ways);
+  ``segments_info`` both ways) and the size of every image against its record;
 - :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it. In a
   multi-process run the PNG pass (minutes for Cityscapes) runs once per machine, on its local
   rank 0, and every rank gets the verdict: a fault stops every rank with the same error.
@@ -205,7 +205,8 @@ def _png_size(image_file):
 
 
 def _check_png(record):
-    """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG."""
+    """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG and,
+    where the record gives a width and height, the size of its image (read from the header)."""
     errors = []
     png = record["pan_seg_file_name"]
     try:
@@ -223,6 +224,16 @@ def _check_png(record):
         return False, errors
     if "height" in record and "width" in record:
         expected, source = (record["width"], record["height"]), "its record"
+        try:  # the header only; an image that cannot be read is skipped in training
+            image_size = _png_size(record["file_name"])
+        except OSError:
+            image_size = expected
+        if image_size != tuple(expected):
+            # Detectron2's check_image_size would stop training at the first batch holding it.
+            errors.append(
+                f"Image '{record['file_name']}' is {image_size[0]}x{image_size[1]} (WxH) but its "
+                f"record says {expected[0]}x{expected[1]} (the json's width and height)."
+            )
     else:
         try:
             expected, source = _png_size(record["file_name"]), f"image '{record['file_name']}'"
