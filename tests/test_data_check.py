@@ -156,6 +156,23 @@ def test_class_count_mismatch_refused_both_ways(dataset, key, value):
         validate_datasets(cfg)
 
 
+def test_thing_semantic_ids_that_are_not_the_data_sets_things_are_refused(dataset):
+    # The counts fit, the ids do not (cat and dog are classes 0 and 1): the mapper refused the
+    # first thing segment after training had started, as "out of range for the metadata".
+    dataset["register"]()
+    cfg = _config(dataset["name"])
+    cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = [2, 3]
+    with pytest.raises(DataCheckError) as e:
+        validate_datasets(cfg)
+    assert str(e.value) == (
+        f"MODEL.EFFICIENTPS.THING_SEMANTIC_IDS is [2, 3] but the thing classes of data set "
+        f"'{dataset['name']}' are [0, 1]; set MODEL.EFFICIENTPS.THING_SEMANTIC_IDS [0,1] (or [], "
+        "to read them from the data set)."
+    )
+    cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = [1, 0]  # another order of the same classes
+    validate_datasets(cfg)
+
+
 def test_class_count_of_test_set_checked_in_eval_only(dataset):
     dataset["register"]()
     cfg = _config("synthetic_panoptic_train", num_classes=6, num_things=3, test=[dataset["name"]])

@@ -159,7 +159,8 @@ def check_class_counts(cfg, *, training=True):
     ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` must equal the number of classes (stuff and things) and
     ``MODEL.ROI_HEADS.NUM_CLASSES`` the number of thing classes of every panoptic data set in
     DATASETS.TRAIN (when ``training``) and DATASETS.TEST; ``MODEL.EFFICIENTPS.THING_SEMANTIC_IDS``,
-    when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``.
+    when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``,
+    and be the thing classes of those data sets.
     (A LazyConfig's twins: ``model.sem_seg_head.num_classes``, ``model.roi_heads.num_classes``,
     ``model.thing_semantic_ids`` when it is a list.)
     """
@@ -189,6 +190,14 @@ def check_class_counts(cfg, *, training=True):
                     f"{config.override(setting, expected)} (too few fails mid-training, "
                     "too many wastes a class)."
                 )
+        ids = "[" + ",".join(map(str, data_things)) + "]"
+        if thing_ids and sorted(set(thing_ids)) != data_things:
+            # The mapper would refuse the first thing segment mid-training, blaming the data.
+            raise DataCheckError(
+                f"{keys['thing_semantic_ids']} is {thing_ids} but the thing classes of data set "
+                f"'{name}' are {data_things}; set {config.override('thing_semantic_ids', ids)}"
+                f"{' (or [], to read them from the data set)' if config.is_yaml else ''}."
+            )
 
 
 def _png_size(image_file):
