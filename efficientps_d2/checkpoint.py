@@ -34,6 +34,7 @@ Everything else (URLs, ``.pkl`` files, resuming optimizer state) is Detectron2's
 
 import logging
 import os
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -51,6 +52,7 @@ __all__ = [
     "EfficientPSCheckpointer",
     "LoadReport",
     "check_checkpoint_exists",
+    "check_checkpoint_file",
     "describe_file",
     "is_partial_checkpoint",
 ]
@@ -237,6 +239,28 @@ def check_checkpoint_exists(path, key="MODEL.WEIGHTS"):
     ``path`` that does not exist ("" and URLs pass: nothing to load, or fetched on loading)."""
     if path and not urlparse(path).scheme and not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint '{path}' ({key}) does not exist.")
+
+
+def check_checkpoint_file(path, key="MODEL.WEIGHTS"):
+    """:func:`check_checkpoint_exists`, then a look at the file's first bytes (not a load): raises
+    :class:`CheckpointFileError`, naming the file and ``key``, for one that cannot be a checkpoint:
+    empty, a zip archive cut short (torch's format; its directory is at the end), an HTML or XML
+    page (a failed download), an image, an HDF5 or gzip file. Others (pickles, ``.pkl``) pass;
+    loading judges them."""
+    check_checkpoint_exists(path, key)
+    if not path or urlparse(path).scheme:
+        return
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        broken = not zipfile.is_zipfile(path)
+    else:
+        broken = not head or head.lstrip().startswith(b"<")
+        broken = broken or any(head.startswith(magic) for magic, _ in _MAGIC)
+    if broken:
+        raise CheckpointFileError(
+            f"Checkpoint '{path}' ({key}) cannot be loaded: it is {describe_file(path)}."
+        )
 
 
 class EfficientPSCheckpointer(AtomicDetectionCheckpointer):

@@ -303,3 +303,40 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
             with pytest.raises(NotADirectoryError, match=f"{key} '{out}' {where}, not a folder"):
                 startup.setup(args)
     assert a_file.read_text() == "notes"
+
+
+@pytest.mark.parametrize("kind", [".py", ".yaml"])
+def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check(tmp_path, kind):
+    # The checkpointer named it too, but only after the data check (minutes on Cityscapes) and
+    # the model and loaders were built.
+    from detectron2.engine import default_argument_parser
+
+    from efficientps_d2.checkpoint import CheckpointFileError, check_checkpoint_file
+
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": {"w": torch.zeros(64)}}, whole)
+    faults = {
+        "empty.pth": (b"", "an empty file"),
+        "cut.pth": (whole.read_bytes()[:300], "a zip archive (torch's checkpoint format) that is"),
+        "page.pth": (b"\n<!DOCTYPE html><html>Sign in", "a text file"),
+    }
+    out, key = tmp_path / "out", "train.init_checkpoint" if kind == ".py" else "MODEL.WEIGHTS"
+    for name, (data, words) in faults.items():
+        (tmp_path / name).write_bytes(data)
+        opts = (
+            [f"train.output_dir={out}", f"train.init_checkpoint={tmp_path / name}"]
+            if kind == ".py"
+            else ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(tmp_path / name)]
+        )
+        for extra in ([], ["--eval-only"]):
+            argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *opts]
+            with pytest.raises(CheckpointFileError) as e:
+                startup.setup(default_argument_parser().parse_args(argv))
+            assert f"Checkpoint '{tmp_path / name}' ({key}) cannot be loaded: it is {words}" in (
+                str(e.value)
+            )
+    assert not out.exists()
+    # What may be a checkpoint is left to the loader: torch's zip, a pickle (.pkl).
+    check_checkpoint_file(str(whole))
+    (tmp_path / "legacy.pkl").write_bytes(b"\x80\x02}q\x00.")
+    check_checkpoint_file(str(tmp_path / "legacy.pkl"))

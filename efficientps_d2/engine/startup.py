@@ -32,7 +32,7 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
-from ..checkpoint import check_checkpoint_exists
+from ..checkpoint import check_checkpoint_file
 from ..config import is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
@@ -136,13 +136,14 @@ def check_output_dir(config):
 def check_weights(config, *, eval_only, resume):
     """Refuses, before the data check (minutes on Cityscapes) and the model are built, weights
     that cannot be loaded: a local MODEL.WEIGHTS / ``train.init_checkpoint`` file that does not
-    exist, or with ``eval_only`` none at all (Detectron2 would evaluate a randomly initialised
-    model). Neither is read when ``resume`` finds a checkpoint in the output folder.
-    ``config``: a :class:`ConfigAdapter`."""
+    exist or cannot be a checkpoint (empty, cut short, an HTML page:
+    :func:`~efficientps_d2.checkpoint.check_checkpoint_file`), or with ``eval_only`` none at all
+    (Detectron2 would evaluate a randomly initialised model). Neither is read when ``resume``
+    finds a checkpoint in the output folder. ``config``: a :class:`ConfigAdapter`."""
     weights = config.weights
     if resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint")):
         return
-    check_checkpoint_exists(weights, config.keys["weights"])  # before the work, not after it
+    check_checkpoint_file(weights, config.keys["weights"])  # before the work, not after it
     if weights or not eval_only:
         return
     where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""
