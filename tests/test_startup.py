@@ -17,14 +17,17 @@ from efficientps_d2.data.check import DataCheckError, validate_datasets
 from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import add_panoptic_visualization
 
-from .test_lazy_config import CONFIGS, QUICK_PY, TINY
+from .test_lazy_config import CONFIGS, QUICK_PY, TINY, YAML_CONFIGS
 from .test_train_net import data_with_grayscale_png, train_net
 
 QUICK_YAML = QUICK_PY[: -len(".py")] + ".yaml"
 
 
-def test_yaml_and_lazy_twins_give_the_same_start_up_settings():
-    yaml_cfg, py_cfg = load_config(QUICK_YAML), load_config(QUICK_PY)
+@pytest.mark.parametrize("name", YAML_CONFIGS)
+def test_yaml_and_lazy_twins_give_the_same_start_up_settings(name):
+    # The COCO twin read all 123k panoptic PNGs at start-up (~20 min) where the YAML reads the json.
+    yaml_cfg = load_config(os.path.join(CONFIGS, name + ".yaml"))
+    py_cfg = load_config(os.path.join(CONFIGS, name + ".py"))
     a, b = ConfigAdapter(yaml_cfg), ConfigAdapter(py_cfg)
     assert (a.device, a.weights, a.allow_partial_weights, a.amp_enabled, a.amp_precision) == (
         b.device,
@@ -40,8 +43,28 @@ def test_yaml_and_lazy_twins_give_the_same_start_up_settings():
         "num_classes",
         "num_things",
         "check_pngs",
+        "thing_semantic_ids",
+        "vis_period",
+        "expected_results",
+        "tta_enabled",
     ):
         assert getattr(a, field) == getattr(b, field), field
+    assert (
+        yaml_cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        yaml_cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH,
+    ) == (py_cfg.model.roi_heads.box_predictor.test_score_thresh, py_cfg.model.confidence_thresh)
+    assert yaml_cfg.DATALOADER.MAX_UNREADABLE_FRACTION == (
+        py_cfg.dataloader.train.max_unreadable_fraction
+    )
+    assert (yaml_cfg.SOLVER.CHECKPOINT_PERIOD, yaml_cfg.TEST.EVAL_PERIOD) == (
+        py_cfg.train.checkpointer.period,
+        py_cfg.train.eval_period,
+    )
+    assert (yaml_cfg.SOLVER.WARMUP_ITERS, yaml_cfg.SOLVER.WARMUP_FACTOR) == (
+        py_cfg.lr_multiplier.warmup_iters,
+        py_cfg.lr_multiplier.warmup_factor,
+    )
+    assert yaml_cfg.SEED == py_cfg.train.get("seed", -1)
 
 
 @pytest.mark.parametrize(
