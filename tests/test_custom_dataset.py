@@ -165,6 +165,27 @@ def test_unknown_image_id_is_named(tmp_path, register):
         DatasetCatalog.get(name)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (  # both annotations then read img_001.png's image
+            lambda d: d["images"][1].update(id=1),
+            r"images 'img_000.png' and 'img_001.png' have the same id 1",
+        ),
+        (  # one image trained on twice, scored once
+            lambda d: d["annotations"][1].update(image_id=1),
+            r"annotations 'img_000.png' and 'img_001.png' are both of image id 1",
+        ),
+    ],
+)
+def test_duplicate_image_ids_are_named(tmp_path, register, edit, message):
+    dataset = write_panoptic_dataset(str(tmp_path))
+    edit_json(dataset["panoptic_json"], edit)
+    name = register(**_paths(dataset))
+    with pytest.raises(ValueError, match=message):
+        DatasetCatalog.get(name)
+
+
 def test_duplicate_segment_id_is_named(tmp_path, register):
     dataset = write_panoptic_dataset(str(tmp_path))
     edit_json(

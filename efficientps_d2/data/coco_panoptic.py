@@ -113,7 +113,8 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
         ``category_id`` made contiguous and ``isthing`` added).
     Raises:
         FileNotFoundError: the json, or images or PNGs it names, are missing (the first few named).
-        ValueError: inconsistent json (unknown image id or category id, duplicate segment ids).
+        ValueError: inconsistent json (unknown image id or category id, duplicate image ids,
+            two annotations of one image, duplicate segment ids).
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"Panoptic json '{json_file}' does not exist.")
@@ -140,11 +141,18 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
                 f"Panoptic json '{json_file}': image entry {str(image)[:200]} needs 'id' and "
                 "'file_name'."
             )
+        if image["id"] in images:
+            # The json's annotations, and panopticapi's scoring, find images by id: one of the
+            # two would get the other's file.
+            raise ValueError(
+                f"Panoptic json '{json_file}': images '{images[image['id']]['file_name']}' and "
+                f"'{image['file_name']}' have the same id {image['id']!r}."
+            )
         images[image["id"]] = image
     things = metadata["thing_dataset_id_to_contiguous_id"]
     stuff = metadata["stuff_dataset_id_to_contiguous_id"]
 
-    ret = []
+    ret, annotated = [], {}
     for ann in data["annotations"]:
         image_id = ann.get("image_id")
         if image_id not in images:
@@ -152,6 +160,13 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
                 f"Panoptic json '{json_file}': annotation '{ann.get('file_name')}' refers to image "
                 f"id {image_id!r}, which is not in 'images'."
             )
+        if image_id in annotated:
+            # Trained on twice, and scored once: panopticapi keeps one annotation per image.
+            raise ValueError(
+                f"Panoptic json '{json_file}': annotations '{annotated[image_id]}' and "
+                f"'{ann.get('file_name')}' are both of image id {image_id!r}."
+            )
+        annotated[image_id] = ann.get("file_name")
         image = images[image_id]
         segments_info, seen = [], set()
         for segment in ann.get("segments_info", []):
