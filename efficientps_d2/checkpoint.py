@@ -54,6 +54,7 @@ __all__ = [
     "check_checkpoint_exists",
     "check_checkpoint_file",
     "describe_file",
+    "describe_load_error",
     "is_partial_checkpoint",
 ]
 
@@ -138,7 +139,7 @@ def describe_file(path):
     return f"a text file ({size} bytes, starts with {first!r}), not a checkpoint"
 
 
-def _reason(error):
+def describe_load_error(error):
     """The useful part of a torch.load error, without torch's advice to pass weights_only=False
     (which is not what a file of another format or a truncated one needs)."""
     message = str(error)
@@ -315,7 +316,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         except Exception as e:  # pickle errors of .pkl files: say which file and what it is
             raise CheckpointFileError(
                 f"Checkpoint '{self._path or filename}' cannot be loaded: it is "
-                f"{describe_file(filename)} ({_reason(e)})."
+                f"{describe_file(filename)} ({describe_load_error(e)})."
             ) from e
 
     def _torch_load(self, f):
@@ -324,7 +325,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         except Exception as e:  # torch's zip and unpickling errors
             raise CheckpointFileError(
                 f"Checkpoint '{self._path or f}' cannot be loaded: it is {describe_file(f)} "
-                f"({_reason(e)})."
+                f"({describe_load_error(e)})."
             ) from e
         if not isinstance(loaded, dict) or not isinstance(loaded.get("model", {}), dict):
             inner = loaded.get("model") if isinstance(loaded, dict) else loaded
