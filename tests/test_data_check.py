@@ -213,6 +213,24 @@ def test_command_line_checks_a_lazy_config(dataset, capsys):
     assert "model.roi_heads.num_classes is 3" in capsys.readouterr().out
 
 
+def test_command_line_checks_the_data_a_lazy_config_registers(dataset, tmp_path, capsys):
+    # As README's "Data" has a LazyConfig register one's own data: the names were looked up
+    # before the config was loaded, and the data set was "not registered".
+    name, config = dataset["name"], tmp_path / "my_data.py"
+    config.write_text(
+        "from efficientps_d2 import model_zoo\n"
+        "from efficientps_d2.data import register_panoptic_dataset\n"
+        f"register_panoptic_dataset({name!r}, image_root={dataset['image_root']!r}, "
+        f"panoptic_root={dataset['panoptic_root']!r}, panoptic_json={dataset['panoptic_json']!r})\n"
+        "_base = model_zoo.get_config('Synthetic-PanopticSegmentation/efficientps_b0_quick.py')\n"
+        "model, dataloader, train = _base.model, _base.dataloader, _base.train\n"
+        f"dataloader.train.dataset.names = dataloader.test.dataset.names = {name!r}\n"
+        "model.roi_heads.num_classes, model.sem_seg_head.num_classes = 2, 4\n"
+    )
+    assert main([name, "--config-file", str(config)]) == 0, capsys.readouterr().out
+    assert "No errors." in capsys.readouterr().out
+
+
 def test_builtin_synthetic_data_passes(tmp_path):
     from efficientps_d2.data.synthetic import ensure_synthetic_panoptic, register_synthetic
 

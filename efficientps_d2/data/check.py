@@ -407,11 +407,11 @@ def main(argv=None):
     import efficientps_d2  # noqa: F401  (registers the built-in data sets)
 
     ok = True
-    registered = DatasetCatalog.list()
     if args.config_file:
         from ..engine.lazy_config import load_config  # imports the config: not at the top
 
-        cfg = load_config(args.config_file, args.opts)  # YAML or LazyConfig (.py)
+        # YAML or LazyConfig (.py); a LazyConfig may register its own data sets (README, "Data").
+        cfg = load_config(args.config_file, args.opts)
         try:
             check_dataset_names(cfg)
             check_class_counts(cfg)
@@ -419,6 +419,7 @@ def main(argv=None):
         except DataCheckError as e:
             print(f"Config '{args.config_file}': {e}")
             ok = False
+    registered = DatasetCatalog.list()
     for name in args.names:
         if name not in registered:
             print(
