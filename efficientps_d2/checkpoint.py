@@ -236,9 +236,15 @@ def _architecture_hint(checkpoint_names):
 
 
 def check_checkpoint_exists(path, key="MODEL.WEIGHTS"):
-    """Raises FileNotFoundError, naming the config ``key`` that set it, for a local checkpoint
-    ``path`` that does not exist ("" and URLs pass: nothing to load, or fetched on loading)."""
+    """Raises FileNotFoundError (IsADirectoryError for a folder), naming the config ``key`` that
+    set it, for a local checkpoint ``path`` that is not a file ("" and URLs pass: nothing to
+    load, or fetched on loading)."""
     if path and not urlparse(path).scheme and not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"Checkpoint '{path}' ({key}) is a folder; name a checkpoint file in it (e.g. "
+                f"'{os.path.join(path, 'model_final.pth')}')."
+            )
         raise FileNotFoundError(f"Checkpoint '{path}' ({key}) does not exist.")
 
 

@@ -359,6 +359,9 @@ def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check
                 str(e.value)
             )
     assert not out.exists()
+    # A folder (the run's output folder instead of its model_final.pth): "does not exist" before.
+    with pytest.raises(IsADirectoryError, match=f"'{tmp_path}' \\(MODEL.WEIGHTS\\) is a folder"):
+        check_checkpoint_file(str(tmp_path))
     # What may be a checkpoint is left to the loader: torch's zip, a pickle (.pkl).
     check_checkpoint_file(str(whole))
     (tmp_path / "legacy.pkl").write_bytes(b"\x80\x02}q\x00.")
