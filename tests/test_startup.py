@@ -366,3 +366,25 @@ def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check
     check_checkpoint_file(str(whole))
     (tmp_path / "legacy.pkl").write_bytes(b"\x80\x02}q\x00.")
     check_checkpoint_file(str(tmp_path / "legacy.pkl"))
+
+
+@pytest.mark.parametrize(
+    "kind, opts, words",
+    [
+        (".py", ["dataloader.test.dataset.names=[]"], "dataloader.test.dataset.names names no"),
+        (".py", ["~dataloader.evaluator"], "the config has no dataloader.evaluator"),
+        (".yaml", ["DATASETS.TEST", "()"], "DATASETS.TEST names no data set"),
+    ],
+)
+def test_eval_only_with_nothing_to_evaluate_is_refused(tmp_path, kind, opts, words):
+    # Detectron2 returned no results with exit status 0, silently (a LazyConfig without an
+    # evaluator after a whole inference pass).
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    key = "train.output_dir=" if kind == ".py" else "OUTPUT_DIR "
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, "--eval-only", *opts]
+    argv += (f"{key}{out}").split(" ", 1) if kind == ".yaml" else [f"{key}{out}"]
+    with pytest.raises(ValueError, match=f"--eval-only has nothing to evaluate: {words}"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()

@@ -44,6 +44,7 @@ __all__ = [
     "ResumableAMPTrainer",
     "build_checkpointer",
     "build_trainer",
+    "check_evaluation",
     "check_output_dir",
     "check_weights",
     "load_for_evaluation",
@@ -104,14 +105,16 @@ _output_dir_lock = None  # held (open) for the life of the training process
 def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
-    output folder that is a file and ``--eval-only`` without weights (before anything is
-    written), takes the steps of
+    output folder that is a file and ``--eval-only`` without weights or without anything to
+    evaluate (before anything is written), takes the steps of
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
     needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
     cfg = load_config(args.config_file, args.opts, needs)
     check_output_dir(ConfigAdapter(cfg))
+    if args.eval_only:
+        check_evaluation(ConfigAdapter(cfg))
     check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
@@ -130,6 +133,23 @@ def check_output_dir(config):
         raise NotADirectoryError(
             f"{config.keys['output_dir']} '{config.output_dir}' {where} a file, not a folder: "
             f"set it to a folder (e.g. {config.override('output_dir', './output')})."
+        )
+
+
+def check_evaluation(config):
+    """Refuses ``--eval-only`` with nothing to evaluate, before the model is built: no test data
+    set (DATASETS.TEST / ``dataloader.test.dataset.names``) or, in a LazyConfig, no
+    ``dataloader.evaluator`` (Detectron2 then returns no results, with exit status 0, after the
+    weights are loaded or, for a LazyConfig, after a whole inference pass).
+    ``config``: a :class:`ConfigAdapter`."""
+    if not config.test_dataset_names:
+        key = config.keys["test_dataset_names"]
+        raise ValueError(f"--eval-only has nothing to evaluate: {key} names no data set.")
+    if not config.is_yaml and config.cfg.get("dataloader", {}).get("evaluator") is None:
+        raise ValueError(
+            "--eval-only has nothing to evaluate: the config has no dataloader.evaluator (e.g. "
+            "L(build_dataset_evaluator)(dataset_name=..., output_folder=...) of "
+            "efficientps_d2.evaluation)."
         )
 
 
