@@ -111,6 +111,7 @@ def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(t
     out = tmp_path / "out"
     (out / "panoptic").mkdir(parents=True)
     (out / "panoptic" / "old.png").write_bytes(b"of an earlier evaluation")
+    (out / ".panoptic.0123456789ab.tmp").mkdir()  # what a killed evaluation left
     try:
         evaluator = build_evaluator(
             load_config(opts=["TEST.KEEP_PANOPTIC_PNGS", True]), name, str(out)
@@ -126,6 +127,7 @@ def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(t
     with open(out / "predictions.json") as f:
         names = [a["file_name"] for a in json.load(f)["annotations"]]
     assert sorted(names) == sorted(os.listdir(out / "panoptic")) == ["same_1.png", "same_2.png"]
+    assert not (out / ".panoptic.0123456789ab.tmp").exists()
 
 
 def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):

@@ -11,7 +11,7 @@ Detectron2's names.
 With ``png_dir`` it also keeps the PNGs it scores, which ``COCOPanopticEvaluator`` writes to a
 temporary folder that ``evaluate()`` deletes: they are written to ``png_dir`` as one folder that
 replaces the previous evaluation's (atomically: an interrupted evaluation leaves the previous
-folder whole, never a mix of two evaluations). ``png_dir`` and ``predictions.json`` then form a
+folder whole, never a mix of two evaluations; the next one removes what it left behind). ``png_dir`` and ``predictions.json`` then form a
 complete prediction set for panopticapi's ``pq_compute``.
 """
 
@@ -23,7 +23,7 @@ from collections import defaultdict
 import detectron2.utils.comm as comm
 from detectron2.evaluation import COCOPanopticEvaluator
 
-from ..atomic_io import atomic_directory
+from ..atomic_io import atomic_directory, remove_stale_temporaries
 
 __all__ = ["COCOPanopticEvaluatorKeepingPNGs", "PanopticEvaluator", "unique_png_names"]
 
@@ -81,6 +81,9 @@ class PanopticEvaluator(COCOPanopticEvaluator):
                     "folder: their panoptic PNGs are named after their image ids."
                 )
             if self._png_dir is not None:
+                # Only the main process writes it: what a killed evaluation left is stale.
+                parent, name = os.path.split(os.path.abspath(self._png_dir))
+                remove_stale_temporaries(parent, target=name)
                 with atomic_directory(self._png_dir, overwrite=True) as folder:
                     os.makedirs(folder)
                     for prediction in predictions:
