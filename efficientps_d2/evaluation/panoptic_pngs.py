@@ -11,8 +11,9 @@ Detectron2's names.
 With ``png_dir`` it also keeps the PNGs it scores, which ``COCOPanopticEvaluator`` writes to a
 temporary folder that ``evaluate()`` deletes: they are written to ``png_dir`` as one folder that
 replaces the previous evaluation's (atomically: an interrupted evaluation leaves the previous
-folder whole, never a mix of two evaluations; the next one removes what it left behind). ``png_dir`` and ``predictions.json`` then form a
-complete prediction set for panopticapi's ``pq_compute``.
+folder whole, never a mix of two evaluations; the next one removes what it left behind).
+``png_dir`` and ``predictions.json`` then form a complete prediction set for panopticapi's
+``pq_compute``.
 """
 
 import itertools
