@@ -130,6 +130,33 @@ def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(t
     assert not (out / ".panoptic.0123456789ab.tmp").exists()
 
 
+def test_an_evaluation_that_fails_while_writing_keeps_the_previous_outputs(
+    dataset, tmp_path, monkeypatch
+):
+    # Detectron2 opened predictions.json for writing, then serialised: a failure (or a kill)
+    # there left it empty, next to the previous evaluation's PNGs.
+    out = tmp_path / "out"
+    cfg = load_config(opts=["TEST.KEEP_PANOPTIC_PNGS", True])
+
+    def evaluate():
+        evaluator = build_evaluator(cfg, dataset, str(out))._evaluators[0]
+        evaluator.reset()
+        evaluator.process(*ground_truth_as_predictions(dataset))
+        return evaluator.evaluate()
+
+    assert evaluate()["panoptic_seg"]["PQ"] == pytest.approx(100.0)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"predictions.json", "img_000.png", "img_001.png"} <= set(before)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate()
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):
     """Box/mask AP on panoptic data whose metadata lists all classes (stuff too) as
     thing_classes: exact detections score 100, with one per-category row per thing class."""

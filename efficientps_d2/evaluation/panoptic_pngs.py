@@ -8,15 +8,18 @@ silently wrong numbers (ground truth given as the prediction scored PQ 94, not 1
 images names of their own (the image id appended: ``0001_<image_id>.png``); the others keep
 Detectron2's names.
 
-With ``png_dir`` it also keeps the PNGs it scores, which ``COCOPanopticEvaluator`` writes to a
-temporary folder that ``evaluate()`` deletes: they are written to ``png_dir`` as one folder that
-replaces the previous evaluation's (atomically: an interrupted evaluation leaves the previous
-folder whole, never a mix of two evaluations; the next one removes what it left behind).
+``predictions.json`` is written atomically (Detectron2 writes it in place: a kill mid-write
+left it truncated). With ``png_dir`` the evaluator also keeps the PNGs it scores, which
+``COCOPanopticEvaluator`` writes to a temporary folder that ``evaluate()`` deletes: they are
+written to ``png_dir`` as one folder that replaces the previous evaluation's, followed at once
+by ``predictions.json`` (atomically: an interrupted evaluation leaves the previous folder and
+json whole, never a mix of two evaluations; the next one removes what it left behind).
 ``png_dir`` and ``predictions.json`` then form a complete prediction set for panopticapi's
 ``pq_compute``.
 """
 
 import itertools
+import json
 import logging
 import os
 from collections import defaultdict
@@ -24,7 +27,7 @@ from collections import defaultdict
 import detectron2.utils.comm as comm
 from detectron2.evaluation import COCOPanopticEvaluator
 
-from ..atomic_io import atomic_directory, remove_stale_temporaries
+from ..atomic_io import atomic_directory, atomic_write, remove_stale_temporaries
 
 __all__ = ["COCOPanopticEvaluatorKeepingPNGs", "PanopticEvaluator", "unique_png_names"]
 
@@ -74,6 +77,7 @@ class PanopticEvaluator(COCOPanopticEvaluator):
         comm.synchronize()
         predictions = list(itertools.chain(*comm.gather(self._predictions)))
         self._predictions = predictions if comm.is_main_process() else []
+        output_dir = self._output_dir
         if comm.is_main_process():
             renamed = unique_png_names(predictions)
             if renamed:
@@ -81,16 +85,40 @@ class PanopticEvaluator(COCOPanopticEvaluator):
                     f"{renamed} images share a file name with another image of a different "
                     "folder: their panoptic PNGs are named after their image ids."
                 )
-            if self._png_dir is not None:
-                # Only the main process writes it: what a killed evaluation left is stale.
-                parent, name = os.path.split(os.path.abspath(self._png_dir))
-                remove_stale_temporaries(parent, target=name)
-                with atomic_directory(self._png_dir, overwrite=True) as folder:
-                    os.makedirs(folder)
-                    for prediction in predictions:
-                        with open(os.path.join(folder, prediction["file_name"]), "wb") as f:
-                            f.write(prediction["png_string"])
-        return super().evaluate()
+            if output_dir:
+                self._write_outputs(predictions, output_dir)
+        # Detectron2 writes predictions.json in place (a kill mid-write truncates it); here it is
+        # written above, and Detectron2's copy goes to its temporary folder.
+        self._output_dir = None
+        try:
+            return super().evaluate()
+        finally:
+            self._output_dir = output_dir
+
+    def _write_outputs(self, predictions, output_dir):
+        """``predictions.json`` (the ground-truth json with the predictions as its annotations,
+        as Detectron2 writes it) and, with ``png_dir``, the PNGs, each replaced whole."""
+        with open(self._metadata.panoptic_json) as f:
+            data = json.load(f)
+        data["annotations"] = [
+            {k: v for k, v in p.items() if k != "png_string"} for p in predictions
+        ]
+        path = os.path.join(output_dir, "predictions.json")
+
+        def write_json():
+            atomic_write(path, lambda f: f.write(json.dumps(data)), mode="w")
+
+        if self._png_dir is None:
+            write_json()
+            return
+        # Only the main process writes the folder: what a killed evaluation left is stale.
+        parent, name = os.path.split(os.path.abspath(self._png_dir))
+        remove_stale_temporaries(parent, target=name)
+        with atomic_directory(self._png_dir, overwrite=True, then=write_json) as folder:
+            os.makedirs(folder)
+            for prediction in predictions:
+                with open(os.path.join(folder, prediction["file_name"]), "wb") as f:
+                    f.write(prediction["png_string"])
 
 
 class COCOPanopticEvaluatorKeepingPNGs(PanopticEvaluator):
