@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -17,11 +18,14 @@ from efficientps_d2.data.check import (
     check_class_counts,
     check_dataset,
     check_dataset_names,
+    check_evaluator_types,
     main,
     validate_datasets,
 )
+from efficientps_d2.engine import load_config as load_lazy_config
 from tests.common import load_config
 from tests.fixtures import edit_json, write_panoptic_dataset
+from tests.test_lazy_config import QUICK_PY
 
 _counter = itertools.count()
 
@@ -171,6 +175,50 @@ def test_thing_semantic_ids_that_are_not_the_data_sets_things_are_refused(datase
     )
     cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = [1, 0]  # another order of the same classes
     validate_datasets(cfg)
+
+
+@pytest.fixture
+def instance_dataset(dataset):
+    """The custom data registered as an instance (not panoptic) data set, as a detection set is:
+    records without pan_seg_file_name, evaluator_type "coco"."""
+    name = f"{dataset['name']}_instances"
+    records = [
+        {k: r[k] for k in ("file_name", "image_id")} | {"annotations": []}
+        for r in dataset["records"]
+    ]
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(evaluator_type="coco", thing_classes=["cat", "dog"])
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def test_data_sets_that_cannot_be_trained_on_or_evaluated_are_refused(dataset, instance_dataset):
+    # They passed: the mapper stopped at the first batch, the evaluator after the whole training.
+    dataset["register"]()
+    cfg = _config(dataset["name"], test=[instance_dataset])
+    with pytest.raises(DataCheckError, match=f"DATASETS.TEST names data set '{instance_dataset}' "):
+        validate_datasets(cfg)
+    assert "evaluator_type 'coco', which EfficientPS does not evaluate" in str(
+        pytest.raises(DataCheckError, validate_datasets, cfg, training=False).value
+    )
+    with pytest.raises(DataCheckError, match=f"'{instance_dataset}', whose 2 of 2 records have no"):
+        validate_datasets(_config(instance_dataset, test=[dataset["name"]]))
+    # A LazyConfig with build_dataset_evaluator: as DATASETS.TEST, and one data set at a time.
+    opts = ["model.sem_seg_head.num_classes=4", "model.roi_heads.num_classes=2"]
+    opts += [f"dataloader.train.dataset.names={dataset['name']}"]
+    test_key = "dataloader.test.dataset.names"
+    for names, words in (
+        (instance_dataset, f"{test_key} names data set '{instance_dataset}' of evaluator_type"),
+        (f"[{dataset['name']},{dataset['name']}]", f"{test_key} names 2 data sets"),
+    ):
+        cfg = load_lazy_config(QUICK_PY, [*opts, f"{test_key}={names}"])
+        with pytest.raises(DataCheckError, match=re.escape(words)):
+            validate_datasets(cfg)
+    # Another evaluator is the config's own business.
+    cfg = load_lazy_config(QUICK_PY, [*opts, f"{test_key}={instance_dataset}"])
+    cfg.dataloader.evaluator = {"_target_": "detectron2.evaluation.COCOEvaluator"}
+    check_evaluator_types(cfg)
 
 
 def test_class_count_of_test_set_checked_in_eval_only(dataset):

@@ -9,6 +9,7 @@ PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-t
   (otherwise the closest registered names are suggested);
 - :func:`check_class_counts`: ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` equals the data set's number of
   classes and ``MODEL.ROI_HEADS.NUM_CLASSES`` its number of thing classes;
+- :func:`check_evaluator_types`: every data set in ``DATASETS.TEST`` can be evaluated;
 - :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
   ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
   ``segments_info`` both ways) and the size of every image against its record;
@@ -38,6 +39,7 @@ from typing import List
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
+from detectron2.utils.registry import locate
 from PIL import Image
 
 from ..config_adapter import ConfigAdapter
@@ -48,6 +50,7 @@ __all__ = [
     "check_class_counts",
     "check_dataset",
     "check_dataset_names",
+    "check_evaluator_types",
     "validate_datasets",
 ]
 
@@ -73,6 +76,7 @@ class DatasetReport:
         class_counts: {contiguous class id: number of segments}.
         class_names: names of the contiguous class ids (``stuff_classes``), when known.
         pngs_checked: number of panoptic PNGs opened and compared with their ``segments_info``.
+        panoptic_images: number of records with a panoptic PNG (``pan_seg_file_name``).
         errors: one line per fault, naming the file, id or key.
         seconds: time the check took.
     """
@@ -83,6 +87,7 @@ class DatasetReport:
     class_counts: Counter = field(default_factory=Counter)
     class_names: List[str] = field(default_factory=list)
     pngs_checked: int = 0
+    panoptic_images: int = 0
     errors: List[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -141,6 +146,38 @@ def check_dataset_names(cfg):
             raise DataCheckError(
                 f"{key} names data set '{name}', which is not registered.{hint} Register custom "
                 "data with efficientps_d2.data.register_panoptic_dataset before training."
+            )
+
+
+def check_evaluator_types(cfg):
+    """Raises :class:`DataCheckError` for a data set in DATASETS.TEST whose ``evaluator_type``
+    EfficientPS's evaluators do not score (``efficientps_d2.evaluation.build_evaluator`` would
+    refuse it after training). A LazyConfig's ``dataloader.test.dataset.names`` is checked when
+    its ``dataloader.evaluator`` is ``build_dataset_evaluator``, which also takes one data set
+    only; another evaluator is the config's own choice."""
+    from ..evaluation.build import SUPPORTED, build_dataset_evaluator
+
+    config = ConfigAdapter(cfg)
+    key, names = config.keys["test_dataset_names"], config.test_dataset_names
+    if not config.is_yaml:
+        evaluator = cfg.get("dataloader", {}).get("evaluator")
+        target = evaluator.get("_target_") if evaluator is not None else None
+        if isinstance(target, str):  # a config saved as YAML and loaded again
+            target = locate(target)
+        if target is not build_dataset_evaluator:
+            return
+        if len(names) > 1:
+            raise DataCheckError(
+                f"{key} names {len(names)} data sets {names}, but its evaluator "
+                "(build_dataset_evaluator) scores one: evaluate them one run at a time."
+            )
+    for name in names:
+        evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
+        if evaluator_type not in SUPPORTED:
+            raise DataCheckError(
+                f"{key} names data set '{name}' of evaluator_type {evaluator_type!r}, which "
+                f"EfficientPS does not evaluate (panoptic data sets of type {list(SUPPORTED)}; "
+                "register yours with efficientps_d2.data.register_panoptic_dataset)."
             )
 
 
@@ -294,6 +331,7 @@ def check_dataset(name, *, pngs=True):
     for record in records:
         if "pan_seg_file_name" not in record:
             continue
+        report.panoptic_images += 1
         segments = record.get("segments_info", [])
         report.num_segments += len(segments)
         for seg in segments:
@@ -342,13 +380,23 @@ def validate_datasets(cfg, *, training=True):
     """
     check_dataset_names(cfg)  # the config and the registered names: the same on every rank
     check_class_counts(cfg, training=training)
+    check_evaluator_types(cfg)
     config = ConfigAdapter(cfg)
-    names = (config.train_dataset_names if training else []) + config.test_dataset_names
+    train_names = config.train_dataset_names if training else []
+    names = train_names + config.test_dataset_names
     read_pngs = config.check_pngs and comm.get_local_rank() == 0
     reports = []
     for name in dict.fromkeys(names):
         report = _check_on_every_rank(name, pngs=read_pngs)
         report.raise_if_errors()
+        if name in train_names and report.panoptic_images < report.num_images:
+            # The dataset mapper would stop at the first batch that drew one.
+            raise DataCheckError(
+                f"{config.keys['train_dataset_names']} names data set '{name}', whose "
+                f"{report.num_images - report.panoptic_images} of {report.num_images} records "
+                "have no panoptic annotation (pan_seg_file_name): EfficientPS trains on panoptic "
+                "data (register yours with efficientps_d2.data.register_panoptic_dataset)."
+            )
         shared = " (read on local rank 0)" if comm.get_world_size() > 1 else ""
         logger.info(
             f"Checked data set '{name}': {report.num_images} images, {report.num_segments} "
