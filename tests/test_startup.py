@@ -388,3 +388,28 @@ def test_eval_only_with_nothing_to_evaluate_is_refused(tmp_path, kind, opts, wor
     with pytest.raises(ValueError, match=f"--eval-only has nothing to evaluate: {words}"):
         startup.setup(default_argument_parser().parse_args(argv))
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, opts, message",
+    [
+        (".py", ["train.tta.min_sizes=128"], "train.tta.min_sizes must be a non-empty list"),
+        (".py", ["train.tta.min_sizes=[]"], "train.tta.min_sizes must be a non-empty list"),
+        (".py", ["train.tta.min_sizes=[128,0]"], r"must be .* positive sizes.*got \[128, 0\]"),
+        (".yaml", ["TEST.AUG.MIN_SIZES", "()"], "TEST.AUG.MIN_SIZES must be a non-empty list"),
+    ],
+)
+def test_unusable_test_time_augmentation_is_refused_before_training(tmp_path, kind, opts, message):
+    # Test-time augmentation runs after training: "'int' object is not iterable" or "MIN_SIZES
+    # must list positive sizes" came after the whole run.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    if kind == ".py":
+        opts = [*opts, "train.tta.enabled=True", f"train.output_dir={out}"]
+    else:
+        opts = [*opts, "TEST.AUG.ENABLED", "True", "OUTPUT_DIR", str(out)]
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(ValueError, match=message):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()

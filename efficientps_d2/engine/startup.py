@@ -105,8 +105,9 @@ _output_dir_lock = None  # held (open) for the life of the training process
 def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
-    output folder that is a file and ``--eval-only`` without weights or without anything to
-    evaluate (before anything is written), takes the steps of
+    output folder that is a file, test-time augmentation settings that cannot be used and
+    ``--eval-only`` without weights or without anything to evaluate (before anything is
+    written), takes the steps of
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
@@ -115,6 +116,8 @@ def setup(args):
     check_output_dir(ConfigAdapter(cfg))
     if args.eval_only:
         check_evaluation(ConfigAdapter(cfg))
+    if ConfigAdapter(cfg).tta_enabled:  # it runs after training: its settings are checked now
+        ConfigAdapter(cfg).tta_settings()
     check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
