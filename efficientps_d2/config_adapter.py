@@ -207,8 +207,24 @@ class ConfigAdapter:
     def expected_results(self):
         """TEST.EXPECTED_RESULTS / ``train.expected_results`` (default []): ``[task, metric,
         expected value, tolerance]`` rows that Detectron2's ``verify_results`` checks, as
-        lists."""
-        return [list(row) for row in self._get("expected_results") or []]
+        lists. A row of another form raises ValueError naming the key (Detectron2 would fail to
+        unpack it after training)."""
+        rows = [list(row) for row in self._get("expected_results") or []]
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for row in rows:
+            if not (
+                len(row) == 4
+                and all(isinstance(v, str) for v in row[:2])
+                and all(number(v) for v in row[2:])
+            ):
+                raise ValueError(
+                    f"{self.keys['expected_results']} has the row {row}; each row is [task, "
+                    "metric, expected value, tolerance], e.g. ['panoptic_seg', 'PQ', 60.3, 0.5]."
+                )
+        return rows
 
     def checkpointer(self, model, save_dir="", **kwargs):
         """An :class:`EfficientPSCheckpointer` for ``model`` (``kwargs`` as it takes them) whose

@@ -413,3 +413,29 @@ def test_unusable_test_time_augmentation_is_refused_before_training(tmp_path, ki
     with pytest.raises(ValueError, match=message):
         startup.setup(default_argument_parser().parse_args(argv))
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, opts, key",
+    [
+        (".py", ["train.expected_results=[[panoptic_seg,PQ,60.3]]"], "train.expected_results"),
+        (".yaml", ["TEST.EXPECTED_RESULTS", "[['panoptic_seg', 60.3, 'PQ', 0.5]]"], "TEST.EXPE"),
+    ],
+)
+def test_malformed_expected_results_are_refused_before_training(tmp_path, kind, opts, key):
+    # Detectron2's verify_results failed to unpack the row after the whole run.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(ValueError, match=f"{key}.* has the row .*; each row is \\[task, metric"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
+def test_an_expected_task_that_was_not_evaluated_fails_the_verification():
+    # Detectron2 raised KeyError: 'panoptic' after the whole run.
+    cfg = load_config(QUICK_PY, ["train.expected_results=[[panoptic,PQ,60.3,0.5]]"])
+    with pytest.raises(SystemExit):
+        startup.verify_results(cfg, {"panoptic_seg": {"PQ": 60.3}})

@@ -105,20 +105,24 @@ _output_dir_lock = None  # held (open) for the life of the training process
 def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
-    output folder that is a file, test-time augmentation settings that cannot be used and
-    ``--eval-only`` without weights or without anything to evaluate (before anything is
-    written), takes the steps of
+    output folder that is a file, test-time augmentation settings or expected results that
+    cannot be used and ``--eval-only`` without weights or without anything to evaluate (before
+    anything is written), takes the steps of
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
     needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
     cfg = load_config(args.config_file, args.opts, needs)
-    check_output_dir(ConfigAdapter(cfg))
+    config = ConfigAdapter(cfg)
+    check_output_dir(config)
     if args.eval_only:
-        check_evaluation(ConfigAdapter(cfg))
-    if ConfigAdapter(cfg).tta_enabled:  # it runs after training: its settings are checked now
-        ConfigAdapter(cfg).tta_settings()
-    check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
+        check_evaluation(config)
+    # What is used after training is checked now: the TTA settings and the expected results
+    # (reading them checks them).
+    if config.tta_enabled:
+        config.tta_settings()
+    config.expected_results
+    check_weights(config, eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
     return cfg
@@ -284,9 +288,12 @@ def load_for_evaluation(model, config, *, resume):
 def verify_results(cfg, results):
     """Detectron2's ``verify_results`` for either kind of config: each ``[task, metric, expected,
     tolerance]`` row of TEST.EXPECTED_RESULTS (``train.expected_results``) is compared with
-    ``results`` ({task: {metric: value}}); a metric that is off, missing or not finite logs both
-    and exits with status 1. Returns True otherwise. Call it on the main process, as Detectron2
-    does."""
+    ``results`` ({task: {metric: value}}); a metric that is off, missing (its task too) or not
+    finite logs both and exits with status 1. Returns True otherwise. Call it on the main
+    process, as Detectron2 does."""
     expected = ConfigAdapter(cfg).expected_results
+    # A task that was not evaluated (a misspelt one) is a missing metric, not Detectron2's
+    # KeyError after the whole run.
+    results = {**{row[0]: {} for row in expected}, **results}
     # Detectron2 reads TEST.EXPECTED_RESULTS; a LazyConfig's rows are passed the same way.
     return d2_verify_results(CfgNode({"TEST": {"EXPECTED_RESULTS": expected}}), results)
