@@ -113,8 +113,9 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
         ``category_id`` made contiguous and ``isthing`` added).
     Raises:
         FileNotFoundError: the json, or images or PNGs it names, are missing (the first few named).
-        ValueError: inconsistent json (unknown image id or category id, duplicate image ids,
-            two annotations of one image, duplicate segment ids).
+        ValueError: malformed or inconsistent json (an annotation without file name or
+            segments, a segment without an integer id, unknown image id or category id,
+            duplicate image ids, two annotations of one image, duplicate segment ids).
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"Panoptic json '{json_file}' does not exist.")
@@ -154,6 +155,7 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
 
     ret, annotated = [], {}
     for ann in data["annotations"]:
+        _check_annotation(ann, json_file)
         image_id = ann.get("image_id")
         if image_id not in images:
             raise ValueError(
@@ -225,6 +227,29 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
         logger.warning(f"{unused} images in '{json_file}' have no panoptic annotation; skipped.")
     logger.info(f"Loaded {len(ret)} panoptic annotations from '{json_file}'.")
     return ret
+
+
+def _check_annotation(ann, json_file):
+    """Raises ValueError, naming the json and the annotation, for an annotation that is not COCO
+    panoptic's ``{"image_id", "file_name", "segments_info": [{"id": int, "category_id", ...}]}``
+    (it failed later with a bare KeyError, AttributeError or int() error)."""
+    where = f"Panoptic json '{json_file}': annotation {str(ann)[:120]}"
+    if not isinstance(ann, dict):
+        raise ValueError(f"{where} is not an object (a dict).")
+    for key, kind, what in (
+        ("image_id", (int, str), "an image id"),
+        ("file_name", str, "the PNG's file name"),
+        ("segments_info", list, "a list of segments"),
+    ):
+        if not isinstance(ann.get(key), kind):
+            raise ValueError(f"{where} needs '{key}' ({what}), got {ann.get(key)!r}.")
+    for segment in ann["segments_info"]:
+        if not isinstance(segment, dict) or not isinstance(segment.get("id"), int):
+            raise ValueError(
+                f"Panoptic json '{json_file}': annotation '{ann['file_name']}' has the segment "
+                f"{str(segment)[:120]}, whose 'id' is not an integer (the PNG's R + 256 G + "
+                "256^2 B)."
+            )
 
 
 def _listdir(folder):
