@@ -22,12 +22,14 @@ same steps, each reading its own keys through
 
 import logging
 import os
+from urllib.parse import urlparse
 
 import detectron2.utils.comm as comm
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
 from detectron2.evaluation import verify_results as d2_verify_results
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig
 
@@ -164,13 +166,19 @@ def check_weights(config, *, eval_only, resume):
     """Refuses, before the data check (minutes on Cityscapes) and the model are built, weights
     that cannot be loaded: a local MODEL.WEIGHTS / ``train.init_checkpoint`` file that does not
     exist or cannot be a checkpoint (empty, cut short, an HTML page:
-    :func:`~efficientps_d2.checkpoint.check_checkpoint_file`), or with ``eval_only`` none at all
-    (Detectron2 would evaluate a randomly initialised model). Neither is read when ``resume``
-    finds a checkpoint in the output folder. ``config``: a :class:`ConfigAdapter`."""
+    :func:`~efficientps_d2.checkpoint.check_checkpoint_file`), a URL or ``torchvision://`` name
+    that cannot be fetched (it is fetched and cached now, as loading would), or with
+    ``eval_only`` none at all (Detectron2 would evaluate a randomly initialised model). Neither
+    is read when ``resume`` finds a checkpoint in the output folder. ``config``: a
+    :class:`ConfigAdapter`."""
     weights = config.weights
     if resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint")):
         return
     check_checkpoint_file(weights, config.keys["weights"])  # before the work, not after it
+    if urlparse(weights).scheme:
+        # Fetched (torchvision://: downloaded and converted) and cached now, so that an offline
+        # machine or a misspelt name stops before the data check, not after it.
+        PathManager.get_local_path(weights)
     if weights or not eval_only:
         return
     where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""
