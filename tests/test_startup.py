@@ -439,3 +439,17 @@ def test_an_expected_task_that_was_not_evaluated_fails_the_verification():
     cfg = load_config(QUICK_PY, ["train.expected_results=[[panoptic,PQ,60.3,0.5]]"])
     with pytest.raises(SystemExit):
         startup.verify_results(cfg, {"panoptic_seg": {"PQ": 60.3}})
+
+
+def test_a_model_zoo_name_runs_as_its_file(tmp_path):
+    # load_config took the name; Detectron2's default_setup then opened it as a path:
+    # "FileNotFoundError: [Errno 2] No such file or directory: 'Synthetic-...quick.yaml'".
+    from detectron2.engine import default_argument_parser
+
+    name, out = "Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml", tmp_path / "out"
+    args = default_argument_parser().parse_args(
+        ["--config-file", name, "OUTPUT_DIR", str(out), "DATASETS.TRAIN", "('no_such_set',)"]
+    )
+    with pytest.raises(DataCheckError, match="no_such_set"):  # past default_setup
+        startup.setup(args)
+    assert os.path.samefile(args.config_file, QUICK_YAML) and (out / "config.yaml").is_file()

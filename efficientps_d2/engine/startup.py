@@ -35,7 +35,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import check_checkpoint_file
-from ..config import is_yaml_config
+from ..config import find_config_file, is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..modeling.inplace_abn import InPlaceABN
@@ -114,6 +114,9 @@ def setup(args):
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
     needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
+    # A model zoo name becomes its file: Detectron2's default_setup opens args.config_file to log
+    # it, which failed for a name after the output folder was locked.
+    args.config_file = find_config_file(args.config_file)
     cfg = load_config(args.config_file, args.opts, needs)
     config = ConfigAdapter(cfg)
     check_output_dir(config)
