@@ -221,6 +221,18 @@ def test_data_sets_that_cannot_be_trained_on_or_evaluated_are_refused(dataset, i
     check_evaluator_types(cfg)
 
 
+def test_training_without_a_training_set_is_refused_naming_the_key():
+    # YAML: Detectron2's "AssertionError: ()"; LazyConfig: "No data set is named." (no key).
+    cfg = _config("synthetic_panoptic_train", num_classes=6, num_things=3)
+    cfg.DATASETS.TRAIN = ()
+    with pytest.raises(DataCheckError, match=r"^DATASETS.TRAIN names no data set"):
+        validate_datasets(cfg)
+    validate_datasets(cfg, training=False)  # evaluation needs none
+    cfg = load_lazy_config(QUICK_PY, ["dataloader.train.dataset.names=[]"])
+    with pytest.raises(DataCheckError, match=r"^dataloader.train.dataset.names names no data"):
+        validate_datasets(cfg)
+
+
 def test_class_count_of_test_set_checked_in_eval_only(dataset):
     dataset["register"]()
     cfg = _config("synthetic_panoptic_train", num_classes=6, num_things=3, test=[dataset["name"]])

@@ -378,10 +378,15 @@ def validate_datasets(cfg, *, training=True):
     verdicts are then gathered (``comm.all_gather``), so that every rank raises the same error,
     or returns the same reports, and none waits for a rank that stopped.
     """
+    config = ConfigAdapter(cfg)
+    if training and not config.train_dataset_names:
+        # Detectron2's loader asserted "AssertionError: ()" after the model was built.
+        raise DataCheckError(
+            f"{config.keys['train_dataset_names']} names no data set: training needs one."
+        )
     check_dataset_names(cfg)  # the config and the registered names: the same on every rank
     check_class_counts(cfg, training=training)
     check_evaluator_types(cfg)
-    config = ConfigAdapter(cfg)
     train_names = config.train_dataset_names if training else []
     names = train_names + config.test_dataset_names
     read_pngs = config.check_pngs and comm.get_local_rank() == 0
