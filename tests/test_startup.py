@@ -453,3 +453,18 @@ def test_a_model_zoo_name_runs_as_its_file(tmp_path):
     with pytest.raises(DataCheckError, match="no_such_set"):  # past default_setup
         startup.setup(args)
     assert os.path.samefile(args.config_file, QUICK_YAML) and (out / "config.yaml").is_file()
+
+
+def test_the_mappers_read_images_in_the_models_channel_order():
+    # model.input_format=BGR left the mappers reading RGB: the model saw swapped colours, silently.
+    cfg = load_config(QUICK_PY, ["model.input_format=BGR"])
+    assert cfg.dataloader.train.mapper.image_format == "BGR"
+    assert instantiate(cfg.dataloader.test.mapper).image_format == "BGR"
+    startup.check_input_format(cfg)
+    cfg = load_config(QUICK_PY, ["dataloader.train.mapper.image_format=BGR"])
+    with pytest.raises(ValueError, match="dataloader.train.mapper.image_format is 'BGR' but mod"):
+        startup.check_input_format(cfg)
+    r50 = load_config(
+        os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_R_50.py")
+    )
+    assert r50.dataloader.test.mapper.image_format == r50.model.input_format == "BGR"

@@ -31,7 +31,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, defau
 from detectron2.evaluation import verify_results as d2_verify_results
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import check_checkpoint_file
@@ -47,6 +47,7 @@ __all__ = [
     "build_checkpointer",
     "build_trainer",
     "check_evaluation",
+    "check_input_format",
     "check_output_dir",
     "check_weights",
     "load_for_evaluation",
@@ -108,8 +109,9 @@ def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
     output folder that is a file, test-time augmentation settings or expected results that
-    cannot be used and ``--eval-only`` without weights or without anything to evaluate (before
-    anything is written), takes the steps of
+    cannot be used, mappers that read another channel order than the model takes and
+    ``--eval-only`` without weights or without anything to evaluate (before anything is
+    written), takes the steps of
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
@@ -127,6 +129,7 @@ def setup(args):
     if config.tta_enabled:
         config.tta_settings()
     config.expected_results
+    check_input_format(cfg)
     check_weights(config, eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
@@ -146,6 +149,25 @@ def check_output_dir(config):
             f"{config.keys['output_dir']} '{config.output_dir}' {where} a file, not a folder: "
             f"set it to a folder (e.g. {config.override('output_dir', './output')})."
         )
+
+
+def check_input_format(cfg):
+    """Refuses a LazyConfig whose mappers read images in another channel order than its model
+    takes (``dataloader.{train,test}.mapper.image_format`` vs ``model.input_format``): the model
+    would train and evaluate on swapped colour channels without any error. (A YAML config has
+    one key, INPUT.FORMAT.)"""
+    if is_yaml_config(cfg):
+        return
+    model_format = OmegaConf.select(cfg, "model.input_format", default=None)
+    for split in ("train", "test"):
+        key = f"dataloader.{split}.mapper.image_format"
+        image_format = OmegaConf.select(cfg, key, default=None)
+        if None not in (model_format, image_format) and image_format != model_format:
+            raise ValueError(
+                f"{key} is {image_format!r} but model.input_format is {model_format!r}: the "
+                f"model would see swapped colour channels. Set model.input_format={image_format} "
+                "(the shipped configs' mappers follow it) or make them equal."
+            )
 
 
 def check_evaluation(config):
