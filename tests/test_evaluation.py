@@ -155,6 +155,11 @@ def test_an_evaluation_that_fails_while_writing_keeps_the_previous_outputs(
     with pytest.raises(KeyboardInterrupt):
         evaluate()
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # What a kill (no clean-up) would have left is removed by the next evaluation.
+    monkeypatch.undo()
+    (out / ".predictions.0123456789ab.tmp.json").write_text('{"annotations": [')
+    evaluate()
+    assert not (out / ".predictions.0123456789ab.tmp.json").exists()
 
 
 def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):

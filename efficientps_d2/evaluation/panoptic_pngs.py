@@ -104,6 +104,8 @@ class PanopticEvaluator(COCOPanopticEvaluator):
             {k: v for k, v in p.items() if k != "png_string"} for p in predictions
         ]
         path = os.path.join(output_dir, "predictions.json")
+        # Only the main process writes these: what a killed evaluation left of them is stale.
+        remove_stale_temporaries(output_dir, target="predictions.json")
 
         def write_json():
             atomic_write(path, lambda f: f.write(json.dumps(data)), mode="w")
@@ -111,7 +113,6 @@ class PanopticEvaluator(COCOPanopticEvaluator):
         if self._png_dir is None:
             write_json()
             return
-        # Only the main process writes the folder: what a killed evaluation left is stale.
         parent, name = os.path.split(os.path.abspath(self._png_dir))
         remove_stale_temporaries(parent, target=name)
         with atomic_directory(self._png_dir, overwrite=True, then=write_json) as folder:
