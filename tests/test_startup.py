@@ -468,3 +468,23 @@ def test_the_mappers_read_images_in_the_models_channel_order():
         os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_R_50.py")
     )
     assert r50.dataloader.test.mapper.image_format == r50.model.input_format == "BGR"
+
+
+def test_yaml_training_verifies_expected_results_as_eval_only_does(monkeypatch):
+    # DefaultTrainer.train used Detectron2's verify_results: KeyError 'panoptic' after training.
+    from detectron2.engine import TrainerBase
+
+    import train_net
+
+    trainer = train_net.Trainer.__new__(train_net.Trainer)  # the model is not needed here
+    expected = "[['panoptic', 'PQ', 60.3, 0.5]]"
+    trainer.cfg = load_config(QUICK_YAML, ["TEST.EXPECTED_RESULTS", expected])
+    trainer.start_iter = trainer.max_iter = 0
+    trainer._last_eval_results = {"panoptic_seg": {"PQ": 60.3}}
+    monkeypatch.setattr(TrainerBase, "train", lambda self, start_iter, max_iter: None)
+    with pytest.raises(SystemExit):
+        trainer.train()
+    trainer.cfg = load_config(
+        QUICK_YAML, ["TEST.EXPECTED_RESULTS", expected.replace("c'", "c_seg'")]
+    )
+    assert trainer.train() == trainer._last_eval_results
