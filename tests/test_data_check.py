@@ -24,7 +24,7 @@ from efficientps_d2.data.check import (
 )
 from efficientps_d2.engine import load_config as load_lazy_config
 from tests.common import load_config
-from tests.fixtures import edit_json, write_panoptic_dataset
+from tests.fixtures import CUSTOM_CATEGORIES, edit_json, write_panoptic_dataset
 from tests.test_lazy_config import QUICK_PY
 
 _counter = itertools.count()
@@ -231,6 +231,27 @@ def test_training_without_a_training_set_is_refused_naming_the_key():
     cfg = load_lazy_config(QUICK_PY, ["dataloader.train.dataset.names=[]"])
     with pytest.raises(DataCheckError, match=r"^dataloader.train.dataset.names names no data"):
         validate_datasets(cfg)
+
+
+def test_data_sets_that_number_their_classes_differently_are_refused(dataset):
+    # Same counts, other order: Detectron2 compares thing_classes of instance data sets only, so
+    # training mixed the labels and evaluation scored the classes mistaken, silently.
+    dataset["register"]()
+    name, other = dataset["name"], f"{dataset['name']}_swapped"
+    swapped = [dict(c) for c in CUSTOM_CATEGORIES]
+    swapped[2]["name"], swapped[3]["name"] = swapped[3]["name"], swapped[2]["name"]
+    files = {k: dataset[k] for k in ("image_root", "panoptic_root", "panoptic_json")}
+    register_panoptic_dataset(other, categories=swapped, **files)
+    try:
+        words = f"Data sets '{name}' and '{other}' (DATASETS.TRAIN, DATASETS.TEST) number their "
+        words += f"classes differently: class 2 is 'grass' in '{name}' but 'sky' in '{other}'"
+        for training in (True, False):  # evaluation reads the model's classes from the first
+            with pytest.raises(DataCheckError, match=re.escape(words)):
+                check_class_counts(_config(name, test=[other]), training=training)
+        check_class_counts(_config(name, test=[name]))
+    finally:
+        DatasetCatalog.remove(other)
+        MetadataCatalog.remove(other)
 
 
 def test_class_count_of_test_set_checked_in_eval_only(dataset):

@@ -197,7 +197,8 @@ def check_class_counts(cfg, *, training=True):
     ``MODEL.ROI_HEADS.NUM_CLASSES`` the number of thing classes of every panoptic data set in
     DATASETS.TRAIN (when ``training``) and DATASETS.TEST; ``MODEL.EFFICIENTPS.THING_SEMANTIC_IDS``,
     when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``,
-    and be the thing classes of those data sets.
+    and be the thing classes of those data sets; and all of them must number their classes as
+    the first training set does (the same class names in the same order, the same things).
     (A LazyConfig's twins: ``model.sem_seg_head.num_classes``, ``model.roi_heads.num_classes``,
     ``model.thing_semantic_ids`` when it is a list.)
     """
@@ -235,6 +236,43 @@ def check_class_counts(cfg, *, training=True):
                 f"'{name}' are {data_things}; set {config.override('thing_semantic_ids', ids)}"
                 f"{' (or [], to read them from the data set)' if config.is_yaml else ''}."
             )
+    _check_same_classes(config, names)
+
+
+def _check_same_classes(config, names):
+    """Refuses data sets that number their classes differently from the one the model's class
+    layout comes from (the first training set; evaluation reads its thing ids from it too):
+    Detectron2 checks that only for instance data sets, so panoptic ones of the same class count
+    but another order trained on mixed labels, or were scored with classes mistaken."""
+    reference = None
+    for name in dict.fromkeys(config.train_dataset_names[:1] + names):
+        meta = MetadataCatalog.get(name)
+        if _panoptic_classes(meta) is None:
+            continue
+        classes = list(meta.stuff_classes)
+        things = sorted(meta.thing_dataset_id_to_contiguous_id.values())
+        if reference is None:
+            reference = (name, classes, things)
+            continue
+        first, first_classes, first_things = reference
+        if (classes, things) == (first_classes, first_things):
+            continue
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(classes, first_classes)) if a != b),
+            min(len(classes), len(first_classes)),
+        )
+        what = (
+            f"class {differ} is {first_classes[differ]!r} in '{first}' but "
+            f"{classes[differ]!r} in '{name}'"
+            if differ < min(len(classes), len(first_classes))
+            else f"thing classes {first_things} in '{first}' but {things} in '{name}'"
+        )
+        raise DataCheckError(
+            f"Data sets '{first}' and '{name}' ({config.keys['train_dataset_names']}, "
+            f"{config.keys['test_dataset_names']}) number their classes differently: {what}. "
+            "A model trained on one would mix up the other's classes; register them with the "
+            "same categories."
+        )
 
 
 def _png_size(image_file):
