@@ -8,7 +8,13 @@ from .coco_panoptic_writer import (
     panoptic_categories,
     to_coco_segments,
 )
-from .predictor import EfficientPSPredictor, VisualizationDemo, resolve_metadata
+from .predictor import (
+    EfficientPSPredictor,
+    ImageInputError,
+    VisualizationDemo,
+    prepare_image,
+    resolve_metadata,
+)
 from .runner import (
     VIDEO_CODECS,
     ImageRunSummary,
@@ -30,6 +36,7 @@ __all__ = [
     "CocoPanopticWriter",
     "EfficientPSPredictor",
     "ImageIds",
+    "ImageInputError",
     "ImageRunSummary",
     "VideoInputError",
     "VideoOutputError",
@@ -42,6 +49,7 @@ __all__ = [
     "open_video",
     "open_video_writer",
     "open_webcam",
+    "prepare_image",
     "panoptic_categories",
     "resolve_metadata",
     "run_on_images",

@@ -1,6 +1,7 @@
 """The demo's work loops: folders/globs of images, video files and webcams, with robust output.
 
-- Images: unreadable files are reported by name and skipped; the rest are processed.
+- Images: unreadable files, and images the predictor cannot take (too thin for the test resize),
+  are reported by name and skipped; the rest are processed.
 - Video: frames are processed in order with a progress bar (frames/s); the writer falls back from
   mp4v/.mp4 to MJPG/.avi and says which it used; the output is written under a temporary name and
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from ..atomic_io import atomic_write, remove_stale_temporaries, temporary_path
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
+from .predictor import ImageInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -211,7 +213,12 @@ def run_on_images(
                 summary.skipped.append((path, reason))
                 continue
             start = time.perf_counter()
-            predictions, vis = demo.run_on_image(image)
+            try:
+                predictions, vis = demo.run_on_image(image)
+            except ImageInputError as e:  # e.g. too thin for the test resize: the others may run
+                logger.warning(f"Skipping '{path}': {e}")
+                summary.skipped.append((path, str(e)))
+                continue
             segments = predictions["panoptic_seg"][1]
             logger.info(
                 f"{path}: {len(segments)} segments ({sum(s['isthing'] for s in segments)} things) "

@@ -1,0 +1,80 @@
+"""Inference as a Detectron2 user runs it, on awkward inputs: images the predictors cannot take are
+refused by name (and skipped by demo.py, which goes on with the others)."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+import demo
+from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
+from efficientps_d2.demo import EfficientPSPredictor, ImageInputError
+from efficientps_d2.engine import load_config
+from efficientps_d2.export import ExportedPredictor, export_model, load
+from tests.common import PERMISSIVE, tiny_config
+
+# Cityscapes' built-in metadata (no files needed): 8 things, 11 stuff classes.
+DATASET = "cityscapes_fine_panoptic_val"
+# A test resize that shrinks a 1 x 600 image to 0 x 128.
+RESIZE = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 128]
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    """A tiny YAML config with Cityscapes' classes and random weights (MODEL.WEIGHTS)."""
+    folder = tmp_path_factory.mktemp("model")
+    opts = PERMISSIVE + ["TEST.DETECTIONS_PER_IMAGE", 5, "MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", []]
+    opts += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", 19, "MODEL.ROI_HEADS.NUM_CLASSES", 8]
+    cfg = tiny_config(opts)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (DATASET,)
+    torch.manual_seed(0)
+    AtomicDetectionCheckpointer(build_model(cfg), str(folder)).save("weights")
+    cfg.MODEL.WEIGHTS = str(folder / "weights.pth")
+    path = folder / "tiny.yaml"
+    path.write_text(cfg.dump())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def predictor(config_file):
+    return EfficientPSPredictor(load_config(config_file, RESIZE))
+
+
+def _image(height, width, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), np.uint8)
+
+
+def test_images_the_predictors_cannot_take_are_named(predictor, tmp_path):
+    export_model(predictor.model, predictor.cfg, str(tmp_path / "ts"), "torchscript")
+    exported = ExportedPredictor(load(str(tmp_path / "ts")))
+    for p in (predictor, exported):
+        # 1 x 600 resizes to 0 x 128: PIL's "height and width must be > 0" before.
+        with pytest.raises(
+            ImageInputError, match="A 1 x 600 image cannot go through the test-time"
+        ):
+            p(_image(1, 600))
+        with pytest.raises(ImageInputError, match=r"\(H, W, 3\) BGR image .* shape \(64, 96\)"):
+            p(_image(64, 96)[:, :, 0])
+        with pytest.raises(ImageInputError, match=r"shape \(64, 96, 4\)"):
+            p(np.dstack([_image(64, 96), _image(64, 96)[:, :, :1]]))
+        with pytest.raises(ImageInputError, match="got uint16"):  # ran as 0-255 values before
+            p(_image(64, 96).astype(np.uint16) * 257)
+        output = p(_image(2, 300))  # thin, but 2 x 128 after the resize
+        assert output["panoptic_seg"][0].shape == (2, 300)
+
+
+def test_demo_skips_an_image_too_thin_to_resize_and_processes_the_others(config_file, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, (height, width) in {"a.png": (64, 96), "b.png": (1, 600), "c.png": (40, 70)}.items():
+        cv2.imwrite(str(images / name), _image(height, width))
+    out = tmp_path / "out"
+    args = ["--config-file", config_file, "--input", str(images), "--output", str(out)]
+    assert demo.main(args + ["--save-panoptic", "--opts", *map(str, RESIZE)]) == 0
+    with open(out / "predictions.json") as f:
+        assert [a["image_id"] for a in json.load(f)["annotations"]] == ["a", "c"]
+    assert sorted(os.listdir(out)) == ["a.png", "c.png", "panoptic", "predictions.json"]
