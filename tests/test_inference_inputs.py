@@ -78,3 +78,17 @@ def test_demo_skips_an_image_too_thin_to_resize_and_processes_the_others(config_
     with open(out / "predictions.json") as f:
         assert [a["image_id"] for a in json.load(f)["annotations"]] == ["a", "c"]
     assert sorted(os.listdir(out)) == ["a.png", "c.png", "panoptic", "predictions.json"]
+
+
+def test_demo_names_a_bad_config_override(config_file, capsys):
+    """yacs's bare AssertionError ("Non-existent key", "Override list has odd length") came out
+    of demo.py as a traceback."""
+    base = ["--config-file", config_file, "--input", "x.png", "--output", "out", "--opts"]
+    assert demo.main(base + ["MODEL.WEIGHT", "w.pth"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: MODEL.WEIGHT is not a config key (in the overrides of {config_file})" in err
+    assert "closest keys: MODEL.WEIGHTS" in err
+    assert demo.main(base + ["MODEL.DEVICE", "cpu", "INPUT.FORMAT"]) == 1
+    assert "are KEY VALUE pairs, got an odd number of words" in capsys.readouterr().err
+    assert demo.main(base + ["MODEL.DEVICE.X", "cpu"]) == 1  # a key below a value
+    assert "MODEL.DEVICE.X is not a config key" in capsys.readouterr().err
