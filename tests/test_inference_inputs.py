@@ -92,3 +92,49 @@ def test_demo_names_a_bad_config_override(config_file, capsys):
     assert "are KEY VALUE pairs, got an odd number of words" in capsys.readouterr().err
     assert demo.main(base + ["MODEL.DEVICE.X", "cpu"]) == 1  # a key below a value
     assert "MODEL.DEVICE.X is not a config key" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
+    config_file, tmp_path, capsys, monkeypatch
+):
+    """Before: '[Errno 17] File exists' after the model was built and an image processed; a
+    folder named 'x.png' for several images; drawings written over the input images (--output
+    naming the input folder) or over the input video."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.jpg"):
+        cv2.imwrite(str(images / name), _image(40, 60))
+    originals = {name: (images / name).read_bytes() for name in ("a.png", "b.jpg")}
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (60, 40))
+    writer.write(_image(40, 60))
+    writer.release()
+    a_file = tmp_path / "notes"
+    a_file.write_text("not a folder")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(demo, "VisualizationDemo", no_model)
+    base = ["--config-file", config_file]
+    cases = [
+        (["--input", str(images), "--output", str(a_file)], f"'{a_file}' is a file, not a folder"),
+        (["--input", str(images / "a.png"), "--output", str(a_file / "o.png")], "is a file, not"),
+        (["--input", str(images), "--output", str(tmp_path / "x.png")], "names one image file"),
+        (["--input", str(images), "--output", str(images)], "would overwrite the input image"),
+        (
+            ["--input", str(images / "b.jpg"), "--output", str(tmp_path), "--save-panoptic"],
+            None,  # b.jpg's drawing goes to tmp_path/b.jpg: no input there; model built
+        ),
+        (["--video-input", str(video), "--output", str(video)], "would overwrite the input video"),
+        (["--video-input", str(video), "--output", str(a_file)], "is a file, not a folder"),
+    ]
+    for args, message in cases:
+        if message is None:
+            with pytest.raises(AssertionError, match="the model was built"):
+                demo.main(base + args)
+            continue
+        assert demo.main(base + args) == 1, args
+        assert message in capsys.readouterr().err, args
+    assert {name: (images / name).read_bytes() for name in originals} == originals
+    assert sorted(os.listdir(tmp_path)) == ["clip.avi", "images", "notes"]  # nothing written

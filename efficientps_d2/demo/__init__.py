@@ -21,6 +21,8 @@ from .runner import (
     VideoInputError,
     VideoOutputError,
     VideoRunSummary,
+    check_image_outputs,
+    check_output_folder,
     collect_images,
     count_video_frames,
     display_available,
@@ -29,6 +31,7 @@ from .runner import (
     open_webcam,
     run_on_images,
     run_on_video,
+    video_output_path,
 )
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "VideoOutputError",
     "VideoRunSummary",
     "VisualizationDemo",
+    "check_image_outputs",
+    "check_output_folder",
     "collect_images",
     "count_video_frames",
     "display_available",
@@ -55,4 +60,5 @@ __all__ = [
     "run_on_images",
     "run_on_video",
     "to_coco_segments",
+    "video_output_path",
 ]

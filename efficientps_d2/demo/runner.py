@@ -34,6 +34,8 @@ __all__ = [
     "VideoOutputError",
     "VideoRunSummary",
     "collect_images",
+    "check_image_outputs",
+    "check_output_folder",
     "count_video_frames",
     "display_available",
     "open_video",
@@ -41,6 +43,7 @@ __all__ = [
     "open_webcam",
     "run_on_images",
     "run_on_video",
+    "video_output_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,9 +159,54 @@ def _export_lines(panoptic_json, indent=""):
     return [f"{indent}COCO panoptic predictions: {panoptic_json}"] if panoptic_json else []
 
 
+def check_output_folder(folder, output):
+    """Raises ValueError, naming ``output``, where ``folder`` cannot be made: it, or the nearest
+    existing path above it, is a file."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"--output '{output}' cannot be written: '{path}' is a file, not a folder."
+        )
+
+
+def check_image_outputs(output, paths, save_panoptic=False):
+    """Refuses, before any work, an ``output`` that :func:`run_on_images` cannot write as asked:
+    an image file name with several inputs, a folder that cannot be made (see
+    :func:`check_output_folder`), or a drawing or panoptic PNG that would overwrite one of the
+    input images (``--output`` naming the input folder). Raises ValueError naming the path."""
+    if _names_image_file(output):
+        if len(paths) != 1:
+            raise ValueError(
+                f"--output '{output}' names one image file, but there are {len(paths)} images: "
+                "name a folder."
+            )
+        folder = os.path.dirname(os.path.abspath(output))
+    else:
+        folder = output
+    check_output_folder(folder, output)
+    stems = _unique_stems(paths)
+    inputs = {os.path.realpath(p): p for p in paths}
+    for path in paths:
+        written = [_image_output_path(output, path, stems[path], len(paths) == 1)]
+        if save_panoptic:
+            written.append(os.path.join(_export_folder(output), "panoptic", stems[path] + ".png"))
+        for out in written:
+            if os.path.realpath(out) in inputs:
+                raise ValueError(
+                    f"--output '{output}' would overwrite the input image "
+                    f"'{inputs[os.path.realpath(out)]}' with a drawing: name another folder."
+                )
+
+
+def _names_image_file(output):
+    return os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS
+
+
 def _image_output_path(output, path, stem, single):
     ext = os.path.splitext(path)[1].lower()
-    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
+    if single and _names_image_file(output):
         return output  # one input, --output names the file
     name = stem + (ext if ext in (".jpg", ".jpeg", ".png") else ".png")
     return os.path.join(output, name)
@@ -179,8 +227,8 @@ def run_on_images(
     Args:
         demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         paths: image files (see :func:`collect_images`).
-        output: folder for the visualisations (created), or a file name when there is one input;
-            None: nothing is written.
+        output: folder for the visualisations (created), or an image file name when there is one
+            input (see :func:`check_image_outputs`); None: nothing is written.
         save_panoptic: also write COCO panoptic PNGs to ``<folder>/panoptic/`` and
             ``<folder>/predictions.json`` (needs ``output`` and a data set's metadata).
         show: show each visualisation in a window (waits for a key).
@@ -193,6 +241,8 @@ def run_on_images(
     image_ids = image_ids if image_ids is not None else ImageIds()
     summary = ImageRunSummary(skipped=list(problems))
     writer = None
+    if output:
+        check_image_outputs(output, paths, save_panoptic)
     if save_panoptic:
         if not output:
             raise ValueError("The COCO panoptic export (--save-panoptic) needs an output folder.")
@@ -410,11 +460,21 @@ def _frames(capture, summary):
 
 
 def video_output_path(output, source_name):
-    """The output video file: ``output`` itself, or ``<output>/<source stem>.mp4`` for a folder."""
+    """The output video file: ``output`` itself, or ``<output>/<source stem>.mp4`` for a folder.
+    Raises ValueError where its folder cannot be made (see :func:`check_output_folder`) or where
+    it is the input video itself."""
     if os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]:
         stem = os.path.splitext(os.path.basename(source_name))[0] or "video"
-        return os.path.join(output, stem + ".mp4")
-    return output
+        path = os.path.join(output, stem + ".mp4")
+    else:
+        path = output
+    check_output_folder(os.path.dirname(os.path.abspath(path)), output)
+    if os.path.isfile(path) and os.path.isfile(source_name) and os.path.samefile(path, source_name):
+        raise ValueError(
+            f"--output '{output}' would overwrite the input video '{source_name}': name another "
+            "file or folder."
+        )
+    return path
 
 
 def run_on_video(
