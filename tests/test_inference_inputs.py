@@ -138,3 +138,26 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
         assert message in capsys.readouterr().err, args
     assert {name: (images / name).read_bytes() for name in originals} == originals
     assert sorted(os.listdir(tmp_path)) == ["clip.avi", "images", "notes"]  # nothing written
+
+
+def test_same_file_names_in_two_folders_get_their_own_image_ids(config_file, tmp_path, capsys):
+    """Two 'frame.png' (cam1/, cam2/) with --save-panoptic: the run stopped at the second with
+    "Two images have the image id 'frame'", its drawings written as frame.png and frame_1.png.
+    Two numeric COCO names alike get one ground-truth id: refused before any work."""
+    for camera in ("cam1", "cam2"):
+        (tmp_path / camera).mkdir()
+        cv2.imwrite(str(tmp_path / camera / "frame.png"), _image(40, 60))
+        cv2.imwrite(str(tmp_path / camera / "000000000042.png"), _image(40, 60))
+    base = ["--config-file", config_file, "--output", str(tmp_path / "out"), "--save-panoptic"]
+    inputs = [str(tmp_path / "cam1" / "frame.png"), str(tmp_path / "cam2" / "frame.png")]
+    assert demo.main(base + ["--input", *inputs]) == 0, capsys.readouterr().err
+    with open(tmp_path / "out" / "predictions.json") as f:
+        annotations = json.load(f)["annotations"]
+    assert [(a["image_id"], a["file_name"]) for a in annotations] == [
+        ("frame", "frame.png"),
+        ("frame_1", "frame_1.png"),
+    ]
+    numeric = [str(tmp_path / c / "000000000042.png") for c in ("cam1", "cam2")]
+    assert demo.main(base[:3] + [str(tmp_path / "o2"), "--save-panoptic", "--input", *numeric]) == 1
+    assert f"'{numeric[0]}' and '{numeric[1]}' both get the image id 42" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

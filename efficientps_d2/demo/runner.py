@@ -253,6 +253,8 @@ def run_on_images(
             demo.metadata,
         )
     stems = _unique_stems(paths)
+    if writer is not None:  # files that match no image id are named by their unique stems
+        image_ids.check_unique(paths, stems)
     try:
         for path in tqdm(paths, unit="image", disable=len(paths) < 2):
             try:
@@ -282,7 +284,7 @@ def run_on_images(
             if writer is not None:
                 height, width = image.shape[:2]
                 writer.add(
-                    image_ids.lookup(path),
+                    image_ids.lookup(path, default=stems[path]),
                     os.path.basename(path),
                     *predictions["panoptic_seg"],
                     height=height,
