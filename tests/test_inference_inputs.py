@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from PIL import Image
 
 import demo
 from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
-from efficientps_d2.demo import EfficientPSPredictor, ImageInputError
+from efficientps_d2.demo import EfficientPSPredictor, ImageInputError, read_bgr_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.export import ExportedPredictor, export_model, load
 from tests.common import PERMISSIVE, tiny_config
@@ -161,3 +162,29 @@ def test_same_file_names_in_two_folders_get_their_own_image_ids(config_file, tmp
     assert demo.main(base[:3] + [str(tmp_path / "o2"), "--save-panoptic", "--input", *numeric]) == 1
     assert f"'{numeric[0]}' and '{numeric[1]}' both get the image id 42" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_16_bit_images_are_read_as_opencv_reads_them_and_float_ones_are_skipped(
+    config_file, tmp_path, capsys
+):
+    """Detectron2's read_image clipped a 16-bit grayscale PNG to 0-255 (an all-white picture) and
+    turned a float TIFF black; demo.py now reads 16-bit images by their high byte, as OpenCV
+    reads them (and PIL a 16-bit RGB PNG), and skips 32-bit and float ones by name."""
+    values = np.random.RandomState(0).randint(0, 65536, (40, 60)).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "depth.png"), values)  # 16-bit grayscale
+    cv2.imwrite(str(tmp_path / "rgb16.png"), np.dstack([values, values[::-1], values // 2]))
+    for name in ("depth.png", "rgb16.png"):
+        image = read_bgr_image(str(tmp_path / name))
+        assert image.dtype == np.uint8
+        assert np.array_equal(image, cv2.imread(str(tmp_path / name))), name
+    assert np.array_equal(read_bgr_image(str(tmp_path / "depth.png"))[:, :, 1], values >> 8)
+    Image.fromarray(np.random.RandomState(1).rand(40, 60).astype(np.float32)).save(
+        tmp_path / "float.tif"
+    )
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / n) for n in ("depth.png", "float.tif")]
+    assert demo.main(["--config-file", config_file, "--output", str(out), "--input", *inputs]) == 0
+    err = capsys.readouterr().err
+    assert "Processed 1 images, skipped 1." in err
+    assert "float.tif: a floating-point image (PIL mode F) has no set range" in err
+    assert os.listdir(out) == ["depth.png"]

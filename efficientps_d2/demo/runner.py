@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import cv2
+import numpy as np
 from detectron2.data.detection_utils import read_image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ..atomic_io import atomic_write, remove_stale_temporaries, temporary_path
@@ -41,6 +43,7 @@ __all__ = [
     "open_video",
     "open_video_writer",
     "open_webcam",
+    "read_bgr_image",
     "run_on_images",
     "run_on_video",
     "video_output_path",
@@ -108,6 +111,30 @@ def collect_images(inputs):
         paths.extend(found)
     unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
     return unique, problems
+
+
+# PIL's modes of 16-bit grayscale images (PNG, TIFF).
+_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_bgr_image(path):
+    """An image file as an (H, W, 3) uint8 BGR array: Detectron2's ``read_image(path, "BGR")``
+    (EXIF orientation applied), except that a 16-bit grayscale image is scaled to 8 bits by its
+    high byte, as OpenCV reads any 16-bit image and PIL a 16-bit RGB one (``read_image`` clips
+    it: all but the darkest pixels turn white). A 32-bit integer or float image (PIL mode "I" or
+    "F"), whose range is unknown, raises :class:`ImageInputError` (``read_image`` made a float
+    one black)."""
+    with Image.open(path) as image:
+        if image.mode in _GRAY16_MODES:
+            gray = np.asarray(ImageOps.exif_transpose(image), dtype=np.uint16) >> 8
+            return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
+        if image.mode in ("I", "F"):
+            kind = "32-bit integer" if image.mode == "I" else "floating-point"
+            raise ImageInputError(
+                f"a {kind} image (PIL mode {image.mode}) has no set range to scale to the "
+                "model's 8-bit input: convert it to an 8-bit image first."
+            )
+    return read_image(path, format="BGR")
 
 
 def _unique_stems(paths):
@@ -258,9 +285,13 @@ def run_on_images(
     try:
         for path in tqdm(paths, unit="image", disable=len(paths) < 2):
             try:
-                image = read_image(path, format="BGR")
+                image = read_bgr_image(path)
             except Exception as e:  # PIL raises several types for unreadable files
-                reason = f"unreadable image ({type(e).__name__}: {e})"
+                reason = (
+                    str(e)
+                    if isinstance(e, ImageInputError)
+                    else f"unreadable image ({type(e).__name__}: {e})"
+                )
                 logger.warning(f"Skipping '{path}': {reason}")
                 summary.skipped.append((path, reason))
                 continue
