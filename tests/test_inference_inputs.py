@@ -188,3 +188,26 @@ def test_16_bit_images_are_read_as_opencv_reads_them_and_float_ones_are_skipped(
     assert "Processed 1 images, skipped 1." in err
     assert "float.tif: a floating-point image (PIL mode F) has no set range" in err
     assert os.listdir(out) == ["depth.png"]
+
+
+def test_the_model_names_an_image_of_the_wrong_layout():
+    """DefaultPredictor-style use of the model itself: an (H, W, 3) tensor failed with "The size
+    of tensor a (64) must match the size of tensor b (3)", a numpy array with "'numpy.ndarray'
+    object has no attribute 'to'", and a (1, H, W) one ran as a gray image by broadcasting."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    image = torch.from_numpy(_image(32, 48))
+    cases = [
+        (image, r"got a Tensor of shape \(32, 48, 3\): pass an \(H, W, 3\) array as"),
+        (image.permute(2, 0, 1).numpy(), r"got a ndarray of shape \(3, 32, 48\)"),
+        (image.permute(2, 0, 1)[:1], r"got a Tensor of shape \(1, 32, 48\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=r"batched_inputs\[1\]\['image'\] must be a \(3, H, W"):
+            model([{"image": image.permute(2, 0, 1)}, {"image": bad}])
+        with pytest.raises(ValueError, match=message):
+            model([{"image": bad}])
+    assert model([{"image": image.permute(2, 0, 1)}])[0]["panoptic_seg"][0].shape == (32, 48)
+    # A model left in training mode (model_zoo.get returns one, as Detectron2's does).
+    with pytest.raises(ValueError, match=r"training mode: call model.eval\(\) to predict"):
+        model.train()([{"image": image.permute(2, 0, 1)}])
