@@ -16,6 +16,7 @@ from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.demo import EfficientPSPredictor, ImageInputError, read_bgr_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.export import ExportedPredictor, export_model, load
+from efficientps_d2.modeling import EfficientPSWithTTA
 from tests.common import PERMISSIVE, tiny_config
 
 # Cityscapes' built-in metadata (no files needed): 8 things, 11 stuff classes.
@@ -211,3 +212,18 @@ def test_the_model_names_an_image_of_the_wrong_layout():
     # A model left in training mode (model_zoo.get returns one, as Detectron2's does).
     with pytest.raises(ValueError, match=r"training mode: call model.eval\(\) to predict"):
         model.train()([{"image": image.permute(2, 0, 1)}])
+
+
+def test_tta_runs_an_image_too_thin_for_its_scales():
+    """TEST.AUG.MAX_SIZE 128 rounds a 1 x 600 image to 0 x 128: PIL's "height and width must be
+    > 0" before. Each augmented size keeps at least one pixel a side."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(PERMISSIVE)).eval()
+    tta = EfficientPSWithTTA(
+        None, model, min_sizes=[64, 96], max_size=128, flip=True, nms_thresh=0.5,
+        detections_per_image=5,
+    )  # fmt: skip
+    image = torch.from_numpy(_image(1, 600)).permute(2, 0, 1)
+    output = tta([{"image": image}])[0]
+    assert output["panoptic_seg"][0].shape == (1, 600)
+    assert output["sem_seg"].shape[1:] == (1, 600)

@@ -130,6 +130,8 @@ class EfficientPSWithTTA(nn.Module):
         augmented = []
         for min_size in self.min_sizes:
             size = ResizeShortestEdge.get_output_shape(height, width, min_size, self.max_size)
+            # At least one pixel a side: Detectron2 rounds a 1 x 600 image at MAX_SIZE 128 to 0.
+            size = (max(1, size[0]), max(1, size[1]))
             resized = image if tuple(size) == (height, width) else _resize(image, size)
             augmented.append((resized, False))
             if self.flip:
