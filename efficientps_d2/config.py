@@ -236,6 +236,41 @@ def check_no_options(opts, config_file):
         )
 
 
+def merge_config_file(cfg, config_file):
+    """``cfg.merge_from_file(config_file)``, with a file that is not YAML, holds no mapping of
+    keys (an empty file), or sets a key the config does not have refused by name (ValueError),
+    where PyYAML, fvcore and yacs raise a bare YAMLError, TypeError or KeyError."""
+    import yaml
+
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError:
+        content = {}  # Python tags: Detectron2's unsafe loader reads those
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"Config file '{config_file}' is not valid YAML: {e}") from e
+    if not isinstance(content, dict):
+        what = "empty" if content is None else f"a YAML {type(content).__name__}"
+        raise ValueError(
+            f"Config file '{config_file}' is {what}, not a mapping of config keys "
+            "(MODEL: ..., SOLVER: ...)."
+        )
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: X", or a renamed key
+        message = str(e.args[0]) if e.args else str(e)
+        unknown = "Non-existent config key: "
+        if message.startswith(unknown):
+            key = message[len(unknown) :]
+            message = f"sets {key}, which is not a config key{_closest_keys(cfg, key)}"
+        raise ValueError(f"Config file '{config_file}' (or a _BASE_ it names) {message}.") from e
+
+
+def _closest_keys(cfg, key):
+    close = difflib.get_close_matches(key, _full_keys(cfg), n=3, cutoff=0.6)
+    return f"; closest keys: {', '.join(close)}" if close else ""
+
+
 def merge_overrides(cfg, opts, config_file):
     """``cfg.merge_from_list(opts)``, with an odd list or a key the config does not have refused
     by name (ValueError listing the closest keys), where yacs raises a bare AssertionError."""
@@ -257,10 +292,9 @@ def merge_overrides(cfg, opts, config_file):
                 break
             node = node[part]
         if not found:
-            close = difflib.get_close_matches(key, _full_keys(cfg), n=3, cutoff=0.6)
-            hint = f"; closest keys: {', '.join(close)}" if close else ""
             raise ValueError(
-                f"{key} is not a config key (in the overrides of {config_file}){hint}."
+                f"{key} is not a config key (in the overrides of {config_file})"
+                f"{_closest_keys(cfg, key)}."
             )
     cfg.merge_from_list(opts)
 
@@ -296,7 +330,7 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
         )
     cfg = get_cfg()
     add_efficientps_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     check_no_options(opts, config_file)
     merge_overrides(cfg, opts, config_file)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():

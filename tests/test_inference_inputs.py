@@ -227,3 +227,24 @@ def test_tta_runs_an_image_too_thin_for_its_scales():
     output = tta([{"image": image}])[0]
     assert output["panoptic_seg"][0].shape == (1, 600)
     assert output["sem_seg"].shape[1:] == (1, 600)
+
+
+def test_demo_names_a_broken_config_file(tmp_path, capsys):
+    """An empty config file ended in "TypeError: argument of type 'NoneType' is not iterable",
+    a key the config lacks in "KeyError: 'Non-existent config key'", and a YAML syntax error in
+    a ParserError: all tracebacks out of demo.py."""
+    files = {
+        "empty.yaml": ("", "is empty, not a mapping of config keys"),
+        "list.yaml": ("- MODEL\n", "is a YAML list, not a mapping"),
+        "syntax.yaml": ("MODEL: {WEIGHTS: x\n", "is not valid YAML: while parsing a flow mapping"),
+        "unknown.yaml": (
+            "SOLVER:\n  BASE_LRR: 0.1\n",
+            "sets SOLVER.BASE_LRR, which is not a config key; closest keys: SOLVER.BASE_LR",
+        ),
+    }
+    for name, (text, message) in files.items():
+        (tmp_path / name).write_text(text)
+        args = ["--config-file", str(tmp_path / name), "--input", "x.png", "--output", "out"]
+        assert demo.main(args) == 1, name
+        err = capsys.readouterr().err
+        assert f"error: Config file '{tmp_path / name}'" in err and message in err, (name, err)
