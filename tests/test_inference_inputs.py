@@ -248,3 +248,21 @@ def test_demo_names_a_broken_config_file(tmp_path, capsys):
         assert demo.main(args) == 1, name
         err = capsys.readouterr().err
         assert f"error: Config file '{tmp_path / name}'" in err and message in err, (name, err)
+
+
+def test_a_rerun_removes_what_a_killed_run_left_half_written(config_file, tmp_path):
+    """A demo run killed while writing leaves hidden temporary files; the video loop removed
+    its own, the image loop none."""
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), _image(40, 60))
+    out = tmp_path / "out"
+    (out / "panoptic").mkdir(parents=True)
+    stale = [out / ".a.0123456789ab.tmp.png", out / "panoptic" / ".a.ba9876543210.tmp.png"]
+    stale.append(out / ".predictions.00000000ffff.tmp.json")
+    others = [out / ".b.0123456789ab.tmp.png", out / "notes.txt"]  # not this run's outputs
+    for path in stale + others:
+        path.write_bytes(b"half written")
+    args = ["--config-file", config_file, "--input", str(tmp_path / "images")]
+    assert demo.main(args + ["--output", str(out), "--save-panoptic"]) == 0
+    assert not [p for p in stale if p.exists()]
+    assert all(p.exists() for p in others)

@@ -282,6 +282,7 @@ def run_on_images(
     stems = _unique_stems(paths)
     if writer is not None:  # files that match no image id are named by their unique stems
         image_ids.check_unique(paths, stems)
+    _remove_stale_outputs(output, paths, stems, writer)
     try:
         for path in tqdm(paths, unit="image", disable=len(paths) < 2):
             try:
@@ -332,6 +333,23 @@ def run_on_images(
             summary.panoptic_json = writer.write_json()
             summary.unmatched_ids = list(image_ids.unmatched)
     return summary
+
+
+def _remove_stale_outputs(output, paths, stems, writer):
+    """Removes the temporary files that a killed run writing these outputs left behind (one
+    listing per folder)."""
+    targets = {}
+    if output:
+        for path in paths:
+            out = os.path.abspath(_image_output_path(output, path, stems[path], len(paths) == 1))
+            targets.setdefault(os.path.dirname(out), set()).add(os.path.basename(out))
+    if writer is not None:
+        png_dir = os.path.abspath(writer.png_dir)
+        targets.setdefault(png_dir, set()).update(stems[p] + ".png" for p in paths)
+        json_file = os.path.abspath(writer.json_file)
+        targets.setdefault(os.path.dirname(json_file), set()).add(os.path.basename(json_file))
+    for folder, names in targets.items():
+        remove_stale_temporaries(folder, names)
 
 
 def _imwrite(path, image):
