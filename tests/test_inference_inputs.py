@@ -266,3 +266,16 @@ def test_a_rerun_removes_what_a_killed_run_left_half_written(config_file, tmp_pa
     assert demo.main(args + ["--output", str(out), "--save-panoptic"]) == 0
     assert not [p for p in stale if p.exists()]
     assert all(p.exists() for p in others)
+
+
+def test_tta_without_a_config_names_the_settings_it_lacks():
+    """EfficientPSWithTTA(None, model) failed with "'NoneType' object is not iterable", and
+    without nms_thresh it ran until an image had detections (batched_nms(..., None))."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    with pytest.raises(ValueError, match="needs min_sizes, max_size, flip, nms_thresh, detections"):
+        EfficientPSWithTTA(None, model)
+    with pytest.raises(ValueError, match=r"\(cfg=None\) needs nms_thresh\.$"):
+        EfficientPSWithTTA(
+            None, model, min_sizes=[64], max_size=128, flip=True, detections_per_image=5
+        )

@@ -87,6 +87,18 @@ class EfficientPSWithTTA(nn.Module):
                 nms_thresh = cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST
             if detections_per_image is None:
                 detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+        given = dict(
+            min_sizes=min_sizes,
+            max_size=max_size,
+            flip=flip,
+            nms_thresh=nms_thresh,
+            detections_per_image=detections_per_image,
+        )
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"EfficientPSWithTTA without a config (cfg=None) needs {', '.join(missing)}."
+            )
         self.model = model
         self.min_sizes = [int(s) for s in min_sizes]
         self.max_size = int(max_size)
