@@ -1,7 +1,8 @@
 """The demo's work loops: folders/globs of images, video files and webcams, with robust output.
 
-- Images: unreadable files, and images the predictor cannot take (too thin for the test resize),
-  are reported by name and skipped; the rest are processed.
+- Images: unreadable files, and images the predictor cannot take (32-bit or float pixels, too
+  thin for the test resize), are reported by name and skipped; the rest are processed. 16-bit
+  images are read as OpenCV reads them.
 - Video: frames are processed in order with a progress bar (frames/s); the writer falls back from
   mp4v/.mp4 to MJPG/.avi and says which it used; the output is written under a temporary name and
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
@@ -35,9 +36,9 @@ __all__ = [
     "VideoInputError",
     "VideoOutputError",
     "VideoRunSummary",
-    "collect_images",
     "check_image_outputs",
     "check_output_folder",
+    "collect_images",
     "count_video_frames",
     "display_available",
     "open_video",
@@ -223,7 +224,7 @@ def check_image_outputs(output, paths, save_panoptic=False):
             if os.path.realpath(out) in inputs:
                 raise ValueError(
                     f"--output '{output}' would overwrite the input image "
-                    f"'{inputs[os.path.realpath(out)]}' with a drawing: name another folder."
+                    f"'{inputs[os.path.realpath(out)]}' with an output: name another folder."
                 )
 
 
