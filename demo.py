@@ -39,9 +39,10 @@ Exit status:
        video/webcam output written (also when the input ends early: the partial output is kept and
        the shortfall reported);
     1  nothing processed: no readable image, a video or webcam that cannot be opened or yields no
-       frame, no usable video codec, no window to show results in without --output, a checkpoint
-       that does not fit the model, an invalid configuration, or a --confidence-threshold outside
-       [0, 1];
+       frame, no usable video codec, no window to show results in without --output, an --output
+       that cannot be written or would overwrite an input (checked before the model is built), a
+       checkpoint that does not fit the model, an invalid configuration, or a
+       --confidence-threshold outside [0, 1];
     2  invalid command line;
     130  interrupted (Ctrl-C): a video output keeps the frames written so far and is named.
 """
@@ -54,12 +55,14 @@ from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.demo import (
     ImageIds,
     VisualizationDemo,
+    check_image_outputs,
     collect_images,
     display_available,
     open_video,
     open_webcam,
     run_on_images,
     run_on_video,
+    video_output_path,
 )
 from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
@@ -155,6 +158,8 @@ def main(argv=None):
             paths, problems = collect_images(args.input)
             if not paths:
                 return _fail(_problem_lines("No image to process.", problems))
+            if args.output:  # before the model is built
+                check_image_outputs(args.output, paths, args.save_panoptic)
             image_ids = ImageIds.from_json(args.image_info) if args.image_info else None
             demo = make_demo()
             if args.save_panoptic and image_ids is None and demo.dataset_name:
@@ -170,10 +175,13 @@ def main(argv=None):
             )
             print(summary.report(), file=sys.stderr if summary.skipped else sys.stdout)
             return 0 if summary.processed else 1
+        name = args.video_input or f"webcam{args.webcam}"
+        if args.output:  # before the model is built
+            video_output_path(args.output, name)
         if args.video_input:
-            capture, name = open_video(args.video_input), args.video_input
+            capture = open_video(args.video_input)
         else:
-            capture, name = open_webcam(args.webcam), f"webcam{args.webcam}"
+            capture = open_webcam(args.webcam)
         try:
             demo = make_demo()
         except BaseException:

@@ -94,17 +94,19 @@ _TEMPORARY_NAME = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp(?P<ext>\.[^./]
 
 def remove_stale_temporaries(folder, target=None):
     """Deletes the temporary files and folders that :func:`temporary_path` named in ``folder``
-    (only those of ``target``, a name in it, when given); returns their paths. Killed writers
-    leave them behind; nothing reads them. Call it only where no live writer can own one: under
-    a lock, or for an output that one process writes at a time."""
+    (only those of ``target``, a name in it, or of any of a collection of names, when given);
+    returns their paths. Killed writers leave them behind; nothing reads them. Call it only where
+    no live writer can own one: under a lock, or for an output that one process writes at a
+    time."""
     if not os.path.isdir(folder):
         return []
+    targets = None if target is None else {target} if isinstance(target, str) else set(target)
     removed = []
     for name in sorted(os.listdir(folder)):
         match = _TEMPORARY_NAME.match(name)
         if not match:
             continue
-        if target is not None and match.group("base") + (match.group("ext") or "") != target:
+        if targets is not None and match.group("base") + (match.group("ext") or "") not in targets:
             continue
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):  # atomic_directory's workspace

@@ -4,6 +4,7 @@ Existing Detectron2 nodes (MODEL.SEM_SEG_HEAD, MODEL.RPN, MODEL.ROI_MASK_HEAD, T
 extended, never duplicated; the values the paper uses live in ``configs/Base-EfficientPS.yaml``.
 """
 
+import difflib
 import logging
 import os
 
@@ -235,6 +236,77 @@ def check_no_options(opts, config_file):
         )
 
 
+def merge_config_file(cfg, config_file):
+    """``cfg.merge_from_file(config_file)``, with a file that is not YAML, holds no mapping of
+    keys (an empty file), or sets a key the config does not have refused by name (ValueError),
+    where PyYAML, fvcore and yacs raise a bare YAMLError, TypeError or KeyError."""
+    import yaml
+
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError:
+        content = {}  # Python tags: Detectron2's unsafe loader reads those
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"Config file '{config_file}' is not valid YAML: {e}") from e
+    if not isinstance(content, dict):
+        what = "empty" if content is None else f"a YAML {type(content).__name__}"
+        raise ValueError(
+            f"Config file '{config_file}' is {what}, not a mapping of config keys "
+            "(MODEL: ..., SOLVER: ...)."
+        )
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: X", or a renamed key
+        message = str(e.args[0]) if e.args else str(e)
+        unknown = "Non-existent config key: "
+        if message.startswith(unknown):
+            key = message[len(unknown) :]
+            message = f"sets {key}, which is not a config key{_closest_keys(cfg, key)}"
+        raise ValueError(f"Config file '{config_file}' (or a _BASE_ it names) {message}.") from e
+
+
+def _closest_keys(cfg, key):
+    close = difflib.get_close_matches(key, _full_keys(cfg), n=3, cutoff=0.6)
+    return f"; closest keys: {', '.join(close)}" if close else ""
+
+
+def merge_overrides(cfg, opts, config_file):
+    """``cfg.merge_from_list(opts)``, with an odd list or a key the config does not have refused
+    by name (ValueError listing the closest keys), where yacs raises a bare AssertionError."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(
+            f"The config overrides of {config_file} are KEY VALUE pairs, got an odd number of "
+            f"words ({opts}): {opts[-1]!r} has no value."
+        )
+    for key in opts[0::2]:
+        if not isinstance(key, str):
+            raise ValueError(f"Config override keys are strings like MODEL.WEIGHTS, got {key!r}.")
+        if cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
+            continue  # yacs ignores the former and explains the latter
+        node, found = cfg, True
+        for part in key.split("."):
+            found = isinstance(node, CN) and part in node
+            if not found:
+                break
+            node = node[part]
+        if not found:
+            raise ValueError(
+                f"{key} is not a config key (in the overrides of {config_file})"
+                f"{_closest_keys(cfg, key)}."
+            )
+    cfg.merge_from_list(opts)
+
+
+def _full_keys(node, prefix=""):
+    for name, value in node.items():
+        if isinstance(value, CN):
+            yield from _full_keys(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
 def setup_cfg(config_file, opts=(), *, freeze=True):
     """The config of a run: Detectron2's defaults, EfficientPS's keys, a config file, then ``opts``.
 
@@ -258,9 +330,9 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
         )
     cfg = get_cfg()
     add_efficientps_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     check_no_options(opts, config_file)
-    cfg.merge_from_list(list(opts))
+    merge_overrides(cfg, opts, config_file)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if freeze:

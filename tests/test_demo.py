@@ -257,7 +257,8 @@ def test_unreadable_inputs_are_clear_errors(tmp_path, model_files, capsys):
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00" * 1000)
     cases = [
-        (["--video-input", str(corrupt), "--output", str(tmp_path)], "corrupt.mp4' cannot be"),
+        # (--output tmp_path would name the input itself: refused before it is read.)
+        (["--video-input", str(corrupt), "--output", str(tmp_path / "o")], "corrupt.mp4' cannot"),
         (["--video-input", str(tmp_path / "none.mp4"), "--output", str(tmp_path)], "none.mp4"),
         (["--webcam", "7", "--output", str(tmp_path / "cam.mp4")], "Webcam 7 cannot be opened"),
         (["--input", str(tmp_path / "nothing*.png"), "--output", str(tmp_path)], "matches no"),

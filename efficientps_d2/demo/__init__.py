@@ -8,21 +8,31 @@ from .coco_panoptic_writer import (
     panoptic_categories,
     to_coco_segments,
 )
-from .predictor import EfficientPSPredictor, VisualizationDemo, resolve_metadata
+from .predictor import (
+    EfficientPSPredictor,
+    ImageInputError,
+    VisualizationDemo,
+    prepare_image,
+    resolve_metadata,
+)
 from .runner import (
     VIDEO_CODECS,
     ImageRunSummary,
     VideoInputError,
     VideoOutputError,
     VideoRunSummary,
+    check_image_outputs,
+    check_output_folder,
     collect_images,
     count_video_frames,
     display_available,
     open_video,
     open_video_writer,
     open_webcam,
+    read_bgr_image,
     run_on_images,
     run_on_video,
+    video_output_path,
 )
 
 __all__ = [
@@ -30,11 +40,14 @@ __all__ = [
     "CocoPanopticWriter",
     "EfficientPSPredictor",
     "ImageIds",
+    "ImageInputError",
     "ImageRunSummary",
     "VideoInputError",
     "VideoOutputError",
     "VideoRunSummary",
     "VisualizationDemo",
+    "check_image_outputs",
+    "check_output_folder",
     "collect_images",
     "count_video_frames",
     "display_available",
@@ -42,9 +55,12 @@ __all__ = [
     "open_video",
     "open_video_writer",
     "open_webcam",
+    "prepare_image",
+    "read_bgr_image",
     "panoptic_categories",
     "resolve_metadata",
     "run_on_images",
     "run_on_video",
     "to_coco_segments",
+    "video_output_path",
 ]

@@ -204,19 +204,41 @@ class ImageIds:
                 return cls(images, source=f"data set '{dataset_name}'")
         return cls(source=f"data set '{dataset_name}'")
 
-    def lookup(self, path):
-        """The image id of ``path`` (see the class docstring)."""
+    def lookup(self, path, default=None):
+        """The image id of ``path`` (see the class docstring); ``default`` in place of the stem
+        for a file that matches nothing (e.g. the stem made unique among the inputs)."""
+        image_id, matched = self._resolve(path, default)
+        if not matched:
+            self.unmatched.append(os.path.normpath(os.path.abspath(path)))
+        return image_id
+
+    def check_unique(self, paths, defaults=None):
+        """Raises ValueError, naming both files, where two of ``paths`` get the same id (two
+        numeric COCO names alike, or two files matching one image): predictions.json holds one
+        prediction per image id. ``defaults``: {path: the ``default`` given to :meth:`lookup`}."""
+        seen = {}
+        for path in paths:
+            image_id, _ = self._resolve(path, (defaults or {}).get(path))
+            if image_id in seen:
+                raise ValueError(
+                    f"'{seen[image_id]}' and '{path}' both get the image id {image_id!r}"
+                    ": predictions.json needs one prediction per image. Process "
+                    "them in separate runs, or give them their own ids with --image-info."
+                )
+            seen[image_id] = path
+
+    def _resolve(self, path, default):
+        """(image id, whether a listed image or a numeric name gave it)."""
         path = os.path.normpath(os.path.abspath(path))
         candidates = self._by_base.get(os.path.basename(path), [])
         if len(candidates) > 1:
             candidates = [c for c in candidates if path.endswith(os.sep + c[0])]
         if len(candidates) == 1:
-            return candidates[0][1]
+            return candidates[0][1], True
         stem = os.path.splitext(os.path.basename(path))[0]
         if stem.isdigit():
-            return int(stem)
-        self.unmatched.append(path)
-        return stem
+            return int(stem), True
+        return (stem if default is None else default), False
 
 
 class CocoPanopticWriter:

@@ -14,7 +14,13 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..config_adapter import ConfigAdapter
 
-__all__ = ["EfficientPSPredictor", "VisualizationDemo", "resolve_metadata"]
+__all__ = [
+    "EfficientPSPredictor",
+    "ImageInputError",
+    "VisualizationDemo",
+    "prepare_image",
+    "resolve_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,57 @@ def resolve_metadata(cfg):
     )
     names = [f"class {i}" for i in range(config.num_classes)]
     return Metadata(name="__unnamed_classes", thing_classes=names, stuff_classes=names), None
+
+
+class ImageInputError(ValueError):
+    """An image that a predictor cannot take: not an (H, W, 3) array of 8-bit or float pixels, or
+    one that the test-time resize cannot resize (so thin that a side would shrink to 0 pixels).
+    ``demo.py`` skips such an image, naming the reason, and goes on with the others."""
+
+
+def prepare_image(original_image, augmentation, input_format):
+    """What ``DefaultPredictor`` does to an image before the network, checked at each step.
+
+    Args:
+        original_image: (H, W, 3) BGR array (as ``cv2.imread`` gives), uint8 or float 0-255.
+        augmentation: the test-time resize (a Detectron2 ``Augmentation``, e.g. an
+            ``AugmentationList``).
+        input_format: "RGB" or "BGR", the network's channel order.
+    Returns:
+        (3, H', W') C-contiguous, writable array in ``input_format``, resized, of the input dtype.
+    Raises:
+        ImageInputError: naming the shape, dtype or resize at fault.
+    """
+    shape = getattr(original_image, "shape", None)
+    if not isinstance(original_image, np.ndarray) or len(shape) != 3 or shape[2] != 3:
+        got = f"an array of shape {tuple(shape)}" if shape is not None else type(original_image)
+        raise ImageInputError(
+            f"The predictor takes an (H, W, 3) BGR image (as cv2.imread gives), got {got}: "
+            "convert a grayscale or RGBA image to 3 channels first."
+        )
+    dtype = original_image.dtype
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise ImageInputError(
+            f"The predictor takes 8-bit (uint8) or float 0-255 pixels, got {dtype}: scale the "
+            "image to 0-255 first (a 16-bit one: image >> 8)."
+        )
+    height, width = shape[:2]
+    if height == 0 or width == 0:
+        raise ImageInputError(f"The image has no pixel ({height} x {width}).")
+    if input_format == "RGB":
+        original_image = original_image[:, :, ::-1]
+    aug_input = T.AugInput(original_image)
+    try:
+        augmentation(aug_input)
+    except (ValueError, RuntimeError) as e:  # PIL or torch refusing a 0-pixel side
+        raise ImageInputError(
+            f"A {height} x {width} image cannot go through the test-time resize {augmentation} "
+            f"(too thin: a side would shrink to 0 pixels): {e}"
+        ) from e
+    image = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
+    # A read-only array (np.asarray of a PIL image) stays a view when its transpose is already
+    # contiguous (1-pixel images): torch warns on non-writable arrays.
+    return image if image.flags.writeable else image.copy()
 
 
 class EfficientPSPredictor(DefaultPredictor):
@@ -74,17 +131,15 @@ class EfficientPSPredictor(DefaultPredictor):
             )
 
     def __call__(self, original_image):
-        """DefaultPredictor's call, with the config's list of test augmentations."""
+        """DefaultPredictor's call, with the config's list of test augmentations; an image it
+        cannot take raises :class:`ImageInputError` (see :func:`prepare_image`)."""
         with torch.no_grad():
-            if self.input_format == "RGB":
-                original_image = original_image[:, :, ::-1]
+            image = prepare_image(original_image, self.aug, self.input_format)
             height, width = original_image.shape[:2]
-            aug_input = T.AugInput(original_image)
-            self.aug(aug_input)
             # uint8, as the test loader gives it (Detectron2's predictor makes it float32): the
             # model normalises it on its device, so a GPU uploads a quarter of the bytes, and
             # test-time augmentation resizes it as in evaluation (PIL, not torch).
-            image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+            image = torch.as_tensor(image)
             return self.model([{"image": image, "height": height, "width": width}])[0]
 
 

@@ -1,6 +1,8 @@
 """The demo's work loops: folders/globs of images, video files and webcams, with robust output.
 
-- Images: unreadable files are reported by name and skipped; the rest are processed.
+- Images: unreadable files, and images the predictor cannot take (32-bit or float pixels, too
+  thin for the test resize), are reported by name and skipped; the rest are processed. 16-bit
+  images are read as OpenCV reads them.
 - Video: frames are processed in order with a progress bar (frames/s); the writer falls back from
   mp4v/.mp4 to MJPG/.avi and says which it used; the output is written under a temporary name and
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
@@ -18,11 +20,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import cv2
+import numpy as np
 from detectron2.data.detection_utils import read_image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ..atomic_io import atomic_write, remove_stale_temporaries, temporary_path
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
+from .predictor import ImageInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -31,14 +36,18 @@ __all__ = [
     "VideoInputError",
     "VideoOutputError",
     "VideoRunSummary",
+    "check_image_outputs",
+    "check_output_folder",
     "collect_images",
     "count_video_frames",
     "display_available",
     "open_video",
     "open_video_writer",
     "open_webcam",
+    "read_bgr_image",
     "run_on_images",
     "run_on_video",
+    "video_output_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +114,30 @@ def collect_images(inputs):
     return unique, problems
 
 
+# PIL's modes of 16-bit grayscale images (PNG, TIFF).
+_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_bgr_image(path):
+    """An image file as an (H, W, 3) uint8 BGR array: Detectron2's ``read_image(path, "BGR")``
+    (EXIF orientation applied), except that a 16-bit grayscale image is scaled to 8 bits by its
+    high byte, as OpenCV reads any 16-bit image and PIL a 16-bit RGB one (``read_image`` clips
+    it: all but the darkest pixels turn white). A 32-bit integer or float image (PIL mode "I" or
+    "F"), whose range is unknown, raises :class:`ImageInputError` (``read_image`` made a float
+    one black)."""
+    with Image.open(path) as image:
+        if image.mode in _GRAY16_MODES:
+            gray = np.asarray(ImageOps.exif_transpose(image), dtype=np.uint16) >> 8
+            return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
+        if image.mode in ("I", "F"):
+            kind = "32-bit integer" if image.mode == "I" else "floating-point"
+            raise ImageInputError(
+                f"a {kind} image (PIL mode {image.mode}) has no set range to scale to the "
+                "model's 8-bit input: convert it to an 8-bit image first."
+            )
+    return read_image(path, format="BGR")
+
+
 def _unique_stems(paths):
     """File stem per path, suffixed "_1", "_2", ... where two inputs share a stem."""
     stems, used = {}, set()
@@ -154,9 +187,54 @@ def _export_lines(panoptic_json, indent=""):
     return [f"{indent}COCO panoptic predictions: {panoptic_json}"] if panoptic_json else []
 
 
+def check_output_folder(folder, output):
+    """Raises ValueError, naming ``output``, where ``folder`` cannot be made: it, or the nearest
+    existing path above it, is a file."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"--output '{output}' cannot be written: '{path}' is a file, not a folder."
+        )
+
+
+def check_image_outputs(output, paths, save_panoptic=False):
+    """Refuses, before any work, an ``output`` that :func:`run_on_images` cannot write as asked:
+    an image file name with several inputs, a folder that cannot be made (see
+    :func:`check_output_folder`), or a drawing or panoptic PNG that would overwrite one of the
+    input images (``--output`` naming the input folder). Raises ValueError naming the path."""
+    if _names_image_file(output):
+        if len(paths) != 1:
+            raise ValueError(
+                f"--output '{output}' names one image file, but there are {len(paths)} images: "
+                "name a folder."
+            )
+        folder = os.path.dirname(os.path.abspath(output))
+    else:
+        folder = output
+    check_output_folder(folder, output)
+    stems = _unique_stems(paths)
+    inputs = {os.path.realpath(p): p for p in paths}
+    for path in paths:
+        written = [_image_output_path(output, path, stems[path], len(paths) == 1)]
+        if save_panoptic:
+            written.append(os.path.join(_export_folder(output), "panoptic", stems[path] + ".png"))
+        for out in written:
+            if os.path.realpath(out) in inputs:
+                raise ValueError(
+                    f"--output '{output}' would overwrite the input image "
+                    f"'{inputs[os.path.realpath(out)]}' with an output: name another folder."
+                )
+
+
+def _names_image_file(output):
+    return os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS
+
+
 def _image_output_path(output, path, stem, single):
     ext = os.path.splitext(path)[1].lower()
-    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
+    if single and _names_image_file(output):
         return output  # one input, --output names the file
     name = stem + (ext if ext in (".jpg", ".jpeg", ".png") else ".png")
     return os.path.join(output, name)
@@ -177,8 +255,8 @@ def run_on_images(
     Args:
         demo: a :class:`~efficientps_d2.demo.VisualizationDemo`.
         paths: image files (see :func:`collect_images`).
-        output: folder for the visualisations (created), or a file name when there is one input;
-            None: nothing is written.
+        output: folder for the visualisations (created), or an image file name when there is one
+            input (see :func:`check_image_outputs`); None: nothing is written.
         save_panoptic: also write COCO panoptic PNGs to ``<folder>/panoptic/`` and
             ``<folder>/predictions.json`` (needs ``output`` and a data set's metadata).
         show: show each visualisation in a window (waits for a key).
@@ -191,6 +269,8 @@ def run_on_images(
     image_ids = image_ids if image_ids is not None else ImageIds()
     summary = ImageRunSummary(skipped=list(problems))
     writer = None
+    if output:
+        check_image_outputs(output, paths, save_panoptic)
     if save_panoptic:
         if not output:
             raise ValueError("The COCO panoptic export (--save-panoptic) needs an output folder.")
@@ -201,17 +281,29 @@ def run_on_images(
             demo.metadata,
         )
     stems = _unique_stems(paths)
+    if writer is not None:  # files that match no image id are named by their unique stems
+        image_ids.check_unique(paths, stems)
+    _remove_stale_outputs(output, paths, stems, writer)
     try:
         for path in tqdm(paths, unit="image", disable=len(paths) < 2):
             try:
-                image = read_image(path, format="BGR")
+                image = read_bgr_image(path)
             except Exception as e:  # PIL raises several types for unreadable files
-                reason = f"unreadable image ({type(e).__name__}: {e})"
+                reason = (
+                    str(e)
+                    if isinstance(e, ImageInputError)
+                    else f"unreadable image ({type(e).__name__}: {e})"
+                )
                 logger.warning(f"Skipping '{path}': {reason}")
                 summary.skipped.append((path, reason))
                 continue
             start = time.perf_counter()
-            predictions, vis = demo.run_on_image(image)
+            try:
+                predictions, vis = demo.run_on_image(image)
+            except ImageInputError as e:  # e.g. too thin for the test resize: the others may run
+                logger.warning(f"Skipping '{path}': {e}")
+                summary.skipped.append((path, str(e)))
+                continue
             segments = predictions["panoptic_seg"][1]
             logger.info(
                 f"{path}: {len(segments)} segments ({sum(s['isthing'] for s in segments)} things) "
@@ -225,7 +317,7 @@ def run_on_images(
             if writer is not None:
                 height, width = image.shape[:2]
                 writer.add(
-                    image_ids.lookup(path),
+                    image_ids.lookup(path, default=stems[path]),
                     os.path.basename(path),
                     *predictions["panoptic_seg"],
                     height=height,
@@ -242,6 +334,23 @@ def run_on_images(
             summary.panoptic_json = writer.write_json()
             summary.unmatched_ids = list(image_ids.unmatched)
     return summary
+
+
+def _remove_stale_outputs(output, paths, stems, writer):
+    """Removes the temporary files that a killed run writing these outputs left behind (one
+    listing per folder)."""
+    targets = {}
+    if output:
+        for path in paths:
+            out = os.path.abspath(_image_output_path(output, path, stems[path], len(paths) == 1))
+            targets.setdefault(os.path.dirname(out), set()).add(os.path.basename(out))
+    if writer is not None:
+        png_dir = os.path.abspath(writer.png_dir)
+        targets.setdefault(png_dir, set()).update(stems[p] + ".png" for p in paths)
+        json_file = os.path.abspath(writer.json_file)
+        targets.setdefault(os.path.dirname(json_file), set()).add(os.path.basename(json_file))
+    for folder, names in targets.items():
+        remove_stale_temporaries(folder, names)
 
 
 def _imwrite(path, image):
@@ -403,11 +512,21 @@ def _frames(capture, summary):
 
 
 def video_output_path(output, source_name):
-    """The output video file: ``output`` itself, or ``<output>/<source stem>.mp4`` for a folder."""
+    """The output video file: ``output`` itself, or ``<output>/<source stem>.mp4`` for a folder.
+    Raises ValueError where its folder cannot be made (see :func:`check_output_folder`) or where
+    it is the input video itself."""
     if os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]:
         stem = os.path.splitext(os.path.basename(source_name))[0] or "video"
-        return os.path.join(output, stem + ".mp4")
-    return output
+        path = os.path.join(output, stem + ".mp4")
+    else:
+        path = output
+    check_output_folder(os.path.dirname(os.path.abspath(path)), output)
+    if os.path.isfile(path) and os.path.isfile(source_name) and os.path.samefile(path, source_name):
+        raise ValueError(
+            f"--output '{output}' would overwrite the input video '{source_name}': name another "
+            "file or folder."
+        )
+    return path
 
 
 def run_on_video(

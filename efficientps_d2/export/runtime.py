@@ -195,11 +195,14 @@ class ExportedPredictor:
         self.aug = T.ResizeShortestEdge([min_size, min_size], max_size)
 
     def __call__(self, original_image: np.ndarray) -> Dict:
-        if self.input_format == "RGB":
-            original_image = original_image[:, :, ::-1]
+        """An image it cannot take raises :class:`~efficientps_d2.demo.ImageInputError`."""
+        # The eager predictor's checks and resizing; imported here so that loading an export
+        # does not import the demo's drawing code.
+        from ..demo.predictor import prepare_image
+
+        image = prepare_image(original_image, self.aug, self.input_format)
         height, width = original_image.shape[:2]
-        image = self.aug.get_transform(original_image).apply_image(original_image)
-        image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
+        image = torch.as_tensor(image.astype("float32"))
         return self.model([{"image": image, "height": height, "width": width}])[0]
 
 

@@ -137,6 +137,24 @@ class EfficientPS(GeneralizedRCNN):
         )
         return ret
 
+    def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """GeneralizedRCNN's normalisation and padding, after checking that every "image" is a
+        (3, H, W) tensor: an (H, W, 3) image or a numpy array failed deep inside with a broadcast
+        or attribute error, and a (1, H, W) or (H, W) one ran as a broadcast gray image."""
+        for i, x in enumerate(batched_inputs):
+            image = x.get("image") if isinstance(x, dict) else None
+            if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+                got = type(image).__name__
+                if hasattr(image, "shape"):
+                    got = f"a {got} of shape {tuple(image.shape)}"
+                raise ValueError(
+                    f"batched_inputs[{i}]['image'] must be a (3, H, W) torch tensor in the "
+                    f"model's input format ({self.input_format}), got {got}: pass an (H, W, 3) "
+                    "array as torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 "
+                    "channels."
+                )
+        return super().preprocess_image(batched_inputs)
+
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:
             return self.inference(batched_inputs)
@@ -146,7 +164,10 @@ class EfficientPS(GeneralizedRCNN):
 
         for key in ("sem_seg", "instances"):
             if key not in batched_inputs[0]:
-                raise ValueError(f"EfficientPS needs '{key}' in every training input dict.")
+                raise ValueError(
+                    f"EfficientPS needs '{key}' in every training input dict (the model is in "
+                    "training mode: call model.eval() to predict)."
+                )
         gt_sem_seg = ImageList.from_tensors(
             [x["sem_seg"].to(self.device) for x in batched_inputs],
             self.backbone.size_divisibility,

@@ -87,6 +87,18 @@ class EfficientPSWithTTA(nn.Module):
                 nms_thresh = cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST
             if detections_per_image is None:
                 detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+        given = dict(
+            min_sizes=min_sizes,
+            max_size=max_size,
+            flip=flip,
+            nms_thresh=nms_thresh,
+            detections_per_image=detections_per_image,
+        )
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"EfficientPSWithTTA without a config (cfg=None) needs {', '.join(missing)}."
+            )
         self.model = model
         self.min_sizes = [int(s) for s in min_sizes]
         self.max_size = int(max_size)
@@ -130,6 +142,8 @@ class EfficientPSWithTTA(nn.Module):
         augmented = []
         for min_size in self.min_sizes:
             size = ResizeShortestEdge.get_output_shape(height, width, min_size, self.max_size)
+            # At least one pixel a side: Detectron2 rounds a 1 x 600 image at MAX_SIZE 128 to 0.
+            size = (max(1, size[0]), max(1, size[1]))
             resized = image if tuple(size) == (height, width) else _resize(image, size)
             augmented.append((resized, False))
             if self.flip:
