@@ -281,6 +281,9 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             (e.g. to fine-tune a trained model on a data set with other classes).
         allow_missing: accept checkpoints that lack model tensors (they keep their initial
             values) with a warning; False raises unless :func:`is_partial_checkpoint`.
+        for_evaluation: the weights are to be evaluated: with ``allow_missing=False`` a
+            checkpoint that lacks model tensors is refused whatever its kind (a converted
+            ImageNet backbone would be scored with random heads).
         weights_key, partial_key: the config keys that name the weights and opt in to partial
             ones, for messages (a LazyConfig's ``train.init_checkpoint``, ...).
     """
@@ -292,6 +295,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         *,
         allow_shape_mismatch=False,
         allow_missing=True,
+        for_evaluation=False,
         weights_key="MODEL.WEIGHTS",
         partial_key="MODEL.ALLOW_PARTIAL_WEIGHTS",
         **checkpointables,
@@ -300,6 +304,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         self.weights_key, self.partial_key = weights_key, partial_key
         self.allow_shape_mismatch = allow_shape_mismatch
         self.allow_missing = allow_missing
+        self.for_evaluation = for_evaluation
         self.last_report = None
         self._path = None
 
@@ -383,7 +388,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             # Checked before anything is copied, so a refused checkpoint leaves the model intact.
             # (Heuristically matched .pkl files are only known after Detectron2's matching.)
             self._check_fits(checkpoint["model"])
-            if not self.allow_missing and not is_partial_checkpoint(checkpoint):
+            known_partial = is_partial_checkpoint(checkpoint) and not self.for_evaluation
+            if not self.allow_missing and not known_partial:
                 self._refuse_missing(checkpoint_names)
         incompatible = super()._load_model(checkpoint)
         model_names = set(self.model.state_dict())
@@ -410,13 +416,21 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             for n in self.model.state_dict()
             if n not in checkpoint_names and not n.endswith("num_batches_tracked")
         ]
-        if missing:
+        if not missing:
+            return
+        if self.for_evaluation:
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
-                f"would train from random values: {group_names(missing)}. Set "
-                f"{self.partial_key} True to load it anyway (converted ImageNet backbones "
-                "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
+                f"would be evaluated with random values: {group_names(missing)}. Name trained "
+                f"weights (e.g. a model_final.pth), or set {self.partial_key} True to evaluate "
+                "them anyway."
             )
+        raise CheckpointMismatchError(
+            f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
+            f"would train from random values: {group_names(missing)}. Set "
+            f"{self.partial_key} True to load it anyway (converted ImageNet backbones "
+            "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
+        )
 
     def _check_fits(self, checkpoint_state):
         model_state = self.model.state_dict()

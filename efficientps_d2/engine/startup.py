@@ -313,8 +313,12 @@ def build_checkpointer(model, config, **checkpointables):
 def load_for_evaluation(model, config, *, resume):
     """Loads the weights to evaluate (or, with ``resume``, the last checkpoint of the output
     folder) into ``model``. A checkpoint that does not fit the model is always a mistake here:
-    it is refused."""
-    _checkpointer(model, config).resume_or_load(config.weights, resume=resume)
+    it is refused; so is one that would leave model tensors random (a converted ImageNet
+    backbone too), unless ``allow_partial_weights`` (MODEL.ALLOW_PARTIAL_WEIGHTS)."""
+    checkpointer = _checkpointer(
+        model, config, allow_missing=config.allow_partial_weights, for_evaluation=True
+    )
+    checkpointer.resume_or_load(config.weights, resume=resume)
     return model
 
 
