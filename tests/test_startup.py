@@ -488,3 +488,22 @@ def test_yaml_training_verifies_expected_results_as_eval_only_does(monkeypatch):
         QUICK_YAML, ["TEST.EXPECTED_RESULTS", expected.replace("c'", "c_seg'")]
     )
     assert trainer.train() == trainer._last_eval_results
+
+
+@pytest.mark.parametrize(
+    "kind, opts, key",
+    [
+        (".py", ["train.amp.enabled=True", "train.device=cpu"], "train.amp.enabled"),
+        (".yaml", ["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu"], "SOLVER.AMP.ENABLED"),
+    ],
+)
+def test_amp_training_on_the_cpu_is_refused_before_the_run(tmp_path, kind, opts, key):
+    # Detectron2's AMPTrainer asserted "CUDA is required for AMP training!" at the first step.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(ValueError, match=f"{key} is True but the model runs on the CPU"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()

@@ -46,6 +46,7 @@ __all__ = [
     "ResumableAMPTrainer",
     "build_checkpointer",
     "build_trainer",
+    "check_amp_device",
     "check_evaluation",
     "check_input_format",
     "check_output_dir",
@@ -109,9 +110,9 @@ def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
     output folder that is a file, test-time augmentation settings or expected results that
-    cannot be used, mappers that read another channel order than the model takes and
-    ``--eval-only`` without weights or without anything to evaluate (before anything is
-    written), takes the steps of
+    cannot be used, mappers that read another channel order than the model takes, AMP training
+    on the CPU and ``--eval-only`` without weights or without anything to evaluate (before
+    anything is written), takes the steps of
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
@@ -130,6 +131,8 @@ def setup(args):
         config.tta_settings()
     config.expected_results
     check_input_format(cfg)
+    if not args.eval_only:
+        check_amp_device(config)
     check_weights(config, eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
@@ -148,6 +151,20 @@ def check_output_dir(config):
         raise NotADirectoryError(
             f"{config.keys['output_dir']} '{config.output_dir}' {where} a file, not a folder: "
             f"set it to a folder (e.g. {config.override('output_dir', './output')})."
+        )
+
+
+def check_amp_device(config):
+    """Refuses AMP training on the CPU (SOLVER.AMP.ENABLED / ``train.amp.enabled`` with
+    MODEL.DEVICE / ``train.device`` "cpu", which a CUDA config becomes on a machine without
+    CUDA): Detectron2's AMPTrainer asserts "CUDA is required for AMP training!" at the first
+    iteration. ``config``: a :class:`ConfigAdapter`."""
+    if config.amp_enabled and str(config.device).startswith("cpu"):
+        reason = "" if torch.cuda.is_available() else " (this machine has no CUDA)"
+        raise ValueError(
+            f"{config.keys['amp_enabled']} is True but the model runs on the CPU{reason}: AMP "
+            f"training needs CUDA. Set {config.override('amp_enabled', False)} to train in "
+            "float32."
         )
 
 
