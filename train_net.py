@@ -58,6 +58,20 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def train(self):
+        """DefaultTrainer.train, with the results checked by :func:`startup.verify_results`, as
+        after --eval-only and in the LazyConfig flow: an expected task that was not evaluated
+        fails the check (exit 1) where Detectron2's verify_results raised KeyError."""
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            if not hasattr(self, "_last_eval_results"):
+                raise ValueError(
+                    "TEST.EXPECTED_RESULTS is set but training evaluated nothing: name a data "
+                    "set in DATASETS.TEST."
+                )
+            startup.verify_results(self.cfg, self._last_eval_results)
+            return self._last_eval_results
+
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer; its hooks take whatever is here.
         # Misfit or partial weights are refused unless MODEL.ALLOW_PARTIAL_WEIGHTS (see

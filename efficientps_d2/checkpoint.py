@@ -34,6 +34,7 @@ Everything else (URLs, ``.pkl`` files, resuming optimizer state) is Detectron2's
 
 import logging
 import os
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -51,7 +52,9 @@ __all__ = [
     "EfficientPSCheckpointer",
     "LoadReport",
     "check_checkpoint_exists",
+    "check_checkpoint_file",
     "describe_file",
+    "describe_load_error",
     "is_partial_checkpoint",
 ]
 
@@ -136,7 +139,7 @@ def describe_file(path):
     return f"a text file ({size} bytes, starts with {first!r}), not a checkpoint"
 
 
-def _reason(error):
+def describe_load_error(error):
     """The useful part of a torch.load error, without torch's advice to pass weights_only=False
     (which is not what a file of another format or a truncated one needs)."""
     message = str(error)
@@ -233,10 +236,38 @@ def _architecture_hint(checkpoint_names):
 
 
 def check_checkpoint_exists(path, key="MODEL.WEIGHTS"):
-    """Raises FileNotFoundError, naming the config ``key`` that set it, for a local checkpoint
-    ``path`` that does not exist ("" and URLs pass: nothing to load, or fetched on loading)."""
+    """Raises FileNotFoundError (IsADirectoryError for a folder), naming the config ``key`` that
+    set it, for a local checkpoint ``path`` that is not a file ("" and URLs pass: nothing to
+    load, or fetched on loading)."""
     if path and not urlparse(path).scheme and not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"Checkpoint '{path}' ({key}) is a folder; name a checkpoint file in it (e.g. "
+                f"'{os.path.join(path, 'model_final.pth')}')."
+            )
         raise FileNotFoundError(f"Checkpoint '{path}' ({key}) does not exist.")
+
+
+def check_checkpoint_file(path, key="MODEL.WEIGHTS"):
+    """:func:`check_checkpoint_exists`, then a look at the file's first bytes (not a load): raises
+    :class:`CheckpointFileError`, naming the file and ``key``, for one that cannot be a checkpoint:
+    empty, a zip archive cut short (torch's format; its directory is at the end), an HTML or XML
+    page (a failed download), an image, an HDF5 or gzip file. Others (pickles, ``.pkl``) pass;
+    loading judges them."""
+    check_checkpoint_exists(path, key)
+    if not path or urlparse(path).scheme:
+        return
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        broken = not zipfile.is_zipfile(path)
+    else:
+        broken = not head or head.lstrip().startswith(b"<")
+        broken = broken or any(head.startswith(magic) for magic, _ in _MAGIC)
+    if broken:
+        raise CheckpointFileError(
+            f"Checkpoint '{path}' ({key}) cannot be loaded: it is {describe_file(path)}."
+        )
 
 
 class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
@@ -250,6 +281,9 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             (e.g. to fine-tune a trained model on a data set with other classes).
         allow_missing: accept checkpoints that lack model tensors (they keep their initial
             values) with a warning; False raises unless :func:`is_partial_checkpoint`.
+        for_evaluation: the weights are to be evaluated: with ``allow_missing=False`` a
+            checkpoint that lacks model tensors is refused whatever its kind (a converted
+            ImageNet backbone would be scored with random heads).
         weights_key, partial_key: the config keys that name the weights and opt in to partial
             ones, for messages (a LazyConfig's ``train.init_checkpoint``, ...).
     """
@@ -261,6 +295,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         *,
         allow_shape_mismatch=False,
         allow_missing=True,
+        for_evaluation=False,
         weights_key="MODEL.WEIGHTS",
         partial_key="MODEL.ALLOW_PARTIAL_WEIGHTS",
         **checkpointables,
@@ -269,6 +304,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         self.weights_key, self.partial_key = weights_key, partial_key
         self.allow_shape_mismatch = allow_shape_mismatch
         self.allow_missing = allow_missing
+        self.for_evaluation = for_evaluation
         self.last_report = None
         self._path = None
 
@@ -291,7 +327,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         except Exception as e:  # pickle errors of .pkl files: say which file and what it is
             raise CheckpointFileError(
                 f"Checkpoint '{self._path or filename}' cannot be loaded: it is "
-                f"{describe_file(filename)} ({_reason(e)})."
+                f"{describe_file(filename)} ({describe_load_error(e)})."
             ) from e
 
     def _torch_load(self, f):
@@ -300,7 +336,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         except Exception as e:  # torch's zip and unpickling errors
             raise CheckpointFileError(
                 f"Checkpoint '{self._path or f}' cannot be loaded: it is {describe_file(f)} "
-                f"({_reason(e)})."
+                f"({describe_load_error(e)})."
             ) from e
         if not isinstance(loaded, dict) or not isinstance(loaded.get("model", {}), dict):
             inner = loaded.get("model") if isinstance(loaded, dict) else loaded
@@ -352,7 +388,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             # Checked before anything is copied, so a refused checkpoint leaves the model intact.
             # (Heuristically matched .pkl files are only known after Detectron2's matching.)
             self._check_fits(checkpoint["model"])
-            if not self.allow_missing and not is_partial_checkpoint(checkpoint):
+            known_partial = is_partial_checkpoint(checkpoint) and not self.for_evaluation
+            if not self.allow_missing and not known_partial:
                 self._refuse_missing(checkpoint_names)
         incompatible = super()._load_model(checkpoint)
         model_names = set(self.model.state_dict())
@@ -379,13 +416,21 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             for n in self.model.state_dict()
             if n not in checkpoint_names and not n.endswith("num_batches_tracked")
         ]
-        if missing:
+        if not missing:
+            return
+        if self.for_evaluation:
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
-                f"would train from random values: {group_names(missing)}. Set "
-                f"{self.partial_key} True to load it anyway (converted ImageNet backbones "
-                "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
+                f"would be evaluated with random values: {group_names(missing)}. Name trained "
+                f"weights (e.g. a model_final.pth), or set {self.partial_key} True to evaluate "
+                "them anyway."
             )
+        raise CheckpointMismatchError(
+            f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
+            f"would train from random values: {group_names(missing)}. Set "
+            f"{self.partial_key} True to load it anyway (converted ImageNet backbones "
+            "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
+        )
 
     def _check_fits(self, checkpoint_state):
         model_state = self.model.state_dict()

@@ -18,7 +18,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.modeling import build_model
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checkpoint import EfficientPSCheckpointer
 from .config import is_yaml_config, tta_config
@@ -207,8 +207,24 @@ class ConfigAdapter:
     def expected_results(self):
         """TEST.EXPECTED_RESULTS / ``train.expected_results`` (default []): ``[task, metric,
         expected value, tolerance]`` rows that Detectron2's ``verify_results`` checks, as
-        lists."""
-        return [list(row) for row in self._get("expected_results") or []]
+        lists. A row of another form raises ValueError naming the key (Detectron2 would fail to
+        unpack it after training)."""
+        rows = [list(row) for row in self._get("expected_results") or []]
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for row in rows:
+            if not (
+                len(row) == 4
+                and all(isinstance(v, str) for v in row[:2])
+                and all(number(v) for v in row[2:])
+            ):
+                raise ValueError(
+                    f"{self.keys['expected_results']} has the row {row}; each row is [task, "
+                    "metric, expected value, tolerance], e.g. ['panoptic_seg', 'PQ', 60.3, 0.5]."
+                )
+        return rows
 
     def checkpointer(self, model, save_dir="", **kwargs):
         """An :class:`EfficientPSCheckpointer` for ``model`` (``kwargs`` as it takes them) whose
@@ -246,6 +262,44 @@ class ConfigAdapter:
         tta = self.cfg.train.get("tta", None)
         return bool(tta is not None and tta.enabled)
 
+    def tta_settings(self):
+        """(min_sizes, max_size, flip) of TEST.AUG / ``train.tta``, checked: ValueError naming
+        the key unless ``min_sizes`` is a non-empty list of positive integers, ``max_size`` a
+        positive integer and ``flip`` a yes/no. (train_net.py checks them at start-up: test-time
+        augmentation runs after training.)"""
+        if self.is_yaml:
+            aug = tta_config(self.cfg)
+            values, keys = (aug.MIN_SIZES, aug.MAX_SIZE, aug.FLIP), (
+                "MIN_SIZES",
+                "MAX_SIZE",
+                "FLIP",
+            )
+            prefix = "TEST.AUG."
+        else:
+            tta = self.cfg.train.tta
+            values = (tta.get("min_sizes"), tta.get("max_size"), tta.get("flip"))
+            keys, prefix = ("min_sizes", "max_size", "flip"), "train.tta."
+        min_sizes, max_size, flip = values
+
+        def positive_int(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        for key, value, ok, what in (
+            (
+                keys[0],
+                min_sizes,
+                isinstance(min_sizes, (list, tuple, ListConfig))
+                and len(min_sizes) > 0
+                and all(positive_int(v) for v in min_sizes),
+                "a non-empty list of positive sizes, e.g. [512, 1024]",
+            ),
+            (keys[1], max_size, positive_int(max_size), "a positive size"),
+            (keys[2], flip, isinstance(flip, bool), "True or False"),
+        ):
+            if not ok:
+                raise ValueError(f"{prefix}{key} must be {what}, got {value!r}.")
+        return list(min_sizes), max_size, flip
+
     def build_tta_model(self, model):
         """``model`` wrapped in :class:`EfficientPSWithTTA` as TEST.AUG / ``train.tta`` set it,
         or None where test-time augmentation is off."""
@@ -253,13 +307,14 @@ class ConfigAdapter:
             return None
         if self.is_yaml:
             return EfficientPSWithTTA(self.cfg, model)
-        tta, predictor = self.cfg.train.tta, self.cfg.model.roi_heads.box_predictor
+        min_sizes, max_size, flip = self.tta_settings()
+        predictor = self.cfg.model.roi_heads.box_predictor
         return EfficientPSWithTTA(
             None,
             model,
-            min_sizes=list(tta.min_sizes),
-            max_size=tta.max_size,
-            flip=tta.flip,
+            min_sizes=min_sizes,
+            max_size=max_size,
+            flip=flip,
             nms_thresh=predictor.test_nms_thresh,
             detections_per_image=predictor.test_topk_per_image,
         )

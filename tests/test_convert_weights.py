@@ -65,6 +65,16 @@ def test_squeeze_excitation_is_kept_when_the_model_keeps_it(tmp_path, torchvisio
     )
 
 
+def test_an_input_that_is_not_a_torch_file_is_described(tmp_path, capsys):
+    # An empty file said only "Cannot read 'empty.pth' as a torch file: " (EOFError's message).
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert main(["--variant", "b0", str(tmp_path / "empty.pth"), str(tmp_path / "out.pth")]) != 0
+    assert "as a torch file: it is an empty file (0 bytes) (the data ends early)." in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_another_variant_is_refused_with_the_shapes_named(torchvision_b0):
     b2 = torchvision.models.efficientnet_b2(weights=None).state_dict()
     with pytest.raises(WeightConversionError) as e:

@@ -165,6 +165,53 @@ def test_unknown_image_id_is_named(tmp_path, register):
         DatasetCatalog.get(name)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (  # both annotations then read img_001.png's image
+            lambda d: d["images"][1].update(id=1),
+            r"images 'img_000.png' and 'img_001.png' have the same id 1",
+        ),
+        (  # one image trained on twice, scored once
+            lambda d: d["annotations"][1].update(image_id=1),
+            r"annotations 'img_000.png' and 'img_001.png' are both of image id 1",
+        ),
+    ],
+)
+def test_duplicate_image_ids_are_named(tmp_path, register, edit, message):
+    dataset = write_panoptic_dataset(str(tmp_path))
+    edit_json(dataset["panoptic_json"], edit)
+    name = register(**_paths(dataset))
+    with pytest.raises(ValueError, match=message):
+        DatasetCatalog.get(name)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [  # they failed later with a bare KeyError, AttributeError or int() error
+        (lambda d: d["annotations"][0].pop("file_name"), r"needs 'file_name' .*got None"),
+        (lambda d: d["annotations"][0].pop("segments_info"), r"needs 'segments_info'"),
+        (lambda d: d["annotations"][0].update(segments_info={"id": 1}), r"needs 'segments_info'"),
+        (lambda d: d["annotations"].append(5), r"annotation 5 is not an object"),
+        (
+            lambda d: d["annotations"][0]["segments_info"][0].pop("id"),
+            r"annotation 'img_000.png' has the segment .*, whose 'id' is not an integer",
+        ),
+        (
+            lambda d: d["annotations"][0]["segments_info"][0].update(id="abc"),
+            r"annotation 'img_000.png' has the segment .*'abc'.*, whose 'id' is not an integer",
+        ),
+    ],
+)
+def test_malformed_annotations_are_named(tmp_path, register, edit, message):
+    dataset = write_panoptic_dataset(str(tmp_path))
+    edit_json(dataset["panoptic_json"], edit)
+    name = register(**_paths(dataset))
+    with pytest.raises(ValueError, match=message) as e:
+        DatasetCatalog.get(name)
+    assert f"Panoptic json '{dataset['panoptic_json']}'" in str(e.value)
+
+
 def test_duplicate_segment_id_is_named(tmp_path, register):
     dataset = write_panoptic_dataset(str(tmp_path))
     edit_json(

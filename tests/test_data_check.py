@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -17,11 +18,14 @@ from efficientps_d2.data.check import (
     check_class_counts,
     check_dataset,
     check_dataset_names,
+    check_evaluator_types,
     main,
     validate_datasets,
 )
+from efficientps_d2.engine import load_config as load_lazy_config
 from tests.common import load_config
-from tests.fixtures import edit_json, write_panoptic_dataset
+from tests.fixtures import CUSTOM_CATEGORIES, edit_json, write_panoptic_dataset
+from tests.test_lazy_config import QUICK_PY
 
 _counter = itertools.count()
 
@@ -78,6 +82,14 @@ def _wrong_size(dataset):
     return png, "20x10"
 
 
+def _wrong_image_size(dataset):
+    # The PNG fits the json's width and height; the image does not. Detectron2's check_image_size
+    # stopped training at the first batch that drew it.
+    image = dataset["records"][1]["file_name"]
+    Image.open(image).resize((18, 12)).save(image)
+    return image, "is 18x12 (WxH) but its record says 36x24"
+
+
 def _unlisted_id(dataset):
     edit_json(dataset["panoptic_json"], lambda d: d["annotations"][0]["segments_info"].pop())
     return dataset["records"][0]["pan_seg_file_name"], "does not list"
@@ -114,7 +126,9 @@ def _truncated_png(dataset):
 
 
 @pytest.mark.parametrize(
-    "fault", [_grayscale, _wrong_size, _unlisted_id, _absent_id, _no_segments, _truncated_png]
+    "fault",
+    [_grayscale, _wrong_size, _wrong_image_size, _unlisted_id, _absent_id, _no_segments]
+    + [_truncated_png],
 )
 def test_faulty_dataset_refused_naming_the_file(dataset, fault):
     culprit, words = fault(dataset)
@@ -144,6 +158,100 @@ def test_class_count_mismatch_refused_both_ways(dataset, key, value):
     cfg.merge_from_list([key, value])
     with pytest.raises(DataCheckError, match=f"{key} is {value} but data set '{dataset['name']}'"):
         validate_datasets(cfg)
+
+
+def test_thing_semantic_ids_that_are_not_the_data_sets_things_are_refused(dataset):
+    # The counts fit, the ids do not (cat and dog are classes 0 and 1): the mapper refused the
+    # first thing segment after training had started, as "out of range for the metadata".
+    dataset["register"]()
+    cfg = _config(dataset["name"])
+    cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = [2, 3]
+    with pytest.raises(DataCheckError) as e:
+        validate_datasets(cfg)
+    assert str(e.value) == (
+        f"MODEL.EFFICIENTPS.THING_SEMANTIC_IDS is [2, 3] but the thing classes of data set "
+        f"'{dataset['name']}' are [0, 1]; set MODEL.EFFICIENTPS.THING_SEMANTIC_IDS [0,1] (or [], "
+        "to read them from the data set)."
+    )
+    cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = [1, 0]  # another order of the same classes
+    validate_datasets(cfg)
+
+
+@pytest.fixture
+def instance_dataset(dataset):
+    """The custom data registered as an instance (not panoptic) data set, as a detection set is:
+    records without pan_seg_file_name, evaluator_type "coco"."""
+    name = f"{dataset['name']}_instances"
+    records = [
+        {k: r[k] for k in ("file_name", "image_id")} | {"annotations": []}
+        for r in dataset["records"]
+    ]
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(evaluator_type="coco", thing_classes=["cat", "dog"])
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def test_data_sets_that_cannot_be_trained_on_or_evaluated_are_refused(dataset, instance_dataset):
+    # They passed: the mapper stopped at the first batch, the evaluator after the whole training.
+    dataset["register"]()
+    cfg = _config(dataset["name"], test=[instance_dataset])
+    with pytest.raises(DataCheckError, match=f"DATASETS.TEST names data set '{instance_dataset}' "):
+        validate_datasets(cfg)
+    assert "evaluator_type 'coco', which EfficientPS does not evaluate" in str(
+        pytest.raises(DataCheckError, validate_datasets, cfg, training=False).value
+    )
+    with pytest.raises(DataCheckError, match=f"'{instance_dataset}', whose 2 of 2 records have no"):
+        validate_datasets(_config(instance_dataset, test=[dataset["name"]]))
+    # A LazyConfig with build_dataset_evaluator: as DATASETS.TEST, and one data set at a time.
+    opts = ["model.sem_seg_head.num_classes=4", "model.roi_heads.num_classes=2"]
+    opts += [f"dataloader.train.dataset.names={dataset['name']}"]
+    test_key = "dataloader.test.dataset.names"
+    for names, words in (
+        (instance_dataset, f"{test_key} names data set '{instance_dataset}' of evaluator_type"),
+        (f"[{dataset['name']},{dataset['name']}]", f"{test_key} names 2 data sets"),
+    ):
+        cfg = load_lazy_config(QUICK_PY, [*opts, f"{test_key}={names}"])
+        with pytest.raises(DataCheckError, match=re.escape(words)):
+            validate_datasets(cfg)
+    # Another evaluator is the config's own business.
+    cfg = load_lazy_config(QUICK_PY, [*opts, f"{test_key}={instance_dataset}"])
+    cfg.dataloader.evaluator = {"_target_": "detectron2.evaluation.COCOEvaluator"}
+    check_evaluator_types(cfg)
+
+
+def test_training_without_a_training_set_is_refused_naming_the_key():
+    # YAML: Detectron2's "AssertionError: ()"; LazyConfig: "No data set is named." (no key).
+    cfg = _config("synthetic_panoptic_train", num_classes=6, num_things=3)
+    cfg.DATASETS.TRAIN = ()
+    with pytest.raises(DataCheckError, match=r"^DATASETS.TRAIN names no data set"):
+        validate_datasets(cfg)
+    validate_datasets(cfg, training=False)  # evaluation needs none
+    cfg = load_lazy_config(QUICK_PY, ["dataloader.train.dataset.names=[]"])
+    with pytest.raises(DataCheckError, match=r"^dataloader.train.dataset.names names no data"):
+        validate_datasets(cfg)
+
+
+def test_data_sets_that_number_their_classes_differently_are_refused(dataset):
+    # Same counts, other order: Detectron2 compares thing_classes of instance data sets only, so
+    # training mixed the labels and evaluation scored the classes mistaken, silently.
+    dataset["register"]()
+    name, other = dataset["name"], f"{dataset['name']}_swapped"
+    swapped = [dict(c) for c in CUSTOM_CATEGORIES]
+    swapped[2]["name"], swapped[3]["name"] = swapped[3]["name"], swapped[2]["name"]
+    files = {k: dataset[k] for k in ("image_root", "panoptic_root", "panoptic_json")}
+    register_panoptic_dataset(other, categories=swapped, **files)
+    try:
+        words = f"Data sets '{name}' and '{other}' (DATASETS.TRAIN, DATASETS.TEST) number their "
+        words += f"classes differently: class 2 is 'grass' in '{name}' but 'sky' in '{other}'"
+        for training in (True, False):  # evaluation reads the model's classes from the first
+            with pytest.raises(DataCheckError, match=re.escape(words)):
+                check_class_counts(_config(name, test=[other]), training=training)
+        check_class_counts(_config(name, test=[name]))
+    finally:
+        DatasetCatalog.remove(other)
+        MetadataCatalog.remove(other)
 
 
 def test_class_count_of_test_set_checked_in_eval_only(dataset):
@@ -184,6 +292,24 @@ def test_command_line_checks_a_lazy_config(dataset, capsys):
     assert "data set names and class counts fit" in capsys.readouterr().out
     assert main([name, "--no-pngs", *config, *opts, "model.roi_heads.num_classes=3"]) == 1
     assert "model.roi_heads.num_classes is 3" in capsys.readouterr().out
+
+
+def test_command_line_checks_the_data_a_lazy_config_registers(dataset, tmp_path, capsys):
+    # As README's "Data" has a LazyConfig register one's own data: the names were looked up
+    # before the config was loaded, and the data set was "not registered".
+    name, config = dataset["name"], tmp_path / "my_data.py"
+    config.write_text(
+        "from efficientps_d2 import model_zoo\n"
+        "from efficientps_d2.data import register_panoptic_dataset\n"
+        f"register_panoptic_dataset({name!r}, image_root={dataset['image_root']!r}, "
+        f"panoptic_root={dataset['panoptic_root']!r}, panoptic_json={dataset['panoptic_json']!r})\n"
+        "_base = model_zoo.get_config('Synthetic-PanopticSegmentation/efficientps_b0_quick.py')\n"
+        "model, dataloader, train = _base.model, _base.dataloader, _base.train\n"
+        f"dataloader.train.dataset.names = dataloader.test.dataset.names = {name!r}\n"
+        "model.roi_heads.num_classes, model.sem_seg_head.num_classes = 2, 4\n"
+    )
+    assert main([name, "--config-file", str(config)]) == 0, capsys.readouterr().out
+    assert "No errors." in capsys.readouterr().out
 
 
 def test_builtin_synthetic_data_passes(tmp_path):

@@ -1,16 +1,18 @@
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import COCOPanopticEvaluator
 from detectron2.structures import Boxes, Instances
 from pycocotools import mask as mask_util
 
 from efficientps_d2.data import register_panoptic_dataset, synthetic
 from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
 from efficientps_d2.evaluation import (
+    PanopticEvaluator,
     PanopticSemSegEvaluator,
     ThingCOCOEvaluator,
     build_evaluator,
@@ -81,10 +83,83 @@ def test_semantic_evaluator_scores_ground_truth_perfectly(dataset, tmp_path):
 def test_build_evaluator_follows_the_evaluator_type(dataset, tmp_path):
     cfg = load_config()
     evaluators = build_evaluator(cfg, dataset, str(tmp_path))._evaluators
-    assert [type(e) for e in evaluators] == [COCOPanopticEvaluator, PanopticSemSegEvaluator]
+    assert [type(e) for e in evaluators] == [PanopticEvaluator, PanopticSemSegEvaluator]
     MetadataCatalog.get("__efficientps_test_not_panoptic").set(evaluator_type="sem_seg")
     with pytest.raises(NotImplementedError, match="__efficientps_test_not_panoptic.*sem_seg"):
         build_evaluator(cfg, "__efficientps_test_not_panoptic")
+
+
+def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(tmp_path):
+    # Detectron2 named both predictions "same.png": one overwrote the other, and ground truth
+    # given as the prediction scored PQ 94.
+    files = write_panoptic_dataset(str(tmp_path), num_images=2)
+    with open(files["panoptic_json"]) as f:
+        data = json.load(f)
+    for folder, image in zip("ab", data["images"]):
+        os.makedirs(os.path.join(files["image_root"], folder))
+        shutil.move(
+            os.path.join(files["image_root"], image["file_name"]),
+            os.path.join(files["image_root"], folder, "same.png"),
+        )
+        image["file_name"] = f"{folder}/same.png"
+    with open(files["panoptic_json"], "w") as f:
+        json.dump(data, f)
+    name = "__efficientps_test_evaluation_same_names"
+    register_panoptic_dataset(
+        name, **{k: files[k] for k in ("image_root", "panoptic_root", "panoptic_json")}
+    )
+    out = tmp_path / "out"
+    (out / "panoptic").mkdir(parents=True)
+    (out / "panoptic" / "old.png").write_bytes(b"of an earlier evaluation")
+    (out / ".panoptic.0123456789ab.tmp").mkdir()  # what a killed evaluation left
+    try:
+        evaluator = build_evaluator(
+            load_config(opts=["TEST.KEEP_PANOPTIC_PNGS", True]), name, str(out)
+        )._evaluators[0]
+        evaluator.reset()
+        evaluator.process(*ground_truth_as_predictions(name))
+        results = evaluator.evaluate()["panoptic_seg"]
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert results["PQ"] == pytest.approx(100.0)
+    # The kept PNGs: this evaluation's, one per image, named in predictions.json.
+    with open(out / "predictions.json") as f:
+        names = [a["file_name"] for a in json.load(f)["annotations"]]
+    assert sorted(names) == sorted(os.listdir(out / "panoptic")) == ["same_1.png", "same_2.png"]
+    assert not (out / ".panoptic.0123456789ab.tmp").exists()
+
+
+def test_an_evaluation_that_fails_while_writing_keeps_the_previous_outputs(
+    dataset, tmp_path, monkeypatch
+):
+    # Detectron2 opened predictions.json for writing, then serialised: a failure (or a kill)
+    # there left it empty, next to the previous evaluation's PNGs.
+    out = tmp_path / "out"
+    cfg = load_config(opts=["TEST.KEEP_PANOPTIC_PNGS", True])
+
+    def evaluate():
+        evaluator = build_evaluator(cfg, dataset, str(out))._evaluators[0]
+        evaluator.reset()
+        evaluator.process(*ground_truth_as_predictions(dataset))
+        return evaluator.evaluate()
+
+    assert evaluate()["panoptic_seg"]["PQ"] == pytest.approx(100.0)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"predictions.json", "img_000.png", "img_001.png"} <= set(before)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate()
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # What a kill (no clean-up) would have left is removed by the next evaluation.
+    monkeypatch.undo()
+    (out / ".predictions.0123456789ab.tmp.json").write_text('{"annotations": [')
+    evaluate()
+    assert not (out / ".predictions.0123456789ab.tmp.json").exists()
 
 
 def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):

@@ -342,6 +342,8 @@ def test_lazy_expected_results_are_verified_as_test_expected_results():
         ),
         ("train.max_iter.x=1", r"train\.max_iter is the value 300, which has no 'x'"),
         ("train.max_iter=abc", r"train\.max_iter is 300 \(int\) in the config; .* 'abc' \(str\)"),
+        # range() refused it after the model was built: "'float' object cannot be interpreted"
+        ("train.max_iter=2.5", r"train\.max_iter is 300 \(int\) in the config; .* 2\.5 \(float\)"),
         ("optimizer.lr=fast", r"optimizer\.lr is 0\.03 \(float\)"),
         ("train.amp.enabled=yes", r"train\.amp\.enabled is False \(bool\)"),
         ("train.amp=False", r"train\.amp is a group of settings \(enabled, precision\)"),
@@ -362,13 +364,15 @@ def test_overrides_that_add_what_a_config_may_leave_out_are_accepted():
             "+train.my_note=1",  # Hydra's "+": a new key, unchecked
             "dataloader.test.batch_size=1",  # an argument its LazyCall leaves at its default
             "dataloader.train.dataset.names=[synthetic_panoptic_train]",  # a name or a list
-            "train.max_iter=3.0",  # numbers are numbers
+            "train.max_iter=3.0",  # a whole number, made an int (as 1e4 would be)
             "dataloader.train.total_batch_size=2",
             # StandardROIHeads takes it through **kwargs, for its base class ROIHeads
             "model.roi_heads.proposal_append_gt=False",
         ],
     )
     assert (cfg.train.my_note, cfg.dataloader.test.batch_size) == (1, 1)
+    assert cfg.train.max_iter == 3 and isinstance(cfg.train.max_iter, int)
+    assert load_config(QUICK_PY, ["optimizer.lr=1"]).optimizer.lr == 1  # an int for a float
     assert cfg.model.roi_heads.proposal_append_gt is False
     with pytest.raises(ValueError, match="Did you mean 'proposal_append_gt'"):
         load_config(QUICK_PY, ["model.roi_heads.proposal_append_gtt=False"])

@@ -17,14 +17,17 @@ from efficientps_d2.data.check import DataCheckError, validate_datasets
 from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import add_panoptic_visualization
 
-from .test_lazy_config import CONFIGS, QUICK_PY, TINY
+from .test_lazy_config import CONFIGS, QUICK_PY, TINY, YAML_CONFIGS
 from .test_train_net import data_with_grayscale_png, train_net
 
 QUICK_YAML = QUICK_PY[: -len(".py")] + ".yaml"
 
 
-def test_yaml_and_lazy_twins_give_the_same_start_up_settings():
-    yaml_cfg, py_cfg = load_config(QUICK_YAML), load_config(QUICK_PY)
+@pytest.mark.parametrize("name", YAML_CONFIGS)
+def test_yaml_and_lazy_twins_give_the_same_start_up_settings(name):
+    # The COCO twin read all 123k panoptic PNGs at start-up (~20 min) where the YAML reads the json.
+    yaml_cfg = load_config(os.path.join(CONFIGS, name + ".yaml"))
+    py_cfg = load_config(os.path.join(CONFIGS, name + ".py"))
     a, b = ConfigAdapter(yaml_cfg), ConfigAdapter(py_cfg)
     assert (a.device, a.weights, a.allow_partial_weights, a.amp_enabled, a.amp_precision) == (
         b.device,
@@ -40,8 +43,28 @@ def test_yaml_and_lazy_twins_give_the_same_start_up_settings():
         "num_classes",
         "num_things",
         "check_pngs",
+        "thing_semantic_ids",
+        "vis_period",
+        "expected_results",
+        "tta_enabled",
     ):
         assert getattr(a, field) == getattr(b, field), field
+    assert (
+        yaml_cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        yaml_cfg.MODEL.PANOPTIC_FUSION.CONFIDENCE_THRESH,
+    ) == (py_cfg.model.roi_heads.box_predictor.test_score_thresh, py_cfg.model.confidence_thresh)
+    assert yaml_cfg.DATALOADER.MAX_UNREADABLE_FRACTION == (
+        py_cfg.dataloader.train.max_unreadable_fraction
+    )
+    assert (yaml_cfg.SOLVER.CHECKPOINT_PERIOD, yaml_cfg.TEST.EVAL_PERIOD) == (
+        py_cfg.train.checkpointer.period,
+        py_cfg.train.eval_period,
+    )
+    assert (yaml_cfg.SOLVER.WARMUP_ITERS, yaml_cfg.SOLVER.WARMUP_FACTOR) == (
+        py_cfg.lr_multiplier.warmup_iters,
+        py_cfg.lr_multiplier.warmup_factor,
+    )
+    assert yaml_cfg.SEED == py_cfg.train.get("seed", -1)
 
 
 @pytest.mark.parametrize(
@@ -277,4 +300,210 @@ def test_missing_weights_file_is_refused_before_the_data_check(tmp_path, kind, o
         argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *opts]
         with pytest.raises(FileNotFoundError, match=f"'{weights}' \\({key}\\) does not exist"):
             startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, opts, key",
+    [
+        (".py", ["train.output_dir={out}"], "train.output_dir"),
+        (".yaml", ["OUTPUT_DIR", "{out}"], "OUTPUT_DIR"),
+    ],
+)
+def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, opts, key):
+    # os.makedirs failed with a bare "[Errno 17] File exists" (training) or "[Errno 20] Not a
+    # directory: '.../log.txt'" (--eval-only), naming no key.
+    from detectron2.engine import default_argument_parser
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("notes")
+    for out, where in ((a_file, "is a file"), (a_file / "run", f"lies under '{a_file}', a file")):
+        argv = [o.format(out=out) for o in opts]
+        for extra in ([], ["--eval-only"]):
+            args = default_argument_parser().parse_args(
+                ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *argv]
+            )
+            with pytest.raises(NotADirectoryError, match=f"{key} '{out}' {where}, not a folder"):
+                startup.setup(args)
+    assert a_file.read_text() == "notes"
+
+
+@pytest.mark.parametrize("kind", [".py", ".yaml"])
+def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check(tmp_path, kind):
+    # The checkpointer named it too, but only after the data check (minutes on Cityscapes) and
+    # the model and loaders were built.
+    from detectron2.engine import default_argument_parser
+
+    from efficientps_d2.checkpoint import CheckpointFileError, check_checkpoint_file
+
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": {"w": torch.zeros(64)}}, whole)
+    faults = {
+        "empty.pth": (b"", "an empty file"),
+        "cut.pth": (whole.read_bytes()[:300], "a zip archive (torch's checkpoint format) that is"),
+        "page.pth": (b"\n<!DOCTYPE html><html>Sign in", "a text file"),
+    }
+    out, key = tmp_path / "out", "train.init_checkpoint" if kind == ".py" else "MODEL.WEIGHTS"
+    for name, (data, words) in faults.items():
+        (tmp_path / name).write_bytes(data)
+        opts = (
+            [f"train.output_dir={out}", f"train.init_checkpoint={tmp_path / name}"]
+            if kind == ".py"
+            else ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(tmp_path / name)]
+        )
+        for extra in ([], ["--eval-only"]):
+            argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *opts]
+            with pytest.raises(CheckpointFileError) as e:
+                startup.setup(default_argument_parser().parse_args(argv))
+            assert f"Checkpoint '{tmp_path / name}' ({key}) cannot be loaded: it is {words}" in (
+                str(e.value)
+            )
+    assert not out.exists()
+    # A folder (the run's output folder instead of its model_final.pth): "does not exist" before.
+    with pytest.raises(IsADirectoryError, match=f"'{tmp_path}' \\(MODEL.WEIGHTS\\) is a folder"):
+        check_checkpoint_file(str(tmp_path))
+    # What may be a checkpoint is left to the loader: torch's zip, a pickle (.pkl).
+    check_checkpoint_file(str(whole))
+    (tmp_path / "legacy.pkl").write_bytes(b"\x80\x02}q\x00.")
+    check_checkpoint_file(str(tmp_path / "legacy.pkl"))
+
+
+@pytest.mark.parametrize(
+    "kind, opts, words",
+    [
+        (".py", ["dataloader.test.dataset.names=[]"], "dataloader.test.dataset.names names no"),
+        (".py", ["~dataloader.evaluator"], "the config has no dataloader.evaluator"),
+        (".yaml", ["DATASETS.TEST", "()"], "DATASETS.TEST names no data set"),
+    ],
+)
+def test_eval_only_with_nothing_to_evaluate_is_refused(tmp_path, kind, opts, words):
+    # Detectron2 returned no results with exit status 0, silently (a LazyConfig without an
+    # evaluator after a whole inference pass).
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    key = "train.output_dir=" if kind == ".py" else "OUTPUT_DIR "
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, "--eval-only", *opts]
+    argv += (f"{key}{out}").split(" ", 1) if kind == ".yaml" else [f"{key}{out}"]
+    with pytest.raises(ValueError, match=f"--eval-only has nothing to evaluate: {words}"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, opts, message",
+    [
+        (".py", ["train.tta.min_sizes=128"], "train.tta.min_sizes must be a non-empty list"),
+        (".py", ["train.tta.min_sizes=[]"], "train.tta.min_sizes must be a non-empty list"),
+        (".py", ["train.tta.min_sizes=[128,0]"], r"must be .* positive sizes.*got \[128, 0\]"),
+        (".yaml", ["TEST.AUG.MIN_SIZES", "()"], "TEST.AUG.MIN_SIZES must be a non-empty list"),
+    ],
+)
+def test_unusable_test_time_augmentation_is_refused_before_training(tmp_path, kind, opts, message):
+    # Test-time augmentation runs after training: "'int' object is not iterable" or "MIN_SIZES
+    # must list positive sizes" came after the whole run.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    if kind == ".py":
+        opts = [*opts, "train.tta.enabled=True", f"train.output_dir={out}"]
+    else:
+        opts = [*opts, "TEST.AUG.ENABLED", "True", "OUTPUT_DIR", str(out)]
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(ValueError, match=message):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, opts, key",
+    [
+        (".py", ["train.expected_results=[[panoptic_seg,PQ,60.3]]"], "train.expected_results"),
+        (".yaml", ["TEST.EXPECTED_RESULTS", "[['panoptic_seg', 60.3, 'PQ', 0.5]]"], "TEST.EXPE"),
+    ],
+)
+def test_malformed_expected_results_are_refused_before_training(tmp_path, kind, opts, key):
+    # Detectron2's verify_results failed to unpack the row after the whole run.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(ValueError, match=f"{key}.* has the row .*; each row is \\[task, metric"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
+def test_an_expected_task_that_was_not_evaluated_fails_the_verification():
+    # Detectron2 raised KeyError: 'panoptic' after the whole run.
+    cfg = load_config(QUICK_PY, ["train.expected_results=[[panoptic,PQ,60.3,0.5]]"])
+    with pytest.raises(SystemExit):
+        startup.verify_results(cfg, {"panoptic_seg": {"PQ": 60.3}})
+
+
+def test_a_model_zoo_name_runs_as_its_file(tmp_path):
+    # load_config took the name; Detectron2's default_setup then opened it as a path:
+    # "FileNotFoundError: [Errno 2] No such file or directory: 'Synthetic-...quick.yaml'".
+    from detectron2.engine import default_argument_parser
+
+    name, out = "Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml", tmp_path / "out"
+    args = default_argument_parser().parse_args(
+        ["--config-file", name, "OUTPUT_DIR", str(out), "DATASETS.TRAIN", "('no_such_set',)"]
+    )
+    with pytest.raises(DataCheckError, match="no_such_set"):  # past default_setup
+        startup.setup(args)
+    assert os.path.samefile(args.config_file, QUICK_YAML) and (out / "config.yaml").is_file()
+
+
+def test_the_mappers_read_images_in_the_models_channel_order():
+    # model.input_format=BGR left the mappers reading RGB: the model saw swapped colours, silently.
+    cfg = load_config(QUICK_PY, ["model.input_format=BGR"])
+    assert cfg.dataloader.train.mapper.image_format == "BGR"
+    assert instantiate(cfg.dataloader.test.mapper).image_format == "BGR"
+    startup.check_input_format(cfg)
+    cfg = load_config(QUICK_PY, ["dataloader.train.mapper.image_format=BGR"])
+    with pytest.raises(ValueError, match="dataloader.train.mapper.image_format is 'BGR' but mod"):
+        startup.check_input_format(cfg)
+    r50 = load_config(
+        os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_R_50.py")
+    )
+    assert r50.dataloader.test.mapper.image_format == r50.model.input_format == "BGR"
+
+
+def test_yaml_training_verifies_expected_results_as_eval_only_does(monkeypatch):
+    # DefaultTrainer.train used Detectron2's verify_results: KeyError 'panoptic' after training.
+    from detectron2.engine import TrainerBase
+
+    import train_net
+
+    trainer = train_net.Trainer.__new__(train_net.Trainer)  # the model is not needed here
+    expected = "[['panoptic', 'PQ', 60.3, 0.5]]"
+    trainer.cfg = load_config(QUICK_YAML, ["TEST.EXPECTED_RESULTS", expected])
+    trainer.start_iter = trainer.max_iter = 0
+    trainer._last_eval_results = {"panoptic_seg": {"PQ": 60.3}}
+    monkeypatch.setattr(TrainerBase, "train", lambda self, start_iter, max_iter: None)
+    with pytest.raises(SystemExit):
+        trainer.train()
+    trainer.cfg = load_config(
+        QUICK_YAML, ["TEST.EXPECTED_RESULTS", expected.replace("c'", "c_seg'")]
+    )
+    assert trainer.train() == trainer._last_eval_results
+
+
+@pytest.mark.parametrize(
+    "kind, opts, key",
+    [
+        (".py", ["train.amp.enabled=True", "train.device=cpu"], "train.amp.enabled"),
+        (".yaml", ["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu"], "SOLVER.AMP.ENABLED"),
+    ],
+)
+def test_amp_training_on_the_cpu_is_refused_before_the_run(tmp_path, kind, opts, key):
+    # Detectron2's AMPTrainer asserted "CUDA is required for AMP training!" at the first step.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(ValueError, match=f"{key} is True but the model runs on the CPU"):
+        startup.setup(default_argument_parser().parse_args(argv))
     assert not out.exists()

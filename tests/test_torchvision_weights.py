@@ -17,7 +17,7 @@ from efficientps_d2.torchvision_weights import (
     resolve_weights,
 )
 
-from .common import load_config, tiny_config
+from .common import config_file, load_config, tiny_config
 
 B0_FILE = "efficientnet_b0_rwightman-7f5810bc.pth"  # torchvision's name for the B0 weights
 
@@ -116,6 +116,21 @@ def test_offline_without_a_local_file_names_the_fix(handler, tmp_path):
     assert not os.path.exists(tmp_path / "cache") or not [
         f for f in os.listdir(tmp_path / "cache") if f.endswith(".pth")
     ]
+
+
+def test_offline_training_stops_before_the_data_check(handler, tmp_path):
+    # The checkpointer met it after the data check (minutes on Cityscapes, whose configs start
+    # from torchvision://efficientnet_b5) and after the model and loaders were built.
+    from detectron2.engine import default_argument_parser
+
+    from efficientps_d2.engine import startup
+
+    out = tmp_path / "out"
+    config = config_file("Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml")
+    args = default_argument_parser().parse_args(["--config-file", config, "OUTPUT_DIR", str(out)])
+    with pytest.raises(PretrainedWeightsUnavailable, match="'torchvision://efficientnet_b0'"):
+        startup.setup(args)
+    assert len(handler.download_calls) == 1 and not out.exists()
 
 
 def test_shipped_configs_start_from_imagenet_except_the_synthetic_one():

@@ -121,3 +121,24 @@ def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
     (tmp_path / "model_0000001.pth").write_bytes(b"")
     with pytest.raises(CheckpointFileError, match="No intact checkpoint"):
         EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+
+
+def test_evaluation_refuses_weights_that_leave_tensors_random(model, full_checkpoint, tmp_path):
+    # --eval-only scored a backbone-only file, heads random, with exit status 0 and a warning.
+    from efficientps_d2.config_adapter import ConfigAdapter
+    from efficientps_d2.engine.startup import load_for_evaluation
+
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    plain, converted = str(tmp_path / "backbone.pth"), str(tmp_path / "converted.pth")
+    torch.save({"model": backbone}, plain)
+    author = "efficientps_d2.tools.convert_torchvision_weights (efficientnet_b0)"
+    torch.save({"model": backbone, "__author__": author}, converted)
+    for weights in (plain, converted):  # a converted ImageNet backbone too: its heads are random
+        config = ConfigAdapter(tiny_config(["MODEL.WEIGHTS", weights]))
+        with pytest.raises(CheckpointMismatchError, match="would be evaluated with random values"):
+            load_for_evaluation(model, config, resume=False)
+        config.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = True  # asked for
+        load_for_evaluation(model, config, resume=False)
+    load_for_evaluation(
+        model, ConfigAdapter(tiny_config(["MODEL.WEIGHTS", full_checkpoint])), resume=False
+    )

@@ -22,9 +22,7 @@ model.backbone.bottom_up = L(ResNet)(
 model.backbone.in_features = RES
 model.pixel_mean = [103.530, 116.280, 123.675]
 model.pixel_std = [1.0, 1.0, 1.0]
-model.input_format = "BGR"
-dataloader.train.mapper.image_format = "BGR"
-dataloader.test.mapper.image_format = "BGR"
+model.input_format = "BGR"  # the mappers read images in it too
 
 train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 train.output_dir = "./output/cityscapes_R_50"

@@ -9,9 +9,10 @@ PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-t
   (otherwise the closest registered names are suggested);
 - :func:`check_class_counts`: ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` equals the data set's number of
   classes and ``MODEL.ROI_HEADS.NUM_CLASSES`` its number of thing classes;
+- :func:`check_evaluator_types`: every data set in ``DATASETS.TEST`` can be evaluated;
 - :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
   ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
-  ``segments_info`` both ways);
+  ``segments_info`` both ways) and the size of every image against its record;
 - :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it. In a
   multi-process run the PNG pass (minutes for Cityscapes) runs once per machine, on its local
   rank 0, and every rank gets the verdict: a fault stops every rank with the same error.
@@ -38,6 +39,7 @@ from typing import List
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
+from detectron2.utils.registry import locate
 from PIL import Image
 
 from ..config_adapter import ConfigAdapter
@@ -48,6 +50,7 @@ __all__ = [
     "check_class_counts",
     "check_dataset",
     "check_dataset_names",
+    "check_evaluator_types",
     "validate_datasets",
 ]
 
@@ -73,6 +76,7 @@ class DatasetReport:
         class_counts: {contiguous class id: number of segments}.
         class_names: names of the contiguous class ids (``stuff_classes``), when known.
         pngs_checked: number of panoptic PNGs opened and compared with their ``segments_info``.
+        panoptic_images: number of records with a panoptic PNG (``pan_seg_file_name``).
         errors: one line per fault, naming the file, id or key.
         seconds: time the check took.
     """
@@ -83,6 +87,7 @@ class DatasetReport:
     class_counts: Counter = field(default_factory=Counter)
     class_names: List[str] = field(default_factory=list)
     pngs_checked: int = 0
+    panoptic_images: int = 0
     errors: List[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -144,6 +149,38 @@ def check_dataset_names(cfg):
             )
 
 
+def check_evaluator_types(cfg):
+    """Raises :class:`DataCheckError` for a data set in DATASETS.TEST whose ``evaluator_type``
+    EfficientPS's evaluators do not score (``efficientps_d2.evaluation.build_evaluator`` would
+    refuse it after training). A LazyConfig's ``dataloader.test.dataset.names`` is checked when
+    its ``dataloader.evaluator`` is ``build_dataset_evaluator``, which also takes one data set
+    only; another evaluator is the config's own choice."""
+    from ..evaluation.build import SUPPORTED, build_dataset_evaluator
+
+    config = ConfigAdapter(cfg)
+    key, names = config.keys["test_dataset_names"], config.test_dataset_names
+    if not config.is_yaml:
+        evaluator = cfg.get("dataloader", {}).get("evaluator")
+        target = evaluator.get("_target_") if evaluator is not None else None
+        if isinstance(target, str):  # a config saved as YAML and loaded again
+            target = locate(target)
+        if target is not build_dataset_evaluator:
+            return
+        if len(names) > 1:
+            raise DataCheckError(
+                f"{key} names {len(names)} data sets {names}, but its evaluator "
+                "(build_dataset_evaluator) scores one: evaluate them one run at a time."
+            )
+    for name in names:
+        evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
+        if evaluator_type not in SUPPORTED:
+            raise DataCheckError(
+                f"{key} names data set '{name}' of evaluator_type {evaluator_type!r}, which "
+                f"EfficientPS does not evaluate (panoptic data sets of type {list(SUPPORTED)}; "
+                "register yours with efficientps_d2.data.register_panoptic_dataset)."
+            )
+
+
 def _panoptic_classes(meta):
     """(number of classes, sorted thing ids) of "standard" panoptic metadata, or None."""
     stuff_classes = meta.get("stuff_classes", None)
@@ -159,7 +196,9 @@ def check_class_counts(cfg, *, training=True):
     ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` must equal the number of classes (stuff and things) and
     ``MODEL.ROI_HEADS.NUM_CLASSES`` the number of thing classes of every panoptic data set in
     DATASETS.TRAIN (when ``training``) and DATASETS.TEST; ``MODEL.EFFICIENTPS.THING_SEMANTIC_IDS``,
-    when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``.
+    when given, must have ``ROI_HEADS.NUM_CLASSES`` entries below ``SEM_SEG_HEAD.NUM_CLASSES``,
+    and be the thing classes of those data sets; and all of them must number their classes as
+    the first training set does (the same class names in the same order, the same things).
     (A LazyConfig's twins: ``model.sem_seg_head.num_classes``, ``model.roi_heads.num_classes``,
     ``model.thing_semantic_ids`` when it is a list.)
     """
@@ -189,6 +228,51 @@ def check_class_counts(cfg, *, training=True):
                     f"{config.override(setting, expected)} (too few fails mid-training, "
                     "too many wastes a class)."
                 )
+        ids = "[" + ",".join(map(str, data_things)) + "]"
+        if thing_ids and sorted(set(thing_ids)) != data_things:
+            # The mapper would refuse the first thing segment mid-training, blaming the data.
+            raise DataCheckError(
+                f"{keys['thing_semantic_ids']} is {thing_ids} but the thing classes of data set "
+                f"'{name}' are {data_things}; set {config.override('thing_semantic_ids', ids)}"
+                f"{' (or [], to read them from the data set)' if config.is_yaml else ''}."
+            )
+    _check_same_classes(config, names)
+
+
+def _check_same_classes(config, names):
+    """Refuses data sets that number their classes differently from the one the model's class
+    layout comes from (the first training set; evaluation reads its thing ids from it too):
+    Detectron2 checks that only for instance data sets, so panoptic ones of the same class count
+    but another order trained on mixed labels, or were scored with classes mistaken."""
+    reference = None
+    for name in dict.fromkeys(config.train_dataset_names[:1] + names):
+        meta = MetadataCatalog.get(name)
+        if _panoptic_classes(meta) is None:
+            continue
+        classes = list(meta.stuff_classes)
+        things = sorted(meta.thing_dataset_id_to_contiguous_id.values())
+        if reference is None:
+            reference = (name, classes, things)
+            continue
+        first, first_classes, first_things = reference
+        if (classes, things) == (first_classes, first_things):
+            continue
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(classes, first_classes)) if a != b),
+            min(len(classes), len(first_classes)),
+        )
+        what = (
+            f"class {differ} is {first_classes[differ]!r} in '{first}' but "
+            f"{classes[differ]!r} in '{name}'"
+            if differ < min(len(classes), len(first_classes))
+            else f"thing classes {first_things} in '{first}' but {things} in '{name}'"
+        )
+        raise DataCheckError(
+            f"Data sets '{first}' and '{name}' ({config.keys['train_dataset_names']}, "
+            f"{config.keys['test_dataset_names']}) number their classes differently: {what}. "
+            "A model trained on one would mix up the other's classes; register them with the "
+            "same categories."
+        )
 
 
 def _png_size(image_file):
@@ -205,7 +289,8 @@ def _png_size(image_file):
 
 
 def _check_png(record):
-    """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG."""
+    """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG and,
+    where the record gives a width and height, the size of its image (read from the header)."""
     errors = []
     png = record["pan_seg_file_name"]
     try:
@@ -223,6 +308,16 @@ def _check_png(record):
         return False, errors
     if "height" in record and "width" in record:
         expected, source = (record["width"], record["height"]), "its record"
+        try:  # the header only; an image that cannot be read is skipped in training
+            image_size = _png_size(record["file_name"])
+        except OSError:
+            image_size = expected
+        if image_size != tuple(expected):
+            # Detectron2's check_image_size would stop training at the first batch holding it.
+            errors.append(
+                f"Image '{record['file_name']}' is {image_size[0]}x{image_size[1]} (WxH) but its "
+                f"record says {expected[0]}x{expected[1]} (the json's width and height)."
+            )
     else:
         try:
             expected, source = _png_size(record["file_name"]), f"image '{record['file_name']}'"
@@ -274,6 +369,7 @@ def check_dataset(name, *, pngs=True):
     for record in records:
         if "pan_seg_file_name" not in record:
             continue
+        report.panoptic_images += 1
         segments = record.get("segments_info", [])
         report.num_segments += len(segments)
         for seg in segments:
@@ -320,15 +416,30 @@ def validate_datasets(cfg, *, training=True):
     verdicts are then gathered (``comm.all_gather``), so that every rank raises the same error,
     or returns the same reports, and none waits for a rank that stopped.
     """
+    config = ConfigAdapter(cfg)
+    if training and not config.train_dataset_names:
+        # Detectron2's loader asserted "AssertionError: ()" after the model was built.
+        raise DataCheckError(
+            f"{config.keys['train_dataset_names']} names no data set: training needs one."
+        )
     check_dataset_names(cfg)  # the config and the registered names: the same on every rank
     check_class_counts(cfg, training=training)
-    config = ConfigAdapter(cfg)
-    names = (config.train_dataset_names if training else []) + config.test_dataset_names
+    check_evaluator_types(cfg)
+    train_names = config.train_dataset_names if training else []
+    names = train_names + config.test_dataset_names
     read_pngs = config.check_pngs and comm.get_local_rank() == 0
     reports = []
     for name in dict.fromkeys(names):
         report = _check_on_every_rank(name, pngs=read_pngs)
         report.raise_if_errors()
+        if name in train_names and report.panoptic_images < report.num_images:
+            # The dataset mapper would stop at the first batch that drew one.
+            raise DataCheckError(
+                f"{config.keys['train_dataset_names']} names data set '{name}', whose "
+                f"{report.num_images - report.panoptic_images} of {report.num_images} records "
+                "have no panoptic annotation (pan_seg_file_name): EfficientPS trains on panoptic "
+                "data (register yours with efficientps_d2.data.register_panoptic_dataset)."
+            )
         shared = " (read on local rank 0)" if comm.get_world_size() > 1 else ""
         logger.info(
             f"Checked data set '{name}': {report.num_images} images, {report.num_segments} "
@@ -387,11 +498,11 @@ def main(argv=None):
     import efficientps_d2  # noqa: F401  (registers the built-in data sets)
 
     ok = True
-    registered = DatasetCatalog.list()
     if args.config_file:
         from ..engine.lazy_config import load_config  # imports the config: not at the top
 
-        cfg = load_config(args.config_file, args.opts)  # YAML or LazyConfig (.py)
+        # YAML or LazyConfig (.py); a LazyConfig may register its own data sets (README, "Data").
+        cfg = load_config(args.config_file, args.opts)
         try:
             check_dataset_names(cfg)
             check_class_counts(cfg)
@@ -399,6 +510,7 @@ def main(argv=None):
         except DataCheckError as e:
             print(f"Config '{args.config_file}': {e}")
             ok = False
+    registered = DatasetCatalog.list()
     for name in args.names:
         if name not in registered:
             print(

@@ -113,7 +113,9 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
         ``category_id`` made contiguous and ``isthing`` added).
     Raises:
         FileNotFoundError: the json, or images or PNGs it names, are missing (the first few named).
-        ValueError: inconsistent json (unknown image id or category id, duplicate segment ids).
+        ValueError: malformed or inconsistent json (an annotation without file name or
+            segments, a segment without an integer id, unknown image id or category id,
+            duplicate image ids, two annotations of one image, duplicate segment ids).
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"Panoptic json '{json_file}' does not exist.")
@@ -140,18 +142,33 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
                 f"Panoptic json '{json_file}': image entry {str(image)[:200]} needs 'id' and "
                 "'file_name'."
             )
+        if image["id"] in images:
+            # The json's annotations, and panopticapi's scoring, find images by id: one of the
+            # two would get the other's file.
+            raise ValueError(
+                f"Panoptic json '{json_file}': images '{images[image['id']]['file_name']}' and "
+                f"'{image['file_name']}' have the same id {image['id']!r}."
+            )
         images[image["id"]] = image
     things = metadata["thing_dataset_id_to_contiguous_id"]
     stuff = metadata["stuff_dataset_id_to_contiguous_id"]
 
-    ret = []
+    ret, annotated = [], {}
     for ann in data["annotations"]:
+        _check_annotation(ann, json_file)
         image_id = ann.get("image_id")
         if image_id not in images:
             raise ValueError(
                 f"Panoptic json '{json_file}': annotation '{ann.get('file_name')}' refers to image "
                 f"id {image_id!r}, which is not in 'images'."
             )
+        if image_id in annotated:
+            # Trained on twice, and scored once: panopticapi keeps one annotation per image.
+            raise ValueError(
+                f"Panoptic json '{json_file}': annotations '{annotated[image_id]}' and "
+                f"'{ann.get('file_name')}' are both of image id {image_id!r}."
+            )
+        annotated[image_id] = ann.get("file_name")
         image = images[image_id]
         segments_info, seen = [], set()
         for segment in ann.get("segments_info", []):
@@ -210,6 +227,29 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
         logger.warning(f"{unused} images in '{json_file}' have no panoptic annotation; skipped.")
     logger.info(f"Loaded {len(ret)} panoptic annotations from '{json_file}'.")
     return ret
+
+
+def _check_annotation(ann, json_file):
+    """Raises ValueError, naming the json and the annotation, for an annotation that is not COCO
+    panoptic's ``{"image_id", "file_name", "segments_info": [{"id": int, "category_id", ...}]}``
+    (it failed later with a bare KeyError, AttributeError or int() error)."""
+    where = f"Panoptic json '{json_file}': annotation {str(ann)[:120]}"
+    if not isinstance(ann, dict):
+        raise ValueError(f"{where} is not an object (a dict).")
+    for key, kind, what in (
+        ("image_id", (int, str), "an image id"),
+        ("file_name", str, "the PNG's file name"),
+        ("segments_info", list, "a list of segments"),
+    ):
+        if not isinstance(ann.get(key), kind):
+            raise ValueError(f"{where} needs '{key}' ({what}), got {ann.get(key)!r}.")
+    for segment in ann["segments_info"]:
+        if not isinstance(segment, dict) or not isinstance(segment.get("id"), int):
+            raise ValueError(
+                f"Panoptic json '{json_file}': annotation '{ann['file_name']}' has the segment "
+                f"{str(segment)[:120]}, whose 'id' is not an integer (the PNG's R + 256 G + "
+                "256^2 B)."
+            )
 
 
 def _listdir(folder):

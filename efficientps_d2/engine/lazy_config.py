@@ -9,7 +9,8 @@ reads either kind's settings and builds its model and data loaders.
 A ``key=value`` override is checked as yacs checks a YAML one, where Detectron2 would create a
 misspelled key silently: the key must exist in the config, or be an argument that its
 ``LazyCall``'s target names (or a setting train_net.py reads with a default), and a number, a
-yes/no or a group of settings keeps its kind. Hydra's ``+key=value`` adds a key unchecked.
+yes/no or a group of settings keeps its kind (an integer stays whole: ``train.max_iter=1e4`` is
+10000, ``train.max_iter=2.5`` is refused). Hydra's ``+key=value`` adds a key unchecked.
 """
 
 import difflib
@@ -134,15 +135,18 @@ def apply_overrides(cfg, opts, config_file):
             )
     for override in OverridesParser.create().parse_overrides(list(opts)):
         key, value = override.key_or_group, override.value()
+        line = override.input_line
         if not (override.is_add() or override.is_force_add()):
-            _check_override(cfg, key, value, override, config_file)
+            checked = _check_override(cfg, key, value, override, config_file)
+            if checked is not value:  # a whole float for an integer (train.max_iter=1e4)
+                value, line = checked, f"{key}={checked}"
         node = _node(cfg, key)
         if isinstance(node, DictConfig) and "_target_" in node and not isinstance(value, dict):
             # A LazyCall replaced by a value (model.thing_semantic_ids=[0,1,2]), which
             # Detectron2's merging update refuses ("Cannot merge DictConfig with ListConfig").
             OmegaConf.update(cfg, key, value, merge=False)
         else:
-            LazyConfig.apply_overrides(cfg, [override.input_line])
+            LazyConfig.apply_overrides(cfg, [line])
     return cfg
 
 
@@ -183,12 +187,13 @@ def _target_parameters(node):
 
 
 def _check_override(cfg, key, value, override, config_file):
+    """Refuses the override (see :func:`apply_overrides`); returns its value, a whole float made
+    an int where the config holds an int."""
     where = f"override '{override.input_line}' of {config_file}"
     parts = key.split(".")
     node, depth = _walk(cfg, parts)
     if depth == len(parts):
-        _check_kind(node, key, value, where)
-        return
+        return _check_kind(node, key, value, where)
     name, parent = parts[depth], ".".join(parts[:depth]) or "the config"
     if not isinstance(node, DictConfig):  # a value, or a list without that index
         what = "a list" if isinstance(node, ListConfig) else f"the value {node._value()!r}"
@@ -200,7 +205,7 @@ def _check_override(cfg, key, value, override, config_file):
         or parameters is None  # a LazyCall whose arguments cannot be told
         or name in parameters  # an argument the LazyCall leaves at its default
     ):
-        return
+        return value
     candidates = [str(k) for k in node.keys() if k != "_target_"]
     candidates += [p for p in parameters if p not in candidates]
     close = difflib.get_close_matches(name, candidates, n=3)
@@ -214,28 +219,34 @@ def _check_override(cfg, key, value, override, config_file):
 
 def _check_kind(node, key, value, where):
     """Refuses a value of another kind than the config's: a number, a yes/no (bool) or a group of
-    settings replaced by something else. Strings and lists are left free (data set names are
-    either; ``short_edge_length`` takes a number or a list)."""
+    settings replaced by something else, or a fraction where the config holds an integer (an
+    iteration count: ``range`` refused it after the model was built). Strings and lists are left
+    free (data set names are either; ``short_edge_length`` takes a number or a list). Returns
+    ``value``, a whole float (``1e4``, ``300.0``) made an int where the config holds an int."""
     if value is None or isinstance(node, ListConfig):
-        return
+        return value
     if isinstance(node, DictConfig):
         if isinstance(value, dict) or "_target_" in node:
-            return  # merged into the group; a LazyCall may be replaced
+            return value  # merged into the group; a LazyCall may be replaced
         raise ValueError(
             f"Refused {where}: {key} is a group of settings ({', '.join(map(str, node.keys()))}); "
             f"set one of them, e.g. {key}.{next(iter(node.keys()), 'name')}=..."
         )
     if node._is_interpolation():
-        return
+        return value
     old = node._value()
     if isinstance(old, bool):
         ok = isinstance(value, bool)
+    elif isinstance(old, int) and isinstance(value, float):
+        ok = value.is_integer()
+        value = int(value) if ok else value
     elif isinstance(old, (int, float)):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
-        return
+        return value
     if not ok:
         raise ValueError(
             f"Refused {where}: {key} is {old!r} ({type(old).__name__}) in the config; the "
             f"override gives {value!r} ({type(value).__name__})."
         )
+    return value

@@ -22,18 +22,20 @@ same steps, each reading its own keys through
 
 import logging
 import os
+from urllib.parse import urlparse
 
 import detectron2.utils.comm as comm
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
 from detectron2.evaluation import verify_results as d2_verify_results
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..atomic_io import remove_stale_temporaries
-from ..checkpoint import check_checkpoint_exists
-from ..config import is_yaml_config
+from ..checkpoint import check_checkpoint_file
+from ..config import find_config_file, is_yaml_config
 from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..modeling.inplace_abn import InPlaceABN
@@ -44,6 +46,10 @@ __all__ = [
     "ResumableAMPTrainer",
     "build_checkpointer",
     "build_trainer",
+    "check_amp_device",
+    "check_evaluation",
+    "check_input_format",
+    "check_output_dir",
     "check_weights",
     "load_for_evaluation",
     "setup",
@@ -102,29 +108,119 @@ _output_dir_lock = None  # held (open) for the life of the training process
 
 def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
-    LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs and
-    ``--eval-only`` without weights (before anything is written), takes the steps of
+    LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
+    output folder that is a file, test-time augmentation settings or expected results that
+    cannot be used, mappers that read another channel order than the model takes, AMP training
+    on the CPU and ``--eval-only`` without weights or without anything to evaluate (before
+    anything is written), takes the steps of
     :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
     needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
+    # A model zoo name becomes its file: Detectron2's default_setup opens args.config_file to log
+    # it, which failed for a name after the output folder was locked.
+    args.config_file = find_config_file(args.config_file)
     cfg = load_config(args.config_file, args.opts, needs)
-    check_weights(ConfigAdapter(cfg), eval_only=args.eval_only, resume=args.resume)
+    config = ConfigAdapter(cfg)
+    check_output_dir(config)
+    if args.eval_only:
+        check_evaluation(config)
+    # What is used after training is checked now: the TTA settings and the expected results
+    # (reading them checks them).
+    if config.tta_enabled:
+        config.tta_settings()
+    config.expected_results
+    check_input_format(cfg)
+    if not args.eval_only:
+        check_amp_device(config)
+    check_weights(config, eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
     return cfg
 
 
+def check_output_dir(config):
+    """Refuses, before anything is read or written, an OUTPUT_DIR / ``train.output_dir`` that is
+    a file or lies under one (os.makedirs would fail there with a bare "File exists" or "Not a
+    directory"). ``config``: a :class:`ConfigAdapter`."""
+    path = os.path.abspath(config.output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the nearest part that exists
+    if not os.path.isdir(path):
+        where = "is" if path == os.path.abspath(config.output_dir) else f"lies under '{path}',"
+        raise NotADirectoryError(
+            f"{config.keys['output_dir']} '{config.output_dir}' {where} a file, not a folder: "
+            f"set it to a folder (e.g. {config.override('output_dir', './output')})."
+        )
+
+
+def check_amp_device(config):
+    """Refuses AMP training on the CPU (SOLVER.AMP.ENABLED / ``train.amp.enabled`` with
+    MODEL.DEVICE / ``train.device`` "cpu", which a CUDA config becomes on a machine without
+    CUDA): Detectron2's AMPTrainer asserts "CUDA is required for AMP training!" at the first
+    iteration. ``config``: a :class:`ConfigAdapter`."""
+    if config.amp_enabled and str(config.device).startswith("cpu"):
+        reason = "" if torch.cuda.is_available() else " (this machine has no CUDA)"
+        raise ValueError(
+            f"{config.keys['amp_enabled']} is True but the model runs on the CPU{reason}: AMP "
+            f"training needs CUDA. Set {config.override('amp_enabled', False)} to train in "
+            "float32."
+        )
+
+
+def check_input_format(cfg):
+    """Refuses a LazyConfig whose mappers read images in another channel order than its model
+    takes (``dataloader.{train,test}.mapper.image_format`` vs ``model.input_format``): the model
+    would train and evaluate on swapped colour channels without any error. (A YAML config has
+    one key, INPUT.FORMAT.)"""
+    if is_yaml_config(cfg):
+        return
+    model_format = OmegaConf.select(cfg, "model.input_format", default=None)
+    for split in ("train", "test"):
+        key = f"dataloader.{split}.mapper.image_format"
+        image_format = OmegaConf.select(cfg, key, default=None)
+        if None not in (model_format, image_format) and image_format != model_format:
+            raise ValueError(
+                f"{key} is {image_format!r} but model.input_format is {model_format!r}: the "
+                f"model would see swapped colour channels. Set model.input_format={image_format} "
+                "(the shipped configs' mappers follow it) or make them equal."
+            )
+
+
+def check_evaluation(config):
+    """Refuses ``--eval-only`` with nothing to evaluate, before the model is built: no test data
+    set (DATASETS.TEST / ``dataloader.test.dataset.names``) or, in a LazyConfig, no
+    ``dataloader.evaluator`` (Detectron2 then returns no results, with exit status 0, after the
+    weights are loaded or, for a LazyConfig, after a whole inference pass).
+    ``config``: a :class:`ConfigAdapter`."""
+    if not config.test_dataset_names:
+        key = config.keys["test_dataset_names"]
+        raise ValueError(f"--eval-only has nothing to evaluate: {key} names no data set.")
+    if not config.is_yaml and config.cfg.get("dataloader", {}).get("evaluator") is None:
+        raise ValueError(
+            "--eval-only has nothing to evaluate: the config has no dataloader.evaluator (e.g. "
+            "L(build_dataset_evaluator)(dataset_name=..., output_folder=...) of "
+            "efficientps_d2.evaluation)."
+        )
+
+
 def check_weights(config, *, eval_only, resume):
     """Refuses, before the data check (minutes on Cityscapes) and the model are built, weights
     that cannot be loaded: a local MODEL.WEIGHTS / ``train.init_checkpoint`` file that does not
-    exist, or with ``eval_only`` none at all (Detectron2 would evaluate a randomly initialised
-    model). Neither is read when ``resume`` finds a checkpoint in the output folder.
-    ``config``: a :class:`ConfigAdapter`."""
+    exist or cannot be a checkpoint (empty, cut short, an HTML page:
+    :func:`~efficientps_d2.checkpoint.check_checkpoint_file`), a URL or ``torchvision://`` name
+    that cannot be fetched (it is fetched and cached now, as loading would), or with
+    ``eval_only`` none at all (Detectron2 would evaluate a randomly initialised model). Neither
+    is read when ``resume`` finds a checkpoint in the output folder. ``config``: a
+    :class:`ConfigAdapter`."""
     weights = config.weights
     if resume and os.path.isfile(os.path.join(config.output_dir, "last_checkpoint")):
         return
-    check_checkpoint_exists(weights, config.keys["weights"])  # before the work, not after it
+    check_checkpoint_file(weights, config.keys["weights"])  # before the work, not after it
+    if urlparse(weights).scheme:
+        # Fetched (torchvision://: downloaded and converted) and cached now, so that an offline
+        # machine or a misspelt name stops before the data check, not after it.
+        PathManager.get_local_path(weights)
     if weights or not eval_only:
         return
     where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""
@@ -234,17 +330,24 @@ def build_checkpointer(model, config, **checkpointables):
 def load_for_evaluation(model, config, *, resume):
     """Loads the weights to evaluate (or, with ``resume``, the last checkpoint of the output
     folder) into ``model``. A checkpoint that does not fit the model is always a mistake here:
-    it is refused."""
-    _checkpointer(model, config).resume_or_load(config.weights, resume=resume)
+    it is refused; so is one that would leave model tensors random (a converted ImageNet
+    backbone too), unless ``allow_partial_weights`` (MODEL.ALLOW_PARTIAL_WEIGHTS)."""
+    checkpointer = _checkpointer(
+        model, config, allow_missing=config.allow_partial_weights, for_evaluation=True
+    )
+    checkpointer.resume_or_load(config.weights, resume=resume)
     return model
 
 
 def verify_results(cfg, results):
     """Detectron2's ``verify_results`` for either kind of config: each ``[task, metric, expected,
     tolerance]`` row of TEST.EXPECTED_RESULTS (``train.expected_results``) is compared with
-    ``results`` ({task: {metric: value}}); a metric that is off, missing or not finite logs both
-    and exits with status 1. Returns True otherwise. Call it on the main process, as Detectron2
-    does."""
+    ``results`` ({task: {metric: value}}); a metric that is off, missing (its task too) or not
+    finite logs both and exits with status 1. Returns True otherwise. Call it on the main
+    process, as Detectron2 does."""
     expected = ConfigAdapter(cfg).expected_results
+    # A task that was not evaluated (a misspelt one) is a missing metric, not Detectron2's
+    # KeyError after the whole run.
+    results = {**{row[0]: {} for row in expected}, **results}
     # Detectron2 reads TEST.EXPECTED_RESULTS; a LazyConfig's rows are passed the same way.
     return d2_verify_results(CfgNode({"TEST": {"EXPECTED_RESULTS": expected}}), results)

@@ -2,7 +2,7 @@
 
 from .build import ThingCOCOEvaluator, build_dataset_evaluator, build_evaluator
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
-from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
+from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs, PanopticEvaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "COCOPanopticEvaluatorKeepingPNGs",
     "CompatCityscapesInstanceEvaluator",
     "CompatCityscapesSemSegEvaluator",
+    "PanopticEvaluator",
     "PanopticSemSegEvaluator",
     "panoptic_to_semantic",
     "ThingCOCOEvaluator",

@@ -4,10 +4,10 @@ evaluator for panoptic metadata."""
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
-from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs
+from .panoptic_pngs import PanopticEvaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator
 
 SUPPORTED = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
@@ -62,10 +62,11 @@ class ThingCOCOEvaluator(COCOEvaluator):
 def build_evaluator(cfg, dataset_name, output_folder=None):
     """Panoptic quality, plus semantic mIoU and instance AP where the data set allows.
 
-    - "coco_panoptic_seg" (COCO panoptic, custom and synthetic data): COCOPanopticEvaluator (PQ),
+    - "coco_panoptic_seg" (COCO panoptic, custom and synthetic data): PanopticEvaluator (PQ:
+      Detectron2's COCOPanopticEvaluator, one prediction PNG per image),
       PanopticSemSegEvaluator (mIoU), and ThingCOCOEvaluator (box/mask AP) when the metadata
       names an instance json (``json_file``).
-    - "cityscapes_panoptic_seg": COCOPanopticEvaluator, CityscapesSemSegEvaluator and
+    - "cityscapes_panoptic_seg": PanopticEvaluator, CityscapesSemSegEvaluator and
       CityscapesInstanceEvaluator (the official Cityscapes scripts; see ``cityscapes_compat``).
 
     With TEST.KEEP_PANOPTIC_PNGS the panoptic PNGs stay in ``<output_folder>/panoptic/``, next to
@@ -114,8 +115,7 @@ def build_dataset_evaluator(dataset_name, output_folder, *, keep_panoptic_pngs=F
 
 
 def _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder):
-    if keep_panoptic_pngs:
-        return COCOPanopticEvaluatorKeepingPNGs(
-            dataset_name, output_folder, png_dir=os.path.join(output_folder, "panoptic")
-        )
-    return COCOPanopticEvaluator(dataset_name, output_folder)
+    # Detectron2's, with one prediction PNG per image also where images of different folders
+    # share a file name (see panoptic_pngs).
+    png_dir = os.path.join(output_folder, "panoptic") if keep_panoptic_pngs else None
+    return PanopticEvaluator(dataset_name, output_folder, png_dir=png_dir)

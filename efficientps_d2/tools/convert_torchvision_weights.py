@@ -28,6 +28,7 @@ from typing import Dict, List
 import torch
 
 from ..atomic_io import atomic_write
+from ..checkpoint import describe_file, describe_load_error
 from ..modeling.backbone.efficientnet import VARIANTS, EfficientNet
 
 __all__ = [
@@ -200,8 +201,11 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
         raise FileNotFoundError(f"Input weights '{input_path}' do not exist.")
     try:
         state_dict = torch.load(input_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightConversionError(f"Cannot read '{input_path}' as a torch file: {e}") from e
+    except Exception as e:  # EOFError of an empty file has no message: say what the file is
+        raise WeightConversionError(
+            f"Cannot read '{input_path}' as a torch file: it is {describe_file(input_path)} "
+            f"({describe_load_error(e)})."
+        ) from e
     if not isinstance(state_dict, dict):
         raise WeightConversionError(
             f"'{input_path}' holds a {type(state_dict).__name__}, not a state dict."

@@ -21,7 +21,8 @@ def panoptic_dataloader(
         mapper=L(EfficientPSDatasetMapper)(
             is_train=True,
             augmentations=train_augmentations,
-            image_format="RGB",
+            # The model's channel order: one override (model.input_format) sets all three.
+            image_format="${model.input_format}",
             thing_semantic_ids=L(thing_semantic_ids_of)(dataset_name="${...dataset.names}"),
             ignore_label=255,
             # The model's semantic classes: one override (model.sem_seg_head.num_classes) sets both.
@@ -39,7 +40,7 @@ def panoptic_dataloader(
         mapper=L(EfficientPSDatasetMapper)(
             is_train=False,
             augmentations=test_augmentations,
-            image_format="RGB",
+            image_format="${model.input_format}",
             thing_semantic_ids=[],  # unused at inference
             ignore_label=255,
             num_classes="${model.sem_seg_head.num_classes}",
