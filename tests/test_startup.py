@@ -317,7 +317,13 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
 
     a_file = tmp_path / "a_file"
     a_file.write_text("notes")
-    for out, where in ((a_file, "is a file"), (a_file / "run", f"lies under '{a_file}', a file")):
+    broken_link = tmp_path / "broken_link"  # os.makedirs fails under it too
+    broken_link.symlink_to(tmp_path / "gone")
+    for out, where in (
+        (a_file, "is a file"),
+        (a_file / "run", f"lies under '{a_file}', a file"),
+        (broken_link / "run", f"lies under '{broken_link}', a file"),
+    ):
         argv = [o.format(out=out) for o in opts]
         for extra in ([], ["--eval-only"]):
             args = default_argument_parser().parse_args(
