@@ -159,7 +159,7 @@ def check_evaluator_types(cfg):
     refuse it after training). A LazyConfig's ``dataloader.test.dataset.names`` is checked when
     its ``dataloader.evaluator`` is ``build_dataset_evaluator``, which also takes one data set
     only; another evaluator is the config's own choice."""
-    from ..evaluation.build import SUPPORTED, build_dataset_evaluator
+    from ..evaluation.build import build_dataset_evaluator, check_evaluable
 
     config = ConfigAdapter(cfg)
     key, names = config.keys["test_dataset_names"], config.test_dataset_names
@@ -170,19 +170,13 @@ def check_evaluator_types(cfg):
             target = locate(target)
         if target is not build_dataset_evaluator:
             return
-        if len(names) > 1:
-            raise DataCheckError(
-                f"{key} names {len(names)} data sets {names}, but its evaluator "
-                "(build_dataset_evaluator) scores one: evaluate them one run at a time."
-            )
-    for name in names:
-        evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
-        if evaluator_type not in SUPPORTED:
-            raise DataCheckError(
-                f"{key} names data set '{name}' of evaluator_type {evaluator_type!r}, which "
-                f"EfficientPS does not evaluate (panoptic data sets of type {list(SUPPORTED)}; "
-                "register yours with efficientps_d2.data.register_panoptic_dataset)."
-            )
+    # A YAML config's data sets are evaluated one by one; a LazyConfig's by one evaluator.
+    evaluated = names if config.is_yaml else [names] if names else []
+    try:
+        for dataset_names in evaluated:
+            check_evaluable(dataset_names, key)
+    except (ValueError, NotImplementedError) as e:
+        raise DataCheckError(str(e)) from e
 
 
 def _panoptic_classes(meta):
