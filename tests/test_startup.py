@@ -440,6 +440,38 @@ def test_malformed_expected_results_are_refused_before_training(tmp_path, kind, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "kind, opts, words",
+    [
+        (".py", ["dataloader.test.dataset.names=[]"], "dataloader.test.dataset.names names no"),
+        (".py", ["~dataloader.evaluator"], "the config has no dataloader.evaluator"),
+        (".yaml", ["DATASETS.TEST", "()"], "DATASETS.TEST names no data set"),
+    ],
+)
+def test_expected_results_with_nothing_evaluated_are_refused_before_training(
+    tmp_path, kind, opts, words
+):
+    # Found after the whole training: "evaluated nothing" (LazyConfig), every metric missing
+    # (YAML: DefaultTrainer's test() returned {}).
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    if kind == ".py":
+        opts = [*opts, "train.expected_results=[[panoptic_seg,PQ,60.3,0.5]]"]
+        opts += [f"train.output_dir={out}"]
+        key = "train.expected_results"
+    else:
+        opts = [*opts, "TEST.EXPECTED_RESULTS", "[['panoptic_seg', 'PQ', 60.3, 0.5]]"]
+        opts += ["OUTPUT_DIR", str(out)]
+        key = "TEST.EXPECTED_RESULTS"
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(
+        ValueError, match=f"{key} is set but training would evaluate nothing: {words}"
+    ):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
 def test_an_expected_task_that_was_not_evaluated_fails_the_verification():
     # Detectron2 raised KeyError: 'panoptic' after the whole run.
     cfg = load_config(QUICK_PY, ["train.expected_results=[[panoptic,PQ,60.3,0.5]]"])
