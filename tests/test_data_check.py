@@ -166,12 +166,17 @@ def test_image_sizes_come_from_headers_with_the_exif_orientation(tmp_path, monke
     pixels.save(files["exif.png"], exif=exif)  # an eXIf chunk before the pixel data
     pixels.save(files["late.png"])
     _with_chunk_before_end(files["late.png"], b"eXIf", exif.tobytes())
+    files["late_xmp.png"] = str(tmp_path / "late_xmp.png")  # XMP text, read by getexif too
+    pixels.save(files["late_xmp.png"])
+    xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    _with_chunk_before_end(files["late_xmp.png"], b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
     files["exif.jpg"] = str(tmp_path / "exif.jpg")
     pixels.save(files["exif.jpg"], exif=exif)
 
     expected = {name: read_image(path).shape[1::-1] for name, path in files.items()}
     assert expected == {"plain.png": (36, 24), "exif.png": (24, 36), "late.png": (24, 36)} | {
-        "exif.jpg": (24, 36)
+        "late_xmp.png": (24, 36),
+        "exif.jpg": (24, 36),
     }
     decoded = []
     load = PngImageFile.load
@@ -182,8 +187,8 @@ def test_image_sizes_come_from_headers_with_the_exif_orientation(tmp_path, monke
 
     monkeypatch.setattr(PngImageFile, "load", counting_load)
     assert {name: _image_size(path) for name, path in files.items()} == expected
-    # Only the PNG whose EXIF follows its pixels is decoded (Pillow reads such chunks then).
-    assert decoded == ["late.png"]
+    # Only PNGs whose EXIF follows their pixels are decoded (Pillow reads such chunks then).
+    assert decoded == ["late.png", "late_xmp.png"]
 
 
 def test_json_only_check_skips_pngs(dataset):
