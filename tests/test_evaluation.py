@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ from efficientps_d2.evaluation import (
     PanopticEvaluator,
     PanopticSemSegEvaluator,
     ThingCOCOEvaluator,
+    build_dataset_evaluator,
     build_evaluator,
     panoptic_to_semantic,
 )
@@ -87,6 +89,9 @@ def test_build_evaluator_follows_the_evaluator_type(dataset, tmp_path):
     MetadataCatalog.get("__efficientps_test_not_panoptic").set(evaluator_type="sem_seg")
     with pytest.raises(NotImplementedError, match="__efficientps_test_not_panoptic.*sem_seg"):
         build_evaluator(cfg, "__efficientps_test_not_panoptic")
+    # The refusals and messages of the data check's check_evaluator_types (check_evaluable).
+    with pytest.raises(ValueError, match=re.escape(f"2 data sets {[dataset, dataset]}, but")):
+        build_dataset_evaluator([dataset, dataset], str(tmp_path))
 
 
 def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(tmp_path):
