@@ -12,7 +12,13 @@ import re
 import shutil
 import uuid
 
-__all__ = ["atomic_directory", "atomic_write", "remove_stale_temporaries", "temporary_path"]
+__all__ = [
+    "atomic_directory",
+    "atomic_write",
+    "blocking_file",
+    "remove_stale_temporaries",
+    "temporary_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,16 @@ def atomic_write(path, write, mode="wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def blocking_file(folder):
+    """The path that stops ``os.makedirs(folder)``, or None: ``folder`` itself, or the nearest
+    existing path above it, where that is not a folder: a file or a broken symbolic link (makedirs
+    fails there with a bare "File exists", "Not a directory" or "No such file or directory")."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
 
 
 def temporary_path(path):

@@ -419,17 +419,16 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         if not missing:
             return
         if self.for_evaluation:
-            raise CheckpointMismatchError(
-                f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
-                f"would be evaluated with random values: {group_names(missing)}. Name trained "
-                f"weights (e.g. a model_final.pth), or set {self.partial_key} True to evaluate "
-                "them anyway."
-            )
+            use = "be evaluated with"
+            hint = f"Name trained weights (e.g. a model_final.pth), or set {self.partial_key} "
+            hint += "True to evaluate them anyway."
+        else:
+            use = "train from"
+            hint = f"Set {self.partial_key} True to load it anyway (converted ImageNet backbones "
+            hint += "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
         raise CheckpointMismatchError(
-            f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which "
-            f"would train from random values: {group_names(missing)}. Set "
-            f"{self.partial_key} True to load it anyway (converted ImageNet backbones "
-            "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
+            f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which would "
+            f"{use} random values: {group_names(missing)}. {hint}"
         )
 
     def _check_fits(self, checkpoint_state):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from efficientps_d2.atomic_io import atomic_directory
+from efficientps_d2.atomic_io import atomic_directory, blocking_file
 
 
 def _write(folder, text):
@@ -49,3 +49,16 @@ def test_failure_in_the_block_or_in_then_keeps_the_old_folder(tmp_path):
         with atomic_directory(target, overwrite=True, then=then) as new:
             _write(new, "new")
     assert _read(target) == "old" and os.listdir(tmp_path) == ["out"]
+
+
+def test_blocking_file_names_what_stops_makedirs(tmp_path):
+    a_file, link = tmp_path / "a_file", tmp_path / "link"
+    a_file.write_text("x")
+    link.symlink_to(tmp_path / "gone")  # broken
+    assert blocking_file(tmp_path / "new" / "deeper") is None
+    assert blocking_file(tmp_path) is None
+    assert blocking_file(a_file) == str(a_file)
+    assert blocking_file(a_file / "a" / "b") == str(a_file)
+    assert blocking_file(link / "run") == str(link)
+    with pytest.raises(OSError):  # "No such file or directory": the makedirs it prevents
+        os.makedirs(link / "run")

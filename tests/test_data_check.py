@@ -5,16 +5,21 @@ import json
 import os
 import re
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
 from detectron2.engine import launch
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.check import (
     DataCheckError,
+    _image_size,
     check_class_counts,
     check_dataset,
     check_dataset_names,
@@ -136,6 +141,54 @@ def test_faulty_dataset_refused_naming_the_file(dataset, fault):
     with pytest.raises(DataCheckError) as e:
         validate_datasets(_config(dataset["name"]))
     assert culprit in str(e.value) and words in str(e.value)
+
+
+def _with_chunk_before_end(png, kind, data):
+    """``png`` with a chunk added after its pixel data (before IEND), as some writers place it."""
+    with open(png, "rb") as f:
+        content = f.read()
+    chunk = struct.pack(">I", len(data)) + kind + data
+    chunk += struct.pack(">I", zlib.crc32(kind + data))
+    end = content.rindex(b"IEND") - 4
+    with open(png, "wb") as f:
+        f.write(content[:end] + chunk + content[end:])
+
+
+def test_image_sizes_come_from_headers_with_the_exif_orientation(tmp_path, monkeypatch):
+    """The data check reads every image's size as Detectron2's read_image sees it (EXIF
+    orientation 6 swaps width and height) without decoding a PNG that holds no EXIF: Pillow's
+    getexif decoded every one (20 ms each for 2048x1024)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated by 90 degrees: read as 24x36
+    pixels = Image.fromarray(np.zeros((24, 36, 3), np.uint8))
+    files = {name: str(tmp_path / name) for name in ("plain.png", "exif.png", "late.png")}
+    pixels.save(files["plain.png"])
+    pixels.save(files["exif.png"], exif=exif)  # an eXIf chunk before the pixel data
+    pixels.save(files["late.png"])
+    _with_chunk_before_end(files["late.png"], b"eXIf", exif.tobytes())
+    files["late_xmp.png"] = str(tmp_path / "late_xmp.png")  # XMP text, read by getexif too
+    pixels.save(files["late_xmp.png"])
+    xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    _with_chunk_before_end(files["late_xmp.png"], b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
+    files["exif.jpg"] = str(tmp_path / "exif.jpg")
+    pixels.save(files["exif.jpg"], exif=exif)
+
+    expected = {name: read_image(path).shape[1::-1] for name, path in files.items()}
+    assert expected == {"plain.png": (36, 24), "exif.png": (24, 36), "late.png": (24, 36)} | {
+        "late_xmp.png": (24, 36),
+        "exif.jpg": (24, 36),
+    }
+    decoded = []
+    load = PngImageFile.load
+
+    def counting_load(self):
+        decoded.append(os.path.basename(self.filename))
+        return load(self)
+
+    monkeypatch.setattr(PngImageFile, "load", counting_load)
+    assert {name: _image_size(path) for name, path in files.items()} == expected
+    # Only PNGs whose EXIF follows their pixels are decoded (Pillow reads such chunks then).
+    assert decoded == ["late.png", "late_xmp.png"]
 
 
 def test_json_only_check_skips_pngs(dataset):

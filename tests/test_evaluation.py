@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 
 import detectron2.utils.comm as comm
@@ -18,6 +19,7 @@ from efficientps_d2.evaluation import (
     PanopticEvaluator,
     PanopticSemSegEvaluator,
     ThingCOCOEvaluator,
+    build_dataset_evaluator,
     build_evaluator,
     panoptic_to_semantic,
 )
@@ -90,6 +92,9 @@ def test_build_evaluator_follows_the_evaluator_type(dataset, tmp_path):
     MetadataCatalog.get("__efficientps_test_not_panoptic").set(evaluator_type="sem_seg")
     with pytest.raises(NotImplementedError, match="__efficientps_test_not_panoptic.*sem_seg"):
         build_evaluator(cfg, "__efficientps_test_not_panoptic")
+    # The refusals and messages of the data check's check_evaluator_types (check_evaluable).
+    with pytest.raises(ValueError, match=re.escape(f"2 data sets {[dataset, dataset]}, but")):
+        build_dataset_evaluator([dataset, dataset], str(tmp_path))
 
 
 def _one_name_in_two_folders(root):

@@ -317,7 +317,13 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
 
     a_file = tmp_path / "a_file"
     a_file.write_text("notes")
-    for out, where in ((a_file, "is a file"), (a_file / "run", f"lies under '{a_file}', a file")):
+    broken_link = tmp_path / "broken_link"  # os.makedirs fails under it too
+    broken_link.symlink_to(tmp_path / "gone")
+    for out, where in (
+        (a_file, "is a file"),
+        (a_file / "run", f"lies under '{a_file}', a file"),
+        (broken_link / "run", f"lies under '{broken_link}', a file"),
+    ):
         argv = [o.format(out=out) for o in opts]
         for extra in ([], ["--eval-only"]):
             args = default_argument_parser().parse_args(
@@ -430,6 +436,38 @@ def test_malformed_expected_results_are_refused_before_training(tmp_path, kind, 
     opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
     argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
     with pytest.raises(ValueError, match=f"{key}.* has the row .*; each row is \\[task, metric"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, opts, words",
+    [
+        (".py", ["dataloader.test.dataset.names=[]"], "dataloader.test.dataset.names names no"),
+        (".py", ["~dataloader.evaluator"], "the config has no dataloader.evaluator"),
+        (".yaml", ["DATASETS.TEST", "()"], "DATASETS.TEST names no data set"),
+    ],
+)
+def test_expected_results_with_nothing_evaluated_are_refused_before_training(
+    tmp_path, kind, opts, words
+):
+    # Found after the whole training: "evaluated nothing" (LazyConfig), every metric missing
+    # (YAML: DefaultTrainer's test() returned {}).
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    if kind == ".py":
+        opts = [*opts, "train.expected_results=[[panoptic_seg,PQ,60.3,0.5]]"]
+        opts += [f"train.output_dir={out}"]
+        key = "train.expected_results"
+    else:
+        opts = [*opts, "TEST.EXPECTED_RESULTS", "[['panoptic_seg', 'PQ', 60.3, 0.5]]"]
+        opts += ["OUTPUT_DIR", str(out)]
+        key = "TEST.EXPECTED_RESULTS"
+    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    with pytest.raises(
+        ValueError, match=f"{key} is set but training would evaluate nothing: {words}"
+    ):
         startup.setup(default_argument_parser().parse_args(argv))
     assert not out.exists()
 

@@ -30,6 +30,8 @@ From the command line (prints a report, exits 1 on errors)::
 import argparse
 import difflib
 import logging
+import os
+import struct
 import sys
 import time
 from collections import Counter
@@ -59,6 +61,8 @@ logger = logging.getLogger(__name__)
 _MAX_LISTED = 10  # errors shown in one exception message
 _EXIF_ORIENTATION = 0x0112
 _SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# PNG text (and im.info) keys that Pillow reads an EXIF orientation from, and its eXIf chunk.
+_PNG_ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
 
 class DataCheckError(ValueError):
@@ -155,7 +159,7 @@ def check_evaluator_types(cfg):
     refuse it after training). A LazyConfig's ``dataloader.test.dataset.names`` is checked when
     its ``dataloader.evaluator`` is ``build_dataset_evaluator``, which also takes one data set
     only; another evaluator is the config's own choice."""
-    from ..evaluation.build import SUPPORTED, build_dataset_evaluator
+    from ..evaluation.build import build_dataset_evaluator, check_evaluable
 
     config = ConfigAdapter(cfg)
     key, names = config.keys["test_dataset_names"], config.test_dataset_names
@@ -166,19 +170,13 @@ def check_evaluator_types(cfg):
             target = locate(target)
         if target is not build_dataset_evaluator:
             return
-        if len(names) > 1:
-            raise DataCheckError(
-                f"{key} names {len(names)} data sets {names}, but its evaluator "
-                "(build_dataset_evaluator) scores one: evaluate them one run at a time."
-            )
-    for name in names:
-        evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
-        if evaluator_type not in SUPPORTED:
-            raise DataCheckError(
-                f"{key} names data set '{name}' of evaluator_type {evaluator_type!r}, which "
-                f"EfficientPS does not evaluate (panoptic data sets of type {list(SUPPORTED)}; "
-                "register yours with efficientps_d2.data.register_panoptic_dataset)."
-            )
+    # A YAML config's data sets are evaluated one by one; a LazyConfig's by one evaluator.
+    evaluated = names if config.is_yaml else [names] if names else []
+    try:
+        for dataset_names in evaluated:
+            check_evaluable(dataset_names, key)
+    except (ValueError, NotImplementedError) as e:
+        raise DataCheckError(str(e)) from e
 
 
 def _panoptic_classes(meta):
@@ -275,17 +273,45 @@ def _check_same_classes(config, names):
         )
 
 
-def _png_size(image_file):
-    """(width, height) of an image as Detectron2 reads it (EXIF orientation applied)."""
+def _image_size(image_file):
+    """(width, height) of an image as Detectron2 reads it (EXIF orientation applied), from its
+    header: the pixels are not decoded."""
     with Image.open(image_file) as im:
         width, height = im.size
-        try:
-            orientation = im.getexif().get(_EXIF_ORIENTATION)
-        except Exception:  # a broken EXIF block: Detectron2 ignores it too
-            orientation = None
+        orientation = None
+        if im.format != "PNG" or _png_has_orientation(im, image_file):
+            try:
+                orientation = im.getexif().get(_EXIF_ORIENTATION)
+            except Exception:  # a broken EXIF block: Detectron2 ignores it too
+                pass
     if orientation in _SWAPPED_ORIENTATIONS:
         width, height = height, width
     return width, height
+
+
+def _png_has_orientation(im, image_file):
+    """Whether a PNG holds what Pillow's ``getexif`` reads an orientation from: an eXIf chunk,
+    or a "Raw profile type exif" or XMP text. Those before the pixel data are in ``im.info``;
+    later ones only after the whole image is decoded (``getexif`` decodes it for them: 20 ms for
+    2048x1024, against 0.02 ms for the header), so the chunks after the pixels are looked for
+    here by their headers, the pixel data skipped."""
+    if any(key in im.info for key in _PNG_ORIENTATION_KEYS):
+        return True
+    with open(image_file, "rb") as f:
+        f.seek(8)  # the PNG signature
+        while True:
+            header = f.read(8)
+            if len(header) < 8:
+                return False  # cut short: Detectron2 would fail to read it anyway
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IEND":
+                return False
+            if kind == b"eXIf":
+                return True
+            start = f.read(min(length, 80)) if kind in (b"tEXt", b"zTXt", b"iTXt") else b""
+            if start.split(b"\0")[0].decode("latin-1") in _PNG_ORIENTATION_KEYS:
+                return True
+            f.seek(length - len(start) + 4, os.SEEK_CUR)  # the rest and the CRC
 
 
 def _check_png(record):
@@ -306,24 +332,24 @@ def _check_png(record):
     except OSError as e:
         errors.append(f"Panoptic PNG '{png}' cannot be read: {e}")
         return False, errors
+    try:
+        image_size, image_error = _image_size(record["file_name"]), None
+    except OSError as e:
+        image_size, image_error = None, e
     if "height" in record and "width" in record:
         expected, source = (record["width"], record["height"]), "its record"
-        try:  # the header only; an image that cannot be read is skipped in training
-            image_size = _png_size(record["file_name"])
-        except OSError:
-            image_size = expected
-        if image_size != tuple(expected):
+        # An image that cannot be read is skipped in training: only its size is checked here.
+        if image_size is not None and image_size != tuple(expected):
             # Detectron2's check_image_size would stop training at the first batch holding it.
             errors.append(
                 f"Image '{record['file_name']}' is {image_size[0]}x{image_size[1]} (WxH) but its "
                 f"record says {expected[0]}x{expected[1]} (the json's width and height)."
             )
+    elif image_error is not None:
+        errors.append(f"Image '{record['file_name']}' cannot be read: {image_error}")
+        return True, errors
     else:
-        try:
-            expected, source = _png_size(record["file_name"]), f"image '{record['file_name']}'"
-        except OSError as e:
-            errors.append(f"Image '{record['file_name']}' cannot be read: {e}")
-            return True, errors
+        expected, source = image_size, f"image '{record['file_name']}'"
     if (width, height) != tuple(expected):
         errors.append(
             f"Panoptic PNG '{png}' is {width}x{height} (WxH) but {source} says "

@@ -25,7 +25,7 @@ from detectron2.data.detection_utils import read_image
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from ..atomic_io import atomic_write, remove_stale_temporaries, temporary_path
+from ..atomic_io import atomic_write, blocking_file, remove_stale_temporaries, temporary_path
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 from .predictor import ImageInputError
 
@@ -190,10 +190,8 @@ def _export_lines(panoptic_json, indent=""):
 def check_output_folder(folder, output):
     """Raises ValueError, naming ``output``, where ``folder`` cannot be made: it, or the nearest
     existing path above it, is a file."""
-    path = os.path.abspath(folder)
-    while not os.path.lexists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
+    path = blocking_file(folder)
+    if path is not None:
         raise ValueError(
             f"--output '{output}' cannot be written: '{path}' is a file, not a folder."
         )

@@ -121,12 +121,7 @@ def do_train(args, cfg):
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
     results = last.get("results", {})
-    if main_process and config.expected_results:
-        if not results:
-            raise ValueError(
-                "train.expected_results is set but training evaluated nothing: give the config a "
-                "dataloader.evaluator."
-            )
+    if main_process and config.expected_results:  # with nothing to evaluate, refused by setup
         verify_results(cfg, results)
     return results
 

@@ -33,7 +33,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..atomic_io import remove_stale_temporaries
+from ..atomic_io import blocking_file, remove_stale_temporaries
 from ..checkpoint import check_checkpoint_file
 from ..config import find_config_file, is_yaml_config
 from ..config_adapter import ConfigAdapter
@@ -110,10 +110,10 @@ def setup(args):
     """train_net.py's start-up for either kind of config: loads ``args.config_file`` (YAML or
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
     output folder that is a file, test-time augmentation settings or expected results that
-    cannot be used, mappers that read another channel order than the model takes, AMP training
-    on the CPU and ``--eval-only`` without weights or without anything to evaluate (before
-    anything is written), takes the steps of
-    :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
+    cannot be used (expected results also where training would evaluate nothing), mappers that
+    read another channel order than the model takes, AMP training on the CPU and ``--eval-only``
+    without weights or without anything to evaluate (before anything is written), takes the
+    steps of :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
     are checked now, not found wrong hours later). Returns the config."""
     needs = INFERENCE_PARTS if args.eval_only else TRAINING_PARTS
@@ -126,10 +126,12 @@ def setup(args):
     if args.eval_only:
         check_evaluation(config)
     # What is used after training is checked now: the TTA settings and the expected results
-    # (reading them checks them).
+    # (reading them checks them), which need something evaluated to be checked against.
     if config.tta_enabled:
         config.tta_settings()
-    config.expected_results
+    if config.expected_results and not args.eval_only:
+        key = config.keys["expected_results"]
+        check_evaluation(config, f"{key} is set but training would evaluate nothing")
     check_input_format(cfg)
     if not args.eval_only:
         check_amp_device(config)
@@ -141,12 +143,10 @@ def setup(args):
 
 def check_output_dir(config):
     """Refuses, before anything is read or written, an OUTPUT_DIR / ``train.output_dir`` that is
-    a file or lies under one (os.makedirs would fail there with a bare "File exists" or "Not a
-    directory"). ``config``: a :class:`ConfigAdapter`."""
-    path = os.path.abspath(config.output_dir)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)  # the nearest part that exists
-    if not os.path.isdir(path):
+    a file or lies under one, a broken symbolic link counted as a file (os.makedirs would fail
+    there with a bare "File exists" or "Not a directory"). ``config``: a :class:`ConfigAdapter`."""
+    path = blocking_file(config.output_dir)
+    if path is not None:
         where = "is" if path == os.path.abspath(config.output_dir) else f"lies under '{path}',"
         raise NotADirectoryError(
             f"{config.keys['output_dir']} '{config.output_dir}' {where} a file, not a folder: "
@@ -187,18 +187,19 @@ def check_input_format(cfg):
             )
 
 
-def check_evaluation(config):
-    """Refuses ``--eval-only`` with nothing to evaluate, before the model is built: no test data
-    set (DATASETS.TEST / ``dataloader.test.dataset.names``) or, in a LazyConfig, no
-    ``dataloader.evaluator`` (Detectron2 then returns no results, with exit status 0, after the
-    weights are loaded or, for a LazyConfig, after a whole inference pass).
-    ``config``: a :class:`ConfigAdapter`."""
+def check_evaluation(config, reason="--eval-only has nothing to evaluate"):
+    """Refuses ``--eval-only``, or with ``reason`` expected results to check after training,
+    with nothing to evaluate, before the model is built: no test data set (DATASETS.TEST /
+    ``dataloader.test.dataset.names``) or, in a LazyConfig, no ``dataloader.evaluator``
+    (Detectron2 then returns no results, with exit status 0, after the weights are loaded or, for
+    a LazyConfig, after a whole inference pass; expected results were found missing after the
+    whole training). ``config``: a :class:`ConfigAdapter`."""
     if not config.test_dataset_names:
         key = config.keys["test_dataset_names"]
-        raise ValueError(f"--eval-only has nothing to evaluate: {key} names no data set.")
+        raise ValueError(f"{reason}: {key} names no data set.")
     if not config.is_yaml and config.cfg.get("dataloader", {}).get("evaluator") is None:
         raise ValueError(
-            "--eval-only has nothing to evaluate: the config has no dataloader.evaluator (e.g. "
+            f"{reason}: the config has no dataloader.evaluator (e.g. "
             "L(build_dataset_evaluator)(dataset_name=..., output_folder=...) of "
             "efficientps_d2.evaluation)."
         )

@@ -1,6 +1,6 @@
 """Evaluation: what Detectron2's evaluators lack for panoptic data, and the evaluator choice."""
 
-from .build import ThingCOCOEvaluator, build_dataset_evaluator, build_evaluator
+from .build import ThingCOCOEvaluator, build_dataset_evaluator, build_evaluator, check_evaluable
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
 from .panoptic_pngs import PanopticEvaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
@@ -8,6 +8,7 @@ from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
 __all__ = [
     "build_dataset_evaluator",
     "build_evaluator",
+    "check_evaluable",
     "CompatCityscapesInstanceEvaluator",
     "CompatCityscapesSemSegEvaluator",
     "PanopticEvaluator",

@@ -81,11 +81,9 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
 
 def build_dataset_evaluator(dataset_name, output_folder, *, keep_panoptic_pngs=False):
     """:func:`build_evaluator` without a config (for LazyConfig files); ``dataset_name`` may be a
-    one-element list, as ``get_detection_dataset_dicts`` takes."""
-    if not isinstance(dataset_name, str):
-        if len(dataset_name) != 1:
-            raise ValueError(f"Evaluate one data set at a time, got {list(dataset_name)}.")
-        dataset_name = dataset_name[0]
+    one-element list, as ``get_detection_dataset_dicts`` takes. What it cannot evaluate is
+    refused as by :func:`check_evaluable`."""
+    dataset_name = check_evaluable(dataset_name)
     meta = MetadataCatalog.get(dataset_name)
     evaluator_type = meta.get("evaluator_type")
     if evaluator_type == "coco_panoptic_seg":
@@ -99,19 +97,39 @@ def build_dataset_evaluator(dataset_name, output_folder, *, keep_panoptic_pngs=F
                     dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder
                 )
             )
-    elif evaluator_type == "cityscapes_panoptic_seg":
+    else:  # "cityscapes_panoptic_seg": check_evaluable refused the other types
         evaluators = [
             _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder),
             CompatCityscapesSemSegEvaluator(dataset_name),
             CompatCityscapesInstanceEvaluator(dataset_name),
         ]
-    else:
+    return DatasetEvaluators(evaluators)
+
+
+def check_evaluable(dataset_name, key=None):
+    """Refuses what :func:`build_dataset_evaluator` cannot evaluate, before anything is built;
+    returns the data set's name. ``dataset_name``: a name or a one-element list of one (more are
+    refused with ValueError: one data set at a time); its ``evaluator_type`` must be one of
+    :data:`SUPPORTED` (NotImplementedError otherwise). ``key``: the config key that names the
+    data sets, named in the messages (the data check passes it)."""
+    if not isinstance(dataset_name, str):
+        names = list(dataset_name)
+        if len(names) != 1:
+            raise ValueError(
+                f"{f'{key} names' if key else 'Got'} {len(names)} data sets {names}, but "
+                "EfficientPS's evaluator (build_dataset_evaluator) scores one: evaluate them one "
+                "run at a time."
+            )
+        (dataset_name,) = names
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type not in SUPPORTED:
         raise NotImplementedError(
-            f"Data set '{dataset_name}' has evaluator_type '{evaluator_type}'; EfficientPS "
-            f"evaluates panoptic data sets of type {list(SUPPORTED)} (register yours with "
+            f"{f'{key} names data set' if key else 'Data set'} '{dataset_name}' of evaluator_type "
+            f"{evaluator_type!r}, which EfficientPS does not evaluate (panoptic data sets of type "
+            f"{list(SUPPORTED)}; register yours with "
             "efficientps_d2.data.register_panoptic_dataset)."
         )
-    return DatasetEvaluators(evaluators)
+    return dataset_name
 
 
 def _panoptic_evaluator(keep_panoptic_pngs, dataset_name, output_folder):
