@@ -18,14 +18,14 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.modeling import build_model
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import EfficientPSCheckpointer
 from .config import is_yaml_config, tta_config
 from .data import EfficientPSDatasetMapper
 from .data.dataset_mapper import check_augmentations
 from .data.unreadable import SkipUnreadable
-from .modeling.test_time_augmentation import EfficientPSWithTTA
+from .modeling.test_time_augmentation import EfficientPSWithTTA, check_tta_settings
 
 __all__ = ["LAZY_LAYOUT", "ConfigAdapter", "lazy_keys_with_defaults"]
 
@@ -263,42 +263,19 @@ class ConfigAdapter:
         return bool(tta is not None and tta.enabled)
 
     def tta_settings(self):
-        """(min_sizes, max_size, flip) of TEST.AUG / ``train.tta``, checked: ValueError naming
-        the key unless ``min_sizes`` is a non-empty list of positive integers, ``max_size`` a
-        positive integer and ``flip`` a yes/no. (train_net.py checks them at start-up: test-time
-        augmentation runs after training.)"""
+        """(min_sizes, max_size, flip) of TEST.AUG / ``train.tta``, checked and normalised by
+        :func:`~efficientps_d2.modeling.test_time_augmentation.check_tta_settings` (ValueError
+        naming the key). train_net.py checks them at start-up: test-time augmentation runs after
+        training."""
+        names = ("min_sizes", "max_size", "flip")
         if self.is_yaml:
             aug = tta_config(self.cfg)
-            values, keys = (aug.MIN_SIZES, aug.MAX_SIZE, aug.FLIP), (
-                "MIN_SIZES",
-                "MAX_SIZE",
-                "FLIP",
-            )
-            prefix = "TEST.AUG."
+            values = [aug[name.upper()] for name in names]
+            keys = [f"TEST.AUG.{name.upper()}" for name in names]
         else:
-            tta = self.cfg.train.tta
-            values = (tta.get("min_sizes"), tta.get("max_size"), tta.get("flip"))
-            keys, prefix = ("min_sizes", "max_size", "flip"), "train.tta."
-        min_sizes, max_size, flip = values
-
-        def positive_int(v):
-            return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-        for key, value, ok, what in (
-            (
-                keys[0],
-                min_sizes,
-                isinstance(min_sizes, (list, tuple, ListConfig))
-                and len(min_sizes) > 0
-                and all(positive_int(v) for v in min_sizes),
-                "a non-empty list of positive sizes, e.g. [512, 1024]",
-            ),
-            (keys[1], max_size, positive_int(max_size), "a positive size"),
-            (keys[2], flip, isinstance(flip, bool), "True or False"),
-        ):
-            if not ok:
-                raise ValueError(f"{prefix}{key} must be {what}, got {value!r}.")
-        return list(min_sizes), max_size, flip
+            values = [self.cfg.train.tta.get(name) for name in names]
+            keys = [f"train.tta.{name}" for name in names]
+        return check_tta_settings(*values, keys=keys)
 
     def build_tta_model(self, model):
         """``model`` wrapped in :class:`EfficientPSWithTTA` as TEST.AUG / ``train.tta`` set it,

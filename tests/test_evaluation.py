@@ -1,12 +1,15 @@
 import json
 import os
+import pickle
 import re
 import shutil
 
+import detectron2.utils.comm as comm
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import launch
 from detectron2.structures import Boxes, Instances
 from pycocotools import mask as mask_util
 
@@ -94,10 +97,9 @@ def test_build_evaluator_follows_the_evaluator_type(dataset, tmp_path):
         build_dataset_evaluator([dataset, dataset], str(tmp_path))
 
 
-def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(tmp_path):
-    # Detectron2 named both predictions "same.png": one overwrote the other, and ground truth
-    # given as the prediction scored PQ 94.
-    files = write_panoptic_dataset(str(tmp_path), num_images=2)
+def _one_name_in_two_folders(root):
+    """A data set of two images named "same.png", in folders "a" and "b"; returns its files."""
+    files = write_panoptic_dataset(root, num_images=2)
     with open(files["panoptic_json"]) as f:
         data = json.load(f)
     for folder, image in zip("ab", data["images"]):
@@ -109,10 +111,14 @@ def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(t
         image["file_name"] = f"{folder}/same.png"
     with open(files["panoptic_json"], "w") as f:
         json.dump(data, f)
+    return {k: files[k] for k in ("image_root", "panoptic_root", "panoptic_json")}
+
+
+def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(tmp_path):
+    # Detectron2 named both predictions "same.png": one overwrote the other, and ground truth
+    # given as the prediction scored PQ 94.
     name = "__efficientps_test_evaluation_same_names"
-    register_panoptic_dataset(
-        name, **{k: files[k] for k in ("image_root", "panoptic_root", "panoptic_json")}
-    )
+    register_panoptic_dataset(name, **_one_name_in_two_folders(str(tmp_path)))
     out = tmp_path / "out"
     (out / "panoptic").mkdir(parents=True)
     (out / "panoptic" / "old.png").write_bytes(b"of an earlier evaluation")
@@ -133,6 +139,68 @@ def test_images_of_one_name_in_two_folders_are_scored_each_against_its_own_png(t
         names = [a["file_name"] for a in json.load(f)["annotations"]]
     assert sorted(names) == sorted(os.listdir(out / "panoptic")) == ["same_1.png", "same_2.png"]
     assert not (out / ".panoptic.0123456789ab.tmp").exists()
+
+
+def test_predictions_are_gathered_once_and_written_once(dataset, tmp_path, monkeypatch):
+    # The evaluator gathered the predictions, then Detectron2's evaluate() gathered them again,
+    # pickling every PNG of the main process once more; predictions.json was serialised twice.
+    payloads, dumps = [], []
+
+    def gather(data, dst=0, group=None):  # as torch's gather_object: the main process's share
+        payloads.append(pickle.dumps(data))  # is pickled and unpickled too
+        return [pickle.loads(payloads[-1])]
+
+    def counting_dumps(*args, **kwargs):
+        dumps.append(args[0])
+        return json_dumps(*args, **kwargs)
+
+    json_dumps = json.dumps
+    monkeypatch.setattr(comm, "gather", gather)
+    monkeypatch.setattr(json, "dumps", counting_dumps)
+    out = tmp_path / "out"
+    evaluator = PanopticEvaluator(dataset, str(out), png_dir=str(out / "panoptic"))
+    evaluator.reset()
+    evaluator.process(*ground_truth_as_predictions(dataset))
+    pngs = sum(len(p["png_string"]) for p in evaluator._predictions)
+    assert evaluator.evaluate()["panoptic_seg"]["PQ"] == pytest.approx(100.0)
+    assert len(payloads) == 2 and len(payloads[0]) > pngs and len(payloads[1]) < 200
+    assert [d["annotations"][0]["file_name"] for d in dumps] == ["img_000.png"]  # one json
+    assert sorted(os.listdir(out)) == ["panoptic", "predictions.json"]  # no temporaries left
+    with open(out / "predictions.json") as f:
+        names = [a["file_name"] for a in json.load(f)["annotations"]]
+    assert names == sorted(os.listdir(out / "panoptic")) == ["img_000.png", "img_001.png"]
+
+
+def _evaluate_on_each_rank(files, out_dir):
+    """One process of launch(): rank R evaluates image R of ``files`` (two images of one name)
+    with PNGs kept in ``out_dir``; rank 0 writes the results to ``out_dir/results.json``."""
+    name = "__efficientps_test_evaluation_two_ranks"
+    register_panoptic_dataset(name, **files)
+    inputs, outputs = ground_truth_as_predictions(name)
+    rank = comm.get_rank()
+    evaluator = PanopticEvaluator(name, out_dir, png_dir=os.path.join(out_dir, "panoptic"))
+    evaluator.reset()
+    evaluator.process(inputs[rank : rank + 1], outputs[rank : rank + 1])
+    results = evaluator.evaluate()
+    if rank == 0:
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+    # As in test_data_check: leave without the interpreter's teardown, in which torch (gloo,
+    # CPU) aborts some spawned processes.
+    comm.synchronize()
+    os._exit(0)
+
+
+def test_two_processes_gather_and_name_the_predictions_of_both(tmp_path):
+    files = _one_name_in_two_folders(str(tmp_path))
+    out = tmp_path / "out"
+    # Two gloo processes, as train_net.py --num-gpus 2 on the CPU; "auto": a free port.
+    launch(_evaluate_on_each_rank, 2, dist_url="auto", args=(files, str(out)))
+    with open(out / "results.json") as f:
+        assert json.load(f)["panoptic_seg"]["PQ"] == pytest.approx(100.0)
+    with open(out / "predictions.json") as f:
+        names = [a["file_name"] for a in json.load(f)["annotations"]]
+    assert sorted(names) == sorted(os.listdir(out / "panoptic")) == ["same_1.png", "same_2.png"]
 
 
 def test_an_evaluation_that_fails_while_writing_keeps_the_previous_outputs(

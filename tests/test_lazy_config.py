@@ -372,6 +372,8 @@ def test_overrides_that_add_what_a_config_may_leave_out_are_accepted():
     )
     assert (cfg.train.my_note, cfg.dataloader.test.batch_size) == (1, 1)
     assert cfg.train.max_iter == 3 and isinstance(cfg.train.max_iter, int)
+    max_iter = load_config(QUICK_PY, ["train.max_iter=1e4"]).train.max_iter
+    assert max_iter == 10000 and type(max_iter) is int
     assert load_config(QUICK_PY, ["optimizer.lr=1"]).optimizer.lr == 1  # an int for a float
     assert cfg.model.roi_heads.proposal_append_gt is False
     with pytest.raises(ValueError, match="Did you mean 'proposal_append_gt'"):

@@ -13,11 +13,15 @@ from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 
 from efficientps_d2.config import tta_config
+from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data.metadata import panoptic_metadata
 from efficientps_d2.demo import CocoPanopticWriter, EfficientPSPredictor
+from efficientps_d2.engine import load_config
 from efficientps_d2.modeling import EfficientPSWithTTA
+from efficientps_d2.modeling.test_time_augmentation import check_tta_settings
 from tests import common
 from tests.common import NUM_CLASSES, THING_SEMANTIC_IDS, tiny_config, training_input
+from tests.test_lazy_config import QUICK_PY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERMISSIVE = [*common.PERMISSIVE, "TEST.DETECTIONS_PER_IMAGE", 20]
@@ -127,8 +131,44 @@ def test_wrapper_refuses_training_mode_and_other_models(model):
     tta.eval()
     with pytest.raises(TypeError, match="EfficientPS model"):
         EfficientPSWithTTA(cfg, torch.nn.Linear(1, 1))
-    with pytest.raises(ValueError, match="MIN_SIZES"):
+    with pytest.raises(ValueError, match="^min_sizes must be a non-empty list"):
         EfficientPSWithTTA(cfg, model, min_sizes=[])
+
+
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        (([], 1024, True), "min_sizes"),
+        ((512, 1024, True), "min_sizes"),
+        (([512, 0], 1024, True), "min_sizes"),
+        (([512.5], 1024, True), "min_sizes"),
+        ((["512"], 1024, True), "min_sizes"),
+        (([512], 2.5, True), "max_size"),
+        (([512], -1, True), "max_size"),
+        (([512], True, True), "max_size"),
+        (([512], 1024, "False"), "flip"),
+        (([512], 1024, 2), "flip"),
+    ],
+)
+def test_tta_settings_refuse_what_is_no_size_or_yes_no(settings, key):
+    keys = ("train.tta.min_sizes", "train.tta.max_size", "train.tta.flip")
+    with pytest.raises(ValueError, match=rf"^train\.tta\.{key} must be .*, got "):
+        check_tta_settings(*settings, keys=keys)
+
+
+def test_tta_settings_take_whole_floats_at_start_up_and_in_the_wrapper(model):
+    # The start-up check refused train.tta.max_size=4096.0, which EfficientPSWithTTA had always
+    # run with (int()); both now use check_tta_settings.
+    lazy = load_config(QUICK_PY, ["train.tta.min_sizes=[96.0,128]", "train.tta.max_size=4096.0"])
+    assert ConfigAdapter(lazy).tta_settings() == ([96, 128], 4096, True)
+    cfg = tiny_config(PERMISSIVE + ["TEST.AUG.FLIP", False])
+    tta = EfficientPSWithTTA(cfg, model, min_sizes=(64.0, np.int64(80)), max_size=1024.0)
+    assert (tta.min_sizes, tta.max_size, tta.flip) == ([64, 80], 1024, False)
+    assert all(type(s) is int for s in tta.min_sizes) and type(tta.max_size) is int
+    with pytest.raises(ValueError, match=r"^max_size must be a positive size .*, got 2\.5\.$"):
+        EfficientPSWithTTA(cfg, model, max_size=2.5)
+    with pytest.raises(ValueError, match=r"^TEST\.AUG\.MIN_SIZES must be .*, got \(\)\.$"):
+        EfficientPSWithTTA(tiny_config(PERMISSIVE + ["TEST.AUG.MIN_SIZES", ()]), model)
 
 
 def test_pq_script_compares_plain_and_tta(tmp_path, model, capsys):

@@ -135,12 +135,14 @@ def apply_overrides(cfg, opts, config_file):
             )
     for override in OverridesParser.create().parse_overrides(list(opts)):
         key, value = override.key_or_group, override.value()
-        line = override.input_line
+        line, node = override.input_line, _node(cfg, key)
         if not (override.is_add() or override.is_force_add()):
-            checked = _check_override(cfg, key, value, override, config_file)
-            if checked is not value:  # a whole float for an integer (train.max_iter=1e4)
-                value, line = checked, f"{key}={checked}"
-        node = _node(cfg, key)
+            if _holds_int(node) and isinstance(value, float) and value.is_integer():
+                # A whole float where the config holds an integer (train.max_iter=1e4, as one
+                # writes big counts) is that integer; a fraction is refused below.
+                value = int(value)
+                line = f"{key}={value}"
+            _check_override(cfg, key, value, override, config_file)
         if isinstance(node, DictConfig) and "_target_" in node and not isinstance(value, dict):
             # A LazyCall replaced by a value (model.thing_semantic_ids=[0,1,2]), which
             # Detectron2's merging update refuses ("Cannot merge DictConfig with ListConfig").
@@ -186,14 +188,21 @@ def _target_parameters(node):
     return None
 
 
+def _holds_int(node):
+    """Whether a config node (or None) holds an integer value (not a yes/no)."""
+    if node is None or isinstance(node, (DictConfig, ListConfig)) or node._is_interpolation():
+        return False
+    return isinstance(node._value(), int) and not isinstance(node._value(), bool)
+
+
 def _check_override(cfg, key, value, override, config_file):
-    """Refuses the override (see :func:`apply_overrides`); returns its value, a whole float made
-    an int where the config holds an int."""
+    """Refuses the override (see :func:`apply_overrides`)."""
     where = f"override '{override.input_line}' of {config_file}"
     parts = key.split(".")
     node, depth = _walk(cfg, parts)
     if depth == len(parts):
-        return _check_kind(node, key, value, where)
+        _check_kind(node, key, value, where)
+        return
     name, parent = parts[depth], ".".join(parts[:depth]) or "the config"
     if not isinstance(node, DictConfig):  # a value, or a list without that index
         what = "a list" if isinstance(node, ListConfig) else f"the value {node._value()!r}"
@@ -205,7 +214,7 @@ def _check_override(cfg, key, value, override, config_file):
         or parameters is None  # a LazyCall whose arguments cannot be told
         or name in parameters  # an argument the LazyCall leaves at its default
     ):
-        return value
+        return
     candidates = [str(k) for k in node.keys() if k != "_target_"]
     candidates += [p for p in parameters if p not in candidates]
     close = difflib.get_close_matches(name, candidates, n=3)
@@ -221,32 +230,28 @@ def _check_kind(node, key, value, where):
     """Refuses a value of another kind than the config's: a number, a yes/no (bool) or a group of
     settings replaced by something else, or a fraction where the config holds an integer (an
     iteration count: ``range`` refused it after the model was built). Strings and lists are left
-    free (data set names are either; ``short_edge_length`` takes a number or a list). Returns
-    ``value``, a whole float (``1e4``, ``300.0``) made an int where the config holds an int."""
+    free (data set names are either; ``short_edge_length`` takes a number or a list)."""
     if value is None or isinstance(node, ListConfig):
-        return value
+        return
     if isinstance(node, DictConfig):
         if isinstance(value, dict) or "_target_" in node:
-            return value  # merged into the group; a LazyCall may be replaced
+            return  # merged into the group; a LazyCall may be replaced
         raise ValueError(
             f"Refused {where}: {key} is a group of settings ({', '.join(map(str, node.keys()))}); "
             f"set one of them, e.g. {key}.{next(iter(node.keys()), 'name')}=..."
         )
     if node._is_interpolation():
-        return value
+        return
     old = node._value()
     if isinstance(old, bool):
         ok = isinstance(value, bool)
-    elif isinstance(old, int) and isinstance(value, float):
-        ok = value.is_integer()
-        value = int(value) if ok else value
     elif isinstance(old, (int, float)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        kinds = int if isinstance(old, int) else (int, float)  # an int takes no float
+        ok = isinstance(value, kinds) and not isinstance(value, bool)
     else:
-        return value
+        return
     if not ok:
         raise ValueError(
             f"Refused {where}: {key} is {old!r} ({type(old).__name__}) in the config; the "
             f"override gives {value!r} ({type(value).__name__})."
         )
-    return value

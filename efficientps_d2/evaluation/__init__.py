@@ -2,14 +2,13 @@
 
 from .build import ThingCOCOEvaluator, build_dataset_evaluator, build_evaluator, check_evaluable
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
-from .panoptic_pngs import COCOPanopticEvaluatorKeepingPNGs, PanopticEvaluator
+from .panoptic_pngs import PanopticEvaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator, panoptic_to_semantic
 
 __all__ = [
     "build_dataset_evaluator",
     "build_evaluator",
     "check_evaluable",
-    "COCOPanopticEvaluatorKeepingPNGs",
     "CompatCityscapesInstanceEvaluator",
     "CompatCityscapesSemSegEvaluator",
     "PanopticEvaluator",

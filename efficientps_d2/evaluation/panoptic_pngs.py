@@ -8,28 +8,30 @@ silently wrong numbers (ground truth given as the prediction scored PQ 94, not 1
 images names of their own (the image id appended: ``0001_<image_id>.png``); the others keep
 Detectron2's names.
 
-``predictions.json`` is written atomically (Detectron2 writes it in place: a kill mid-write
-left it truncated). With ``png_dir`` the evaluator also keeps the PNGs it scores, which
-``COCOPanopticEvaluator`` writes to a temporary folder that ``evaluate()`` deletes: they are
-written to ``png_dir`` as one folder that replaces the previous evaluation's, followed at once
-by ``predictions.json`` (atomically: an interrupted evaluation leaves the previous folder and
-json whole, never a mix of two evaluations; the next one removes what it left behind).
-``png_dir`` and ``predictions.json`` then form a complete prediction set for panopticapi's
-``pq_compute``.
+``predictions.json`` is written atomically: Detectron2's ``evaluate()`` writes it in place (a
+kill mid-write left it truncated); here it writes it into a hidden folder inside ``output_dir``,
+from which it is renamed into place. With ``png_dir`` the evaluator also keeps the PNGs it
+scores, which ``COCOPanopticEvaluator`` writes to a temporary folder that ``evaluate()``
+deletes: they are written to ``png_dir`` as one folder that replaces the previous evaluation's,
+followed at once by ``predictions.json`` (an interrupted or failed evaluation leaves the
+previous folder and json whole, never a mix of two evaluations; the next one removes what it
+left behind). ``png_dir`` and ``predictions.json`` then form a complete prediction set for
+panopticapi's ``pq_compute``.
 """
 
 import itertools
-import json
 import logging
 import os
+import shutil
+import weakref
 from collections import defaultdict
 
 import detectron2.utils.comm as comm
 from detectron2.evaluation import COCOPanopticEvaluator
 
-from ..atomic_io import atomic_directory, atomic_write, remove_stale_temporaries
+from ..atomic_io import atomic_directory, remove_stale_temporaries, temporary_path
 
-__all__ = ["COCOPanopticEvaluatorKeepingPNGs", "PanopticEvaluator", "unique_png_names"]
+__all__ = ["PanopticEvaluator", "unique_png_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,28 @@ def unique_png_names(predictions):
     return renamed
 
 
+# The _GatheredPredictions that are being pickled, by id, until unpickled in the same process.
+_IN_TRANSIT = weakref.WeakValueDictionary()
+
+
+def _unpickle_gathered(key):
+    return _IN_TRANSIT[key]
+
+
+class _GatheredPredictions(list):
+    """The predictions of every process, already gathered on the main process.
+
+    ``COCOPanopticEvaluator.evaluate`` gathers its predictions itself, and torch's
+    ``gather_object`` pickles the main process's share too (every process then makes room for
+    the largest share). This list goes through that gather as a reference to itself: the main
+    process gets it back whole, without a second copy of every PNG. It unpickles only in the
+    process that pickled it, while that process holds it."""
+
+    def __reduce__(self):
+        _IN_TRANSIT[id(self)] = self
+        return _unpickle_gathered, (id(self),)
+
+
 class PanopticEvaluator(COCOPanopticEvaluator):
     """``COCOPanopticEvaluator`` (PQ) with one prediction PNG per image, kept in ``png_dir`` when
     given (see the module docstring).
@@ -64,7 +88,7 @@ class PanopticEvaluator(COCOPanopticEvaluator):
     Args:
         dataset_name, output_dir: as for ``COCOPanopticEvaluator``.
         png_dir: folder to keep the PNGs in (replaced at each evaluation), e.g.
-            ``<output_dir>/panoptic``; None keeps none.
+            ``<output_dir>/panoptic``; None keeps none. Kept only with an ``output_dir``.
     """
 
     def __init__(self, dataset_name, output_dir=None, *, png_dir=None):
@@ -72,58 +96,60 @@ class PanopticEvaluator(COCOPanopticEvaluator):
         self._png_dir = png_dir
 
     def evaluate(self):
-        # Detectron2 gathers the predictions in evaluate(); they are gathered here first, named,
-        # and handed to it on the main process only (its gather then adds nothing).
+        # The predictions are gathered here, to be named. Detectron2's evaluate() gathers again,
+        # which every process must join: the others hand it nothing, the main process a list
+        # that passes as a reference (no PNG is copied twice).
         comm.synchronize()
         predictions = list(itertools.chain(*comm.gather(self._predictions)))
-        self._predictions = predictions if comm.is_main_process() else []
-        output_dir = self._output_dir
-        if comm.is_main_process():
-            renamed = unique_png_names(predictions)
-            if renamed:
-                logger.warning(
-                    f"{renamed} images share a file name with another image of a different "
-                    "folder: their panoptic PNGs are named after their image ids."
-                )
-            if output_dir:
-                self._write_outputs(predictions, output_dir)
-        # Detectron2 writes predictions.json in place (a kill mid-write truncates it); here it is
-        # written above, and Detectron2's copy goes to its temporary folder.
-        self._output_dir = None
-        try:
+        if not comm.is_main_process():
+            self._predictions = []
             return super().evaluate()
-        finally:
-            self._output_dir = output_dir
+        renamed = unique_png_names(predictions)
+        if renamed:
+            logger.warning(
+                f"{renamed} images share a file name with another image of a different "
+                "folder: their panoptic PNGs are named after their image ids."
+            )
+        self._predictions = _GatheredPredictions(predictions)
+        if not self._output_dir:
+            return super().evaluate()
+        return self._evaluate_into(self._output_dir, predictions)
 
-    def _write_outputs(self, predictions, output_dir):
-        """``predictions.json`` (the ground-truth json with the predictions as its annotations,
-        as Detectron2 writes it) and, with ``png_dir``, the PNGs, each replaced whole."""
-        with open(self._metadata.panoptic_json) as f:
-            data = json.load(f)
-        data["annotations"] = [
-            {k: v for k, v in p.items() if k != "png_string"} for p in predictions
-        ]
+    def _evaluate_into(self, output_dir, predictions):
+        """Detectron2's evaluate() with its ``predictions.json`` written into a hidden folder of
+        ``output_dir``, then renamed into place: after the PNG folder with ``png_dir``, each
+        replaced whole (see the module docstring)."""
         path = os.path.join(output_dir, "predictions.json")
         # Only the main process writes these: what a killed evaluation left of them is stale.
-        remove_stale_temporaries(output_dir, target="predictions.json")
+        stale = defaultdict(set)
+        stale[os.path.abspath(output_dir)].add("predictions.json")
+        if self._png_dir is not None:
+            parent, name = os.path.split(os.path.abspath(self._png_dir))
+            stale[parent].add(name)
+        for folder, names in stale.items():
+            remove_stale_temporaries(folder, names)
+        staging = temporary_path(path)  # a folder, named as predictions.json's temporaries are
+        os.mkdir(staging)
 
-        def write_json():
-            atomic_write(path, lambda f: f.write(json.dumps(data)), mode="w")
+        def move_json():
+            staged = os.path.join(staging, "predictions.json")
+            with open(staged, "rb") as f:
+                os.fsync(f.fileno())  # the rename must not land before the data does
+            os.replace(staged, path)
 
-        if self._png_dir is None:
-            write_json()
-            return
-        parent, name = os.path.split(os.path.abspath(self._png_dir))
-        remove_stale_temporaries(parent, target=name)
-        with atomic_directory(self._png_dir, overwrite=True, then=write_json) as folder:
-            os.makedirs(folder)
-            for prediction in predictions:
-                with open(os.path.join(folder, prediction["file_name"]), "wb") as f:
-                    f.write(prediction["png_string"])
-
-
-class COCOPanopticEvaluatorKeepingPNGs(PanopticEvaluator):
-    """:class:`PanopticEvaluator` that keeps its PNGs in ``png_dir`` (required)."""
-
-    def __init__(self, dataset_name, output_dir=None, *, png_dir):
-        super().__init__(dataset_name, output_dir, png_dir=png_dir)
+        self._output_dir = staging
+        try:
+            if self._png_dir is None:
+                results = super().evaluate()
+                move_json()
+                return results
+            with atomic_directory(self._png_dir, overwrite=True, then=move_json) as folder:
+                os.makedirs(folder)
+                for prediction in predictions:  # before Detectron2 takes their bytes
+                    with open(os.path.join(folder, prediction["file_name"]), "wb") as f:
+                        f.write(prediction["png_string"])
+                results = super().evaluate()
+            return results
+        finally:
+            self._output_dir = output_dir
+            shutil.rmtree(staging, ignore_errors=True)

@@ -25,6 +25,8 @@ do_postprocess=False)``). Then, in the frame of the requested output size:
 """
 
 import copy
+import numbers
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -39,9 +41,48 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import tta_config
 from .meta_arch import EfficientPS
 
-__all__ = ["EfficientPSWithTTA"]
+__all__ = ["EfficientPSWithTTA", "check_tta_settings"]
 
 _MASK_FIELDS = ("pred_masks", "pred_mask_logits")
+
+
+def _whole_size(value):
+    """``value`` as an int where it is a positive whole number (512, or 512.0 as a config may
+    write it), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return int(value) if float(value).is_integer() and value > 0 else None
+
+
+def check_tta_settings(min_sizes, max_size, flip, *, keys):
+    """Checks test-time augmentation settings and returns them as ``(list[int], int, bool)``.
+
+    Args:
+        min_sizes: short-side sizes, a non-empty list (or tuple, ListConfig) of positive whole
+            numbers; 512.0 is taken as 512, 512.5 refused.
+        max_size: the long side's cap, a positive whole number.
+        flip: True or False (or 1 or 0).
+        keys: the names of the three settings where they came from, for the messages, e.g.
+            ("TEST.AUG.MIN_SIZES", "TEST.AUG.MAX_SIZE", "TEST.AUG.FLIP").
+    Raises:
+        ValueError naming the key and the value at fault.
+    """
+    sizes = None
+    if isinstance(min_sizes, Sequence) and not isinstance(min_sizes, str) and len(min_sizes):
+        sizes = [_whole_size(s) for s in min_sizes]
+    if sizes is None or None in sizes:
+        raise ValueError(
+            f"{keys[0]} must be a non-empty list of positive sizes in whole pixels, e.g. "
+            f"[512, 1024], got {min_sizes!r}."
+        )
+    size = _whole_size(max_size)
+    if size is None:
+        raise ValueError(
+            f"{keys[1]} must be a positive size in whole pixels, e.g. 2048, got {max_size!r}."
+        )
+    if not (isinstance(flip, (np.bool_, numbers.Integral)) and flip in (0, 1)):
+        raise ValueError(f"{keys[2]} must be True or False, got {flip!r}.")
+    return sizes, size, bool(flip)
 
 
 class EfficientPSWithTTA(nn.Module):
@@ -78,8 +119,14 @@ class EfficientPSWithTTA(nn.Module):
             raise TypeError(
                 f"EfficientPSWithTTA needs an EfficientPS model, got {type(model).__name__}."
             )
+        # A message names the config key of a setting read from cfg, the argument of one given.
+        keys = ("min_sizes", "max_size", "flip")
         if cfg is not None:
             tta = tta_config(cfg)
+            keys = tuple(
+                f"TEST.AUG.{key.upper()}" if value is None else key
+                for key, value in zip(keys, (min_sizes, max_size, flip))
+            )
             min_sizes = tta.MIN_SIZES if min_sizes is None else min_sizes
             max_size = tta.MAX_SIZE if max_size is None else max_size
             flip = tta.FLIP if flip is None else flip
@@ -100,13 +147,9 @@ class EfficientPSWithTTA(nn.Module):
                 f"EfficientPSWithTTA without a config (cfg=None) needs {', '.join(missing)}."
             )
         self.model = model
-        self.min_sizes = [int(s) for s in min_sizes]
-        self.max_size = int(max_size)
-        self.flip = bool(flip)
-        if not self.min_sizes or any(s <= 0 for s in self.min_sizes):
-            raise ValueError(f"TEST.AUG.MIN_SIZES must list positive sizes, got {self.min_sizes}.")
-        if self.max_size <= 0:
-            raise ValueError(f"TEST.AUG.MAX_SIZE must be positive, got {self.max_size}.")
+        self.min_sizes, self.max_size, self.flip = check_tta_settings(
+            min_sizes, max_size, flip, keys=keys
+        )
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
         self.batch_size = max(1, int(batch_size))
