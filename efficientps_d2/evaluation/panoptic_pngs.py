@@ -23,7 +23,6 @@ import itertools
 import logging
 import os
 import shutil
-import weakref
 from collections import defaultdict
 
 import detectron2.utils.comm as comm
@@ -59,28 +58,6 @@ def unique_png_names(predictions):
     return renamed
 
 
-# The _GatheredPredictions that are being pickled, by id, until unpickled in the same process.
-_IN_TRANSIT = weakref.WeakValueDictionary()
-
-
-def _unpickle_gathered(key):
-    return _IN_TRANSIT[key]
-
-
-class _GatheredPredictions(list):
-    """The predictions of every process, already gathered on the main process.
-
-    ``COCOPanopticEvaluator.evaluate`` gathers its predictions itself, and torch's
-    ``gather_object`` pickles the main process's share too (every process then makes room for
-    the largest share). This list goes through that gather as a reference to itself: the main
-    process gets it back whole, without a second copy of every PNG. It unpickles only in the
-    process that pickled it, while that process holds it."""
-
-    def __reduce__(self):
-        _IN_TRANSIT[id(self)] = self
-        return _unpickle_gathered, (id(self),)
-
-
 class PanopticEvaluator(COCOPanopticEvaluator):
     """``COCOPanopticEvaluator`` (PQ) with one prediction PNG per image, kept in ``png_dir`` when
     given (see the module docstring).
@@ -97,8 +74,8 @@ class PanopticEvaluator(COCOPanopticEvaluator):
 
     def evaluate(self):
         # The predictions are gathered here, to be named. Detectron2's evaluate() gathers again,
-        # which every process must join: the others hand it nothing, the main process a list
-        # that passes as a reference (no PNG is copied twice).
+        # which every process must join: the others hand it nothing, the main process the named
+        # list (with several processes, torch pickles it once more: a passing copy).
         comm.synchronize()
         predictions = list(itertools.chain(*comm.gather(self._predictions)))
         if not comm.is_main_process():
@@ -110,7 +87,7 @@ class PanopticEvaluator(COCOPanopticEvaluator):
                 f"{renamed} images share a file name with another image of a different "
                 "folder: their panoptic PNGs are named after their image ids."
             )
-        self._predictions = _GatheredPredictions(predictions)
+        self._predictions = predictions
         if not self._output_dir:
             return super().evaluate()
         return self._evaluate_into(self._output_dir, predictions)
