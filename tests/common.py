@@ -68,6 +68,23 @@ def tiny_config(opts=()):
     return cfg
 
 
+def save_random_model(cfg, folder, name):
+    """Builds ``cfg``'s model with seed 0, saves its random weights as ``folder/<name>.pth``,
+    points ``cfg.MODEL.WEIGHTS`` at them and writes ``cfg`` to ``folder/<name>.yaml``; returns
+    that config file's path (a str)."""
+    from detectron2.modeling import build_model
+
+    from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
+
+    torch.manual_seed(0)
+    AtomicDetectionCheckpointer(build_model(cfg), str(folder)).save(name)
+    cfg.MODEL.WEIGHTS = os.path.join(str(folder), f"{name}.pth")
+    path = os.path.join(str(folder), f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(cfg.dump())
+    return path
+
+
 def training_input(height, width, boxes, classes, seed=0):
     """One training dict: random image, semantic map with each box painted in its thing's class.
 

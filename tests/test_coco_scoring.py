@@ -12,17 +12,15 @@ import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.modeling import build_model
 from panopticapi.evaluation import pq_compute
 from panopticapi.utils import rgb2id
 from PIL import Image
 
 import demo
-from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.metadata import panoptic_metadata
 from efficientps_d2.demo import CocoPanopticWriter, EfficientPSPredictor, ImageIds
-from tests.common import PERMISSIVE, tiny_config
+from tests.common import PERMISSIVE, save_random_model, tiny_config
 from tests.fixtures import write_coco_panoptic
 
 
@@ -43,11 +41,7 @@ def coco(tmp_path_factory):
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(metadata.thing_dataset_id_to_contiguous_id)
     cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = []
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (name,)
-    torch.manual_seed(0)
-    AtomicDetectionCheckpointer(build_model(cfg), str(root)).save("random")
-    cfg.MODEL.WEIGHTS = str(root / "random.pth")
-    config_file = root / "random.yaml"
-    config_file.write_text(cfg.dump())
+    config_file = save_random_model(cfg, root, "random")
     return {
         "root": root,
         "records": records,

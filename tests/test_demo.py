@@ -31,7 +31,7 @@ from efficientps_d2.demo import (
 )
 from efficientps_d2.engine import load_config
 from tests.common import PERMISSIVE as COMMON_PERMISSIVE
-from tests.common import tiny_config
+from tests.common import save_random_model, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITYSCAPES = "cityscapes_fine_panoptic_val"  # Detectron2's built-in metadata; no files needed
@@ -77,12 +77,8 @@ def model_files(tmp_path_factory, small_dataset):
     folder = tmp_path_factory.mktemp("model")
     files = {}
     for key, dataset in (("cityscapes", CITYSCAPES), ("small", small_dataset)):
-        torch.manual_seed(0)
         cfg = _cfg(dataset)
-        AtomicDetectionCheckpointer(build_model(cfg), str(folder)).save(key)
-        cfg.MODEL.WEIGHTS = str(folder / f"{key}.pth")
-        (folder / f"{key}.yaml").write_text(cfg.dump())
-        files[key] = (str(folder / f"{key}.yaml"), cfg)
+        files[key] = (save_random_model(cfg, folder, key), cfg)
     return files
 
 

@@ -12,12 +12,11 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 import demo
-from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.demo import EfficientPSPredictor, ImageInputError, read_bgr_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.export import ExportedPredictor, export_model, load
 from efficientps_d2.modeling import EfficientPSWithTTA
-from tests.common import PERMISSIVE, tiny_config
+from tests.common import PERMISSIVE, save_random_model, tiny_config
 
 # Cityscapes' built-in metadata (no files needed): 8 things, 11 stuff classes.
 DATASET = "cityscapes_fine_panoptic_val"
@@ -33,12 +32,7 @@ def config_file(tmp_path_factory):
     opts += ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", 19, "MODEL.ROI_HEADS.NUM_CLASSES", 8]
     cfg = tiny_config(opts)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (DATASET,)
-    torch.manual_seed(0)
-    AtomicDetectionCheckpointer(build_model(cfg), str(folder)).save("weights")
-    cfg.MODEL.WEIGHTS = str(folder / "weights.pth")
-    path = folder / "tiny.yaml"
-    path.write_text(cfg.dump())
-    return str(path)
+    return save_random_model(cfg, folder, "tiny")
 
 
 @pytest.fixture(scope="module")
