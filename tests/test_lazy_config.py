@@ -17,7 +17,7 @@ from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data.synthetic import register_synthetic
 from efficientps_d2.data.unreadable import UnreadableDataError
 from efficientps_d2.engine import load_config, startup
-from efficientps_d2.engine.lazy_config import apply_overrides
+from efficientps_d2.engine.lazy_config import INFERENCE_PARTS, apply_overrides
 from efficientps_d2.visualization import IMAGE_NAME
 
 from .fixtures import write_panoptic_dataset
@@ -457,6 +457,14 @@ def test_a_lazy_config_without_a_part_is_refused_naming_the_file(tmp_path, capsy
     assert export.main(args) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override", ["~model", "model=null", "dataloader.test=null"])
+def test_a_part_an_override_removes_is_refused_as_missing(override):
+    # It passed the layout check as a None node and failed later, inside whatever read it.
+    part = override.lstrip("~").split("=")[0]
+    with pytest.raises(ValueError, match=f"{re.escape(QUICK_PY)} defines no {part}:"):
+        load_config(QUICK_PY, [override], INFERENCE_PARTS)
 
 
 def test_the_predictor_warns_that_empty_weights_predict_with_random_ones():

@@ -92,9 +92,10 @@ def load_config(config_file, opts=(), needs=()):
 
 
 def _check_layout(cfg, config_file, keys):
-    """Refuses a LazyConfig that lacks any of ``keys`` ("model", "dataloader.train", ...),
-    naming the file and the layout, before anything reads it."""
-    missing = [key for key in keys if _node(cfg, key) is None]
+    """Refuses a LazyConfig that lacks any of ``keys`` ("model", "dataloader.train", ...), or
+    where an override (``~model``, ``model=null``) left one None, naming the file and the layout,
+    before anything reads it."""
+    missing = [key for key in keys if _node(cfg, key) is None or _node(cfg, key)._is_none()]
     if missing:
         raise ValueError(
             f"{config_file} defines no {' and no '.join(missing)}: EfficientPS reads a LazyConfig "
