@@ -434,3 +434,16 @@ def test_the_recorded_test_resizing_is_one_the_runtime_can_redo():
     ]
     with pytest.raises(ValueError, match="single short edge length"):
         resize_for_export(lazy)
+
+
+def test_a_re_export_never_deletes_files_that_are_not_the_export(cfg, model, exports, tmp_path):
+    """An export replaces its whole folder: one that also holds other files (here the weights
+    being exported) is refused, naming them, before any tracing, and left as it was."""
+    folder = tmp_path / "exported"
+    shutil.copytree(exports["torchscript"], folder)
+    (folder / "model_final.pth").write_bytes(b"the trained weights")
+    before = sorted(os.listdir(folder))
+    with pytest.raises(ValueError, match=r"other files too \['model_final.pth'\]"):
+        export_model(model, cfg, str(folder), "torchscript")
+    assert sorted(os.listdir(folder)) == before
+    assert (folder / "model_final.pth").read_bytes() == b"the trained weights"

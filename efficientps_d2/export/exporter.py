@@ -158,6 +158,28 @@ def _check_image(image):
     return image.detach().to(dtype=torch.float32, device="cpu").contiguous()
 
 
+def _check_output_dir(output_dir):
+    """Refuses an ``output_dir`` that an export would overwrite with loss: a file, a folder that
+    holds no export, or an export folder that holds other files too (the export replaces the
+    whole folder, so they would be deleted with it: the weights being exported, notes, ...)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output '{output_dir}' exists and is not a folder.")
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    if not os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
+        raise ValueError(
+            f"--output '{output_dir}' is a non-empty folder that holds no EfficientPS export: "
+            "refusing to overwrite it."
+        )
+    others = sorted(set(os.listdir(output_dir)) - {MANIFEST_NAME, *MODEL_FILES.values()})
+    if others:
+        raise ValueError(
+            f"--output '{output_dir}' holds an EfficientPS export and other files too {others}: "
+            "a new export replaces the whole folder and would delete them. Move them out, or "
+            "export to another folder."
+        )
+
+
 def _compare(graph, traced, image, what):
     """Raises if the traced graph's outputs differ from the eager graph's on ``image``."""
     with torch.no_grad():
@@ -211,14 +233,7 @@ def export_model(
         generator = torch.Generator().manual_seed(0)
         sample_image = torch.randint(0, 256, (3, 256, 384), generator=generator).float()
     image = _check_image(sample_image)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"--output '{output_dir}' exists and is not a folder.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
-            raise ValueError(
-                f"--output '{output_dir}' is a non-empty folder that holds no EfficientPS export: "
-                "refusing to overwrite it."
-            )
+    _check_output_dir(output_dir)
 
     # Traced from a copy with every BatchNorm folded into its conv (in float64), as the eager
     # model's default inference path (FAST_INFERENCE) runs it: no BatchNorm op left in the graph,
