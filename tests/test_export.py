@@ -447,3 +447,19 @@ def test_a_re_export_never_deletes_files_that_are_not_the_export(cfg, model, exp
         export_model(model, cfg, str(folder), "torchscript")
     assert sorted(os.listdir(folder)) == before
     assert (folder / "model_final.pth").read_bytes() == b"the trained weights"
+
+
+def test_weights_that_leave_tensors_random_are_not_exported(cfg, model, tmp_path, capsys):
+    """A checkpoint without the ROI heads (here cut out of the module's model's) is refused, as
+    --eval-only refuses it, naming the missing tensors; MODEL.ALLOW_PARTIAL_WEIGHTS opts in."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("roi_heads.")}
+    torch.save({"model": state}, tmp_path / "partial.pth")
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    args = ["--config-file", str(config_file), "--format", "torchscript"]
+    args += ["--output", str(tmp_path / "out"), "MODEL.WEIGHTS", str(tmp_path / "partial.pth")]
+    assert export_tool.main(args) == 1
+    err = capsys.readouterr().err
+    assert "partial.pth' lacks" in err and "roi_heads.box_predictor" in err, err
+    assert "MODEL.ALLOW_PARTIAL_WEIGHTS" in err
+    assert not (tmp_path / "out").exists()

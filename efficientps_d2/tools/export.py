@@ -33,6 +33,7 @@ from detectron2.utils.registry import locate
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
+from efficientps_d2.engine.startup import load_for_evaluation
 from efficientps_d2.export import FORMATS, export_model
 from efficientps_d2.export.exporter import resize_for_export
 from efficientps_d2.modeling.meta_arch import EfficientPS
@@ -118,7 +119,10 @@ def main(argv=None):
         config = ConfigAdapter(cfg)
         model = config.build_model()
         if config.weights:
-            config.checkpointer(model).load(config.weights)
+            # As --eval-only loads them: weights that leave tensors random (an ImageNet backbone,
+            # the config's own MODEL.WEIGHTS when the trained ones were forgotten) are refused
+            # unless MODEL.ALLOW_PARTIAL_WEIGHTS; a deployed model would carry random heads.
+            load_for_evaluation(model, config, resume=False)
         else:
             logger.warning(f"{config.keys['weights']} is empty: exporting random weights.")
         path = export_model(model.eval(), cfg, args.output, args.format, sample_image=image)
