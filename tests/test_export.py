@@ -463,3 +463,29 @@ def test_weights_that_leave_tensors_random_are_not_exported(cfg, model, tmp_path
     assert "partial.pth' lacks" in err and "roi_heads.box_predictor" in err, err
     assert "MODEL.ALLOW_PARTIAL_WEIGHTS" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_trace(cfg, model, tmp_path, monkeypatch):
+    """A folder under a file is refused by name; one whose parent cannot be written to fails on
+    making the export's workspace. Both before any tracing (minutes for B5 at full size)."""
+
+    def trace(*args):
+        raise AssertionError("traced before the output folder was known to be writable")
+
+    monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ValueError, match=r"'.*notes.txt' above it is a file, not a folder"):
+        export_model(model, cfg, str(tmp_path / "notes.txt" / "exported"), "torchscript")
+
+    read_only = str(tmp_path / "read-only")
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as under a folder without write permission (not as root)
+        if os.path.dirname(os.path.abspath(path)) == read_only:
+            raise PermissionError(13, "Permission denied", path)
+        return real_mkdir(path, *args, **kwargs)
+
+    real_mkdir(read_only)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(PermissionError):
+        export_model(model, cfg, os.path.join(read_only, "exported"), "torchscript")
