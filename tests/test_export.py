@@ -489,3 +489,18 @@ def test_an_output_that_cannot_be_written_fails_before_the_trace(cfg, model, tmp
     monkeypatch.setattr(os, "mkdir", mkdir)
     with pytest.raises(PermissionError):
         export_model(model, cfg, os.path.join(read_only, "exported"), "torchscript")
+
+
+def test_a_re_export_removes_what_a_killed_export_left(cfg, model, exports, tmp_path):
+    """A killed export leaves its hidden workspace next to the folder; the next export to that
+    folder removes it (and replaces the old export), leaving those of other folders alone."""
+    folder = tmp_path / "exported"
+    shutil.copytree(exports["torchscript"], folder)
+    stale = tmp_path / ".exported.0123456789ab.tmp"
+    (stale / "new").mkdir(parents=True)
+    (stale / "new" / "model.ts").write_bytes(b"half written")
+    other = tmp_path / ".elsewhere.0123456789ab.tmp"
+    other.mkdir()
+    export_model(model, cfg, str(folder), "torchscript")
+    assert sorted(os.listdir(tmp_path)) == [other.name, "exported"]
+    assert sorted(os.listdir(folder)) == ["efficientps_export.json", "model.ts"]
