@@ -504,3 +504,14 @@ def test_a_re_export_removes_what_a_killed_export_left(cfg, model, exports, tmp_
     export_model(model, cfg, str(folder), "torchscript")
     assert sorted(os.listdir(tmp_path)) == [other.name, "exported"]
     assert sorted(os.listdir(folder)) == ["efficientps_export.json", "model.ts"]
+
+
+def test_onnx_export_without_onnx_fails_before_the_trace(cfg, model, tmp_path, monkeypatch):
+    def trace(*args):
+        raise AssertionError("traced before onnx was found missing")
+
+    monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    with pytest.raises(ImportError, match="pip install onnx onnxruntime"):
+        export_model(model, cfg, str(tmp_path / "exported"), "onnx")
+    assert os.listdir(tmp_path) == []

@@ -231,6 +231,8 @@ def export_model(
     if export_format not in FORMATS:
         raise ValueError(f"Unknown export format '{export_format}'; expected one of {FORMATS}.")
     _check_model(model)
+    if export_format == "onnx":
+        _require_onnx()  # before the trace, which takes minutes for B5 at full size
     resize = resize_for_export(cfg)
     if metadata is None:
         from ..demo.predictor import resolve_metadata
@@ -274,7 +276,7 @@ def export_model(
     return path
 
 
-def _export_onnx(graph, image, path):
+def _require_onnx():
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
     except ImportError as e:
@@ -282,6 +284,9 @@ def _export_onnx(graph, image, path):
             "Exporting to ONNX needs the onnx package: `pip install onnx onnxruntime` "
             "(scripts/setup_env.sh installs both)."
         ) from e
+
+
+def _export_onnx(graph, image, path):
     dynamic_axes = {
         "image": {1: "height", 2: "width"},
         "sem_seg_logits": {1: "height", 2: "width"},
