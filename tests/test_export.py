@@ -515,3 +515,17 @@ def test_onnx_export_without_onnx_fails_before_the_trace(cfg, model, tmp_path, m
     with pytest.raises(ImportError, match="pip install onnx onnxruntime"):
         export_model(model, cfg, str(tmp_path / "exported"), "onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_model_file_of_another_export_is_refused(exports, tmp_path):
+    """The module's graph (6 classes, 3 things) given another export's description (5 classes,
+    2 things, as a model file copied between export folders would be): refused by name instead
+    of fused with the wrong classes."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(exports["torchscript"], folder)
+    manifest_file = folder / "efficientps_export.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest.update(num_classes=5, thing_semantic_ids=[3, 4], is_thing=[False] * 3 + [True] * 2)
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"model.ts' does not fit its efficientps_export.json"):
+        load(str(folder))([{"image": _image(64, 96, seed=0)}])

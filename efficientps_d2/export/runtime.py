@@ -147,6 +147,7 @@ class ExportedEfficientPS:
         self.manifest = manifest
         self.backend = manifest["backend"]
         self._run = _BACKENDS[self.backend](model_path)
+        self.model_path = model_path
         self.input_format = manifest["input_format"]
         self.thing_semantic_ids = list(manifest["thing_semantic_ids"])
         self.fusion = dict(manifest["fusion"])
@@ -170,6 +171,7 @@ class ExportedEfficientPS:
             raise ValueError(f"'image' must be a (3, H, W) tensor, got {tuple(image.shape)}.")
         height, width = int(image.shape[1]), int(image.shape[2])
         outputs = self._run(image.to(device="cpu", dtype=torch.float32).contiguous())
+        self._check_outputs(outputs)
         with torch.inference_mode():  # as the eager model: outputs are inference tensors
             return postprocess(
                 *outputs,
@@ -177,6 +179,22 @@ class ExportedEfficientPS:
                 int(inputs.get("width") or width),
                 thing_semantic_ids=self.thing_semantic_ids,
                 **self.fusion,
+            )
+
+    def _check_outputs(self, outputs):
+        """Raises where the graph's outputs do not fit the description: a model file of another
+        export (other class counts) would otherwise be fused with the wrong classes."""
+        sem_seg_logits, classes = outputs[0], outputs[3]
+        num_classes, num_things = self.manifest["num_classes"], len(self.thing_semantic_ids)
+        if sem_seg_logits.shape[0] != num_classes or (
+            classes.numel() and not 0 <= int(classes.min()) <= int(classes.max()) < num_things
+        ):
+            raise ValueError(
+                f"The model file '{self.model_path}' does not fit its {MANIFEST_NAME}: it gives "
+                f"{sem_seg_logits.shape[0]} semantic classes and thing classes "
+                f"{sorted(set(classes.tolist()))}, the description {num_classes} classes of "
+                f"which {num_things} things. Is it another export's model file? Export the "
+                "model again."
             )
 
 
