@@ -347,6 +347,9 @@ def test_bad_artifacts_are_named(exports, tmp_path):
         manifest_file.write_text(json.dumps(dict(manifest, format="something else")))
         with pytest.raises(ValueError, match="is not an EfficientPS export description"):
             load(str(copy / manifest["model_file"]))
+        manifest_file.write_text(json.dumps({k: v for k, v in manifest.items() if k != "fusion"}))
+        with pytest.raises(ValueError, match=r"efficientps_export.json' lacks \['fusion'\]"):
+            load(str(copy))
         manifest_file.write_text("{broken")
         with pytest.raises(ValueError, match="not a readable export description"):
             load(str(copy))

@@ -45,6 +45,16 @@ MANIFEST_NAME = "efficientps_export.json"
 FORMAT_NAME = "efficientps_d2-export"
 FORMAT_VERSION = 1
 MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# What ExportedEfficientPS and ExportedPredictor read from the description.
+_RUNTIME_KEYS = (
+    "input_format",
+    "num_classes",
+    "thing_semantic_ids",
+    "metadata",
+    "fusion",
+    "min_size_test",
+    "max_size_test",
+)
 
 
 def postprocess(
@@ -267,6 +277,12 @@ def read_manifest(path: str):
     if backend not in MODEL_FILES:
         raise ValueError(
             f"'{manifest_path}' names backend {backend!r}; expected one of {sorted(MODEL_FILES)}."
+        )
+    missing = [key for key in _RUNTIME_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(
+            f"'{manifest_path}' lacks {missing}, which running the export needs (was it edited?). "
+            "Export the model again."
         )
     model_path = os.path.join(folder, manifest.get("model_file", MODEL_FILES[backend]))
     if os.path.isfile(path) and os.path.abspath(path) not in (
