@@ -3,8 +3,10 @@ images of several sizes (other than the traced one), with and without detections
 synthetic validation images, of a random model and of a briefly trained quick one; the export
 tool, demo.py --exported and clear errors."""
 
+import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -532,3 +534,34 @@ def test_a_model_file_of_another_export_is_refused(exports, tmp_path):
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"model.ts' does not fit its efficientps_export.json"):
         load(str(folder))([{"image": _image(64, 96, seed=0)}])
+
+
+def test_an_inference_dtype_that_the_export_does_not_keep_is_reported(
+    cfg, model, tmp_path, monkeypatch
+):
+    """The graph is traced in float32: a model that infers in bfloat16 gives other outputs, so
+    the export says so (before the trace, stopped here) rather than claim the eager results."""
+
+    class Stop(Exception):
+        pass
+
+    def trace(*args):
+        raise Stop
+
+    monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # a handler of its own: the logger may not propagate to root
+    logger = logging.getLogger("efficientps_d2.export.exporter")
+    logger.addHandler(handler)
+    options = model.inference_options
+    try:
+        for dtype in ("float32", "bfloat16"):
+            model.inference_options = dataclasses.replace(options, dtype=dtype)
+            with pytest.raises(Stop):
+                export_model(model, cfg, str(tmp_path / "exported"), "torchscript")
+    finally:
+        model.inference_options = options
+        logger.removeHandler(handler)
+    assert len(records) == 1 and "INFERENCE_DTYPE" in records[0].getMessage()
+    assert "exported graph runs in float32" in records[0].getMessage()

@@ -55,6 +55,13 @@ def _check_model(model):
             f"Export from the CPU (the trace records devices): the model is on {model.device}; "
             "use MODEL.DEVICE cpu or model.cpu()."
         )
+    dtype = model.inference_options.dtype
+    if dtype != "float32":
+        logger.warning(
+            f"The model runs inference in {dtype} (MODEL.EFFICIENTPS.INFERENCE_DTYPE / "
+            "model.inference_dtype); the exported graph runs in float32, so its outputs differ "
+            f"from this model's by {dtype}'s rounding (detections near a threshold included)."
+        )
 
 
 def resize_for_export(cfg):
