@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -565,3 +566,26 @@ def test_an_inference_dtype_that_the_export_does_not_keep_is_reported(
         logger.removeHandler(handler)
     assert len(records) == 1 and "INFERENCE_DTYPE" in records[0].getMessage()
     assert "exported graph runs in float32" in records[0].getMessage()
+
+
+def test_a_sample_image_too_thin_to_trace_is_named(cfg, tmp_path, capsys):
+    """Checked as the demo checks its inputs, naming the file and its size before and after the
+    test resize (it was "height and width must be > 0", or the resized size alone)."""
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    args = ["--config-file", str(config_file), "--format", "torchscript"]
+    args += ["--output", str(tmp_path / "out"), "--sample-image"]
+    resize = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]
+    for height, width, message in [
+        (
+            3,
+            400,
+            r"'.*3x400.png' is 3 x 400, 1 x 192 after the test resize: tracing needs at least",
+        ),
+        (1, 2000, r"'.*1x2000.png': A 1 x 2000 image cannot go through the test-time resize"),
+    ]:
+        image = str(tmp_path / f"{height}x{width}.png")
+        cv2.imwrite(image, np.zeros((height, width, 3), np.uint8))
+        assert export_tool.main(args + [image] + resize) == 1
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

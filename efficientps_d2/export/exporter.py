@@ -34,13 +34,15 @@ from ..modeling.fast_inference import fold_batch_norms
 from .graph import OUTPUT_NAMES, EfficientPSGraph
 from .runtime import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODEL_FILES
 
-__all__ = ["export_model", "FORMATS", "ONNX_OPSET", "resize_for_export"]
+__all__ = ["export_model", "FORMATS", "MIN_SAMPLE_SIZE", "ONNX_OPSET", "resize_for_export"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = tuple(MODEL_FILES)
 # torchvision's ROIAlign with aligned=True (Detectron2's ROIAlignV2) needs opset 16.
 ONNX_OPSET = 17
+# The smallest height and width to trace on.
+MIN_SAMPLE_SIZE = 32
 
 
 def _check_model(model):
@@ -160,8 +162,11 @@ def _check_image(image):
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"The sample image must be a (3, H, W) tensor, got {shape}.")
-    if min(image.shape[1:]) < 32:
-        raise ValueError(f"The sample image must be at least 32 x 32, got {tuple(image.shape)}.")
+    if min(image.shape[1:]) < MIN_SAMPLE_SIZE:
+        raise ValueError(
+            f"The sample image must be at least {MIN_SAMPLE_SIZE} x {MIN_SAMPLE_SIZE}, got "
+            f"{tuple(image.shape)}."
+        )
     return image.detach().to(dtype=torch.float32, device="cpu").contiguous()
 
 
