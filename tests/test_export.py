@@ -589,3 +589,26 @@ def test_a_sample_image_too_thin_to_trace_is_named(cfg, tmp_path, capsys):
         assert export_tool.main(args + [image] + resize) == 1
         assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_inputs_the_exported_model_cannot_take_are_named(exports):
+    """As the eager model: a dict or a tensor instead of a list of dicts, a dict without "image",
+    an (H, W, 3) or gray image; refused naming the input, before any image of the batch runs (it
+    was a TypeError "string indices must be integers", an IndexError or a KeyError)."""
+    exported = load(exports["torchscript"])
+    runs = []
+    exported._run = lambda image: runs.append(image)
+    image = _image(64, 96, seed=0)
+    with pytest.raises(ValueError, match="takes a list of input dicts.*got a dict"):
+        exported({"image": image})
+    with pytest.raises(ValueError, match="takes a list of input dicts.*got a Tensor"):
+        exported(image)
+    for bad, got in [
+        (image, "NoneType"),
+        ({"img": image}, "NoneType"),
+        ({"image": image.permute(1, 2, 0)}, r"a Tensor of shape \(64, 96, 3\)"),
+        ({"image": image[:1]}, r"a Tensor of shape \(1, 64, 96\)"),
+    ]:
+        with pytest.raises(ValueError, match=rf"batched_inputs\[1\]\['image'\] .*, got {got}"):
+            exported([{"image": image}, bad])
+    assert runs == []

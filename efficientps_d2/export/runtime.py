@@ -173,12 +173,31 @@ class ExportedEfficientPS:
         return self
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
-        return [self._one(x) for x in batched_inputs]
+        if not isinstance(batched_inputs, (list, tuple)):
+            raise ValueError(
+                "An exported EfficientPS takes a list of input dicts, as the eager model does "
+                f"(model([{{'image': chw_image}}])), got a {type(batched_inputs).__name__}."
+            )
+        images = [self._image(i, x) for i, x in enumerate(batched_inputs)]  # all before any run
+        return [self._one(image, x) for image, x in zip(images, batched_inputs)]
 
-    def _one(self, inputs: Dict) -> Dict:
-        image = torch.as_tensor(inputs["image"])
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"'image' must be a (3, H, W) tensor, got {tuple(image.shape)}.")
+    def _image(self, i: int, inputs: Dict) -> torch.Tensor:
+        """The "image" of ``batched_inputs[i]``, checked as the eager model checks it."""
+        image = inputs.get("image") if isinstance(inputs, dict) else None
+        if isinstance(image, np.ndarray):
+            image = torch.as_tensor(image)
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            got = type(image).__name__
+            if hasattr(image, "shape"):
+                got = f"a {got} of shape {tuple(image.shape)}"
+            raise ValueError(
+                f"batched_inputs[{i}]['image'] must be a (3, H, W) tensor in the export's input "
+                f"format ({self.input_format}), got {got}: pass an (H, W, 3) array as "
+                "torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 channels."
+            )
+        return image
+
+    def _one(self, image: torch.Tensor, inputs: Dict) -> Dict:
         height, width = int(image.shape[1]), int(image.shape[2])
         outputs = self._run(image.to(device="cpu", dtype=torch.float32).contiguous())
         self._check_outputs(outputs)
