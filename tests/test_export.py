@@ -480,7 +480,7 @@ def test_an_output_that_cannot_be_written_fails_before_the_trace(cfg, model, tmp
 
     monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
     (tmp_path / "notes.txt").write_text("a file")
-    with pytest.raises(ValueError, match=r"'.*notes.txt' above it is a file, not a folder"):
+    with pytest.raises(ValueError, match=r"'.*notes.txt' above it is a file"):
         export_model(model, cfg, str(tmp_path / "notes.txt" / "exported"), "torchscript")
 
     read_only = str(tmp_path / "read-only")

@@ -179,9 +179,10 @@ def _check_output_dir(output_dir):
         raise ValueError(f"--output '{output_dir}' exists and is not a folder.")
     blocking = blocking_file(output_dir)
     if blocking is not None:  # os.makedirs would fail with a bare "File exists"
+        where = "it" if blocking == os.path.abspath(output_dir) else f"'{blocking}' above it"
         raise ValueError(
-            f"--output '{output_dir}' cannot be made: '{blocking}' above it is a file, not a "
-            "folder."
+            f"--output '{output_dir}' cannot be made: {where} is a file (or a broken link), not "
+            "a folder."
         )
     if not os.path.isdir(output_dir) or not os.listdir(output_dir):
         return
