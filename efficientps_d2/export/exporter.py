@@ -239,7 +239,9 @@ def export_model(
 
     Returns:
         the path of the written model file. The folder is written atomically: on failure nothing
-        is left behind, and an existing export in ``output_dir`` is replaced only on success.
+        is left behind, and an existing export in ``output_dir`` is replaced only on success. A
+        folder that holds anything but an export is refused before any work, and so is one that
+        cannot be written; what killed exports to ``output_dir`` left beside it is removed.
     """
     if export_format not in FORMATS:
         raise ValueError(f"Unknown export format '{export_format}'; expected one of {FORMATS}.")
