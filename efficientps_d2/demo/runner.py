@@ -32,6 +32,7 @@ from .predictor import ImageInputError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_CODECS",
+    "VIDEO_EXTENSIONS",
     "ImageRunSummary",
     "VideoInputError",
     "VideoOutputError",
@@ -41,6 +42,7 @@ __all__ = [
     "collect_images",
     "count_video_frames",
     "display_available",
+    "is_video_file",
     "open_video",
     "open_video_writer",
     "open_webcam",
@@ -53,6 +55,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Files that --input refuses as videos by their name alone (others by opening them).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 # (fourcc, container extension) tried in order; mp4v/.mp4 plays almost everywhere, MJPG/.avi is
 # the codec every OpenCV build can write.
 VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
@@ -85,7 +89,8 @@ def collect_images(inputs):
 
     Returns:
         (paths, problems): the files in order (without repeats), and (input, reason) for inputs
-        that name nothing to process.
+        that name nothing to process, or a video (see :func:`is_video_file`: ``--video-input``
+        runs it).
     """
     paths, problems = [], []
     for item in inputs:
@@ -109,9 +114,35 @@ def collect_images(inputs):
         else:
             found = []
             problems.append((item, "no such file or folder"))
-        paths.extend(found)
+        for path in found:
+            if is_video_file(path):
+                problems.append((path, f"a video, not an image: run it with --video-input {path}"))
+            else:
+                paths.append(path)
     unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
     return unique, problems
+
+
+def is_video_file(path):
+    """Whether ``path`` is a video rather than an image: a video file extension, or (a file that
+    is not named and cannot be opened as an image) one that OpenCV decodes a frame of."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in VIDEO_EXTENSIONS:
+        return True
+    if ext in IMAGE_EXTENSIONS:
+        return False
+    try:
+        Image.open(path).close()  # reads the header only
+        return False
+    except Exception:  # PIL raises several types for what it cannot read
+        pass
+    capture = cv2.VideoCapture(path)
+    try:
+        # FFmpeg's "tty" demuxer plays any text file as a video of its characters ("ansi").
+        fourcc = (int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).to_bytes(4, "little")
+        return capture.isOpened() and fourcc != b"ansi" and capture.read()[0]
+    finally:
+        capture.release()
 
 
 # PIL's modes of 16-bit grayscale images (PNG, TIFF).
