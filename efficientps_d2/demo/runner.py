@@ -1,8 +1,8 @@
 """The demo's work loops: folders/globs of images, video files and webcams, with robust output.
 
 - Images: unreadable files, and images the predictor cannot take (32-bit or float pixels, too
-  thin for the test resize), are reported by name and skipped; the rest are processed. 16-bit
-  images are read as OpenCV reads them.
+  thin for the test resize), are reported by name and skipped; the rest are processed, read as
+  training reads them (16-bit images by their high byte, as OpenCV reads them).
 - Video: frames are processed in order with a progress bar (frames/s); the writer falls back from
   mp4v/.mp4 to MJPG/.avi and says which it used; the output is written under a temporary name and
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import cv2
-import numpy as np
-from detectron2.data.detection_utils import read_image
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from ..atomic_io import atomic_write, blocking_file, remove_stale_temporaries, temporary_path
+from ..data.image_files import read_image
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 from .predictor import ImageInputError
 
@@ -145,27 +144,11 @@ def is_video_file(path):
         capture.release()
 
 
-# PIL's modes of 16-bit grayscale images (PNG, TIFF).
-_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
 def read_bgr_image(path):
-    """An image file as an (H, W, 3) uint8 BGR array: Detectron2's ``read_image(path, "BGR")``
-    (EXIF orientation applied), except that a 16-bit grayscale image is scaled to 8 bits by its
-    high byte, as OpenCV reads any 16-bit image and PIL a 16-bit RGB one (``read_image`` clips
-    it: all but the darkest pixels turn white). A 32-bit integer or float image (PIL mode "I" or
-    "F"), whose range is unknown, raises :class:`ImageInputError` (``read_image`` made a float
-    one black)."""
-    with Image.open(path) as image:
-        if image.mode in _GRAY16_MODES:
-            gray = np.asarray(ImageOps.exif_transpose(image), dtype=np.uint16) >> 8
-            return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
-        if image.mode in ("I", "F"):
-            kind = "32-bit integer" if image.mode == "I" else "floating-point"
-            raise ImageInputError(
-                f"a {kind} image (PIL mode {image.mode}) has no set range to scale to the "
-                "model's 8-bit input: convert it to an 8-bit image first."
-            )
+    """An image file as an (H, W, 3) uint8 BGR array, read as training reads it:
+    :func:`efficientps_d2.data.image_files.read_image` (Detectron2's ``read_image``, except that a
+    16-bit grayscale image is read by its high byte, as OpenCV reads it, and a 32-bit or float one
+    raises :class:`ImageInputError`)."""
     return read_image(path, format="BGR")
 
 
