@@ -30,6 +30,7 @@ from .predictor import ImageInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ImageRunError",
     "VIDEO_CODECS",
     "VIDEO_EXTENSIONS",
     "ImageRunSummary",
@@ -68,6 +69,16 @@ class VideoInputError(RuntimeError):
 
 class VideoOutputError(RuntimeError):
     """No codec could write the output video."""
+
+
+class ImageRunError(RuntimeError):
+    """Processing stopped at an image: an error other than the image's own unreadability (the
+    model's, writing an output). The message names the image and the error (the ``__cause__``);
+    ``summary`` (:class:`ImageRunSummary`) says what was done before it, which is kept."""
+
+    def __init__(self, path, error, summary):
+        super().__init__(f"Processing '{path}' failed: {type(error).__name__}: {error}")
+        self.path, self.summary = path, summary
 
 
 def display_available():
@@ -176,17 +187,32 @@ class ImageRunSummary:
         panoptic_json: the COCO panoptic json written, if any.
         unmatched_ids: images of the json whose id is their file stem: no data set image
             matched them, so ``pq_compute`` cannot score them against a ground truth.
+        stopped_at: the image at which an error or Ctrl-C stopped the run (None if none did).
+        not_processed: the images from ``stopped_at`` on, which were not processed.
     """
 
     processed: List[Tuple[str, Optional[str]]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     panoptic_json: Optional[str] = None
     unmatched_ids: List[str] = field(default_factory=list)
+    stopped_at: Optional[str] = None
+    not_processed: int = 0
 
     def report(self):
         lines = [f"Processed {len(self.processed)} images, skipped {len(self.skipped)}."]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
-        lines += _export_lines(self.panoptic_json)
+        if self.stopped_at is not None:
+            lines.append(
+                f"  Stopped at '{self.stopped_at}': it and the images after it "
+                f"({self.not_processed} in all) were not processed."
+            )
+            if self.panoptic_json:
+                lines.append(
+                    f"  PARTIAL COCO panoptic predictions (only the {len(self.processed)} images "
+                    f"processed before the stop): {self.panoptic_json}"
+                )
+        else:
+            lines += _export_lines(self.panoptic_json)
         if self.unmatched_ids:
             lines.append(
                 f"  {len(self.unmatched_ids)} images have their file name as image id (e.g. "
@@ -277,6 +303,11 @@ def run_on_images(
             ``image_id`` of each file (default: numeric file names as integers, else the stem).
     Returns:
         :class:`ImageRunSummary`.
+    Raises:
+        ImageRunError: an error at an image other than its being unreadable or one the predictor
+            cannot take (which are skipped), naming the image; the outputs of the images before
+            it are kept, and ``predictions.json``, written with them, is marked partial (its
+            "info" says where the run stopped).
     """
     image_ids = image_ids if image_ids is not None else ImageIds()
     summary = ImageRunSummary(skipped=list(problems))
@@ -296,8 +327,9 @@ def run_on_images(
     if writer is not None:  # files that match no image id are named by their unique stems
         image_ids.check_unique(paths, stems)
     _remove_stale_outputs(output, paths, stems, writer)
+    index, interrupted = 0, False
     try:
-        for path in tqdm(paths, unit="image", disable=len(paths) < 2):
+        for index, path in enumerate(tqdm(paths, unit="image", disable=len(paths) < 2)):
             try:
                 image = read_bgr_image(path)
             except Exception as e:  # PIL raises several types for unreadable files
@@ -341,10 +373,27 @@ def run_on_images(
                 if cv2.waitKey(0) == 27:  # Esc stops
                     break
             summary.processed.append((path, out_path))
+    except BaseException as e:
+        done = {p for p, _ in summary.processed + summary.skipped}
+        index += index < len(paths) and paths[index] in done  # Ctrl-C between two images
+        if index < len(paths):
+            summary.stopped_at, summary.not_processed = paths[index], len(paths) - index
+        if isinstance(e, Exception) and summary.stopped_at is not None:
+            raise ImageRunError(summary.stopped_at, e, summary) from e
+        interrupted = True  # Ctrl-C: the caller exits; a partial json is named below
+        raise
     finally:
         if writer is not None and writer.images:
-            summary.panoptic_json = writer.write_json()
+            partial = None
+            if summary.stopped_at is not None:
+                partial = (
+                    f"stopped at '{summary.stopped_at}': holds the {len(writer.images)} images "
+                    f"processed before it, not the {summary.not_processed} from it on"
+                )
+            summary.panoptic_json = writer.write_json(partial=partial)
             summary.unmatched_ids = list(image_ids.unmatched)
+            if partial and interrupted:  # else the caller reports the summary
+                logger.warning(f"'{summary.panoptic_json}' is partial: {partial}.")
     return summary
 
 
@@ -640,7 +689,8 @@ def run_on_video(
                     f"{summary.frames_written} were written."
                 )
         if panoptic is not None and panoptic.images:
-            summary.panoptic_json = panoptic.write_json()
+            partial = summary.stopped and f"stopped early ({summary.stopped})"
+            summary.panoptic_json = panoptic.write_json(partial=partial)
         if failed:
             logger.warning(summary.report())
     if summary.frames_read == 0:
