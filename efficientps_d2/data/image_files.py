@@ -7,7 +7,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
-__all__ = ["ImageInputError", "read_image"]
+__all__ = ["ImageInputError", "read_image", "unusable_mode"]
 
 # PIL's modes of 16-bit grayscale images (PNG, TIFF).
 _GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -32,10 +32,20 @@ def read_image(path, format=None):
         if image.mode in _GRAY16_MODES:
             gray = np.asarray(ImageOps.exif_transpose(image), dtype=np.uint16) >> 8
             return utils.convert_PIL_to_numpy(Image.fromarray(gray.astype(np.uint8)), format)
-        if image.mode in ("I", "F"):
-            kind = "32-bit integer" if image.mode == "I" else "floating-point"
-            raise ImageInputError(
-                f"a {kind} image (PIL mode {image.mode}) has no set range to scale to the "
-                "model's 8-bit input: convert it to an 8-bit image first."
-            )
+        reason = unusable_mode(image.mode)
+        if reason is not None:
+            raise ImageInputError(reason)
     return utils.read_image(path, format=format)
+
+
+def unusable_mode(mode):
+    """Why :func:`read_image` refuses an image of PIL mode ``mode`` (a sentence), or None: a
+    32-bit integer or float image ("I" or "F") has no set range to scale to 8 bits. The data
+    check asks this of each image's header before training."""
+    if mode not in ("I", "F"):
+        return None
+    kind = "32-bit integer" if mode == "I" else "floating-point"
+    return (
+        f"a {kind} image (PIL mode {mode}) has no set range to scale to the model's 8-bit "
+        "input: convert it to an 8-bit image first."
+    )
