@@ -30,7 +30,8 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import locate
 
 from efficientps_d2.config_adapter import ConfigAdapter
-from efficientps_d2.demo import ImageInputError, prepare_image, read_bgr_image
+from efficientps_d2.data.image_files import ImageInputError, read_image
+from efficientps_d2.demo import prepare_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
 from efficientps_d2.engine.startup import load_for_evaluation
@@ -102,7 +103,7 @@ def sample_image(cfg, path):
         return None
     config = ConfigAdapter(cfg)
     try:
-        image = read_bgr_image(path)
+        image = read_image(path, format="BGR")  # as the demo reads its inputs
     except Exception as e:  # PIL raises several types for unreadable files
         raise ValueError(f"--sample-image '{path}' is not a readable image: {e}") from e
     resize = T.AugmentationList(config.build_test_augmentations())

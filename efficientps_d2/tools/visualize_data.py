@@ -83,14 +83,15 @@ def _output(vis, fname, args):
 def _annotations(config, metadata, args):
     import tqdm
     from detectron2.data import DatasetCatalog
-    from detectron2.data import detection_utils as utils
     from detectron2.utils.visualizer import Visualizer
+
+    from ..data.image_files import read_image
 
     dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names))
     if args.max_images is not None:
         dicts = dicts[: args.max_images]
     for dic in tqdm.tqdm(dicts):
-        img = utils.read_image(dic["file_name"], "RGB")
+        img = read_image(dic["file_name"], "RGB")
         vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
         _output(vis, os.path.basename(dic["file_name"]), args)
     return len(dicts)
