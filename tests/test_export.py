@@ -3,9 +3,12 @@ images of several sizes (other than the traced one), with and without detections
 synthetic validation images, of a random model and of a briefly trained quick one; the export
 tool, demo.py --exported and clear errors."""
 
+import dataclasses
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -347,6 +350,9 @@ def test_bad_artifacts_are_named(exports, tmp_path):
         manifest_file.write_text(json.dumps(dict(manifest, format="something else")))
         with pytest.raises(ValueError, match="is not an EfficientPS export description"):
             load(str(copy / manifest["model_file"]))
+        manifest_file.write_text(json.dumps({k: v for k, v in manifest.items() if k != "fusion"}))
+        with pytest.raises(ValueError, match=r"efficientps_export.json' lacks \['fusion'\]"):
+            load(str(copy))
         manifest_file.write_text("{broken")
         with pytest.raises(ValueError, match="not a readable export description"):
             load(str(copy))
@@ -434,3 +440,175 @@ def test_the_recorded_test_resizing_is_one_the_runtime_can_redo():
     ]
     with pytest.raises(ValueError, match="single short edge length"):
         resize_for_export(lazy)
+
+
+def test_a_re_export_never_deletes_files_that_are_not_the_export(cfg, model, exports, tmp_path):
+    """An export replaces its whole folder: one that also holds other files (here the weights
+    being exported) is refused, naming them, before any tracing, and left as it was."""
+    folder = tmp_path / "exported"
+    shutil.copytree(exports["torchscript"], folder)
+    (folder / "model_final.pth").write_bytes(b"the trained weights")
+    before = sorted(os.listdir(folder))
+    with pytest.raises(ValueError, match=r"other files too \['model_final.pth'\]"):
+        export_model(model, cfg, str(folder), "torchscript")
+    assert sorted(os.listdir(folder)) == before
+    assert (folder / "model_final.pth").read_bytes() == b"the trained weights"
+
+
+def test_weights_that_leave_tensors_random_are_not_exported(cfg, model, tmp_path, capsys):
+    """A checkpoint without the ROI heads (here cut out of the module's model's) is refused, as
+    --eval-only refuses it, naming the missing tensors; MODEL.ALLOW_PARTIAL_WEIGHTS opts in."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("roi_heads.")}
+    torch.save({"model": state}, tmp_path / "partial.pth")
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    args = ["--config-file", str(config_file), "--format", "torchscript"]
+    args += ["--output", str(tmp_path / "out"), "MODEL.WEIGHTS", str(tmp_path / "partial.pth")]
+    assert export_tool.main(args) == 1
+    err = capsys.readouterr().err
+    assert "partial.pth' lacks" in err and "roi_heads.box_predictor" in err, err
+    assert "MODEL.ALLOW_PARTIAL_WEIGHTS" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_trace(cfg, model, tmp_path, monkeypatch):
+    """A folder under a file is refused by name; one whose parent cannot be written to fails on
+    making the export's workspace. Both before any tracing (minutes for B5 at full size)."""
+
+    def trace(*args):
+        raise AssertionError("traced before the output folder was known to be writable")
+
+    monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ValueError, match=r"'.*notes.txt' above it is a file"):
+        export_model(model, cfg, str(tmp_path / "notes.txt" / "exported"), "torchscript")
+
+    read_only = str(tmp_path / "read-only")
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as under a folder without write permission (not as root)
+        if os.path.dirname(os.path.abspath(path)) == read_only:
+            raise PermissionError(13, "Permission denied", path)
+        return real_mkdir(path, *args, **kwargs)
+
+    real_mkdir(read_only)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(PermissionError):
+        export_model(model, cfg, os.path.join(read_only, "exported"), "torchscript")
+
+
+def test_a_re_export_removes_what_a_killed_export_left(cfg, model, exports, tmp_path):
+    """A killed export leaves its hidden workspace next to the folder; the next export to that
+    folder removes it (and replaces the old export), leaving those of other folders alone."""
+    folder = tmp_path / "exported"
+    shutil.copytree(exports["torchscript"], folder)
+    stale = tmp_path / ".exported.0123456789ab.tmp"
+    (stale / "new").mkdir(parents=True)
+    (stale / "new" / "model.ts").write_bytes(b"half written")
+    other = tmp_path / ".elsewhere.0123456789ab.tmp"
+    other.mkdir()
+    export_model(model, cfg, str(folder), "torchscript")
+    assert sorted(os.listdir(tmp_path)) == [other.name, "exported"]
+    assert sorted(os.listdir(folder)) == ["efficientps_export.json", "model.ts"]
+
+
+def test_onnx_export_without_onnx_fails_before_the_trace(cfg, model, tmp_path, monkeypatch):
+    def trace(*args):
+        raise AssertionError("traced before onnx was found missing")
+
+    monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    with pytest.raises(ImportError, match="pip install onnx onnxruntime"):
+        export_model(model, cfg, str(tmp_path / "exported"), "onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_model_file_of_another_export_is_refused(exports, tmp_path):
+    """The module's graph (6 classes, 3 things) given another export's description (5 classes,
+    2 things, as a model file copied between export folders would be): refused by name instead
+    of fused with the wrong classes."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(exports["torchscript"], folder)
+    manifest_file = folder / "efficientps_export.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest.update(num_classes=5, thing_semantic_ids=[3, 4], is_thing=[False] * 3 + [True] * 2)
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"model.ts' does not fit its efficientps_export.json"):
+        load(str(folder))([{"image": _image(64, 96, seed=0)}])
+
+
+def test_an_inference_dtype_that_the_export_does_not_keep_is_reported(
+    cfg, model, tmp_path, monkeypatch
+):
+    """The graph is traced in float32: a model that infers in bfloat16 gives other outputs, so
+    the export says so (before the trace, stopped here) rather than claim the eager results."""
+
+    class Stop(Exception):
+        pass
+
+    def trace(*args):
+        raise Stop
+
+    monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # a handler of its own: the logger may not propagate to root
+    logger = logging.getLogger("efficientps_d2.export.exporter")
+    logger.addHandler(handler)
+    options = model.inference_options
+    try:
+        for dtype in ("float32", "bfloat16"):
+            model.inference_options = dataclasses.replace(options, dtype=dtype)
+            with pytest.raises(Stop):
+                export_model(model, cfg, str(tmp_path / "exported"), "torchscript")
+    finally:
+        model.inference_options = options
+        logger.removeHandler(handler)
+    assert len(records) == 1 and "INFERENCE_DTYPE" in records[0].getMessage()
+    assert "exported graph runs in float32" in records[0].getMessage()
+
+
+def test_a_sample_image_too_thin_to_trace_is_named(cfg, tmp_path, capsys):
+    """Checked as the demo checks its inputs, naming the file and its size before and after the
+    test resize (it was "height and width must be > 0", or the resized size alone)."""
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    args = ["--config-file", str(config_file), "--format", "torchscript"]
+    args += ["--output", str(tmp_path / "out"), "--sample-image"]
+    resize = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]
+    for height, width, message in [
+        (
+            3,
+            400,
+            r"'.*3x400.png' is 3 x 400, 1 x 192 after the test resize: tracing needs at least",
+        ),
+        (1, 2000, r"'.*1x2000.png': A 1 x 2000 image cannot go through the test-time resize"),
+    ]:
+        image = str(tmp_path / f"{height}x{width}.png")
+        cv2.imwrite(image, np.zeros((height, width, 3), np.uint8))
+        assert export_tool.main(args + [image] + resize) == 1
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_the_exported_model_cannot_take_are_named(exports):
+    """As the eager model: a dict or a tensor instead of a list of dicts, a dict without "image",
+    an (H, W, 3) or gray image; refused naming the input, before any image of the batch runs (it
+    was a TypeError "string indices must be integers", an IndexError or a KeyError)."""
+    exported = load(exports["torchscript"])
+    runs = []
+    exported._run = lambda image: runs.append(image)
+    image = _image(64, 96, seed=0)
+    with pytest.raises(ValueError, match="takes a list of input dicts.*got a dict"):
+        exported({"image": image})
+    with pytest.raises(ValueError, match="takes a list of input dicts.*got a Tensor"):
+        exported(image)
+    for bad, got in [
+        (image, "NoneType"),
+        ({"img": image}, "NoneType"),
+        ({"image": image.permute(1, 2, 0)}, r"a Tensor of shape \(64, 96, 3\)"),
+        ({"image": image[:1]}, r"a Tensor of shape \(1, 64, 96\)"),
+    ]:
+        with pytest.raises(ValueError, match=rf"batched_inputs\[1\]\['image'\] .*, got {got}"):
+            exported([{"image": image}, bad])
+    assert runs == []

@@ -28,19 +28,21 @@ from detectron2.data import transforms as T
 from detectron2.export.torchscript_patch import patch_builtin_len
 from PIL import Image
 
-from ..atomic_io import atomic_directory
+from ..atomic_io import atomic_directory, blocking_file, remove_stale_temporaries
 from ..config_adapter import ConfigAdapter
 from ..modeling.fast_inference import fold_batch_norms
 from .graph import OUTPUT_NAMES, EfficientPSGraph
 from .runtime import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODEL_FILES
 
-__all__ = ["export_model", "FORMATS", "ONNX_OPSET", "resize_for_export"]
+__all__ = ["export_model", "FORMATS", "MIN_SAMPLE_SIZE", "ONNX_OPSET", "resize_for_export"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = tuple(MODEL_FILES)
 # torchvision's ROIAlign with aligned=True (Detectron2's ROIAlignV2) needs opset 16.
 ONNX_OPSET = 17
+# The smallest height and width to trace on.
+MIN_SAMPLE_SIZE = 32
 
 
 def _check_model(model):
@@ -54,6 +56,13 @@ def _check_model(model):
         raise ValueError(
             f"Export from the CPU (the trace records devices): the model is on {model.device}; "
             "use MODEL.DEVICE cpu or model.cpu()."
+        )
+    dtype = model.inference_options.dtype
+    if dtype != "float32":
+        logger.warning(
+            f"The model runs inference in {dtype} (MODEL.EFFICIENTPS.INFERENCE_DTYPE / "
+            "model.inference_dtype); the exported graph runs in float32, so its outputs differ "
+            f"from this model's by {dtype}'s rounding (detections near a threshold included)."
         )
 
 
@@ -153,9 +162,42 @@ def _check_image(image):
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"The sample image must be a (3, H, W) tensor, got {shape}.")
-    if min(image.shape[1:]) < 32:
-        raise ValueError(f"The sample image must be at least 32 x 32, got {tuple(image.shape)}.")
+    if min(image.shape[1:]) < MIN_SAMPLE_SIZE:
+        raise ValueError(
+            f"The sample image must be at least {MIN_SAMPLE_SIZE} x {MIN_SAMPLE_SIZE}, got "
+            f"{tuple(image.shape)}."
+        )
     return image.detach().to(dtype=torch.float32, device="cpu").contiguous()
+
+
+def _check_output_dir(output_dir):
+    """Refuses an ``output_dir`` that an export cannot make (a file, or a path under one) or
+    would overwrite with loss: a folder that holds no export, or an export folder that holds
+    other files too (the export replaces the whole folder, so they would be deleted with it: the
+    weights being exported, notes, ...)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output '{output_dir}' exists and is not a folder.")
+    blocking = blocking_file(output_dir)
+    if blocking is not None:  # os.makedirs would fail with a bare "File exists"
+        where = "it" if blocking == os.path.abspath(output_dir) else f"'{blocking}' above it"
+        raise ValueError(
+            f"--output '{output_dir}' cannot be made: {where} is a file (or a broken link), not "
+            "a folder."
+        )
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    if not os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
+        raise ValueError(
+            f"--output '{output_dir}' is a non-empty folder that holds no EfficientPS export: "
+            "refusing to overwrite it."
+        )
+    others = sorted(set(os.listdir(output_dir)) - {MANIFEST_NAME, *MODEL_FILES.values()})
+    if others:
+        raise ValueError(
+            f"--output '{output_dir}' holds an EfficientPS export and other files too {others}: "
+            "a new export replaces the whole folder and would delete them. Move them out, or "
+            "export to another folder."
+        )
 
 
 def _compare(graph, traced, image, what):
@@ -197,11 +239,15 @@ def export_model(
 
     Returns:
         the path of the written model file. The folder is written atomically: on failure nothing
-        is left behind, and an existing export in ``output_dir`` is replaced only on success.
+        is left behind, and an existing export in ``output_dir`` is replaced only on success. A
+        folder that holds anything but an export is refused before any work, and so is one that
+        cannot be written; what killed exports to ``output_dir`` left beside it is removed.
     """
     if export_format not in FORMATS:
         raise ValueError(f"Unknown export format '{export_format}'; expected one of {FORMATS}.")
     _check_model(model)
+    if export_format == "onnx":
+        _require_onnx()  # before the trace, which takes minutes for B5 at full size
     resize = resize_for_export(cfg)
     if metadata is None:
         from ..demo.predictor import resolve_metadata
@@ -211,28 +257,26 @@ def export_model(
         generator = torch.Generator().manual_seed(0)
         sample_image = torch.randint(0, 256, (3, 256, 384), generator=generator).float()
     image = _check_image(sample_image)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"--output '{output_dir}' exists and is not a folder.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
-            raise ValueError(
-                f"--output '{output_dir}' is a non-empty folder that holds no EfficientPS export: "
-                "refusing to overwrite it."
-            )
+    _check_output_dir(output_dir)
 
-    # Traced from a copy with every BatchNorm folded into its conv (in float64), as the eager
-    # model's default inference path (FAST_INFERENCE) runs it: no BatchNorm op left in the graph,
-    # B5 at 1024x2048 under TorchScript 3.5 s instead of 4.6 s on 2 CPU cores.
-    graph = copy.deepcopy(EfficientPSGraph(model)).eval()
-    fold_batch_norms(graph)
-    traced = _trace(graph, image)
-    # A second size, neither the traced one nor a multiple of the size divisibility.
-    other = torch.nn.functional.interpolate(
-        image[None], size=(image.shape[1] * 3 // 4 + 5, image.shape[2] * 5 // 4 + 3)
-    )[0].round()
-    _compare(graph, traced, other, f"an image of another size {tuple(other.shape[1:])}")
-
+    # Workspaces of killed exports to the same folder: never read, only taking space.
+    target = os.path.abspath(output_dir)
+    remove_stale_temporaries(os.path.dirname(target), os.path.basename(target))
+    # The folder's workspace is made first: a folder that cannot be written fails now, not after
+    # the trace (minutes for B5 at full size).
     with atomic_directory(output_dir, overwrite=True) as folder:
+        # Traced from a copy with every BatchNorm folded into its conv (in float64), as the eager
+        # model's default inference path (FAST_INFERENCE) runs it: no BatchNorm op left in the
+        # graph, B5 at 1024x2048 under TorchScript 3.5 s instead of 4.6 s on 2 CPU cores.
+        graph = copy.deepcopy(EfficientPSGraph(model)).eval()
+        fold_batch_norms(graph)
+        traced = _trace(graph, image)
+        # A second size, neither the traced one nor a multiple of the size divisibility.
+        other = torch.nn.functional.interpolate(
+            image[None], size=(image.shape[1] * 3 // 4 + 5, image.shape[2] * 5 // 4 + 3)
+        )[0].round()
+        _compare(graph, traced, other, f"an image of another size {tuple(other.shape[1:])}")
+
         os.mkdir(folder)
         model_path = os.path.join(folder, MODEL_FILES[export_format])
         if export_format == "torchscript":
@@ -247,7 +291,7 @@ def export_model(
     return path
 
 
-def _export_onnx(graph, image, path):
+def _require_onnx():
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
     except ImportError as e:
@@ -255,6 +299,9 @@ def _export_onnx(graph, image, path):
             "Exporting to ONNX needs the onnx package: `pip install onnx onnxruntime` "
             "(scripts/setup_env.sh installs both)."
         ) from e
+
+
+def _export_onnx(graph, image, path):
     dynamic_axes = {
         "image": {1: "height", 2: "width"},
         "sem_seg_logits": {1: "height", 2: "width"},

@@ -45,6 +45,16 @@ MANIFEST_NAME = "efficientps_export.json"
 FORMAT_NAME = "efficientps_d2-export"
 FORMAT_VERSION = 1
 MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# What ExportedEfficientPS and ExportedPredictor read from the description.
+_RUNTIME_KEYS = (
+    "input_format",
+    "num_classes",
+    "thing_semantic_ids",
+    "metadata",
+    "fusion",
+    "min_size_test",
+    "max_size_test",
+)
 
 
 def postprocess(
@@ -147,6 +157,7 @@ class ExportedEfficientPS:
         self.manifest = manifest
         self.backend = manifest["backend"]
         self._run = _BACKENDS[self.backend](model_path)
+        self.model_path = model_path
         self.input_format = manifest["input_format"]
         self.thing_semantic_ids = list(manifest["thing_semantic_ids"])
         self.fusion = dict(manifest["fusion"])
@@ -162,14 +173,34 @@ class ExportedEfficientPS:
         return self
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
-        return [self._one(x) for x in batched_inputs]
+        if not isinstance(batched_inputs, (list, tuple)):
+            raise ValueError(
+                "An exported EfficientPS takes a list of input dicts, as the eager model does "
+                f"(model([{{'image': chw_image}}])), got a {type(batched_inputs).__name__}."
+            )
+        images = [self._image(i, x) for i, x in enumerate(batched_inputs)]  # all before any run
+        return [self._one(image, x) for image, x in zip(images, batched_inputs)]
 
-    def _one(self, inputs: Dict) -> Dict:
-        image = torch.as_tensor(inputs["image"])
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"'image' must be a (3, H, W) tensor, got {tuple(image.shape)}.")
+    def _image(self, i: int, inputs: Dict) -> torch.Tensor:
+        """The "image" of ``batched_inputs[i]``, checked as the eager model checks it."""
+        image = inputs.get("image") if isinstance(inputs, dict) else None
+        if isinstance(image, np.ndarray):
+            image = torch.as_tensor(image)
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            got = type(image).__name__
+            if hasattr(image, "shape"):
+                got = f"a {got} of shape {tuple(image.shape)}"
+            raise ValueError(
+                f"batched_inputs[{i}]['image'] must be a (3, H, W) tensor in the export's input "
+                f"format ({self.input_format}), got {got}: pass an (H, W, 3) array as "
+                "torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 channels."
+            )
+        return image
+
+    def _one(self, image: torch.Tensor, inputs: Dict) -> Dict:
         height, width = int(image.shape[1]), int(image.shape[2])
         outputs = self._run(image.to(device="cpu", dtype=torch.float32).contiguous())
+        self._check_outputs(outputs)
         with torch.inference_mode():  # as the eager model: outputs are inference tensors
             return postprocess(
                 *outputs,
@@ -177,6 +208,22 @@ class ExportedEfficientPS:
                 int(inputs.get("width") or width),
                 thing_semantic_ids=self.thing_semantic_ids,
                 **self.fusion,
+            )
+
+    def _check_outputs(self, outputs):
+        """Raises where the graph's outputs do not fit the description: a model file of another
+        export (other class counts) would otherwise be fused with the wrong classes."""
+        sem_seg_logits, classes = outputs[0], outputs[3]
+        num_classes, num_things = self.manifest["num_classes"], len(self.thing_semantic_ids)
+        if sem_seg_logits.shape[0] != num_classes or (
+            classes.numel() and not 0 <= int(classes.min()) <= int(classes.max()) < num_things
+        ):
+            raise ValueError(
+                f"The model file '{self.model_path}' does not fit its {MANIFEST_NAME}: it gives "
+                f"{sem_seg_logits.shape[0]} semantic classes and thing classes "
+                f"{sorted(set(classes.tolist()))}, the description {num_classes} classes of "
+                f"which {num_things} things. Is it another export's model file? Export the "
+                "model again."
             )
 
 
@@ -249,6 +296,12 @@ def read_manifest(path: str):
     if backend not in MODEL_FILES:
         raise ValueError(
             f"'{manifest_path}' names backend {backend!r}; expected one of {sorted(MODEL_FILES)}."
+        )
+    missing = [key for key in _RUNTIME_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(
+            f"'{manifest_path}' lacks {missing}, which running the export needs (was it edited?). "
+            "Export the model again."
         )
     model_path = os.path.join(folder, manifest.get("model_file", MODEL_FILES[backend]))
     if os.path.isfile(path) and os.path.abspath(path) not in (

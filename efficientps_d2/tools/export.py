@@ -30,11 +30,13 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import locate
 
 from efficientps_d2.config_adapter import ConfigAdapter
-from efficientps_d2.data.image_files import read_image
+from efficientps_d2.data.image_files import ImageInputError, read_image
+from efficientps_d2.demo import prepare_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
+from efficientps_d2.engine.startup import load_for_evaluation
 from efficientps_d2.export import FORMATS, export_model
-from efficientps_d2.export.exporter import resize_for_export
+from efficientps_d2.export.exporter import MIN_SAMPLE_SIZE, resize_for_export
 from efficientps_d2.modeling.meta_arch import EfficientPS
 
 logger = logging.getLogger("efficientps_d2.tools.export")
@@ -96,17 +98,29 @@ def export_config(args):
 
 def sample_image(cfg, path):
     """The --sample-image as the network sees it: (3, H, W) float32, in the config's input
-    format, resized as the test loader resizes."""
+    format, resized as the test loader resizes (the demo's reading and checks)."""
     if path is None:
         return None
     config = ConfigAdapter(cfg)
     try:
-        image = read_image(path, format=config.input_format)
+        image = read_image(path, format="BGR")  # as the demo reads its inputs
     except Exception as e:  # PIL raises several types for unreadable files
         raise ValueError(f"--sample-image '{path}' is not a readable image: {e}") from e
-    resized = T.AugInput(image)  # the test DatasetMapper's resize (none for MIN_SIZE_TEST 0)
-    T.AugmentationList(config.build_test_augmentations())(resized)
-    return torch.as_tensor(resized.image.transpose(2, 0, 1).astype("float32"))
+    resize = T.AugmentationList(config.build_test_augmentations())
+    try:
+        chw = prepare_image(image, resize, config.input_format)
+    except ImageInputError as e:
+        raise ValueError(f"--sample-image '{path}': {e}") from e
+    if min(chw.shape[1:]) < MIN_SAMPLE_SIZE:
+        size = f"{image.shape[0]} x {image.shape[1]}"
+        if chw.shape[1:] != image.shape[:2]:
+            size += f", {chw.shape[1]} x {chw.shape[2]} after the test resize"
+        raise ValueError(
+            f"--sample-image '{path}' is {size}: tracing needs at least "
+            f"{MIN_SAMPLE_SIZE} x {MIN_SAMPLE_SIZE} pixels (the traced graph then takes any "
+            "size). Trace on a larger image, or leave --sample-image out for a random one."
+        )
+    return torch.as_tensor(chw.astype("float32"))
 
 
 def main(argv=None):
@@ -118,7 +132,10 @@ def main(argv=None):
         config = ConfigAdapter(cfg)
         model = config.build_model()
         if config.weights:
-            config.checkpointer(model).load(config.weights)
+            # As --eval-only loads them: weights that leave tensors random (an ImageNet backbone,
+            # the config's own MODEL.WEIGHTS when the trained ones were forgotten) are refused
+            # unless MODEL.ALLOW_PARTIAL_WEIGHTS; a deployed model would carry random heads.
+            load_for_evaluation(model, config, resume=False)
         else:
             logger.warning(f"{config.keys['weights']} is empty: exporting random weights.")
         path = export_model(model.eval(), cfg, args.output, args.format, sample_image=image)
