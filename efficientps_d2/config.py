@@ -324,7 +324,7 @@ def setup_cfg(config_file, opts=(), *, freeze=True):
 
     if is_lazy_config(config_file):
         raise ValueError(
-            f"'{config_file}' is a LazyConfig (.py) file; setup_cfg reads YAML configs. Load it "
+            f"'{config_file}' is a LazyConfig file; setup_cfg reads YAML configs. Load it "
             "with efficientps_d2.engine.load_config (or model_zoo.get_config for a model zoo "
             "name), or use its YAML twin."
         )

@@ -228,10 +228,13 @@ def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data
     assert {"PQ", "SQ", "RQ"} <= set(trained["panoptic_seg"]) and "mIoU" in trained["sem_seg"]
 
     weights = os.path.join(out_dir, "model_final.pth")
-    eval_args = [*TINY, f"train.init_checkpoint={weights}", f"train.output_dir={tmp_path / 'e'}"]
-    # train.tta (TEST.AUG): the same evaluation, then one with test-time augmentation.
+    eval_args = [f"train.init_checkpoint={weights}", f"train.output_dir={tmp_path / 'e'}"]
+    # train.tta (TEST.AUG): the same evaluation, then one with test-time augmentation. The run's
+    # own config.yaml (LazyConfig.save's YAML of the config and its overrides) is a LazyConfig
+    # too: it was read as a YAML config (a yacs AssertionError on its first python tag).
     tta = ["train.tta.enabled=True", "train.tta.min_sizes=[112,128]", "train.tta.max_size=192"]
-    log = run_lazy_to_end(["--eval-only", *eval_args, *tta], data_root)
+    saved = os.path.join(out_dir, "config.yaml")
+    log = run_yaml_to_end(["--eval-only", *eval_args, *tta], data_root, config_file=saved)
     results = copypaste_results(log)
     assert {k: v for k, v in results.items() if not k.endswith("_TTA")} == trained
     assert set(results) - set(trained) == {f"{task}_TTA" for task in trained}

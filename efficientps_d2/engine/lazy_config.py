@@ -3,8 +3,11 @@ plus the helpers EfficientPS's LazyConfig files call.
 
 The kind is told by the file's extension, as Detectron2's own tools do: ``.py`` is loaded with
 ``LazyConfig.load`` and ``KEY=VALUE`` overrides; anything else is a YAML config with EfficientPS's
-keys added and ``KEY VALUE`` overrides. :class:`efficientps_d2.config_adapter.ConfigAdapter`
-reads either kind's settings and builds its model and data loaders.
+keys added and ``KEY VALUE`` overrides, except the YAML file that ``LazyConfig.save`` writes of
+a LazyConfig (``config.yaml`` in a LazyConfig run's output folder), which is read as
+Detectron2's ``lazyconfig_train_net.py`` reads it: a LazyConfig.
+:class:`efficientps_d2.config_adapter.ConfigAdapter` reads either kind's settings and builds its
+model and data loaders.
 
 A ``key=value`` override is checked as yacs checks a YAML one, where Detectron2 would create a
 misspelled key silently: the key must exist in the config, or be an argument that its
@@ -15,8 +18,10 @@ yes/no or a group of settings keeps its kind (an integer stays whole: ``train.ma
 
 import difflib
 import inspect
+import os
 
 import torch
+import yaml
 from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils.registry import locate
@@ -36,9 +41,27 @@ __all__ = [
 ]
 
 
+# The parts of a LazyConfig; a YAML config's keys are upper-case (MODEL, SOLVER, ...).
+_LAZY_PARTS = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+
+
 def is_lazy_config(path):
-    """True for a Detectron2 LazyConfig (python) file."""
-    return str(path).endswith(".py")
+    """True for a Detectron2 LazyConfig: a python file, or a YAML file that ``LazyConfig.save``
+    wrote of one (its top level holds the lower-case parts ``model``, ``dataloader``, ...)."""
+    path = str(path)
+    if path.endswith(".py"):
+        return True
+    if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            # Its nodes, not objects: a saved LazyConfig may hold python tags (a ShapeSpec).
+            root = yaml.compose(f, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the YAML config loader names what is wrong with it
+    if not isinstance(root, yaml.MappingNode):
+        return False
+    return any(key.value in _LAZY_PARTS for key, _ in root.value)
 
 
 def thing_semantic_ids_of(dataset_name):
