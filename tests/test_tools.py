@@ -30,6 +30,40 @@ def test_visualize_data_writes_an_image_per_training_image(tmp_path, synthetic, 
     assert all(os.path.getsize(out / f) > 1000 for f in images)
 
 
+def _register_variant(name, records, like):
+    """Registers ``records`` as data set ``name`` with the metadata of data set ``like``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    meta = MetadataCatalog.get(like).as_dict()
+    MetadataCatalog.get(name).set(**{k: v for k, v in meta.items() if k != "name"})
+    return ["DATASETS.TRAIN", f"('{name}',)"]
+
+
+def test_visualize_data_draws_segments_without_isthing(tmp_path, synthetic):
+    # Detectron2's Cityscapes dicts have no "isthing", which its Visualizer needs (KeyError).
+    from detectron2.data import DatasetCatalog
+
+    train = synthetic[1].strip("(',)")
+    records = [
+        dict(
+            d,
+            segments_info=[
+                {k: v for k, v in s.items() if k != "isthing"} for s in d["segments_info"]
+            ],
+        )
+        for d in DatasetCatalog.get(train)[:2]
+    ]
+    names = _register_variant("tools_no_isthing", records, train)
+    out = tmp_path / "out"
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
+    assert visualize_data.main(argv + ["DATASETS.TEST", "()"]) == 0
+    assert len(os.listdir(out)) == 2
+
+
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):
     # The tool's setup_logger stops the "detectron2" logger propagating: read it directly.
     logger = logging.getLogger("detectron2")

@@ -41,6 +41,14 @@ def thing_semantic_ids(metadata):
     return sorted(things.values())
 
 
+def with_isthing(segments_info, metadata):
+    """Copies of ``segments_info`` (contiguous ``category_id``) with ``isthing`` set from the
+    metadata where a segment lacks it, as Detectron2's Cityscapes loader leaves it out and its
+    ``Visualizer`` needs it."""
+    things = set(metadata.thing_dataset_id_to_contiguous_id.values())
+    return [dict(s, isthing=s.get("isthing", s["category_id"] in things)) for s in segments_info]
+
+
 def thing_semantic_ids_from_config(cfg, num_things=None, num_classes=None):
     """Semantic class of each thing class: MODEL.EFFICIENTPS.THING_SEMANTIC_IDS, else
     :func:`thing_semantic_ids` of the first data set in DATASETS.TRAIN, then DATASETS.TEST.

@@ -86,11 +86,15 @@ def _annotations(config, metadata, args):
     from detectron2.data import detection_utils as utils
     from detectron2.utils.visualizer import Visualizer
 
+    from ..data.metadata import with_isthing
+
     dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names))
     if args.max_images is not None:
         dicts = dicts[: args.max_images]
     for dic in tqdm.tqdm(dicts):
         img = utils.read_image(dic["file_name"], "RGB")
+        if "segments_info" in dic:  # Detectron2's Cityscapes dicts have no "isthing"
+            dic = dict(dic, segments_info=with_isthing(dic["segments_info"], metadata))
         vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
         _output(vis, os.path.basename(dic["file_name"]), args)
     return len(dicts)
