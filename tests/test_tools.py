@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import shutil
 
 import pytest
 
@@ -62,6 +63,22 @@ def test_visualize_data_draws_segments_without_isthing(tmp_path, synthetic):
     argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
     assert visualize_data.main(argv + ["DATASETS.TEST", "()"]) == 0
     assert len(os.listdir(out)) == 2
+
+
+def test_visualize_data_keeps_images_of_two_folders_that_share_a_name(tmp_path, synthetic):
+    from detectron2.data import DatasetCatalog
+
+    train = synthetic[1].strip("(',)")
+    records = []
+    for folder, d in zip(("a", "b"), DatasetCatalog.get(train)):
+        os.makedirs(tmp_path / folder)
+        shutil.copy(d["file_name"], tmp_path / folder / "frame.png")
+        records.append(dict(d, file_name=str(tmp_path / folder / "frame.png")))
+    names = _register_variant("tools_same_names", records, train)
+    out = tmp_path / "out"
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
+    assert visualize_data.main(argv + ["DATASETS.TEST", "()"]) == 0
+    assert sorted(os.listdir(out)) == ["frame.png", "frame_1.png"]
 
 
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):

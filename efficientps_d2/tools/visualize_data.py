@@ -6,7 +6,7 @@
 
 - ``annotation``: each image of the training data sets with its panoptic annotation as stored
   (Detectron2's ``Visualizer.draw_dataset_dict``: segments with class names), saved under the
-  image's file name.
+  image's file name (``_1``, ``_2``, ... added where images of two folders share one).
 - ``dataloader``: what the model is trained on, after EfficientPS's mapper and augmentations: the
   all-class semantic target, then the thing instances (boxes, masks, class names), saved as
   ``<image_id>.jpg``. Detectron2's tool loops until interrupted; here one pass over the data set
@@ -87,16 +87,19 @@ def _annotations(config, metadata, args):
     from detectron2.utils.visualizer import Visualizer
 
     from ..data.metadata import with_isthing
+    from ..demo.runner import _unique_stems
 
     dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names))
     if args.max_images is not None:
         dicts = dicts[: args.max_images]
+    # Named after the image, "_1", "_2", ... added where images of two folders share a name.
+    stems = _unique_stems(list(dict.fromkeys(d["file_name"] for d in dicts)))
     for dic in tqdm.tqdm(dicts):
         img = utils.read_image(dic["file_name"], "RGB")
         if "segments_info" in dic:  # Detectron2's Cityscapes dicts have no "isthing"
             dic = dict(dic, segments_info=with_isthing(dic["segments_info"], metadata))
         vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
-        _output(vis, os.path.basename(dic["file_name"]), args)
+        _output(vis, stems[dic["file_name"]] + os.path.splitext(dic["file_name"])[1], args)
     return len(dicts)
 
 
