@@ -512,3 +512,35 @@ def test_leftovers_of_a_killed_conversion_are_removed(tmp_path):
     open(other, "w").close()
     _convert(str(tmp_path))
     assert sorted(os.listdir(out)) == [os.path.basename(other), "panoptic.json", "png"]
+
+
+@pytest.mark.parametrize(
+    "out_json, out_dir, culprit",
+    [
+        ("p.json", "semantic", "is or holds the semantic PNG folder"),  # its PNGs were replaced
+        ("../p.json", ".", "is or holds the instance json"),  # the input folder was deleted
+        ("instances.json", "png", "is the instance json"),  # converted in place
+        ("stuff.json", "png", "is the stuff category json"),
+        ("p.json", "semantic/png", "lies inside the semantic PNG folder"),
+    ],
+)
+def test_outputs_that_would_replace_an_input_are_refused(tmp_path, out_json, out_dir, culprit):
+    root = str(tmp_path)
+    write_example(root)
+    before = {
+        os.path.join(folder, f): open(os.path.join(folder, f), "rb").read()
+        for folder, _, files in os.walk(root)
+        for f in files
+    }
+    with pytest.raises(ConversionError, match=culprit):
+        convert_instances_to_panoptic(
+            os.path.join(root, "instances.json"),
+            os.path.join(root, out_json),
+            os.path.join(root, out_dir),
+            semantic_dir=os.path.join(root, "semantic"),
+            stuff_categories=os.path.join(root, "stuff.json"),
+            overwrite=True,
+        )
+    for path, data in before.items():
+        with open(path, "rb") as f:
+            assert f.read() == data, path

@@ -186,6 +186,10 @@ def convert_instances_to_panoptic(
             f"The output json '{output_json}' must not lie inside the output PNG folder "
             f"'{output_dir}'."
         )
+    inputs = [("instance json", instances_json), ("semantic PNG folder", semantic_dir)]
+    if isinstance(stuff_categories, (str, os.PathLike)):
+        inputs.append(("stuff category json", stuff_categories))
+    _check_outputs_spare_inputs(output_json, output_dir, inputs)
     if not overwrite:
         for path in (output_json, output_dir):
             if os.path.lexists(path):
@@ -254,6 +258,32 @@ def convert_instances_to_panoptic(
 
 # ---------------------------------------------------------------------------------------------
 # Input checks
+
+
+def _check_outputs_spare_inputs(output_json, output_dir, inputs):
+    """Refuses outputs that would replace an input: the json written over an input file, or the
+    PNG folder (replaced whole) being, holding or lying in an input."""
+    real_json, real_dir = os.path.realpath(output_json), os.path.realpath(output_dir)
+    for what, path in inputs:
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real == real_json:
+            raise ConversionError(
+                f"The output json '{output_json}' is the {what} '{path}': writing it would "
+                "replace the input. Choose another output json."
+            )
+        if real == real_dir or real.startswith(real_dir + os.sep):
+            raise ConversionError(
+                f"The output PNG folder '{output_dir}' is or holds the {what} '{path}': writing "
+                "the folder (--overwrite replaces it whole) would delete the input. Choose "
+                "another output folder."
+            )
+        if real_dir.startswith(real + os.sep):
+            raise ConversionError(
+                f"The output PNG folder '{output_dir}' lies inside the {what} '{path}'. Choose "
+                "an output folder outside it."
+            )
 
 
 def _load_json(path, what):
