@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -544,3 +545,32 @@ def test_outputs_that_would_replace_an_input_are_refused(tmp_path, out_json, out
     for path, data in before.items():
         with open(path, "rb") as f:
             assert f.read() == data, path
+
+
+def test_unwritable_outputs_are_refused_before_converting(tmp_path, monkeypatch, capsys):
+    root = str(tmp_path)
+    instances, sem_dir, stuff_json = write_example(root)
+    os.makedirs(os.path.join(root, "folder.json"))
+    open(os.path.join(root, "file"), "w").close()
+    painted = []
+    monkeypatch.setattr(convert, "_convert_image", lambda *a: painted.append(a))
+    args = ["--instances", instances, "--semantic-dir", sem_dir, "--stuff-categories", stuff_json]
+    for outputs, message in [
+        (["folder.json", "png"], "The output json '.*folder.json' is a folder"),
+        (["p.json", "file/png"], "Cannot write '.*file/png': '.*file' is not a folder"),
+        (["file/p.json", "png"], "Cannot write '.*file/p.json'"),
+        (["p.json", "png", "--report", "folder.json"], "The report '.*folder.json' is a folder"),
+    ]:
+        out = [os.path.join(root, p) if p != "--report" else p for p in outputs]
+        argv = args + ["--output-json", out[0], "--output-dir", out[1], *out[2:], "--overwrite"]
+        assert main(argv) == 1
+        assert re.search(message, capsys.readouterr().err), message
+    assert main(["--instances", sem_dir, "--output-json", "p.json", "--output-dir", "p"]) == 1
+    assert "instance json '" + sem_dir + "' is a folder" in capsys.readouterr().err
+    assert painted == [] and sorted(os.listdir(root)) == [
+        "file",
+        "folder.json",
+        "instances.json",
+        "semantic",
+        "stuff.json",
+    ]

@@ -66,7 +66,12 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from ..atomic_io import atomic_directory, atomic_write, remove_stale_temporaries
+from ..atomic_io import (
+    atomic_directory,
+    atomic_write,
+    blocking_file,
+    remove_stale_temporaries,
+)
 
 __all__ = [
     "ConversionError",
@@ -190,6 +195,7 @@ def convert_instances_to_panoptic(
     if isinstance(stuff_categories, (str, os.PathLike)):
         inputs.append(("stuff category json", stuff_categories))
     _check_outputs_spare_inputs(output_json, output_dir, inputs)
+    _check_writable(output_json, output_dir)
     if not overwrite:
         for path in (output_json, output_dir):
             if os.path.lexists(path):
@@ -286,7 +292,20 @@ def _check_outputs_spare_inputs(output_json, output_dir, inputs):
             )
 
 
+def _check_writable(output_json, output_dir=None, what="output json"):
+    """Fails before any work where an output cannot be written: a json path that is a folder, or
+    a file where a folder above an output must be."""
+    if os.path.isdir(output_json):
+        raise ConversionError(f"The {what} '{output_json}' is a folder, not a file name.")
+    for path in (output_json, output_dir):
+        blocker = path and blocking_file(os.path.dirname(os.path.abspath(path)))
+        if blocker:
+            raise ConversionError(f"Cannot write '{path}': '{blocker}' is not a folder.")
+
+
 def _load_json(path, what):
+    if os.path.isdir(path):
+        raise ConversionError(f"The {what} '{path}' is a folder, not a json file.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The {what} '{path}' does not exist.")
     try:
@@ -739,6 +758,8 @@ def main(argv=None):
     parser.add_argument("--report", help="also write the conversion report to this json file")
     args = parser.parse_args(argv)
     try:
+        if args.report:  # checked now: the report comes after the conversion
+            _check_writable(args.report, what="report")
         report = convert_instances_to_panoptic(
             args.instances,
             args.output_json,
