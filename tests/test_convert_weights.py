@@ -16,7 +16,7 @@ from efficientps_d2.tools.convert_torchvision_weights import (
     convert_torchvision_efficientnet,
     main,
 )
-from tests.common import tiny_config
+from tests.common import CONFIGS, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,17 @@ def test_an_output_that_is_a_folder_or_the_input_is_refused(tmp_path, torchvisio
     assert (tmp_path / "tv.pth").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["file", "folder", "tv.pth"]
     assert os.listdir(tmp_path / "folder") == []
+
+
+def test_a_config_without_efficientnet_is_refused(tmp_path, torchvision_b0, capsys):
+    # The R-50 config's unused MODEL.EFFICIENTNET.VARIANT (b5) refused a B0 file with B5's shapes,
+    # or a B5 file was written and then found to fit nothing in the model.
+    torch.save(torchvision_b0, tmp_path / "tv.pth")
+    config = os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_R_50.yaml")
+    assert main(["--config-file", config, str(tmp_path / "tv.pth"), str(tmp_path / "o.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "does not build on EfficientNet" in err and "'build_resnet_backbone'" in err
+    assert not (tmp_path / "o.pth").exists()
 
 
 def test_another_variant_is_refused_with_the_shapes_named(torchvision_b0):

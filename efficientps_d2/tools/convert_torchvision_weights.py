@@ -236,6 +236,21 @@ def _config(config_file, opts):
     return setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], freeze=False)
 
 
+def _check_efficientnet(cfg, config_file):
+    """Refuses a config whose backbone is not EfficientNet (e.g. the ResNet-50 ones): its
+    MODEL.EFFICIENTNET keys are unused defaults, so the variant would be meaningless."""
+    name, bottom_up = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.TWO_WAY_FPN.BOTTOM_UP
+    if name == "build_efficientnet_two_way_fpn_backbone" or (
+        name == "build_two_way_fpn_backbone" and bottom_up == "build_efficientnet_backbone"
+    ):
+        return
+    raise WeightConversionError(
+        f"'{config_file}' does not build on EfficientNet (MODEL.BACKBONE.NAME '{name}', "
+        f"MODEL.TWO_WAY_FPN.BOTTOM_UP '{bottom_up}'): torchvision's EfficientNet weights do not "
+        "fit its backbone. Its own MODEL.WEIGHTS are the ImageNet weights it starts from."
+    )
+
+
 def _check_against_model(cfg, output_path):
     """Loads the converted file into the config's model (the load report is logged)."""
     from detectron2.modeling import build_model
@@ -278,6 +293,7 @@ def main(argv=None):
         cfg = _config(args.config_file, args.opts) if args.config_file else None
         variant, se = args.variant, args.squeeze_excitation
         if cfg is not None:
+            _check_efficientnet(cfg, args.config_file)
             cfg_variant = cfg.MODEL.EFFICIENTNET.VARIANT.lower()
             if variant and variant != cfg_variant:
                 raise WeightConversionError(
