@@ -108,11 +108,19 @@ def panoptic_metadata(categories):
         dict with thing_classes, stuff_classes (both all classes), thing_colors, stuff_colors,
         thing_dataset_id_to_contiguous_id and stuff_dataset_id_to_contiguous_id.
     """
+    if not isinstance(categories, (list, tuple)):
+        raise ValueError(f"The categories must be a list, got {str(categories)[:200]}.")
     seen = set()
     for c in categories:
+        if not isinstance(c, dict):
+            raise ValueError(f"Category {c!r} is not an object (a dict).")
         for key in ("id", "name", "isthing"):
             if key not in c:
                 raise ValueError(f"Category {c} has no '{key}'.")
+        if not isinstance(c["id"], int) or isinstance(c["id"], bool):
+            raise ValueError(f"Category {c} has id {c['id']!r}; an integer is needed.")
+        if c["isthing"] not in (0, 1):  # True/False compare equal to 1/0
+            raise ValueError(f"Category {c} has isthing={c['isthing']!r}; 0 or 1 expected.")
         if c["id"] in seen:
             raise ValueError(f"Category id {c['id']} appears twice in the categories.")
         seen.add(c["id"])
