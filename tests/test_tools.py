@@ -81,6 +81,28 @@ def test_visualize_data_keeps_images_of_two_folders_that_share_a_name(tmp_path, 
     assert sorted(os.listdir(out)) == ["frame.png", "frame_1.png"]
 
 
+def test_visualize_data_skips_an_unreadable_image_naming_it(tmp_path, synthetic, caplog, request):
+    # It stopped with PIL's "OSError: Truncated File Read", which names no file.
+    from detectron2.data import DatasetCatalog
+
+    logger = logging.getLogger("detectron2")
+    logger.addHandler(caplog.handler)
+    request.addfinalizer(lambda: logger.removeHandler(caplog.handler))
+    train = synthetic[1].strip("(',)")
+    records = DatasetCatalog.get(train)[:2]
+    broken = tmp_path / "broken.png"
+    with open(records[1]["file_name"], "rb") as f:
+        broken.write_bytes(f.read()[:100])
+    records = [records[0], dict(records[1], file_name=str(broken))]
+    names = _register_variant("tools_unreadable", records, train)
+    out = tmp_path / "out"
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
+    with caplog.at_level(logging.WARNING, logger="detectron2"):
+        assert visualize_data.main(argv + ["DATASETS.TEST", "()"]) == 0
+    assert len(os.listdir(out)) == 1
+    assert f"Skipped '{broken}'" in caplog.text and "Skipped 1 of 2 images" in caplog.text
+
+
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):
     # The tool's setup_logger stops the "detectron2" logger propagating: read it directly.
     logger = logging.getLogger("detectron2")

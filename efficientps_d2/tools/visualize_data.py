@@ -6,7 +6,8 @@
 
 - ``annotation``: each image of the training data sets with its panoptic annotation as stored
   (Detectron2's ``Visualizer.draw_dataset_dict``: segments with class names), saved under the
-  image's file name (``_1``, ``_2``, ... added where images of two folders share one).
+  image's file name (``_1``, ``_2``, ... added where images of two folders share one). Images
+  or annotations that cannot be read are skipped with a warning that names them.
 - ``dataloader``: what the model is trained on, after EfficientPS's mapper and augmentations: the
   all-class semantic target, then the thing instances (boxes, masks, class names), saved as
   ``<image_id>.jpg``. Detectron2's tool loops until interrupted; here one pass over the data set
@@ -17,6 +18,7 @@
 """
 
 import argparse
+import logging
 import os
 import sys
 from itertools import chain
@@ -26,6 +28,8 @@ import numpy as np
 from ..atomic_io import atomic_write
 
 __all__ = ["get_parser", "main"]
+
+logger = logging.getLogger("detectron2")
 
 
 def get_parser():
@@ -94,13 +98,26 @@ def _annotations(config, metadata, args):
         dicts = dicts[: args.max_images]
     # Named after the image, "_1", "_2", ... added where images of two folders share a name.
     stems = _unique_stems(list(dict.fromkeys(d["file_name"] for d in dicts)))
+    skipped = 0
     for dic in tqdm.tqdm(dicts):
-        img = utils.read_image(dic["file_name"], "RGB")
         if "segments_info" in dic:  # Detectron2's Cityscapes dicts have no "isthing"
             dic = dict(dic, segments_info=with_isthing(dic["segments_info"], metadata))
-        vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
+        try:
+            img = utils.read_image(dic["file_name"], "RGB")
+            vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
+        except OSError as e:  # PIL's errors do not always name the file
+            skipped += 1
+            annotation = dic.get("pan_seg_file_name") or dic.get("sem_seg_file_name")
+            logger.warning(
+                f"Skipped '{dic['file_name']}'"
+                + (f" (annotation '{annotation}')" if annotation else "")
+                + f": cannot be read ({type(e).__name__}: {e})."
+            )
+            continue
         _output(vis, stems[dic["file_name"]] + os.path.splitext(dic["file_name"])[1], args)
-    return len(dicts)
+    if skipped:
+        logger.warning(f"Skipped {skipped} of {len(dicts)} images that cannot be read.")
+    return len(dicts) - skipped
 
 
 def _dataloader(config, metadata, args):
@@ -144,7 +161,7 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     args = get_parser().parse_args(argv)
-    logger = setup_logger()
+    setup_logger()
     logger.info("Arguments: " + str(args))
     config = _setup(args)
     names = config.train_dataset_names
