@@ -223,9 +223,12 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
         raise WeightConversionError(
             f"'{input_path}' holds a {type(state_dict).__name__}, not a state dict."
         )
-    checkpoint, report = convert_torchvision_efficientnet(
-        state_dict, variant, squeeze_excitation=squeeze_excitation
-    )
+    try:
+        checkpoint, report = convert_torchvision_efficientnet(
+            state_dict, variant, squeeze_excitation=squeeze_excitation
+        )
+    except WeightConversionError as e:
+        raise WeightConversionError(f"'{input_path}': {e}") from e
     atomic_write(output_path, lambda f: torch.save(checkpoint, f))
     return report
 
