@@ -103,6 +103,14 @@ def test_visualize_data_skips_an_unreadable_image_naming_it(tmp_path, synthetic,
     assert f"Skipped '{broken}'" in caplog.text and "Skipped 1 of 2 images" in caplog.text
 
 
+def test_visualize_data_output_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    for out in ("file", "file/pictures"):  # was "[Errno 17] File exists" / "[Errno 20] ..."
+        argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir"]
+        with pytest.raises(SystemExit, match=f"'{tmp_path / 'file'}' is not a folder"):
+            visualize_data.main(argv + [str(tmp_path / out)])
+
+
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):
     # The tool's setup_logger stops the "detectron2" logger propagating: read it directly.
     logger = logging.getLogger("detectron2")
