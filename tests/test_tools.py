@@ -154,3 +154,7 @@ def test_analyze_model_takes_config_overrides_right_after_tasks(synthetic, capsy
         analyze_model.main([*tasks, "flops"])
     assert error.value.code == 2
     assert "invalid choice: 'flops' (choose from flop, activation" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        analyze_model.main(["--config-file", QUICK, "--tasks", "flop", "-n", "0"])
+    assert error.value.code == 2
+    assert "-n/--num-inputs: must be at least 1, got 0" in capsys.readouterr().err
