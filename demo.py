@@ -42,18 +42,23 @@ Exit status:
        frame, no usable video codec, no window to show results in without --output, an --output
        that cannot be written or would overwrite an input (checked before the model is built), a
        checkpoint that does not fit the model, an invalid configuration, or a
-       --confidence-threshold outside [0, 1];
+       --confidence-threshold outside [0, 1]; or an error while processing an image (the model's,
+       writing an output): the image is named, the outputs of the images before it are kept and
+       predictions.json, written with them, is named as partial (its "info" says so too);
     2  invalid command line;
-    130  interrupted (Ctrl-C): a video output keeps the frames written so far and is named.
+    130  interrupted (Ctrl-C): a video output keeps the frames written so far and is named, and
+       so is a partial predictions.json.
 """
 
 import argparse
 import functools
 import sys
+import traceback
 
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.demo import (
     ImageIds,
+    ImageRunError,
     VisualizationDemo,
     check_image_outputs,
     collect_images,
@@ -196,14 +201,20 @@ def main(argv=None):
                 print(f"Interrupted: '{summary.output}' is partial.", file=sys.stderr)
             return _INTERRUPTED
         return 0
-    except KeyboardInterrupt:  # between images: what was written is complete
+    except KeyboardInterrupt:  # each file written is complete; a partial json is named
         print("Interrupted.", file=sys.stderr)
         return _INTERRUPTED
-    except (RuntimeError, ValueError, OSError, ImportError) as e:  # readable messages
+    except ImageRunError as e:  # what was written before the image at fault is kept, and said
+        print(e.summary.report(), file=sys.stderr)
+        if not isinstance(e.__cause__, _READABLE):  # a fault of the code: where it lies
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        return _fail(str(e))
+    except _READABLE as e:  # readable messages
         return _fail(str(e))
 
 
 _INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+_READABLE = (RuntimeError, ValueError, OSError, ImportError)  # errors shown by their message
 
 
 def _problem_lines(title, problems):

@@ -248,12 +248,15 @@ def check_checkpoint_exists(path, key="MODEL.WEIGHTS"):
         raise FileNotFoundError(f"Checkpoint '{path}' ({key}) does not exist.")
 
 
-def check_checkpoint_file(path, key="MODEL.WEIGHTS"):
+def check_checkpoint_file(path, key="MODEL.WEIGHTS", *, fetched_from=None):
     """:func:`check_checkpoint_exists`, then a look at the file's first bytes (not a load): raises
     :class:`CheckpointFileError`, naming the file and ``key``, for one that cannot be a checkpoint:
     empty, a zip archive cut short (torch's format; its directory is at the end), an HTML or XML
     page (a failed download), an image, an HDF5 or gzip file. Others (pickles, ``.pkl``) pass;
-    loading judges them."""
+    loading judges them.
+
+    ``fetched_from``: the URL that ``path`` is the downloaded copy of (``PathManager``'s cache);
+    the error names both, and says to delete the copy, which would otherwise be reused."""
     check_checkpoint_exists(path, key)
     if not path or urlparse(path).scheme:
         return
@@ -264,6 +267,12 @@ def check_checkpoint_file(path, key="MODEL.WEIGHTS"):
     else:
         broken = not head or head.lstrip().startswith(b"<")
         broken = broken or any(head.startswith(magic) for magic, _ in _MAGIC)
+    if broken and fetched_from:
+        raise CheckpointFileError(
+            f"Checkpoint '{fetched_from}' ({key}) cannot be loaded: its downloaded copy '{path}' "
+            f"is {describe_file(path)}. Delete that copy (it is reused, not fetched again) and "
+            "check the URL."
+        )
     if broken:
         raise CheckpointFileError(
             f"Checkpoint '{path}' ({key}) cannot be loaded: it is {describe_file(path)}."

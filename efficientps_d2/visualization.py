@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.visualizer import Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
 from .config_adapter import ConfigAdapter
+from .data.image_files import read_image
 from .data.metadata import with_isthing
 
 __all__ = [

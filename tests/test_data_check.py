@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngImageFile
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.check import (
     DataCheckError,
-    _image_size,
+    _image_header,
     check_class_counts,
     check_dataset,
     check_dataset_names,
@@ -95,6 +95,15 @@ def _wrong_image_size(dataset):
     return image, "is 18x12 (WxH) but its record says 36x24"
 
 
+def _float_image(dataset):
+    # Training reads such an image only to refuse it (no set range to scale to 8 bits): the
+    # check says so before training, from the header.
+    image = dataset["records"][0]["file_name"]
+    gray = np.asarray(Image.open(image).convert("L"), dtype=np.float32)
+    Image.fromarray(gray, mode="F").save(image, format="TIFF")
+    return image, "floating-point image"
+
+
 def _unlisted_id(dataset):
     edit_json(dataset["panoptic_json"], lambda d: d["annotations"][0]["segments_info"].pop())
     return dataset["records"][0]["pan_seg_file_name"], "does not list"
@@ -133,7 +142,7 @@ def _truncated_png(dataset):
 @pytest.mark.parametrize(
     "fault",
     [_grayscale, _wrong_size, _wrong_image_size, _unlisted_id, _absent_id, _no_segments]
-    + [_truncated_png],
+    + [_float_image, _truncated_png],
 )
 def test_faulty_dataset_refused_naming_the_file(dataset, fault):
     culprit, words = fault(dataset)
@@ -186,7 +195,7 @@ def test_image_sizes_come_from_headers_with_the_exif_orientation(tmp_path, monke
         return load(self)
 
     monkeypatch.setattr(PngImageFile, "load", counting_load)
-    assert {name: _image_size(path) for name, path in files.items()} == expected
+    assert {name: _image_header(path)[0] for name, path in files.items()} == expected
     # Only PNGs whose EXIF follows their pixels are decoded (Pillow reads such chunks then).
     assert decoded == ["late.png", "late_xmp.png"]
 

@@ -347,3 +347,30 @@ def test_on_synthetic_data(synthetic_names):
             assert counts[seg["category_id"]] >= seg["area"]
     test_out = EfficientPSDatasetMapper(cfg, is_train=False)(d)
     assert test_out["image"].shape == (3, 96, 128)
+
+
+def test_16_bit_images_are_read_as_the_demo_reads_them(record, tmp_path):
+    """Training read a 16-bit grayscale PNG through PIL's I;16 -> RGB conversion, which clips it
+    (all but the darkest pixels white), while demo.py reads it by its high byte as OpenCV does:
+    a model trained on such data saw other pixels at test time."""
+    import cv2
+
+    from efficientps_d2.demo import ImageInputError, read_bgr_image
+
+    values = np.random.RandomState(0).randint(0, 65536, (H, W)).astype(np.uint16)
+    depth = str(tmp_path / "depth.png")
+    cv2.imwrite(depth, values)
+    expected = np.repeat((values >> 8).astype(np.uint8)[None], 3, axis=0)
+    assert np.array_equal(read_bgr_image(depth).transpose(2, 0, 1), expected)
+    for is_train in (True, False):
+        for image_format in ("BGR", "RGB"):
+            out = _mapper(is_train=is_train, image_format=image_format)(
+                dict(record, file_name=depth)
+            )
+            assert np.array_equal(out["image"].numpy(), expected), (is_train, image_format)
+    # A float image trained as a black one: refused, naming the file (not skipped as unreadable).
+    Image.fromarray(np.random.RandomState(1).rand(H, W).astype(np.float32)).save(
+        tmp_path / "float.tif"
+    )
+    with pytest.raises(ImageInputError, match="float.tif' cannot be used: a floating-point"):
+        _mapper()(dict(record, file_name=str(tmp_path / "float.tif")))

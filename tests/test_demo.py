@@ -297,6 +297,7 @@ def test_ctrl_c_in_a_video_exits_130_keeping_the_partial_output(tmp_path, model_
     try:
         rc = demo.main(
             ["--config-file", config_file, "--video-input", str(video), "--output", str(out)]
+            + ["--save-panoptic"]
         )
     finally:
         demo.VisualizationDemo = original
@@ -306,7 +307,11 @@ def test_ctrl_c_in_a_video_exits_130_keeping_the_partial_output(tmp_path, model_
     assert "Stopped early: interrupted" in err and "The input ended" not in err  # not truncated
     assert "clip.mp4: processed 3 frames." in err  # the 4th was read, then interrupted
     assert count_video_frames(str(out / "clip.mp4")) == 3
-    assert os.listdir(out) == ["clip.mp4"]  # the stale temporary file is gone too
+    # The stale temporary file is gone too.
+    assert sorted(os.listdir(out)) == ["clip.mp4", "panoptic", "predictions.json"]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions["annotations"]) == 3
+    assert predictions["info"]["partial"] == "stopped early (interrupted)"
 
 
 def test_confidence_threshold_out_of_range_is_refused(model_files, capsys):
@@ -349,3 +354,54 @@ def test_a_lazy_config_gives_the_yaml_twins_output(tmp_path, data_root):
     )
     assert cfg.model.roi_heads.box_predictor.test_score_thresh == 0.25
     assert cfg.model.confidence_thresh == 0.25
+
+
+def test_an_error_at_an_image_names_it_and_labels_the_partial_export(tmp_path, model_files, capsys):
+    """A model error at the second of three images ended in "error: <message>" naming no image,
+    and left a predictions.json of the first image alone, nowhere said to be partial."""
+    config_file, _ = model_files["small"]
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.RandomState(0)
+    for name in ("a.png", "b.png", "c.png"):
+        cv2.imwrite(str(images / name), rng.randint(0, 255, (40, 60, 3), np.uint8))
+    out = tmp_path / "out"
+    errors = iter([RuntimeError("CUDA out of memory"), IndexError("index 7 is out of bounds")])
+
+    class FailingDemo(demo.VisualizationDemo):
+        calls = 0
+
+        def run_on_image(self, image):
+            FailingDemo.calls += 1
+            if FailingDemo.calls == 2:
+                raise next(errors)
+            return super().run_on_image(image)
+
+    original = demo.VisualizationDemo
+    demo.VisualizationDemo = FailingDemo
+    try:
+        args = ["--config-file", config_file, "--input", str(images), "--output", str(out)]
+        rc = demo.main(args + ["--save-panoptic"])
+        err = capsys.readouterr().err
+        assert rc == 1, err
+        b = images / "b.png"
+        assert f"error: Processing '{b}' failed: RuntimeError: CUDA out of memory" in err
+        assert f"Stopped at '{b}': it and the images after it (2 in all) were not processed" in err
+        assert (
+            "PARTIAL COCO panoptic predictions (only the 1 images processed before the stop)" in err
+        )
+        assert "Traceback" not in err
+        predictions = json.loads((out / "predictions.json").read_text())
+        assert [a["image_id"] for a in predictions["annotations"]] == ["a"]
+        assert predictions["info"]["partial"].startswith(f"stopped at '{b}': holds the 1 images")
+        assert sorted(os.listdir(out)) == ["a.png", "panoptic", "predictions.json"]
+        # A fault of the code keeps its traceback; a full rerun drops the label.
+        FailingDemo.calls = 0
+        assert demo.main(args) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "IndexError: index 7 is out of bounds" in err
+        assert f"error: Processing '{b}' failed: IndexError" in err
+        assert demo.main(args + ["--save-panoptic"]) == 0
+        assert "partial" not in json.loads((out / "predictions.json").read_text())["info"]
+    finally:
+        demo.VisualizationDemo = original

@@ -273,3 +273,35 @@ def test_tta_without_a_config_names_the_settings_it_lacks():
         EfficientPSWithTTA(
             None, model, min_sizes=[64], max_size=128, flip=True, detections_per_image=5
         )
+
+
+def test_a_video_given_to_input_is_refused_before_the_model_suggesting_video_input(
+    tmp_path, capsys, monkeypatch
+):
+    """`--input clip.mp4` built the model, then said "unreadable image (UnidentifiedImageError:
+    cannot identify image file ...)" and nothing about --video-input."""
+    writer = cv2.VideoWriter(
+        str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (60, 40)
+    )
+    writer.write(_image(40, 60))
+    writer.release()
+    os.link(tmp_path / "clip.avi", tmp_path / "clip.dat")  # a video by its content alone
+    cv2.imwrite(str(tmp_path / "a.png"), _image(40, 60))
+    (tmp_path / "notes.txt").write_text("FFmpeg plays text files as videos of their letters")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(demo, "VisualizationDemo", no_model)
+    monkeypatch.setattr(demo, "build_config", lambda args: None)
+    for name in ("clip.avi", "clip.dat"):
+        video = str(tmp_path / name)
+        args = ["--config-file", "unused.yaml", "--input", video, "--output", str(tmp_path / "o")]
+        assert demo.main(args) == 1, name
+        err = capsys.readouterr().err
+        assert f"{video}: a video, not an image: run it with --video-input {video}" in err, err
+    for name in ("a.png", "notes.txt"):  # an image, and a file for the image reader to judge
+        args = ["--config-file", "unused.yaml", "--input", str(tmp_path / name)]
+        with pytest.raises(AssertionError, match="the model was built"):
+            demo.main(args + ["--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

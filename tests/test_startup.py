@@ -374,6 +374,36 @@ def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check
     check_checkpoint_file(str(tmp_path / "legacy.pkl"))
 
 
+def test_a_fetched_weight_url_whose_copy_is_not_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    # The URL was fetched at start-up but its copy not looked at: an HTML error page (proxy,
+    # sign-in) failed after the data check and the model were built, and stayed in the cache.
+    from detectron2.utils.file_io import PathManager
+
+    from efficientps_d2.checkpoint import CheckpointFileError
+
+    url = "https://example.com/models/model_final.pth"
+    cached = tmp_path / "iopath_cache" / "model_final.pth"
+    cached.parent.mkdir()
+    fetched = []
+    monkeypatch.setattr(
+        PathManager, "get_local_path", lambda path, **kw: fetched.append(path) or str(cached)
+    )
+    config = ConfigAdapter(
+        load_config(QUICK_YAML, ["OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", url])
+    )
+    cached.write_bytes(b"<!DOCTYPE html><html><body>Proxy sign-in</body></html>")
+    with pytest.raises(CheckpointFileError) as e:
+        startup.check_weights(config, eval_only=False, resume=False)
+    assert fetched == [url]
+    assert (
+        f"Checkpoint '{url}' (MODEL.WEIGHTS) cannot be loaded: its downloaded copy '{cached}' is "
+        "a text file" in str(e.value)
+    )
+    assert "Delete that copy" in str(e.value)
+    torch.save({"model": {"w": torch.zeros(4)}}, cached)  # a real checkpoint passes
+    startup.check_weights(config, eval_only=True, resume=False)
+
+
 @pytest.mark.parametrize(
     "kind, opts, words",
     [

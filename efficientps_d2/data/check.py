@@ -12,7 +12,8 @@ PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-t
 - :func:`check_evaluator_types`: every data set in ``DATASETS.TEST`` can be evaluated;
 - :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
   ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
-  ``segments_info`` both ways) and the size of every image against its record;
+  ``segments_info`` both ways) and the size (and pixel type) of every image against its
+  record, from the image's header;
 - :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it. In a
   multi-process run the PNG pass (minutes for Cityscapes) runs once per machine, on its local
   rank 0, and every rank gets the verdict: a fault stops every rank with the same error.
@@ -45,6 +46,7 @@ from detectron2.utils.registry import locate
 from PIL import Image
 
 from ..config_adapter import ConfigAdapter
+from .image_files import unusable_mode
 
 __all__ = [
     "DataCheckError",
@@ -273,11 +275,11 @@ def _check_same_classes(config, names):
         )
 
 
-def _image_size(image_file):
-    """(width, height) of an image as Detectron2 reads it (EXIF orientation applied), from its
-    header: the pixels are not decoded."""
+def _image_header(image_file):
+    """((width, height), PIL mode) of an image, the size as Detectron2 reads it (EXIF orientation
+    applied), from its header: the pixels are not decoded."""
     with Image.open(image_file) as im:
-        width, height = im.size
+        (width, height), mode = im.size, im.mode
         orientation = None
         if im.format != "PNG" or _png_has_orientation(im, image_file):
             try:
@@ -286,7 +288,7 @@ def _image_size(image_file):
                 pass
     if orientation in _SWAPPED_ORIENTATIONS:
         width, height = height, width
-    return width, height
+    return (width, height), mode
 
 
 def _png_has_orientation(im, image_file):
@@ -316,7 +318,8 @@ def _png_has_orientation(im, image_file):
 
 def _check_png(record):
     """(whether the PNG could be opened, list of its faults) for one record's panoptic PNG and,
-    where the record gives a width and height, the size of its image (read from the header)."""
+    where the record gives a width and height, the size of its image; the image's pixel type
+    too (both read from its header)."""
     errors = []
     png = record["pan_seg_file_name"]
     try:
@@ -333,9 +336,12 @@ def _check_png(record):
         errors.append(f"Panoptic PNG '{png}' cannot be read: {e}")
         return False, errors
     try:
-        image_size, image_error = _image_size(record["file_name"]), None
+        (image_size, image_mode), image_error = _image_header(record["file_name"]), None
     except OSError as e:
-        image_size, image_error = None, e
+        image_size, image_mode, image_error = None, None, e
+    unusable = unusable_mode(image_mode)
+    if unusable is not None:  # the mapper would stop training at the first batch holding it
+        errors.append(f"Image '{record['file_name']}' cannot be used: {unusable}")
     if "height" in record and "width" in record:
         expected, source = (record["width"], record["height"]), "its record"
         # An image that cannot be read is skipped in training: only its size is checked here.

@@ -13,6 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from .image_files import ImageInputError, read_image
 from .metadata import thing_semantic_ids_from_config
 
 __all__ = ["EfficientPSDatasetMapper", "check_augmentations"]
@@ -78,7 +79,9 @@ class EfficientPSDatasetMapper:
             is_train: training (targets are built) or inference (only the image).
             augmentations: list of :class:`Augmentation` or :class:`Transform`; they see the image
                 and, as ``sem_seg``, the panoptic label (so geometric ones move both alike).
-            image_format: a format of :func:`detection_utils.read_image`, e.g. "BGR" or "RGB".
+            image_format: a format of :func:`detection_utils.read_image`, e.g. "BGR" or "RGB";
+                images are read by :func:`~efficientps_d2.data.image_files.read_image`, as
+                ``demo.py`` reads them (16-bit ones by their high byte).
             thing_semantic_ids: semantic (all-class) id of each Mask R-CNN class, see
                 :func:`~efficientps_d2.data.metadata.thing_semantic_ids_from_config`.
             ignore_label: semantic target of void and crowd pixels.
@@ -156,7 +159,7 @@ class EfficientPSDatasetMapper:
             training ``sem_seg`` and ``instances`` (class docs for shapes).
         """
         dataset_dict = copy.deepcopy(dataset_dict)  # the caller's dict is reused every epoch
-        image = _read(dataset_dict["file_name"], self.image_format, "image")
+        image = _read(dataset_dict["file_name"], self.image_format, "image", read_image)
         utils.check_image_size(dataset_dict, image)
         out = {k: dataset_dict[k] for k in ("file_name", "image_id") if k in dataset_dict}
         out["height"], out["width"] = dataset_dict["height"], dataset_dict["width"]
@@ -173,7 +176,7 @@ class EfficientPSDatasetMapper:
         if pan_file is None:
             raise ValueError(f"Image '{dataset_dict['file_name']}' has no 'pan_seg_file_name'.")
         segments = self._check_segments(dataset_dict.get("segments_info", []), pan_file)
-        rgb = _read(pan_file, "RGB", "panoptic PNG")
+        rgb = _read(pan_file, "RGB", "panoptic PNG", utils.read_image)
         if rgb.shape[:2] != image.shape[:2]:
             raise ValueError(
                 f"Panoptic PNG '{pan_file}' is {rgb.shape[1]}x{rgb.shape[0]} (WxH) but its image "
@@ -240,10 +243,12 @@ class EfficientPSDatasetMapper:
         return result
 
 
-def _read(path, image_format, what):
+def _read(path, image_format, what, read):
     # Detectron2's own errors name the file only sometimes; say which file and what it is for.
     try:
-        return utils.read_image(path, format=image_format)
+        return read(path, format=image_format)
+    except ImageInputError as e:  # a fault of content (32-bit or float pixels): not skipped
+        raise ImageInputError(f"The {what} '{path}' cannot be used: {e}") from e
     except FileNotFoundError as e:
         raise FileNotFoundError(f"The {what} '{path}' does not exist.") from e
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable files

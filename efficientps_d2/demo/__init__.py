@@ -17,6 +17,7 @@ from .predictor import (
 )
 from .runner import (
     VIDEO_CODECS,
+    ImageRunError,
     ImageRunSummary,
     VideoInputError,
     VideoOutputError,
@@ -41,6 +42,7 @@ __all__ = [
     "EfficientPSPredictor",
     "ImageIds",
     "ImageInputError",
+    "ImageRunError",
     "ImageRunSummary",
     "VideoInputError",
     "VideoOutputError",

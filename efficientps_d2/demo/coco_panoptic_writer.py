@@ -299,10 +299,14 @@ class CocoPanopticWriter:
         )
         return png_path
 
-    def write_json(self):
-        """Writes the json (atomically) and returns its path."""
+    def write_json(self, partial=None):
+        """Writes the json (atomically) and returns its path. ``partial``: why it lacks images
+        (a run stopped early), recorded as ``info["partial"]``."""
+        info = {"description": "EfficientPS panoptic predictions (efficientps_d2)"}
+        if partial:
+            info["partial"] = partial
         data = {
-            "info": {"description": "EfficientPS panoptic predictions (efficientps_d2)"},
+            "info": info,
             "images": self.images,
             "annotations": self.annotations,
             "categories": self.categories,

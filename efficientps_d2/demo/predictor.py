@@ -13,6 +13,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..config_adapter import ConfigAdapter
+from ..data.image_files import ImageInputError
 
 __all__ = [
     "EfficientPSPredictor",
@@ -46,12 +47,6 @@ def resolve_metadata(cfg):
     )
     names = [f"class {i}" for i in range(config.num_classes)]
     return Metadata(name="__unnamed_classes", thing_classes=names, stuff_classes=names), None
-
-
-class ImageInputError(ValueError):
-    """An image that a predictor cannot take: not an (H, W, 3) array of 8-bit or float pixels, or
-    one that the test-time resize cannot resize (so thin that a side would shrink to 0 pixels).
-    ``demo.py`` skips such an image, naming the reason, and goes on with the others."""
 
 
 def prepare_image(original_image, augmentation, input_format):

@@ -1,8 +1,8 @@
 """The demo's work loops: folders/globs of images, video files and webcams, with robust output.
 
 - Images: unreadable files, and images the predictor cannot take (32-bit or float pixels, too
-  thin for the test resize), are reported by name and skipped; the rest are processed. 16-bit
-  images are read as OpenCV reads them.
+  thin for the test resize), are reported by name and skipped; the rest are processed, read as
+  training reads them (16-bit images by their high byte, as OpenCV reads them).
 - Video: frames are processed in order with a progress bar (frames/s); the writer falls back from
   mp4v/.mp4 to MJPG/.avi and says which it used; the output is written under a temporary name and
   renamed when closed, kept (and reported) when the input ends early or processing fails, and read
@@ -20,18 +20,19 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import cv2
-import numpy as np
-from detectron2.data.detection_utils import read_image
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from ..atomic_io import atomic_write, blocking_file, remove_stale_temporaries, temporary_path
+from ..data.image_files import read_image
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 from .predictor import ImageInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ImageRunError",
     "VIDEO_CODECS",
+    "VIDEO_EXTENSIONS",
     "ImageRunSummary",
     "VideoInputError",
     "VideoOutputError",
@@ -41,6 +42,7 @@ __all__ = [
     "collect_images",
     "count_video_frames",
     "display_available",
+    "is_video_file",
     "open_video",
     "open_video_writer",
     "open_webcam",
@@ -53,6 +55,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Files that --input refuses as videos by their name alone (others by opening them).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 # (fourcc, container extension) tried in order; mp4v/.mp4 plays almost everywhere, MJPG/.avi is
 # the codec every OpenCV build can write.
 VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
@@ -65,6 +69,16 @@ class VideoInputError(RuntimeError):
 
 class VideoOutputError(RuntimeError):
     """No codec could write the output video."""
+
+
+class ImageRunError(RuntimeError):
+    """Processing stopped at an image: an error other than the image's own unreadability (the
+    model's, writing an output). The message names the image and the error (the ``__cause__``);
+    ``summary`` (:class:`ImageRunSummary`) says what was done before it, which is kept."""
+
+    def __init__(self, path, error, summary):
+        super().__init__(f"Processing '{path}' failed: {type(error).__name__}: {error}")
+        self.path, self.summary = path, summary
 
 
 def display_available():
@@ -85,7 +99,8 @@ def collect_images(inputs):
 
     Returns:
         (paths, problems): the files in order (without repeats), and (input, reason) for inputs
-        that name nothing to process.
+        that name nothing to process, or a video (see :func:`is_video_file`: ``--video-input``
+        runs it).
     """
     paths, problems = [], []
     for item in inputs:
@@ -109,32 +124,42 @@ def collect_images(inputs):
         else:
             found = []
             problems.append((item, "no such file or folder"))
-        paths.extend(found)
+        for path in found:
+            if is_video_file(path):
+                problems.append((path, f"a video, not an image: run it with --video-input {path}"))
+            else:
+                paths.append(path)
     unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
     return unique, problems
 
 
-# PIL's modes of 16-bit grayscale images (PNG, TIFF).
-_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+def is_video_file(path):
+    """Whether ``path`` is a video rather than an image: a video file extension, or (a file that
+    is not named and cannot be opened as an image) one that OpenCV decodes a frame of."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in VIDEO_EXTENSIONS:
+        return True
+    if ext in IMAGE_EXTENSIONS:
+        return False
+    try:
+        Image.open(path).close()  # reads the header only
+        return False
+    except Exception:  # PIL raises several types for what it cannot read
+        pass
+    capture = cv2.VideoCapture(path)
+    try:
+        # FFmpeg's "tty" demuxer plays any text file as a video of its characters ("ansi").
+        fourcc = (int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).to_bytes(4, "little")
+        return capture.isOpened() and fourcc != b"ansi" and capture.read()[0]
+    finally:
+        capture.release()
 
 
 def read_bgr_image(path):
-    """An image file as an (H, W, 3) uint8 BGR array: Detectron2's ``read_image(path, "BGR")``
-    (EXIF orientation applied), except that a 16-bit grayscale image is scaled to 8 bits by its
-    high byte, as OpenCV reads any 16-bit image and PIL a 16-bit RGB one (``read_image`` clips
-    it: all but the darkest pixels turn white). A 32-bit integer or float image (PIL mode "I" or
-    "F"), whose range is unknown, raises :class:`ImageInputError` (``read_image`` made a float
-    one black)."""
-    with Image.open(path) as image:
-        if image.mode in _GRAY16_MODES:
-            gray = np.asarray(ImageOps.exif_transpose(image), dtype=np.uint16) >> 8
-            return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
-        if image.mode in ("I", "F"):
-            kind = "32-bit integer" if image.mode == "I" else "floating-point"
-            raise ImageInputError(
-                f"a {kind} image (PIL mode {image.mode}) has no set range to scale to the "
-                "model's 8-bit input: convert it to an 8-bit image first."
-            )
+    """An image file as an (H, W, 3) uint8 BGR array, read as training reads it:
+    :func:`efficientps_d2.data.image_files.read_image` (Detectron2's ``read_image``, except that a
+    16-bit grayscale image is read by its high byte, as OpenCV reads it, and a 32-bit or float one
+    raises :class:`ImageInputError`)."""
     return read_image(path, format="BGR")
 
 
@@ -162,17 +187,32 @@ class ImageRunSummary:
         panoptic_json: the COCO panoptic json written, if any.
         unmatched_ids: images of the json whose id is their file stem: no data set image
             matched them, so ``pq_compute`` cannot score them against a ground truth.
+        stopped_at: the image at which an error or Ctrl-C stopped the run (None if none did).
+        not_processed: the images from ``stopped_at`` on, which were not processed.
     """
 
     processed: List[Tuple[str, Optional[str]]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     panoptic_json: Optional[str] = None
     unmatched_ids: List[str] = field(default_factory=list)
+    stopped_at: Optional[str] = None
+    not_processed: int = 0
 
     def report(self):
         lines = [f"Processed {len(self.processed)} images, skipped {len(self.skipped)}."]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
-        lines += _export_lines(self.panoptic_json)
+        if self.stopped_at is not None:
+            lines.append(
+                f"  Stopped at '{self.stopped_at}': it and the images after it "
+                f"({self.not_processed} in all) were not processed."
+            )
+            if self.panoptic_json:
+                lines.append(
+                    f"  PARTIAL COCO panoptic predictions (only the {len(self.processed)} images "
+                    f"processed before the stop): {self.panoptic_json}"
+                )
+        else:
+            lines += _export_lines(self.panoptic_json)
         if self.unmatched_ids:
             lines.append(
                 f"  {len(self.unmatched_ids)} images have their file name as image id (e.g. "
@@ -263,6 +303,11 @@ def run_on_images(
             ``image_id`` of each file (default: numeric file names as integers, else the stem).
     Returns:
         :class:`ImageRunSummary`.
+    Raises:
+        ImageRunError: an error at an image other than its being unreadable or one the predictor
+            cannot take (which are skipped), naming the image; the outputs of the images before
+            it are kept, and ``predictions.json``, written with them, is marked partial (its
+            "info" says where the run stopped).
     """
     image_ids = image_ids if image_ids is not None else ImageIds()
     summary = ImageRunSummary(skipped=list(problems))
@@ -282,8 +327,9 @@ def run_on_images(
     if writer is not None:  # files that match no image id are named by their unique stems
         image_ids.check_unique(paths, stems)
     _remove_stale_outputs(output, paths, stems, writer)
+    index, interrupted = 0, False
     try:
-        for path in tqdm(paths, unit="image", disable=len(paths) < 2):
+        for index, path in enumerate(tqdm(paths, unit="image", disable=len(paths) < 2)):
             try:
                 image = read_bgr_image(path)
             except Exception as e:  # PIL raises several types for unreadable files
@@ -327,10 +373,27 @@ def run_on_images(
                 if cv2.waitKey(0) == 27:  # Esc stops
                     break
             summary.processed.append((path, out_path))
+    except BaseException as e:
+        done = {p for p, _ in summary.processed + summary.skipped}
+        index += index < len(paths) and paths[index] in done  # Ctrl-C between two images
+        if index < len(paths):
+            summary.stopped_at, summary.not_processed = paths[index], len(paths) - index
+        if isinstance(e, Exception) and summary.stopped_at is not None:
+            raise ImageRunError(summary.stopped_at, e, summary) from e
+        interrupted = True  # Ctrl-C: the caller exits; a partial json is named below
+        raise
     finally:
         if writer is not None and writer.images:
-            summary.panoptic_json = writer.write_json()
+            partial = None
+            if summary.stopped_at is not None:
+                partial = (
+                    f"stopped at '{summary.stopped_at}': holds the {len(writer.images)} images "
+                    f"processed before it, not the {summary.not_processed} from it on"
+                )
+            summary.panoptic_json = writer.write_json(partial=partial)
             summary.unmatched_ids = list(image_ids.unmatched)
+            if partial and interrupted:  # else the caller reports the summary
+                logger.warning(f"'{summary.panoptic_json}' is partial: {partial}.")
     return summary
 
 
@@ -626,7 +689,8 @@ def run_on_video(
                     f"{summary.frames_written} were written."
                 )
         if panoptic is not None and panoptic.images:
-            summary.panoptic_json = panoptic.write_json()
+            partial = summary.stopped and f"stopped early ({summary.stopped})"
+            summary.panoptic_json = panoptic.write_json(partial=partial)
         if failed:
             logger.warning(summary.report())
     if summary.frames_read == 0:

@@ -210,7 +210,8 @@ def check_weights(config, *, eval_only, resume):
     that cannot be loaded: a local MODEL.WEIGHTS / ``train.init_checkpoint`` file that does not
     exist or cannot be a checkpoint (empty, cut short, an HTML page:
     :func:`~efficientps_d2.checkpoint.check_checkpoint_file`), a URL or ``torchvision://`` name
-    that cannot be fetched (it is fetched and cached now, as loading would), or with
+    that cannot be fetched (it is fetched and cached now, as loading would) or whose fetched
+    copy cannot be a checkpoint (an HTML error page, cut short: looked at as a local file), or with
     ``eval_only`` none at all (Detectron2 would evaluate a randomly initialised model). Neither
     is read when ``resume`` finds a checkpoint in the output folder. ``config``: a
     :class:`ConfigAdapter`."""
@@ -221,7 +222,8 @@ def check_weights(config, *, eval_only, resume):
     if urlparse(weights).scheme:
         # Fetched (torchvision://: downloaded and converted) and cached now, so that an offline
         # machine or a misspelt name stops before the data check, not after it.
-        PathManager.get_local_path(weights)
+        local = PathManager.get_local_path(weights)
+        check_checkpoint_file(local, config.keys["weights"], fetched_from=weights)
     if weights or not eval_only:
         return
     where = f" and {config.output_dir} holds no checkpoint to --resume from" if resume else ""

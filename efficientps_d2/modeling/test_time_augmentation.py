@@ -30,7 +30,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge, ResizeTransform
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
@@ -39,6 +38,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import tta_config
+from ..data.image_files import read_image
 from .meta_arch import EfficientPS
 
 __all__ = ["EfficientPSWithTTA", "check_tta_settings"]

@@ -27,10 +27,10 @@ import sys
 
 import torch
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.registry import locate
 
 from efficientps_d2.config_adapter import ConfigAdapter
+from efficientps_d2.data.image_files import read_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
 from efficientps_d2.export import FORMATS, export_model

@@ -87,9 +87,9 @@ def _output(vis, fname, args):
 def _annotations(config, metadata, args):
     import tqdm
     from detectron2.data import DatasetCatalog
-    from detectron2.data import detection_utils as utils
     from detectron2.utils.visualizer import Visualizer
 
+    from ..data.image_files import ImageInputError, read_image
     from ..data.metadata import with_isthing
     from ..demo.runner import _unique_stems
 
@@ -103,9 +103,9 @@ def _annotations(config, metadata, args):
         if "segments_info" in dic:  # Detectron2's Cityscapes dicts have no "isthing"
             dic = dict(dic, segments_info=with_isthing(dic["segments_info"], metadata))
         try:
-            img = utils.read_image(dic["file_name"], "RGB")
+            img = read_image(dic["file_name"], "RGB")
             vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
-        except OSError as e:  # PIL's errors do not always name the file
+        except (OSError, ImageInputError) as e:  # PIL's errors do not always name the file
             skipped += 1
             annotation = dic.get("pan_seg_file_name") or dic.get("sem_seg_file_name")
             logger.warning(

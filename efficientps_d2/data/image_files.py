@@ -1,0 +1,51 @@
+"""Image files read one way everywhere: in training and evaluation (the dataset mapper), in
+``demo.py``, test-time augmentation, the export's sample image and the training pictures, so a
+model sees at test time the pixels it was trained on."""
+
+import numpy as np
+from detectron2.data import detection_utils as utils
+from detectron2.utils.file_io import PathManager
+from PIL import Image, ImageOps
+
+__all__ = ["ImageInputError", "read_image", "unusable_mode"]
+
+# PIL's modes of 16-bit grayscale images (PNG, TIFF).
+_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class ImageInputError(ValueError):
+    """An image that the model cannot take: a file of 32-bit or float pixels, not an (H, W, 3)
+    array of 8-bit or float pixels, or one that the test-time resize cannot resize (so thin that
+    a side would shrink to 0 pixels). ``demo.py`` skips such an image, naming the reason, and goes
+    on with the others."""
+
+
+def read_image(path, format=None):
+    """Detectron2's ``read_image(path, format)`` (EXIF orientation applied; ``format`` as there:
+    "BGR", "RGB", "L", ...), except that a 16-bit grayscale image is scaled to 8 bits by its high
+    byte, as OpenCV reads any 16-bit image and PIL a 16-bit RGB one (Detectron2's clips it: all
+    but the darkest pixels turn white). A 32-bit integer or float image (PIL mode "I" or "F"),
+    whose range is unknown, raises :class:`ImageInputError` (Detectron2's made a float one
+    black)."""
+    with PathManager.open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode in _GRAY16_MODES:
+            gray = np.asarray(ImageOps.exif_transpose(image), dtype=np.uint16) >> 8
+            return utils.convert_PIL_to_numpy(Image.fromarray(gray.astype(np.uint8)), format)
+        reason = unusable_mode(image.mode)
+        if reason is not None:
+            raise ImageInputError(reason)
+    return utils.read_image(path, format=format)
+
+
+def unusable_mode(mode):
+    """Why :func:`read_image` refuses an image of PIL mode ``mode`` (a sentence), or None: a
+    32-bit integer or float image ("I" or "F") has no set range to scale to 8 bits. The data
+    check asks this of each image's header before training."""
+    if mode not in ("I", "F"):
+        return None
+    kind = "32-bit integer" if mode == "I" else "floating-point"
+    return (
+        f"a {kind} image (PIL mode {mode}) has no set range to scale to the model's 8-bit "
+        "input: convert it to an 8-bit image first."
+    )
