@@ -264,6 +264,9 @@ def _set_ann(index, **values):
         (None, ("sub/b.png", "size"), ["sub/b.png", "image 2", f"{W + 1}x{H}", f"{W}x{H}"]),
         (None, ("a.png", "value"), ["a.png", "image 1", "values [9]"]),
         (None, ("a.png", "rgb"), ["a.png", "image 1", "mode 'RGB'"]),
+        # PIL's "image file is truncated" named no file, and was a traceback on the command line.
+        (None, ("sub/b.png", "truncated"), ["sub/b.png", "image 2", "cannot be read"]),
+        (None, ("a.png", "not a png"), ["a.png", "image 1", "cannot be read"]),
     ],
 )
 def test_bad_input_names_culprit_and_writes_nothing(tmp_path, edit, semantic_edit, expected):
@@ -278,6 +281,14 @@ def test_bad_input_names_culprit_and_writes_nothing(tmp_path, edit, semantic_edi
             os.remove(path)
         elif kind == "size":
             Image.new("L", (W + 1, H)).save(path)
+        elif kind == "truncated":
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(path, "wb") as f:
+                f.write(data[:60])
+        elif kind == "not a png":
+            with open(path, "w") as f:
+                f.write("not a png")
         elif kind == "value":
             sem = np.asarray(Image.open(path)).copy()
             sem[3, 3] = 9

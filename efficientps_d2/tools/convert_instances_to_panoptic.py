@@ -542,18 +542,23 @@ def _read_semantic(semantic_dir, image, things, stuff):
         raise ConversionError(
             f"Semantic PNG '{path}' for image {image['id']!r} ('{image['file_name']}') is missing."
         )
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            raise ConversionError(
-                f"Semantic PNG '{path}' (image {image['id']!r}) has mode '{im.mode}'; a "
-                "single-channel PNG of category ids is expected."
-            )
-        if im.size != (image["width"], image["height"]):
-            raise ConversionError(
-                f"Semantic PNG '{path}' (image {image['id']!r}) is {im.size[0]}x{im.size[1]} "
-                f"(width x height), but the image is {image['width']}x{image['height']}."
-            )
-        sem = np.asarray(im).astype(np.int64)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise ConversionError(
+                    f"Semantic PNG '{path}' (image {image['id']!r}) has mode '{im.mode}'; a "
+                    "single-channel PNG of category ids is expected."
+                )
+            if im.size != (image["width"], image["height"]):
+                raise ConversionError(
+                    f"Semantic PNG '{path}' (image {image['id']!r}) is {im.size[0]}x{im.size[1]} "
+                    f"(width x height), but the image is {image['width']}x{image['height']}."
+                )
+            sem = np.asarray(im).astype(np.int64)
+    except OSError as e:  # truncated or not an image: PIL's message may not name the file
+        raise ConversionError(
+            f"Semantic PNG '{path}' (image {image['id']!r}) cannot be read: {e}"
+        ) from e
     unknown = sorted(set(np.unique(sem).tolist()) - set(stuff) - set(things) - {SEMANTIC_VOID})
     if unknown:
         raise ConversionError(
