@@ -311,6 +311,21 @@ def test_bad_input_names_culprit_and_writes_nothing(tmp_path, edit, semantic_edi
     assert sorted(os.listdir(root)) == before
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([], "holds a list, not a COCO json object"),  # was AttributeError: 'list' ... 'get'
+        ({"images": [], "categories": [], "annotations": {"a": 1}}, "'annotations' are not a list"),
+    ],
+)
+def test_instance_json_that_is_not_a_coco_object_is_named(tmp_path, content, message):
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConversionError, match=message) as e:
+        convert_instances_to_panoptic(str(path), str(tmp_path / "p.json"), str(tmp_path / "p"))
+    assert str(path) in str(e.value) and sorted(os.listdir(tmp_path)) == ["instances.json"]
+
+
 def test_bad_categories(tmp_path):
     root = str(tmp_path)
     instances, sem_dir, _ = write_example(root)

@@ -209,9 +209,16 @@ def convert_instances_to_panoptic(
         raise FileNotFoundError(f"Semantic PNG folder '{semantic_dir}' does not exist.")
 
     data = _load_json(instances_json, "instance json")
+    if not isinstance(data, dict):
+        raise ConversionError(
+            f"'{instances_json}' holds a {type(data).__name__}, not a COCO json object with "
+            "'images', 'annotations' and 'categories'."
+        )
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise ConversionError(f"'{instances_json}' has no '{key}' list.")
+    if not isinstance(data.get("annotations") or [], list):
+        raise ConversionError(f"'{instances_json}': its 'annotations' are not a list.")
     stuff_source = None
     if stuff_categories is not None:
         stuff_source = "stuff categories"
