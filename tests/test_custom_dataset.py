@@ -225,6 +225,16 @@ def test_duplicate_segment_id_is_named(tmp_path, register):
         DatasetCatalog.get(name)
 
 
+def test_a_json_that_is_not_an_object_is_named_at_loading(tmp_path, register):
+    # With the categories given, loading met the list first: AttributeError ('list' ... 'get').
+    dataset = write_panoptic_dataset(str(tmp_path))
+    name = register(categories=dataset["categories"], **_paths(dataset))
+    with open(dataset["panoptic_json"], "w") as f:
+        f.write("[]")
+    with pytest.raises(ValueError, match=r"Panoptic json '.*' has no 'images' list"):
+        DatasetCatalog.get(name)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -125,7 +125,7 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
         raise FileNotFoundError(f"Panoptic json '{json_file}' does not exist.")
     data = _read_json(json_file)
     for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise ValueError(f"Panoptic json '{json_file}' has no '{key}' list.")
     if not data["annotations"]:
         raise ValueError(f"Panoptic json '{json_file}' has no annotations.")
