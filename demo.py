@@ -207,7 +207,8 @@ def main(argv=None):
     except ImageRunError as e:  # what was written before the image at fault is kept, and said
         print(e.summary.report(), file=sys.stderr)
         if not isinstance(e.__cause__, _READABLE):  # a fault of the code: where it lies
-            traceback.print_exception(e.__cause__, file=sys.stderr)
+            cause = e.__cause__  # the three-argument form: Python 3.8 and 3.9 need it
+            traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
         return _fail(str(e))
     except _READABLE as e:  # readable messages
         return _fail(str(e))

@@ -187,7 +187,7 @@ class ImageRunSummary:
         panoptic_json: the COCO panoptic json written, if any.
         unmatched_ids: images of the json whose id is their file stem: no data set image
             matched them, so ``pq_compute`` cannot score them against a ground truth.
-        stopped_at: the image at which an error or Ctrl-C stopped the run (None if none did).
+        stopped_at: the image at which an error, Ctrl-C or Esc stopped the run (None if none did).
         not_processed: the images from ``stopped_at`` on, which were not processed.
     """
 
@@ -327,9 +327,9 @@ def run_on_images(
     if writer is not None:  # files that match no image id are named by their unique stems
         image_ids.check_unique(paths, stems)
     _remove_stale_outputs(output, paths, stems, writer)
-    index, interrupted = 0, False
+    earlier, interrupted = len(summary.skipped), False  # the problems of collecting the paths
     try:
-        for index, path in enumerate(tqdm(paths, unit="image", disable=len(paths) < 2)):
+        for path in tqdm(paths, unit="image", disable=len(paths) < 2):
             try:
                 image = read_bgr_image(path)
             except Exception as e:  # PIL raises several types for unreadable files
@@ -368,16 +368,14 @@ def run_on_images(
                     width=width,
                     png_name=stems[path] + ".png",
                 )
+            summary.processed.append((path, out_path))
             if show:
                 cv2.imshow(_WINDOW, vis.get_image()[:, :, ::-1])
-                if cv2.waitKey(0) == 27:  # Esc stops
+                if cv2.waitKey(0) == 27:  # Esc stops: the images after this one are not run
+                    _record_stop(summary, paths, earlier)
                     break
-            summary.processed.append((path, out_path))
     except BaseException as e:
-        done = {p for p, _ in summary.processed + summary.skipped}
-        index += index < len(paths) and paths[index] in done  # Ctrl-C between two images
-        if index < len(paths):
-            summary.stopped_at, summary.not_processed = paths[index], len(paths) - index
+        _record_stop(summary, paths, earlier)
         if isinstance(e, Exception) and summary.stopped_at is not None:
             raise ImageRunError(summary.stopped_at, e, summary) from e
         interrupted = True  # Ctrl-C: the caller exits; a partial json is named below
@@ -395,6 +393,14 @@ def run_on_images(
             if partial and interrupted:  # else the caller reports the summary
                 logger.warning(f"'{summary.panoptic_json}' is partial: {partial}.")
     return summary
+
+
+def _record_stop(summary, paths, earlier):
+    """Records in ``summary`` where a run over ``paths`` stopped, if before their end. Each image
+    finished added one entry to ``processed`` or ``skipped``, after the ``earlier`` ones."""
+    done = len(summary.processed) + len(summary.skipped) - earlier
+    if done < len(paths):
+        summary.stopped_at, summary.not_processed = paths[done], len(paths) - done
 
 
 def _remove_stale_outputs(output, paths, stems, writer):
