@@ -750,8 +750,9 @@ def parse_args(argv=None):
         "--repeats",
         nargs="+",
         type=int,
-        default=[5, 3],
-        help="timed runs per size (one number for all sizes, or one per size)",
+        default=None,
+        help="timed runs per size (one number for all sizes, or one per size; default: 5 for "
+        "the first size, 3 for the others)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per size and model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -821,11 +822,34 @@ def parse_args(argv=None):
     args.paths = [p for p in args.paths if p != "none"]
     if args.compile_sizes is None:
         args.compile_sizes = list(args.sizes)
+    # Checked here, not after minutes of model building and timing.
+    if args.repeats is None:
+        args.repeats = [5] + [3] * (len(args.sizes) - 1)
+    if len(args.repeats) not in (1, len(args.sizes)) or min(args.repeats) < 1:
+        parser.error(
+            f"--repeats takes one positive number, or one per size ({len(args.sizes)} sizes), "
+            f"got {args.repeats}."
+        )
+    if args.warmup < 0 or (args.warmup == 0 and not args.no_memory):
+        parser.error(
+            f"--warmup {args.warmup}: peak memory is measured on the last warm-up run, so give "
+            "--warmup 1 or more, or --no-memory with --warmup 0."
+        )
+    named = [("--sizes", s) for s in args.sizes] + [("--train-size", args.train_size)]
+    named += [("--compile-sizes", s) for s in args.compile_sizes]
+    named += [("--training-memory", args.training_memory)] if args.training_memory else []
+    for flag, text in named:
+        try:
+            _size(text)
+        except ValueError:
+            parser.error(f"{flag}: '{text}' is not a size HxW (e.g. 512x1024).")
     return args
 
 
 def _size(text):
     height, width = (int(v) for v in text.lower().split("x"))
+    if height < 1 or width < 1:
+        raise ValueError(f"'{text}' is not a size HxW.")
     return height, width
 
 
@@ -839,8 +863,6 @@ def main(argv=None):
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     repeats = args.repeats * len(args.sizes) if len(args.repeats) == 1 else args.repeats
-    if len(repeats) != len(args.sizes):
-        raise ValueError(f"--repeats needs 1 or {len(args.sizes)} numbers, got {args.repeats}.")
 
     report = {
         "machine": machine_info(device),

@@ -18,12 +18,14 @@ from Python.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 
-from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 
@@ -64,18 +66,50 @@ def evaluate_plain_and_tta(cfg, dataset_name, *, max_images=None, output_dir=Non
     EfficientPSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     mapper = _test_mapper(cfg)
-    if max_images:
-        dataset = DatasetCatalog.get(dataset_name)[:max_images]
-        loader = build_detection_test_loader(dataset=dataset, mapper=mapper)
-    else:
-        loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
-    results = {}
-    for key, runner in (("plain", model), ("tta", EfficientPSWithTTA(cfg, model))):
-        folder = os.path.join(output_dir, key) if output_dir else None
-        evaluator = COCOPanopticEvaluator(dataset_name, folder)
-        logger.info(f"Evaluating {key} inference on '{dataset_name}' ...")
-        results[key] = inference_on_dataset(runner, loader, evaluator)["panoptic_seg"]
+    with tempfile.TemporaryDirectory() as temp:
+        with _first_images(dataset_name, max_images, temp) as (name, dataset):
+            loader = build_detection_test_loader(
+                dataset=dataset, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
+            )
+            results = {}
+            for key, runner in (("plain", model), ("tta", EfficientPSWithTTA(cfg, model))):
+                folder = os.path.join(output_dir, key) if output_dir else None
+                evaluator = COCOPanopticEvaluator(name, folder)
+                logger.info(f"Evaluating {key} inference on '{dataset_name}' ...")
+                results[key] = inference_on_dataset(runner, loader, evaluator)["panoptic_seg"]
     return results
+
+
+@contextlib.contextmanager
+def _first_images(dataset_name, max_images, folder):
+    """Yields (name, dataset dicts) of the first ``max_images`` images of ``dataset_name``: the
+    data set itself where that is all of it, else those images registered as a data set of their
+    own while the block runs, with a ground-truth json (written into ``folder``) of those images
+    only, as panopticapi wants a prediction for every ground-truth image."""
+    dataset = DatasetCatalog.get(dataset_name)
+    if not max_images or max_images >= len(dataset):
+        yield dataset_name, dataset
+        return
+    dataset = dataset[:max_images]
+    metadata = MetadataCatalog.get(dataset_name)
+    with open(metadata.panoptic_json) as f:
+        ground_truth = json.load(f)
+    kept = {d["image_id"] for d in dataset}
+    for key in ("images", "annotations"):
+        id_key = "id" if key == "images" else "image_id"
+        ground_truth[key] = [x for x in ground_truth[key] if x[id_key] in kept]
+    name = f"{dataset_name}_first_{max_images}"
+    panoptic_json = os.path.join(folder, f"{name}.json")
+    with open(panoptic_json, "w") as f:
+        json.dump(ground_truth, f)
+    DatasetCatalog.register(name, lambda: dataset)
+    fields = {k: v for k, v in metadata.as_dict().items() if k != "name"}
+    MetadataCatalog.get(name).set(**dict(fields, panoptic_json=panoptic_json))
+    try:
+        yield name, dataset
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def format_table(results, cfg):

@@ -136,6 +136,7 @@ class TorchvisionEfficientNetHandler(PathHandler):
 
     def _convert(self, path, variant, weights, output):
         from .tools.convert_torchvision_weights import (
+            WeightConversionError,
             convert_file,
             convert_torchvision_efficientnet,
         )
@@ -143,7 +144,14 @@ class TorchvisionEfficientNetHandler(PathHandler):
         local = self.torchvision_file(weights)
         if os.path.isfile(local):
             logger.info(f"{path}: converting torchvision's '{local}'.")
-            report = convert_file(local, output, variant)
+            try:
+                report = convert_file(local, output, variant)
+            except WeightConversionError as e:  # a broken or misnamed copy in the hub folder
+                raise WeightConversionError(
+                    f"MODEL.WEIGHTS '{path}': torchvision's file in the hub folder cannot be "
+                    f"used. {e} Delete '{local}' (it is then downloaded again from "
+                    f"{weights.url}) or replace it with that file."
+                ) from e
         else:
             logger.info(f"{path}: '{local}' is not there; downloading {weights.url}.")
             try:

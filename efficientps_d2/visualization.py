@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config_adapter import ConfigAdapter
 from .data.image_files import read_image
+from .data.metadata import with_isthing
 
 __all__ = [
     "PanopticVisualizationHook",
@@ -35,12 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: The event-storage (tensorboard) name of the pictures.
 IMAGE_NAME = "panoptic: ground truth (left) | prediction (right)"
-
-
-def _with_isthing(segments_info, metadata):
-    # Detectron2's Cityscapes loader leaves "isthing" out; the Visualizer needs it.
-    things = set(metadata.thing_dataset_id_to_contiguous_id.values())
-    return [dict(s, isthing=s.get("isthing", s["category_id"] in things)) for s in segments_info]
 
 
 def draw_panoptic_pair(rgb, dataset_dict, panoptic_seg, segments_info, metadata, max_side=1024):
@@ -59,7 +54,7 @@ def draw_panoptic_pair(rgb, dataset_dict, panoptic_seg, segments_info, metadata,
     if dataset_dict.get("pan_seg_file_name"):
         gt_dict = {
             "pan_seg_file_name": dataset_dict["pan_seg_file_name"],
-            "segments_info": _with_isthing(dataset_dict["segments_info"], metadata),
+            "segments_info": with_isthing(dataset_dict["segments_info"], metadata),
         }
         gt = gt.draw_dataset_dict(gt_dict)
     else:

@@ -96,6 +96,23 @@ def test_quick_mode_settings(benchmark):
     assert benchmark.parse_args(["--device", "cpu"]).paths == []
 
 
+def test_bad_command_lines_stop_before_any_model_is_built(benchmark, capsys):
+    # Each used to fail after the models were built (or after the timings), with a traceback.
+    assert benchmark.parse_args(["--sizes", "64x128"]).repeats == [5]  # was "needs 1 or 1"
+    assert benchmark.parse_args([]).repeats == [5, 3]
+    for argv, message in [
+        (["--sizes", "64x128", "--warmup", "0"], "--warmup 0: peak memory is measured"),
+        (["--sizes", "64x128", "96x128", "--repeats", "1", "2", "3"], "one per size (2 sizes)"),
+        (["--sizes", "64,128"], "--sizes: '64,128' is not a size HxW"),
+        (["--training-memory", "512"], "--training-memory: '512' is not a size"),
+    ]:
+        with pytest.raises(SystemExit) as error:
+            benchmark.parse_args(argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    args = benchmark.parse_args(["--sizes", "64x128", "--warmup", "0", "--no-memory"])
+    assert (args.warmup, args.repeats) == (0, [5])
+
+
 def test_gpu_profile_counts_launches_and_host_waits(benchmark):
     """The GPU rows' launches and host waits per image, from torch.profiler's averaged events."""
     from types import SimpleNamespace

@@ -169,3 +169,23 @@ def test_fixtures_pass_the_data_check(loaded):
     _, _, data = loaded
     for name in NAMES:
         assert data[name]["check_errors"] == [], name
+
+
+def test_cityscapes_dicts_map_to_training_targets(loaded):
+    # Detectron2's Cityscapes dicts have no "isthing": the training mapper takes it from the
+    # classes (it used to stop at the first image, "a segment has no 'isthing'").
+    from efficientps_d2.data.dataset_mapper import EfficientPSDatasetMapper
+
+    _, _, out = loaded
+    things = sorted(out["cityscapes_fine_panoptic_train"]["things"].values())
+    mapper = EfficientPSDatasetMapper(
+        True, augmentations=[], image_format="RGB", thing_semantic_ids=things, num_classes=19
+    )
+    for d in out["cityscapes_fine_panoptic_train"]["dicts"]:
+        mapped = mapper(d)
+        # Two persons and a car (the car group is a crowd: no instance), as Mask R-CNN classes.
+        assert mapped["instances"].gt_classes.tolist() == [things.index(11)] * 2 + [
+            things.index(13)
+        ]
+        labels = set(np.unique(mapped["sem_seg"].numpy()).tolist())
+        assert labels == {0, 2, 10, 11, 13, 255}  # road, building, sky, person, car, void

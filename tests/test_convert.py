@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -263,6 +264,9 @@ def _set_ann(index, **values):
         (None, ("sub/b.png", "size"), ["sub/b.png", "image 2", f"{W + 1}x{H}", f"{W}x{H}"]),
         (None, ("a.png", "value"), ["a.png", "image 1", "values [9]"]),
         (None, ("a.png", "rgb"), ["a.png", "image 1", "mode 'RGB'"]),
+        # PIL's "image file is truncated" named no file, and was a traceback on the command line.
+        (None, ("sub/b.png", "truncated"), ["sub/b.png", "image 2", "cannot be read"]),
+        (None, ("a.png", "not a png"), ["a.png", "image 1", "cannot be read"]),
     ],
 )
 def test_bad_input_names_culprit_and_writes_nothing(tmp_path, edit, semantic_edit, expected):
@@ -277,6 +281,14 @@ def test_bad_input_names_culprit_and_writes_nothing(tmp_path, edit, semantic_edi
             os.remove(path)
         elif kind == "size":
             Image.new("L", (W + 1, H)).save(path)
+        elif kind == "truncated":
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(path, "wb") as f:
+                f.write(data[:60])
+        elif kind == "not a png":
+            with open(path, "w") as f:
+                f.write("not a png")
         elif kind == "value":
             sem = np.asarray(Image.open(path)).copy()
             sem[3, 3] = 9
@@ -297,6 +309,21 @@ def test_bad_input_names_culprit_and_writes_nothing(tmp_path, edit, semantic_edi
     # Image 2's semantic PNG fails after image 1's panoptic PNG was written: still no output,
     # and no temporary files left.
     assert sorted(os.listdir(root)) == before
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([], "holds a list, not a COCO json object"),  # was AttributeError: 'list' ... 'get'
+        ({"images": [], "categories": [], "annotations": {"a": 1}}, "'annotations' are not a list"),
+    ],
+)
+def test_instance_json_that_is_not_a_coco_object_is_named(tmp_path, content, message):
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConversionError, match=message) as e:
+        convert_instances_to_panoptic(str(path), str(tmp_path / "p.json"), str(tmp_path / "p"))
+    assert str(path) in str(e.value) and sorted(os.listdir(tmp_path)) == ["instances.json"]
 
 
 def test_bad_categories(tmp_path):
@@ -512,3 +539,64 @@ def test_leftovers_of_a_killed_conversion_are_removed(tmp_path):
     open(other, "w").close()
     _convert(str(tmp_path))
     assert sorted(os.listdir(out)) == [os.path.basename(other), "panoptic.json", "png"]
+
+
+@pytest.mark.parametrize(
+    "out_json, out_dir, culprit",
+    [
+        ("p.json", "semantic", "is or holds the semantic PNG folder"),  # its PNGs were replaced
+        ("../p.json", ".", "is or holds the instance json"),  # the input folder was deleted
+        ("instances.json", "png", "is the instance json"),  # converted in place
+        ("stuff.json", "png", "is the stuff category json"),
+        ("p.json", "semantic/png", "lies inside the semantic PNG folder"),
+    ],
+)
+def test_outputs_that_would_replace_an_input_are_refused(tmp_path, out_json, out_dir, culprit):
+    root = str(tmp_path)
+    write_example(root)
+    before = {
+        os.path.join(folder, f): open(os.path.join(folder, f), "rb").read()
+        for folder, _, files in os.walk(root)
+        for f in files
+    }
+    with pytest.raises(ConversionError, match=culprit):
+        convert_instances_to_panoptic(
+            os.path.join(root, "instances.json"),
+            os.path.join(root, out_json),
+            os.path.join(root, out_dir),
+            semantic_dir=os.path.join(root, "semantic"),
+            stuff_categories=os.path.join(root, "stuff.json"),
+            overwrite=True,
+        )
+    for path, data in before.items():
+        with open(path, "rb") as f:
+            assert f.read() == data, path
+
+
+def test_unwritable_outputs_are_refused_before_converting(tmp_path, monkeypatch, capsys):
+    root = str(tmp_path)
+    instances, sem_dir, stuff_json = write_example(root)
+    os.makedirs(os.path.join(root, "folder.json"))
+    open(os.path.join(root, "file"), "w").close()
+    painted = []
+    monkeypatch.setattr(convert, "_convert_image", lambda *a: painted.append(a))
+    args = ["--instances", instances, "--semantic-dir", sem_dir, "--stuff-categories", stuff_json]
+    for outputs, message in [
+        (["folder.json", "png"], "The output json '.*folder.json' is a folder"),
+        (["p.json", "file/png"], "Cannot write '.*file/png': '.*file' is not a folder"),
+        (["file/p.json", "png"], "Cannot write '.*file/p.json'"),
+        (["p.json", "png", "--report", "folder.json"], "The report '.*folder.json' is a folder"),
+    ]:
+        out = [os.path.join(root, p) if p != "--report" else p for p in outputs]
+        argv = args + ["--output-json", out[0], "--output-dir", out[1], *out[2:], "--overwrite"]
+        assert main(argv) == 1
+        assert re.search(message, capsys.readouterr().err), message
+    assert main(["--instances", sem_dir, "--output-json", "p.json", "--output-dir", "p"]) == 1
+    assert "instance json '" + sem_dir + "' is a folder" in capsys.readouterr().err
+    assert painted == [] and sorted(os.listdir(root)) == [
+        "file",
+        "folder.json",
+        "instances.json",
+        "semantic",
+        "stuff.json",
+    ]

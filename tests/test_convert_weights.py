@@ -1,6 +1,7 @@
 """torchvision EfficientNet -> EfficientPS backbone weights; checkpoints that do not fit."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from efficientps_d2.tools.convert_torchvision_weights import (
     convert_torchvision_efficientnet,
     main,
 )
-from tests.common import tiny_config
+from tests.common import CONFIGS, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,35 @@ def test_an_input_that_is_not_a_torch_file_is_described(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_an_output_that_is_a_folder_or_the_input_is_refused(tmp_path, torchvision_b0, capsys):
+    # A folder ended in an IsADirectoryError traceback; the input was replaced by the output.
+    torch.save(torchvision_b0, tmp_path / "tv.pth")
+    before = (tmp_path / "tv.pth").read_bytes()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for output, message in [
+        ("folder", "is a folder: give the checkpoint file"),
+        ("tv.pth", "is the input: writing it would replace torchvision's file"),
+        ("file/out.pth", "'" + str(tmp_path / "file") + "' is not a folder"),
+    ]:
+        assert main(["--variant", "b0", str(tmp_path / "tv.pth"), str(tmp_path / output)]) == 1
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "tv.pth").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder", "tv.pth"]
+    assert os.listdir(tmp_path / "folder") == []
+
+
+def test_a_config_without_efficientnet_is_refused(tmp_path, torchvision_b0, capsys):
+    # The R-50 config's unused MODEL.EFFICIENTNET.VARIANT (b5) refused a B0 file with B5's shapes,
+    # or a B5 file was written and then found to fit nothing in the model.
+    torch.save(torchvision_b0, tmp_path / "tv.pth")
+    config = os.path.join(CONFIGS, "Cityscapes-PanopticSegmentation", "efficientps_R_50.yaml")
+    assert main(["--config-file", config, str(tmp_path / "tv.pth"), str(tmp_path / "o.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "does not build on EfficientNet" in err and "'build_resnet_backbone'" in err
+    assert not (tmp_path / "o.pth").exists()
 
 
 def test_another_variant_is_refused_with_the_shapes_named(torchvision_b0):

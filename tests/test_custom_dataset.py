@@ -223,3 +223,35 @@ def test_duplicate_segment_id_is_named(tmp_path, register):
     name = register(**_paths(dataset))
     with pytest.raises(ValueError, match=r"'img_000.png' \(image id 1\) has segment id \d+ twice"):
         DatasetCatalog.get(name)
+
+
+def test_a_json_that_is_not_an_object_is_named_at_loading(tmp_path, register):
+    # With the categories given, loading met the list first: AttributeError ('list' ... 'get').
+    dataset = write_panoptic_dataset(str(tmp_path))
+    name = register(categories=dataset["categories"], **_paths(dataset))
+    with open(dataset["panoptic_json"], "w") as f:
+        f.write("[]")
+    with pytest.raises(ValueError, match=r"Panoptic json '.*' has no 'images' list"):
+        DatasetCatalog.get(name)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("{", r"is not valid json: Expecting property name"),  # was a bare JSONDecodeError
+        (lambda d: d["categories"][0].pop("isthing"), r"Category .*'cat'.* has no 'isthing'"),
+        (lambda d: d["categories"][0].update(id="3"), r"has id '3'; an integer is needed"),
+        (lambda d: d.update(categories={"a": 1}), r"categories must be a list"),
+    ],
+)
+def test_bad_categories_are_named_at_registration(tmp_path, edit, message):
+    dataset = write_panoptic_dataset(str(tmp_path))
+    if isinstance(edit, str):
+        with open(dataset["panoptic_json"], "w") as f:
+            f.write(edit)
+    else:
+        edit_json(dataset["panoptic_json"], edit)
+    with pytest.raises(ValueError, match=message) as e:
+        register_panoptic_dataset("test_custom_dataset_bad_categories", **_paths(dataset))
+    assert f"Panoptic json '{dataset['panoptic_json']}'" in str(e.value)
+    assert "test_custom_dataset_bad_categories" not in DatasetCatalog.list()

@@ -463,3 +463,44 @@ def test_two_processes_read_the_pngs_once_and_share_the_verdict(tmp_path):
         "DataCheckError: Data set 'test_two_ranks_crash' could not be checked on rank 0: "
         "RuntimeError('disk gone')"
     )
+
+
+@pytest.mark.parametrize("root", ["missing", "my.data"])
+def test_cityscapes_loader_assertions_say_what_is_wrong(tmp_path, root):
+    """Detectron2's Cityscapes loader asserts "Please run createPanopticImgs.py" when the data
+    set is not where it looks, and "Please generate labelTrainIds.png" when the files exist
+    under a path with a '.' (it cuts paths at the first one): neither names a path."""
+    from detectron2.data.datasets.cityscapes_panoptic import load_cityscapes_panoptic
+
+    from tests.fixtures import write_cityscapes_panoptic
+
+    base = tmp_path / root
+    if root != "missing":
+        write_cityscapes_panoptic(str(base), splits=("val",))
+    gt = base / "cityscapes" / "gtFine"
+    paths = {
+        "image_root": str(base / "cityscapes" / "leftImg8bit" / "val"),
+        "panoptic_root": str(gt / "cityscapes_panoptic_val"),
+        "panoptic_json": str(gt / "cityscapes_panoptic_val.json"),
+    }
+    builtin = MetadataCatalog.get("cityscapes_fine_panoptic_val")
+    meta = {k: builtin.get(k) for k in ("thing_dataset_id_to_contiguous_id", "stuff_classes")}
+    meta["stuff_dataset_id_to_contiguous_id"] = builtin.stuff_dataset_id_to_contiguous_id
+    name = f"test_data_check_cityscapes_{next(_counter)}"
+    DatasetCatalog.register(
+        name, lambda: load_cityscapes_panoptic(*(paths[k] for k in paths), meta)
+    )
+    MetadataCatalog.get(name).set(evaluator_type="cityscapes_panoptic_seg", **paths, **meta)
+    try:
+        with pytest.raises(DataCheckError) as info:
+            check_dataset(name)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    message = str(info.value)
+    if root == "missing":
+        assert f"Missing: panoptic_json '{paths['panoptic_json']}'" in message
+    else:
+        assert "cuts the file paths at their first '.'" in message
+        assert paths["image_root"] in message
+    assert "$DETECTRON2_DATASETS" in message

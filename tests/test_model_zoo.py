@@ -74,6 +74,14 @@ def test_unknown_config_names_list_the_known_ones(name):
 def test_trained_without_checkpoint_is_a_clear_error():
     with pytest.raises(RuntimeError, match="No trained checkpoint.*none.*MODEL.WEIGHTS"):
         model_zoo.get_config(B0, trained=True)
+    # Detectron2's idiom, cfg.MODEL.WEIGHTS = model_zoo.get_checkpoint_url(name): the same
+    # answer (it was an AttributeError), after the name is checked.
+    with pytest.raises(RuntimeError, match="No trained checkpoint.*none.*MODEL.WEIGHTS"):
+        model_zoo.get_checkpoint_url(B0)
+    with pytest.raises(RuntimeError, match="No trained.*train.init_checkpoint"):
+        model_zoo.get_checkpoint_url(B0.replace(".yaml", ".py"))
+    with pytest.raises(RuntimeError, match="not in efficientps_d2's model zoo"):
+        model_zoo.get_checkpoint_url("COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml")
 
 
 def test_model_weights_local_path_through_detection_checkpointer(tmp_path):

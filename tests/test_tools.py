@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import shutil
 
 import pytest
 
@@ -28,6 +29,86 @@ def test_visualize_data_writes_an_image_per_training_image(tmp_path, synthetic, 
     images = sorted(os.listdir(out))
     assert len(images) == 6 and all(f.endswith((".jpg", ".png")) for f in images), images
     assert all(os.path.getsize(out / f) > 1000 for f in images)
+
+
+def _register_variant(name, records, like):
+    """Registers ``records`` as data set ``name`` with the metadata of data set ``like``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    meta = MetadataCatalog.get(like).as_dict()
+    MetadataCatalog.get(name).set(**{k: v for k, v in meta.items() if k != "name"})
+    return ["DATASETS.TRAIN", f"('{name}',)"]
+
+
+def test_visualize_data_draws_segments_without_isthing(tmp_path, synthetic):
+    # Detectron2's Cityscapes dicts have no "isthing", which its Visualizer needs (KeyError).
+    from detectron2.data import DatasetCatalog
+
+    train = synthetic[1].strip("(',)")
+    records = [
+        dict(
+            d,
+            segments_info=[
+                {k: v for k, v in s.items() if k != "isthing"} for s in d["segments_info"]
+            ],
+        )
+        for d in DatasetCatalog.get(train)[:2]
+    ]
+    names = _register_variant("tools_no_isthing", records, train)
+    out = tmp_path / "out"
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
+    assert visualize_data.main(argv + ["DATASETS.TEST", "()"]) == 0
+    assert len(os.listdir(out)) == 2
+
+
+def test_visualize_data_keeps_images_of_two_folders_that_share_a_name(tmp_path, synthetic):
+    from detectron2.data import DatasetCatalog
+
+    train = synthetic[1].strip("(',)")
+    records = []
+    for folder, d in zip(("a", "b"), DatasetCatalog.get(train)):
+        os.makedirs(tmp_path / folder)
+        shutil.copy(d["file_name"], tmp_path / folder / "frame.png")
+        records.append(dict(d, file_name=str(tmp_path / folder / "frame.png")))
+    names = _register_variant("tools_same_names", records, train)
+    out = tmp_path / "out"
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
+    assert visualize_data.main(argv + ["DATASETS.TEST", "()"]) == 0
+    assert sorted(os.listdir(out)) == ["frame.png", "frame_1.png"]
+
+
+def test_visualize_data_skips_an_unreadable_image_naming_it(tmp_path, synthetic, caplog, request):
+    # It stopped with PIL's "OSError: Truncated File Read", which names no file.
+    from detectron2.data import DatasetCatalog
+
+    logger = logging.getLogger("detectron2")
+    logger.addHandler(caplog.handler)
+    request.addfinalizer(lambda: logger.removeHandler(caplog.handler))
+    train = synthetic[1].strip("(',)")
+    records = DatasetCatalog.get(train)[:2]
+    broken = tmp_path / "broken.png"
+    with open(records[1]["file_name"], "rb") as f:
+        broken.write_bytes(f.read()[:100])
+    records = [records[0], dict(records[1], file_name=str(broken))]
+    names = _register_variant("tools_unreadable", records, train)
+    out = tmp_path / "out"
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
+    with caplog.at_level(logging.WARNING, logger="detectron2"):
+        assert visualize_data.main(argv + ["DATASETS.TEST", "()"]) == 0
+    assert len(os.listdir(out)) == 1
+    assert f"Skipped '{broken}'" in caplog.text and "Skipped 1 of 2 images" in caplog.text
+
+
+def test_visualize_data_output_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    for out in ("file", "file/pictures"):  # was "[Errno 17] File exists" / "[Errno 20] ..."
+        argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir"]
+        with pytest.raises(SystemExit, match=f"'{tmp_path / 'file'}' is not a folder"):
+            visualize_data.main(argv + [str(tmp_path / out)])
 
 
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):
@@ -73,3 +154,7 @@ def test_analyze_model_takes_config_overrides_right_after_tasks(synthetic, capsy
         analyze_model.main([*tasks, "flops"])
     assert error.value.code == 2
     assert "invalid choice: 'flops' (choose from flop, activation" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        analyze_model.main(["--config-file", QUICK, "--tasks", "flop", "-n", "0"])
+    assert error.value.code == 2
+    assert "-n/--num-inputs: must be at least 1, got 0" in capsys.readouterr().err

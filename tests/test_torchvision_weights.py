@@ -118,6 +118,19 @@ def test_offline_without_a_local_file_names_the_fix(handler, tmp_path):
     ]
 
 
+def test_a_wrong_file_in_the_hub_folder_is_named_with_the_fix(handler, tmp_path):
+    # The error was the conversion's alone: the state dict does not fit, naming no file.
+    local = tmp_path / "hub" / "checkpoints" / B0_FILE
+    local.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), local)
+    with pytest.raises(ValueError) as info:
+        PathManager.get_local_path("torchvision://efficientnet_b0")
+    message = str(info.value)
+    assert message.startswith("MODEL.WEIGHTS 'torchvision://efficientnet_b0': torchvision's file")
+    assert f"'{local}': This is not a torchvision EfficientNet state dict" in message
+    assert f"Delete '{local}'" in message and handler.download_calls == []
+
+
 def test_offline_training_stops_before_the_data_check(handler, tmp_path):
     # The checkpointer met it after the data check (minutes on Cityscapes, whose configs start
     # from torchvision://efficientnet_b5) and after the model and loaders were built.

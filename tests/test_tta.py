@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 
@@ -217,6 +218,13 @@ def test_pq_script_compares_plain_and_tta(tmp_path, model, capsys):
     printed = capsys.readouterr().out
     assert "min sizes [48, 64]" in printed and "plain" in printed and "delta" in printed
     assert (tmp_path / "pq.json").exists()
+
+    # --max-images: scored against those images' ground truth only (panopticapi stopped with
+    # "no prediction for the image with id" after the whole plain pass).
+    cfg.merge_from_list(["TEST.AUG.MIN_SIZES", [48], "TEST.AUG.MAX_SIZE", 200])
+    first = script.evaluate_plain_and_tta(cfg, "tta_pq_gt", max_images=1)
+    assert first["plain"]["PQ"] == pytest.approx(100.0)
+    assert "tta_pq_gt_first_1" not in DatasetCatalog.list()
 
 
 def test_settings_come_from_test_aug_and_the_deprecated_alias_overrides_them(model, caplog):

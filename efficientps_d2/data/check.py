@@ -393,7 +393,10 @@ def check_dataset(name, *, pngs=True):
     classes = _panoptic_classes(meta)
     if classes is not None:
         report.class_names = list(meta.stuff_classes)
-    records = DatasetCatalog.get(name)
+    try:
+        records = DatasetCatalog.get(name)
+    except AssertionError as e:  # Detectron2's built-in loaders assert, naming no path
+        raise DataCheckError(_load_failure(name, meta, e)) from e
     report.num_images = len(records)
     if not records:
         report.errors.append(f"Data set '{name}' has no images.")
@@ -434,6 +437,27 @@ def check_dataset(name, *, pngs=True):
         )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _load_failure(name, meta, error):
+    """What is known about a loader's assertion: the files of the metadata that are missing, and
+    where Detectron2 looks for its built-in data sets."""
+    message = f"{str(error).rstrip('.') or type(error).__name__} (loading data set '{name}')"
+    paths = [(k, meta.get(k)) for k in ("panoptic_json", "panoptic_root", "image_root")]
+    missing = [(k, p) for k, p in paths if p and not os.path.exists(p)]
+    if missing:
+        message += ". Missing: " + ", ".join(f"{k} '{p}'" for k, p in missing)
+    elif "labelTrainIds" in str(error) and "." in str(meta.get("image_root", "")):
+        # Detectron2 derives the labelTrainIds path with .split(".")[0] on the whole path.
+        message += (
+            f". Detectron2's Cityscapes loader cuts the file paths at their first '.', and the "
+            f"images are under '{meta.image_root}': use a path without '.' (e.g. a link to the "
+            "data set folder)"
+        )
+    root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    return message + (
+        f". Detectron2's built-in data sets are read under $DETECTRON2_DATASETS ('{root}' here)."
+    )
 
 
 def validate_datasets(cfg, *, training=True):

@@ -67,17 +67,21 @@ def register_panoptic_dataset(
     """
     if name in DatasetCatalog.list():
         raise ValueError(f"A data set named '{name}' is already registered.")
+    source = "The categories given"
     if categories is None:
         if not os.path.isfile(panoptic_json):
             raise FileNotFoundError(
                 f"Panoptic json '{panoptic_json}' (for data set '{name}') does not exist."
             )
-        with open(panoptic_json) as f:
-            data = json.load(f)
+        data = _read_json(panoptic_json)
         if not isinstance(data, dict) or "categories" not in data:
             raise ValueError(f"Panoptic json '{panoptic_json}' has no 'categories'.")
         categories = data["categories"]
-    metadata = panoptic_metadata(categories)
+        source = f"Panoptic json '{panoptic_json}'"
+    try:
+        metadata = panoptic_metadata(categories)
+    except ValueError as e:
+        raise ValueError(f"{source} (for data set '{name}'): {e}") from e
     DatasetCatalog.register(
         name, lambda: load_panoptic_json(panoptic_json, image_root, panoptic_root, metadata)
     )
@@ -119,13 +123,9 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"Panoptic json '{json_file}' does not exist.")
-    with open(json_file) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Panoptic json '{json_file}' is not valid json: {e}") from e
+    data = _read_json(json_file)
     for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise ValueError(f"Panoptic json '{json_file}' has no '{key}' list.")
     if not data["annotations"]:
         raise ValueError(f"Panoptic json '{json_file}' has no annotations.")
@@ -250,6 +250,14 @@ def _check_annotation(ann, json_file):
                 f"{str(segment)[:120]}, whose 'id' is not an integer (the PNG's R + 256 G + "
                 "256^2 B)."
             )
+
+
+def _read_json(json_file):
+    with open(json_file) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Panoptic json '{json_file}' is not valid json: {e}") from e
 
 
 def _listdir(folder):

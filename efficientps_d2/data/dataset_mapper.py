@@ -39,10 +39,12 @@ class EfficientPSDatasetMapper:
     """Maps a Detectron2 "standard" panoptic dataset dict to EfficientPS's inputs and targets.
 
     Input dict keys: ``file_name``, ``pan_seg_file_name`` (a COCO panoptic PNG, id = R + 256 G +
-    256^2 B) and ``segments_info`` (dicts with ``id``, ``category_id``, ``isthing``, optional
+    256^2 B) and ``segments_info`` (dicts with ``id``, ``category_id``, optional ``isthing`` and
     ``iscrowd``), as Detectron2's "standard" panoptic loaders and
     :func:`~efficientps_d2.data.register_panoptic_dataset` yield them: ``category_id`` is the
     class's index in the all-class (semantic) space, for things too (Cityscapes: person = 11).
+    Without ``isthing`` (Detectron2's Cityscapes loader leaves it out) a segment is a thing when
+    its class is one of ``thing_semantic_ids``.
     Optional ``height``/``width`` are checked against the image.
 
     Output dict keys:
@@ -213,11 +215,12 @@ class EfficientPSDatasetMapper:
         the semantic id ``ignore_label`` and thing id -1 for crowd segments."""
         result, seen = [], set()
         for seg in segments_info:
-            for key in ("id", "category_id", "isthing"):
+            for key in ("id", "category_id"):
                 if key not in seg:
                     raise ValueError(f"'{pan_file}': a segment has no '{key}': {seg}.")
             seg_id, category = int(seg["id"]), int(seg["category_id"])
-            isthing = bool(seg["isthing"])
+            # Detectron2's Cityscapes loader gives no "isthing": the class says it.
+            isthing = bool(seg.get("isthing", category in self._thing_class))
             if seg_id in seen:
                 raise ValueError(f"'{pan_file}': segment id {seg_id} is listed twice.")
             seen.add(seg_id)

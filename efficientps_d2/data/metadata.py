@@ -41,6 +41,14 @@ def thing_semantic_ids(metadata):
     return sorted(things.values())
 
 
+def with_isthing(segments_info, metadata):
+    """Copies of ``segments_info`` (contiguous ``category_id``) with ``isthing`` set from the
+    metadata where a segment lacks it, as Detectron2's Cityscapes loader leaves it out and its
+    ``Visualizer`` needs it."""
+    things = set(metadata.thing_dataset_id_to_contiguous_id.values())
+    return [dict(s, isthing=s.get("isthing", s["category_id"] in things)) for s in segments_info]
+
+
 def thing_semantic_ids_from_config(cfg, num_things=None, num_classes=None):
     """Semantic class of each thing class: MODEL.EFFICIENTPS.THING_SEMANTIC_IDS, else
     :func:`thing_semantic_ids` of the first data set in DATASETS.TRAIN, then DATASETS.TEST.
@@ -100,11 +108,19 @@ def panoptic_metadata(categories):
         dict with thing_classes, stuff_classes (both all classes), thing_colors, stuff_colors,
         thing_dataset_id_to_contiguous_id and stuff_dataset_id_to_contiguous_id.
     """
+    if not isinstance(categories, (list, tuple)):
+        raise ValueError(f"The categories must be a list, got {str(categories)[:200]}.")
     seen = set()
     for c in categories:
+        if not isinstance(c, dict):
+            raise ValueError(f"Category {c!r} is not an object (a dict).")
         for key in ("id", "name", "isthing"):
             if key not in c:
                 raise ValueError(f"Category {c} has no '{key}'.")
+        if not isinstance(c["id"], int) or isinstance(c["id"], bool):
+            raise ValueError(f"Category {c} has id {c['id']!r}; an integer is needed.")
+        if c["isthing"] not in (0, 1):  # True/False compare equal to 1/0
+            raise ValueError(f"Category {c} has isthing={c['isthing']!r}; 0 or 1 expected.")
         if c["id"] in seen:
             raise ValueError(f"Category id {c['id']} appears twice in the categories.")
         seen.add(c["id"])

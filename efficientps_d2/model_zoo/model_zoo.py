@@ -15,7 +15,7 @@ goes in MODEL.WEIGHTS (train.init_checkpoint).
 
 import os
 
-__all__ = ["get", "get_config", "get_config_file", "list_configs"]
+__all__ = ["get", "get_checkpoint_url", "get_config", "get_config_file", "list_configs"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Packaged copy (wheel) or build-time symlink (source tree), then the source tree itself.
@@ -101,12 +101,25 @@ def get_config(name, trained=False):
 
     cfg = load_config(get_config_file(name))
     if trained:
-        raise RuntimeError(
-            f"No trained checkpoint is released for '{_normalise(name)}': none of the configs has "
-            f"one yet. Set {ConfigAdapter(cfg).keys['weights']} to a checkpoint of your own (a "
-            "local file or a URL)."
-        )
+        _no_trained_checkpoint(name, ConfigAdapter(cfg).keys["weights"])
     return cfg
+
+
+def get_checkpoint_url(name):
+    """Detectron2's ``model_zoo.get_checkpoint_url``: the released trained checkpoint of a config
+    name. None is released yet, so this raises RuntimeError (after checking the name), as
+    ``trained=True`` does."""
+    path = get_config_file(name)
+    _no_trained_checkpoint(
+        name, "MODEL.WEIGHTS" if path.endswith(".yaml") else "train.init_checkpoint"
+    )
+
+
+def _no_trained_checkpoint(name, key):
+    raise RuntimeError(
+        f"No trained checkpoint is released for '{_normalise(name)}': none of the configs has "
+        f"one yet. Set {key} to a checkpoint of your own (a local file or a URL)."
+    )
 
 
 def get(name, trained=False, device=None):

@@ -153,6 +153,9 @@ def main(argv=None):
     args = split_tasks(parser, parser.parse_args(argv))
     if not args.config_file:
         parser.error("--config-file is required.")
+    if args.num_inputs < 1 and {"flop", "activation"} & set(args.tasks):
+        # No input: flop stopped with UnboundLocalError, activation printed "nan±nan".
+        parser.error(f"argument -n/--num-inputs: must be at least 1, got {args.num_inputs}.")
     setup_logger(name="fvcore")
     setup_logger()
     logger.info("Command line arguments: " + str(args))

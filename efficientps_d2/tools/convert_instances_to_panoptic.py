@@ -66,7 +66,12 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from ..atomic_io import atomic_directory, atomic_write, remove_stale_temporaries
+from ..atomic_io import (
+    atomic_directory,
+    atomic_write,
+    blocking_file,
+    remove_stale_temporaries,
+)
 
 __all__ = [
     "ConversionError",
@@ -186,6 +191,11 @@ def convert_instances_to_panoptic(
             f"The output json '{output_json}' must not lie inside the output PNG folder "
             f"'{output_dir}'."
         )
+    inputs = [("instance json", instances_json), ("semantic PNG folder", semantic_dir)]
+    if isinstance(stuff_categories, (str, os.PathLike)):
+        inputs.append(("stuff category json", stuff_categories))
+    _check_outputs_spare_inputs(output_json, output_dir, inputs)
+    _check_writable(output_json, output_dir)
     if not overwrite:
         for path in (output_json, output_dir):
             if os.path.lexists(path):
@@ -199,9 +209,16 @@ def convert_instances_to_panoptic(
         raise FileNotFoundError(f"Semantic PNG folder '{semantic_dir}' does not exist.")
 
     data = _load_json(instances_json, "instance json")
+    if not isinstance(data, dict):
+        raise ConversionError(
+            f"'{instances_json}' holds a {type(data).__name__}, not a COCO json object with "
+            "'images', 'annotations' and 'categories'."
+        )
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise ConversionError(f"'{instances_json}' has no '{key}' list.")
+    if not isinstance(data.get("annotations") or [], list):
+        raise ConversionError(f"'{instances_json}': its 'annotations' are not a list.")
     stuff_source = None
     if stuff_categories is not None:
         stuff_source = "stuff categories"
@@ -256,7 +273,46 @@ def convert_instances_to_panoptic(
 # Input checks
 
 
+def _check_outputs_spare_inputs(output_json, output_dir, inputs):
+    """Refuses outputs that would replace an input: the json written over an input file, or the
+    PNG folder (replaced whole) being, holding or lying in an input."""
+    real_json, real_dir = os.path.realpath(output_json), os.path.realpath(output_dir)
+    for what, path in inputs:
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real == real_json:
+            raise ConversionError(
+                f"The output json '{output_json}' is the {what} '{path}': writing it would "
+                "replace the input. Choose another output json."
+            )
+        if real == real_dir or real.startswith(real_dir + os.sep):
+            raise ConversionError(
+                f"The output PNG folder '{output_dir}' is or holds the {what} '{path}': writing "
+                "the folder (--overwrite replaces it whole) would delete the input. Choose "
+                "another output folder."
+            )
+        if real_dir.startswith(real + os.sep):
+            raise ConversionError(
+                f"The output PNG folder '{output_dir}' lies inside the {what} '{path}'. Choose "
+                "an output folder outside it."
+            )
+
+
+def _check_writable(output_json, output_dir=None, what="output json"):
+    """Fails before any work where an output cannot be written: a json path that is a folder, or
+    a file where a folder above an output must be."""
+    if os.path.isdir(output_json):
+        raise ConversionError(f"The {what} '{output_json}' is a folder, not a file name.")
+    for path in (output_json, output_dir):
+        blocker = path and blocking_file(os.path.dirname(os.path.abspath(path)))
+        if blocker:
+            raise ConversionError(f"Cannot write '{path}': '{blocker}' is not a folder.")
+
+
 def _load_json(path, what):
+    if os.path.isdir(path):
+        raise ConversionError(f"The {what} '{path}' is a folder, not a json file.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The {what} '{path}' does not exist.")
     try:
@@ -493,18 +549,23 @@ def _read_semantic(semantic_dir, image, things, stuff):
         raise ConversionError(
             f"Semantic PNG '{path}' for image {image['id']!r} ('{image['file_name']}') is missing."
         )
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            raise ConversionError(
-                f"Semantic PNG '{path}' (image {image['id']!r}) has mode '{im.mode}'; a "
-                "single-channel PNG of category ids is expected."
-            )
-        if im.size != (image["width"], image["height"]):
-            raise ConversionError(
-                f"Semantic PNG '{path}' (image {image['id']!r}) is {im.size[0]}x{im.size[1]} "
-                f"(width x height), but the image is {image['width']}x{image['height']}."
-            )
-        sem = np.asarray(im).astype(np.int64)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise ConversionError(
+                    f"Semantic PNG '{path}' (image {image['id']!r}) has mode '{im.mode}'; a "
+                    "single-channel PNG of category ids is expected."
+                )
+            if im.size != (image["width"], image["height"]):
+                raise ConversionError(
+                    f"Semantic PNG '{path}' (image {image['id']!r}) is {im.size[0]}x{im.size[1]} "
+                    f"(width x height), but the image is {image['width']}x{image['height']}."
+                )
+            sem = np.asarray(im).astype(np.int64)
+    except OSError as e:  # truncated or not an image: PIL's message may not name the file
+        raise ConversionError(
+            f"Semantic PNG '{path}' (image {image['id']!r}) cannot be read: {e}"
+        ) from e
     unknown = sorted(set(np.unique(sem).tolist()) - set(stuff) - set(things) - {SEMANTIC_VOID})
     if unknown:
         raise ConversionError(
@@ -709,6 +770,8 @@ def main(argv=None):
     parser.add_argument("--report", help="also write the conversion report to this json file")
     args = parser.parse_args(argv)
     try:
+        if args.report:  # checked now: the report comes after the conversion
+            _check_writable(args.report, what="report")
         report = convert_instances_to_panoptic(
             args.instances,
             args.output_json,

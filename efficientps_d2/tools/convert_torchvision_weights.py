@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from ..atomic_io import atomic_write
+from ..atomic_io import atomic_write, blocking_file
 from ..checkpoint import describe_file, describe_load_error
 from ..modeling.backbone.efficientnet import VARIANTS, EfficientNet
 
@@ -199,6 +199,19 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
     """
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"Input weights '{input_path}' do not exist.")
+    # Checked before reading: the output is written last.
+    if os.path.isdir(output_path):
+        raise WeightConversionError(
+            f"The output '{output_path}' is a folder: give the checkpoint file to write."
+        )
+    if os.path.realpath(output_path) == os.path.realpath(input_path):
+        raise WeightConversionError(
+            f"The output '{output_path}' is the input: writing it would replace torchvision's "
+            "file. Give another output file."
+        )
+    blocker = blocking_file(os.path.dirname(os.path.abspath(output_path)))
+    if blocker:
+        raise WeightConversionError(f"Cannot write '{output_path}': '{blocker}' is not a folder.")
     try:
         state_dict = torch.load(input_path, map_location="cpu", weights_only=True)
     except Exception as e:  # EOFError of an empty file has no message: say what the file is
@@ -210,9 +223,12 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
         raise WeightConversionError(
             f"'{input_path}' holds a {type(state_dict).__name__}, not a state dict."
         )
-    checkpoint, report = convert_torchvision_efficientnet(
-        state_dict, variant, squeeze_excitation=squeeze_excitation
-    )
+    try:
+        checkpoint, report = convert_torchvision_efficientnet(
+            state_dict, variant, squeeze_excitation=squeeze_excitation
+        )
+    except WeightConversionError as e:
+        raise WeightConversionError(f"'{input_path}': {e}") from e
     atomic_write(output_path, lambda f: torch.save(checkpoint, f))
     return report
 
@@ -221,6 +237,21 @@ def _config(config_file, opts):
     from ..config import setup_cfg
 
     return setup_cfg(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], freeze=False)
+
+
+def _check_efficientnet(cfg, config_file):
+    """Refuses a config whose backbone is not EfficientNet (e.g. the ResNet-50 ones): its
+    MODEL.EFFICIENTNET keys are unused defaults, so the variant would be meaningless."""
+    name, bottom_up = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.TWO_WAY_FPN.BOTTOM_UP
+    if name == "build_efficientnet_two_way_fpn_backbone" or (
+        name == "build_two_way_fpn_backbone" and bottom_up == "build_efficientnet_backbone"
+    ):
+        return
+    raise WeightConversionError(
+        f"'{config_file}' does not build on EfficientNet (MODEL.BACKBONE.NAME '{name}', "
+        f"MODEL.TWO_WAY_FPN.BOTTOM_UP '{bottom_up}'): torchvision's EfficientNet weights do not "
+        "fit its backbone. Its own MODEL.WEIGHTS are the ImageNet weights it starts from."
+    )
 
 
 def _check_against_model(cfg, output_path):
@@ -265,6 +296,7 @@ def main(argv=None):
         cfg = _config(args.config_file, args.opts) if args.config_file else None
         variant, se = args.variant, args.squeeze_excitation
         if cfg is not None:
+            _check_efficientnet(cfg, args.config_file)
             cfg_variant = cfg.MODEL.EFFICIENTNET.VARIANT.lower()
             if variant and variant != cfg_variant:
                 raise WeightConversionError(

@@ -6,7 +6,8 @@
 
 - ``annotation``: each image of the training data sets with its panoptic annotation as stored
   (Detectron2's ``Visualizer.draw_dataset_dict``: segments with class names), saved under the
-  image's file name.
+  image's file name (``_1``, ``_2``, ... added where images of two folders share one). Images
+  or annotations that cannot be read are skipped with a warning that names them.
 - ``dataloader``: what the model is trained on, after EfficientPS's mapper and augmentations: the
   all-class semantic target, then the thing instances (boxes, masks, class names), saved as
   ``<image_id>.jpg``. Detectron2's tool loops until interrupted; here one pass over the data set
@@ -17,15 +18,18 @@
 """
 
 import argparse
+import logging
 import os
 import sys
 from itertools import chain
 
 import numpy as np
 
-from ..atomic_io import atomic_write
+from ..atomic_io import atomic_write, blocking_file
 
 __all__ = ["get_parser", "main"]
+
+logger = logging.getLogger("detectron2")
 
 
 def get_parser():
@@ -85,16 +89,35 @@ def _annotations(config, metadata, args):
     from detectron2.data import DatasetCatalog
     from detectron2.utils.visualizer import Visualizer
 
-    from ..data.image_files import read_image
+    from ..data.image_files import ImageInputError, read_image
+    from ..data.metadata import with_isthing
+    from ..demo.runner import _unique_stems
 
     dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names))
     if args.max_images is not None:
         dicts = dicts[: args.max_images]
+    # Named after the image, "_1", "_2", ... added where images of two folders share a name.
+    stems = _unique_stems(list(dict.fromkeys(d["file_name"] for d in dicts)))
+    skipped = 0
     for dic in tqdm.tqdm(dicts):
-        img = read_image(dic["file_name"], "RGB")
-        vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
-        _output(vis, os.path.basename(dic["file_name"]), args)
-    return len(dicts)
+        if "segments_info" in dic:  # Detectron2's Cityscapes dicts have no "isthing"
+            dic = dict(dic, segments_info=with_isthing(dic["segments_info"], metadata))
+        try:
+            img = read_image(dic["file_name"], "RGB")
+            vis = Visualizer(img, metadata=metadata).draw_dataset_dict(dic)
+        except (OSError, ImageInputError) as e:  # PIL's errors do not always name the file
+            skipped += 1
+            annotation = dic.get("pan_seg_file_name") or dic.get("sem_seg_file_name")
+            logger.warning(
+                f"Skipped '{dic['file_name']}'"
+                + (f" (annotation '{annotation}')" if annotation else "")
+                + f": cannot be read ({type(e).__name__}: {e})."
+            )
+            continue
+        _output(vis, stems[dic["file_name"]] + os.path.splitext(dic["file_name"])[1], args)
+    if skipped:
+        logger.warning(f"Skipped {skipped} of {len(dicts)} images that cannot be read.")
+    return len(dicts) - skipped
 
 
 def _dataloader(config, metadata, args):
@@ -138,7 +161,10 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     args = get_parser().parse_args(argv)
-    logger = setup_logger()
+    blocker = None if args.show else blocking_file(args.output_dir)
+    if blocker:  # os.makedirs would say only "File exists" or "Not a directory"
+        raise SystemExit(f"--output-dir '{args.output_dir}': '{blocker}' is not a folder.")
+    setup_logger()
     logger.info("Arguments: " + str(args))
     config = _setup(args)
     names = config.train_dataset_names
