@@ -158,18 +158,14 @@ class EfficientPS(GeneralizedRCNN):
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:
             return self.inference(batched_inputs)
+        _check_training_inputs(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         backbone, sem_seg_head = self._training_parts()
         features = backbone(images.tensor)
 
-        for key in ("sem_seg", "instances"):
-            if key not in batched_inputs[0]:
-                raise ValueError(
-                    f"EfficientPS needs '{key}' in every training input dict (the model is in "
-                    "training mode: call model.eval() to predict)."
-                )
         gt_sem_seg = ImageList.from_tensors(
-            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            # int64, as cross entropy takes it (Detectron2's DatasetMapper gives int64 too).
+            [x["sem_seg"].to(self.device, torch.long) for x in batched_inputs],
             self.backbone.size_divisibility,
             self.sem_seg_head.ignore_value,
             self.backbone.padding_constraints,
@@ -320,6 +316,33 @@ class EfficientPS(GeneralizedRCNN):
                 overlap_thresh=self.overlap_thresh,
                 stuff_area_limit=self.stuff_area_limit,
                 mask_logit_scale=self.mask_logit_scale,
+            )
+
+
+def _check_training_inputs(batched_inputs):
+    """Refuses, before any work, a training batch that is empty or whose dicts lack targets or
+    have a semantic map of another size than their image (which padding would have hidden)."""
+    if len(batched_inputs) == 0:
+        raise ValueError("EfficientPS got an empty training batch (batched_inputs is []).")
+    for i, x in enumerate(batched_inputs):
+        if not isinstance(x, dict):
+            continue  # preprocess_image names it
+        for key in ("sem_seg", "instances"):
+            if key not in x:
+                raise ValueError(
+                    f"EfficientPS needs '{key}' in every training input dict, missing in "
+                    f"batched_inputs[{i}] (the model is in training mode: call model.eval() to "
+                    "predict)."
+                )
+        image, sem_seg = x.get("image"), x["sem_seg"]
+        if (
+            isinstance(image, torch.Tensor)
+            and isinstance(sem_seg, torch.Tensor)
+            and tuple(sem_seg.shape) != tuple(image.shape[-2:])
+        ):
+            raise ValueError(
+                f"batched_inputs[{i}]['sem_seg'] must be an (H, W) map of its image's size "
+                f"{tuple(image.shape[-2:])}, got shape {tuple(sem_seg.shape)}."
             )
 
 
