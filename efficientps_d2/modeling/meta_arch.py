@@ -193,7 +193,10 @@ class EfficientPS(GeneralizedRCNN):
 
         Without it, returns (semantic logits at the padded input size (N, C, H, W),
         detector Instances in input coordinates) — what test-time augmentation merges.
+        An empty ``batched_inputs`` gives an empty list of outputs.
         """
+        if not batched_inputs and do_postprocess:
+            return []  # Detectron2's ImageList refuses an empty batch with a bare assertion
         network = self._inference_network()
         with torch.inference_mode():
             images = self.preprocess_image(batched_inputs)
