@@ -106,7 +106,8 @@ class EfficientPS(GeneralizedRCNN):
             self.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         # How inference runs (see fast_inference.InferenceOptions); change it as a whole, e.g.
-        # ``model.inference_options = dataclasses.replace(model.inference_options, ...)``.
+        # ``model.inference_options = dataclasses.replace(model.inference_options, ...)``, or
+        # through the ``fast_inference`` and ``inference_dtype`` properties.
         self.inference_options = InferenceOptions(
             fast_inference=fast_inference,
             dtype=inference_dtype,
@@ -238,6 +239,15 @@ class EfficientPS(GeneralizedRCNN):
     @fast_inference.setter
     def fast_inference(self, enabled: bool):
         self.inference_options = dataclasses.replace(self.inference_options, fast_inference=enabled)
+
+    @property
+    def inference_dtype(self) -> str:
+        """MODEL.EFFICIENTPS.INFERENCE_DTYPE: the dense network's dtype in inference."""
+        return self.inference_options.dtype
+
+    @inference_dtype.setter
+    def inference_dtype(self, dtype: str):
+        self.inference_options = dataclasses.replace(self.inference_options, dtype=dtype)
 
     def _training_parts(self):
         """(backbone, semantic head) for the training forward: the modules themselves, or with
