@@ -479,10 +479,13 @@ def test_cuda_graph_off_cuda_runs_the_model_itself():
         ("INFERENCE_DTYPE", "float64", "INFERENCE_DTYPE"),
         ("CUDA_GRAPH_CACHE_SIZE", 0, "CUDA_GRAPH_CACHE_SIZE"),
         ("COMPILE", True, "CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE"),
+        # torch.compile refused it at the first inference, without the key.
+        ("COMPILE_MODE", "fast", r"COMPILE_MODE must be one of .*'reduce-overhead'.*got 'fast'"),
     ],
 )
 def test_inference_options_are_checked_when_the_model_is_built(key, value, message):
     opts = ["MODEL.EFFICIENTPS.CUDA_GRAPH", key == "COMPILE", f"MODEL.EFFICIENTPS.{key}", value]
+    opts += ["MODEL.EFFICIENTPS.COMPILE", True] if key == "COMPILE_MODE" else []
     with pytest.raises(ValueError, match=message):
         build_model(tiny_config(opts))
 
