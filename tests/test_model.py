@@ -219,3 +219,7 @@ def test_thing_semantic_ids_are_checked():
         build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [3, 9]]))
     with pytest.raises(ValueError, match="no data set"):
         build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", []]))
+    # A data set not (yet) registered: the message named neither it nor the reason.
+    opts = ["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [], "DATASETS.TRAIN", ("mydata_trian",)]
+    with pytest.raises(ValueError, match="data set 'mydata_trian'.*no such data set is registered"):
+        build_model(tiny_config(opts))
