@@ -212,6 +212,20 @@ def test_unknown_head_names_are_reported(key, value):
     assert "registry" in str(e.value).lower()  # Detectron2 lists the registry's entries
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("CONFIDENCE_THRESH", 50.0),  # a percentage: no thing would ever be fused
+        ("OVERLAP_THRESH", -0.5),
+        ("STUFF_AREA_LIMIT", -1),
+        ("MASK_LOGIT_SCALE", 0.0),  # refused at the first inference, without the key
+    ],
+)
+def test_fusion_settings_are_checked_when_the_model_is_built(key, value):
+    with pytest.raises(ValueError, match=f"MODEL.PANOPTIC_FUSION.{key} must be .* got {value}"):
+        build_model(tiny_config([f"MODEL.PANOPTIC_FUSION.{key}", value]))
+
+
 def test_thing_semantic_ids_are_checked():
     with pytest.raises(ValueError, match="THING_SEMANTIC_IDS.*NUM_CLASSES"):
         build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [3]]))

@@ -96,6 +96,9 @@ class EfficientPS(GeneralizedRCNN):
             getattr(self.roi_heads, "num_classes", None),
             getattr(sem_seg_head, "num_classes", None),
         )
+        _check_fusion_settings(
+            confidence_thresh, overlap_thresh, stuff_area_limit, mask_logit_scale
+        )
         self.confidence_thresh = confidence_thresh
         self.overlap_thresh = overlap_thresh
         self.stuff_area_limit = stuff_area_limit
@@ -330,6 +333,21 @@ class EfficientPS(GeneralizedRCNN):
                 stuff_area_limit=self.stuff_area_limit,
                 mask_logit_scale=self.mask_logit_scale,
             )
+
+
+def _check_fusion_settings(confidence_thresh, overlap_thresh, stuff_area_limit, mask_logit_scale):
+    """Refuses, when the model is built, fusion settings that the first inference would refuse
+    without naming the key (MASK_LOGIT_SCALE) or that it would take without a word though they
+    have no meaning (a score or a fraction outside [0, 1], a negative area)."""
+    key = "MODEL.PANOPTIC_FUSION."
+    if not 0 <= confidence_thresh <= 1:
+        raise ValueError(f"{key}CONFIDENCE_THRESH must be in [0, 1], got {confidence_thresh}.")
+    if not 0 <= overlap_thresh <= 1:
+        raise ValueError(f"{key}OVERLAP_THRESH must be in [0, 1], got {overlap_thresh}.")
+    if not stuff_area_limit >= 0:
+        raise ValueError(f"{key}STUFF_AREA_LIMIT must be at least 0, got {stuff_area_limit}.")
+    if not mask_logit_scale > 0:
+        raise ValueError(f"{key}MASK_LOGIT_SCALE must be positive, got {mask_logit_scale}.")
 
 
 def _check_training_inputs(batched_inputs):
