@@ -362,8 +362,9 @@ def _check_training_inputs(batched_inputs):
             if key not in x:
                 raise ValueError(
                     f"EfficientPS needs '{key}' in every training input dict, missing in "
-                    f"batched_inputs[{i}] (the model is in training mode: call model.eval() to "
-                    "predict)."
+                    f"batched_inputs[{i}] (efficientps_d2.data.EfficientPSDatasetMapper makes "
+                    "the targets from panoptic annotations; the model is in training mode: call "
+                    "model.eval() to predict)."
                 )
         image, sem_seg = x.get("image"), x["sem_seg"]
         if (
