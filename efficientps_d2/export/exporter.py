@@ -175,8 +175,6 @@ def _check_output_dir(output_dir):
     would overwrite with loss: a folder that holds no export, or an export folder that holds
     other files too (the export replaces the whole folder, so they would be deleted with it: the
     weights being exported, notes, ...)."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"--output '{output_dir}' exists and is not a folder.")
     blocking = blocking_file(output_dir)
     if blocking is not None:  # os.makedirs would fail with a bare "File exists"
         where = "it" if blocking == os.path.abspath(output_dir) else f"'{blocking}' above it"
@@ -184,14 +182,15 @@ def _check_output_dir(output_dir):
             f"--output '{output_dir}' cannot be made: {where} is a file (or a broken link), not "
             "a folder."
         )
-    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+    names = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else set()
+    if not names:
         return
-    if not os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
+    if MANIFEST_NAME not in names:
         raise ValueError(
             f"--output '{output_dir}' is a non-empty folder that holds no EfficientPS export: "
             "refusing to overwrite it."
         )
-    others = sorted(set(os.listdir(output_dir)) - {MANIFEST_NAME, *MODEL_FILES.values()})
+    others = sorted(names - {MANIFEST_NAME, *MODEL_FILES.values()})
     if others:
         raise ValueError(
             f"--output '{output_dir}' holds an EfficientPS export and other files too {others}: "
@@ -239,9 +238,10 @@ def export_model(
 
     Returns:
         the path of the written model file. The folder is written atomically: on failure nothing
-        is left behind, and an existing export in ``output_dir`` is replaced only on success. A
-        folder that holds anything but an export is refused before any work, and so is one that
-        cannot be written; what killed exports to ``output_dir`` left beside it is removed.
+        is left behind (but the parent folders it made), and an existing export in
+        ``output_dir`` is replaced only on success. A folder that holds anything but an export is
+        refused before any work, and so is one that cannot be written; what killed exports to
+        ``output_dir`` left beside it is removed, so one process at a time exports to a folder.
     """
     if export_format not in FORMATS:
         raise ValueError(f"Unknown export format '{export_format}'; expected one of {FORMATS}.")

@@ -27,6 +27,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, Instances
 
 from ..modeling.fusion import panoptic_postprocess
+from ..modeling.meta_arch import check_input_images
 from .graph import OUTPUT_NAMES
 
 __all__ = [
@@ -173,29 +174,8 @@ class ExportedEfficientPS:
         return self
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
-        if not isinstance(batched_inputs, (list, tuple)):
-            raise ValueError(
-                "An exported EfficientPS takes a list of input dicts, as the eager model does "
-                f"(model([{{'image': chw_image}}])), got a {type(batched_inputs).__name__}."
-            )
-        images = [self._image(i, x) for i, x in enumerate(batched_inputs)]  # all before any run
+        images = check_input_images(batched_inputs, self.input_format, "export", arrays=True)
         return [self._one(image, x) for image, x in zip(images, batched_inputs)]
-
-    def _image(self, i: int, inputs: Dict) -> torch.Tensor:
-        """The "image" of ``batched_inputs[i]``, checked as the eager model checks it."""
-        image = inputs.get("image") if isinstance(inputs, dict) else None
-        if isinstance(image, np.ndarray):
-            image = torch.as_tensor(image)
-        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
-            got = type(image).__name__
-            if hasattr(image, "shape"):
-                got = f"a {got} of shape {tuple(image.shape)}"
-            raise ValueError(
-                f"batched_inputs[{i}]['image'] must be a (3, H, W) tensor in the export's input "
-                f"format ({self.input_format}), got {got}: pass an (H, W, 3) array as "
-                "torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 channels."
-            )
-        return image
 
     def _one(self, image: torch.Tensor, inputs: Dict) -> Dict:
         height, width = int(image.shape[1]), int(image.shape[2])

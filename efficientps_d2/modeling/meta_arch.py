@@ -5,6 +5,7 @@ import dataclasses
 import logging
 from typing import Dict, List
 
+import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
@@ -25,6 +26,34 @@ logger = logging.getLogger(__name__)
 # What EfficientPS keeps in __dict__ besides nn.Module's state: derived from its modules, rebuilt
 # on demand (see _inference_network, _weight_tensors, _training_parts).
 _CACHES = ("_inference_copy", "_weight_tensor_list", "_compiled_training")
+
+
+def check_input_images(batched_inputs, input_format, whose="model", arrays=False):
+    """The "image" of each of ``batched_inputs``, all checked before any runs: a list of dicts
+    whose "image" is a (3, H, W) tensor (or numpy array, with ``arrays``). An (H, W, 3) image or
+    a numpy array failed deep inside with a broadcast or attribute error, and a (1, H, W) or
+    (H, W) one ran as a broadcast gray image. ``whose``: the model named in the messages."""
+    if not isinstance(batched_inputs, (list, tuple)):
+        raise ValueError(
+            f"The {whose} takes a list of input dicts (model([{{'image': chw_image}}])), got a "
+            f"{type(batched_inputs).__name__}."
+        )
+    images = []
+    for i, x in enumerate(batched_inputs):
+        image = x.get("image") if isinstance(x, dict) else None
+        if arrays and isinstance(image, np.ndarray):
+            image = torch.as_tensor(image)
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            got = type(image).__name__
+            if hasattr(image, "shape"):
+                got = f"a {got} of shape {tuple(image.shape)}"
+            raise ValueError(
+                f"batched_inputs[{i}]['image'] must be a (3, H, W) torch tensor in the {whose}'s "
+                f"input format ({input_format}), got {got}: pass an (H, W, 3) array as "
+                "torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 channels."
+            )
+        images.append(image)
+    return images
 
 
 @META_ARCH_REGISTRY.register()
@@ -142,21 +171,8 @@ class EfficientPS(GeneralizedRCNN):
         return ret
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]):
-        """GeneralizedRCNN's normalisation and padding, after checking that every "image" is a
-        (3, H, W) tensor: an (H, W, 3) image or a numpy array failed deep inside with a broadcast
-        or attribute error, and a (1, H, W) or (H, W) one ran as a broadcast gray image."""
-        for i, x in enumerate(batched_inputs):
-            image = x.get("image") if isinstance(x, dict) else None
-            if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
-                got = type(image).__name__
-                if hasattr(image, "shape"):
-                    got = f"a {got} of shape {tuple(image.shape)}"
-                raise ValueError(
-                    f"batched_inputs[{i}]['image'] must be a (3, H, W) torch tensor in the "
-                    f"model's input format ({self.input_format}), got {got}: pass an (H, W, 3) "
-                    "array as torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 "
-                    "channels."
-                )
+        """GeneralizedRCNN's normalisation and padding, after :func:`check_input_images`."""
+        check_input_images(batched_inputs, self.input_format)
         return super().preprocess_image(batched_inputs)
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
