@@ -215,7 +215,7 @@ class EfficientPS(GeneralizedRCNN):
         detector Instances in input coordinates) — what test-time augmentation merges.
         An empty ``batched_inputs`` gives an empty list of outputs.
         """
-        if not batched_inputs and do_postprocess:
+        if do_postprocess and isinstance(batched_inputs, (list, tuple)) and not batched_inputs:
             return []  # Detectron2's ImageList refuses an empty batch with a bare assertion
         network = self._inference_network()
         with torch.inference_mode():
@@ -369,7 +369,7 @@ def _check_fusion_settings(confidence_thresh, overlap_thresh, stuff_area_limit, 
 def _check_training_inputs(batched_inputs):
     """Refuses, before any work, a training batch that is empty or whose dicts lack targets or
     have a semantic map of another size than their image (which padding would have hidden)."""
-    if len(batched_inputs) == 0:
+    if isinstance(batched_inputs, (list, tuple)) and not batched_inputs:
         raise ValueError("EfficientPS got an empty training batch (batched_inputs is []).")
     for i, x in enumerate(batched_inputs):
         if not isinstance(x, dict):
