@@ -549,6 +549,8 @@ def test_leftovers_of_a_killed_conversion_are_removed(tmp_path):
         ("instances.json", "png", "is the instance json"),  # converted in place
         ("stuff.json", "png", "is the stuff category json"),
         ("p.json", "semantic/png", "lies inside the semantic PNG folder"),
+        ("png/p.json", "png", "json '.*png/p.json' must not be or lie inside the output PNG"),
+        ("png", "png", "json '.*png' must not be or lie inside the output PNG"),  # fails at the end
     ],
 )
 def test_outputs_that_would_replace_an_input_are_refused(tmp_path, out_json, out_dir, culprit):

@@ -186,11 +186,6 @@ def convert_instances_to_panoptic(
     Returns:
         PanopticConversionReport
     """
-    if os.path.abspath(output_json).startswith(os.path.abspath(output_dir) + os.sep):
-        raise ConversionError(
-            f"The output json '{output_json}' must not lie inside the output PNG folder "
-            f"'{output_dir}'."
-        )
     inputs = [("instance json", instances_json), ("semantic PNG folder", semantic_dir)]
     if isinstance(stuff_categories, (str, os.PathLike)):
         inputs.append(("stuff category json", stuff_categories))
@@ -274,9 +269,15 @@ def convert_instances_to_panoptic(
 
 
 def _check_outputs_spare_inputs(output_json, output_dir, inputs):
-    """Refuses outputs that would replace an input: the json written over an input file, or the
-    PNG folder (replaced whole) being, holding or lying in an input."""
+    """Refuses outputs that would replace an input or each other: the json written over an input
+    file or inside the PNG folder, or the PNG folder (replaced whole) being, holding or lying in
+    an input."""
     real_json, real_dir = os.path.realpath(output_json), os.path.realpath(output_dir)
+    if real_json == real_dir or real_json.startswith(real_dir + os.sep):
+        raise ConversionError(
+            f"The output json '{output_json}' must not be or lie inside the output PNG folder "
+            f"'{output_dir}'."
+        )
     for what, path in inputs:
         if path is None:
             continue
