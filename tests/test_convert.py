@@ -626,8 +626,11 @@ def test_unwritable_outputs_are_refused_before_converting(tmp_path, monkeypatch,
     args = ["--instances", instances, "--semantic-dir", sem_dir, "--stuff-categories", stuff_json]
     for outputs, message in [
         (["folder.json", "png"], "The output json '.*folder.json' is a folder"),
-        (["p.json", "file/png"], "Cannot write '.*file/png': '.*file' is not a folder"),
-        (["file/p.json", "png"], "Cannot write '.*file/p.json'"),
+        (
+            ["p.json", "file/png"],
+            "Cannot write the output PNG folder '.*file/png': '.*file' is not a folder",
+        ),
+        (["file/p.json", "png"], "Cannot write the output json '.*file/p.json'"),
         (["p.json", "png", "--report", "folder.json"], "The report '.*folder.json' is a folder"),
     ]:
         out = [os.path.join(root, p) if p != "--report" else p for p in outputs]

@@ -70,6 +70,7 @@ from ..atomic_io import (
     atomic_directory,
     atomic_write,
     blocking_file,
+    check_writable_file,
     remove_stale_temporaries,
 )
 
@@ -314,12 +315,14 @@ def _check_outputs_spare_inputs(output_json, output_dir, inputs, report=None):
 def _check_writable(output_json, output_dir=None, what="output json"):
     """Fails before any work where an output cannot be written: a json path that is a folder, or
     a file where a folder above an output must be."""
-    if os.path.isdir(output_json):
-        raise ConversionError(f"The {what} '{output_json}' is a folder, not a file name.")
-    for path in (output_json, output_dir):
-        blocker = path and blocking_file(os.path.dirname(os.path.abspath(path)))
-        if blocker:
-            raise ConversionError(f"Cannot write '{path}': '{blocker}' is not a folder.")
+    check_writable_file(output_json, what, ConversionError)
+    # The PNG folder itself is replaced whole (or refused without overwrite): only the folder
+    # above it must be one.
+    blocker = output_dir and blocking_file(os.path.dirname(os.path.abspath(output_dir)))
+    if blocker:
+        raise ConversionError(
+            f"Cannot write the output PNG folder '{output_dir}': '{blocker}' is not a folder."
+        )
 
 
 def _load_json(path, what):

@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from ..atomic_io import atomic_write, blocking_file
+from ..atomic_io import atomic_write, check_writable_file
 from ..checkpoint import describe_file, describe_load_error
 from ..modeling.backbone.efficientnet import VARIANTS, EfficientNet
 
@@ -200,18 +200,12 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"Input weights '{input_path}' do not exist.")
     # Checked before reading: the output is written last.
-    if os.path.isdir(output_path):
-        raise WeightConversionError(
-            f"The output '{output_path}' is a folder: give the checkpoint file to write."
-        )
+    check_writable_file(output_path, "output checkpoint", WeightConversionError)
     if os.path.realpath(output_path) == os.path.realpath(input_path):
         raise WeightConversionError(
             f"The output '{output_path}' is the input: writing it would replace torchvision's "
             "file. Give another output file."
         )
-    blocker = blocking_file(os.path.dirname(os.path.abspath(output_path)))
-    if blocker:
-        raise WeightConversionError(f"Cannot write '{output_path}': '{blocker}' is not a folder.")
     try:
         state_dict = torch.load(input_path, map_location="cpu", weights_only=True)
     except Exception as e:  # EOFError of an empty file has no message: say what the file is
