@@ -112,6 +112,18 @@ def test_visualize_data_output_dir_that_is_a_file_is_named(tmp_path):
             visualize_data.main(argv + [str(tmp_path / out)])
 
 
+def test_visualize_data_show_makes_no_output_folder(tmp_path, synthetic, monkeypatch):
+    import cv2
+
+    shown = []
+    monkeypatch.setattr(cv2, "imshow", lambda name, image: shown.append(image.shape))
+    monkeypatch.setattr(cv2, "waitKey", lambda *a: -1)
+    out = tmp_path / "out"  # it was made, and left empty
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), "--show"]
+    assert visualize_data.main(argv + ["--max-images", "2", *synthetic]) == 0
+    assert len(shown) == 2 and not out.exists()
+
+
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):
     # The tool's setup_logger stops the "detectron2" logger propagating: read it directly.
     logger = logging.getLogger("detectron2")

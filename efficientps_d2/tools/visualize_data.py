@@ -170,7 +170,8 @@ def main(argv=None):
     names = config.train_dataset_names
     if not names:
         raise SystemExit(f"'{args.config_file}' names no training data set to visualize.")
-    os.makedirs(args.output_dir, exist_ok=True)
+    if not args.show:  # --show writes nothing
+        os.makedirs(args.output_dir, exist_ok=True)
     metadata = MetadataCatalog.get(names[0])
     if args.source == "annotation":
         count = _annotations(config, metadata, args)
