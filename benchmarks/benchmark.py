@@ -830,6 +830,8 @@ def parse_args(argv=None):
             f"--repeats takes one positive number, or one per size ({len(args.sizes)} sizes), "
             f"got {args.repeats}."
         )
+    if len(args.repeats) == 1:  # one number for all sizes
+        args.repeats = args.repeats * len(args.sizes)
     if args.warmup < 0 or (args.warmup == 0 and not args.no_memory):
         parser.error(
             f"--warmup {args.warmup}: peak memory is measured on the last warm-up run, so give "
@@ -862,13 +864,12 @@ def main(argv=None):
     device = args.device
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
-    repeats = args.repeats * len(args.sizes) if len(args.repeats) == 1 else args.repeats
 
     report = {
         "machine": machine_info(device),
         "settings": {
             "sizes": args.sizes,
-            "repeats": dict(zip(args.sizes, repeats)),
+            "repeats": dict(zip(args.sizes, args.repeats)),
             "warmup": args.warmup,
             "ours_config": OURS_CONFIG + " (SyncBN -> BN)",
             "theirs_config": THEIRS_CONFIG + " (MODEL.WEIGHTS='', Cityscapes class counts)",
@@ -920,7 +921,7 @@ def main(argv=None):
 
     runners = {name: run for name, (_, run) in models.items()}
     cuda = device.startswith("cuda")
-    for size, n in zip(args.sizes, repeats):
+    for size, n in zip(args.sizes, args.repeats):
         height, width = _size(size)
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
         wait_for_load(args.wait_for_load, args.max_wait)

@@ -16,6 +16,7 @@ __all__ = [
     "atomic_directory",
     "atomic_write",
     "blocking_file",
+    "check_writable_file",
     "remove_stale_temporaries",
     "temporary_path",
 ]
@@ -53,6 +54,18 @@ def blocking_file(folder):
     while not os.path.lexists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return None if os.path.isdir(path) else path
+
+
+def check_writable_file(path, what, error=ValueError):
+    """Raises ``error`` naming ``what`` (e.g. "output json") and ``path`` where a file cannot be
+    written at ``path``: it is a folder, or a file or broken symbolic link stands where a folder
+    above it must be (see :func:`blocking_file`). For checking an output before the work that
+    produces it."""
+    if os.path.isdir(path):
+        raise error(f"The {what} '{path}' is a folder, not a file name.")
+    blocker = blocking_file(os.path.dirname(os.path.abspath(path)))
+    if blocker:
+        raise error(f"Cannot write the {what} '{path}': '{blocker}' is not a folder.")
 
 
 def temporary_path(path):

@@ -38,7 +38,7 @@ import torch
 from detectron2.utils.file_io import PathHandler, PathManager
 from iopath.common.file_io import file_lock, get_cache_dir
 
-from .atomic_io import atomic_write
+from .atomic_io import atomic_write, check_writable_file
 
 __all__ = [
     "PREFIX",
@@ -137,15 +137,17 @@ class TorchvisionEfficientNetHandler(PathHandler):
     def _convert(self, path, variant, weights, output):
         from .tools.convert_torchvision_weights import (
             WeightConversionError,
-            convert_file,
             convert_torchvision_efficientnet,
+            convert_torchvision_file,
         )
 
+        # A fault of the cache, not of torchvision's file: said so before that file is read.
+        check_writable_file(output, "cached conversion", WeightConversionError)
         local = self.torchvision_file(weights)
         if os.path.isfile(local):
             logger.info(f"{path}: converting torchvision's '{local}'.")
             try:
-                report = convert_file(local, output, variant)
+                checkpoint, report = convert_torchvision_file(local, variant)
             except WeightConversionError as e:  # a broken or misnamed copy in the hub folder
                 raise WeightConversionError(
                     f"MODEL.WEIGHTS '{path}': torchvision's file in the hub folder cannot be "
@@ -159,7 +161,7 @@ class TorchvisionEfficientNetHandler(PathHandler):
             except Exception as e:
                 raise PretrainedWeightsUnavailable(_offline_message(path, weights, local, e)) from e
             checkpoint, report = convert_torchvision_efficientnet(state_dict, variant)
-            atomic_write(output, lambda f: torch.save(checkpoint, f))
+        atomic_write(output, lambda f: torch.save(checkpoint, f))
         logger.info(f"{path}: {report.summary()}\nCached as '{output}'.")
 
     def _open(self, path, mode="r", **kwargs):

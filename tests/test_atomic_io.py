@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from efficientps_d2.atomic_io import atomic_directory, blocking_file
+from efficientps_d2.atomic_io import atomic_directory, blocking_file, check_writable_file
 
 
 def _write(folder, text):
@@ -62,3 +62,13 @@ def test_blocking_file_names_what_stops_makedirs(tmp_path):
     assert blocking_file(link / "run") == str(link)
     with pytest.raises(OSError):  # "No such file or directory": the makedirs it prevents
         os.makedirs(link / "run")
+
+
+def test_check_writable_file_names_the_file_and_the_fault(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    check_writable_file(str(tmp_path / "new" / "out.json"), "output json")  # makedirs will do
+    with pytest.raises(ValueError, match=r"The output json '.*folder' is a folder, not a file"):
+        check_writable_file(str(tmp_path / "folder"), "output json")
+    with pytest.raises(RuntimeError, match=r"report '.*a_file/r.json': '.*a_file' is not a folder"):
+        check_writable_file(str(tmp_path / "a_file" / "r.json"), "report", RuntimeError)

@@ -91,7 +91,8 @@ def test_benchmark_paths_dense_rows_and_partial_results(benchmark, tmp_path, mon
 
 def test_quick_mode_settings(benchmark):
     args = benchmark.parse_args(["--quick", "--device", "cuda"])
-    assert (args.warmup, args.repeats, args.no_flops, args.training_memory) == (3, [10], True, "")
+    assert (args.warmup, args.no_flops, args.training_memory) == (3, True, "")
+    assert args.repeats == [10, 10]  # one per size
     assert args.paths == list(benchmark.PATHS) and args.compile_sizes == ["1024x2048"]
     assert benchmark.parse_args(["--device", "cpu"]).paths == []
 
@@ -100,6 +101,7 @@ def test_bad_command_lines_stop_before_any_model_is_built(benchmark, capsys):
     # Each used to fail after the models were built (or after the timings), with a traceback.
     assert benchmark.parse_args(["--sizes", "64x128"]).repeats == [5]  # was "needs 1 or 1"
     assert benchmark.parse_args([]).repeats == [5, 3]
+    assert benchmark.parse_args(["--repeats", "2"]).repeats == [2, 2]  # one per size
     for argv, message in [
         (["--sizes", "64x128", "--warmup", "0"], "--warmup 0: peak memory is measured"),
         (["--sizes", "64x128", "96x128", "--repeats", "1", "2", "3"], "one per size (2 sizes)"),

@@ -549,6 +549,8 @@ def test_leftovers_of_a_killed_conversion_are_removed(tmp_path):
         ("instances.json", "png", "is the instance json"),  # converted in place
         ("stuff.json", "png", "is the stuff category json"),
         ("p.json", "semantic/png", "lies inside the semantic PNG folder"),
+        ("png/p.json", "png", "json '.*png/p.json' must not be or lie inside the output PNG"),
+        ("png", "png", "json '.*png' must not be or lie inside the output PNG"),  # fails at the end
     ],
 )
 def test_outputs_that_would_replace_an_input_are_refused(tmp_path, out_json, out_dir, culprit):
@@ -573,6 +575,47 @@ def test_outputs_that_would_replace_an_input_are_refused(tmp_path, out_json, out
             assert f.read() == data, path
 
 
+@pytest.mark.parametrize(
+    "report, culprit",
+    [
+        ("instances.json", "report '.*instances.json' is the instance json"),
+        ("stuff.json", "report '.*stuff.json' is the stuff category json"),
+        (
+            "p.json",
+            "report '.*p.json' is the output json '.*p.json': writing it would replace "
+            "the output",
+        ),
+        ("png/r.json", "report '.*png/r.json' must not be or lie inside the output PNG folder"),
+        ("png", "report '.*png' must not be or lie inside the output PNG folder"),
+    ],
+)
+def test_a_report_that_would_replace_an_input_or_output_is_refused(
+    tmp_path, monkeypatch, capsys, report, culprit
+):
+    root = str(tmp_path)
+    instances, sem_dir, stuff_json = write_example(root)
+    before = {
+        os.path.join(folder, f): open(os.path.join(folder, f), "rb").read()
+        for folder, _, files in os.walk(root)
+        for f in files
+    }
+    painted = []
+    monkeypatch.setattr(convert, "_convert_image", lambda *a: painted.append(a))
+    argv = ["--instances", instances, "--semantic-dir", sem_dir, "--stuff-categories", stuff_json]
+    argv += ["--output-json", os.path.join(root, "p.json"), "--output-dir"]
+    argv += [os.path.join(root, "png"), "--report", os.path.join(root, report), "--overwrite"]
+    assert main(argv) == 1
+    assert re.search(culprit, capsys.readouterr().err), culprit
+    assert painted == [] and sorted(os.listdir(root)) == [
+        "instances.json",
+        "semantic",
+        "stuff.json",
+    ]
+    for path, data in before.items():
+        with open(path, "rb") as f:
+            assert f.read() == data, path
+
+
 def test_unwritable_outputs_are_refused_before_converting(tmp_path, monkeypatch, capsys):
     root = str(tmp_path)
     instances, sem_dir, stuff_json = write_example(root)
@@ -583,8 +626,11 @@ def test_unwritable_outputs_are_refused_before_converting(tmp_path, monkeypatch,
     args = ["--instances", instances, "--semantic-dir", sem_dir, "--stuff-categories", stuff_json]
     for outputs, message in [
         (["folder.json", "png"], "The output json '.*folder.json' is a folder"),
-        (["p.json", "file/png"], "Cannot write '.*file/png': '.*file' is not a folder"),
-        (["file/p.json", "png"], "Cannot write '.*file/p.json'"),
+        (
+            ["p.json", "file/png"],
+            "Cannot write the output PNG folder '.*file/png': '.*file' is not a folder",
+        ),
+        (["file/p.json", "png"], "Cannot write the output json '.*file/p.json'"),
         (["p.json", "png", "--report", "folder.json"], "The report '.*folder.json' is a folder"),
     ]:
         out = [os.path.join(root, p) if p != "--report" else p for p in outputs]

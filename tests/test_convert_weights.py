@@ -83,9 +83,9 @@ def test_an_output_that_is_a_folder_or_the_input_is_refused(tmp_path, torchvisio
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("")
     for output, message in [
-        ("folder", "is a folder: give the checkpoint file"),
+        ("folder", "checkpoint '" + str(tmp_path / "folder") + "' is a folder, not a file"),
         ("tv.pth", "is the input: writing it would replace torchvision's file"),
-        ("file/out.pth", "'" + str(tmp_path / "file") + "' is not a folder"),
+        ("file/out.pth", "out.pth': '" + str(tmp_path / "file") + "' is not a folder"),
     ]:
         assert main(["--variant", "b0", str(tmp_path / "tv.pth"), str(tmp_path / output)]) == 1
         assert message in capsys.readouterr().err

@@ -427,3 +427,10 @@ def test_an_error_at_an_image_names_it_and_labels_the_partial_export(tmp_path, m
         assert "partial" not in json.loads((out / "predictions.json").read_text())["info"]
     finally:
         demo.VisualizationDemo = original
+
+
+def test_unique_stems_number_shared_names_and_keep_a_repeated_path_s_first_name():
+    from efficientps_d2.demo.runner import unique_stems
+
+    paths = ["x/a.jpg", "y/a.png", "x/a.jpg", "x/b.jpg"]
+    assert unique_stems(paths) == {"x/a.jpg": "a", "y/a.png": "a_1", "x/b.jpg": "b"}

@@ -71,9 +71,14 @@ def test_unknown_config_names_list_the_known_ones(name):
         model_zoo.get_config_file(name)
 
 
-def test_trained_without_checkpoint_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="No trained checkpoint.*none.*MODEL.WEIGHTS"):
-        model_zoo.get_config(B0, trained=True)
+def test_trained_without_checkpoint_is_a_clear_error(monkeypatch):
+    from efficientps_d2.engine import lazy_config
+
+    with monkeypatch.context() as m:  # answered without loading the config
+        m.setattr(lazy_config, "load_config", lambda *a, **k: pytest.fail("config loaded"))
+        for ext, key in ((".yaml", "MODEL.WEIGHTS"), (".py", "train.init_checkpoint")):
+            with pytest.raises(RuntimeError, match=f"No trained checkpoint.*none.*{key}"):
+                model_zoo.get_config(B0.replace(".yaml", ext), trained=True)
     # Detectron2's idiom, cfg.MODEL.WEIGHTS = model_zoo.get_checkpoint_url(name): the same
     # answer (it was an AttributeError), after the name is checked.
     with pytest.raises(RuntimeError, match="No trained checkpoint.*none.*MODEL.WEIGHTS"):

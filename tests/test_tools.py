@@ -74,6 +74,7 @@ def test_visualize_data_keeps_images_of_two_folders_that_share_a_name(tmp_path, 
         os.makedirs(tmp_path / folder)
         shutil.copy(d["file_name"], tmp_path / folder / "frame.png")
         records.append(dict(d, file_name=str(tmp_path / folder / "frame.png")))
+    records.append(records[0])  # an image listed twice keeps its one name
     names = _register_variant("tools_same_names", records, train)
     out = tmp_path / "out"
     argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), *names]
@@ -109,6 +110,18 @@ def test_visualize_data_output_dir_that_is_a_file_is_named(tmp_path):
         argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir"]
         with pytest.raises(SystemExit, match=f"'{tmp_path / 'file'}' is not a folder"):
             visualize_data.main(argv + [str(tmp_path / out)])
+
+
+def test_visualize_data_show_makes_no_output_folder(tmp_path, synthetic, monkeypatch):
+    import cv2
+
+    shown = []
+    monkeypatch.setattr(cv2, "imshow", lambda name, image: shown.append(image.shape))
+    monkeypatch.setattr(cv2, "waitKey", lambda *a: -1)
+    out = tmp_path / "out"  # it was made, and left empty
+    argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out), "--show"]
+    assert visualize_data.main(argv + ["--max-images", "2", *synthetic]) == 0
+    assert len(shown) == 2 and not out.exists()
 
 
 def test_analyze_model_prints_parameters_flops_and_activations(synthetic, caplog, request):

@@ -131,6 +131,23 @@ def test_a_wrong_file_in_the_hub_folder_is_named_with_the_fix(handler, tmp_path)
     assert f"Delete '{local}'" in message and handler.download_calls == []
 
 
+def test_a_cached_conversion_that_is_a_folder_does_not_blame_the_hub_file(
+    handler, tmp_path, torchvision_b0
+):
+    # The error said "torchvision's file in the hub folder cannot be used ... Delete" it.
+    local = tmp_path / "hub" / "checkpoints" / B0_FILE
+    local.parent.mkdir(parents=True)
+    torch.save(torchvision_b0, local)
+    output = handler.converted_file(resolve_weights("efficientnet_b0")[1])
+    os.makedirs(output)
+    with pytest.raises(ValueError) as info:
+        PathManager.get_local_path("torchvision://efficientnet_b0")
+    message = str(info.value)
+    assert f"The cached conversion '{output}' is a folder" in message
+    assert "hub folder" not in message and str(local) not in message
+    assert local.exists() and os.listdir(output) == [] and handler.download_calls == []
+
+
 def test_offline_training_stops_before_the_data_check(handler, tmp_path):
     # The checkpointer met it after the data check (minutes on Cityscapes, whose configs start
     # from torchvision://efficientnet_b5) and after the model and loaders were built.

@@ -382,7 +382,9 @@ def _check_png(record):
 def check_dataset(name, *, pngs=True):
     """Checks the records of data set ``name``; returns a :class:`DatasetReport`.
 
-    Loading (``DatasetCatalog.get``) must succeed; loader errors propagate. Then: at least one
+    Loading (``DatasetCatalog.get``) must succeed: a loader's ``AssertionError`` (Detectron2's
+    built-in loaders assert, naming no path) raises :class:`DataCheckError` naming the data set
+    and the metadata's missing files; other loader errors propagate. Then: at least one
     record and one segment; every segment's ``category_id`` a class of the metadata, ``isthing``
     agreeing with it; with ``pngs``, every panoptic PNG as in :func:`_check_png`. Records without
     ``pan_seg_file_name`` (not a panoptic data set) are only counted.

@@ -49,6 +49,7 @@ __all__ = [
     "read_bgr_image",
     "run_on_images",
     "run_on_video",
+    "unique_stems",
     "video_output_path",
 ]
 
@@ -163,10 +164,13 @@ def read_bgr_image(path):
     return read_image(path, format="BGR")
 
 
-def _unique_stems(paths):
-    """File stem per path, suffixed "_1", "_2", ... where two inputs share a stem."""
+def unique_stems(paths):
+    """File stem per path, suffixed "_1", "_2", ... where two inputs share a stem; a path given
+    twice keeps its first stem."""
     stems, used = {}, set()
     for path in paths:
+        if path in stems:
+            continue
         stem = os.path.splitext(os.path.basename(path))[0]
         candidate, n = stem, 0
         while candidate in used:
@@ -252,7 +256,7 @@ def check_image_outputs(output, paths, save_panoptic=False):
     else:
         folder = output
     check_output_folder(folder, output)
-    stems = _unique_stems(paths)
+    stems = unique_stems(paths)
     inputs = {os.path.realpath(p): p for p in paths}
     for path in paths:
         written = [_image_output_path(output, path, stems[path], len(paths) == 1)]
@@ -323,7 +327,7 @@ def run_on_images(
             os.path.join(folder, "panoptic"),
             demo.metadata,
         )
-    stems = _unique_stems(paths)
+    stems = unique_stems(paths)
     if writer is not None:  # files that match no image id are named by their unique stems
         image_ids.check_unique(paths, stems)
     _remove_stale_outputs(output, paths, stems, writer)

@@ -96,26 +96,26 @@ def get_config(name, trained=False):
             RuntimeError (the config's own MODEL.WEIGHTS / train.init_checkpoint is kept
             otherwise).
     """
-    from ..config_adapter import ConfigAdapter
     from ..engine.lazy_config import load_config
 
-    cfg = load_config(get_config_file(name))
-    if trained:
-        _no_trained_checkpoint(name, ConfigAdapter(cfg).keys["weights"])
-    return cfg
+    if trained:  # before loading: the answer does not depend on the config's contents
+        _no_trained_checkpoint(name)
+    return load_config(get_config_file(name))
 
 
 def get_checkpoint_url(name):
     """Detectron2's ``model_zoo.get_checkpoint_url``: the released trained checkpoint of a config
     name. None is released yet, so this raises RuntimeError (after checking the name), as
     ``trained=True`` does."""
-    path = get_config_file(name)
-    _no_trained_checkpoint(
-        name, "MODEL.WEIGHTS" if path.endswith(".yaml") else "train.init_checkpoint"
-    )
+    _no_trained_checkpoint(name)
 
 
-def _no_trained_checkpoint(name, key):
+def _no_trained_checkpoint(name):
+    """Raises RuntimeError naming the key that takes a checkpoint in the config's kind (after
+    checking the name)."""
+    from ..engine.lazy_config import is_lazy_config
+
+    key = "train.init_checkpoint" if is_lazy_config(get_config_file(name)) else "MODEL.WEIGHTS"
     raise RuntimeError(
         f"No trained checkpoint is released for '{_normalise(name)}': none of the configs has "
         f"one yet. Set {key} to a checkpoint of your own (a local file or a URL)."

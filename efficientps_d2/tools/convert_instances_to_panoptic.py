@@ -70,6 +70,7 @@ from ..atomic_io import (
     atomic_directory,
     atomic_write,
     blocking_file,
+    check_writable_file,
     remove_stale_temporaries,
 )
 
@@ -186,14 +187,7 @@ def convert_instances_to_panoptic(
     Returns:
         PanopticConversionReport
     """
-    if os.path.abspath(output_json).startswith(os.path.abspath(output_dir) + os.sep):
-        raise ConversionError(
-            f"The output json '{output_json}' must not lie inside the output PNG folder "
-            f"'{output_dir}'."
-        )
-    inputs = [("instance json", instances_json), ("semantic PNG folder", semantic_dir)]
-    if isinstance(stuff_categories, (str, os.PathLike)):
-        inputs.append(("stuff category json", stuff_categories))
+    inputs = _inputs(instances_json, semantic_dir, stuff_categories)
     _check_outputs_spare_inputs(output_json, output_dir, inputs)
     _check_writable(output_json, output_dir)
     if not overwrite:
@@ -273,19 +267,38 @@ def convert_instances_to_panoptic(
 # Input checks
 
 
-def _check_outputs_spare_inputs(output_json, output_dir, inputs):
-    """Refuses outputs that would replace an input: the json written over an input file, or the
-    PNG folder (replaced whole) being, holding or lying in an input."""
-    real_json, real_dir = os.path.realpath(output_json), os.path.realpath(output_dir)
+def _inputs(instances_json, semantic_dir, stuff_categories):
+    """(what, path) of the files and folders a conversion reads; None where not given."""
+    inputs = [("instance json", instances_json), ("semantic PNG folder", semantic_dir)]
+    if isinstance(stuff_categories, (str, os.PathLike)):
+        inputs.append(("stuff category json", stuff_categories))
+    return inputs
+
+
+def _check_outputs_spare_inputs(output_json, output_dir, inputs, report=None):
+    """Refuses outputs that would replace an input or each other: an output file (the json; the
+    report, written last) written over an input file or an output file, or inside the PNG
+    folder, or the PNG folder (replaced whole) being, holding or lying in an input."""
+    real_dir = os.path.realpath(output_dir)
+    files = [("output json", output_json)] + ([("report", report)] if report else [])
+    for i, (what_out, out) in enumerate(files):
+        real_out = os.path.realpath(out)
+        if real_out == real_dir or real_out.startswith(real_dir + os.sep):
+            raise ConversionError(
+                f"The {what_out} '{out}' must not be or lie inside the output PNG folder "
+                f"'{output_dir}'."
+            )
+        for what, path in inputs + files[:i]:
+            if path is not None and os.path.realpath(path) == real_out:
+                raise ConversionError(
+                    f"The {what_out} '{out}' is the {what} '{path}': writing it would replace "
+                    f"the {'input' if (what, path) in inputs else 'output'}. Choose another "
+                    f"{what_out}."
+                )
     for what, path in inputs:
         if path is None:
             continue
         real = os.path.realpath(path)
-        if real == real_json:
-            raise ConversionError(
-                f"The output json '{output_json}' is the {what} '{path}': writing it would "
-                "replace the input. Choose another output json."
-            )
         if real == real_dir or real.startswith(real_dir + os.sep):
             raise ConversionError(
                 f"The output PNG folder '{output_dir}' is or holds the {what} '{path}': writing "
@@ -302,12 +315,14 @@ def _check_outputs_spare_inputs(output_json, output_dir, inputs):
 def _check_writable(output_json, output_dir=None, what="output json"):
     """Fails before any work where an output cannot be written: a json path that is a folder, or
     a file where a folder above an output must be."""
-    if os.path.isdir(output_json):
-        raise ConversionError(f"The {what} '{output_json}' is a folder, not a file name.")
-    for path in (output_json, output_dir):
-        blocker = path and blocking_file(os.path.dirname(os.path.abspath(path)))
-        if blocker:
-            raise ConversionError(f"Cannot write '{path}': '{blocker}' is not a folder.")
+    check_writable_file(output_json, what, ConversionError)
+    # The PNG folder itself is replaced whole (or refused without overwrite): only the folder
+    # above it must be one.
+    blocker = output_dir and blocking_file(os.path.dirname(os.path.abspath(output_dir)))
+    if blocker:
+        raise ConversionError(
+            f"Cannot write the output PNG folder '{output_dir}': '{blocker}' is not a folder."
+        )
 
 
 def _load_json(path, what):
@@ -771,6 +786,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.report:  # checked now: the report comes after the conversion
+            inputs = _inputs(args.instances, args.semantic_dir, args.stuff_categories)
+            _check_outputs_spare_inputs(args.output_json, args.output_dir, inputs, args.report)
             _check_writable(args.report, what="report")
         report = convert_instances_to_panoptic(
             args.instances,

@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from ..atomic_io import atomic_write, blocking_file
+from ..atomic_io import atomic_write, check_writable_file
 from ..checkpoint import describe_file, describe_load_error
 from ..modeling.backbone.efficientnet import VARIANTS, EfficientNet
 
@@ -36,6 +36,7 @@ __all__ = [
     "WeightConversionReport",
     "WeightConversionError",
     "convert_file",
+    "convert_torchvision_file",
     "convert_torchvision_efficientnet",
     "expected_backbone_shapes",
     "main",
@@ -192,7 +193,8 @@ def convert_torchvision_efficientnet(state_dict, variant, *, squeeze_excitation=
 
 
 def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
-    """Reads a torchvision ``.pth``, converts it and writes the checkpoint atomically.
+    """Reads a torchvision ``.pth``, converts it and writes the checkpoint atomically; the output
+    is checked before the input is read.
 
     Returns:
         the :class:`WeightConversionReport`.
@@ -200,37 +202,46 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"Input weights '{input_path}' do not exist.")
     # Checked before reading: the output is written last.
-    if os.path.isdir(output_path):
-        raise WeightConversionError(
-            f"The output '{output_path}' is a folder: give the checkpoint file to write."
-        )
+    check_writable_file(output_path, "output checkpoint", WeightConversionError)
     if os.path.realpath(output_path) == os.path.realpath(input_path):
         raise WeightConversionError(
             f"The output '{output_path}' is the input: writing it would replace torchvision's "
             "file. Give another output file."
         )
-    blocker = blocking_file(os.path.dirname(os.path.abspath(output_path)))
-    if blocker:
-        raise WeightConversionError(f"Cannot write '{output_path}': '{blocker}' is not a folder.")
+    checkpoint, report = convert_torchvision_file(
+        input_path, variant, squeeze_excitation=squeeze_excitation
+    )
+    atomic_write(output_path, lambda f: torch.save(checkpoint, f))
+    return report
+
+
+def convert_torchvision_file(path, variant, *, squeeze_excitation=False):
+    """Reads torchvision's ``.pth`` at ``path`` and converts it with
+    :func:`convert_torchvision_efficientnet`; every error names the file. Writes nothing.
+
+    Returns:
+        (checkpoint, report), as :func:`convert_torchvision_efficientnet`.
+    Raises:
+        WeightConversionError: the file cannot be read as a torch file, holds no state dict, or
+            holds one that does not fit the variant.
+    """
     try:
-        state_dict = torch.load(input_path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # EOFError of an empty file has no message: say what the file is
         raise WeightConversionError(
-            f"Cannot read '{input_path}' as a torch file: it is {describe_file(input_path)} "
+            f"Cannot read '{path}' as a torch file: it is {describe_file(path)} "
             f"({describe_load_error(e)})."
         ) from e
     if not isinstance(state_dict, dict):
         raise WeightConversionError(
-            f"'{input_path}' holds a {type(state_dict).__name__}, not a state dict."
+            f"'{path}' holds a {type(state_dict).__name__}, not a state dict."
         )
     try:
-        checkpoint, report = convert_torchvision_efficientnet(
+        return convert_torchvision_efficientnet(
             state_dict, variant, squeeze_excitation=squeeze_excitation
         )
     except WeightConversionError as e:
-        raise WeightConversionError(f"'{input_path}': {e}") from e
-    atomic_write(output_path, lambda f: torch.save(checkpoint, f))
-    return report
+        raise WeightConversionError(f"'{path}': {e}") from e
 
 
 def _config(config_file, opts):

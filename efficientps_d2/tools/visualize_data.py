@@ -91,13 +91,13 @@ def _annotations(config, metadata, args):
 
     from ..data.image_files import ImageInputError, read_image
     from ..data.metadata import with_isthing
-    from ..demo.runner import _unique_stems
+    from ..demo.runner import unique_stems
 
     dicts = list(chain.from_iterable(DatasetCatalog.get(k) for k in config.train_dataset_names))
     if args.max_images is not None:
         dicts = dicts[: args.max_images]
     # Named after the image, "_1", "_2", ... added where images of two folders share a name.
-    stems = _unique_stems(list(dict.fromkeys(d["file_name"] for d in dicts)))
+    stems = unique_stems([d["file_name"] for d in dicts])
     skipped = 0
     for dic in tqdm.tqdm(dicts):
         if "segments_info" in dic:  # Detectron2's Cityscapes dicts have no "isthing"
@@ -170,7 +170,8 @@ def main(argv=None):
     names = config.train_dataset_names
     if not names:
         raise SystemExit(f"'{args.config_file}' names no training data set to visualize.")
-    os.makedirs(args.output_dir, exist_ok=True)
+    if not args.show:  # --show writes nothing
+        os.makedirs(args.output_dir, exist_ok=True)
     metadata = MetadataCatalog.get(names[0])
     if args.source == "annotation":
         count = _annotations(config, metadata, args)
