@@ -362,6 +362,18 @@ def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
     assert all(o["instances"].pred_mask_logits.dtype == torch.float32 for o in out)
 
 
+def test_inference_dtype_set_on_the_model_takes_effect_and_is_checked():
+    """``model.inference_dtype`` (what the exporter's warning names, beside the config key) was a
+    plain attribute that inference never read: setting it changed nothing, silently."""
+    model = _tiny_model()
+    model.inference_dtype = "bfloat16"
+    assert model.inference_options.dtype == "bfloat16"
+    assert model._inference_network().dense_network.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="INFERENCE_DTYPE must be one of .* got 'fp16'"):
+        model.inference_dtype = "fp16"
+    assert model.inference_dtype == "bfloat16"
+
+
 @pytest.mark.parametrize(
     "changes", [{}, {"fast_inference": False}, {"dtype": "bfloat16"}], ids=["fast", "plain", "bf16"]
 )
@@ -467,10 +479,13 @@ def test_cuda_graph_off_cuda_runs_the_model_itself():
         ("INFERENCE_DTYPE", "float64", "INFERENCE_DTYPE"),
         ("CUDA_GRAPH_CACHE_SIZE", 0, "CUDA_GRAPH_CACHE_SIZE"),
         ("COMPILE", True, "CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE"),
+        # torch.compile refused it at the first inference, without the key.
+        ("COMPILE_MODE", "fast", r"COMPILE_MODE must be one of .*'reduce-overhead'.*got 'fast'"),
     ],
 )
 def test_inference_options_are_checked_when_the_model_is_built(key, value, message):
     opts = ["MODEL.EFFICIENTPS.CUDA_GRAPH", key == "COMPILE", f"MODEL.EFFICIENTPS.{key}", value]
+    opts += ["MODEL.EFFICIENTPS.COMPILE", True] if key == "COMPILE_MODE" else []
     with pytest.raises(ValueError, match=message):
         build_model(tiny_config(opts))
 

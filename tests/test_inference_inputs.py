@@ -208,6 +208,15 @@ def test_the_model_names_an_image_of_the_wrong_layout():
         model.train()([{"image": image.permute(2, 0, 1)}])
 
 
+def test_an_empty_batch_gives_no_outputs():
+    """model([]) failed with Detectron2's bare AssertionError (ImageList of no tensors); one
+    output per input is the contract, as for TTA, which returned [] already."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    assert model([]) == []
+    assert EfficientPSWithTTA(tiny_config(), model)([]) == []
+
+
 def test_tta_runs_an_image_too_thin_for_its_scales():
     """TEST.AUG.MAX_SIZE 128 rounds a 1 x 600 image to 0 x 128: PIL's "height and width must be
     > 0" before. Each augmented size keeps at least one pixel a side."""

@@ -120,6 +120,26 @@ def test_training_step_gives_finite_losses_and_gradients_in_every_head():
         assert any(g.abs().sum() > 0 for g in grads)
 
 
+def test_training_inputs_are_checked_dict_by_dict_and_any_integer_labels_train():
+    """A later dict without targets gave a bare KeyError 'sem_seg' (only the first was checked,
+    after the backbone had run); a semantic map smaller than its image but padded to the same
+    size trained on shifted labels without a word; uint8 or int32 labels failed inside cross
+    entropy ("expected scalar type Long but found Byte")."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    good = training_input(64, 96, [[10, 10, 40, 40]], [0])
+    with pytest.raises(ValueError, match=r"'sem_seg' .* missing in batched_inputs\[1\]"):
+        model([good, {"image": good["image"], "instances": good["instances"]}])
+    small = dict(good, sem_seg=good["sem_seg"][:60, :90])
+    with pytest.raises(ValueError, match=r"batched_inputs\[1\]\['sem_seg'\] .* \(64, 96\), got"):
+        model([good, small])
+    with EventStorage():
+        expected = model([good])["loss_sem_seg"]
+        for dtype in (torch.uint8, torch.int32):
+            labels = good["sem_seg"].to(dtype)
+            assert torch.equal(model([dict(good, sem_seg=labels)])["loss_sem_seg"], expected)
+
+
 def test_inference_contract_at_requested_size():
     torch.manual_seed(0)
     model = build_model(tiny_config(PERMISSIVE)).eval()
@@ -192,6 +212,20 @@ def test_unknown_head_names_are_reported(key, value):
     assert "registry" in str(e.value).lower()  # Detectron2 lists the registry's entries
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("CONFIDENCE_THRESH", 50.0),  # a percentage: no thing would ever be fused
+        ("OVERLAP_THRESH", -0.5),
+        ("STUFF_AREA_LIMIT", -1),
+        ("MASK_LOGIT_SCALE", 0.0),  # refused at the first inference, without the key
+    ],
+)
+def test_fusion_settings_are_checked_when_the_model_is_built(key, value):
+    with pytest.raises(ValueError, match=f"MODEL.PANOPTIC_FUSION.{key} must be .* got {value}"):
+        build_model(tiny_config([f"MODEL.PANOPTIC_FUSION.{key}", value]))
+
+
 def test_thing_semantic_ids_are_checked():
     with pytest.raises(ValueError, match="THING_SEMANTIC_IDS.*NUM_CLASSES"):
         build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [3]]))
@@ -199,3 +233,7 @@ def test_thing_semantic_ids_are_checked():
         build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [3, 9]]))
     with pytest.raises(ValueError, match="no data set"):
         build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", []]))
+    # A data set not (yet) registered: the message named neither it nor the reason.
+    opts = ["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [], "DATASETS.TRAIN", ("mydata_trian",)]
+    with pytest.raises(ValueError, match="data set 'mydata_trian'.*no such data set is registered"):
+        build_model(tiny_config(opts))

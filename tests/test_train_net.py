@@ -232,3 +232,26 @@ def test_resnet_50_trains_evaluates_and_runs_in_the_demo(tmp_path, data_root):
     ids = rgb2id(np.asarray(Image.open(out / "panoptic" / annotation["file_name"])))
     assert ids.shape == (64, 96)
     assert set(np.unique(ids)) - {0} == {s["id"] for s in annotation["segments_info"]}
+
+
+def test_readmes_own_default_trainer_trains_and_evaluates(tmp_path, data_root):
+    """The README's DefaultTrainer subclass (Detectron2's tutorial way): without EfficientPS's
+    optimizer builder, Detectron2's stopped at "'full_model' is not a valid GradientClipType"."""
+    from efficientps_d2 import setup_cfg
+    from efficientps_d2.data.synthetic import register_synthetic
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    code = re.search(r"\*\*A trainer of your own\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec(code, namespace)
+    train, val = register_synthetic(data_root, prefix="readme_trainer_synthetic")
+    opts = [*TINY, "SOLVER.MAX_ITER", "1", "TEST.EVAL_PERIOD", "0", "MODEL.DEVICE", "cpu"]
+    opts += ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)"]
+    cfg = setup_cfg(QUICK, [*opts, "OUTPUT_DIR", str(tmp_path)])
+    trainer = namespace["MyTrainer"](cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert os.path.isfile(tmp_path / "model_final.pth")
+    results = namespace["MyTrainer"].test(cfg, trainer.model)
+    assert {"panoptic_seg", "sem_seg", "bbox", "segm"} <= set(results)

@@ -12,7 +12,7 @@ Mask R-CNN, however, classifies things only: its class k is the k-th thing in al
 the one the model and the dataset mapper use (a config key, else the metadata).
 """
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 
 def thing_semantic_ids(metadata):
@@ -28,9 +28,18 @@ def thing_semantic_ids(metadata):
     things = get("thing_dataset_id_to_contiguous_id")
     stuff = get("stuff_dataset_id_to_contiguous_id")
     if not things or stuff is None:
+        name = get("name")  # a MetadataCatalog entry's data set
+        unregistered = name is not None and name not in DatasetCatalog.list()
         raise ValueError(
-            "The metadata needs 'thing_dataset_id_to_contiguous_id' and "
-            "'stuff_dataset_id_to_contiguous_id' (Detectron2's 'standard' panoptic metadata)."
+            (f"The metadata of data set '{name}'" if name else "The metadata")
+            + " needs 'thing_dataset_id_to_contiguous_id' and "
+            "'stuff_dataset_id_to_contiguous_id' (Detectron2's 'standard' panoptic metadata)"
+            + (
+                ": no such data set is registered (register it before building the model, e.g. "
+                "with efficientps_d2.data.register_panoptic_dataset)."
+                if unregistered
+                else "."
+            )
         )
     shared = sorted(set(things.values()) & set(stuff.values()))
     if shared:

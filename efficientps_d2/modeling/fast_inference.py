@@ -388,6 +388,16 @@ class InferenceOptions:
                 "MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE must be at least 1, got "
                 f"{self.cuda_graph_cache_size}."
             )
+        if self.compile:
+            # Checked here, as torch.compile checks it only at the first call (first inference).
+            import torch._inductor  # what torch.compile imports anyway
+
+            modes = torch._inductor.list_mode_options(None)
+            if self.compile_mode not in modes:
+                raise ValueError(
+                    f"MODEL.EFFICIENTPS.COMPILE_MODE must be one of torch.compile's modes "
+                    f"{sorted(modes)}, got {self.compile_mode!r}."
+                )
         if self.cuda_graph and self.compile:
             raise ValueError(
                 "MODEL.EFFICIENTPS.CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE are both on: choose "

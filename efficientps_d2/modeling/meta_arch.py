@@ -125,6 +125,9 @@ class EfficientPS(GeneralizedRCNN):
             getattr(self.roi_heads, "num_classes", None),
             getattr(sem_seg_head, "num_classes", None),
         )
+        _check_fusion_settings(
+            confidence_thresh, overlap_thresh, stuff_area_limit, mask_logit_scale
+        )
         self.confidence_thresh = confidence_thresh
         self.overlap_thresh = overlap_thresh
         self.stuff_area_limit = stuff_area_limit
@@ -135,7 +138,8 @@ class EfficientPS(GeneralizedRCNN):
             self.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         # How inference runs (see fast_inference.InferenceOptions); change it as a whole, e.g.
-        # ``model.inference_options = dataclasses.replace(model.inference_options, ...)``.
+        # ``model.inference_options = dataclasses.replace(model.inference_options, ...)``, or
+        # through the ``fast_inference`` and ``inference_dtype`` properties.
         self.inference_options = InferenceOptions(
             fast_inference=fast_inference,
             dtype=inference_dtype,
@@ -174,18 +178,14 @@ class EfficientPS(GeneralizedRCNN):
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:
             return self.inference(batched_inputs)
+        _check_training_inputs(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         backbone, sem_seg_head = self._training_parts()
         features = backbone(images.tensor)
 
-        for key in ("sem_seg", "instances"):
-            if key not in batched_inputs[0]:
-                raise ValueError(
-                    f"EfficientPS needs '{key}' in every training input dict (the model is in "
-                    "training mode: call model.eval() to predict)."
-                )
         gt_sem_seg = ImageList.from_tensors(
-            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            # int64, as cross entropy takes it (Detectron2's DatasetMapper gives int64 too).
+            [x["sem_seg"].to(self.device, torch.long) for x in batched_inputs],
             self.backbone.size_divisibility,
             self.sem_seg_head.ignore_value,
             self.backbone.padding_constraints,
@@ -213,7 +213,10 @@ class EfficientPS(GeneralizedRCNN):
 
         Without it, returns (semantic logits at the padded input size (N, C, H, W),
         detector Instances in input coordinates) — what test-time augmentation merges.
+        An empty ``batched_inputs`` gives an empty list of outputs.
         """
+        if do_postprocess and isinstance(batched_inputs, (list, tuple)) and not batched_inputs:
+            return []  # Detectron2's ImageList refuses an empty batch with a bare assertion
         network = self._inference_network()
         with torch.inference_mode():
             images = self.preprocess_image(batched_inputs)
@@ -255,6 +258,15 @@ class EfficientPS(GeneralizedRCNN):
     @fast_inference.setter
     def fast_inference(self, enabled: bool):
         self.inference_options = dataclasses.replace(self.inference_options, fast_inference=enabled)
+
+    @property
+    def inference_dtype(self) -> str:
+        """MODEL.EFFICIENTPS.INFERENCE_DTYPE: the dense network's dtype in inference."""
+        return self.inference_options.dtype
+
+    @inference_dtype.setter
+    def inference_dtype(self, dtype: str):
+        self.inference_options = dataclasses.replace(self.inference_options, dtype=dtype)
 
     def _training_parts(self):
         """(backbone, semantic head) for the training forward: the modules themselves, or with
@@ -336,6 +348,49 @@ class EfficientPS(GeneralizedRCNN):
                 overlap_thresh=self.overlap_thresh,
                 stuff_area_limit=self.stuff_area_limit,
                 mask_logit_scale=self.mask_logit_scale,
+            )
+
+
+def _check_fusion_settings(confidence_thresh, overlap_thresh, stuff_area_limit, mask_logit_scale):
+    """Refuses, when the model is built, fusion settings that the first inference would refuse
+    without naming the key (MASK_LOGIT_SCALE) or that it would take without a word though they
+    have no meaning (a score or a fraction outside [0, 1], a negative area)."""
+    key = "MODEL.PANOPTIC_FUSION."
+    if not 0 <= confidence_thresh <= 1:
+        raise ValueError(f"{key}CONFIDENCE_THRESH must be in [0, 1], got {confidence_thresh}.")
+    if not 0 <= overlap_thresh <= 1:
+        raise ValueError(f"{key}OVERLAP_THRESH must be in [0, 1], got {overlap_thresh}.")
+    if not stuff_area_limit >= 0:
+        raise ValueError(f"{key}STUFF_AREA_LIMIT must be at least 0, got {stuff_area_limit}.")
+    if not mask_logit_scale > 0:
+        raise ValueError(f"{key}MASK_LOGIT_SCALE must be positive, got {mask_logit_scale}.")
+
+
+def _check_training_inputs(batched_inputs):
+    """Refuses, before any work, a training batch that is empty or whose dicts lack targets or
+    have a semantic map of another size than their image (which padding would have hidden)."""
+    if isinstance(batched_inputs, (list, tuple)) and not batched_inputs:
+        raise ValueError("EfficientPS got an empty training batch (batched_inputs is []).")
+    for i, x in enumerate(batched_inputs):
+        if not isinstance(x, dict):
+            continue  # preprocess_image names it
+        for key in ("sem_seg", "instances"):
+            if key not in x:
+                raise ValueError(
+                    f"EfficientPS needs '{key}' in every training input dict, missing in "
+                    f"batched_inputs[{i}] (efficientps_d2.data.EfficientPSDatasetMapper makes "
+                    "the targets from panoptic annotations; the model is in training mode: call "
+                    "model.eval() to predict)."
+                )
+        image, sem_seg = x.get("image"), x["sem_seg"]
+        if (
+            isinstance(image, torch.Tensor)
+            and isinstance(sem_seg, torch.Tensor)
+            and tuple(sem_seg.shape) != tuple(image.shape[-2:])
+        ):
+            raise ValueError(
+                f"batched_inputs[{i}]['sem_seg'] must be an (H, W) map of its image's size "
+                f"{tuple(image.shape[-2:])}, got shape {tuple(sem_seg.shape)}."
             )
 
 
