@@ -110,6 +110,10 @@ def test_bad_hard_pixel_fraction_names_the_key():
             ignore_value=255,
             hard_pixel_fraction=0,
         )
+    # When the head is built, not at the first training step (after the data check and the
+    # weights): a percentage given for the fraction.
+    with pytest.raises(ValueError, match=r"HARD_PIXEL_FRACTION must be in \(0, 1\], got 25"):
+        EfficientPSSemSegHead(SHAPES, num_classes=7, convs_dim=16, hard_pixel_fraction=25)
 
 
 def test_head_from_config_checks_features():

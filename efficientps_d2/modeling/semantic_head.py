@@ -80,7 +80,11 @@ def _checkpointed(module, *args):
 NORMALIZATIONS = ("image", "labelled")
 
 
-def _check_normalization(normalization):
+def _check_hard_pixel_settings(fraction, normalization):
+    if not 0 < fraction <= 1:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.HARD_PIXEL_FRACTION must be in (0, 1], got {fraction}."
+        )
     if normalization not in NORMALIZATIONS:
         raise ValueError(
             f"MODEL.SEM_SEG_HEAD.HARD_PIXEL_NORMALIZATION must be one of {list(NORMALIZATIONS)}, "
@@ -104,12 +108,7 @@ def hard_pixel_cross_entropy(
     Returns:
         scalar tensor; zero (still differentiable) when no pixel is labelled.
     """
-    if not 0 < hard_pixel_fraction <= 1:
-        raise ValueError(
-            "MODEL.SEM_SEG_HEAD.HARD_PIXEL_FRACTION must be in (0, 1], got "
-            f"{hard_pixel_fraction}."
-        )
-    _check_normalization(normalization)
+    _check_hard_pixel_settings(hard_pixel_fraction, normalization)
     pixel_losses = F.cross_entropy(
         logits, targets, reduction="none", ignore_index=ignore_value
     ).flatten(1)
@@ -188,8 +187,9 @@ class EfficientPSSemSegHead(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
+        # At build time, not at the first training step.
+        _check_hard_pixel_settings(hard_pixel_fraction, hard_pixel_normalization)
         self.hard_pixel_fraction = hard_pixel_fraction
-        _check_normalization(hard_pixel_normalization)  # at build time, not at the first step
         self.hard_pixel_normalization = hard_pixel_normalization
 
     @classmethod
