@@ -206,13 +206,19 @@ def test_pq_script_compares_plain_and_tta(tmp_path, model, capsys):
     )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    results = script.main(
+    args = (
         ["--config-file", str(config_file), "--weights", str(tmp_path / "weights.pth")]
         + ["--panoptic-json", str(tmp_path / "gt.json"), "--panoptic-root", str(tmp_path / "gt")]
-        + ["--image-root", str(images), "--output-json", str(tmp_path / "pq.json")]
-        + ["--opts", "TEST.PANOPTIC_TTA.MIN_SIZES", "[48, 64]", "TEST.PANOPTIC_TTA.MAX_SIZE", "200"]
-        + ["DATALOADER.NUM_WORKERS", "0"]
+        + ["--image-root", str(images), "--output-json"]
     )
+    opts = ["--opts", "TEST.PANOPTIC_TTA.MIN_SIZES", "[48, 64]", "TEST.PANOPTIC_TTA.MAX_SIZE"]
+    opts += ["200", "DATALOADER.NUM_WORKERS", "0"]
+    # An --output-json that cannot be written stops the script before both evaluations (it
+    # failed after them, the results printed but not kept).
+    with pytest.raises(SystemExit, match=f"--output-json '{images}' is a folder"):
+        script.main(args + [str(images)] + opts)
+    assert "tta_pq_gt" not in DatasetCatalog.list()
+    results = script.main(args + [str(tmp_path / "pq.json")] + opts)
     assert results["plain"]["PQ"] == pytest.approx(100.0)
     assert 0.0 <= results["tta"]["PQ"] <= 100.0
     printed = capsys.readouterr().out
