@@ -133,6 +133,10 @@ def test_training_inputs_are_checked_dict_by_dict_and_any_integer_labels_train()
     small = dict(good, sem_seg=good["sem_seg"][:60, :90])
     with pytest.raises(ValueError, match=r"batched_inputs\[1\]\['sem_seg'\] .* \(64, 96\), got"):
         model([good, small])
+    # An (H, W, 3) image is named as such, as in inference, not as a semantic map of (96, 3).
+    hwc = dict(good, image=good["image"].permute(1, 2, 0))
+    with pytest.raises(ValueError, match=r"batched_inputs\[0\]\['image'\] must be a \(3, H, W\)"):
+        model([hwc])
     with EventStorage():
         expected = model([good])["loss_sem_seg"]
         for dtype in (torch.uint8, torch.int32):

@@ -178,7 +178,7 @@ class EfficientPS(GeneralizedRCNN):
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:
             return self.inference(batched_inputs)
-        _check_training_inputs(batched_inputs)
+        _check_training_inputs(batched_inputs, self.input_format)
         images = self.preprocess_image(batched_inputs)
         backbone, sem_seg_head = self._training_parts()
         features = backbone(images.tensor)
@@ -366,14 +366,14 @@ def _check_fusion_settings(confidence_thresh, overlap_thresh, stuff_area_limit, 
         raise ValueError(f"{key}MASK_LOGIT_SCALE must be positive, got {mask_logit_scale}.")
 
 
-def _check_training_inputs(batched_inputs):
-    """Refuses, before any work, a training batch that is empty or whose dicts lack targets or
-    have a semantic map of another size than their image (which padding would have hidden)."""
-    if isinstance(batched_inputs, (list, tuple)) and not batched_inputs:
+def _check_training_inputs(batched_inputs, input_format):
+    """Refuses, before any work, a training batch whose images :func:`check_input_images`
+    refuses, that is empty, or whose dicts lack targets or have a semantic map of another size
+    than their image (which padding would have hidden)."""
+    images = check_input_images(batched_inputs, input_format)
+    if not images:
         raise ValueError("EfficientPS got an empty training batch (batched_inputs is []).")
-    for i, x in enumerate(batched_inputs):
-        if not isinstance(x, dict):
-            continue  # preprocess_image names it
+    for i, (x, image) in enumerate(zip(batched_inputs, images)):
         for key in ("sem_seg", "instances"):
             if key not in x:
                 raise ValueError(
@@ -382,12 +382,8 @@ def _check_training_inputs(batched_inputs):
                     "the targets from panoptic annotations; the model is in training mode: call "
                     "model.eval() to predict)."
                 )
-        image, sem_seg = x.get("image"), x["sem_seg"]
-        if (
-            isinstance(image, torch.Tensor)
-            and isinstance(sem_seg, torch.Tensor)
-            and tuple(sem_seg.shape) != tuple(image.shape[-2:])
-        ):
+        sem_seg = x["sem_seg"]
+        if isinstance(sem_seg, torch.Tensor) and tuple(sem_seg.shape) != tuple(image.shape[-2:]):
             raise ValueError(
                 f"batched_inputs[{i}]['sem_seg'] must be an (H, W) map of its image's size "
                 f"{tuple(image.shape[-2:])}, got shape {tuple(sem_seg.shape)}."
