@@ -316,6 +316,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         self.for_evaluation = for_evaluation
         self.last_report = None
         self._path = None
+        self._resume_hint = None  # set while resuming (see resume_or_load)
 
     def load(self, path, *args, **kwargs):
         """Loads ``path`` (local file or URL); raises FileNotFoundError for a missing local file."""
@@ -357,14 +358,21 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
 
     def resume_or_load(self, path, *, resume=True):
         """As Detectron2's, but when resuming from a checkpoint of ``save_dir`` that cannot be read
-        (truncated, deleted), falls back to the newest one that can, with a warning."""
+        (truncated, deleted), falls back to the newest one that can, with a warning.
+
+        Resuming is strict whatever ``allow_shape_mismatch`` / ``allow_missing`` say (they are for
+        the weights a run starts from): a checkpoint of ``save_dir`` whose tensors or training
+        state (optimizer, scheduler) do not fit this run was written with another config, and
+        raises :class:`CheckpointMismatchError` naming it. Skipping the misfits let the run load
+        the old optimizer's momentum of other shapes and stop at its first step with torch's
+        "The size of tensor a must match the size of tensor b"."""
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
         last = self.get_checkpoint_file()
         candidates = [last] + [f for f in self._saved_checkpoints() if f != last]
         for candidate in candidates:
             try:
-                checkpoint = self.load(candidate)
+                checkpoint = self._load_to_resume(candidate)
             except (CheckpointFileError, FileNotFoundError) as e:
                 logger.warning(f"Cannot resume from '{candidate}': {e}")
                 continue
@@ -378,6 +386,29 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             f"No intact checkpoint in '{self.save_dir}' to resume from (tried {candidates}); "
             f"start without --resume, or from {self.weights_key}."
         )
+
+    def _load_to_resume(self, path):
+        lenient = self.allow_shape_mismatch, self.allow_missing
+        self.allow_shape_mismatch, self.allow_missing = False, False
+        hint = (
+            f"--resume continues the run in '{self.save_dir}', whose checkpoints were written "
+            "with another config: resume with that config, or train this one in another output "
+            "folder."
+        )
+        self._resume_hint = hint  # instead of the hints to load partial weights
+        try:
+            return self.load(path)
+        except (CheckpointFileError, CheckpointMismatchError):
+            raise
+        except (KeyError, RuntimeError, ValueError) as e:  # the optimizer's or a hook's state
+            raise CheckpointMismatchError(
+                f"Cannot resume from '{path}': its training state does not fit this run's "
+                f"({type(e).__name__}: {e}); e.g. SOLVER settings that group the parameters "
+                f"otherwise (BIAS_LR_FACTOR, WEIGHT_DECAY_NORM, ...) changed. {hint}"
+            ) from e
+        finally:
+            self.allow_shape_mismatch, self.allow_missing = lenient
+            self._resume_hint = None
 
     def _saved_checkpoints(self):
         """Paths of the visible ``*.pth`` files of ``save_dir``, newest first."""
@@ -437,7 +468,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             hint += "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
         raise CheckpointMismatchError(
             f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which would "
-            f"{use} random values: {group_names(missing)}. {hint}"
+            f"{use} random values: {group_names(missing)}. {self._resume_hint or hint}"
         )
 
     def _check_fits(self, checkpoint_state):
@@ -463,15 +494,19 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 f"of its {len(names)} tensor names is a tensor of the model (checkpoint: "
                 f"{names[:3]}, model: {list(self.model.state_dict())[:3]})."
                 + _architecture_hint(names)
+                + (f" {self._resume_hint}" if self._resume_hint else "")
             )
         if incorrect and not self.allow_shape_mismatch:
-            raise CheckpointMismatchError(
-                f"Checkpoint '{self._path}' was made for another model: {len(incorrect)} tensors "
-                f"have other shapes ({_list_shapes(incorrect)}). Check the backbone "
+            hint = self._resume_hint or (
+                "Check the backbone "
                 "(MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
                 "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD"
                 ".NUM_CLASSES, MODEL.ROI_HEADS.NUM_CLASSES) against the checkpoint's config, or "
                 "load with EfficientPSCheckpointer(..., allow_shape_mismatch=True) to skip them."
+            )
+            raise CheckpointMismatchError(
+                f"Checkpoint '{self._path}' was made for another model: {len(incorrect)} tensors "
+                f"have other shapes ({_list_shapes(incorrect)}). {hint}"
             )
 
     def _log_incompatible_keys(self, incompatible):
