@@ -575,3 +575,15 @@ def test_amp_training_on_the_cpu_is_refused_before_the_run(tmp_path, kind, opts,
     with pytest.raises(ValueError, match=f"{key} is True but the model runs on the CPU"):
         startup.setup(default_argument_parser().parse_args(argv))
     assert not out.exists()
+
+
+def test_an_unknown_gradient_clip_type_is_refused_naming_the_key(tmp_path):
+    # Detectron2 raised "'bogus' is not a valid GradientClipType" after the data check.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    opts = ["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "bogus", "OUTPUT_DIR", str(out)]
+    argv = ["--config-file", QUICK_YAML, *opts]
+    with pytest.raises(ValueError, match="SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()

@@ -40,6 +40,7 @@ from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..modeling.inplace_abn import InPlaceABN
 from ..output_lock import lock_output_dir
+from ..solver import check_gradient_clipping
 from .lazy_config import INFERENCE_PARTS, TRAINING_PARTS, load_config
 
 __all__ = [
@@ -111,7 +112,8 @@ def setup(args):
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
     output folder that is a file, test-time augmentation settings or expected results that
     cannot be used (expected results also where training would evaluate nothing), mappers that
-    read another channel order than the model takes, AMP training on the CPU and ``--eval-only``
+    read another channel order than the model takes, AMP training on the CPU, an unknown
+    SOLVER.CLIP_GRADIENTS.CLIP_TYPE and ``--eval-only``
     without weights or without anything to evaluate (before anything is written), takes the
     steps of :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
@@ -135,6 +137,8 @@ def setup(args):
     check_input_format(cfg)
     if not args.eval_only:
         check_amp_device(config)
+        if config.is_yaml:  # a LazyConfig's optimizer is its own call
+            check_gradient_clipping(cfg)
     check_weights(config, eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
