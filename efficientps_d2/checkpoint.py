@@ -211,6 +211,19 @@ def _list_shapes(shapes):
     return shown + more
 
 
+def _optimizer_settings(optimizer):
+    """{"base learning rate": [...], "weight decay": [...], "momentum": [...]}: the distinct values
+    of an optimizer's parameter groups ({} for None)."""
+    if optimizer is None:
+        return {}
+    groups = optimizer.param_groups
+    return {
+        "base learning rate": sorted({g.get("initial_lr", g["lr"]) for g in groups}),
+        "weight decay": sorted({g.get("weight_decay", 0.0) for g in groups}),
+        "momentum": sorted({g.get("momentum", 0.0) for g in groups}),
+    }
+
+
 def _strip_common_prefix(names, prefix="module."):
     # fvcore strips "module." (from DistributedDataParallel) only when every key has it.
     if names and all(n.startswith(prefix) for n in names):
@@ -396,8 +409,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             "folder."
         )
         self._resume_hint = hint  # instead of the hints to load partial weights
+        optimizer = getattr(self.checkpointables.get("trainer"), "optimizer", None)
+        configured = _optimizer_settings(optimizer)
         try:
-            return self.load(path)
+            checkpoint = self.load(path)
+            self._warn_of_resumed_settings(path, configured, _optimizer_settings(optimizer))
+            return checkpoint
         except (CheckpointFileError, CheckpointMismatchError):
             raise
         except (KeyError, RuntimeError, ValueError) as e:  # the optimizer's or a hook's state
@@ -409,6 +426,22 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         finally:
             self.allow_shape_mismatch, self.allow_missing = lenient
             self._resume_hint = None
+
+    def _warn_of_resumed_settings(self, path, configured, resumed):
+        # torch's optimizer.load_state_dict restores the saved learning rate, weight decay and
+        # momentum (and Detectron2's scheduler its base rates): a resumed run trains with those,
+        # not with the config's, which Detectron2 does without a word.
+        changed = [
+            f"{name} {resumed[name]} (the config gives {configured[name]})"
+            for name in configured
+            if configured[name] != resumed.get(name)
+        ]
+        if changed:
+            logger.warning(
+                f"Resuming from '{path}' restores the optimizer settings it was saved with: "
+                f"{'; '.join(changed)}. To train with the config's, start a new run from its "
+                f"weights ({self.weights_key} set to '{path}', without --resume)."
+            )
 
     def _saved_checkpoints(self):
         """Paths of the visible ``*.pth`` files of ``save_dir``, newest first."""

@@ -156,6 +156,33 @@ def test_resume_refuses_a_checkpoint_of_another_config_even_with_partial_weights
     assert "model" not in resume(optimizer=optimizer)  # the run's own config resumes
 
 
+def test_resume_warns_that_it_restores_the_saved_optimizer_settings(tmp_path, caplog):
+    # torch restores the saved learning rate and weight decay: a run resumed with another
+    # SOLVER.BASE_LR trained on at the old one, without a word.
+    from detectron2.engine import SimpleTrainer
+
+    def resume(lr, weight_decay=1e-4, save=False):
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+        trainer = SimpleTrainer(model, [], optimizer)
+        checkpointer = EfficientPSCheckpointer(model, str(tmp_path), trainer=trainer)
+        if save:
+            checkpointer.save("model_0000001")
+        with caplog.at_level(logging.WARNING, logger="efficientps_d2"):
+            checkpointer.resume_or_load("", resume=True)
+        return optimizer.param_groups[0]
+
+    resume(0.01, save=True)
+    assert "restores the optimizer settings" not in caplog.text
+    group = resume(0.05, weight_decay=0.0)
+    assert group["lr"] == 0.01  # Detectron2's behaviour, kept; the log says so
+    assert (
+        "restores the optimizer settings it was saved with: base learning rate [0.01] (the config "
+        "gives [0.05]); weight decay [0.0001] (the config gives [0.0])" in caplog.text
+    )
+    assert f"MODEL.WEIGHTS set to '{tmp_path / 'model_0000001.pth'}'" in caplog.text
+
+
 def test_evaluation_refuses_weights_that_leave_tensors_random(model, full_checkpoint, tmp_path):
     # --eval-only scored a backbone-only file, heads random, with exit status 0 and a warning.
     from efficientps_d2.config_adapter import ConfigAdapter
