@@ -61,6 +61,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 8  # tensors named in one message
+# The settings that fix tensor shapes, in a YAML config (False) and a LazyConfig (True).
+_SHAPE_KEYS = {
+    False: "the backbone (MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
+    "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD.NUM_CLASSES, "
+    "MODEL.ROI_HEADS.NUM_CLASSES)",
+    True: "the backbone (model.backbone.bottom_up), model.backbone.out_channels and the class "
+    "counts (model.sem_seg_head.num_classes, model.roi_heads.num_classes)",
+}
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -530,12 +538,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 + (f" {self._resume_hint}" if self._resume_hint else "")
             )
         if incorrect and not self.allow_shape_mismatch:
+            # The keys of the config's kind (a LazyConfig's weights key is lower-case).
+            keys = _SHAPE_KEYS[self.weights_key.islower()]
+            skip = f", or set {self.partial_key} True to skip them (training)"
             hint = self._resume_hint or (
-                "Check the backbone "
-                "(MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
-                "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD"
-                ".NUM_CLASSES, MODEL.ROI_HEADS.NUM_CLASSES) against the checkpoint's config, or "
-                "load with EfficientPSCheckpointer(..., allow_shape_mismatch=True) to skip them."
+                f"Check {keys} against the checkpoint's config"
+                + ("." if self.for_evaluation else skip + ".")
             )
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' was made for another model: {len(incorrect)} tensors "

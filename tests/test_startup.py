@@ -174,8 +174,12 @@ def test_lazy_partial_weights_refused_unless_opted_in(tmp_path):
     misfit = str(tmp_path / "misfit.pth")
     torch.save({"model": state}, misfit)
     cfg.train.init_checkpoint = misfit
-    with pytest.raises(CheckpointMismatchError, match="was made for another model"):
+    with pytest.raises(CheckpointMismatchError, match="was made for another model") as e:
         startup.load_for_evaluation(model, ConfigAdapter(cfg), resume=False)
+    # The keys to check are the LazyConfig's (they were the YAML config's), and evaluation has
+    # no opt-in to skip misfits.
+    assert "model.sem_seg_head.num_classes" in str(e.value) and "MODEL." not in str(e.value)
+    assert "allow_partial_weights" not in str(e.value)
 
 
 def test_lazy_run_refuses_partial_weights_before_training(tmp_path, data_root):
