@@ -57,6 +57,7 @@ __all__ = [
     "start_run",
     "use_naive_sync_bn",
     "verify_results",
+    "warn_of_an_earlier_run",
     "wrap_ddp",
 ]
 
@@ -240,7 +241,9 @@ def check_weights(config, *, eval_only, resume):
 def start_run(cfg, args):
     """train_net.py's set-up of a run, before the data check: naive SyncBN on the CPU, the output
     folder locked (training, main process) before anything is written there, Detectron2's
-    ``default_setup``, our loggers in ``log.txt``, stale temporaries of killed runs removed.
+    ``default_setup``, our loggers in ``log.txt``, stale temporaries of killed runs removed, and
+    a warning where a run without --resume starts on another run's checkpoints
+    (:func:`warn_of_an_earlier_run`).
 
     A YAML ``cfg`` is frozen afterwards.
     """
@@ -258,11 +261,32 @@ def start_run(cfg, args):
     setup_logger(config.output_dir, distributed_rank=comm.get_rank(), name="efficientps_d2")
     if lock is not None:
         remove_stale_temporaries(config.output_dir)  # of killed runs; never read
+        if not args.resume:
+            warn_of_an_earlier_run(config)
     if config.device == "cpu":
         logger.warning("CUDA is not available: running on the CPU.")
     if sync_bn_keys:
         logger.warning(f"On the CPU, {sync_bn_keys} use naiveSyncBN instead of SyncBN.")
     return cfg
+
+
+def warn_of_an_earlier_run(config):
+    """Warns where a training run without --resume starts in an output folder that holds another
+    run's checkpoints: Detectron2 overwrites those of the same names (model_final.pth) and appends
+    to its metrics.json, and a later --resume, before this run's first checkpoint, would continue
+    that run instead. ``config``: a :class:`ConfigAdapter`."""
+    path = os.path.join(config.output_dir, "last_checkpoint")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        last = f.read().strip()
+    logger.warning(
+        f"{config.keys['output_dir']} '{config.output_dir}' holds the checkpoints of an earlier "
+        f"run (last_checkpoint names '{last}'). This run starts afresh (no --resume): it "
+        "overwrites that run's checkpoints of the same names and appends to its metrics.json. "
+        "To continue that run, stop this one and add --resume; to keep it, set another "
+        f"{config.keys['output_dir']}."
+    )
 
 
 def wrap_ddp(model, device, **kwargs):
