@@ -416,6 +416,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             "with another config: resume with that config, or train this one in another output "
             "folder."
         )
+        if self.for_evaluation:  # --eval-only --resume
+            hint = (
+                f"--resume evaluates the last checkpoint of '{self.save_dir}', which was written "
+                f"with another config: use that config, or name the weights ({self.weights_key}) "
+                "without --resume."
+            )
         self._resume_hint = hint  # instead of the hints to load partial weights
         optimizer = getattr(self.checkpointables.get("trainer"), "optimizer", None)
         configured = _optimizer_settings(optimizer)

@@ -144,6 +144,9 @@ def test_resume_refuses_a_checkpoint_of_another_config_even_with_partial_weights
     with pytest.raises(CheckpointMismatchError, match="--resume continues the run in") as e:
         resume(optimizer=optimizer)
     assert f"Checkpoint '{path}' was made for another model" in str(e.value)
+    evaluation = EfficientPSCheckpointer(model, str(tmp_path), for_evaluation=True)
+    with pytest.raises(CheckpointMismatchError, match="--resume evaluates the last checkpoint"):
+        evaluation.resume_or_load("", resume=True)  # --eval-only --resume
 
     # The same tensors, but the optimizer's parameters grouped otherwise (SOLVER settings):
     # torch's bare "loaded state dict has a different number of parameter groups" before.
