@@ -28,6 +28,7 @@ import detectron2.utils.comm as comm
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
+from detectron2.engine.hooks import EvalHook
 from detectron2.evaluation import verify_results as d2_verify_results
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
@@ -52,6 +53,7 @@ __all__ = [
     "check_input_format",
     "check_output_dir",
     "check_weights",
+    "index_after_eval_hook",
     "load_for_evaluation",
     "setup",
     "start_run",
@@ -287,6 +289,14 @@ def warn_of_an_earlier_run(config):
         "To continue that run, stop this one and add --resume; to keep it, set another "
         f"{config.keys['output_dir']}."
     )
+
+
+def index_after_eval_hook(hook_list):
+    """The index after the last ``EvalHook`` of a training's hooks (after all of them where there
+    is none): where an evaluation after training (test-time augmentation) goes, so that it runs
+    after the plain one and before the ``PeriodicWriter`` writes the results to metrics.json."""
+    indices = [i for i, h in enumerate(hook_list) if isinstance(h, EvalHook)]
+    return indices[-1] + 1 if indices else len(hook_list)
 
 
 def wrap_ddp(model, device, **kwargs):
