@@ -69,6 +69,11 @@ _SHAPE_KEYS = {
     True: "the backbone (model.backbone.bottom_up), model.backbone.out_channels and the class "
     "counts (model.sem_seg_head.num_classes, model.roi_heads.num_classes)",
 }
+# ... and that group the optimizer's parameters.
+_GROUPING_KEYS = {
+    False: "SOLVER.BIAS_LR_FACTOR, SOLVER.WEIGHT_DECAY_NORM, SOLVER.WEIGHT_DECAY_BIAS, ...",
+    True: "optimizer.params.bias_lr_factor, optimizer.params.weight_decay_norm, ...",
+}
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -432,10 +437,11 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         except (CheckpointFileError, CheckpointMismatchError):
             raise
         except (KeyError, RuntimeError, ValueError) as e:  # the optimizer's or a hook's state
+            grouping = _GROUPING_KEYS[self.weights_key.islower()]
             raise CheckpointMismatchError(
                 f"Cannot resume from '{path}': its training state does not fit this run's "
-                f"({type(e).__name__}: {e}); e.g. SOLVER settings that group the parameters "
-                f"otherwise (BIAS_LR_FACTOR, WEIGHT_DECAY_NORM, ...) changed. {hint}"
+                f"({type(e).__name__}: {e}); e.g. settings that group the parameters otherwise "
+                f"({grouping}) changed. {hint}"
             ) from e
         finally:
             self.allow_shape_mismatch, self.allow_missing = lenient
