@@ -293,6 +293,19 @@ def _cfg(train_name):
     return cfg
 
 
+def test_the_papers_crop_does_not_pad_a_downscaled_image(synthetic_names, record):
+    """Padded to the crop size, an image at scale 0.5 had the hard-pixel loss take its quarter
+    of the crop, i.e. every one of its own pixels: no hard-pixel mining for a third of the
+    training images. It keeps its own size now (the batch pads it, and knows its size)."""
+    cfg = _cfg(synthetic_names[0])
+    cfg.INPUT.RANDOM_SCALE.ENABLED = True
+    cfg.INPUT.RANDOM_SCALE.RANGE, cfg.INPUT.RANDOM_SCALE.TARGET_SIZE = [0.5, 0.5], [H, W]
+    cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [H, W]
+    out = _mapper(EfficientPSDatasetMapper.from_config(cfg, True)["augmentations"])(record)
+    assert out["image"].shape[1:] == out["sem_seg"].shape == (H // 2, W // 2)
+    assert out["instances"].image_size == (H // 2, W // 2)
+
+
 def test_from_config(synthetic_names):
     cfg = _cfg(synthetic_names[0])
     meta = MetadataCatalog.get(synthetic_names[0])

@@ -15,6 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from efficientps_d2.config_adapter import ConfigAdapter
+from efficientps_d2.data.dataset_mapper import EfficientPSDatasetMapper
 from efficientps_d2.data.synthetic import register_synthetic
 from efficientps_d2.data.unreadable import UnreadableDataError
 from efficientps_d2.engine import load_config, startup
@@ -116,6 +117,12 @@ def test_lazy_configs_name_the_same_data_weights_and_schedule():
         ), name
         assert yaml_cfg.SOLVER.BASE_LR == py_cfg.optimizer.lr, name
         assert yaml_cfg.SOLVER.IMS_PER_BATCH == py_cfg.dataloader.train.total_batch_size, name
+        # The training augmentations, with their settings (the crop's padding, ...).
+        from_yaml = EfficientPSDatasetMapper.from_config(yaml_cfg, True)["augmentations"]
+        from_py = instantiate(py_cfg.dataloader.train.mapper.augmentations)
+        assert [(type(t), _plain(vars(t))) for t in from_yaml] == [
+            (type(t), _plain(vars(t))) for t in from_py
+        ], name
         aug, tta = yaml_cfg.TEST.AUG, py_cfg.train.tta
         assert (aug.ENABLED, list(aug.MIN_SIZES), aug.MAX_SIZE, aug.FLIP) == (
             tta.enabled,

@@ -17,7 +17,7 @@ model.roi_heads.mask_head.conv_norm = "BN"
 
 dataloader.train.mapper.augmentations = [
     L(T.ResizeScale)(min_scale=0.5, max_scale=2.0, target_height=512, target_width=1024),
-    L(T.FixedSizeCrop)(crop_size=(512, 1024)),
+    L(T.FixedSizeCrop)(crop_size=(512, 1024), pad=False),
     L(T.RandomFlip)(horizontal=True, vertical=False),
 ]
 dataloader.test.mapper.augmentations = [

@@ -121,9 +121,12 @@ class EfficientPSDatasetMapper:
         crop = cfg.INPUT.CROP
         if is_train and crop.ENABLED:
             if cfg.INPUT.RANDOM_SCALE.ENABLED and crop.TYPE == "absolute":
-                # A fixed output size, padded where the scaled image is smaller: equal-size
-                # batches, as in the paper's scale-then-crop recipe.
-                augs.insert(1, T.FixedSizeCrop(tuple(crop.SIZE)))
+                # The paper's scale-then-crop recipe. A scaled image smaller than the crop is not
+                # padded (as the official training): the batch pads it, and its image size stays
+                # its own, so the hard-pixel loss takes its quarter of the image's own pixels
+                # (padding to the crop size made it every pixel of an image at scale 0.5) and
+                # proposals are clipped to the image.
+                augs.insert(1, T.FixedSizeCrop(tuple(crop.SIZE), pad=False))
             else:
                 augs.insert(1, T.RandomCrop(crop.TYPE, crop.SIZE))
 
