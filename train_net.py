@@ -19,7 +19,13 @@ from collections import OrderedDict
 
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    TrainerBase,
+    default_argument_parser,
+    hooks,
+    launch,
+)
 from detectron2.utils.logger import setup_logger
 
 from efficientps_d2.config import tta_config
@@ -34,8 +40,9 @@ logger = logging.getLogger("efficientps_d2")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with EfficientPS's mapper, evaluators, atomic checkpoints and, with
-    VIS_PERIOD > 0, panoptic pictures in tensorboard."""
+    """DefaultTrainer with EfficientPS's mapper, evaluators, atomic checkpoints, with VIS_PERIOD > 0
+    panoptic pictures in tensorboard and with TEST.AUG.ENABLED an evaluation with test-time
+    augmentation after training."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, copied because it wraps the model in DDP inline with
@@ -76,7 +83,20 @@ class Trainer(DefaultTrainer):
         self.checkpointer = startup.build_checkpointer(
             self._trainer.model, ConfigAdapter(self.cfg), trainer=weakref.proxy(self)
         )
-        return add_panoptic_visualization(self.cfg, super().build_hooks())
+        hook_list = add_panoptic_visualization(self.cfg, super().build_hooks())
+        if tta_config(self.cfg).ENABLED:
+            # After training, right after the plain evaluation (so before the writer: its results
+            # reach metrics.json); train() checks both against TEST.EXPECTED_RESULTS, as
+            # --eval-only does. (Detectron2's train_net adds it last and checks the plain ones.)
+            hook_list.insert(
+                startup.index_after_eval_hook(hook_list), hooks.EvalHook(0, self._test_with_tta)
+            )
+        return hook_list
+
+    def _test_with_tta(self):
+        results = self.test_with_TTA(self.cfg, self.model)
+        self._last_eval_results = {**getattr(self, "_last_eval_results", {}), **results}
+        return results
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -132,14 +152,8 @@ def main(args):
             startup.verify_results(cfg, results)
         return results
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # with TEST.AUG.ENABLED, its hooks evaluate with TTA after training
     trainer.resume_or_load(resume=args.resume)
-    if tta_config(cfg).ENABLED:
-        from detectron2.engine import hooks
-
-        trainer.register_hooks(
-            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
-        )
     return trainer.train()
 
 

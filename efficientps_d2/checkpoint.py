@@ -61,6 +61,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 8  # tensors named in one message
+# The settings that fix tensor shapes, in a YAML config (False) and a LazyConfig (True).
+_SHAPE_KEYS = {
+    False: "the backbone (MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
+    "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD.NUM_CLASSES, "
+    "MODEL.ROI_HEADS.NUM_CLASSES)",
+    True: "the backbone (model.backbone.bottom_up), model.backbone.out_channels and the class "
+    "counts (model.sem_seg_head.num_classes, model.roi_heads.num_classes)",
+}
+# ... and that group the optimizer's parameters.
+_GROUPING_KEYS = {
+    False: "SOLVER.BIAS_LR_FACTOR, SOLVER.WEIGHT_DECAY_NORM, SOLVER.WEIGHT_DECAY_BIAS, ...",
+    True: "optimizer.params.bias_lr_factor, optimizer.params.weight_decay_norm, ...",
+}
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -211,6 +224,19 @@ def _list_shapes(shapes):
     return shown + more
 
 
+def _optimizer_settings(optimizer):
+    """{"base learning rate": [...], "weight decay": [...], "momentum": [...]}: the distinct values
+    of an optimizer's parameter groups ({} for None)."""
+    if optimizer is None:
+        return {}
+    groups = optimizer.param_groups
+    return {
+        "base learning rate": sorted({g.get("initial_lr", g["lr"]) for g in groups}),
+        "weight decay": sorted({g.get("weight_decay", 0.0) for g in groups}),
+        "momentum": sorted({g.get("momentum", 0.0) for g in groups}),
+    }
+
+
 def _strip_common_prefix(names, prefix="module."):
     # fvcore strips "module." (from DistributedDataParallel) only when every key has it.
     if names and all(n.startswith(prefix) for n in names):
@@ -316,6 +342,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         self.for_evaluation = for_evaluation
         self.last_report = None
         self._path = None
+        self._resume_hint = None  # set while resuming (see resume_or_load)
 
     def load(self, path, *args, **kwargs):
         """Loads ``path`` (local file or URL); raises FileNotFoundError for a missing local file."""
@@ -357,14 +384,21 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
 
     def resume_or_load(self, path, *, resume=True):
         """As Detectron2's, but when resuming from a checkpoint of ``save_dir`` that cannot be read
-        (truncated, deleted), falls back to the newest one that can, with a warning."""
+        (truncated, deleted), falls back to the newest one that can, with a warning.
+
+        Resuming is strict whatever ``allow_shape_mismatch`` / ``allow_missing`` say (they are for
+        the weights a run starts from): a checkpoint of ``save_dir`` whose tensors or training
+        state (optimizer, scheduler) do not fit this run was written with another config, and
+        raises :class:`CheckpointMismatchError` naming it. Skipping the misfits let the run load
+        the old optimizer's momentum of other shapes and stop at its first step with torch's
+        "The size of tensor a must match the size of tensor b"."""
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
         last = self.get_checkpoint_file()
         candidates = [last] + [f for f in self._saved_checkpoints() if f != last]
         for candidate in candidates:
             try:
-                checkpoint = self.load(candidate)
+                checkpoint = self._load_to_resume(candidate)
             except (CheckpointFileError, FileNotFoundError) as e:
                 logger.warning(f"Cannot resume from '{candidate}': {e}")
                 continue
@@ -378,6 +412,56 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             f"No intact checkpoint in '{self.save_dir}' to resume from (tried {candidates}); "
             f"start without --resume, or from {self.weights_key}."
         )
+
+    def _load_to_resume(self, path):
+        lenient = self.allow_shape_mismatch, self.allow_missing
+        self.allow_shape_mismatch, self.allow_missing = False, False
+        hint = (
+            f"--resume continues the run in '{self.save_dir}', whose checkpoints were written "
+            "with another config: resume with that config, or train this one in another output "
+            "folder."
+        )
+        if self.for_evaluation:  # --eval-only --resume
+            hint = (
+                f"--resume evaluates the last checkpoint of '{self.save_dir}', which was written "
+                f"with another config: use that config, or name the weights ({self.weights_key}) "
+                "without --resume."
+            )
+        self._resume_hint = hint  # instead of the hints to load partial weights
+        optimizer = getattr(self.checkpointables.get("trainer"), "optimizer", None)
+        configured = _optimizer_settings(optimizer)
+        try:
+            checkpoint = self.load(path)
+            self._warn_of_resumed_settings(path, configured, _optimizer_settings(optimizer))
+            return checkpoint
+        except (CheckpointFileError, CheckpointMismatchError):
+            raise
+        except (KeyError, RuntimeError, ValueError) as e:  # the optimizer's or a hook's state
+            grouping = _GROUPING_KEYS[self.weights_key.islower()]
+            raise CheckpointMismatchError(
+                f"Cannot resume from '{path}': its training state does not fit this run's "
+                f"({type(e).__name__}: {e}); e.g. settings that group the parameters otherwise "
+                f"({grouping}) changed. {hint}"
+            ) from e
+        finally:
+            self.allow_shape_mismatch, self.allow_missing = lenient
+            self._resume_hint = None
+
+    def _warn_of_resumed_settings(self, path, configured, resumed):
+        # torch's optimizer.load_state_dict restores the saved learning rate, weight decay and
+        # momentum (and Detectron2's scheduler its base rates): a resumed run trains with those,
+        # not with the config's, which Detectron2 does without a word.
+        changed = [
+            f"{name} {resumed[name]} (the config gives {configured[name]})"
+            for name in configured
+            if configured[name] != resumed.get(name)
+        ]
+        if changed:
+            logger.warning(
+                f"Resuming from '{path}' restores the optimizer settings it was saved with: "
+                f"{'; '.join(changed)}. To train with the config's, start a new run from its "
+                f"weights ({self.weights_key} set to '{path}', without --resume)."
+            )
 
     def _saved_checkpoints(self):
         """Paths of the visible ``*.pth`` files of ``save_dir``, newest first."""
@@ -437,7 +521,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             hint += "of efficientps_d2.tools.convert_torchvision_weights are accepted as they are)."
         raise CheckpointMismatchError(
             f"Checkpoint '{self._path}' lacks {len(missing)} tensors of the model, which would "
-            f"{use} random values: {group_names(missing)}. {hint}"
+            f"{use} random values: {group_names(missing)}. {self._resume_hint or hint}"
         )
 
     def _check_fits(self, checkpoint_state):
@@ -463,15 +547,19 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 f"of its {len(names)} tensor names is a tensor of the model (checkpoint: "
                 f"{names[:3]}, model: {list(self.model.state_dict())[:3]})."
                 + _architecture_hint(names)
+                + (f" {self._resume_hint}" if self._resume_hint else "")
             )
         if incorrect and not self.allow_shape_mismatch:
+            # The keys of the config's kind (a LazyConfig's weights key is lower-case).
+            keys = _SHAPE_KEYS[self.weights_key.islower()]
+            skip = f", or set {self.partial_key} True to skip them (training)"
+            hint = self._resume_hint or (
+                f"Check {keys} against the checkpoint's config"
+                + ("." if self.for_evaluation else skip + ".")
+            )
             raise CheckpointMismatchError(
                 f"Checkpoint '{self._path}' was made for another model: {len(incorrect)} tensors "
-                f"have other shapes ({_list_shapes(incorrect)}). Check the backbone "
-                "(MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
-                "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD"
-                ".NUM_CLASSES, MODEL.ROI_HEADS.NUM_CLASSES) against the checkpoint's config, or "
-                "load with EfficientPSCheckpointer(..., allow_shape_mismatch=True) to skip them."
+                f"have other shapes ({_list_shapes(incorrect)}). {hint}"
             )
 
     def _log_incompatible_keys(self, incompatible):

@@ -10,10 +10,29 @@ import functools
 
 import torch
 from detectron2.solver import build_optimizer as build_detectron2_optimizer
-from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
+from detectron2.solver.build import (
+    GradientClipType,
+    _generate_optimizer_class_with_gradient_clipping,
+)
+
+# SOLVER.CLIP_GRADIENTS.CLIP_TYPE values: Detectron2's per-tensor ones and EfficientPS's.
+CLIP_TYPES = tuple(t.value for t in GradientClipType) + ("full_model",)
+
+
+def check_gradient_clipping(cfg):
+    """Refuses a SOLVER.CLIP_GRADIENTS.CLIP_TYPE that is none of :data:`CLIP_TYPES` when clipping
+    is on, naming the key; Detectron2 raised a bare "'x' is not a valid GradientClipType" when the
+    optimizer was built, after the data check."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {list(CLIP_TYPES)}, got "
+            f"{clip.CLIP_TYPE!r} (or set SOLVER.CLIP_GRADIENTS.ENABLED False)."
+        )
 
 
 def build_optimizer(cfg, model):
+    check_gradient_clipping(cfg)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
         return build_detectron2_optimizer(cfg, model)

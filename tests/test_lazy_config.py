@@ -1,6 +1,7 @@
 """LazyConfig (.py) twins of the shipped YAML configs: same model, trained through train_net.py."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -246,6 +247,30 @@ def test_lazy_quick_config_trains_and_evaluates_through_train_net(tmp_path, data
     assert {k: v for k, v in results.items() if not k.endswith("_TTA")} == trained
     assert set(results) - set(trained) == {f"{task}_TTA" for task in trained}
     assert os.path.isdir(tmp_path / "e" / "inference_TTA")
+
+
+@pytest.mark.parametrize("kind", [".yaml", ".py"])
+def test_expected_results_of_test_time_augmentation_are_checked_after_training(
+    tmp_path, data_root, kind
+):
+    # After training only the plain results were checked: an expected "panoptic_seg_TTA" row
+    # failed ("Result verification failed!", exit 1) though --eval-only passed it; and the TTA
+    # evaluation ran after the writer, so its results never reached metrics.json.
+    from .test_train_net import TINY as YAML_TINY
+
+    out_dir = tmp_path / "run"
+    if kind == ".py":
+        args = [*TINY, "train.max_iter=1", "train.tta.enabled=True", "train.tta.min_sizes=[96]"]
+        args += ["train.expected_results=[[panoptic_seg_TTA,PQ,50,50]]"]
+        args += [f"train.output_dir={out_dir}"]
+    else:
+        args = [*YAML_TINY, "SOLVER.MAX_ITER", "1", "TEST.AUG.ENABLED", "True"]
+        args += ["TEST.AUG.MIN_SIZES", "(96,)", "OUTPUT_DIR", str(out_dir)]
+        args += ["TEST.EXPECTED_RESULTS", "[['panoptic_seg_TTA','PQ',50,50]]"]
+    run_yaml_to_end(args, data_root, config_file=QUICK_PY[: -len(".py")] + kind)
+    with open(out_dir / "metrics.json") as f:
+        last = [json.loads(line) for line in f if line.strip()][-1]
+    assert "panoptic_seg/PQ" in last and "panoptic_seg_TTA/PQ" in last
 
 
 def run_lazy_to_end(args, root):

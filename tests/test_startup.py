@@ -174,8 +174,12 @@ def test_lazy_partial_weights_refused_unless_opted_in(tmp_path):
     misfit = str(tmp_path / "misfit.pth")
     torch.save({"model": state}, misfit)
     cfg.train.init_checkpoint = misfit
-    with pytest.raises(CheckpointMismatchError, match="was made for another model"):
+    with pytest.raises(CheckpointMismatchError, match="was made for another model") as e:
         startup.load_for_evaluation(model, ConfigAdapter(cfg), resume=False)
+    # The keys to check are the LazyConfig's (they were the YAML config's), and evaluation has
+    # no opt-in to skip misfits.
+    assert "model.sem_seg_head.num_classes" in str(e.value) and "MODEL." not in str(e.value)
+    assert "allow_partial_weights" not in str(e.value)
 
 
 def test_lazy_run_refuses_partial_weights_before_training(tmp_path, data_root):
@@ -573,5 +577,17 @@ def test_amp_training_on_the_cpu_is_refused_before_the_run(tmp_path, kind, opts,
     opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
     argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
     with pytest.raises(ValueError, match=f"{key} is True but the model runs on the CPU"):
+        startup.setup(default_argument_parser().parse_args(argv))
+    assert not out.exists()
+
+
+def test_an_unknown_gradient_clip_type_is_refused_naming_the_key(tmp_path):
+    # Detectron2 raised "'bogus' is not a valid GradientClipType" after the data check.
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "out"
+    opts = ["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "bogus", "OUTPUT_DIR", str(out)]
+    argv = ["--config-file", QUICK_YAML, *opts]
+    with pytest.raises(ValueError, match="SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of"):
         startup.setup(default_argument_parser().parse_args(argv))
     assert not out.exists()

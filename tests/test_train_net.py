@@ -170,6 +170,8 @@ def test_partial_weights_refused_before_training(tmp_path, data_root):
     # A checkpoint write killed by an earlier run left its temporary file: removed, never read.
     stale = temporary_path(str(tmp_path / "run" / "model_0000001.pth"))
     open(stale, "wb").close()
+    # ... and its checkpoints, which a run without --resume overwrites: it says so.
+    (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")
     args = [*TINY, "SOLVER.MAX_ITER", "2", "MODEL.WEIGHTS", weights]
     proc = train_net([*args, "OUTPUT_DIR", str(tmp_path / "run")], data_root)
     out, _ = proc.communicate(timeout=600)
@@ -177,6 +179,10 @@ def test_partial_weights_refused_before_training(tmp_path, data_root):
     assert f"Checkpoint '{weights}' lacks" in out and "MODEL.ALLOW_PARTIAL_WEIGHTS" in out
     assert "Starting training" not in out
     assert not os.path.exists(stale)
+    assert (
+        "holds the checkpoints of an earlier run (last_checkpoint names 'model_0000001.pth')"
+        in (" ".join(out.split()))  # the log's line breaks
+    )
 
 
 def test_second_run_on_the_same_output_dir_is_refused(tmp_path, data_root):

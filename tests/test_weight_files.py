@@ -123,6 +123,69 @@ def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
         EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
 
 
+def test_resume_refuses_a_checkpoint_of_another_config_even_with_partial_weights(model, tmp_path):
+    # MODEL.ALLOW_PARTIAL_WEIGHTS is for the weights a run starts from. On --resume it skipped the
+    # misfit tensors, loaded the old optimizer's momentum of other shapes, and the run stopped at
+    # its first step with "The size of tensor a (32) must match the size of tensor b (48)".
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    EfficientPSCheckpointer(model, str(tmp_path), optimizer=optimizer).save("model_0000003")
+    path = str(tmp_path / "model_0000003.pth")
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["model"]["sem_seg_head.predictor.weight"] = torch.zeros(1)  # another model
+    torch.save(checkpoint, path)
+
+    def resume(**checkpointables):
+        checkpointer = EfficientPSCheckpointer(
+            model, str(tmp_path), allow_shape_mismatch=True, allow_missing=True, **checkpointables
+        )
+        return checkpointer.resume_or_load("", resume=True)
+
+    with pytest.raises(CheckpointMismatchError, match="--resume continues the run in") as e:
+        resume(optimizer=optimizer)
+    assert f"Checkpoint '{path}' was made for another model" in str(e.value)
+    evaluation = EfficientPSCheckpointer(model, str(tmp_path), for_evaluation=True)
+    with pytest.raises(CheckpointMismatchError, match="--resume evaluates the last checkpoint"):
+        evaluation.resume_or_load("", resume=True)  # --eval-only --resume
+
+    # The same tensors, but the optimizer's parameters grouped otherwise (SOLVER settings):
+    # torch's bare "loaded state dict has a different number of parameter groups" before.
+    checkpoint["model"] = model.state_dict()
+    torch.save(checkpoint, path)
+    regrouped = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    with pytest.raises(CheckpointMismatchError, match=f"Cannot resume from '{path}'") as e:
+        resume(optimizer=regrouped)
+    assert "different number of parameter groups" in str(e.value)
+    assert "model" not in resume(optimizer=optimizer)  # the run's own config resumes
+
+
+def test_resume_warns_that_it_restores_the_saved_optimizer_settings(tmp_path, caplog):
+    # torch restores the saved learning rate and weight decay: a run resumed with another
+    # SOLVER.BASE_LR trained on at the old one, without a word.
+    from detectron2.engine import SimpleTrainer
+
+    def resume(lr, weight_decay=1e-4, save=False):
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+        trainer = SimpleTrainer(model, [], optimizer)
+        checkpointer = EfficientPSCheckpointer(model, str(tmp_path), trainer=trainer)
+        if save:
+            checkpointer.save("model_0000001")
+        with caplog.at_level(logging.WARNING, logger="efficientps_d2"):
+            checkpointer.resume_or_load("", resume=True)
+        return optimizer.param_groups[0]
+
+    resume(0.01, save=True)
+    assert "restores the optimizer settings" not in caplog.text
+    group = resume(0.05, weight_decay=0.0)
+    assert group["lr"] == 0.01  # Detectron2's behaviour, kept; the log says so
+    assert (
+        "restores the optimizer settings it was saved with: base learning rate [0.01] (the config "
+        "gives [0.05]); weight decay [0.0001] (the config gives [0.0])" in caplog.text
+    )
+    assert f"MODEL.WEIGHTS set to '{tmp_path / 'model_0000001.pth'}'" in caplog.text
+
+
 def test_evaluation_refuses_weights_that_leave_tensors_random(model, full_checkpoint, tmp_path):
     # --eval-only scored a backbone-only file, heads random, with exit status 0 and a warning.
     from efficientps_d2.config_adapter import ConfigAdapter

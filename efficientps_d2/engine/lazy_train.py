@@ -36,6 +36,7 @@ from ..visualization import add_panoptic_visualization
 from .startup import (
     build_checkpointer,
     build_trainer,
+    index_after_eval_hook,
     load_for_evaluation,
     setup,
     verify_results,
@@ -115,7 +116,16 @@ def do_train(args, cfg):
         ],
     )
     if config.tta_enabled:  # after training, as the YAML flow's TEST.AUG.ENABLED
-        hook_list.append(hooks.EvalHook(0, lambda: do_test_with_tta(cfg, model)))
+
+        def test_with_tta_and_keep_results():  # checked with the plain ones, as --eval-only does
+            results = do_test_with_tta(cfg, model)
+            last["results"] = {**last.get("results", {}), **results}
+            return results
+
+        # Right after the plain evaluation, before the writer: its results reach metrics.json.
+        hook_list.insert(
+            index_after_eval_hook(hook_list), hooks.EvalHook(0, test_with_tta_and_keep_results)
+        )
     trainer.register_hooks(hook_list)
     checkpointer.resume_or_load(config.weights, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0

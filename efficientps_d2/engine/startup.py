@@ -28,6 +28,7 @@ import detectron2.utils.comm as comm
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
+from detectron2.engine.hooks import EvalHook
 from detectron2.evaluation import verify_results as d2_verify_results
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
@@ -40,6 +41,7 @@ from ..config_adapter import ConfigAdapter
 from ..data.check import validate_datasets
 from ..modeling.inplace_abn import InPlaceABN
 from ..output_lock import lock_output_dir
+from ..solver import check_gradient_clipping
 from .lazy_config import INFERENCE_PARTS, TRAINING_PARTS, load_config
 
 __all__ = [
@@ -51,11 +53,13 @@ __all__ = [
     "check_input_format",
     "check_output_dir",
     "check_weights",
+    "index_after_eval_hook",
     "load_for_evaluation",
     "setup",
     "start_run",
     "use_naive_sync_bn",
     "verify_results",
+    "warn_of_an_earlier_run",
     "wrap_ddp",
 ]
 
@@ -111,7 +115,8 @@ def setup(args):
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
     output folder that is a file, test-time augmentation settings or expected results that
     cannot be used (expected results also where training would evaluate nothing), mappers that
-    read another channel order than the model takes, AMP training on the CPU and ``--eval-only``
+    read another channel order than the model takes, AMP training on the CPU, an unknown
+    SOLVER.CLIP_GRADIENTS.CLIP_TYPE and ``--eval-only``
     without weights or without anything to evaluate (before anything is written), takes the
     steps of :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
     temporaries removed), then checks the data sets (names, class counts and every panoptic PNG
@@ -135,6 +140,8 @@ def setup(args):
     check_input_format(cfg)
     if not args.eval_only:
         check_amp_device(config)
+        if config.is_yaml:  # a LazyConfig's optimizer is its own call
+            check_gradient_clipping(cfg)
     check_weights(config, eval_only=args.eval_only, resume=args.resume)
     cfg = start_run(cfg, args)
     validate_datasets(cfg, training=not args.eval_only)
@@ -236,7 +243,9 @@ def check_weights(config, *, eval_only, resume):
 def start_run(cfg, args):
     """train_net.py's set-up of a run, before the data check: naive SyncBN on the CPU, the output
     folder locked (training, main process) before anything is written there, Detectron2's
-    ``default_setup``, our loggers in ``log.txt``, stale temporaries of killed runs removed.
+    ``default_setup``, our loggers in ``log.txt``, stale temporaries of killed runs removed, and
+    a warning where a run without --resume starts on another run's checkpoints
+    (:func:`warn_of_an_earlier_run`).
 
     A YAML ``cfg`` is frozen afterwards.
     """
@@ -254,11 +263,40 @@ def start_run(cfg, args):
     setup_logger(config.output_dir, distributed_rank=comm.get_rank(), name="efficientps_d2")
     if lock is not None:
         remove_stale_temporaries(config.output_dir)  # of killed runs; never read
+        if not args.resume:
+            warn_of_an_earlier_run(config)
     if config.device == "cpu":
         logger.warning("CUDA is not available: running on the CPU.")
     if sync_bn_keys:
         logger.warning(f"On the CPU, {sync_bn_keys} use naiveSyncBN instead of SyncBN.")
     return cfg
+
+
+def warn_of_an_earlier_run(config):
+    """Warns where a training run without --resume starts in an output folder that holds another
+    run's checkpoints: Detectron2 overwrites those of the same names (model_final.pth) and appends
+    to its metrics.json, and a later --resume, before this run's first checkpoint, would continue
+    that run instead. ``config``: a :class:`ConfigAdapter`."""
+    path = os.path.join(config.output_dir, "last_checkpoint")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        last = f.read().strip()
+    logger.warning(
+        f"{config.keys['output_dir']} '{config.output_dir}' holds the checkpoints of an earlier "
+        f"run (last_checkpoint names '{last}'). This run starts afresh (no --resume): it "
+        "overwrites that run's checkpoints of the same names and appends to its metrics.json. "
+        "To continue that run, stop this one and add --resume; to keep it, set another "
+        f"{config.keys['output_dir']}."
+    )
+
+
+def index_after_eval_hook(hook_list):
+    """The index after the last ``EvalHook`` of a training's hooks (after all of them where there
+    is none): where an evaluation after training (test-time augmentation) goes, so that it runs
+    after the plain one and before the ``PeriodicWriter`` writes the results to metrics.json."""
+    indices = [i for i, h in enumerate(hook_list) if isinstance(h, EvalHook)]
+    return indices[-1] + 1 if indices else len(hook_list)
 
 
 def wrap_ddp(model, device, **kwargs):
