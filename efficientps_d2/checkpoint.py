@@ -321,6 +321,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             ImageNet backbone would be scored with random heads).
         weights_key, partial_key: the config keys that name the weights and opt in to partial
             ones, for messages (a LazyConfig's ``train.init_checkpoint``, ...).
+        lazy_config: the config is a LazyConfig: the other keys that messages name are its own.
     """
 
     def __init__(
@@ -333,10 +334,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         for_evaluation=False,
         weights_key="MODEL.WEIGHTS",
         partial_key="MODEL.ALLOW_PARTIAL_WEIGHTS",
+        lazy_config=False,
         **checkpointables,
     ):
         super().__init__(model, save_dir, **checkpointables)
         self.weights_key, self.partial_key = weights_key, partial_key
+        self.lazy_config = lazy_config  # the config's kind, for the keys its messages name
         self.allow_shape_mismatch = allow_shape_mismatch
         self.allow_missing = allow_missing
         self.for_evaluation = for_evaluation
@@ -414,8 +417,6 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         )
 
     def _load_to_resume(self, path):
-        lenient = self.allow_shape_mismatch, self.allow_missing
-        self.allow_shape_mismatch, self.allow_missing = False, False
         hint = (
             f"--resume continues the run in '{self.save_dir}', whose checkpoints were written "
             "with another config: resume with that config, or train this one in another output "
@@ -427,17 +428,17 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 f"with another config: use that config, or name the weights ({self.weights_key}) "
                 "without --resume."
             )
-        self._resume_hint = hint  # instead of the hints to load partial weights
         optimizer = getattr(self.checkpointables.get("trainer"), "optimizer", None)
         configured = _optimizer_settings(optimizer)
+        lenient = self.allow_shape_mismatch, self.allow_missing
+        self.allow_shape_mismatch, self.allow_missing = False, False
+        self._resume_hint = hint  # instead of the hints to load partial weights
         try:
             checkpoint = self.load(path)
-            self._warn_of_resumed_settings(path, configured, _optimizer_settings(optimizer))
-            return checkpoint
         except (CheckpointFileError, CheckpointMismatchError):
             raise
         except (KeyError, RuntimeError, ValueError) as e:  # the optimizer's or a hook's state
-            grouping = _GROUPING_KEYS[self.weights_key.islower()]
+            grouping = _GROUPING_KEYS[self.lazy_config]
             raise CheckpointMismatchError(
                 f"Cannot resume from '{path}': its training state does not fit this run's "
                 f"({type(e).__name__}: {e}); e.g. settings that group the parameters otherwise "
@@ -446,6 +447,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         finally:
             self.allow_shape_mismatch, self.allow_missing = lenient
             self._resume_hint = None
+        self._warn_of_resumed_settings(path, configured, _optimizer_settings(optimizer))
+        return checkpoint
 
     def _warn_of_resumed_settings(self, path, configured, resumed):
         # torch's optimizer.load_state_dict restores the saved learning rate, weight decay and
@@ -550,8 +553,7 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 + (f" {self._resume_hint}" if self._resume_hint else "")
             )
         if incorrect and not self.allow_shape_mismatch:
-            # The keys of the config's kind (a LazyConfig's weights key is lower-case).
-            keys = _SHAPE_KEYS[self.weights_key.islower()]
+            keys = _SHAPE_KEYS[self.lazy_config]  # the keys of the config's kind
             skip = f", or set {self.partial_key} True to skip them (training)"
             hint = self._resume_hint or (
                 f"Check {keys} against the checkpoint's config"

@@ -234,6 +234,7 @@ class ConfigAdapter:
             save_dir,
             weights_key=self.keys["weights"],
             partial_key=self.keys["allow_partial_weights"],
+            lazy_config=not self.is_yaml,
             **kwargs,
         )
 

@@ -36,7 +36,6 @@ from ..visualization import add_panoptic_visualization
 from .startup import (
     build_checkpointer,
     build_trainer,
-    index_after_eval_hook,
     load_for_evaluation,
     setup,
     verify_results,
@@ -94,6 +93,11 @@ def do_train(args, cfg):
         last["results"] = do_test(cfg, model)
         return last["results"]
 
+    def test_with_tta_and_keep_results():  # checked with the plain ones, as --eval-only does
+        results = do_test_with_tta(cfg, model)
+        last["results"] = {**last.get("results", {}), **results}
+        return results
+
     hook_list = add_panoptic_visualization(  # with train.vis_period > 0
         cfg,
         [
@@ -105,6 +109,9 @@ def do_train(args, cfg):
                 else None
             ),
             hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
+            # After training, as the YAML flow's TEST.AUG.ENABLED: right after the plain
+            # evaluation, before the writer, so that its results reach metrics.json.
+            (hooks.EvalHook(0, test_with_tta_and_keep_results) if config.tta_enabled else None),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -115,17 +122,6 @@ def do_train(args, cfg):
             ),
         ],
     )
-    if config.tta_enabled:  # after training, as the YAML flow's TEST.AUG.ENABLED
-
-        def test_with_tta_and_keep_results():  # checked with the plain ones, as --eval-only does
-            results = do_test_with_tta(cfg, model)
-            last["results"] = {**last.get("results", {}), **results}
-            return results
-
-        # Right after the plain evaluation, before the writer: its results reach metrics.json.
-        hook_list.insert(
-            index_after_eval_hook(hook_list), hooks.EvalHook(0, test_with_tta_and_keep_results)
-        )
     trainer.register_hooks(hook_list)
     checkpointer.resume_or_load(config.weights, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
