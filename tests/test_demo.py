@@ -356,17 +356,22 @@ def test_a_lazy_config_gives_the_yaml_twins_output(tmp_path, data_root):
     assert cfg.model.confidence_thresh == 0.25
 
 
+def _three_images(folder):
+    """a.png, b.png and c.png, 40x60 noise, in a new ``folder``."""
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for name in ("a.png", "b.png", "c.png"):
+        cv2.imwrite(str(folder / name), rng.randint(0, 255, (40, 60, 3), np.uint8))
+    return folder
+
+
 def test_esc_counts_the_image_shown_and_names_those_not_shown(
     tmp_path, model_files, monkeypatch, capsys
 ):
     """Esc in the window after the first of three images reported "Processed 0 images" and exit
     status 1, though that image was run and shown; the two never shown went unmentioned."""
     config_file, _ = model_files["small"]
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.RandomState(0)
-    for name in ("a.png", "b.png", "c.png"):
-        cv2.imwrite(str(images / name), rng.randint(0, 255, (40, 60, 3), np.uint8))
+    images = _three_images(tmp_path / "images")
     shown = []
     monkeypatch.setattr(demo, "display_available", lambda: True)
     monkeypatch.setattr(cv2, "imshow", lambda window, image: shown.append(image.shape))
@@ -382,11 +387,7 @@ def test_an_error_at_an_image_names_it_and_labels_the_partial_export(tmp_path, m
     """A model error at the second of three images ended in "error: <message>" naming no image,
     and left a predictions.json of the first image alone, nowhere said to be partial."""
     config_file, _ = model_files["small"]
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.RandomState(0)
-    for name in ("a.png", "b.png", "c.png"):
-        cv2.imwrite(str(images / name), rng.randint(0, 255, (40, 60, 3), np.uint8))
+    images = _three_images(tmp_path / "images")
     out = tmp_path / "out"
     errors = iter([RuntimeError("CUDA out of memory"), IndexError("index 7 is out of bounds")])
 
