@@ -23,6 +23,15 @@ from .test_train_net import data_with_grayscale_png, train_net
 QUICK_YAML = QUICK_PY[: -len(".py")] + ".yaml"
 
 
+def _quick_args(kind, *argv):
+    """train_net.py's parsed command line for the quick config of ``kind`` (".py", ".yaml")."""
+    from detectron2.engine import default_argument_parser
+
+    return default_argument_parser().parse_args(
+        ["--config-file", QUICK_PY[: -len(".py")] + kind, *argv]
+    )
+
+
 @pytest.mark.parametrize("name", YAML_CONFIGS)
 def test_yaml_and_lazy_twins_give_the_same_start_up_settings(name):
     # The COCO twin read all 123k panoptic PNGs at start-up (~20 min) where the YAML reads the json.
@@ -262,8 +271,6 @@ def test_lazy_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
 )
 def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_path, kind, opts, key):
     # Detectron2 evaluates a randomly initialised model then, with exit status 0.
-    from detectron2.engine import default_argument_parser
-
     out = tmp_path / "out"
     opts = [o.format(out=out) for o in opts]
     config_file = QUICK_PY[: -len(".py")] + kind
@@ -271,9 +278,7 @@ def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_pat
         ([], ""),
         (["--resume"], f" and {out} holds no checkpoint to --resume from"),
     ):
-        args = default_argument_parser().parse_args(
-            ["--config-file", config_file, "--eval-only", *extra, *opts]
-        )
+        args = _quick_args(kind, "--eval-only", *extra, *opts)
         with pytest.raises(ValueError) as e:
             startup.setup(args)
         assert f"--eval-only has no weights to evaluate: {key}{why}. Name" in str(e.value)
@@ -295,15 +300,13 @@ def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_pat
 def test_missing_weights_file_is_refused_before_the_data_check(tmp_path, kind, opts):
     # It was found by the checkpointer, after the data check (minutes on Cityscapes) and the
     # model and loaders were built.
-    from detectron2.engine import default_argument_parser
-
     out, weights = tmp_path / "out", tmp_path / "no_such.pth"
     opts = [o.format(out=out, weights=weights) for o in opts]
     key = "train.init_checkpoint" if kind == ".py" else "MODEL.WEIGHTS"
     for extra in ([], ["--eval-only"], ["--resume"]):
-        argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *opts]
+        argv = [*extra, *opts]
         with pytest.raises(FileNotFoundError, match=f"'{weights}' \\({key}\\) does not exist"):
-            startup.setup(default_argument_parser().parse_args(argv))
+            startup.setup(_quick_args(kind, *argv))
     assert not out.exists()
 
 
@@ -317,8 +320,6 @@ def test_missing_weights_file_is_refused_before_the_data_check(tmp_path, kind, o
 def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, opts, key):
     # os.makedirs failed with a bare "[Errno 17] File exists" (training) or "[Errno 20] Not a
     # directory: '.../log.txt'" (--eval-only), naming no key.
-    from detectron2.engine import default_argument_parser
-
     a_file = tmp_path / "a_file"
     a_file.write_text("notes")
     broken_link = tmp_path / "broken_link"  # os.makedirs fails under it too
@@ -330,9 +331,7 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
     ):
         argv = [o.format(out=out) for o in opts]
         for extra in ([], ["--eval-only"]):
-            args = default_argument_parser().parse_args(
-                ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *argv]
-            )
+            args = _quick_args(kind, *extra, *argv)
             with pytest.raises(NotADirectoryError, match=f"{key} '{out}' {where}, not a folder"):
                 startup.setup(args)
     assert a_file.read_text() == "notes"
@@ -342,8 +341,6 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
 def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check(tmp_path, kind):
     # The checkpointer named it too, but only after the data check (minutes on Cityscapes) and
     # the model and loaders were built.
-    from detectron2.engine import default_argument_parser
-
     from efficientps_d2.checkpoint import CheckpointFileError, check_checkpoint_file
 
     whole = tmp_path / "whole.pth"
@@ -362,9 +359,9 @@ def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check
             else ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(tmp_path / name)]
         )
         for extra in ([], ["--eval-only"]):
-            argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *extra, *opts]
+            argv = [*extra, *opts]
             with pytest.raises(CheckpointFileError) as e:
-                startup.setup(default_argument_parser().parse_args(argv))
+                startup.setup(_quick_args(kind, *argv))
             assert f"Checkpoint '{tmp_path / name}' ({key}) cannot be loaded: it is {words}" in (
                 str(e.value)
             )
@@ -419,14 +416,12 @@ def test_a_fetched_weight_url_whose_copy_is_not_a_checkpoint_is_refused(tmp_path
 def test_eval_only_with_nothing_to_evaluate_is_refused(tmp_path, kind, opts, words):
     # Detectron2 returned no results with exit status 0, silently (a LazyConfig without an
     # evaluator after a whole inference pass).
-    from detectron2.engine import default_argument_parser
-
     out = tmp_path / "out"
     key = "train.output_dir=" if kind == ".py" else "OUTPUT_DIR "
-    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, "--eval-only", *opts]
+    argv = ["--eval-only", *opts]
     argv += (f"{key}{out}").split(" ", 1) if kind == ".yaml" else [f"{key}{out}"]
     with pytest.raises(ValueError, match=f"--eval-only has nothing to evaluate: {words}"):
-        startup.setup(default_argument_parser().parse_args(argv))
+        startup.setup(_quick_args(kind, *argv))
     assert not out.exists()
 
 
@@ -442,16 +437,14 @@ def test_eval_only_with_nothing_to_evaluate_is_refused(tmp_path, kind, opts, wor
 def test_unusable_test_time_augmentation_is_refused_before_training(tmp_path, kind, opts, message):
     # Test-time augmentation runs after training: "'int' object is not iterable" or "MIN_SIZES
     # must list positive sizes" came after the whole run.
-    from detectron2.engine import default_argument_parser
-
     out = tmp_path / "out"
     if kind == ".py":
         opts = [*opts, "train.tta.enabled=True", f"train.output_dir={out}"]
     else:
         opts = [*opts, "TEST.AUG.ENABLED", "True", "OUTPUT_DIR", str(out)]
-    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    argv = [*opts]
     with pytest.raises(ValueError, match=message):
-        startup.setup(default_argument_parser().parse_args(argv))
+        startup.setup(_quick_args(kind, *argv))
     assert not out.exists()
 
 
@@ -464,13 +457,11 @@ def test_unusable_test_time_augmentation_is_refused_before_training(tmp_path, ki
 )
 def test_malformed_expected_results_are_refused_before_training(tmp_path, kind, opts, key):
     # Detectron2's verify_results failed to unpack the row after the whole run.
-    from detectron2.engine import default_argument_parser
-
     out = tmp_path / "out"
     opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
-    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    argv = [*opts]
     with pytest.raises(ValueError, match=f"{key}.* has the row .*; each row is \\[task, metric"):
-        startup.setup(default_argument_parser().parse_args(argv))
+        startup.setup(_quick_args(kind, *argv))
     assert not out.exists()
 
 
@@ -487,8 +478,6 @@ def test_expected_results_with_nothing_evaluated_are_refused_before_training(
 ):
     # Found after the whole training: "evaluated nothing" (LazyConfig), every metric missing
     # (YAML: DefaultTrainer's test() returned {}).
-    from detectron2.engine import default_argument_parser
-
     out = tmp_path / "out"
     if kind == ".py":
         opts = [*opts, "train.expected_results=[[panoptic_seg,PQ,60.3,0.5]]"]
@@ -498,11 +487,11 @@ def test_expected_results_with_nothing_evaluated_are_refused_before_training(
         opts = [*opts, "TEST.EXPECTED_RESULTS", "[['panoptic_seg', 'PQ', 60.3, 0.5]]"]
         opts += ["OUTPUT_DIR", str(out)]
         key = "TEST.EXPECTED_RESULTS"
-    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    argv = [*opts]
     with pytest.raises(
         ValueError, match=f"{key} is set but training would evaluate nothing: {words}"
     ):
-        startup.setup(default_argument_parser().parse_args(argv))
+        startup.setup(_quick_args(kind, *argv))
     assert not out.exists()
 
 
@@ -571,23 +560,18 @@ def test_yaml_training_verifies_expected_results_as_eval_only_does(monkeypatch):
 )
 def test_amp_training_on_the_cpu_is_refused_before_the_run(tmp_path, kind, opts, key):
     # Detectron2's AMPTrainer asserted "CUDA is required for AMP training!" at the first step.
-    from detectron2.engine import default_argument_parser
-
     out = tmp_path / "out"
     opts = [*opts, *([f"train.output_dir={out}"] if kind == ".py" else ["OUTPUT_DIR", str(out)])]
-    argv = ["--config-file", QUICK_PY[: -len(".py")] + kind, *opts]
+    argv = [*opts]
     with pytest.raises(ValueError, match=f"{key} is True but the model runs on the CPU"):
-        startup.setup(default_argument_parser().parse_args(argv))
+        startup.setup(_quick_args(kind, *argv))
     assert not out.exists()
 
 
 def test_an_unknown_gradient_clip_type_is_refused_naming_the_key(tmp_path):
     # Detectron2 raised "'bogus' is not a valid GradientClipType" after the data check.
-    from detectron2.engine import default_argument_parser
-
     out = tmp_path / "out"
     opts = ["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "bogus", "OUTPUT_DIR", str(out)]
-    argv = ["--config-file", QUICK_YAML, *opts]
     with pytest.raises(ValueError, match="SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of"):
-        startup.setup(default_argument_parser().parse_args(argv))
+        startup.setup(_quick_args(".yaml", *opts))
     assert not out.exists()
