@@ -179,7 +179,7 @@ class EfficientPS(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         _check_training_inputs(batched_inputs, self.input_format)
-        images = self.preprocess_image(batched_inputs)
+        images = super().preprocess_image(batched_inputs)  # checked just above
         backbone, sem_seg_head = self._training_parts()
         features = backbone(images.tensor)
 
@@ -215,11 +215,12 @@ class EfficientPS(GeneralizedRCNN):
         detector Instances in input coordinates) — what test-time augmentation merges.
         An empty ``batched_inputs`` gives an empty list of outputs.
         """
-        if do_postprocess and isinstance(batched_inputs, (list, tuple)) and not batched_inputs:
+        # Checked before any work, the inference copy's build included.
+        if do_postprocess and not check_input_images(batched_inputs, self.input_format):
             return []  # Detectron2's ImageList refuses an empty batch with a bare assertion
         network = self._inference_network()
         with torch.inference_mode():
-            images = self.preprocess_image(batched_inputs)
+            images = super().preprocess_image(batched_inputs)  # checked above
             features, sem_seg_logits, objectness, proposal_boxes = network.dense(images.tensor)
             proposals = rpn_proposals(self.proposal_generator, images, objectness, proposal_boxes)
             with _cudnn_benchmark_off(self.device):
