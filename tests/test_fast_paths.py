@@ -255,6 +255,26 @@ def test_fuse_for_inference_on_detectron2_convs_and_torchvision_blocks():
     torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_convs_the_fused_kernel_cannot_pad_stay_unfused():
+    """The fused kernel pads with numbers of zeros: a reflect- or "same"-padded conv before a
+    LeakyReLU keeps its own padding (fusing it would fail, or pad with zeros), and the model
+    still fuses the rest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        nn.LeakyReLU(0.1),
+        Conv2d(4, 4, 3, padding="same", activation=nn.LeakyReLU(0.2)),
+        Conv2d(4, 4, 3, padding=1, activation=nn.LeakyReLU(0.3)),
+    ).eval()
+    x = torch.randn(1, 3, 9, 11)
+    expected = model(x)
+    fused = fuse_for_inference(copy.deepcopy(model))
+    assert [type(m) for m in fused] == [nn.Conv2d, nn.LeakyReLU, Conv2d, ConvLeakyReLU]
+    torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="zero padding"):
+        ConvLeakyReLU(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), 0.1)
+
+
 @pytest.mark.parametrize(
     "in_channels, out_channels, kernel, stride, dilation, groups",
     [(8, 16, 1, 1, 1, 1), (16, 16, 3, 2, 1, 16), (12, 12, 3, 1, (1, 6), 12), (6, 4, 5, 1, 1, 2)],
