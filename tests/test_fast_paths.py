@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
@@ -387,6 +388,63 @@ def test_dense_network_never_waits_for_the_device(changes):
     with torch.inference_mode(), DeviceReads() as reads:  # as EfficientPS.inference runs it
         network.dense(images)
     assert not reads.counts
+
+
+class _OffDevice(TorchDispatchMode):
+    """Records the operators that read or make a tensor on another device than ``device``."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
+        if any(isinstance(t, torch.Tensor) and t.device != self.device for t in tensors):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"fast_inference": False}, {"dtype": "bfloat16"}], ids=["fast", "plain", "bf16"]
+)
+def test_dense_network_makes_every_tensor_on_the_images_device(changes):
+    """A tensor made on the host and copied over is, on a GPU, a copy that waits for the device
+    (a CUDA graph capture fails on it). Run on the meta device, any host tensor shows."""
+    model = _with_options(_tiny_model(), **changes)
+    images = model.preprocess_image(_inputs()).tensor.to("meta")
+    network = model.to("meta")._inference_network()
+    with torch.inference_mode(), _OffDevice("meta") as off_device:
+        features, sem_seg_logits, objectness, proposals = network.dense(images)
+    assert off_device.ops == []
+    assert proposals[0].device.type == "meta" and proposals[0].shape[-1] == 4
+
+
+@pytest.mark.parametrize("offset", [0.5, 0.0])
+def test_dense_network_anchors_are_detectron2s(offset):
+    model = _tiny_model(["MODEL.ANCHOR_GENERATOR.OFFSET", offset])
+    generator = model.proposal_generator.anchor_generator
+    network = model._inference_network().dense_network
+    feature_maps = [torch.zeros(1, 8, h, w) for h, w in ((25, 33), (13, 17), (7, 9), (4, 5))]
+    expected = generator(feature_maps)
+    anchors = network.anchors(feature_maps)
+    assert [a.tensor.shape for a in anchors] == [e.tensor.shape for e in expected]
+    assert all(torch.equal(a.tensor, e.tensor) for a, e in zip(anchors, expected))
+
+
+def test_inference_refuses_another_anchor_generator():
+    """Inference makes DefaultAnchorGenerator's anchors itself: a subclass's would be ignored."""
+    model = _tiny_model()
+
+    class Jittered(DefaultAnchorGenerator):
+        pass
+
+    generator = model.proposal_generator.anchor_generator
+    jittered = Jittered(sizes=[[32]], aspect_ratios=[[1.0]], strides=generator.strides)
+    model.proposal_generator.anchor_generator = jittered
+    with pytest.raises(NotImplementedError, match="MODEL.ANCHOR_GENERATOR.NAME .* got Jittered"):
+        model(_inputs())
 
 
 @pytest.mark.parametrize("fast_inference", [True, False], ids=["fast", "plain"])
