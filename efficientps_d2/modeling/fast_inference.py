@@ -496,7 +496,9 @@ class InferenceNetwork:
         they reach the caller (as "sem_seg", a view of them), who may keep them past the next
         image. The same holds for a compiled network whose mode replays CUDA graphs."""
         if self.cuda_graph and images.is_cuda:
-            key = (tuple(images.shape), images.dtype, images.device)
+            # A graph replays the kernels it captured: one captured under autocast is another.
+            autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+            key = (tuple(images.shape), images.dtype, images.device, autocast)
             features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
             return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:
