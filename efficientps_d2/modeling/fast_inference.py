@@ -292,11 +292,13 @@ class DenseNetwork(nn.Module):
         return features, sem_seg_logits, objectness, proposals
 
     def anchors(self, feature_maps: List[torch.Tensor]) -> List[Boxes]:
-        """The anchors of Detectron2's ``DefaultAnchorGenerator`` (same values, same order), made
-        on the feature maps' device. The generator makes its grids on the CPU and copies them
-        over: on a GPU a copy that waits for the device, which a CUDA graph capture refuses (and
-        a torch.compile graph cannot hold its device context)."""
+        """The anchor generator's anchors. Those of Detectron2's ``DefaultAnchorGenerator`` (same
+        values, same order) are made here on the feature maps' device: the generator makes its
+        grids on the CPU and copies them over, on a GPU a copy that waits for the device, which a
+        CUDA graph capture refuses (and a torch.compile graph cannot hold a device context)."""
         generator = self.anchor_generator
+        if type(generator) is not DefaultAnchorGenerator:
+            return generator(feature_maps)  # its own; to be graphed, made on the device
         anchors = []
         for x, stride, cell_anchors in zip(feature_maps, generator.strides, generator.cell_anchors):
             start = generator.offset * stride
@@ -553,19 +555,12 @@ def rpn_proposals(
 
 
 def check_supported(model) -> None:
-    """Fails, naming the config key, if ``model``'s RPN, anchor generator or ROI heads are not
-    the kinds that :class:`InferenceNetwork` runs (Detectron2's RPN, DefaultAnchorGenerator and
-    StandardROIHeads without keypoints)."""
+    """Fails, naming the config key, if ``model``'s RPN or ROI heads are not the kinds that
+    :class:`InferenceNetwork` runs (Detectron2's RPN and StandardROIHeads without keypoints)."""
     if type(model.proposal_generator) is not RPN:
         raise NotImplementedError(
             "EfficientPS inference runs Detectron2's RPN (MODEL.PROPOSAL_GENERATOR.NAME 'RPN'), "
             f"got {type(model.proposal_generator).__name__}."
-        )
-    if type(model.proposal_generator.anchor_generator) is not DefaultAnchorGenerator:
-        raise NotImplementedError(
-            "EfficientPS inference runs Detectron2's DefaultAnchorGenerator "
-            "(MODEL.ANCHOR_GENERATOR.NAME 'DefaultAnchorGenerator'), got "
-            f"{type(model.proposal_generator.anchor_generator).__name__}."
         )
     roi_heads = model.roi_heads
     if not isinstance(roi_heads, StandardROIHeads) or roi_heads.keypoint_on:
