@@ -114,8 +114,14 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
     monkeypatch.setattr(demo, "VisualizationDemo", no_model)
     base = ["--config-file", config_file]
     cases = [
-        (["--input", str(images), "--output", str(a_file)], f"'{a_file}' is a file, not a folder"),
-        (["--input", str(images / "a.png"), "--output", str(a_file / "o.png")], "is a file, not"),
+        (
+            ["--input", str(images), "--output", str(a_file)],
+            f"The --output '{a_file}' is a file, not a folder",
+        ),
+        (
+            ["--input", str(images / "a.png"), "--output", str(a_file / "o.png")],
+            f"Cannot write the --output '{a_file / 'o.png'}': '{a_file}' is not a folder",
+        ),
         (["--input", str(images), "--output", str(tmp_path / "x.png")], "names one image file"),
         (["--input", str(images), "--output", str(images)], "would overwrite the input image"),
         (
@@ -123,7 +129,14 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
             None,  # b.jpg's drawing goes to tmp_path/b.jpg: no input there; model built
         ),
         (["--video-input", str(video), "--output", str(video)], "would overwrite the input video"),
-        (["--video-input", str(video), "--output", str(a_file)], "is a file, not a folder"),
+        (
+            ["--video-input", str(video), "--output", str(a_file)],
+            f"The --output '{a_file}' is a file, not a folder",
+        ),
+        (
+            ["--video-input", str(video), "--output", str(a_file / "o.mp4")],
+            f"Cannot write the --output '{a_file / 'o.mp4'}': '{a_file}' is not a folder",
+        ),
     ]
     for args, message in cases:
         if message is None:
