@@ -12,7 +12,6 @@ from .predictor import (
     EfficientPSPredictor,
     ImageInputError,
     VisualizationDemo,
-    prepare_image,
     resolve_metadata,
 )
 from .runner import (
@@ -55,7 +54,6 @@ __all__ = [
     "open_video",
     "open_video_writer",
     "open_webcam",
-    "prepare_image",
     "read_bgr_image",
     "panoptic_categories",
     "resolve_metadata",
