@@ -107,6 +107,7 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
     writer.release()
     a_file = tmp_path / "notes"
     a_file.write_text("not a folder")
+    (tmp_path / "d.png").mkdir()  # an image file name that is a folder: failed at the write
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the output was checked")
@@ -123,6 +124,10 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
             f"Cannot write the --output '{a_file / 'o.png'}': '{a_file}' is not a folder",
         ),
         (["--input", str(images), "--output", str(tmp_path / "x.png")], "names one image file"),
+        (
+            ["--input", str(images / "a.png"), "--output", str(tmp_path / "d.png")],
+            f"The --output '{tmp_path / 'd.png'}' is a folder, not a file name",
+        ),
         (["--input", str(images), "--output", str(images)], "would overwrite the input image"),
         (
             ["--input", str(images / "b.jpg"), "--output", str(tmp_path), "--save-panoptic"],
@@ -146,7 +151,8 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
         assert demo.main(base + args) == 1, args
         assert message in capsys.readouterr().err, args
     assert {name: (images / name).read_bytes() for name in originals} == originals
-    assert sorted(os.listdir(tmp_path)) == ["clip.avi", "images", "notes"]  # nothing written
+    assert sorted(os.listdir(tmp_path)) == ["clip.avi", "d.png", "images", "notes"]  # no output
+    assert os.listdir(tmp_path / "d.png") == []
 
 
 def test_same_file_names_in_two_folders_get_their_own_image_ids(config_file, tmp_path, capsys):
