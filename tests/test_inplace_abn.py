@@ -14,8 +14,9 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.nn import functional as F
 
+from efficientps_d2.modeling import inplace_abn
 from efficientps_d2.modeling.inplace_abn import InPlaceABN, convert_to_inplace_abn
-from tests.common import PERMISSIVE, tiny_config, training_input
+from tests.common import PERMISSIVE, DeviceReads, tiny_config, training_input
 
 SLOPE = 0.01
 
@@ -315,6 +316,21 @@ def test_synchronized_statistics_span_the_processes(tmp_path):
         torch.testing.assert_close(shares, weight_grad, rtol=0, atol=1e-10, msg=str(split))
     for name in STATISTICS:
         torch.testing.assert_close(statistics[name], getattr(whole, name), rtol=0, atol=1e-12)
+
+
+def test_synchronised_statistics_neither_read_nor_upload(monkeypatch):
+    """Every synchronised layer of every training step combines its statistics: a value read
+    from the device, or a tensor made from host data (a copy that waits for the device), would
+    make the host wait for the GPU each time (137 layers in B5). One process stands in here."""
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_gather", lambda out, t, group=None: out[0].copy_(t))
+    y = torch.randn(2, 3, 4, 5, dtype=torch.double)
+    with DeviceReads() as reads:
+        mean, var, count = inplace_abn._statistics_across(y, group=None)
+    assert not reads.counts
+    torch.testing.assert_close(mean, y.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, y.var(dim=(0, 2, 3), unbiased=False))
+    assert count.item() == 2 * 4 * 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
