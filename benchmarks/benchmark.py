@@ -80,6 +80,18 @@ MODEL_KEYS = {
 OURS_ONNX = "EfficientPS-B5 onnxruntime-CPU"
 MODEL_KEYS["ours-onnx"] = OURS_ONNX
 
+
+def model_names(keys):
+    """The rows that --models asks for, in its order, once each: "all" stands for the five
+    models of ALL_MODELS, and keys beside it (ours-onnx) are kept."""
+    names = []
+    for key in keys:
+        for name in ALL_MODELS if key == "all" else (MODEL_KEYS[key],):
+            if name not in names:
+                names.append(name)
+    return names
+
+
 # --paths: EfficientPS-B5 fast run other ways (changes to its InferenceOptions, see
 # efficientps_d2.modeling.fast_inference), each a row of its own.
 PATHS = {
@@ -948,7 +960,7 @@ def main(argv=None):
         "models": {},
         "ratios": {},
     }
-    names = ALL_MODELS if "all" in args.models else [MODEL_KEYS[k] for k in args.models]
+    names = model_names(args.models)
     names = list(names) + [path_name(p) for p in args.paths]
     report["settings"]["paths"] = {path_name(p): PATHS[p] for p in args.paths}
     report["settings"]["compile_sizes"] = args.compile_sizes

@@ -149,6 +149,19 @@ def test_quick_mode_settings(benchmark):
     assert (args.warmup, args.repeats, args.no_flops) == (1, [2, 2], True)
 
 
+def test_models_all_keeps_the_models_named_beside_it(benchmark):
+    # "--models all ours-onnx" used to time the five models of "all" and drop the ONNX row.
+    assert benchmark.model_names(["all", "ours-onnx"]) == [
+        *benchmark.ALL_MODELS,
+        benchmark.OURS_ONNX,
+    ]
+    assert benchmark.model_names(["ours", "all"]) == [
+        benchmark.OURS,
+        *(name for name in benchmark.ALL_MODELS if name != benchmark.OURS),
+    ]
+    assert benchmark.model_names(["ours-fast", "theirs"]) == [benchmark.OURS_FAST, benchmark.THEIRS]
+
+
 def test_bad_command_lines_stop_before_any_model_is_built(benchmark, capsys):
     # Each used to fail after the models were built (or after the timings), with a traceback.
     assert benchmark.parse_args(["--sizes", "64x128"]).repeats == [5]  # was "needs 1 or 1"

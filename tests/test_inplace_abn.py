@@ -126,13 +126,30 @@ def test_a_second_derivative_is_refused_not_wrong():
 
 
 def test_freezing_after_the_conversion_is_refused():
-    """FrozenBatchNorm would take an InPlaceABN for a BatchNorm and drop its LeakyReLU."""
+    """FrozenBatchNorm would take an InPlaceABN for a BatchNorm and drop its LeakyReLU. The
+    error names the key that freezes an EfficientNet before the conversion."""
     from efficientps_d2.modeling.backbone.efficientnet import EfficientNet
 
     backbone = EfficientNet("b0")
     convert_to_inplace_abn(backbone)
-    with pytest.raises(ValueError, match="freeze first"):
+    with pytest.raises(ValueError, match=r"freeze first \(MODEL\.EFFICIENTNET\.FREEZE_AT does\)"):
         backbone.freeze(2)
+
+
+def test_the_efficientnet_freeze_key_freezes_before_the_conversion():
+    """MODEL.EFFICIENTNET.FREEZE_AT, the key the refusal above names, freezes the stem and first
+    stage (FrozenBatchNorm, no gradients) and leaves the rest to become iABN; Detectron2's
+    MODEL.BACKBONE.FREEZE_AT is ResNet's and leaves an EfficientNet trainable."""
+    for key, frozen in (
+        ("MODEL.EFFICIENTNET.FREEZE_AT", True),
+        ("MODEL.BACKBONE.FREEZE_AT", False),
+    ):
+        model = build_model(tiny_config([key, 2, "MODEL.EFFICIENTPS.INPLACE_ABN", True]))
+        features = model.backbone.bottom_up.features
+        for stage in features[:2]:
+            assert all(p.requires_grad != frozen for p in stage.parameters()), key
+            assert any(isinstance(m, InPlaceABN) for m in stage.modules()) != frozen, key
+        assert any(isinstance(m, InPlaceABN) for m in features[2].modules()), key
 
 
 def test_bfloat16_under_autocast_is_close_to_float32():
