@@ -960,8 +960,7 @@ def main(argv=None):
         "models": {},
         "ratios": {},
     }
-    names = model_names(args.models)
-    names = list(names) + [path_name(p) for p in args.paths]
+    names = model_names(args.models) + [path_name(p) for p in args.paths]
     report["settings"]["paths"] = {path_name(p): PATHS[p] for p in args.paths}
     report["settings"]["compile_sizes"] = args.compile_sizes
     compiled = {path_name(p) for p in args.paths if PATHS[p].get("compile")}

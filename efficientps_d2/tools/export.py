@@ -42,7 +42,10 @@ logger = logging.getLogger("efficientps_d2.tools.export")
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Export EfficientPS to TorchScript or ONNX")
+    parser = argparse.ArgumentParser(
+        prog="python -m efficientps_d2.tools.export",
+        description="Export EfficientPS to TorchScript or ONNX",
+    )
     parser.add_argument(
         "--config-file", required=True, metavar="FILE", help="config file or model zoo name"
     )
