@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -30,7 +31,6 @@ import warnings
 import detectron2
 import torch
 import torchvision
-from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -49,6 +49,11 @@ OURS_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b5.yaml"
 OURS_SMALL_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_b0_512x1024.yaml"
 OURS_R50_CONFIG = "Cityscapes-PanopticSegmentation/efficientps_R_50.yaml"
 THEIRS_CONFIG = "COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml"
+# Where detectron2.model_zoo.get_config_file finds it, without importing detectron2.model_zoo:
+# that imports pkg_resources, which setuptools no longer ships from version 82 on.
+THEIRS_CONFIG_FILE = os.path.join(
+    os.path.dirname(detectron2.__file__), "model_zoo", "configs", THEIRS_CONFIG
+)
 # Cityscapes: 19 classes, of which 8 things (train ids 11-18).
 NUM_CLASSES, NUM_THINGS = 19, 8
 OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
@@ -74,6 +79,18 @@ MODEL_KEYS = {
 # not in "all": it needs onnxruntime and a trace of the B5 graph first.
 OURS_ONNX = "EfficientPS-B5 onnxruntime-CPU"
 MODEL_KEYS["ours-onnx"] = OURS_ONNX
+
+
+def model_names(keys):
+    """The rows that --models asks for, in its order, once each: "all" stands for the five
+    models of ALL_MODELS, and keys beside it (ours-onnx) are kept."""
+    names = []
+    for key in keys:
+        for name in ALL_MODELS if key == "all" else (MODEL_KEYS[key],):
+            if name not in names:
+                names.append(name)
+    return names
+
 
 # --paths: EfficientPS-B5 fast run other ways (changes to its InferenceOptions, see
 # efficientps_d2.modeling.fast_inference), each a row of its own.
@@ -117,7 +134,7 @@ def ours_config(device, name=OURS_CONFIG):
 def theirs_config(device):
     """Detectron2's Panoptic FPN R50 3x, random weights, Cityscapes class counts, thresholds 0."""
     cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(THEIRS_CONFIG))
+    cfg.merge_from_file(THEIRS_CONFIG_FILE)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_THINGS
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES - NUM_THINGS + 1  # stuff + "things"
@@ -289,6 +306,19 @@ def peak_memory_increase_mib(fn, device):
     return None if before is None or peak is None else (peak - before) / 1024
 
 
+def kept_memory_mib(fn):
+    """GPU memory that ``fn()`` leaves reserved for good, in MiB: a CUDA graph's private pool (or
+    a compiled network's), which every replay reuses, so that ``max_memory_allocated`` around a
+    replay does not see it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return (torch.cuda.memory_reserved() - before) / 2**20
+
+
 def count_flops(model, image):
     """fvcore FLOPs of one inference (fvcore counts one multiply-add as one flop)."""
     logging.getLogger("fvcore").setLevel(logging.ERROR)
@@ -311,15 +341,18 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
 
     Returns:
         ({name: [seconds of each timed run]}, {name: (detections, thing segments)},
-        {name: peak memory increase of the last warm-up run in MiB} if ``memory``, else {}).
-        The memory is that of the last warm-up run, after the others: with ``warmup`` >= 2, after
-        one-off costs (cuDNN autotuning, CUDA-graph capture, compilation, cached copies).
+        {name: peak memory increase of the last warm-up run in MiB} if ``memory``, else {},
+        {name: memory the first run left reserved for good in MiB} if ``memory`` on CUDA,
+        {name: error} for the runners that raised: each is dropped from the rest of the runs, so
+        that one path failing (a CUDA graph capture, a compilation) loses only its own row).
+        The peak memory is that of the last warm-up run, after the others: with ``warmup`` >= 2,
+        after one-off costs (cuDNN autotuning, CUDA-graph capture, compilation, cached copies).
     """
     if memory and warmup == 0:
         raise ValueError("Measuring memory needs at least one warm-up run (--warmup).")
     inputs = [{"image": image}]
     times = {name: [] for name in runners}
-    counts, peaks = {}, {}
+    counts, peaks, kept, failed = {}, {}, {}, {}
 
     def run_once(run):
         with torch.no_grad(), autocast():
@@ -330,26 +363,42 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=amp_dtype)
 
+    def warmup_run(i, name, run):
+        result = {}
+
+        def once():
+            result["out"] = run_once(run)
+
+        def last_warmup():
+            # The last warm-up run gives the peak memory (statistics reset just before it).
+            peaks[name] = peak_memory_increase_mib(once, device)
+
+        fn = last_warmup if i == warmup - 1 and memory else once
+        if i == 0 and memory and device.startswith("cuda"):
+            kept[name] = kept_memory_mib(fn)
+        else:
+            fn()
+        return result["out"]
+
     for i in range(warmup + repeats):
         for name, run in runners.items():
-            if i == warmup - 1 and memory:
-                # The last warm-up run gives the memory (peak statistics reset just before it).
-                result = {}
-                peaks[name] = peak_memory_increase_mib(
-                    lambda: result.update(out=run_once(run)), device
-                )
-                outputs = result["out"]
-            else:
-                _sync(device)
-                start = time.perf_counter()
-                outputs = run_once(run)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if i >= warmup:
-                    times[name].append(elapsed)
-            counts[name] = detections(outputs[0])
-            del outputs
-    return times, counts, peaks
+            if name in failed:
+                continue
+            try:
+                if i < warmup:
+                    outputs = warmup_run(i, name, run)
+                else:
+                    _sync(device)
+                    start = time.perf_counter()
+                    outputs = run_once(run)
+                    _sync(device)
+                    times[name].append(time.perf_counter() - start)
+                counts[name] = detections(outputs[0])
+                del outputs
+            except Exception as e:  # recorded in the report; the other rows go on
+                logger.exception("%s failed", name)
+                failed[name] = f"{type(e).__name__}: {e}"
+    return times, counts, peaks, kept, failed
 
 
 def _ours_network(model, name):
@@ -362,17 +411,24 @@ def _ours_network(model, name):
 def time_dense(models, image, *, device, warmup, repeats):
     """Seconds of each timed run of the dense network alone (backbone, FPN, semantic head, RPN
     head and proposal decoding: ``InferenceNetwork.dense``) of each EfficientPS row, interleaved,
-    batch 1."""
+    batch 1; a row that raises is logged and left out."""
     times = {name: [] for name in models}
     with torch.inference_mode():
         x = next(iter(models.values())).preprocess_image([{"image": image}]).tensor
         for i in range(warmup + repeats):
             for name, model in models.items():
-                network = _ours_network(model, name)
-                _sync(device)
-                start = time.perf_counter()
-                network.dense(x)
-                _sync(device)
+                if name not in times:
+                    continue
+                try:
+                    network = _ours_network(model, name)
+                    _sync(device)
+                    start = time.perf_counter()
+                    network.dense(x)
+                    _sync(device)
+                except Exception:  # the other rows go on
+                    logger.exception("dense network of %s failed", name)
+                    del times[name]
+                    continue
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
     return times
@@ -380,6 +436,7 @@ def time_dense(models, image, *, device, warmup, repeats):
 
 # CUDA runtime calls seen by torch.profiler on the host: kernel launches, and the calls that
 # make the host wait for the GPU (a blocking copy in either direction, an explicit sync).
+# CUPTI may name them with a version suffix (cudaLaunchKernelExC_v11060), which is dropped.
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 _SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
 
@@ -405,13 +462,14 @@ def summarize_profile(events, runs, trailing_syncs=0):
 
     kernel_us, launches, syncs = 0.0, 0, -trailing_syncs
     for event in events:
+        call = re.sub(r"_v\d+$", "", event.key)
         if event.device_type == DeviceType.CUDA:
             kernel_us += getattr(event, "self_device_time_total", None) or getattr(
                 event, "self_cuda_time_total", 0
             )
-        elif event.key in _LAUNCH_CALLS:
+        elif call in _LAUNCH_CALLS:
             launches += event.count
-        elif event.key in _SYNC_CALLS:
+        elif call in _SYNC_CALLS:
             syncs += event.count
     return {
         "kernel_s": kernel_us / 1e6 / runs,
@@ -468,10 +526,12 @@ def training_step_fn(model, batch, optimizer=None, amp_dtype=None, scaler=None):
     return step
 
 
-def _timed(fn, durations):
-    """Calls ``fn()`` and appends its wall time in seconds to ``durations``."""
+def _timed(fn, durations, device):
+    """Calls ``fn()`` and appends its wall time in seconds (its GPU work done) to ``durations``."""
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     durations.append(time.perf_counter() - start)
 
 
@@ -504,7 +564,9 @@ def training_memory(device, height, width):
             step = training_step_fn(model, batch)
             step()  # warm-up: lazily created state, allocator pools
             durations = []  # the step alone, not the memory probe's gc and malloc_trim
-            peak = peak_memory_increase_mib(functools.partial(_timed, step, durations), device)
+            peak = peak_memory_increase_mib(
+                functools.partial(_timed, step, durations, device), device
+            )
             rows.append(
                 {
                     "model": label,
@@ -620,8 +682,10 @@ def markdown(report):
         "a load above the core count means other processes shared the CPU during the timing.",
         f"Latency: batch 1, eval mode, full panoptic inference (pre- and post-processing "
         f"included), {s['warmup']} warm-up run(s), then the median (min) of "
-        f"{s['repeats']} runs per size; models interleaved run by run. Peak memory: the last "
-        "warm-up run, above what was allocated before it.",
+        f"{s['repeats']} runs per size; models interleaved run by run (compiled rows: after "
+        "the others, with each other). Peak memory: the last warm-up run, above what was "
+        "allocated before it; '+N kept' (GPU): what the first run left reserved for good, such "
+        "as a CUDA graph's memory pool, which the replays reuse and the peak does not see.",
         "Both models: random weights with BN statistics set from one image; test score threshold "
         "0 and panoptic confidence threshold 0, so each keeps its 100 best detections "
         "(TEST.DETECTIONS_PER_IMAGE) and the mask head and fusion do the same amount of work.",
@@ -647,7 +711,8 @@ def markdown(report):
                     if latency
                     else "n/a"
                 ),
-                _fmt(r.get("peak_mib"), 0),
+                _fmt(r.get("peak_mib"), 0)
+                + (f" (+{r['kept_mib']:.0f} kept)" if r.get("kept_mib", 0) >= 1 else ""),
             ]
         counts = {str(tuple(r.get("detections", ()))) for r in row["sizes"].values()}
         cells.append(", ".join(sorted(counts)))
@@ -729,6 +794,10 @@ def markdown(report):
                 f"| {row['model']} | {row['size']} | {row['norm']} | "
                 f"{row['checkpointing']} | {_fmt(row['peak_mib'], 0)} | {_fmt(row['step_s'], 1)} |"
             )
+    failed = {name: row["error"] for name, row in report["models"].items() if "error" in row}
+    if failed:
+        lines += ["", "Failed (left out from there on):", ""]
+        lines += [f"- {name}: {error}" for name, error in failed.items()]
     if report.get("unfinished"):
         lines += ["", f"Unfinished: stopped during {report['unfinished']}."]
     lines += ["", f"Total benchmark time: {report['total_s']:.0f} s.", ""]
@@ -809,12 +878,14 @@ def parse_args(argv=None):
         action="store_true",
         help="a GPU run in under 3 minutes on one H100: --warmup 3 --repeats 10 --no-flops "
         "--training-memory '' --amp-dtypes bfloat16, compiled path at the largest size only, "
-        "5 training iterations per row",
+        "5 training iterations per row (options given beside it win)",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.warmup, args.repeats, args.no_flops = 3, [10], True
-        args.training_memory, args.amp_dtypes = "", ["bfloat16"]
+    if args.quick:  # its settings as defaults: options given beside it still win
+        parser.set_defaults(
+            warmup=3, repeats=[10], no_flops=True, training_memory="", amp_dtypes=["bfloat16"]
+        )
+        args = parser.parse_args(argv)
         if args.compile_sizes is None:
             args.compile_sizes = args.sizes[-1:]
     if args.paths is None:
@@ -846,6 +917,13 @@ def parse_args(argv=None):
         except ValueError:
             parser.error(f"{flag}: '{text}' is not a size HxW (e.g. 512x1024).")
     return args
+
+
+def _image(size):
+    """The random test image of one size (the same for every section that times that size)."""
+    height, width = _size(size)
+    generator = torch.Generator().manual_seed(height * 100_000 + width)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
 
 
 def _size(text):
@@ -882,8 +960,7 @@ def main(argv=None):
         "models": {},
         "ratios": {},
     }
-    names = ALL_MODELS if "all" in args.models else [MODEL_KEYS[k] for k in args.models]
-    names = list(names) + [path_name(p) for p in args.paths]
+    names = model_names(args.models) + [path_name(p) for p in args.paths]
     report["settings"]["paths"] = {path_name(p): PATHS[p] for p in args.paths}
     report["settings"]["compile_sizes"] = args.compile_sizes
     compiled = {path_name(p) for p in args.paths if PATHS[p].get("compile")}
@@ -917,49 +994,68 @@ def main(argv=None):
         ours._inference_network()
         _sync(device)  # the folding's kernels run after the call returns
         report["fast_copy_build_s"] = time.perf_counter() - start
+    for name in map(path_name, args.paths):
+        # Each path's copy now, so that its first run's '+N kept' is what running leaves
+        # (graphs are captured, and compiled code made, at the first run of each size).
+        models[name][0]._inference_network()
     save(next_section="inference")
 
     runners = {name: run for name, (_, run) in models.items()}
     cuda = device.startswith("cuda")
-    for size, n in zip(args.sizes, args.repeats):
-        height, width = _size(size)
-        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+    # The rows that run EfficientPS-B5 in PyTorch (not the onnxruntime one): their dense part.
+    dense_rows = {OURS, OURS_FAST, *(path_name(p) for p in PATHS)}
+
+    flops_counted = {}  # (model prefix, size): FLOPs
+    # The sections after the inference timings, in order, and whether this run has them.
+    planned = {
+        "training": cuda,
+        "compiled": bool(compiled),
+        "training memory": bool(args.training_memory),
+    }
+
+    def next_after(section):
+        """What a run stopped after ``section`` reports as unfinished: the next planned one."""
+        order = ["inference", *planned]
+        return next((s for s in order[order.index(section) + 1 :] if planned[s]), None)
+
+    def measure(size, rows, repeats):
+        """Latency (and memory) of ``rows`` at ``size``, then their dense network (CUDA or
+        --dense) and GPU profile (CUDA), saving after each; a row that fails is reported and
+        dropped from the rest of the run."""
+        image = _image(size)
         wait_for_load(args.wait_for_load, args.max_wait)
         report["load_average"].append(load_average())
-        logger.info("timing %s (load %s)", size, report["load_average"][-1])
-        size_runners = {
-            k: v for k, v in runners.items() if k not in compiled or size in args.compile_sizes
-        }
-        times, counts, peaks = time_inference(
-            size_runners,
+        logger.info("timing %s: %s (load %s)", size, ", ".join(rows), report["load_average"][-1])
+        times, counts, peaks, kept, failed = time_inference(
+            rows,
             image,
             device=device,
             warmup=args.warmup,
-            repeats=n,
+            repeats=repeats,
             memory=not args.no_memory,
         )
-        for name in size_runners:
+        for name, error in failed.items():
+            report["models"][name]["error"] = f"{size}: {error}"
+            runners.pop(name)
+        rows = {k: v for k, v in rows.items() if k not in failed}
+        for name in rows:
             entry = report["models"][name]["sizes"].setdefault(size, {})
             entry["latency_s"] = times[name]
             entry["detections"] = counts[name]
             entry["peak_mib"] = peaks.get(name)
+            if name in kept:
+                entry["kept_mib"] = kept[name]
             logger.info("%s %s: %s s, %s", name, size, times[name], entry)
         save(next_section=f"{size} extras")
-        # The rows that run EfficientPS-B5 in PyTorch (not the onnxruntime one): their dense part.
-        dense_rows = {OURS, OURS_FAST, *(path_name(p) for p in PATHS)}
-        ours_rows = {
-            name: model
-            for name, (model, _) in models.items()
-            if name in dense_rows and name in size_runners
-        }
+        ours_rows = {n: models[n][0] for n in rows if n in dense_rows}
         if (cuda or args.dense) and ours_rows:
-            dense = time_dense(ours_rows, image, device=device, warmup=args.warmup, repeats=n)
+            dense = time_dense(ours_rows, image, device=device, warmup=args.warmup, repeats=repeats)
             for name, values in dense.items():
                 report.setdefault("dense", {}).setdefault(name, {})[size] = values
             save(next_section=f"{size} extras")
         if cuda:
             inputs = [{"image": image}]
-            for name, run in size_runners.items():
+            for name, run in rows.items():
                 latency = statistics.median(times[name])
 
                 def once(run=run):
@@ -970,15 +1066,21 @@ def main(argv=None):
                 profiled["busy"] = profiled.pop("kernel_s") / latency
                 report.setdefault("gpu_profile", {}).setdefault(name, {})[size] = profiled
             save(next_section=f"{size} extras")
+        return image
+
+    for k, (size, n) in enumerate(zip(args.sizes, args.repeats)):
+        # Compiled rows come last (after training): compiling takes a minute or more per size on
+        # a GPU, and a run stopped by its time limit then loses only them.
+        image = measure(size, {k: v for k, v in runners.items() if k not in compiled}, n)
         if not args.no_flops:  # counted on the plain models: the architectures, not the kernels
             ours.fast_inference = False
             r50 = models[OURS_R50][0] if OURS_R50 in models else None
             for prefix, model in ((OURS, ours), (THEIRS, theirs), (OURS_R50, r50)):
                 if not any(name.startswith(prefix) for name in runners):
                     continue
-                flops = count_flops(model, image)
-                for name in size_runners:
-                    if name.startswith(prefix):
+                flops = flops_counted[prefix, size] = count_flops(model, image)
+                for name in runners:
+                    if name.startswith(prefix) and name not in compiled:
                         report["models"][name]["sizes"][size]["flops"] = flops
                 logger.info("%s %s: %.1f GFLOPs", prefix, size, flops / 1e9)
             save(next_section=f"{size} extras")
@@ -987,7 +1089,7 @@ def main(argv=None):
             amp_runners = {k: v for k, v in runners.items() if k in (OURS_FAST, THEIRS)}
             for dtype_name in args.amp_dtypes:
                 dtype = getattr(torch, dtype_name)
-                amp_times, _, _ = time_inference(
+                amp_times, _, _, _, _ = time_inference(
                     amp_runners,
                     image,
                     device=device,
@@ -996,11 +1098,12 @@ def main(argv=None):
                     amp_dtype=dtype,
                 )
                 for name, values in amp_times.items():
-                    report["amp"].setdefault(f"{name} {dtype_name}", {})[size] = {
-                        "median_s": statistics.median(values),
-                        "images_per_s": 1 / statistics.median(values),
-                    }
-        save(next_section="training" if cuda or args.training_memory else None)
+                    if values:
+                        report["amp"].setdefault(f"{name} {dtype_name}", {})[size] = {
+                            "median_s": statistics.median(values),
+                            "images_per_s": 1 / statistics.median(values),
+                        }
+        save(next_section=args.sizes[k + 1] if k + 1 < len(args.sizes) else next_after("inference"))
 
     if cuda:
         height, width = _size(args.train_size)
@@ -1018,8 +1121,20 @@ def main(argv=None):
             getattr(torch, args.amp_dtypes[0]),
             on_row=lambda rows: (report.update(training=rows), save(next_section="training")),
         )
-        save(next_section="training memory" if args.training_memory else None)
-    del models, runners, ours, theirs
+        del ours_abn, train_models
+        save(next_section=next_after("training"))
+    for size, n in zip(args.sizes, args.repeats):
+        compiled_rows = {k: v for k, v in runners.items() if k in compiled}
+        if size in args.compile_sizes and compiled_rows:
+            measure(size, compiled_rows, n)
+            for name in compiled_rows:  # the architecture's, counted above
+                entry = report["models"][name]["sizes"].get(size)
+                if entry is not None and (OURS, size) in flops_counted:
+                    entry["flops"] = flops_counted[OURS, size]
+    save(next_section=next_after("compiled"))
+    models.clear()  # the models' memory back before the training-memory section
+    runners.clear()
+    del ours, theirs
     _release_free_memory()
     if args.training_memory:
         height, width = _size(args.training_memory)

@@ -17,7 +17,8 @@
 # .venv/detectron2-src (as scripts/setup_env.sh unpacks it) is put on the path if present.
 # For a dry run on the CPU: DEVICE=cpu PY=.venv/bin/python plus shorter steps, e.g.
 # BENCH_OPTS="--sizes 128x256 --repeats 2 --warmup 1 --models ours-fast theirs"
-# TRAIN_OPTS="SOLVER.MAX_ITER 5 SOLVER.AMP.ENABLED False" (Detectron2's AMP training needs CUDA).
+# TRAIN_OPTS="SOLVER.MAX_ITER 5 SOLVER.AMP.ENABLED False" (Detectron2's AMP training needs CUDA)
+# EVAL_S=150 (an evaluation of the 50 validation images takes 20-35 s on 2 CPU cores).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_checks_out}; mkdir -p "$OUT"
@@ -39,12 +40,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 { nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"; } >> "$S" 2>&1
 
 log "benchmark"
-timeout "${BENCH_S:-210}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" ${BENCH_OPTS:-} \
+timeout "${BENCH_S:-230}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" ${BENCH_OPTS:-} \
   --output "$OUT/results-gpu" > "$OUT/bench.log" 2>&1
 log "benchmark rc=$?"
 
 log "cuda tests"
-timeout "${TEST_S:-60}" $PY -m pytest -q -x -p no:cacheprovider tests/test_fast_paths.py \
+timeout "${TEST_S:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_fast_paths.py \
   tests/test_fusion.py tests/test_inplace_abn.py tests/test_mask_paste.py \
   -k "cuda or graph" > "$OUT/tests.log" 2>&1
 log "tests rc=$?"
@@ -52,10 +53,13 @@ log "tests rc=$?"
 CFG=configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$WORK/datasets}
 log "quick job, bf16 AMP"
-timeout "${TRAIN_S:-150}" $PY train_net.py --config-file $CFG MODEL.DEVICE "$DEVICE" \
+timeout "${TRAIN_S:-140}" $PY train_net.py --config-file $CFG MODEL.DEVICE "$DEVICE" \
   SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16 OUTPUT_DIR "$WORK/quick" \
   TEST.KEEP_PANOPTIC_PNGS True $TRAIN_OPTS > "$OUT/train.log" 2>&1
 log "train rc=$?"
+# The job's last checkpoint (model_final.pth unless its time limit stopped it earlier).
+WEIGHTS="$WORK/quick/$(cat "$WORK/quick/last_checkpoint" 2>/dev/null)"
+log "weights $WEIGHTS"
 
 for name in graph32 graph16 plain; do
   case $name in
@@ -66,7 +70,7 @@ for name in graph32 graph16 plain; do
   log "eval $name"
   echo "===== eval $name" >> "$OUT/eval.log"
   timeout "${EVAL_S:-35}" $PY train_net.py --config-file $CFG --eval-only \
-    MODEL.WEIGHTS "$WORK/quick/model_final.pth" MODEL.DEVICE "$DEVICE" OUTPUT_DIR "$WORK/$name" \
+    MODEL.WEIGHTS "$WEIGHTS" MODEL.DEVICE "$DEVICE" OUTPUT_DIR "$WORK/$name" \
     TEST.KEEP_PANOPTIC_PNGS True $opts >> "$OUT/eval.log" 2>&1
   log "eval $name rc=$?"
 done

@@ -17,6 +17,7 @@ __all__ = [
     "atomic_write",
     "blocking_file",
     "check_writable_file",
+    "check_writable_folder",
     "remove_stale_temporaries",
     "temporary_path",
 ]
@@ -66,6 +67,25 @@ def check_writable_file(path, what, error=ValueError):
     blocker = blocking_file(os.path.dirname(os.path.abspath(path)))
     if blocker:
         raise error(f"Cannot write the {what} '{path}': '{blocker}' is not a folder.")
+
+
+def check_writable_folder(path, what, error=ValueError, *, replaced=False, hint=""):
+    """Raises ``error`` naming ``what`` (e.g. "--output") and ``path`` where a folder cannot be
+    made at ``path``: it is a file or a broken symbolic link, or one stands where a folder above
+    it must be (see :func:`blocking_file`). With ``replaced`` (the writer replaces whatever is at
+    ``path``, as :func:`atomic_directory` with ``overwrite`` does), only the path above it is
+    checked. ``hint`` (what to do instead) ends the message. For checking an output before the
+    work that produces it."""
+    full = os.path.abspath(path)
+    blocker = blocking_file(os.path.dirname(full) if replaced else full)
+    if blocker is None:
+        return
+    if blocker == full:
+        kind = "a file" if os.path.exists(full) else "a broken symbolic link"
+        message = f"The {what} '{path}' is {kind}, not a folder."
+    else:
+        message = f"Cannot make the {what} '{path}': '{blocker}' is not a folder."
+    raise error(f"{message} {hint}" if hint else message)
 
 
 def temporary_path(path):

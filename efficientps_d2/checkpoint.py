@@ -61,19 +61,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 8  # tensors named in one message
-# The settings that fix tensor shapes, in a YAML config (False) and a LazyConfig (True).
-_SHAPE_KEYS = {
-    False: "the backbone (MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
+# The settings that fix tensor shapes, and those that group the optimizer's parameters, as a
+# YAML config names them (the checkpointer's defaults; ConfigAdapter gives a LazyConfig's).
+SHAPE_KEYS = (
+    "the backbone (MODEL.TWO_WAY_FPN.BOTTOM_UP, MODEL.EFFICIENTNET.VARIANT, MODEL.RESNETS), "
     "MODEL.TWO_WAY_FPN.OUT_CHANNELS and the class counts (MODEL.SEM_SEG_HEAD.NUM_CLASSES, "
-    "MODEL.ROI_HEADS.NUM_CLASSES)",
-    True: "the backbone (model.backbone.bottom_up), model.backbone.out_channels and the class "
-    "counts (model.sem_seg_head.num_classes, model.roi_heads.num_classes)",
-}
-# ... and that group the optimizer's parameters.
-_GROUPING_KEYS = {
-    False: "SOLVER.BIAS_LR_FACTOR, SOLVER.WEIGHT_DECAY_NORM, SOLVER.WEIGHT_DECAY_BIAS, ...",
-    True: "optimizer.params.bias_lr_factor, optimizer.params.weight_decay_norm, ...",
-}
+    "MODEL.ROI_HEADS.NUM_CLASSES)"
+)
+GROUPING_KEYS = "SOLVER.BIAS_LR_FACTOR, SOLVER.WEIGHT_DECAY_NORM, SOLVER.WEIGHT_DECAY_BIAS, ..."
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -321,7 +316,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
             ImageNet backbone would be scored with random heads).
         weights_key, partial_key: the config keys that name the weights and opt in to partial
             ones, for messages (a LazyConfig's ``train.init_checkpoint``, ...).
-        lazy_config: the config is a LazyConfig: the other keys that messages name are its own.
+        shape_keys, grouping_keys: the same, in words, for the settings that fix the model's
+            tensor shapes and that group the optimizer's parameters.
     """
 
     def __init__(
@@ -334,12 +330,13 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         for_evaluation=False,
         weights_key="MODEL.WEIGHTS",
         partial_key="MODEL.ALLOW_PARTIAL_WEIGHTS",
-        lazy_config=False,
+        shape_keys=SHAPE_KEYS,
+        grouping_keys=GROUPING_KEYS,
         **checkpointables,
     ):
         super().__init__(model, save_dir, **checkpointables)
         self.weights_key, self.partial_key = weights_key, partial_key
-        self.lazy_config = lazy_config  # the config's kind, for the keys its messages name
+        self.shape_keys, self.grouping_keys = shape_keys, grouping_keys
         self.allow_shape_mismatch = allow_shape_mismatch
         self.allow_missing = allow_missing
         self.for_evaluation = for_evaluation
@@ -438,11 +435,10 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         except (CheckpointFileError, CheckpointMismatchError):
             raise
         except (KeyError, RuntimeError, ValueError) as e:  # the optimizer's or a hook's state
-            grouping = _GROUPING_KEYS[self.lazy_config]
             raise CheckpointMismatchError(
                 f"Cannot resume from '{path}': its training state does not fit this run's "
                 f"({type(e).__name__}: {e}); e.g. settings that group the parameters otherwise "
-                f"({grouping}) changed. {hint}"
+                f"({self.grouping_keys}) changed. {hint}"
             ) from e
         finally:
             self.allow_shape_mismatch, self.allow_missing = lenient
@@ -553,10 +549,9 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 + (f" {self._resume_hint}" if self._resume_hint else "")
             )
         if incorrect and not self.allow_shape_mismatch:
-            keys = _SHAPE_KEYS[self.lazy_config]  # the keys of the config's kind
             skip = f", or set {self.partial_key} True to skip them (training)"
             hint = self._resume_hint or (
-                f"Check {keys} against the checkpoint's config"
+                f"Check {self.shape_keys} against the checkpoint's config"
                 + ("." if self.for_evaluation else skip + ".")
             )
             raise CheckpointMismatchError(

@@ -20,7 +20,7 @@ from detectron2.data import (
 from detectron2.modeling import build_model
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import EfficientPSCheckpointer
+from .checkpoint import GROUPING_KEYS, SHAPE_KEYS, EfficientPSCheckpointer
 from .config import is_yaml_config, tta_config
 from .data import EfficientPSDatasetMapper
 from .data.dataset_mapper import check_augmentations
@@ -69,6 +69,15 @@ _KEYS = {
         _REQUIRED,
     ),
 }
+
+
+# A LazyConfig's settings that fix the model's tensor shapes and that group the optimizer's
+# parameters, in the checkpointer's words (a YAML config's are its defaults).
+_LAZY_SHAPE_KEYS = (
+    "the backbone (model.backbone.bottom_up), model.backbone.out_channels and the class counts "
+    "(model.sem_seg_head.num_classes, model.roi_heads.num_classes)"
+)
+_LAZY_GROUPING_KEYS = "optimizer.params.bias_lr_factor, optimizer.params.weight_decay_norm, ..."
 
 
 def lazy_keys_with_defaults():
@@ -234,7 +243,8 @@ class ConfigAdapter:
             save_dir,
             weights_key=self.keys["weights"],
             partial_key=self.keys["allow_partial_weights"],
-            lazy_config=not self.is_yaml,
+            shape_keys=SHAPE_KEYS if self.is_yaml else _LAZY_SHAPE_KEYS,
+            grouping_keys=GROUPING_KEYS if self.is_yaml else _LAZY_GROUPING_KEYS,
             **kwargs,
         )
 

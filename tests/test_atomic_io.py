@@ -4,7 +4,12 @@ import os
 
 import pytest
 
-from efficientps_d2.atomic_io import atomic_directory, blocking_file, check_writable_file
+from efficientps_d2.atomic_io import (
+    atomic_directory,
+    blocking_file,
+    check_writable_file,
+    check_writable_folder,
+)
 
 
 def _write(folder, text):
@@ -72,3 +77,28 @@ def test_check_writable_file_names_the_file_and_the_fault(tmp_path):
         check_writable_file(str(tmp_path / "folder"), "output json")
     with pytest.raises(RuntimeError, match=r"report '.*a_file/r.json': '.*a_file' is not a folder"):
         check_writable_file(str(tmp_path / "a_file" / "r.json"), "report", RuntimeError)
+
+
+def test_check_writable_folder_names_the_folder_and_the_fault(tmp_path):
+    (tmp_path / "folder").mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    check_writable_folder(str(tmp_path / "folder"), "--output")
+    check_writable_folder(str(tmp_path / "new" / "deeper"), "--output")  # makedirs will do
+    with pytest.raises(ValueError) as error:
+        check_writable_folder(str(a_file), "--output")
+    assert str(error.value) == f"The --output '{a_file}' is a file, not a folder."
+    with pytest.raises(ValueError, match=f"The --output '{link}' is a broken symbolic link, not"):
+        check_writable_folder(str(link), "--output")
+    with pytest.raises(RuntimeError) as error:
+        check_writable_folder(str(a_file / "run"), "OUTPUT_DIR", RuntimeError, hint="Set it.")
+    assert str(error.value) == (
+        f"Cannot make the OUTPUT_DIR '{a_file / 'run'}': '{a_file}' is not a folder. Set it."
+    )
+    # A folder that its writer replaces whole may be a file now; the path above it may not.
+    check_writable_folder(str(a_file), "PNG folder", replaced=True)
+    check_writable_folder(str(link), "PNG folder", replaced=True)
+    with pytest.raises(ValueError, match=f"PNG folder '{a_file / 'png'}': '{a_file}' is not a"):
+        check_writable_folder(str(a_file / "png"), "PNG folder", replaced=True)

@@ -89,12 +89,77 @@ def test_benchmark_paths_dense_rows_and_partial_results(benchmark, tmp_path, mon
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
+def test_a_failing_row_is_reported_and_compiled_rows_come_last(benchmark, tmp_path, monkeypatch):
+    """One path failing (on a GPU: a CUDA graph capture) loses only its own row; the compiled
+    rows are timed after every other section, so that a time limit during the compilation
+    loses only them (torch.compile stands in here: Inductor takes minutes on the CPU)."""
+    import torch
+
+    bf16, compiled = "EfficientPS-B5 fast bf16", "EfficientPS-B5 fast compiled-bf16"
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    build_models = benchmark.build_models
+
+    def build_with_failing_bf16(device, names):
+        models, ours, theirs = build_models(device, names)
+        model, run = models[bf16]
+        calls = []
+
+        def fail_second_call(inputs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("capture failed")
+            return run(inputs)
+
+        models[bf16] = (model, fail_second_call)
+        return models, ours, theirs
+
+    timed = []
+    time_inference = benchmark.time_inference
+
+    def record(runners, *args, **kwargs):
+        timed.append(sorted(runners))
+        return time_inference(runners, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "build_models", build_with_failing_bf16)
+    monkeypatch.setattr(benchmark, "time_inference", record)
+    argv = ["--output", str(tmp_path), "--sizes", "64x128", "--repeats", "2", "--warmup", "1"]
+    argv += ["--models", "ours-fast", "--paths", "bf16", "compiled-bf16", "--dense"]
+    benchmark.main(argv + ["--training-memory", "", "--device", "cpu"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert timed == [["EfficientPS-B5 fast", bf16], [compiled]]
+    assert saved["models"][bf16]["error"] == "64x128: RuntimeError: capture failed"
+    assert "64x128" not in saved["models"][bf16]["sizes"] and bf16 not in saved["dense"]
+    for name in ("EfficientPS-B5 fast", compiled):
+        entry = saved["models"][name]["sizes"]["64x128"]
+        assert len(entry["latency_s"]) == 2 and entry["flops"] > 0
+    assert set(saved["dense"]) == {"EfficientPS-B5 fast", compiled}
+    assert "unfinished" not in saved
+    table = (tmp_path / "results.md").read_text()
+    assert f"- {bf16}: 64x128: RuntimeError: capture failed" in table
+
+
 def test_quick_mode_settings(benchmark):
     args = benchmark.parse_args(["--quick", "--device", "cuda"])
     assert (args.warmup, args.no_flops, args.training_memory) == (3, True, "")
     assert args.repeats == [10, 10]  # one per size
     assert args.paths == list(benchmark.PATHS) and args.compile_sizes == ["1024x2048"]
     assert benchmark.parse_args(["--device", "cpu"]).paths == []
+    # What the GPU checks' dry run on the CPU gives beside --quick (they were overridden).
+    args = benchmark.parse_args(["--quick", "--repeats", "2", "--warmup", "1", "--device", "cpu"])
+    assert (args.warmup, args.repeats, args.no_flops) == (1, [2, 2], True)
+
+
+def test_models_all_keeps_the_models_named_beside_it(benchmark):
+    # "--models all ours-onnx" used to time the five models of "all" and drop the ONNX row.
+    assert benchmark.model_names(["all", "ours-onnx"]) == [
+        *benchmark.ALL_MODELS,
+        benchmark.OURS_ONNX,
+    ]
+    assert benchmark.model_names(["ours", "all"]) == [
+        benchmark.OURS,
+        *(name for name in benchmark.ALL_MODELS if name != benchmark.OURS),
+    ]
+    assert benchmark.model_names(["ours-fast", "theirs"]) == [benchmark.OURS_FAST, benchmark.THEIRS]
 
 
 def test_bad_command_lines_stop_before_any_model_is_built(benchmark, capsys):
@@ -129,6 +194,8 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
     events = [
         event("cudaLaunchKernel", 300),
         event("cuLaunchKernel", 30),
+        event("cudaLaunchKernelExC_v11060", 30),  # CUPTI's versioned name
+        event("cudaMemcpyAsync", 60),  # does not wait
         event("cudaStreamSynchronize", 20),
         event("cudaDeviceSynchronize", 1),  # the profiling's own, at the end
         event("aten::conv2d", 90),
@@ -136,7 +203,7 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
         event("Memcpy DtoH (Device -> Pinned)", 20, DeviceType.CUDA, 1500.0),
     ]
     summary = benchmark.summarize_profile(events, runs=3, trailing_syncs=1)
-    assert summary == {"kernel_s": 0.002, "launches": 110, "syncs": 20 / 3}
+    assert summary == {"kernel_s": 0.002, "launches": 120, "syncs": 20 / 3}
 
 
 def test_training_rows_autotune_as_each_model_ships(benchmark, monkeypatch):

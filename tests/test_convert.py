@@ -628,7 +628,7 @@ def test_unwritable_outputs_are_refused_before_converting(tmp_path, monkeypatch,
         (["folder.json", "png"], "The output json '.*folder.json' is a folder"),
         (
             ["p.json", "file/png"],
-            "Cannot write the output PNG folder '.*file/png': '.*file' is not a folder",
+            "Cannot make the output PNG folder '.*file/png': '.*file' is not a folder",
         ),
         (["file/p.json", "png"], "Cannot write the output json '.*file/p.json'"),
         (["p.json", "png", "--report", "folder.json"], "The report '.*folder.json' is a folder"),

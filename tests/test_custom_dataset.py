@@ -1,6 +1,7 @@
 """register_panoptic_dataset: one-call registration, metadata, and load-time validation."""
 
 import itertools
+import logging
 import os
 import shutil
 
@@ -155,6 +156,17 @@ def test_missing_image_is_named(tmp_path, register):
     with pytest.raises(FileNotFoundError) as e:
         DatasetCatalog.get(name)
     assert missing in str(e.value) and dataset["panoptic_json"] in str(e.value)
+
+
+def test_images_without_an_annotation_are_counted_and_skipped(tmp_path, register, caplog):
+    dataset = write_panoptic_dataset(str(tmp_path))
+    edit_json(dataset["panoptic_json"], lambda d: d["annotations"].pop(0))
+    name = register(**_paths(dataset))
+    with caplog.at_level(logging.WARNING, logger="efficientps_d2"):
+        dicts = DatasetCatalog.get(name)
+    assert [d["image_id"] for d in dicts] == [dataset["records"][1]["image_id"]]
+    warning = f"1 images in '{dataset['panoptic_json']}' have no panoptic annotation; skipped."
+    assert warning in caplog.text
 
 
 def test_unknown_image_id_is_named(tmp_path, register):

@@ -372,6 +372,24 @@ def test_data_sets_that_number_their_classes_differently_are_refused(dataset):
         MetadataCatalog.remove(other)
 
 
+def test_data_sets_with_the_same_classes_but_other_things_are_refused():
+    # Same class names, same counts, other classes are things (hand-made metadata: registered
+    # panoptic data sets list their things first).
+    names = ("check_things_first", "check_things_other")
+    classes = ["road", "car", "person", "sky"]
+    for name, things in zip(names, ({11: 1, 12: 2}, {11: 1, 13: 3})):
+        MetadataCatalog.get(name).set(
+            stuff_classes=classes, thing_dataset_id_to_contiguous_id=things
+        )
+    try:
+        words = f"thing classes [1, 2] in '{names[0]}' but [1, 3] in '{names[1]}'"
+        with pytest.raises(DataCheckError, match=re.escape(words)):
+            check_class_counts(_config(names[0], test=[names[1]]))
+    finally:
+        for name in names:
+            MetadataCatalog.remove(name)
+
+
 def test_class_count_of_test_set_checked_in_eval_only(dataset):
     dataset["register"]()
     cfg = _config("synthetic_panoptic_train", num_classes=6, num_things=3, test=[dataset["name"]])

@@ -480,8 +480,14 @@ def test_an_output_that_cannot_be_written_fails_before_the_trace(cfg, model, tmp
 
     monkeypatch.setattr("efficientps_d2.export.exporter._trace", trace)
     (tmp_path / "notes.txt").write_text("a file")
-    with pytest.raises(ValueError, match=r"'.*notes.txt' above it is a file"):
-        export_model(model, cfg, str(tmp_path / "notes.txt" / "exported"), "torchscript")
+    notes = tmp_path / "notes.txt"
+    with pytest.raises(ValueError) as error:
+        export_model(model, cfg, str(notes / "exported"), "torchscript")
+    assert str(error.value) == (
+        f"Cannot make the --output '{notes / 'exported'}': '{notes}' is not a folder."
+    )
+    with pytest.raises(ValueError, match=f"The --output '{notes}' is a file, not a folder"):
+        export_model(model, cfg, str(notes), "torchscript")
 
     read_only = str(tmp_path / "read-only")
     real_mkdir = os.mkdir

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -423,6 +424,22 @@ def test_inference_dtype_set_on_the_model_takes_effect_and_is_checked():
     assert all(p.dtype == torch.float32 for p in model.backbone.parameters())
 
 
+class _OffDevice(TorchDispatchMode):
+    """Records the operators that read or make a tensor on another device than ``device``."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
+        if any(isinstance(t, torch.Tensor) and t.device != self.device for t in tensors):
+            self.ops.append(str(func))
+        return out
+
+
 @pytest.mark.parametrize(
     "changes", [{}, {"fast_inference": False}, {"dtype": "bfloat16"}], ids=["fast", "plain", "bf16"]
 )
@@ -436,6 +453,39 @@ def test_dense_network_never_waits_for_the_device(changes):
     with torch.inference_mode(), DeviceReads() as reads:  # as EfficientPS.inference runs it
         network.dense(images)
     assert not reads.counts
+    # Nor does it make a tensor on the host and copy it over (on a GPU, a copy that waits; a
+    # capture fails on it): on the meta device, any host tensor shows.
+    network, images = model.to("meta")._inference_network(), images.to("meta")
+    with torch.inference_mode(), _OffDevice("meta") as off_device:
+        proposals = network.dense(images)[-1]
+    assert off_device.ops == [] and proposals[0].device.type == "meta"
+
+
+@pytest.mark.parametrize("offset", [0.5, 0.0])
+def test_dense_network_anchors_are_detectron2s(offset):
+    model = _tiny_model(["MODEL.ANCHOR_GENERATOR.OFFSET", offset])
+    generator = model.proposal_generator.anchor_generator
+    network = model._inference_network().dense_network
+    feature_maps = [torch.zeros(1, 8, h, w) for h, w in ((25, 33), (13, 17), (7, 9), (4, 5))]
+    expected = generator(feature_maps)
+    anchors = network.anchors(feature_maps)
+    assert [a.tensor.shape for a in anchors] == [e.tensor.shape for e in expected]
+    assert all(torch.equal(a.tensor, e.tensor) for a, e in zip(anchors, expected))
+
+
+def test_dense_network_runs_another_anchor_generator_itself():
+    model = _tiny_model()
+
+    class Jittered(DefaultAnchorGenerator):
+        pass
+
+    generator = model.proposal_generator.anchor_generator
+    jittered = Jittered(sizes=[[32]], aspect_ratios=[[1.0]], strides=generator.strides)
+    model.proposal_generator.anchor_generator = jittered
+    feature_maps = [torch.zeros(1, 8, 6, 7)] * 4
+    anchors = model._inference_network().dense_network.anchors(feature_maps)
+    assert len(anchors[0]) == 6 * 7  # one cell anchor: the subclass's own, not the model's three
+    assert all(torch.equal(a.tensor, e.tensor) for a, e in zip(anchors, jittered(feature_maps)))
 
 
 @pytest.mark.parametrize("fast_inference", [True, False], ids=["fast", "plain"])
@@ -595,6 +645,17 @@ def test_size_cache_warns_once_when_sizes_outnumber_it():
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture
+def exact_float32():
+    """cuDNN convolves float32 in TF32 by default (a 10-bit mantissa): the fused copy's folded
+    weights then round differently from the model's own by ~1e-3, and near-tied detections of
+    the permissive test settings swap. The comparisons are of the paths, in float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _cuda_model(opts=()):
     return _tiny_model([*PLAIN, *opts]).cuda()
 
@@ -604,6 +665,7 @@ def _cuda_inputs():
 
 
 @_CUDA
+@pytest.mark.usefixtures("exact_float32")
 @pytest.mark.parametrize("fast_inference", [False, True])
 def test_cuda_graph_gives_the_eager_panoptic_output(fast_inference):
     model = _cuda_model()
@@ -622,6 +684,7 @@ def test_cuda_graph_gives_the_eager_panoptic_output(fast_inference):
 
 
 @_CUDA
+@pytest.mark.usefixtures("exact_float32")
 def test_cuda_graph_cache_per_input_size_and_weights():
     model = _with_options(_cuda_model(), cuda_graph=True, cuda_graph_cache_size=2)
     inputs = _cuda_inputs()
@@ -640,6 +703,18 @@ def test_cuda_graph_cache_per_input_size_and_weights():
         _with_options(model, cuda_graph=False)
         plain = model(inputs[:1])[0]
     _assert_same_panoptic(plain, graphed)
+
+
+@_CUDA
+def test_cuda_graph_captured_per_autocast_state():
+    model = _with_options(_cuda_model(), cuda_graph=True)
+    inputs = _cuda_inputs()[:1]
+    with torch.no_grad():
+        model(inputs)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(inputs)
+        model(inputs)
+    assert [key[-1] for key in model._inference_network().graphs.keys()] == [torch.bfloat16, False]
 
 
 @_CUDA

@@ -107,6 +107,7 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
     writer.release()
     a_file = tmp_path / "notes"
     a_file.write_text("not a folder")
+    (tmp_path / "d.png").mkdir()  # an image file name that is a folder: failed at the write
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the output was checked")
@@ -114,16 +115,33 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
     monkeypatch.setattr(demo, "VisualizationDemo", no_model)
     base = ["--config-file", config_file]
     cases = [
-        (["--input", str(images), "--output", str(a_file)], f"'{a_file}' is a file, not a folder"),
-        (["--input", str(images / "a.png"), "--output", str(a_file / "o.png")], "is a file, not"),
+        (
+            ["--input", str(images), "--output", str(a_file)],
+            f"The --output '{a_file}' is a file, not a folder",
+        ),
+        (
+            ["--input", str(images / "a.png"), "--output", str(a_file / "o.png")],
+            f"Cannot write the --output '{a_file / 'o.png'}': '{a_file}' is not a folder",
+        ),
         (["--input", str(images), "--output", str(tmp_path / "x.png")], "names one image file"),
+        (
+            ["--input", str(images / "a.png"), "--output", str(tmp_path / "d.png")],
+            f"The --output '{tmp_path / 'd.png'}' is a folder, not a file name",
+        ),
         (["--input", str(images), "--output", str(images)], "would overwrite the input image"),
         (
             ["--input", str(images / "b.jpg"), "--output", str(tmp_path), "--save-panoptic"],
             None,  # b.jpg's drawing goes to tmp_path/b.jpg: no input there; model built
         ),
         (["--video-input", str(video), "--output", str(video)], "would overwrite the input video"),
-        (["--video-input", str(video), "--output", str(a_file)], "is a file, not a folder"),
+        (
+            ["--video-input", str(video), "--output", str(a_file)],
+            f"The --output '{a_file}' is a file, not a folder",
+        ),
+        (
+            ["--video-input", str(video), "--output", str(a_file / "o.mp4")],
+            f"Cannot write the --output '{a_file / 'o.mp4'}': '{a_file}' is not a folder",
+        ),
     ]
     for args, message in cases:
         if message is None:
@@ -133,7 +151,8 @@ def test_demo_refuses_an_output_it_cannot_write_before_building_the_model(
         assert demo.main(base + args) == 1, args
         assert message in capsys.readouterr().err, args
     assert {name: (images / name).read_bytes() for name in originals} == originals
-    assert sorted(os.listdir(tmp_path)) == ["clip.avi", "images", "notes"]  # nothing written
+    assert sorted(os.listdir(tmp_path)) == ["clip.avi", "d.png", "images", "notes"]  # no output
+    assert os.listdir(tmp_path / "d.png") == []
 
 
 def test_same_file_names_in_two_folders_get_their_own_image_ids(config_file, tmp_path, capsys):

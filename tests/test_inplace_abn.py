@@ -14,8 +14,9 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.nn import functional as F
 
+from efficientps_d2.modeling import inplace_abn
 from efficientps_d2.modeling.inplace_abn import InPlaceABN, convert_to_inplace_abn
-from tests.common import PERMISSIVE, tiny_config, training_input
+from tests.common import PERMISSIVE, DeviceReads, tiny_config, training_input
 
 SLOPE = 0.01
 
@@ -140,13 +141,30 @@ def test_a_second_derivative_is_refused_not_wrong():
 
 
 def test_freezing_after_the_conversion_is_refused():
-    """FrozenBatchNorm would take an InPlaceABN for a BatchNorm and drop its LeakyReLU."""
+    """FrozenBatchNorm would take an InPlaceABN for a BatchNorm and drop its LeakyReLU. The
+    error names the key that freezes an EfficientNet before the conversion."""
     from efficientps_d2.modeling.backbone.efficientnet import EfficientNet
 
     backbone = EfficientNet("b0")
     convert_to_inplace_abn(backbone)
-    with pytest.raises(ValueError, match="freeze first"):
+    with pytest.raises(ValueError, match=r"freeze first \(MODEL\.EFFICIENTNET\.FREEZE_AT does\)"):
         backbone.freeze(2)
+
+
+def test_the_efficientnet_freeze_key_freezes_before_the_conversion():
+    """MODEL.EFFICIENTNET.FREEZE_AT, the key the refusal above names, freezes the stem and first
+    stage (FrozenBatchNorm, no gradients) and leaves the rest to become iABN; Detectron2's
+    MODEL.BACKBONE.FREEZE_AT is ResNet's and leaves an EfficientNet trainable."""
+    for key, frozen in (
+        ("MODEL.EFFICIENTNET.FREEZE_AT", True),
+        ("MODEL.BACKBONE.FREEZE_AT", False),
+    ):
+        model = build_model(tiny_config([key, 2, "MODEL.EFFICIENTPS.INPLACE_ABN", True]))
+        features = model.backbone.bottom_up.features
+        for stage in features[:2]:
+            assert all(p.requires_grad != frozen for p in stage.parameters()), key
+            assert any(isinstance(m, InPlaceABN) for m in stage.modules()) != frozen, key
+        assert any(isinstance(m, InPlaceABN) for m in features[2].modules()), key
 
 
 def test_bfloat16_under_autocast_is_close_to_float32():
@@ -348,6 +366,21 @@ def test_synchronized_statistics_span_the_processes(tmp_path):
         torch.testing.assert_close(statistics[name], getattr(whole, name), rtol=0, atol=1e-12)
     for name in ("running_mean", "running_var"):
         assert torch.equal(first[-1][name], statistics[name]), name
+
+
+def test_synchronised_statistics_neither_read_nor_upload(monkeypatch):
+    """Every synchronised layer of every training step combines its statistics: a value read
+    from the device, or a tensor made from host data (a copy that waits for the device), would
+    make the host wait for the GPU each time (137 layers in B5). One process stands in here."""
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_gather", lambda out, t, group=None: out[0].copy_(t))
+    y = torch.randn(2, 3, 4, 5, dtype=torch.double)
+    with DeviceReads() as reads:
+        mean, var, count = inplace_abn._statistics_across(y, group=None)
+    assert not reads.counts
+    torch.testing.assert_close(mean, y.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, y.var(dim=(0, 2, 3), unbiased=False))
+    assert count.item() == 2 * 4 * 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -324,16 +324,21 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
     a_file.write_text("notes")
     broken_link = tmp_path / "broken_link"  # os.makedirs fails under it too
     broken_link.symlink_to(tmp_path / "gone")
-    for out, where in (
-        (a_file, "is a file"),
-        (a_file / "run", f"lies under '{a_file}', a file"),
-        (broken_link / "run", f"lies under '{broken_link}', a file"),
+    for out, message in (
+        (a_file, f"The {key} '{a_file}' is a file, not a folder"),
+        (a_file / "run", f"Cannot make the {key} '{a_file / 'run'}': '{a_file}' is not a folder"),
+        (
+            broken_link / "run",
+            f"Cannot make the {key} '{broken_link / 'run'}': '{broken_link}' is not a folder",
+        ),
+        (broken_link, f"The {key} '{broken_link}' is a broken symbolic link, not a folder"),
     ):
         argv = [o.format(out=out) for o in opts]
         for extra in ([], ["--eval-only"]):
             args = _quick_args(kind, *extra, *argv)
-            with pytest.raises(NotADirectoryError, match=f"{key} '{out}' {where}, not a folder"):
+            with pytest.raises(NotADirectoryError) as error:
                 startup.setup(args)
+            assert str(error.value).startswith(message + ". Set it to a folder (e.g. "), error
     assert a_file.read_text() == "notes"
 
 

@@ -105,11 +105,19 @@ def test_visualize_data_skips_an_unreadable_image_naming_it(tmp_path, synthetic,
 
 
 def test_visualize_data_output_dir_that_is_a_file_is_named(tmp_path):
-    (tmp_path / "file").write_text("")
-    for out in ("file", "file/pictures"):  # was "[Errno 17] File exists" / "[Errno 20] ..."
-        argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir"]
-        with pytest.raises(SystemExit, match=f"'{tmp_path / 'file'}' is not a folder"):
-            visualize_data.main(argv + [str(tmp_path / out)])
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for out, message in (  # was "[Errno 17] File exists" / "[Errno 20] ..."
+        (a_file, f"The --output-dir '{a_file}' is a file, not a folder."),
+        (
+            a_file / "pictures",
+            f"Cannot make the --output-dir '{a_file / 'pictures'}': '{a_file}' is not a folder.",
+        ),
+    ):
+        argv = ["--config-file", QUICK, "--source", "annotation", "--output-dir", str(out)]
+        with pytest.raises(SystemExit) as error:
+            visualize_data.main(argv)
+        assert str(error.value) == message
 
 
 def test_visualize_data_show_makes_no_output_folder(tmp_path, synthetic, monkeypatch):

@@ -195,6 +195,35 @@ def test_resume_refuses_a_checkpoint_of_another_config_even_with_partial_weights
     assert "model" not in resume(optimizer=optimizer)  # the run's own config resumes
 
 
+@pytest.mark.parametrize(
+    "kind, shape_key, grouping_key",
+    [
+        ("yaml", "MODEL.TWO_WAY_FPN.OUT_CHANNELS", "SOLVER.BIAS_LR_FACTOR"),
+        ("lazy", "model.backbone.out_channels", "optimizer.params.bias_lr_factor"),
+    ],
+)
+def test_the_checkpointer_names_the_settings_of_the_configs_kind(
+    model, tmp_path, kind, shape_key, grouping_key
+):
+    from efficientps_d2.config_adapter import ConfigAdapter
+    from efficientps_d2.engine import load_config
+    from tests.test_lazy_config import QUICK_PY
+
+    config = ConfigAdapter(tiny_config() if kind == "yaml" else load_config(QUICK_PY))
+    params = [p for p in model.parameters() if p.requires_grad]
+    config.checkpointer(model, str(tmp_path), optimizer=torch.optim.SGD(params, lr=0.1)).save(
+        "model_0000001"
+    )
+    misfit = {k: torch.zeros(1) if "predictor" in k else v for k, v in model.state_dict().items()}
+    torch.save({"model": misfit}, tmp_path / "misfit.pth")
+    with pytest.raises(CheckpointMismatchError, match=f"Check the backbone .*{shape_key}"):
+        config.checkpointer(model).load(str(tmp_path / "misfit.pth"))
+    regrouped = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    checkpointer = config.checkpointer(model, str(tmp_path), optimizer=regrouped)
+    with pytest.raises(CheckpointMismatchError, match=f"otherwise \\({grouping_key}, "):
+        checkpointer.resume_or_load("", resume=True)
+
+
 def test_resume_warns_that_it_restores_the_saved_optimizer_settings(tmp_path, caplog):
     # torch restores the saved learning rate and weight decay: a run resumed with another
     # SOLVER.BASE_LR trained on at the old one, without a word.

@@ -247,10 +247,10 @@ def _check_same_classes(config, names):
     reference = None
     for name in dict.fromkeys(config.train_dataset_names[:1] + names):
         meta = MetadataCatalog.get(name)
-        if _panoptic_classes(meta) is None:
+        panoptic = _panoptic_classes(meta)
+        if panoptic is None:
             continue
-        classes = list(meta.stuff_classes)
-        things = sorted(meta.thing_dataset_id_to_contiguous_id.values())
+        classes, things = list(meta.stuff_classes), panoptic[1]
         if reference is None:
             reference = (name, classes, things)
             continue

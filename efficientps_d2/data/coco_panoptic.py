@@ -222,7 +222,7 @@ def load_panoptic_json(json_file, image_root, panoptic_root, metadata):
             f"{len(missing_images)} images named in '{json_file}' are missing from "
             f"'{image_root}': {_examples(missing_images, prefix='')}"
         )
-    unused = len(images) - len({r["image_id"] for r in ret})
+    unused = len(images) - len(annotated)
     if unused:
         logger.warning(f"{unused} images in '{json_file}' have no panoptic annotation; skipped.")
     logger.info(f"Loaded {len(ret)} panoptic annotations from '{json_file}'.")

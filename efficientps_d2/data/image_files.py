@@ -1,13 +1,15 @@
 """Image files read one way everywhere: in training and evaluation (the dataset mapper), in
 ``demo.py``, test-time augmentation, the export's sample image and the training pictures, so a
-model sees at test time the pixels it was trained on."""
+model sees at test time the pixels it was trained on; and an image prepared for the network one
+way by the eager and the exported predictors (:func:`prepare_image`)."""
 
 import numpy as np
 from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
-__all__ = ["ImageInputError", "read_image", "unusable_mode"]
+__all__ = ["ImageInputError", "prepare_image", "read_image", "unusable_mode"]
 
 # PIL's modes of 16-bit grayscale images (PNG, TIFF).
 _GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -49,3 +51,48 @@ def unusable_mode(mode):
         f"a {kind} image (PIL mode {mode}) has no set range to scale to the model's 8-bit "
         "input: convert it to an 8-bit image first."
     )
+
+
+def prepare_image(original_image, augmentation, input_format):
+    """What ``DefaultPredictor`` does to an image before the network, checked at each step.
+
+    Args:
+        original_image: (H, W, 3) BGR array (as ``cv2.imread`` gives), uint8 or float 0-255.
+        augmentation: the test-time resize (a Detectron2 ``Augmentation``, e.g. an
+            ``AugmentationList``).
+        input_format: "RGB" or "BGR", the network's channel order.
+    Returns:
+        (3, H', W') C-contiguous, writable array in ``input_format``, resized, of the input dtype.
+    Raises:
+        ImageInputError: naming the shape, dtype or resize at fault.
+    """
+    shape = getattr(original_image, "shape", None)
+    if not isinstance(original_image, np.ndarray) or len(shape) != 3 or shape[2] != 3:
+        got = f"an array of shape {tuple(shape)}" if shape is not None else type(original_image)
+        raise ImageInputError(
+            f"The predictor takes an (H, W, 3) BGR image (as cv2.imread gives), got {got}: "
+            "convert a grayscale or RGBA image to 3 channels first."
+        )
+    dtype = original_image.dtype
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise ImageInputError(
+            f"The predictor takes 8-bit (uint8) or float 0-255 pixels, got {dtype}: scale the "
+            "image to 0-255 first (a 16-bit one: image >> 8)."
+        )
+    height, width = shape[:2]
+    if height == 0 or width == 0:
+        raise ImageInputError(f"The image has no pixel ({height} x {width}).")
+    if input_format == "RGB":
+        original_image = original_image[:, :, ::-1]
+    aug_input = T.AugInput(original_image)
+    try:
+        augmentation(aug_input)
+    except (ValueError, RuntimeError) as e:  # PIL or torch refusing a 0-pixel side
+        raise ImageInputError(
+            f"A {height} x {width} image cannot go through the test-time resize {augmentation} "
+            f"(too thin: a side would shrink to 0 pixels): {e}"
+        ) from e
+    image = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
+    # A read-only array (np.asarray of a PIL image) stays a view when its transpose is already
+    # contiguous (1-pixel images): torch warns on non-writable arrays.
+    return image if image.flags.writeable else image.copy()

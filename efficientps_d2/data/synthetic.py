@@ -15,7 +15,7 @@ Importing this module registers ``synthetic_panoptic_train`` and ``synthetic_pan
 files are generated on first use (``DatasetCatalog.get``) when they do not exist yet. To generate
 them explicitly::
 
-    python -m efficientps_d2.data.synthetic --root datasets --num-train 200 --num-val 50
+    python -m efficientps_d2.tools.generate_synthetic_data --root datasets --num-train 200
 """
 
 import argparse
@@ -294,7 +294,7 @@ if f"{DIRNAME}_train" not in DatasetCatalog.list():  # re-imports (e.g. `python 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m efficientps_d2.data.synthetic",
+        prog="python -m efficientps_d2.tools.generate_synthetic_data",
         description="Generate the synthetic panoptic data set.",
     )
     parser.add_argument(

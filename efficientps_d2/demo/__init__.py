@@ -12,7 +12,6 @@ from .predictor import (
     EfficientPSPredictor,
     ImageInputError,
     VisualizationDemo,
-    prepare_image,
     resolve_metadata,
 )
 from .runner import (
@@ -23,7 +22,6 @@ from .runner import (
     VideoOutputError,
     VideoRunSummary,
     check_image_outputs,
-    check_output_folder,
     collect_images,
     count_video_frames,
     display_available,
@@ -49,7 +47,6 @@ __all__ = [
     "VideoRunSummary",
     "VisualizationDemo",
     "check_image_outputs",
-    "check_output_folder",
     "collect_images",
     "count_video_frames",
     "display_available",
@@ -57,7 +54,6 @@ __all__ = [
     "open_video",
     "open_video_writer",
     "open_webcam",
-    "prepare_image",
     "read_bgr_image",
     "panoptic_categories",
     "resolve_metadata",

@@ -3,7 +3,6 @@
 import copy
 import logging
 
-import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
@@ -13,13 +12,12 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..config_adapter import ConfigAdapter
-from ..data.image_files import ImageInputError
+from ..data.image_files import ImageInputError, prepare_image
 
 __all__ = [
     "EfficientPSPredictor",
     "ImageInputError",
     "VisualizationDemo",
-    "prepare_image",
     "resolve_metadata",
 ]
 
@@ -47,51 +45,6 @@ def resolve_metadata(cfg):
     )
     names = [f"class {i}" for i in range(config.num_classes)]
     return Metadata(name="__unnamed_classes", thing_classes=names, stuff_classes=names), None
-
-
-def prepare_image(original_image, augmentation, input_format):
-    """What ``DefaultPredictor`` does to an image before the network, checked at each step.
-
-    Args:
-        original_image: (H, W, 3) BGR array (as ``cv2.imread`` gives), uint8 or float 0-255.
-        augmentation: the test-time resize (a Detectron2 ``Augmentation``, e.g. an
-            ``AugmentationList``).
-        input_format: "RGB" or "BGR", the network's channel order.
-    Returns:
-        (3, H', W') C-contiguous, writable array in ``input_format``, resized, of the input dtype.
-    Raises:
-        ImageInputError: naming the shape, dtype or resize at fault.
-    """
-    shape = getattr(original_image, "shape", None)
-    if not isinstance(original_image, np.ndarray) or len(shape) != 3 or shape[2] != 3:
-        got = f"an array of shape {tuple(shape)}" if shape is not None else type(original_image)
-        raise ImageInputError(
-            f"The predictor takes an (H, W, 3) BGR image (as cv2.imread gives), got {got}: "
-            "convert a grayscale or RGBA image to 3 channels first."
-        )
-    dtype = original_image.dtype
-    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
-        raise ImageInputError(
-            f"The predictor takes 8-bit (uint8) or float 0-255 pixels, got {dtype}: scale the "
-            "image to 0-255 first (a 16-bit one: image >> 8)."
-        )
-    height, width = shape[:2]
-    if height == 0 or width == 0:
-        raise ImageInputError(f"The image has no pixel ({height} x {width}).")
-    if input_format == "RGB":
-        original_image = original_image[:, :, ::-1]
-    aug_input = T.AugInput(original_image)
-    try:
-        augmentation(aug_input)
-    except (ValueError, RuntimeError) as e:  # PIL or torch refusing a 0-pixel side
-        raise ImageInputError(
-            f"A {height} x {width} image cannot go through the test-time resize {augmentation} "
-            f"(too thin: a side would shrink to 0 pixels): {e}"
-        ) from e
-    image = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
-    # A read-only array (np.asarray of a PIL image) stays a view when its transpose is already
-    # contiguous (1-pixel images): torch warns on non-writable arrays.
-    return image if image.flags.writeable else image.copy()
 
 
 class EfficientPSPredictor(DefaultPredictor):

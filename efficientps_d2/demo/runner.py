@@ -23,7 +23,13 @@ import cv2
 from PIL import Image
 from tqdm import tqdm
 
-from ..atomic_io import atomic_write, blocking_file, remove_stale_temporaries, temporary_path
+from ..atomic_io import (
+    atomic_write,
+    check_writable_file,
+    check_writable_folder,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from ..data.image_files import read_image
 from .coco_panoptic_writer import CocoPanopticWriter, ImageIds
 from .predictor import ImageInputError
@@ -38,7 +44,6 @@ __all__ = [
     "VideoOutputError",
     "VideoRunSummary",
     "check_image_outputs",
-    "check_output_folder",
     "collect_images",
     "count_video_frames",
     "display_available",
@@ -231,31 +236,21 @@ def _export_lines(panoptic_json, indent=""):
     return [f"{indent}COCO panoptic predictions: {panoptic_json}"] if panoptic_json else []
 
 
-def check_output_folder(folder, output):
-    """Raises ValueError, naming ``output``, where ``folder`` cannot be made: it, or the nearest
-    existing path above it, is a file."""
-    path = blocking_file(folder)
-    if path is not None:
-        raise ValueError(
-            f"--output '{output}' cannot be written: '{path}' is a file, not a folder."
-        )
-
-
 def check_image_outputs(output, paths, save_panoptic=False):
     """Refuses, before any work, an ``output`` that :func:`run_on_images` cannot write as asked:
     an image file name with several inputs, a folder that cannot be made (see
-    :func:`check_output_folder`), or a drawing or panoptic PNG that would overwrite one of the
-    input images (``--output`` naming the input folder). Raises ValueError naming the path."""
+    :func:`~efficientps_d2.atomic_io.check_writable_folder`), or a drawing or panoptic PNG that
+    would overwrite one of the input images (``--output`` naming the input folder). Raises
+    ValueError naming the path."""
     if _names_image_file(output):
         if len(paths) != 1:
             raise ValueError(
                 f"--output '{output}' names one image file, but there are {len(paths)} images: "
                 "name a folder."
             )
-        folder = os.path.dirname(os.path.abspath(output))
+        check_writable_file(output, "--output")
     else:
-        folder = output
-    check_output_folder(folder, output)
+        check_writable_folder(output, "--output")
     stems = unique_stems(paths)
     inputs = {os.path.realpath(p): p for p in paths}
     for path in paths:
@@ -584,14 +579,16 @@ def _frames(capture, summary):
 
 def video_output_path(output, source_name):
     """The output video file: ``output`` itself, or ``<output>/<source stem>.mp4`` for a folder.
-    Raises ValueError where its folder cannot be made (see :func:`check_output_folder`) or where
-    it is the input video itself."""
+    Raises ValueError where it cannot be written (see
+    :func:`~efficientps_d2.atomic_io.check_writable_folder`) or where it is the input video
+    itself."""
     if os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]:
+        check_writable_folder(output, "--output")
         stem = os.path.splitext(os.path.basename(source_name))[0] or "video"
         path = os.path.join(output, stem + ".mp4")
     else:
+        check_writable_file(output, "--output")
         path = output
-    check_output_folder(os.path.dirname(os.path.abspath(path)), output)
     if os.path.isfile(path) and os.path.isfile(source_name) and os.path.samefile(path, source_name):
         raise ValueError(
             f"--output '{output}' would overwrite the input video '{source_name}': name another "

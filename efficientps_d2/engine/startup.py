@@ -34,7 +34,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..atomic_io import blocking_file, remove_stale_temporaries
+from ..atomic_io import check_writable_folder, remove_stale_temporaries
 from ..checkpoint import check_checkpoint_file
 from ..config import find_config_file, is_yaml_config
 from ..config_adapter import ConfigAdapter
@@ -152,13 +152,12 @@ def check_output_dir(config):
     """Refuses, before anything is read or written, an OUTPUT_DIR / ``train.output_dir`` that is
     a file or lies under one, a broken symbolic link counted as a file (os.makedirs would fail
     there with a bare "File exists" or "Not a directory"). ``config``: a :class:`ConfigAdapter`."""
-    path = blocking_file(config.output_dir)
-    if path is not None:
-        where = "is" if path == os.path.abspath(config.output_dir) else f"lies under '{path}',"
-        raise NotADirectoryError(
-            f"{config.keys['output_dir']} '{config.output_dir}' {where} a file, not a folder: "
-            f"set it to a folder (e.g. {config.override('output_dir', './output')})."
-        )
+    check_writable_folder(
+        config.output_dir,
+        config.keys["output_dir"],
+        NotADirectoryError,
+        hint=f"Set it to a folder (e.g. {config.override('output_dir', './output')}).",
+    )
 
 
 def check_amp_device(config):

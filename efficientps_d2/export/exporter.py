@@ -28,7 +28,7 @@ from detectron2.data import transforms as T
 from detectron2.export.torchscript_patch import patch_builtin_len
 from PIL import Image
 
-from ..atomic_io import atomic_directory, blocking_file, remove_stale_temporaries
+from ..atomic_io import atomic_directory, check_writable_folder, remove_stale_temporaries
 from ..config_adapter import ConfigAdapter
 from ..modeling.fast_inference import fold_batch_norms
 from .graph import OUTPUT_NAMES, EfficientPSGraph
@@ -175,13 +175,7 @@ def _check_output_dir(output_dir):
     would overwrite with loss: a folder that holds no export, or an export folder that holds
     other files too (the export replaces the whole folder, so they would be deleted with it: the
     weights being exported, notes, ...)."""
-    blocking = blocking_file(output_dir)
-    if blocking is not None:  # os.makedirs would fail with a bare "File exists"
-        where = "it" if blocking == os.path.abspath(output_dir) else f"'{blocking}' above it"
-        raise ValueError(
-            f"--output '{output_dir}' cannot be made: {where} is a file (or a broken link), not "
-            "a folder."
-        )
+    check_writable_folder(output_dir, "--output")
     names = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else set()
     if not names:
         return

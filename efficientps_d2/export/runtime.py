@@ -26,6 +26,7 @@ from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, Instances
 
+from ..data.image_files import prepare_image
 from ..modeling.fusion import panoptic_postprocess
 from ..modeling.meta_arch import check_input_images
 from .graph import OUTPUT_NAMES
@@ -222,11 +223,8 @@ class ExportedPredictor:
         self.aug = T.ResizeShortestEdge([min_size, min_size], max_size)
 
     def __call__(self, original_image: np.ndarray) -> Dict:
-        """An image it cannot take raises :class:`~efficientps_d2.demo.ImageInputError`."""
-        # The eager predictor's checks and resizing; imported here so that loading an export
-        # does not import the demo's drawing code.
-        from ..demo.predictor import prepare_image
-
+        """An image it cannot take raises
+        :class:`~efficientps_d2.data.image_files.ImageInputError` (see :func:`prepare_image`)."""
         image = prepare_image(original_image, self.aug, self.input_format)
         height, width = original_image.shape[:2]
         image = torch.as_tensor(image.astype("float32"))

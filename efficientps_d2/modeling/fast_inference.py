@@ -13,12 +13,12 @@ model's own modules (all options off) or a cached copy of them that is
   (:class:`SizeLRUCache`), on CUDA only;
 - compiled: the dense network through ``torch.compile``.
 
-The dense network also decodes the RPN's proposals (with the model's own anchor generator and box
-transform): their shapes too depend only on the input size, and on a GPU these ~150 small
-operators would otherwise each cost a kernel launch from Python. The RPN's top-k selection and
-NMS and the ROI heads' pooling, box predictor and NMS always run from the model itself, so
-changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with or without a fast
-path. Nothing here is needed on the CPU.
+The dense network also decodes the RPN's proposals (the anchors of the model's anchor generator,
+made on the device, and its box transform): their shapes too depend only on the input size, and
+on a GPU these ~150 small operators would otherwise each cost a kernel launch from Python. The
+RPN's top-k selection and NMS and the ROI heads' pooling, box predictor and NMS always run from
+the model itself, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with
+or without a fast path. Nothing here is needed on the CPU.
 """
 
 import collections
@@ -31,10 +31,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.roi_heads import StandardROIHeads
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -293,9 +294,29 @@ class DenseNetwork(nn.Module):
             .flatten(1, -2)
             for x in deltas
         ]
-        proposals = self.decode_proposals(self.anchor_generator(rpn_features), deltas)
+        proposals = self.decode_proposals(self.anchors(rpn_features), deltas)
         features = {k: v.float().contiguous() for k, v in features.items()}
         return features, sem_seg_logits, objectness, proposals
+
+    def anchors(self, feature_maps: List[torch.Tensor]) -> List[Boxes]:
+        """The anchor generator's anchors. Those of Detectron2's ``DefaultAnchorGenerator`` (same
+        values, same order) are made here on the feature maps' device: the generator makes its
+        grids on the CPU and copies them over, on a GPU a copy that waits for the device, which a
+        CUDA graph capture refuses (and a torch.compile graph cannot hold a device context)."""
+        generator = self.anchor_generator
+        if type(generator) is not DefaultAnchorGenerator:
+            return generator(feature_maps)  # its own; to be graphed, made on the device
+        anchors = []
+        for x, stride, cell_anchors in zip(feature_maps, generator.strides, generator.cell_anchors):
+            start = generator.offset * stride
+            grid = [
+                torch.arange(start, n * stride, step=stride, dtype=torch.float32, device=x.device)
+                for n in x.shape[-2:]
+            ]
+            shift_y, shift_x = torch.meshgrid(grid, indexing="ij")
+            shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).view(-1, 1, 4)
+            anchors.append(Boxes((shifts + cell_anchors.view(1, -1, 4)).view(-1, 4)))
+        return anchors
 
 
 class SizeLRUCache:
@@ -484,7 +505,9 @@ class InferenceNetwork:
         they reach the caller (as "sem_seg", a view of them), who may keep them past the next
         image. The same holds for a compiled network whose mode replays CUDA graphs."""
         if self.cuda_graph and images.is_cuda:
-            key = (tuple(images.shape), images.dtype, images.device)
+            # A graph replays the kernels it captured: one captured under autocast is another.
+            autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+            key = (tuple(images.shape), images.dtype, images.device, autocast)
             features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
             return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:

@@ -57,7 +57,7 @@ def _statistics_across(y: torch.Tensor, group) -> tuple:
         var = mean = y.new_zeros(channels)
     # Each process's (count, mean, variance), combined exactly (Chan et al.'s parallel variance),
     # which stays accurate where a mean is large against its deviation, unlike E[y^2] - E[y]^2.
-    count = torch.tensor([y.numel() // channels], dtype=torch.float64, device=y.device)
+    count = y.new_full((1,), y.numel() // channels, dtype=torch.float64)  # no upload: a fill
     local = torch.cat([count, mean.double(), var.double()])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)

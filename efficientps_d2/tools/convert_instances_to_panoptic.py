@@ -69,8 +69,8 @@ from pycocotools import mask as mask_util
 from ..atomic_io import (
     atomic_directory,
     atomic_write,
-    blocking_file,
     check_writable_file,
+    check_writable_folder,
     remove_stale_temporaries,
 )
 
@@ -316,13 +316,8 @@ def _check_writable(output_json, output_dir=None, what="output json"):
     """Fails before any work where an output cannot be written: a json path that is a folder, or
     a file where a folder above an output must be."""
     check_writable_file(output_json, what, ConversionError)
-    # The PNG folder itself is replaced whole (or refused without overwrite): only the folder
-    # above it must be one.
-    blocker = output_dir and blocking_file(os.path.dirname(os.path.abspath(output_dir)))
-    if blocker:
-        raise ConversionError(
-            f"Cannot write the output PNG folder '{output_dir}': '{blocker}' is not a folder."
-        )
+    if output_dir:  # replaced whole (or refused without overwrite), whatever it is
+        check_writable_folder(output_dir, "output PNG folder", ConversionError, replaced=True)
 
 
 def _load_json(path, what):

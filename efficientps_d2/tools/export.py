@@ -30,8 +30,7 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import locate
 
 from efficientps_d2.config_adapter import ConfigAdapter
-from efficientps_d2.data.image_files import ImageInputError, read_image
-from efficientps_d2.demo import prepare_image
+from efficientps_d2.data.image_files import ImageInputError, prepare_image, read_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
 from efficientps_d2.engine.startup import load_for_evaluation
@@ -43,7 +42,10 @@ logger = logging.getLogger("efficientps_d2.tools.export")
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Export EfficientPS to TorchScript or ONNX")
+    parser = argparse.ArgumentParser(
+        prog="python -m efficientps_d2.tools.export",
+        description="Export EfficientPS to TorchScript or ONNX",
+    )
     parser.add_argument(
         "--config-file", required=True, metavar="FILE", help="config file or model zoo name"
     )

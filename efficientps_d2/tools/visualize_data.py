@@ -25,7 +25,7 @@ from itertools import chain
 
 import numpy as np
 
-from ..atomic_io import atomic_write, blocking_file
+from ..atomic_io import atomic_write, check_writable_folder
 
 __all__ = ["get_parser", "main"]
 
@@ -161,9 +161,8 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     args = get_parser().parse_args(argv)
-    blocker = None if args.show else blocking_file(args.output_dir)
-    if blocker:  # os.makedirs would say only "File exists" or "Not a directory"
-        raise SystemExit(f"--output-dir '{args.output_dir}': '{blocker}' is not a folder.")
+    if not args.show:  # os.makedirs would say only "File exists" or "Not a directory"
+        check_writable_folder(args.output_dir, "--output-dir", SystemExit)
     setup_logger()
     logger.info("Arguments: " + str(args))
     config = _setup(args)

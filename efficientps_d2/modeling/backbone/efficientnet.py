@@ -131,7 +131,7 @@ class EfficientNet(Backbone):
                 # FrozenBatchNorm would take it for a BatchNorm and drop its LeakyReLU.
                 raise ValueError(
                     "EfficientNet.freeze after MODEL.EFFICIENTPS.INPLACE_ABN converted the norms: "
-                    "freeze first (MODEL.BACKBONE.FREEZE_AT does)."
+                    "freeze first (MODEL.EFFICIENTNET.FREEZE_AT does)."
                 )
             for p in module.parameters():
                 p.requires_grad = False
