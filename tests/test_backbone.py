@@ -1,10 +1,12 @@
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_backbone
+from torch.nn import functional as F
 from torchvision.ops.misc import SqueezeExcitation
 
 from efficientps_d2.modeling.backbone import EfficientNet
+from efficientps_d2.modeling.backbone.two_way_fpn import TwoWayFPN
 from tests.common import assert_p2_to_p5, tiny_config
 
 # Channels at strides 4, 8, 16, 32 (the last is the 1x1 head conv), from the compound scaling.
@@ -48,6 +50,62 @@ def test_two_way_fpn_from_config_with_odd_input():
     backbone = build_backbone(cfg).eval()
     assert backbone.size_divisibility == 32
     assert_p2_to_p5(backbone)  # same sizes as the trunk's padded stride-2 convs
+
+
+class _GivenFeatures(Backbone):
+    """A bottom-up stand-in that returns the given maps, at strides 4, 8, 16, 32."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x):
+        return self.features
+
+    def output_shape(self):
+        return {
+            name: ShapeSpec(channels=f.shape[1], stride=4 * 2**i)
+            for i, (name, f) in enumerate(self.features.items())
+        }
+
+
+def _max_pool_2x2(t):
+    """Max over 2x2 blocks, the last partial row and column of blocks included."""
+    t = F.pad(t, (0, t.shape[-1] % 2, 0, t.shape[-2] % 2), value=float("-inf"))
+    return t.unflatten(-1, (-1, 2)).unflatten(-3, (-1, 2)).amax(dim=(-1, -3))
+
+
+def test_two_way_fpn_sums_a_top_down_and_a_bottom_up_path():
+    """The paper's aggregation (sec. 3.1), written out on the sizes a 36x52 image gives: the
+    top-down path adds each coarser sum upsampled by pixel repetition (nearest), the bottom-up
+    path each finer sum max-pooled 2x2; per level the two are summed and smoothed, and p6 takes
+    every other pixel of p5."""
+    torch.manual_seed(0)
+    sizes = [(9, 13), (5, 7), (3, 4), (2, 2)]
+    x = [torch.randn(1, 3 + i, h, w) for i, (h, w) in enumerate(sizes)]
+    bottom_up = _GivenFeatures({f"c{i}": f for i, f in enumerate(x)})
+    fpn = TwoWayFPN(
+        bottom_up=bottom_up,
+        in_features=["c0", "c1", "c2", "c3"],
+        out_channels=4,
+        norm="",
+        top_block=True,
+    ).eval()
+    with torch.no_grad():
+        out = fpn(None)
+        top_down = [fpn.top_down_laterals[3](x[3])]
+        for i in (2, 1, 0):
+            coarser = top_down[0].repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+            h, w = sizes[i]
+            top_down.insert(0, fpn.top_down_laterals[i](x[i]) + coarser[..., :h, :w])
+        bottom_up = [fpn.bottom_up_laterals[0](x[0])]
+        for i in (1, 2, 3):
+            bottom_up.append(fpn.bottom_up_laterals[i](x[i]) + _max_pool_2x2(bottom_up[-1]))
+        expected = [fpn.output_convs[i](top_down[i] + bottom_up[i]) for i in range(4)]
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
+    for i, name in enumerate(["p2", "p3", "p4", "p5"]):
+        torch.testing.assert_close(out[name], expected[i], msg=name)
+    torch.testing.assert_close(out["p6"], expected[3][..., ::2, ::2])
 
 
 def test_fpn_top_block_adds_stride_64():

@@ -144,6 +144,17 @@ def test_bottom_up_must_be_a_registered_bottom_up_builder(name):
     assert "'build_resnet_backbone'" in str(e.value)  # the registered ones are listed
 
 
+@BACKBONE_REGISTRY.register()
+def _test_builder_of_a_plain_module(cfg, input_shape):
+    return nn.Sequential(nn.Conv2d(3, 8, 3))
+
+
+def test_bottom_up_builder_must_return_a_backbone():
+    cfg = tiny_config(TINY_R50 + ["MODEL.TWO_WAY_FPN.BOTTOM_UP", "_test_builder_of_a_plain_module"])
+    with pytest.raises(ValueError, match="'_test_builder_of_a_plain_module' returned a Sequential"):
+        build_backbone(cfg)
+
+
 def _check_model(cfg):
     """A training step with gradients in the bottom-up network, then EfficientPS's inference
     output contract (as tests/test_model.py checks it for EfficientNet)."""

@@ -200,6 +200,18 @@ def test_image_sizes_come_from_headers_with_the_exif_orientation(tmp_path, monke
     assert decoded == ["late.png", "late_xmp.png"]
 
 
+def test_every_exif_orientation_that_swaps_width_and_height_is_applied(tmp_path):
+    """Orientations 5-8 (transposed, rotated by 90 or 270 degrees) swap width and height, 1-4 do
+    not: the header's size is the one Detectron2's read_image gives."""
+    pixels = Image.fromarray(np.zeros((24, 36, 3), np.uint8))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = str(tmp_path / f"{orientation}.jpg")
+        pixels.save(path, exif=exif)
+        assert _image_header(path)[0] == read_image(path).shape[1::-1], orientation
+
+
 def test_json_only_check_skips_pngs(dataset):
     _grayscale(dataset)
     dataset["register"]()
@@ -237,6 +249,50 @@ def test_thing_semantic_ids_that_are_not_the_data_sets_things_are_refused(datase
     )
     cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = [1, 0]  # another order of the same classes
     validate_datasets(cfg)
+
+
+def test_thing_semantic_ids_must_fit_the_class_counts(dataset):
+    dataset["register"]()
+    cfg = _config(dataset["name"])
+    for ids in ([0], [0, 1, 2], [0, 4]):
+        cfg.MODEL.EFFICIENTPS.THING_SEMANTIC_IDS = ids
+        with pytest.raises(DataCheckError) as e:
+            check_class_counts(cfg)
+        assert str(e.value) == (
+            f"MODEL.EFFICIENTPS.THING_SEMANTIC_IDS {ids} must have MODEL.ROI_HEADS.NUM_CLASSES=2 "
+            "entries in [0, MODEL.SEM_SEG_HEAD.NUM_CLASSES=4)."
+        )
+
+
+def _a_thing_called_stuff(records):
+    next(s for s in records[1]["segments_info"] if s["isthing"])["isthing"] = False
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda records: records[0]["segments_info"][0].update(category_id=4), "category_id 4, "),
+        (_a_thing_called_stuff, "has isthing=False but class"),
+        (lambda records: records.clear(), "has no images"),
+    ],
+)
+def test_records_of_another_loader_are_checked_against_the_metadata(dataset, edit, words):
+    """A loader other than register_panoptic_dataset (which checks categories itself) may give
+    classes that the metadata does not have, or disagree with it on which are things."""
+    dataset["register"]()
+    records = DatasetCatalog.get(dataset["name"])
+    edit(records)
+    name = dataset["name"] + "_edited"
+    DatasetCatalog.register(name, lambda: records)
+    meta = MetadataCatalog.get(dataset["name"])
+    keys = ("stuff_classes", "thing_classes", "thing_dataset_id_to_contiguous_id")
+    MetadataCatalog.get(name).set(**{k: meta.get(k) for k in keys})
+    try:
+        report = check_dataset(name, pngs=False)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert any(words in error for error in report.errors), report.errors
 
 
 @pytest.fixture

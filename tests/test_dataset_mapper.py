@@ -256,6 +256,25 @@ def test_out_of_range_category(record, segment, value):
         _mapper()(record)
 
 
+def test_thing_ids_outside_the_classes_or_equal_to_the_ignore_label_are_refused():
+    def mapper(thing_ids, num_classes):
+        return EfficientPSDatasetMapper(
+            augmentations=[],
+            image_format="RGB",
+            thing_semantic_ids=thing_ids,
+            ignore_label=255,
+            num_classes=num_classes,
+        )
+
+    with pytest.raises(
+        ValueError, match=r"thing_semantic_ids \[2, 5\] must lie in \[0, num_classes=5\)"
+    ):
+        mapper([2, 5], 5)
+    # Unchecked against a class count, a thing must still not be labelled void.
+    with pytest.raises(ValueError, match="ignore_label 255 is also a thing's semantic id"):
+        mapper([2, 255], None)
+
+
 def test_duplicate_segment_id(record):
     record["segments_info"].append(dict(SEGMENTS[0]))
     with pytest.raises(ValueError, match=f"pan.png.*segment id {ROAD}"):

@@ -353,6 +353,13 @@ def test_bad_artifacts_are_named(exports, tmp_path):
         manifest_file.write_text(json.dumps({k: v for k, v in manifest.items() if k != "fusion"}))
         with pytest.raises(ValueError, match=r"efficientps_export.json' lacks \['fusion'\]"):
             load(str(copy))
+        manifest_file.write_text(json.dumps(dict(manifest, backend="tensorrt")))
+        with pytest.raises(ValueError, match="names backend 'tensorrt'; expected one of"):
+            load(str(copy))
+        manifest_file.write_text(json.dumps(manifest))
+        (copy / "notes.txt").write_text("not the model")  # a file of the folder, not the export's
+        with pytest.raises(ValueError, match=r"notes.txt' is not part of the EfficientPS export"):
+            load(str(copy / "notes.txt"))
         manifest_file.write_text("{broken")
         with pytest.raises(ValueError, match="not a readable export description"):
             load(str(copy))
@@ -602,6 +609,9 @@ def test_inputs_the_exported_model_cannot_take_are_named(exports):
     an (H, W, 3) or gray image; refused naming the input, before any image of the batch runs (it
     was a TypeError "string indices must be integers", an IndexError or a KeyError)."""
     exported = load(exports["torchscript"])
+    assert exported.eval() is exported and exported.train(False) is exported
+    with pytest.raises(ValueError, match="runs inference only"):
+        exported.train()
     runs = []
     exported._run = lambda image: runs.append(image)
     image = _image(64, 96, seed=0)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
@@ -32,6 +33,7 @@ from efficientps_d2.modeling.fast_inference import (
     rpn_proposals,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
+from efficientps_d2.modeling.inplace_abn import InPlaceABN
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
 from tests.common import (
     PERMISSIVE,
@@ -256,6 +258,49 @@ def test_fuse_for_inference_on_detectron2_convs_and_torchvision_blocks():
     torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_folding_keeps_a_conv_bias_and_an_inplace_abn_activation():
+    """A conv with its own bias before a BatchNorm, and an InPlaceABN (norm + LeakyReLU in one
+    module) after a conv in an nn.Sequential: folded, the norm is gone and the outputs stay."""
+    torch.manual_seed(0)
+    norms = [nn.BatchNorm2d(8), InPlaceABN(8, negative_slope=0.2)]
+    for norm in norms:
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.uniform_(-1, 1)
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+    conv.bias.data.uniform_(-1, 1)
+    model = nn.Sequential(conv, norms[0], nn.Conv2d(8, 8, 1, bias=False), norms[1]).eval()
+    x = torch.randn(2, 3, 9, 11)
+    expected = model(x)
+    assert (expected < 0).any()  # the LeakyReLU's negative side is exercised
+    folded = copy.deepcopy(model)
+    assert fold_batch_norms(folded) == 2
+    assert type(folded[1]) is nn.Identity
+    assert type(folded[3]) is nn.LeakyReLU and folded[3].negative_slope == 0.2
+    torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_convs_the_fused_kernel_cannot_pad_stay_unfused():
+    """The fused kernel pads with numbers of zeros: a reflect- or "same"-padded conv before a
+    LeakyReLU keeps its own padding (fusing it would fail, or pad with zeros), and the model
+    still fuses the rest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        nn.LeakyReLU(0.1),
+        Conv2d(4, 4, 3, padding="same", activation=nn.LeakyReLU(0.2)),
+        Conv2d(4, 4, 3, padding=1, activation=nn.LeakyReLU(0.3)),
+    ).eval()
+    x = torch.randn(1, 3, 9, 11)
+    expected = model(x)
+    fused = fuse_for_inference(copy.deepcopy(model))
+    assert [type(m) for m in fused] == [nn.Conv2d, nn.LeakyReLU, Conv2d, ConvLeakyReLU]
+    torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="zero padding"):
+        ConvLeakyReLU(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), 0.1)
+
+
 @pytest.mark.parametrize(
     "in_channels, out_channels, kernel, stride, dilation, groups",
     [(8, 16, 1, 1, 1, 1), (16, 16, 3, 2, 1, 16), (12, 12, 3, 1, (1, 6), 12), (6, 4, 5, 1, 1, 2)],
@@ -373,6 +418,10 @@ def test_inference_dtype_set_on_the_model_takes_effect_and_is_checked():
     with pytest.raises(ValueError, match="INFERENCE_DTYPE must be one of .* got 'fp16'"):
         model.inference_dtype = "fp16"
     assert model.inference_dtype == "bfloat16"
+    # Without the fused copy too: the cast is a copy's, the model's own weights stay float32.
+    model = _with_options(_tiny_model(PLAIN), dtype="bfloat16")
+    assert model._inference_network().dense_network.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.backbone.parameters())
 
 
 class _OffDevice(TorchDispatchMode):
@@ -514,6 +563,19 @@ def test_a_dropped_inference_copy_is_freed_at_once():
         assert network() is None
     finally:
         gc.enable()
+
+
+def test_inference_refuses_a_proposal_generator_it_does_not_run():
+    """The inference network runs Detectron2's RPN steps itself: another proposal generator
+    (a subclass included) is refused, naming the key, rather than silently replaced by them."""
+
+    class MyRPN(RPN):
+        pass
+
+    model = _tiny_model(PLAIN)
+    model.proposal_generator.__class__ = MyRPN
+    with pytest.raises(NotImplementedError, match="MODEL.PROPOSAL_GENERATOR.NAME 'RPN'.*MyRPN"):
+        model(_inputs()[:1])
 
 
 def test_cuda_graph_off_cuda_runs_the_model_itself():

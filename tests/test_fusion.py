@@ -254,6 +254,21 @@ def test_instance_losing_to_another_instance_gets_no_segment():
     assert things[0]["area"] == 14 * 14
 
 
+@pytest.mark.parametrize("mask_logit", [0.0, -1.0])
+def test_instance_with_empty_binary_mask_is_dropped(mask_logit):
+    # Nowhere does sigmoid(mask logit) exceed 0.5 (a logit of exactly 0 is p = 0.5, not above),
+    # so the binary mask is empty and the instance is dropped, though its fused logit,
+    # (s(A) + s(10)) * (A + 10) >= 6, would beat the road's 3: its pixels, a car for the semantic
+    # head, become void.
+    sem = sky_over_road()
+    sem[CAR, 18:26, 10:20] = 10.0
+    inst = make_instances([[10, 18, 20, 26]], [0.9], [0], [full_mask(mask_logit)])
+    pan, info = fuse(sem, inst)
+    check_consistent(pan, info)
+    assert all(not s["isthing"] for s in info)
+    assert (pan[18:26, 10:20] == 0).all()
+
+
 def test_detections_below_threshold_are_ignored():
     sem = sky_over_road()
     inst = make_instances(
@@ -421,6 +436,26 @@ def test_input_validation():
         fuse(sem, partial)
     with pytest.raises(ValueError, match="mask_logit_scale"):
         fuse(sem, inst, mask_logit_scale=0.0)
+    with pytest.raises(ValueError, match="must not repeat"):
+        panoptic_fusion(sem, inst, thing_semantic_ids=[2, 2])
+    with pytest.raises(ValueError, match="square"):
+        bad = make_instances([[0, 0, 14, 14]], [0.9], [0], [full_mask()])
+        bad.pred_mask_logits = bad.pred_mask_logits[..., :14]
+        fuse(sem, bad)
+    # A class outside the thing ids 0..T-1, above or below, is refused, not clamped to one.
+    for classes in ([2], [-1], [0, 2]):
+        bad = make_instances(
+            [[0, 0, 14, 14]] * len(classes),
+            [0.9] * len(classes),
+            classes,
+            [full_mask()] * len(classes),
+        )
+        with pytest.raises(
+            ValueError, match=r"pred_classes must be contiguous thing ids in \[0, 2\)"
+        ):
+            fuse(sem, bad)
+    with pytest.raises(ValueError, match="method"):
+        panoptic_fusion(sem, inst, thing_semantic_ids=THINGS, method="fast")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from detectron2.layers import Conv2d
+from detectron2.layers import Conv2d, NaiveSyncBatchNorm
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
@@ -98,6 +98,21 @@ def test_a_zero_weight_gives_finite_gradients():
     torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(abn.bias.grad, reference.bias.grad, rtol=0, atol=1e-11)
     assert abs(abn.weight.grad[2]) < 1e-8 and torch.isfinite(abn.weight.grad).all()
+
+
+def test_a_small_weight_keeps_exact_gradients():
+    """Only weights below 1e-5 in magnitude lose their own gradient: a small but ordinary one
+    (1e-3, either sign) is inverted, and every gradient is BatchNorm + LeakyReLU's."""
+    reference, abn = _reference_and_abn()
+    for norm in (reference, abn):
+        with torch.no_grad():
+            norm.weight[1:3] = torch.tensor([1e-3, -1e-3], dtype=torch.double)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.double)
+    grad = torch.randn_like(x)
+    _, expected_grad = _run(reference, x, grad, activation=True)
+    _, got_grad = _run(abn, x, grad)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(abn.weight.grad, reference.weight.grad, rtol=0, atol=1e-9)
 
 
 def test_an_empty_batch_keeps_the_statistics_as_batch_norm_does():
@@ -221,6 +236,20 @@ def test_conversion_covers_detectron2_convs_and_torchvision_sequences():
         InPlaceABN(4, negative_slope=0.0)
 
 
+def test_conversion_keeps_mode_and_synchronisation_and_skips_what_it_cannot_invert():
+    block = nn.Sequential(
+        Conv2d(4, 4, 1, norm=NaiveSyncBatchNorm(4), activation=nn.LeakyReLU(0.1)),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.0)),  # a ReLU
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False), nn.LeakyReLU()),
+    ).eval()
+    assert convert_to_inplace_abn(block) == 1
+    abn = block[0].norm
+    assert isinstance(abn, InPlaceABN) and abn.synchronized and not abn.training
+    assert type(block[1][1]) is nn.BatchNorm2d and type(block[2][1]) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) input, got \(2, 4, 5\)"):
+        InPlaceABN(4).train()(torch.randn(2, 4, 5))
+
+
 def _tiny(inplace_abn):
     torch.manual_seed(0)
     opts = [*PERMISSIVE, "MODEL.EFFICIENTPS.INPLACE_ABN", inplace_abn]
@@ -297,7 +326,9 @@ def _synchronised_worker(rank, init_file, x, grad, splits, result_dir):
             y, x_grad = _run(abn, x[part], grad[part])
             results.append({"y": y, "x_grad": x_grad, "weight_grad": abn.weight.grad.clone()})
             abn.weight.grad = abn.bias.grad = None
-        statistics = {name: getattr(abn, name) for name in STATISTICS}
+        statistics = {name: getattr(abn, name).clone() for name in STATISTICS}
+        _run(abn, x[:0], grad[:0])  # no input on any process: the running statistics stay
+        results.append({name: getattr(abn, name) for name in ("running_mean", "running_var")})
         torch.save((results, statistics), os.path.join(result_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -333,6 +364,8 @@ def test_synchronized_statistics_span_the_processes(tmp_path):
         torch.testing.assert_close(shares, weight_grad, rtol=0, atol=1e-10, msg=str(split))
     for name in STATISTICS:
         torch.testing.assert_close(statistics[name], getattr(whole, name), rtol=0, atol=1e-12)
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(first[-1][name], statistics[name]), name
 
 
 def test_synchronised_statistics_neither_read_nor_upload(monkeypatch):

@@ -8,6 +8,7 @@ import torch
 from detectron2.layers import paste_masks_in_image
 from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
 
 from efficientps_d2.modeling import crop_chunks, mask_paste
 from efficientps_d2.modeling.fusion import panoptic_postprocess
@@ -82,6 +83,17 @@ def test_masks_of_other_dtypes_are_sampled_in_their_dtype(monkeypatch, dtype):
     )
 
 
+def test_bfloat16_masks_reach_the_pixel_past_the_box_as_detectron2s():
+    """In bfloat16 the grid of a wide box rounds the first pixel centre past its far edges onto
+    the edge itself, where a saturated mask samples exactly 0.5: Detectron2's crop (one pixel
+    wider than the box) keeps that pixel, and so must the pasting."""
+    masks = torch.ones(1, 28, 28, dtype=torch.bfloat16)
+    boxes = torch.tensor([[0.0, 2.0, 120.0, 90.0]])
+    got = paste_masks(masks, boxes, (H, W))
+    assert got[0, 50, 120] and got[0, 90, 50]  # pixel centres 120.5 and 90.5: past x1 and y1
+    assert torch.equal(got, paste_masks_in_image(masks, boxes, (H, W)))
+
+
 def test_a_box_never_reaches_past_its_crop(monkeypatch):
     """A box far off the image, or not ordered, next to a large crop in its chunk: its grown
     crop covers pixels that its own crop does not, and they stay off."""
@@ -96,6 +108,16 @@ def test_a_box_never_reaches_past_its_crop(monkeypatch):
 def test_non_square_masks_are_refused():
     with pytest.raises(ValueError, match="square"):
         paste_masks(torch.ones(1, 28, 14), torch.tensor([[0.0, 0.0, 9.0, 9.0]]), (H, W))
+
+
+def test_a_field_named_like_the_unpasted_masks_is_refused():
+    """detector_postprocess keeps the M x M masks under that name while Detectron2's runs: a
+    caller's field of that name would be overwritten, so it is refused."""
+    masks, boxes = _detections(3)
+    inst = Instances((H, W), pred_boxes=Boxes(boxes), pred_masks=masks[:, None])
+    inst.pred_masks_unpasted = torch.zeros(len(boxes))
+    with pytest.raises(ValueError, match="pred_masks_unpasted"):
+        mask_paste.detector_postprocess(inst, H, W)
 
 
 def test_one_device_read_whatever_the_number_of_masks(monkeypatch):

@@ -51,6 +51,46 @@ def test_dpc_branches_read_the_paper_inputs():
     assert torch.equal(inputs[4], cell.branches[3](cell.branches[0](x)))
 
 
+def test_dpc_branches_have_the_papers_dilations():
+    # (height, width) rates of the five branches (Mohan & Valada, 2021, fig. 4). A checkpoint
+    # loads whatever the rates are, so a changed rate would only show as worse results.
+    cell = DensePredictionCell(8, 4, branch_channels=8, norm="")
+    depthwise = [branch[0] for branch in cell.branches]
+    assert [conv.dilation for conv in depthwise] == [(1, 6), (1, 1), (6, 21), (18, 15), (6, 3)]
+    assert all(conv.padding == conv.dilation and conv.groups == 8 for conv in depthwise)
+
+
+def test_logits_are_upsampled_bilinearly_to_the_input_size():
+    head = EfficientPSSemSegHead(SHAPES, num_classes=1, convs_dim=16, dpc_channels=16).eval()
+    up = head.upsample(torch.tensor([0.0, 4.0]).view(1, 1, 1, 2))
+    assert up.shape == (1, 1, 4, 8)
+    # Output pixel j's centre lies at (j + 0.5) / 4 - 0.5 on the stride-4 grid (clamped).
+    expected = torch.tensor([4 * min(max((j + 0.5) / 4 - 0.5, 0), 1) for j in range(8)])
+    torch.testing.assert_close(up[0, 0], expected.expand(4, 8))
+
+
+def test_head_loss_is_the_weighted_hard_pixel_loss_of_the_unpadded_images():
+    torch.manual_seed(0)
+    head = EfficientPSSemSegHead(
+        SHAPES, num_classes=3, convs_dim=16, dpc_channels=16, loss_weight=2.5
+    ).train()
+    predictions = torch.randn(2, 3, 4, 6)
+    targets = torch.randint(0, 3, (2, 16, 24))
+    targets[1, :, 16:] = 255  # image 1 is 16x16, padded to 16x24
+    sizes = [(16, 24), (16, 16)]
+    loss = head.losses(predictions, targets, sizes)["loss_sem_seg"]
+    expected = hard_pixel_cross_entropy(
+        head.upsample(predictions),
+        targets,
+        ignore_value=255,
+        hard_pixel_fraction=0.25,
+        image_sizes=sizes,
+    )
+    torch.testing.assert_close(loss, 2.5 * expected)
+    with pytest.raises(ValueError, match=r"size \(16, 20\) do not match .* size \(16, 24\)"):
+        head.losses(predictions, targets[..., :20], sizes)
+
+
 def test_hard_pixel_loss_averages_the_hardest_fraction():
     logits = torch.zeros(1, 2, 1, 8)
     logits[0, 0] = torch.tensor([4.0, 3, 2, 1, 0, -1, -2, -3])  # target 0: loss rises along the row

@@ -13,6 +13,7 @@ from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.torchvision_weights import (
     PretrainedWeightsUnavailable,
     TorchvisionEfficientNetHandler,
+    _download,
     register_torchvision_handler,
     resolve_weights,
 )
@@ -53,8 +54,36 @@ def test_names_resolve_to_torchvision_weights():
         "efficientnet_b5_lukemelas-1a07897c.pth",
     )
     assert resolve_weights("EfficientNet_B0_Weights.IMAGENET1K_V1")[0] == "b0"
-    with pytest.raises(ValueError, match="torchvision://resnet50.*efficientnet_bN"):
-        resolve_weights("resnet50")
+    variant, weights = resolve_weights("EfficientNet_B5_Weights.IMAGENET1K_V1")
+    assert (variant, os.path.basename(weights.url)) == (
+        "b5",
+        "efficientnet_b5_lukemelas-1a07897c.pth",
+    )
+    for name in ("resnet50", "efficientnet_b5x", "efficientnet_v2_s"):
+        with pytest.raises(ValueError, match=f"torchvision://{name}' names no .*efficientnet_bN"):
+            resolve_weights(name)
+    # What PathManager (iopath) answers for these names, without converting anything.
+    assert PathManager.exists("torchvision://efficientnet_b5")
+    assert not PathManager.exists("torchvision://resnet50")
+
+
+def test_each_weights_entry_of_a_variant_has_its_own_converted_file(tmp_path):
+    """B1 has two ImageNet weights: each is converted and cached on its own, so naming one never
+    loads the other's cached conversion."""
+    handler = TorchvisionEfficientNetHandler(cache_dir=str(tmp_path))
+    files = {
+        handler.converted_file(resolve_weights(f"EfficientNet_B1_Weights.IMAGENET1K_V{v}")[1])
+        for v in (1, 2)
+    }
+    assert len(files) == 2
+
+
+def test_downloads_check_torchvisions_hash():
+    class Weights:
+        def get_state_dict(self, **kwargs):
+            return kwargs
+
+    assert _download(Weights())["check_hash"] is True
 
 
 def test_local_torchvision_file_loads_every_trunk_tensor(handler, torchvision_b0, tmp_path, caplog):
@@ -113,6 +142,10 @@ def test_offline_without_a_local_file_names_the_fix(handler, tmp_path):
     assert "https://download.pytorch.org/models/" + B0_FILE in message
     assert str(tmp_path / "hub" / "checkpoints" / B0_FILE) in message  # where to put the file
     assert "convert_torchvision_weights --variant b0" in message and "TORCH_HOME" in message
+    with pytest.raises(
+        PretrainedWeightsUnavailable, match="convert_torchvision_weights --variant b5"
+    ):
+        PathManager.get_local_path("torchvision://EfficientNet_B5_Weights.IMAGENET1K_V1")
     assert not os.path.exists(tmp_path / "cache") or not [
         f for f in os.listdir(tmp_path / "cache") if f.endswith(".pth")
     ]

@@ -97,6 +97,12 @@ def test_training_refuses_partial_weights_unless_known_kind_or_asked(model, tmp_
     # Asking for it (MODEL.ALLOW_PARTIAL_WEIGHTS) accepts the plain file too.
     EfficientPSCheckpointer(model, allow_missing=True).load(plain)
 
+    # Another author (Detectron2's model zoo files have one) does not make a checkpoint partial.
+    other = str(tmp_path / "other_author.pth")
+    torch.save({"model": backbone, "__author__": "Detectron2 Model Zoo"}, other)
+    with pytest.raises(CheckpointMismatchError, match="MODEL.ALLOW_PARTIAL_WEIGHTS"):
+        EfficientPSCheckpointer(model, allow_missing=False).load(other)
+
 
 def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
     checkpointer = EfficientPSCheckpointer(model, str(tmp_path))
@@ -121,6 +127,36 @@ def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
     (tmp_path / "model_0000001.pth").write_bytes(b"")
     with pytest.raises(CheckpointFileError, match="No intact checkpoint"):
         EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_not_a_temporary_file(model, tmp_path):
+    """Of several intact older checkpoints the newest is resumed from, and never the temporary
+    file of a save that was killed before its rename (hidden, "<name>.<hex>.tmp.pth")."""
+    checkpointer = EfficientPSCheckpointer(model, str(tmp_path))
+    for iteration in (1, 2, 3):
+        checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+    os.utime(tmp_path / "model_0000001.pth", (1, 1))
+    os.utime(tmp_path / "model_0000002.pth", (2, 2))
+    last = tmp_path / "model_0000003.pth"
+    temporary = tmp_path / ".model_0000004.pth.0123456789ab.tmp.pth"
+    temporary.write_bytes(last.read_bytes())  # intact, and the newest file of the folder
+    last.write_bytes(last.read_bytes()[:1000])
+    checkpoint = EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert checkpoint["iteration"] == 2
+
+
+def test_only_the_process_that_saves_to_disk_writes(model, tmp_path):
+    """Detectron2 gives save_to_disk=False to every process but the main one: the others write
+    nothing (not even last_checkpoint)."""
+    EfficientPSCheckpointer(model, str(tmp_path), save_to_disk=False).save("model_0000001")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_whose_tensors_all_have_other_shapes_names_the_shapes(model, tmp_path):
+    path = str(tmp_path / "other_classes.pth")
+    torch.save({"model": {"sem_seg_head.predictor.weight": torch.zeros(3, 3, 1, 1)}}, path)
+    with pytest.raises(CheckpointMismatchError, match="1 tensors have other shapes"):
+        EfficientPSCheckpointer(model, allow_missing=True).load(path)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config_even_with_partial_weights(model, tmp_path):

@@ -75,7 +75,7 @@ class ConvLeakyReLU(nn.Module):
         super().__init__()
         if not _is_plain_conv(conv):
             raise ValueError("ConvLeakyReLU needs a conv without its own norm or activation.")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _zero_padded(conv):
             raise ValueError("ConvLeakyReLU supports numeric zero padding only.")
         self.conv = conv
         self.negative_slope = float(negative_slope)
@@ -102,6 +102,12 @@ class ConvLeakyReLU(nn.Module):
                 "",
             )
         return F.leaky_relu(conv(x), self.negative_slope, inplace=True)
+
+
+def _zero_padded(conv: nn.Conv2d) -> bool:
+    """Whether the fused kernel pads as ``conv`` does (numeric zero padding; not "same",
+    reflect, replicate or circular)."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def _is_foldable_norm(module) -> bool:
@@ -182,7 +188,8 @@ def fuse_conv_leaky_relu(module: nn.Module) -> int:
     """Replaces, in place, each conv directly followed by a LeakyReLU with a :class:`ConvLeakyReLU`.
 
     Handles Detectron2's ``Conv2d(activation=nn.LeakyReLU)`` without norm (fold the norms first)
-    and ``[Conv2d, (Identity ...,) LeakyReLU]`` runs in ``nn.Sequential``.
+    and ``[Conv2d, (Identity ...,) LeakyReLU]`` runs in ``nn.Sequential``. Convs padded otherwise
+    than with numbers of zeros ("same", reflect, ...) stay unfused.
 
     Returns:
         the number of convs fused.
@@ -192,10 +199,10 @@ def fuse_conv_leaky_relu(module: nn.Module) -> int:
         names = list(parent._modules)
         for i, name in enumerate(names):
             child = parent._modules[name]
-            if (
-                isinstance(child, nn.Conv2d)
-                and getattr(child, "norm", None) is None
-                and isinstance(getattr(child, "activation", None), nn.LeakyReLU)
+            if not isinstance(child, nn.Conv2d) or not _zero_padded(child):
+                continue
+            if getattr(child, "norm", None) is None and isinstance(
+                getattr(child, "activation", None), nn.LeakyReLU
             ):
                 slope = child.activation.negative_slope
                 child.activation = None
