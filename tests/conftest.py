@@ -1,5 +1,17 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# The built-in data sets live under $DETECTRON2_DATASETS (default ./datasets), read when
+# efficientps_d2 and detectron2 are imported, that is before any test: a folder of the session's
+# own, so that a test that reaches a built-in set (e.g. the demo looking up image ids in the
+# synthetic validation set, which generates it) writes nothing into the checkout.
+os.environ["DETECTRON2_DATASETS"] = tempfile.mkdtemp(prefix="efficientps_d2-tests-datasets-")
+atexit.register(shutil.rmtree, os.environ["DETECTRON2_DATASETS"], ignore_errors=True)
 
 # One intra-op thread: on a small shared machine, several threads per test process oversubscribe
 # the cores and slow tiny models down by orders of magnitude.
