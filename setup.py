@@ -53,8 +53,8 @@ setup(
         ]
     },
     install_requires=[
-        "torch>=1.13",
-        "torchvision>=0.14",
+        "torch>=2.4",  # torch.amp.GradScaler("cuda"), is_autocast_enabled("cuda")
+        "torchvision>=0.19",
         "fvcore",
         "pycocotools",
         "opencv-python-headless",

@@ -238,8 +238,9 @@ def _export_lines(panoptic_json, indent=""):
 
 def check_image_outputs(output, paths, save_panoptic=False):
     """Refuses, before any work, an ``output`` that :func:`run_on_images` cannot write as asked:
-    an image file name with several inputs, a folder that cannot be made (see
-    :func:`~efficientps_d2.atomic_io.check_writable_folder`), or a drawing or panoptic PNG that
+    an image file name with several inputs or that cannot be written (a folder, or under a file:
+    :func:`~efficientps_d2.atomic_io.check_writable_file`), a folder that cannot be made
+    (:func:`~efficientps_d2.atomic_io.check_writable_folder`), or a drawing or panoptic PNG that
     would overwrite one of the input images (``--output`` naming the input folder). Raises
     ValueError naming the path."""
     if _names_image_file(output):
@@ -580,8 +581,8 @@ def _frames(capture, summary):
 def video_output_path(output, source_name):
     """The output video file: ``output`` itself, or ``<output>/<source stem>.mp4`` for a folder.
     Raises ValueError where it cannot be written (see
-    :func:`~efficientps_d2.atomic_io.check_writable_folder`) or where it is the input video
-    itself."""
+    :func:`~efficientps_d2.atomic_io.check_writable_folder` and ``check_writable_file``) or where
+    it is the input video itself."""
     if os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.splitext(output)[1]:
         check_writable_folder(output, "--output")
         stem = os.path.splitext(os.path.basename(source_name))[0] or "video"
