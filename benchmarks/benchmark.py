@@ -1005,23 +1005,13 @@ def main(argv=None):
     # The rows that run EfficientPS-B5 in PyTorch (not the onnxruntime one): their dense part.
     dense_rows = {OURS, OURS_FAST, *(path_name(p) for p in PATHS)}
 
-    flops_counted = {}  # (model prefix, size): FLOPs
-    # The sections after the inference timings, in order, and whether this run has them.
-    planned = {
-        "training": cuda,
-        "compiled": bool(compiled),
-        "training memory": bool(args.training_memory),
-    }
-
-    def next_after(section):
-        """What a run stopped after ``section`` reports as unfinished: the next planned one."""
-        order = ["inference", *planned]
-        return next((s for s in order[order.index(section) + 1 :] if planned[s]), None)
+    ours_flops = {}  # size: EfficientPS-B5's FLOPs, for the compiled rows timed later
 
     def measure(size, rows, repeats):
         """Latency (and memory) of ``rows`` at ``size``, then their dense network (CUDA or
         --dense) and GPU profile (CUDA), saving after each; a row that fails is reported and
         dropped from the rest of the run."""
+        save(next_section=f"{size}: {', '.join(rows)}")
         image = _image(size)
         wait_for_load(args.wait_for_load, args.max_wait)
         report["load_average"].append(load_average())
@@ -1068,7 +1058,7 @@ def main(argv=None):
             save(next_section=f"{size} extras")
         return image
 
-    for k, (size, n) in enumerate(zip(args.sizes, args.repeats)):
+    for size, n in zip(args.sizes, args.repeats):
         # Compiled rows come last (after training): compiling takes a minute or more per size on
         # a GPU, and a run stopped by its time limit then loses only them.
         image = measure(size, {k: v for k, v in runners.items() if k not in compiled}, n)
@@ -1078,7 +1068,9 @@ def main(argv=None):
             for prefix, model in ((OURS, ours), (THEIRS, theirs), (OURS_R50, r50)):
                 if not any(name.startswith(prefix) for name in runners):
                     continue
-                flops = flops_counted[prefix, size] = count_flops(model, image)
+                flops = count_flops(model, image)
+                if prefix == OURS:
+                    ours_flops[size] = flops
                 for name in runners:
                     if name.startswith(prefix) and name not in compiled:
                         report["models"][name]["sizes"][size]["flops"] = flops
@@ -1103,9 +1095,10 @@ def main(argv=None):
                             "median_s": statistics.median(values),
                             "images_per_s": 1 / statistics.median(values),
                         }
-        save(next_section=args.sizes[k + 1] if k + 1 < len(args.sizes) else next_after("inference"))
 
+    # Each section from here saves as it starts: a run stopped in it reports it unfinished.
     if cuda:
+        save(next_section="training")
         height, width = _size(args.train_size)
         # B5 once more with in-place activated BN (MODEL.EFFICIENTPS.INPLACE_ABN), same weights.
         ours_abn = copy.deepcopy(ours)
@@ -1122,16 +1115,15 @@ def main(argv=None):
             on_row=lambda rows: (report.update(training=rows), save(next_section="training")),
         )
         del ours_abn, train_models
-        save(next_section=next_after("training"))
     for size, n in zip(args.sizes, args.repeats):
         compiled_rows = {k: v for k, v in runners.items() if k in compiled}
         if size in args.compile_sizes and compiled_rows:
             measure(size, compiled_rows, n)
             for name in compiled_rows:  # the architecture's, counted above
                 entry = report["models"][name]["sizes"].get(size)
-                if entry is not None and (OURS, size) in flops_counted:
-                    entry["flops"] = flops_counted[OURS, size]
-    save(next_section=next_after("compiled"))
+                if entry is not None and size in ours_flops:
+                    entry["flops"] = ours_flops[size]
+    save(next_section="training memory" if args.training_memory else None)
     models.clear()  # the models' memory back before the training-memory section
     runners.clear()
     del ours, theirs

@@ -65,34 +65,12 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
 
 
-def test_benchmark_paths_dense_rows_and_partial_results(benchmark, tmp_path, monkeypatch):
-    """A --paths row (bf16) and the dense-network table on the CPU; a run that dies mid-way
-    (here in the FLOP count) leaves the finished sections on disk, marked unfinished."""
-
-    def fail(*args):
-        raise RuntimeError("stopped")
-
-    monkeypatch.setattr(benchmark, "count_flops", fail)
-    argv = ["--output", str(tmp_path), "--sizes", "64x128", "--repeats", "1", "--warmup", "1"]
-    argv += ["--models", "ours-fast", "--paths", "bf16", "--dense", "--training-memory", ""]
-    with pytest.raises(RuntimeError, match="stopped"):
-        benchmark.main(argv + ["--device", "cpu"])
-    saved = json.loads((tmp_path / "results.json").read_text())
-    bf16 = "EfficientPS-B5 fast bf16"
-    assert saved["models"].keys() == {"EfficientPS-B5 fast", bf16}
-    assert len(saved["models"][bf16]["sizes"]["64x128"]["latency_s"]) == 1
-    assert saved["settings"]["paths"] == {bf16: {"dtype": "bfloat16"}}
-    assert set(saved["dense"]) == {"EfficientPS-B5 fast", bf16}
-    assert saved["unfinished"] == "64x128 extras"
-    table = (tmp_path / "results.md").read_text()
-    assert f"| {bf16} |" in table and "Dense network alone" in table and "Unfinished" in table
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
-
-
-def test_a_failing_row_is_reported_and_compiled_rows_come_last(benchmark, tmp_path, monkeypatch):
-    """One path failing (on a GPU: a CUDA graph capture) loses only its own row; the compiled
-    rows are timed after every other section, so that a time limit during the compilation
-    loses only them (torch.compile stands in here: Inductor takes minutes on the CPU)."""
+def test_paths_failing_rows_compiled_rows_and_partial_results(benchmark, tmp_path, monkeypatch):
+    """--paths rows and the dense-network table on the CPU. One path failing (on a GPU: a CUDA
+    graph capture) loses only its own row; the compiled rows are timed after every other
+    section, so that a time limit during the compilation loses only them (torch.compile stands
+    in here: Inductor takes minutes on the CPU); a run that dies later (here in the training
+    memory) leaves the finished sections on disk, marked unfinished."""
     import torch
 
     bf16, compiled = "EfficientPS-B5 fast bf16", "EfficientPS-B5 fast compiled-bf16"
@@ -120,12 +98,21 @@ def test_a_failing_row_is_reported_and_compiled_rows_come_last(benchmark, tmp_pa
         timed.append(sorted(runners))
         return time_inference(runners, *args, **kwargs)
 
+    def stop(*args):
+        raise RuntimeError("stopped")
+
     monkeypatch.setattr(benchmark, "build_models", build_with_failing_bf16)
     monkeypatch.setattr(benchmark, "time_inference", record)
+    monkeypatch.setattr(benchmark, "training_memory", stop)
     argv = ["--output", str(tmp_path), "--sizes", "64x128", "--repeats", "2", "--warmup", "1"]
     argv += ["--models", "ours-fast", "--paths", "bf16", "compiled-bf16", "--dense"]
-    benchmark.main(argv + ["--training-memory", "", "--device", "cpu"])
+    with pytest.raises(RuntimeError, match="stopped"):
+        benchmark.main(argv + ["--training-memory", "64x128", "--device", "cpu"])
     saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["settings"]["paths"] == {
+        bf16: {"dtype": "bfloat16"},
+        compiled: {"compile": True, "dtype": "bfloat16"},
+    }
     assert timed == [["EfficientPS-B5 fast", bf16], [compiled]]
     assert saved["models"][bf16]["error"] == "64x128: RuntimeError: capture failed"
     assert "64x128" not in saved["models"][bf16]["sizes"] and bf16 not in saved["dense"]
@@ -133,9 +120,12 @@ def test_a_failing_row_is_reported_and_compiled_rows_come_last(benchmark, tmp_pa
         entry = saved["models"][name]["sizes"]["64x128"]
         assert len(entry["latency_s"]) == 2 and entry["flops"] > 0
     assert set(saved["dense"]) == {"EfficientPS-B5 fast", compiled}
-    assert "unfinished" not in saved
+    assert saved["unfinished"] == "training memory"
     table = (tmp_path / "results.md").read_text()
     assert f"- {bf16}: 64x128: RuntimeError: capture failed" in table
+    assert f"| {compiled} |" in table and "Dense network alone" in table
+    assert "Unfinished: stopped during training memory" in table
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
 
 
 def test_quick_mode_settings(benchmark):

@@ -706,15 +706,19 @@ def test_cuda_graph_cache_per_input_size_and_weights():
 
 
 @_CUDA
-def test_cuda_graph_captured_per_autocast_state():
+@pytest.mark.usefixtures("exact_float32")
+def test_a_graph_captured_under_autocast_is_not_replayed_without_it():
+    """A graph replays the kernels it captured: one captured under bf16 autocast, replayed for
+    a float32 call of the same size, would give bf16 results."""
     model = _with_options(_cuda_model(), cuda_graph=True)
     inputs = _cuda_inputs()[:1]
     with torch.no_grad():
-        model(inputs)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(inputs)
-        model(inputs)
-    assert [key[-1] for key in model._inference_network().graphs.keys()] == [torch.bfloat16, False]
+        graphed = model(inputs)[0]
+        _with_options(model, cuda_graph=False)
+        eager = model(inputs)[0]
+    _assert_same_panoptic(eager, graphed)
 
 
 @_CUDA
