@@ -83,18 +83,25 @@ def test_eval_mode_is_batch_norm_with_running_statistics_then_leaky_relu():
         torch.testing.assert_close(abn(x), expected, rtol=0, atol=1e-12)
 
 
-def test_a_zero_weight_gives_finite_gradients():
-    """A channel whose weight is 0 cannot be inverted: its input and bias still get their exact
-    gradients (the output does not depend on the input there), its weight about none
-    (documented)."""
+def _input_gradients_with_weights(channels, values):
+    """BatchNorm + LeakyReLU and iABN with ``weight[channels] = values``, trained on one random
+    batch: (reference, iabn, reference's input gradient, iABN's input gradient)."""
     reference, abn = _reference_and_abn()
     for norm in (reference, abn):
         with torch.no_grad():
-            norm.weight[2] = 0.0
+            norm.weight[channels] = torch.tensor(values, dtype=torch.double)
     x = torch.randn(2, 5, 6, 7, dtype=torch.double)
     grad = torch.randn_like(x)
     _, expected_grad = _run(reference, x, grad, activation=True)
     _, got_grad = _run(abn, x, grad)
+    return reference, abn, expected_grad, got_grad
+
+
+def test_a_zero_weight_gives_finite_gradients():
+    """A channel whose weight is 0 cannot be inverted: its input and bias still get their exact
+    gradients (the output does not depend on the input there), its weight about none
+    (documented)."""
+    reference, abn, expected_grad, got_grad = _input_gradients_with_weights(slice(2, 3), [0.0])
     torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(abn.bias.grad, reference.bias.grad, rtol=0, atol=1e-11)
     assert abs(abn.weight.grad[2]) < 1e-8 and torch.isfinite(abn.weight.grad).all()
@@ -103,14 +110,9 @@ def test_a_zero_weight_gives_finite_gradients():
 def test_a_small_weight_keeps_exact_gradients():
     """Only weights below 1e-5 in magnitude lose their own gradient: a small but ordinary one
     (1e-3, either sign) is inverted, and every gradient is BatchNorm + LeakyReLU's."""
-    reference, abn = _reference_and_abn()
-    for norm in (reference, abn):
-        with torch.no_grad():
-            norm.weight[1:3] = torch.tensor([1e-3, -1e-3], dtype=torch.double)
-    x = torch.randn(2, 5, 6, 7, dtype=torch.double)
-    grad = torch.randn_like(x)
-    _, expected_grad = _run(reference, x, grad, activation=True)
-    _, got_grad = _run(abn, x, grad)
+    reference, abn, expected_grad, got_grad = _input_gradients_with_weights(
+        slice(1, 3), [1e-3, -1e-3]
+    )
     torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(abn.weight.grad, reference.weight.grad, rtol=0, atol=1e-9)
 
