@@ -18,7 +18,8 @@
 # For a dry run on the CPU: DEVICE=cpu PY=.venv/bin/python plus shorter steps, e.g.
 # BENCH_OPTS="--sizes 128x256 --repeats 2 --warmup 1 --models ours-fast theirs"
 # TRAIN_OPTS="SOLVER.MAX_ITER 5 SOLVER.AMP.ENABLED False" (Detectron2's AMP training needs CUDA)
-# EVAL_S=150 (an evaluation of the 50 validation images takes 20-35 s on 2 CPU cores).
+# EVAL_S=150 (an evaluation of the 50 validation images takes 7 s on 2 idle CPU cores, 20-35 s
+# with other jobs running).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_checks_out}; mkdir -p "$OUT"
