@@ -20,6 +20,7 @@ __all__ = [
     "check_writable_folder",
     "remove_stale_temporaries",
     "temporary_path",
+    "unwritable_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,33 +60,61 @@ def blocking_file(folder):
 
 def check_writable_file(path, what, error=ValueError):
     """Raises ``error`` naming ``what`` (e.g. "output json") and ``path`` where a file cannot be
-    written at ``path``: it is a folder, or a file or broken symbolic link stands where a folder
-    above it must be (see :func:`blocking_file`). For checking an output before the work that
-    produces it."""
+    written at ``path``: it is a folder, a file or broken symbolic link stands where a folder
+    above it must be (see :func:`blocking_file`), or its folder (the nearest existing one above
+    it) cannot be written (see :func:`unwritable_folder`). For checking an output before the work
+    that produces it."""
     if os.path.isdir(path):
         raise error(f"The {what} '{path}' is a folder, not a file name.")
-    blocker = blocking_file(os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    blocker = blocking_file(folder)
     if blocker:
         raise error(f"Cannot write the {what} '{path}': '{blocker}' is not a folder.")
+    denied = unwritable_folder(folder)
+    if denied:
+        raise error(f"Cannot write the {what} '{path}': {_NOT_WRITABLE.format(denied)}")
 
 
 def check_writable_folder(path, what, error=ValueError, *, replaced=False, hint=""):
     """Raises ``error`` naming ``what`` (e.g. "--output") and ``path`` where a folder cannot be
     made at ``path``: it is a file or a broken symbolic link, or one stands where a folder above
-    it must be (see :func:`blocking_file`). With ``replaced`` (the writer replaces whatever is at
-    ``path``, as :func:`atomic_directory` with ``overwrite`` does), only the path above it is
-    checked. ``hint`` (what to do instead) ends the message. For checking an output before the
-    work that produces it."""
+    it must be (see :func:`blocking_file`), or it (the nearest existing folder at or above it)
+    cannot be written (see :func:`unwritable_folder`). With ``replaced`` (the writer replaces
+    whatever is at ``path``, as :func:`atomic_directory` with ``overwrite`` does), a file at
+    ``path`` passes, and the folder above it must be writable too. ``hint`` (what to do
+    instead) ends the message. For checking an output before the work that produces it."""
     full = os.path.abspath(path)
     blocker = blocking_file(os.path.dirname(full) if replaced else full)
     if blocker is None:
-        return
-    if blocker == full:
+        # Files are written into the folder; with ``replaced`` it is also moved, and the
+        # temporary folder made next to it.
+        checked = [os.path.dirname(full), full] if replaced else [full]
+        denied = next(filter(None, map(unwritable_folder, checked)), None)
+        if denied is None:
+            return
+        message = f"Cannot write the {what} '{path}': {_NOT_WRITABLE.format(denied)}"
+    elif blocker == full:
         kind = "a file" if os.path.exists(full) else "a broken symbolic link"
         message = f"The {what} '{path}' is {kind}, not a folder."
     else:
         message = f"Cannot make the {what} '{path}': '{blocker}' is not a folder."
     raise error(f"{message} {hint}" if hint else message)
+
+
+_NOT_WRITABLE = "'{}' is not writable (its permissions, or a read-only file system)."
+
+
+def unwritable_folder(path):
+    """The nearest existing folder at or above ``path`` (``path`` itself where it exists) if this
+    process cannot create files in it (its permissions, a read-only file system), else None.
+    Writers make the missing folders below it: they fail there with a bare "Permission denied"
+    naming the first file or folder they try, after the work."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        return existing
+    return None
 
 
 def temporary_path(path):

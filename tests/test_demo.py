@@ -314,6 +314,29 @@ def test_ctrl_c_in_a_video_exits_130_keeping_the_partial_output(tmp_path, model_
     assert predictions["info"]["partial"] == "stopped early (interrupted)"
 
 
+def test_a_read_only_output_is_refused_before_the_model_is_built(
+    tmp_path, model_files, read_only_folder, capsys, monkeypatch
+):
+    # The model was built and the first image run before writing its drawing failed with
+    # "Processing '<image>' failed: PermissionError", naming the image as the fault.
+    config_file, _ = model_files["small"]
+    images = _write_images(tmp_path / "images")
+    video = _write_video(tmp_path / "clip.mp4")
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(demo, "VisualizationDemo", not_built)
+    for inputs, output in (
+        (["--input", str(images)], read_only_folder / "drawings"),
+        (["--input", str(images / "a.png")], read_only_folder / "one.png"),
+        (["--video-input", str(video)], read_only_folder),
+    ):
+        assert demo.main(["--config-file", config_file, *inputs, "--output", str(output)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: Cannot write the --output '{output}': '{read_only_folder}' is not" in err
+
+
 def test_confidence_threshold_out_of_range_is_refused(model_files, capsys):
     config_file, _ = model_files["small"]
     rc = demo.main(["--config-file", config_file, "--input", "x.png", "--output", "o"]

@@ -342,6 +342,18 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
     assert a_file.read_text() == "notes"
 
 
+def test_a_read_only_output_dir_is_refused_naming_the_key(read_only_folder):
+    # Training failed on its lock file, --eval-only on log.txt, with a bare "Permission denied".
+    for out in (read_only_folder, read_only_folder / "run"):
+        for extra in ([], ["--eval-only"]):
+            args = _quick_args(".yaml", *extra, "OUTPUT_DIR", str(out))
+            with pytest.raises(NotADirectoryError) as error:
+                startup.setup(args)
+            assert str(error.value).startswith(
+                f"Cannot write the OUTPUT_DIR '{out}': '{read_only_folder}' is not writable"
+            )
+
+
 @pytest.mark.parametrize("kind", [".py", ".yaml"])
 def test_a_weight_file_that_is_not_a_checkpoint_is_refused_before_the_data_check(tmp_path, kind):
     # The checkpointer named it too, but only after the data check (minutes on Cityscapes) and

@@ -151,7 +151,8 @@ def setup(args):
 def check_output_dir(config):
     """Refuses, before anything is read or written, an OUTPUT_DIR / ``train.output_dir`` that is
     a file or lies under one, a broken symbolic link counted as a file (os.makedirs would fail
-    there with a bare "File exists" or "Not a directory"). ``config``: a :class:`ConfigAdapter`."""
+    there with a bare "File exists" or "Not a directory"), or that cannot be written (the lock or
+    log.txt failed with a bare "Permission denied"). ``config``: a :class:`ConfigAdapter`."""
     check_writable_folder(
         config.output_dir,
         config.keys["output_dir"],
