@@ -118,11 +118,13 @@ def unwritable_folder(path):
 
 
 def temporary_path(path):
-    """A unique hidden name next to ``path`` with the same extension; its folder is created."""
+    """A unique hidden name next to ``path`` with the same extension, naming this process (its
+    PID, so that :func:`remove_stale_temporaries` in another process leaves it alone while this
+    one lives); its folder is created."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
-    return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp{ext}")
+    return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}-p{os.getpid()}.tmp{ext}")
 
 
 @contextlib.contextmanager
@@ -166,16 +168,35 @@ def atomic_directory(path, *, overwrite=False, then=None):
         shutil.rmtree(workspace, ignore_errors=True)
 
 
-# The names temporary_path makes: ".<base>.<12 hex digits>.tmp<ext>".
-_TEMPORARY_NAME = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp(?P<ext>\.[^./]*)?$")
+# The names temporary_path makes: ".<base>.<12 hex digits>-p<PID>.tmp<ext>" (earlier versions
+# wrote no PID).
+_TEMPORARY_NAME = re.compile(
+    r"^\.(?P<base>.+)\.[0-9a-f]{12}(?:-p(?P<pid>[0-9]+))?\.tmp(?P<ext>\.[^./]*)?$"
+)
+
+
+def _another_live_process(pid):
+    """Whether ``pid`` is another process that runs now, on this machine."""
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would stop it
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except PermissionError:  # another user's
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 def remove_stale_temporaries(folder, target=None):
     """Deletes the temporary files and folders that :func:`temporary_path` named in ``folder``
     (only those of ``target``, a name in it, or of any of a collection of names, when given);
-    returns their paths. Killed writers leave them behind; nothing reads them. Call it only where
-    no live writer can own one: under a lock, or for an output that one process writes at a
-    time."""
+    returns their paths. Killed writers leave them behind; nothing reads them. Those that name
+    another live process of this machine are kept: they are its work in progress (an
+    ``--eval-only`` run evaluating into the folder of a training that was evaluating deleted the
+    training's, which then failed with a bare FileNotFoundError). A process's own count as stale
+    (its writers remove theirs when they fail). Writers on other machines (a shared file system)
+    are not seen: where one may write, call this only under a lock."""
     if not os.path.isdir(folder):
         return []
     targets = None if target is None else {target} if isinstance(target, str) else set(target)
@@ -186,6 +207,8 @@ def remove_stale_temporaries(folder, target=None):
             continue
         if targets is not None and match.group("base") + (match.group("ext") or "") not in targets:
             continue
+        if match.group("pid") and _another_live_process(int(match.group("pid"))):
+            continue  # a live writer's
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):  # atomic_directory's workspace
             shutil.rmtree(path, ignore_errors=True)

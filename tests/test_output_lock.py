@@ -40,3 +40,23 @@ def test_only_temporaries_of_the_atomic_writer_are_removed(tmp_path):
     assert removed == [stale[1]]
     assert sorted(remove_stale_temporaries(str(tmp_path))) == sorted([stale[0], stale[2]])
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+def test_temporaries_of_another_live_process_are_kept(tmp_path):
+    # An --eval-only run evaluating into the folder of a training that was evaluating removed
+    # the training's staged predictions.json, and the training failed with FileNotFoundError.
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        own = temporary_path(str(tmp_path / "predictions.json"))  # of this process: stale
+        of = {p: own.replace(f"-p{os.getpid()}.", f"-p{p}.") for p in (live.pid, dead.pid)}
+        for path in (own, *of.values()):
+            os.mkdir(path)
+        removed = remove_stale_temporaries(str(tmp_path), "predictions.json")
+        assert sorted(removed) == sorted([own, of[dead.pid]])
+        assert os.listdir(tmp_path) == [os.path.basename(of[live.pid])]
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_stale_temporaries(str(tmp_path)) == [of[live.pid]]
