@@ -1,8 +1,10 @@
 """One training run per OUTPUT_DIR; temporary files of killed runs are removed, never read."""
 
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,3 +62,21 @@ def test_temporaries_of_another_live_process_are_kept(tmp_path):
         live.kill()
         live.wait()
     assert remove_stale_temporaries(str(tmp_path)) == [of[live.pid]]
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    # Data loader workers (forked) held the flock of a killed run for seconds after its death,
+    # and a restart with --resume was refused, naming the dead run's PID.
+    folder = str(tmp_path / "run")
+    held = lock_output_dir(folder)
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=lambda: started.set() or time.sleep(60))
+    child.start()
+    try:
+        assert started.wait(60)  # past the fork's hooks
+        held.close()  # the run ends, as when it is killed
+        lock_output_dir(folder).close()
+    finally:
+        child.kill()
+        child.join()
