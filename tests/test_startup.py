@@ -1,6 +1,7 @@
 """train_net.py's start-up steps (efficientps_d2.engine.startup, efficientps_d2.data.check), shared
 by YAML and LazyConfig runs: the same checks, each naming its own config's keys."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -566,6 +567,42 @@ def test_yaml_training_verifies_expected_results_as_eval_only_does(monkeypatch):
         QUICK_YAML, ["TEST.EXPECTED_RESULTS", expected.replace("c'", "c_seg'")]
     )
     assert trainer.train() == trainer._last_eval_results
+
+
+def test_no_evaluation_after_an_error_in_the_last_iteration():
+    # Detectron2's EvalHook evaluated after training when iter + 1 >= max_iter, which also holds
+    # after an error or Ctrl-C in the last iteration (e.g. a full disk saving model_final.pth):
+    # the weights evaluated were never saved, and the error came after the evaluation.
+    from detectron2.engine import EvalHook, TrainerBase, hooks
+
+    class Steps(TrainerBase):
+        def run_step(self):
+            if self.iter == fail_at:
+                raise interrupt("in the last iteration")
+
+    for hook_class, fail_at, interrupt, evaluated in (
+        (EvalHook, 2, RuntimeError, 1),  # Detectron2's
+        (startup.FinishedTrainingEvalHook, 2, RuntimeError, 0),
+        (startup.FinishedTrainingEvalHook, 2, KeyboardInterrupt, 0),
+        (startup.FinishedTrainingEvalHook, None, None, 1),  # a finished training
+    ):
+        calls = []
+        trainer = Steps()
+        trainer.register_hooks([hook_class(0, lambda: calls.append(1) or {})])
+        with contextlib.nullcontext() if interrupt is None else pytest.raises(interrupt):
+            trainer.train(0, 3)
+        assert len(calls) == evaluated, hook_class
+    # Resumed from model_final.pth (the loop does not run): the evaluation runs.
+    calls = []
+    trainer = Steps()
+    trainer.register_hooks([startup.FinishedTrainingEvalHook(0, lambda: calls.append(1) or {})])
+    trainer.train(3, 3)
+    assert calls == [1]
+    # train_net.py's trainer takes DefaultTrainer's hooks with this one in place of EvalHook.
+    replaced = [startup.FinishedTrainingEvalHook.replacing(h) for h in (EvalHook(5, dict),)]
+    assert type(replaced[0]) is startup.FinishedTrainingEvalHook and replaced[0]._period == 5
+    timer = hooks.IterationTimer()
+    assert startup.FinishedTrainingEvalHook.replacing(timer) is timer
 
 
 @pytest.mark.parametrize(

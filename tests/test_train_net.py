@@ -134,6 +134,17 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     assert iterations[-1] == 11
 
 
+def test_no_evaluation_after_the_last_checkpoint_fails(tmp_path, data_root):
+    # Detectron2's EvalHook evaluated the unsaved weights after an error in the last iteration
+    # (here saving model_final.pth, which a folder blocks), before the error was shown.
+    out_dir = tmp_path / "run"
+    (out_dir / "model_final.pth").mkdir(parents=True)
+    proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], data_root)
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode != 0 and "IsADirectoryError" in log, log[-4000:]
+    assert "Start inference" not in log and not (out_dir / "inference").exists()
+
+
 def data_with_grayscale_png(tmp_path, data_root):
     """(root, png): a copy of the data whose first validation PNG is 8-bit grayscale."""
     root = tmp_path / "datasets"
