@@ -172,7 +172,9 @@ def main(argv=None):
     print(format_table(results, cfg))
     if args.output_json:
         output = {"dataset": dataset, "weights": args.weights, **results}
-        atomic_write(args.output_json, lambda f: json.dump(output, f, indent=2), mode="w")
+        atomic_write(
+            args.output_json, lambda f: json.dump(output, f, indent=2), mode="w", remove_stale=True
+        )
     return results
 
 

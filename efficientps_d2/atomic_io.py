@@ -26,12 +26,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def atomic_write(path, write, mode="wb"):
+def atomic_write(path, write, mode="wb", *, remove_stale=False):
     """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``.
 
     With ``mode=None``, ``write`` receives the temporary *path* instead (for writers such as
-    ``cv2.imwrite``); the temporary name keeps ``path``'s extension for them.
+    ``cv2.imwrite``); the temporary name keeps ``path``'s extension for them. With
+    ``remove_stale``, what killed writers of ``path`` left next to it is removed first (see
+    :func:`remove_stale_temporaries`: one listing of the folder, for a tool that writes one file;
+    a writer of many files in a folder sweeps it once).
     """
+    if remove_stale:
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     tmp = temporary_path(path)
     try:
         if mode is None:
