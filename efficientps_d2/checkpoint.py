@@ -411,9 +411,10 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 logger.warning(f"Cannot resume from '{candidate}': {e}")
                 continue
             if candidate != last:
+                instead = f", instead of '{last}' (named by last_checkpoint)"
                 logger.warning(
                     f"Resumed from '{candidate}', the newest intact checkpoint in "
-                    f"'{self.save_dir}', instead of '{last}' (named by last_checkpoint)."
+                    f"'{self.save_dir}'{'' if os.path.isdir(last) else instead}."
                 )
             return checkpoint
         raise CheckpointFileError(

@@ -127,6 +127,7 @@ def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
         checkpoint = EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
     assert checkpoint["iteration"] == 1
     assert f"'{tag}' names no checkpoint file" in caplog.text
+    assert f"checkpoint in '{tmp_path}'." in caplog.text
     tag.write_text("model_0000003.pth")
 
     # last_checkpoint naming a file that is gone: the same fallback.
