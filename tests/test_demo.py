@@ -23,6 +23,7 @@ from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.metadata import panoptic_metadata
 from efficientps_d2.demo import (
+    CocoPanopticWriter,
     EfficientPSPredictor,
     count_video_frames,
     id_to_rgb,
@@ -194,6 +195,26 @@ def test_export_maps_classes_back_to_dataset_ids(small_dataset):
     assert np.array_equal(rgb2id(id_to_rgb(big)), big)
     with pytest.raises(ValueError, match="does not map"):
         to_coco_segments(ids, [{"id": 1, "category_id": 0, "isthing": False}], metadata)
+
+
+def test_a_new_export_removes_the_json_of_the_pngs_it_replaces(small_dataset, tmp_path):
+    # A run killed between its first PNG and its json left the earlier run's json describing
+    # PNGs of two runs: pq_compute scored one run's segments against the other's classes.
+    metadata = MetadataCatalog.get(small_dataset)
+    segments = [{"id": 1, "category_id": 0, "isthing": True, "score": 0.9}]
+
+    def writer():
+        return CocoPanopticWriter(str(tmp_path / "p.json"), str(tmp_path / "png"), metadata)
+
+    earlier = writer()
+    for name in ("a", "b"):
+        earlier.add(name, f"{name}.jpg", np.ones((2, 3), np.int32), segments, height=2, width=3)
+    earlier.write_json()
+    killed = writer()
+    killed.add("a", "a.jpg", np.zeros((2, 3), np.int32), [], height=2, width=3)
+    assert not (tmp_path / "p.json").exists()  # no json of a mix of two runs' PNGs
+    killed.write_json()
+    assert [i["id"] for i in json.loads((tmp_path / "p.json").read_text())["images"]] == ["a"]
 
 
 def test_video_keeps_every_frame_in_order(tmp_path, model_files, capsys):
