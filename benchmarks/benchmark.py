@@ -449,8 +449,10 @@ def gpu_profile(run, runs=3):
     """What one ``run()`` costs the GPU, from torch.profiler (CPU and CUDA activities), averaged
     over ``runs``: {"kernel_s": GPU time of its kernels and copies (divided by the wall time, the
     fraction of the run in which the GPU is busy), "launches": kernel launches, "syncs": times
-    the host waits for the GPU, "stages": {stage: host seconds} for EfficientPS}. Launches and
-    waits are what bind a run to the CPU; the stages say where."""
+    the host waits for the GPU, "stages" and "gpu_stages": {stage: seconds} for EfficientPS, on
+    the host and on the GPU (first to last kernel)}. Launches and waits are what bind a run to the
+    CPU; the stages say where. A stage that waits for the GPU takes in, on the host, the GPU time
+    of the stages before it: the two read together."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -465,15 +467,19 @@ def summarize_profile(events, runs, trailing_syncs=0):
     ``trailing_syncs`` waits the profiling itself added."""
     from torch.autograd import DeviceType
 
-    kernel_us, launches, syncs, stages = 0.0, 0, -trailing_syncs, {}
+    kernel_us, launches, syncs, stages, gpu_stages = 0.0, 0, -trailing_syncs, {}, {}
     for event in events:
         call = re.sub(r"_v\d+$", "", event.key)
         if event.device_type == DeviceType.CUDA:
+            device_us = getattr(event, "self_device_time_total", None) or getattr(
+                event, "self_cuda_time_total", 0
+            )
             # A named stage also shows on the GPU's timeline, as a span around its kernels.
-            if not getattr(event, "is_user_annotation", False):
-                kernel_us += getattr(event, "self_device_time_total", None) or getattr(
-                    event, "self_cuda_time_total", 0
-                )
+            if getattr(event, "is_user_annotation", False):
+                if call.startswith(_STAGE_PREFIX):
+                    gpu_stages[call[len(_STAGE_PREFIX) :]] = device_us / 1e6 / runs
+            else:
+                kernel_us += device_us
         elif call.startswith(_STAGE_PREFIX):
             stages[call[len(_STAGE_PREFIX) :]] = event.cpu_time_total / 1e6 / runs
         elif call in _LAUNCH_CALLS:
@@ -485,6 +491,7 @@ def summarize_profile(events, runs, trailing_syncs=0):
         "launches": launches / runs,
         "syncs": max(syncs, 0) / runs,
         "stages": stages,
+        "gpu_stages": gpu_stages,
     }
 
 
@@ -767,23 +774,29 @@ def markdown(report):
         lines += [
             "",
             "Per image, from torch.profiler: GPU-busy fraction (kernel time / median latency), "
-            "kernel launches, host waits for the GPU (syncs and blocking copies), and the host's "
-            "time in each stage of EfficientPS's inference (ms, under the profiler: "
-            + " / ".join(_STAGES)
-            + "):",
+            "kernel launches, host waits for the GPU (syncs and blocking copies), and the time "
+            "in each stage of EfficientPS's inference on the host and on the GPU (ms, under the "
+            "profiler: " + " / ".join(_STAGES) + "; a stage that waits for the GPU takes in, on "
+            "the host, the GPU time of the stages before it):",
             "",
-            "| model | size | GPU busy | launches | host waits | host ms by stage |",
-            "|---|---|---|---|---|---|",
+            "| model | size | GPU busy | launches | host waits | host ms by stage | "
+            "GPU ms by stage |",
+            "|---|---|---|---|---|---|---|",
         ]
+
+        def by_stage(seconds):
+            if not seconds:
+                return "n/a"
+            return " / ".join(_fmt(seconds.get(k, 0) * 1e3, 1) for k in _STAGES)
+
         for name, per_size in report["gpu_profile"].items():
             for z in sizes:
                 if z in per_size:
                     row = per_size[z]
-                    stages = row.get("stages") or {}
-                    by_stage = " / ".join(_fmt(stages.get(k, 0) * 1e3, 1) for k in _STAGES)
                     lines.append(
                         f"| {name} | {z} | {_fmt(row['busy'])} | {row['launches']:.0f} | "
-                        f"{row['syncs']:.0f} | {by_stage if stages else 'n/a'} |"
+                        f"{row['syncs']:.0f} | {by_stage(row.get('stages'))} | "
+                        f"{by_stage(row.get('gpu_stages'))} |"
                     )
     if report.get("training"):
         lines += [

@@ -67,13 +67,17 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
     # On CUDA, the GPU profile's rows: stage times for EfficientPS, none for Panoptic FPN.
     profiled = {"busy": 0.5, "launches": 900, "syncs": 30.0}
     stages = {"dense": 0.010, "proposals": 0.002, "detection": 0.0035, "postprocess": 0.004}
+    on_gpu = {"dense": 0.009, "detection": 0.001}
     saved["gpu_profile"] = {
-        "EfficientPS-B5 fast": {"64x128": {**profiled, "stages": stages}},
-        "PanopticFPN-R50": {"64x128": {**profiled, "stages": {}}},
+        "EfficientPS-B5 fast": {"64x128": {**profiled, "stages": stages, "gpu_stages": on_gpu}},
+        "PanopticFPN-R50": {"64x128": {**profiled, "stages": {}, "gpu_stages": {}}},
     }
     table = benchmark.markdown(saved)
-    assert "| EfficientPS-B5 fast | 64x128 | 0.50 | 900 | 30 | 10.0 / 2.0 / 3.5 / 4.0 |" in table
-    assert "| PanopticFPN-R50 | 64x128 | 0.50 | 900 | 30 | n/a |" in table
+    assert (
+        "| EfficientPS-B5 fast | 64x128 | 0.50 | 900 | 30 | 10.0 / 2.0 / 3.5 / 4.0 | "
+        "9.0 / 0.0 / 1.0 / 0.0 |" in table
+    )
+    assert "| PanopticFPN-R50 | 64x128 | 0.50 | 900 | 30 | n/a | n/a |" in table
 
 
 def test_paths_failing_rows_compiled_rows_and_partial_results(benchmark, tmp_path, monkeypatch):
@@ -217,6 +221,7 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
         "launches": 120,
         "syncs": 20 / 3,
         "stages": {"detection": 0.0025},
+        "gpu_stages": {"detection": 8000.0 / 1e6 / 3},
     }
 
 
