@@ -11,13 +11,13 @@ from detectron2.config import instantiate
 from detectron2.data import transforms as T
 from omegaconf import OmegaConf
 
-from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.checkpoint import CheckpointMismatchError
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data.check import DataCheckError, validate_datasets
 from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import add_panoptic_visualization
 
+from .common import killed_writers_temporary
 from .test_lazy_config import CONFIGS, QUICK_PY, TINY, YAML_CONFIGS
 from .test_train_net import data_with_grayscale_png, train_net
 
@@ -200,7 +200,7 @@ def test_lazy_run_refuses_partial_weights_before_training(tmp_path, data_root):
     torch.save({"model": backbone}, weights)
     out_dir = tmp_path / "run"
     # A checkpoint write killed by an earlier run left its temporary file: removed under the lock.
-    stale = temporary_path(str(out_dir / "model_0000001.pth"))
+    stale = killed_writers_temporary(str(out_dir / "model_0000001.pth"))
     os.makedirs(out_dir, exist_ok=True)
     open(stale, "wb").close()
     args = [*TINY, "train.max_iter=2", f"train.init_checkpoint={weights}"]

@@ -15,8 +15,8 @@ import torch
 from panopticapi.utils import rgb2id
 from PIL import Image
 
-from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.output_lock import lock_output_dir
+from tests.common import killed_writers_temporary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick.yaml")
@@ -179,7 +179,7 @@ def test_partial_weights_refused_before_training(tmp_path, data_root):
     weights = str(tmp_path / "backbone.pth")
     torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, weights)
     # A checkpoint write killed by an earlier run left its temporary file: removed, never read.
-    stale = temporary_path(str(tmp_path / "run" / "model_0000001.pth"))
+    stale = killed_writers_temporary(str(tmp_path / "run" / "model_0000001.pth"))
     open(stale, "wb").close()
     # ... and its checkpoints, which a run without --resume overwrites: it says so.
     (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")
