@@ -16,6 +16,7 @@ from .fast_inference import (
     InferenceNetwork,
     InferenceOptions,
     build_inference_network,
+    check_supported,
     rpn_proposals,
 )
 from .fusion import panoptic_postprocess
@@ -105,6 +106,8 @@ class EfficientPS(GeneralizedRCNN):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # Heads that inference cannot run (no mask head, Cascade) are refused before training.
+        check_supported(self)
         self.sem_seg_head = sem_seg_head
         if inplace_abn:
             # The paper's norm layer: BatchNorm + LeakyReLU that keep half the activations.
