@@ -214,13 +214,19 @@ class EfficientPS(GeneralizedRCNN):
     def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], do_postprocess=True):
         """Runs the network; with ``do_postprocess`` also resizes and fuses (see class docstring).
 
-        Without it, returns (semantic logits at the padded input size (N, C, H, W),
-        detector Instances in input coordinates) — what test-time augmentation merges.
-        An empty ``batched_inputs`` gives an empty list of outputs.
+        Without it, returns a tuple (semantic logits at the padded input size (N, C, H, W), list
+        of N detector Instances in input coordinates, list of N input (height, width) sizes
+        before padding): what test-time augmentation merges, and what :meth:`postprocess` takes
+        image by image. An empty ``batched_inputs`` gives an empty list of outputs (without
+        ``do_postprocess``: logits of shape (0, C, 0, 0) and two empty lists).
         """
         # Checked before any work, the inference copy's build included.
-        if do_postprocess and not check_input_images(batched_inputs, self.input_format):
-            return []  # Detectron2's ImageList refuses an empty batch with a bare assertion
+        if not check_input_images(batched_inputs, self.input_format):
+            # Detectron2's ImageList refuses an empty batch with a bare assertion.
+            if do_postprocess:
+                return []
+            classes = self.sem_seg_head.num_classes
+            return torch.empty(0, classes, 0, 0, device=self.device), [], []
         network = self._inference_network()
         with torch.inference_mode():
             images = super().preprocess_image(batched_inputs)  # checked above
