@@ -67,8 +67,10 @@ _FUSED_CONV_OP = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_point
 class ConvLeakyReLU(nn.Module):
     """Inference-only ``leaky_relu(conv(x))``, one fused oneDNN kernel on CPU for float32.
 
-    Elsewhere (GPU, other dtypes, autograd, empty inputs) it runs the conv and the activation one
-    after the other. Built by :func:`fuse_conv_leaky_relu`; the conv must have no norm/activation.
+    Elsewhere (GPU, other dtypes, autograd, empty inputs, and under ``torch.jit.trace``, which
+    cannot record the kernel's optional-scalar list: Detectron2's ``FlopCountAnalysis`` traces
+    the model) it runs the conv and the activation one after the other. Built by
+    :func:`fuse_conv_leaky_relu`; the conv must have no norm/activation.
     """
 
     def __init__(self, conv: nn.Conv2d, negative_slope: float):
@@ -88,6 +90,7 @@ class ConvLeakyReLU(nn.Module):
             and x.dtype == torch.float32
             and x.numel() > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and not torch.jit.is_tracing()
         ):
             return _FUSED_CONV_OP(
                 x,
