@@ -57,10 +57,16 @@ def blocking_file(folder):
     """The path that stops ``os.makedirs(folder)``, or None: ``folder`` itself, or the nearest
     existing path above it, where that is not a folder: a file or a broken symbolic link (makedirs
     fails there with a bare "File exists", "Not a directory" or "No such file or directory")."""
-    path = os.path.abspath(folder)
+    path = _nearest_existing(folder)
+    return None if os.path.isdir(path) else path
+
+
+def _nearest_existing(path):
+    """``path`` (absolute) if something exists there, else the nearest existing folder above."""
+    path = os.path.abspath(path)
     while not os.path.lexists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
-    return None if os.path.isdir(path) else path
+    return path
 
 
 def check_writable_file(path, what, error=ValueError):
@@ -114,9 +120,7 @@ def unwritable_folder(path):
     process cannot create files in it (its permissions, a read-only file system), else None.
     Writers make the missing folders below it: they fail there with a bare "Permission denied"
     naming the first file or folder they try, after the work."""
-    existing = os.path.abspath(path)
-    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    existing = _nearest_existing(path)
     if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
         return existing
     return None

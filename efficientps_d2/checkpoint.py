@@ -396,14 +396,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
         last = self.get_checkpoint_file()
-        saved = self._saved_checkpoints()
         if os.path.isdir(last):  # an empty last_checkpoint (fvcore's, cut short by a kill)
             logger.warning(
                 f"'{os.path.join(self.save_dir, 'last_checkpoint')}' names no checkpoint file."
             )
-            candidates = saved
-        else:
-            candidates = [last] + [f for f in saved if f != last]
+            last = None
+        candidates = ([last] if last else []) + [f for f in self._saved_checkpoints() if f != last]
         for candidate in candidates:
             try:
                 checkpoint = self._load_to_resume(candidate)
@@ -411,10 +409,10 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 logger.warning(f"Cannot resume from '{candidate}': {e}")
                 continue
             if candidate != last:
-                instead = f", instead of '{last}' (named by last_checkpoint)"
+                instead = f", instead of '{last}' (named by last_checkpoint)" if last else ""
                 logger.warning(
                     f"Resumed from '{candidate}', the newest intact checkpoint in "
-                    f"'{self.save_dir}'{'' if os.path.isdir(last) else instead}."
+                    f"'{self.save_dir}'{instead}."
                 )
             return checkpoint
         raise CheckpointFileError(

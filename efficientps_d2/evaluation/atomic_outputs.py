@@ -10,6 +10,7 @@ hidden folder inside the output folder, and renamed into place when ``evaluate()
 evaluation removes what a killed one left there.
 """
 
+import contextlib
 import os
 import shutil
 
@@ -17,7 +18,30 @@ import detectron2.utils.comm as comm
 
 from ..atomic_io import remove_stale_temporaries, temporary_path
 
-__all__ = ["AtomicOutputsMixin"]
+__all__ = ["AtomicOutputsMixin", "staged_output_dir"]
+
+
+@contextlib.contextmanager
+def staged_output_dir(evaluator, name):
+    """For the block, ``evaluator._output_dir`` is a new hidden folder inside it (named as the
+    temporaries of ``name``); yields ``commit()``, which flushes each file written there to disk
+    and renames it into the output folder. The hidden folder goes whatever happens."""
+    output_dir = evaluator._output_dir
+    staging = temporary_path(os.path.join(output_dir, name))
+    os.mkdir(staging)
+
+    def commit():
+        for file_name in sorted(os.listdir(staging)):
+            with open(os.path.join(staging, file_name), "rb") as f:
+                os.fsync(f.fileno())  # the rename must not land before the data does
+            os.replace(os.path.join(staging, file_name), os.path.join(output_dir, file_name))
+
+    evaluator._output_dir = staging
+    try:
+        yield commit
+    finally:
+        evaluator._output_dir = output_dir
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class AtomicOutputsMixin:
@@ -30,22 +54,12 @@ class AtomicOutputsMixin:
 
     STAGED_NAME = "evaluation"  # names the hidden folder: one name per evaluator of a folder
 
-    def evaluate(self):
-        output_dir = self._output_dir
-        if not output_dir or not comm.is_main_process():  # only the main process writes
-            return super().evaluate()
+    def evaluate(self, *args, **kwargs):
+        if not self._output_dir or not comm.is_main_process():  # only the main process writes
+            return super().evaluate(*args, **kwargs)
         # What a killed evaluation left (another live process's is kept).
-        remove_stale_temporaries(output_dir, self.STAGED_NAME)
-        staging = temporary_path(os.path.join(output_dir, self.STAGED_NAME))
-        os.mkdir(staging)
-        self._output_dir = staging
-        try:
-            results = super().evaluate()
-            for name in sorted(os.listdir(staging)):
-                with open(os.path.join(staging, name), "rb") as f:
-                    os.fsync(f.fileno())  # the rename must not land before the data does
-                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        remove_stale_temporaries(self._output_dir, self.STAGED_NAME)
+        with staged_output_dir(self, self.STAGED_NAME) as commit:
+            results = super().evaluate(*args, **kwargs)
+            commit()
             return results
-        finally:
-            self._output_dir = output_dir
-            shutil.rmtree(staging, ignore_errors=True)
