@@ -19,13 +19,7 @@ from collections import OrderedDict
 
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import (
-    DefaultTrainer,
-    TrainerBase,
-    default_argument_parser,
-    hooks,
-    launch,
-)
+from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, launch
 from detectron2.utils.logger import setup_logger
 
 from efficientps_d2.config import tta_config
@@ -83,13 +77,17 @@ class Trainer(DefaultTrainer):
         self.checkpointer = startup.build_checkpointer(
             self._trainer.model, ConfigAdapter(self.cfg), trainer=weakref.proxy(self)
         )
-        hook_list = add_panoptic_visualization(self.cfg, super().build_hooks())
+        # Its EvalHook also evaluated after an error in the last iteration (see
+        # FinishedTrainingEvalHook).
+        hook_list = [startup.FinishedTrainingEvalHook.replacing(h) for h in super().build_hooks()]
+        hook_list = add_panoptic_visualization(self.cfg, hook_list)
         if tta_config(self.cfg).ENABLED:
             # After training, right after the plain evaluation (so before the writer: its results
             # reach metrics.json); train() checks both against TEST.EXPECTED_RESULTS, as
             # --eval-only does. (Detectron2's train_net adds it last and checks the plain ones.)
             hook_list.insert(
-                startup.index_after_eval_hook(hook_list), hooks.EvalHook(0, self._test_with_tta)
+                startup.index_after_eval_hook(hook_list),
+                startup.FinishedTrainingEvalHook(0, self._test_with_tta),
             )
         return hook_list
 

@@ -40,7 +40,7 @@ from detectron2.utils.events import EventStorage
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from efficientps_d2 import setup_cfg
-from efficientps_d2.atomic_io import atomic_write
+from efficientps_d2.atomic_io import atomic_write, check_writable_folder
 from efficientps_d2.modeling.fast_inference import fuse_for_inference
 from efficientps_d2.modeling.inplace_abn import convert_to_inplace_abn
 
@@ -944,6 +944,10 @@ def parse_args(argv=None):
             _size(text)
         except ValueError:
             parser.error(f"{flag}: '{text}' is not a size HxW (e.g. 512x1024).")
+    try:  # the results are first written after the models are built
+        check_writable_folder(args.output, "--output")
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

@@ -30,7 +30,7 @@ from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 
 from efficientps_d2 import setup_cfg
-from efficientps_d2.atomic_io import atomic_write, check_writable_file
+from efficientps_d2.atomic_io import atomic_write, check_writable_file, check_writable_folder
 from efficientps_d2.checkpoint import EfficientPSCheckpointer
 from efficientps_d2.config import tta_config
 from efficientps_d2.data import register_panoptic_dataset
@@ -146,6 +146,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.output_json:  # before both evaluations, not after them
         check_writable_file(args.output_json, "--output-json", error=SystemExit)
+    if args.output_dir:  # its "tta" folder was made after the plain evaluation
+        check_writable_folder(args.output_dir, "--output-dir", error=SystemExit)
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", args.weights])
     dataset = args.dataset
     custom = (args.panoptic_json, args.panoptic_root, args.image_root)
@@ -170,7 +172,9 @@ def main(argv=None):
     print(format_table(results, cfg))
     if args.output_json:
         output = {"dataset": dataset, "weights": args.weights, **results}
-        atomic_write(args.output_json, lambda f: json.dump(output, f, indent=2), mode="w")
+        atomic_write(
+            args.output_json, lambda f: json.dump(output, f, indent=2), mode="w", remove_stale=True
+        )
     return results
 
 

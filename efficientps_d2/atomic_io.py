@@ -20,17 +20,23 @@ __all__ = [
     "check_writable_folder",
     "remove_stale_temporaries",
     "temporary_path",
+    "unwritable_folder",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def atomic_write(path, write, mode="wb"):
+def atomic_write(path, write, mode="wb", *, remove_stale=False):
     """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``.
 
     With ``mode=None``, ``write`` receives the temporary *path* instead (for writers such as
-    ``cv2.imwrite``); the temporary name keeps ``path``'s extension for them.
+    ``cv2.imwrite``); the temporary name keeps ``path``'s extension for them. With
+    ``remove_stale``, what killed writers of ``path`` left next to it is removed first (see
+    :func:`remove_stale_temporaries`: one listing of the folder, for a tool that writes one file;
+    a writer of many files in a folder sweeps it once).
     """
+    if remove_stale:
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     tmp = temporary_path(path)
     try:
         if mode is None:
@@ -51,36 +57,54 @@ def blocking_file(folder):
     """The path that stops ``os.makedirs(folder)``, or None: ``folder`` itself, or the nearest
     existing path above it, where that is not a folder: a file or a broken symbolic link (makedirs
     fails there with a bare "File exists", "Not a directory" or "No such file or directory")."""
-    path = os.path.abspath(folder)
+    path = _nearest_existing(folder)
+    return None if os.path.isdir(path) else path
+
+
+def _nearest_existing(path):
+    """``path`` (absolute) if something exists there, else the nearest existing folder above."""
+    path = os.path.abspath(path)
     while not os.path.lexists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
-    return None if os.path.isdir(path) else path
+    return path
 
 
 def check_writable_file(path, what, error=ValueError):
     """Raises ``error`` naming ``what`` (e.g. "output json") and ``path`` where a file cannot be
-    written at ``path``: it is a folder, or a file or broken symbolic link stands where a folder
-    above it must be (see :func:`blocking_file`). For checking an output before the work that
-    produces it."""
+    written at ``path``: it is a folder, a file or broken symbolic link stands where a folder
+    above it must be (see :func:`blocking_file`), or its folder (the nearest existing one above
+    it) cannot be written (see :func:`unwritable_folder`). For checking an output before the work
+    that produces it."""
     if os.path.isdir(path):
         raise error(f"The {what} '{path}' is a folder, not a file name.")
-    blocker = blocking_file(os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    blocker = blocking_file(folder)
     if blocker:
         raise error(f"Cannot write the {what} '{path}': '{blocker}' is not a folder.")
+    denied = unwritable_folder(folder)
+    if denied:
+        raise error(f"Cannot write the {what} '{path}': {_NOT_WRITABLE.format(denied)}")
 
 
 def check_writable_folder(path, what, error=ValueError, *, replaced=False, hint=""):
     """Raises ``error`` naming ``what`` (e.g. "--output") and ``path`` where a folder cannot be
     made at ``path``: it is a file or a broken symbolic link, or one stands where a folder above
-    it must be (see :func:`blocking_file`). With ``replaced`` (the writer replaces whatever is at
-    ``path``, as :func:`atomic_directory` with ``overwrite`` does), only the path above it is
-    checked. ``hint`` (what to do instead) ends the message. For checking an output before the
-    work that produces it."""
+    it must be (see :func:`blocking_file`), or it (the nearest existing folder at or above it)
+    cannot be written (see :func:`unwritable_folder`). With ``replaced`` (the writer replaces
+    whatever is at ``path``, as :func:`atomic_directory` with ``overwrite`` does), a file at
+    ``path`` passes, and the folder above it must be writable too. ``hint`` (what to do
+    instead) ends the message. For checking an output before the work that produces it."""
     full = os.path.abspath(path)
     blocker = blocking_file(os.path.dirname(full) if replaced else full)
     if blocker is None:
-        return
-    if blocker == full:
+        # Files are written into the folder; with ``replaced`` it is also moved, and the
+        # temporary folder made next to it.
+        checked = [os.path.dirname(full), full] if replaced else [full]
+        denied = next(filter(None, map(unwritable_folder, checked)), None)
+        if denied is None:
+            return
+        message = f"Cannot write the {what} '{path}': {_NOT_WRITABLE.format(denied)}"
+    elif blocker == full:
         kind = "a file" if os.path.exists(full) else "a broken symbolic link"
         message = f"The {what} '{path}' is {kind}, not a folder."
     else:
@@ -88,12 +112,28 @@ def check_writable_folder(path, what, error=ValueError, *, replaced=False, hint=
     raise error(f"{message} {hint}" if hint else message)
 
 
+_NOT_WRITABLE = "'{}' is not writable (its permissions, or a read-only file system)."
+
+
+def unwritable_folder(path):
+    """The nearest existing folder at or above ``path`` (``path`` itself where it exists) if this
+    process cannot create files in it (its permissions, a read-only file system), else None.
+    Writers make the missing folders below it: they fail there with a bare "Permission denied"
+    naming the first file or folder they try, after the work."""
+    existing = _nearest_existing(path)
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        return existing
+    return None
+
+
 def temporary_path(path):
-    """A unique hidden name next to ``path`` with the same extension; its folder is created."""
+    """A unique hidden name next to ``path`` with the same extension, naming this process (its
+    PID, so that :func:`remove_stale_temporaries` in another process leaves it alone while this
+    one lives); its folder is created."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
-    return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp{ext}")
+    return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}-p{os.getpid()}.tmp{ext}")
 
 
 @contextlib.contextmanager
@@ -137,16 +177,35 @@ def atomic_directory(path, *, overwrite=False, then=None):
         shutil.rmtree(workspace, ignore_errors=True)
 
 
-# The names temporary_path makes: ".<base>.<12 hex digits>.tmp<ext>".
-_TEMPORARY_NAME = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp(?P<ext>\.[^./]*)?$")
+# The names temporary_path makes: ".<base>.<12 hex digits>-p<PID>.tmp<ext>" (earlier versions
+# wrote no PID).
+_TEMPORARY_NAME = re.compile(
+    r"^\.(?P<base>.+)\.[0-9a-f]{12}(?:-p(?P<pid>[0-9]+))?\.tmp(?P<ext>\.[^./]*)?$"
+)
+
+
+def _another_live_process(pid):
+    """Whether ``pid`` is another process that runs now, on this machine."""
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would stop it
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except PermissionError:  # another user's
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 def remove_stale_temporaries(folder, target=None):
     """Deletes the temporary files and folders that :func:`temporary_path` named in ``folder``
     (only those of ``target``, a name in it, or of any of a collection of names, when given);
-    returns their paths. Killed writers leave them behind; nothing reads them. Call it only where
-    no live writer can own one: under a lock, or for an output that one process writes at a
-    time."""
+    returns their paths. Killed writers leave them behind; nothing reads them. Those that name
+    another live process of this machine are kept: they are its work in progress (an
+    ``--eval-only`` run evaluating into the folder of a training that was evaluating deleted the
+    training's, which then failed with a bare FileNotFoundError). A process's own count as stale
+    (its writers remove theirs when they fail). Writers on other machines (a shared file system)
+    are not seen: where one may write, call this only under a lock."""
     if not os.path.isdir(folder):
         return []
     targets = None if target is None else {target} if isinstance(target, str) else set(target)
@@ -157,6 +216,8 @@ def remove_stale_temporaries(folder, target=None):
             continue
         if targets is not None and match.group("base") + (match.group("ext") or "") not in targets:
             continue
+        if match.group("pid") and _another_live_process(int(match.group("pid"))):
+            continue  # a live writer's
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):  # atomic_directory's workspace
             shutil.rmtree(path, ignore_errors=True)

@@ -384,7 +384,8 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
 
     def resume_or_load(self, path, *, resume=True):
         """As Detectron2's, but when resuming from a checkpoint of ``save_dir`` that cannot be read
-        (truncated, deleted), falls back to the newest one that can, with a warning.
+        (truncated, deleted, or ``last_checkpoint`` is empty), falls back to the newest one that
+        can, with a warning.
 
         Resuming is strict whatever ``allow_shape_mismatch`` / ``allow_missing`` say (they are for
         the weights a run starts from): a checkpoint of ``save_dir`` whose tensors or training
@@ -395,7 +396,12 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
         last = self.get_checkpoint_file()
-        candidates = [last] + [f for f in self._saved_checkpoints() if f != last]
+        if os.path.isdir(last):  # an empty last_checkpoint (fvcore's, cut short by a kill)
+            logger.warning(
+                f"'{os.path.join(self.save_dir, 'last_checkpoint')}' names no checkpoint file."
+            )
+            last = None
+        candidates = ([last] if last else []) + [f for f in self._saved_checkpoints() if f != last]
         for candidate in candidates:
             try:
                 checkpoint = self._load_to_resume(candidate)
@@ -403,9 +409,10 @@ class EfficientPSCheckpointer(AtomicDetectionCheckpointer):
                 logger.warning(f"Cannot resume from '{candidate}': {e}")
                 continue
             if candidate != last:
+                instead = f", instead of '{last}' (named by last_checkpoint)" if last else ""
                 logger.warning(
                     f"Resumed from '{candidate}', the newest intact checkpoint in "
-                    f"'{self.save_dir}', instead of '{last}' (named by last_checkpoint)."
+                    f"'{self.save_dir}'{instead}."
                 )
             return checkpoint
         raise CheckpointFileError(

@@ -4,12 +4,15 @@ Two runs writing checkpoints, metrics and ``last_checkpoint`` into the same fold
 other's resume state without any error. :func:`lock_output_dir` takes an exclusive ``flock`` on
 ``OUTPUT_DIR/.train_net.lock`` and writes its PID into it; a second run is refused with the PID
 that holds the lock. The operating system drops the lock when its process dies (even by
-``kill -9``), so the lock of a dead run is taken over without any clean-up. Where ``flock`` does
-not exist (Windows) no lock is taken.
+``kill -9``), so the lock of a dead run is taken over without any clean-up. Processes forked from
+the run (data loader workers) close their copy of the lock file at once: an flock lasts while any
+copy is open, and workers outlive a killed run by seconds (a restart was refused, naming the dead
+run's PID) or, hung, for ever. Where ``flock`` does not exist (Windows) no lock is taken.
 """
 
 import logging
 import os
+import weakref
 
 __all__ = ["OutputDirInUseError", "lock_output_dir"]
 
@@ -54,4 +57,12 @@ def lock_output_dir(folder):
     lock_file.truncate()
     lock_file.write(f"{os.getpid()}\n")
     lock_file.flush()
+    held = weakref.ref(lock_file)  # the hook must not keep the lock when the caller drops it
+    os.register_at_fork(after_in_child=lambda: _close_in_child(held()))
     return lock_file
+
+
+def _close_in_child(lock_file):
+    # Only the child's copy of the descriptor is closed: the parent keeps its lock.
+    if lock_file is not None and not lock_file.closed:
+        lock_file.close()

@@ -161,7 +161,7 @@ class TorchvisionEfficientNetHandler(PathHandler):
             except Exception as e:
                 raise PretrainedWeightsUnavailable(_offline_message(path, weights, local, e)) from e
             checkpoint, report = convert_torchvision_efficientnet(state_dict, variant)
-        atomic_write(output, lambda f: torch.save(checkpoint, f))
+        atomic_write(output, lambda f: torch.save(checkpoint, f), remove_stale=True)
         logger.info(f"{path}: {report.summary()}\nCached as '{output}'.")
 
     def _open(self, path, mode="r", **kwargs):

@@ -2,6 +2,8 @@
 
 import collections
 import os
+import subprocess
+import sys
 
 import torch
 from detectron2.config import get_cfg
@@ -83,6 +85,17 @@ def save_random_model(cfg, folder, name):
     with open(path, "w") as f:
         f.write(cfg.dump())
     return path
+
+
+def killed_writers_temporary(path):
+    """The temporary file name that a writer of ``path`` killed before its rename leaves (see
+    ``atomic_io.temporary_path``): named after a process that has ended, so that another process
+    takes it for stale (this process's own temporaries are live for other processes)."""
+    from efficientps_d2.atomic_io import temporary_path
+
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    return temporary_path(path).replace(f"-p{os.getpid()}.", f"-p{ended.pid}.")
 
 
 def training_input(height, width, boxes, classes, seed=0):

@@ -26,3 +26,23 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     ensure_synthetic_panoptic(str(root), num_train=6, num_val=3)
     return str(root)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, monkeypatch):
+    """A folder this process cannot write in: mode 0555, and where that does not bind (root),
+    ``os.access`` says so, as it does on a read-only file system."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        access = os.access
+
+        def read_only_access(path, mode, *args, **kwargs):
+            if mode & os.W_OK and os.path.realpath(path) == os.path.realpath(folder):
+                return False
+            return access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", read_only_access)
+    yield folder
+    folder.chmod(0o755)  # for pytest's clean-up

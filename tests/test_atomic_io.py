@@ -102,3 +102,23 @@ def test_check_writable_folder_names_the_folder_and_the_fault(tmp_path):
     check_writable_folder(str(link), "PNG folder", replaced=True)
     with pytest.raises(ValueError, match=f"PNG folder '{a_file / 'png'}': '{a_file}' is not a"):
         check_writable_folder(str(a_file / "png"), "PNG folder", replaced=True)
+
+
+def test_an_unwritable_folder_is_refused_naming_it(tmp_path, read_only_folder):
+    # Writers failed after the work with a bare "Permission denied" naming a temporary file,
+    # and the demo blamed the image it was writing the drawing of.
+    ro = read_only_folder
+    denied = f"'{ro}' is not writable (its permissions, or a read-only file system)."
+    for path in (ro, ro / "new" / "deeper"):
+        with pytest.raises(ValueError) as error:
+            check_writable_folder(str(path), "--output")
+        assert str(error.value) == f"Cannot write the --output '{path}': {denied}"
+    with pytest.raises(ValueError, match=f"json '{ro / 'r.json'}': '{ro}' is not writable"):
+        check_writable_file(str(ro / "r.json"), "output json")
+    # A folder replaced whole is moved: the folder above it must be writable, and it too.
+    with pytest.raises(ValueError, match=f"folder '{ro / 'png'}': '{ro}' is not writable"):
+        check_writable_folder(str(ro / "png"), "PNG folder", replaced=True)
+    with pytest.raises(ValueError, match=f"folder '{ro}': '{ro}' is not writable"):
+        check_writable_folder(str(ro), "PNG folder", replaced=True)
+    check_writable_folder(str(tmp_path / "png"), "PNG folder", replaced=True)
+    check_writable_file(str(tmp_path / "r.json"), "output json")

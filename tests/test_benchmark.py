@@ -177,6 +177,8 @@ def test_bad_command_lines_stop_before_any_model_is_built(benchmark, capsys):
         (["--sizes", "64x128", "96x128", "--repeats", "1", "2", "3"], "one per size (2 sizes)"),
         (["--sizes", "64,128"], "--sizes: '64,128' is not a size HxW"),
         (["--training-memory", "512"], "--training-memory: '512' is not a size"),
+        # The results, written first after the models were built, failed there.
+        (["--output", os.path.join(REPO, "README.md")], "README.md' is a file, not a folder"),
     ]:
         with pytest.raises(SystemExit) as error:
             benchmark.parse_args(argv)

@@ -29,7 +29,10 @@ def test_cli_maps_every_backbone_tensor_and_skips_se_and_classifier(
     tmp_path, torchvision_b0, capsys
 ):
     torch.save(torchvision_b0, tmp_path / "tv.pth")
+    killed = tmp_path / ".d2.0123456789ab.tmp.pth"  # what a killed conversion left
+    killed.write_bytes(b"PK\x03\x04 half a checkpoint")
     assert main(["--variant", "b0", str(tmp_path / "tv.pth"), str(tmp_path / "d2.pth")]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["d2.pth", "tv.pth"]
     out = capsys.readouterr().out
     assert "Skipped 64 squeeze-excitation tensors" in out
     assert "Skipped 2 classifier tensors" in out

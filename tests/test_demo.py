@@ -23,6 +23,7 @@ from efficientps_d2.checkpoint import AtomicDetectionCheckpointer
 from efficientps_d2.data import register_panoptic_dataset
 from efficientps_d2.data.metadata import panoptic_metadata
 from efficientps_d2.demo import (
+    CocoPanopticWriter,
     EfficientPSPredictor,
     count_video_frames,
     id_to_rgb,
@@ -196,6 +197,26 @@ def test_export_maps_classes_back_to_dataset_ids(small_dataset):
         to_coco_segments(ids, [{"id": 1, "category_id": 0, "isthing": False}], metadata)
 
 
+def test_a_new_export_removes_the_json_of_the_pngs_it_replaces(small_dataset, tmp_path):
+    # A run killed between its first PNG and its json left the earlier run's json describing
+    # PNGs of two runs: pq_compute scored one run's segments against the other's classes.
+    metadata = MetadataCatalog.get(small_dataset)
+    segments = [{"id": 1, "category_id": 0, "isthing": True, "score": 0.9}]
+
+    def writer():
+        return CocoPanopticWriter(str(tmp_path / "p.json"), str(tmp_path / "png"), metadata)
+
+    earlier = writer()
+    for name in ("a", "b"):
+        earlier.add(name, f"{name}.jpg", np.ones((2, 3), np.int32), segments, height=2, width=3)
+    earlier.write_json()
+    killed = writer()
+    killed.add("a", "a.jpg", np.zeros((2, 3), np.int32), [], height=2, width=3)
+    assert not (tmp_path / "p.json").exists()  # no json of a mix of two runs' PNGs
+    killed.write_json()
+    assert [i["id"] for i in json.loads((tmp_path / "p.json").read_text())["images"]] == ["a"]
+
+
 def test_video_keeps_every_frame_in_order(tmp_path, model_files, capsys):
     config_file, _ = model_files["small"]
     video = _write_video(tmp_path / "clip.mp4")
@@ -312,6 +333,29 @@ def test_ctrl_c_in_a_video_exits_130_keeping_the_partial_output(tmp_path, model_
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions["annotations"]) == 3
     assert predictions["info"]["partial"] == "stopped early (interrupted)"
+
+
+def test_a_read_only_output_is_refused_before_the_model_is_built(
+    tmp_path, model_files, read_only_folder, capsys, monkeypatch
+):
+    # The model was built and the first image run before writing its drawing failed with
+    # "Processing '<image>' failed: PermissionError", naming the image as the fault.
+    config_file, _ = model_files["small"]
+    images = _write_images(tmp_path / "images")
+    video = _write_video(tmp_path / "clip.mp4")
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(demo, "VisualizationDemo", not_built)
+    for inputs, output in (
+        (["--input", str(images)], read_only_folder / "drawings"),
+        (["--input", str(images / "a.png")], read_only_folder / "one.png"),
+        (["--video-input", str(video)], read_only_folder),
+    ):
+        assert demo.main(["--config-file", config_file, *inputs, "--output", str(output)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: Cannot write the --output '{output}': '{read_only_folder}' is not" in err
 
 
 def test_confidence_threshold_out_of_range_is_refused(model_files, capsys):

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_util
 from efficientps_d2.data import register_panoptic_dataset, synthetic
 from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
 from efficientps_d2.evaluation import (
+    AtomicOutputsMixin,
     PanopticEvaluator,
     PanopticSemSegEvaluator,
     ThingCOCOEvaluator,
@@ -82,6 +83,40 @@ def test_semantic_evaluator_scores_ground_truth_perfectly(dataset, tmp_path):
     evaluator.process(*ground_truth_as_predictions(dataset))
     results = evaluator.evaluate()["sem_seg"]
     assert results["mIoU"] == pytest.approx(100.0) and results["pACC"] == pytest.approx(100.0)
+
+
+def test_detectron2s_evaluator_files_are_replaced_whole(dataset, tmp_path, monkeypatch):
+    # SemSegEvaluator (and COCOEvaluator) wrote their files in place, one after the other: an
+    # interrupt or kill left the first new and the second old, or one cut short.
+    out = tmp_path / "eval"
+
+    def evaluate():
+        evaluator = PanopticSemSegEvaluator(dataset, distributed=False, output_dir=str(out))
+        evaluator.reset()
+        inputs, outputs = ground_truth_as_predictions(dataset)
+        evaluator.process(inputs[:n], outputs[:n])
+        return evaluator.evaluate()
+
+    n = 1
+    evaluate()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"sem_seg_predictions.json", "sem_seg_evaluation.pth"}
+
+    def cut_short(obj, f, *args, **kwargs):  # sem_seg_evaluation.pth, written last
+        f.write(b"PK\x03\x04")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    n = 2  # another evaluation: other predictions
+    with pytest.raises(KeyboardInterrupt):
+        evaluate()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    killed = out / ".sem_seg_predictions.0123456789ab.tmp.json"  # what a kill left
+    killed.mkdir()
+    evaluate()
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert (out / "sem_seg_predictions.json").read_bytes() != before["sem_seg_predictions.json"]
 
 
 def test_build_evaluator_follows_the_evaluator_type(dataset, tmp_path):
@@ -237,6 +272,7 @@ def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):
     assert len(meta.thing_classes) == 6  # the "standard" panoptic metadata: all classes
     evaluators = build_evaluator(load_config(), name, str(tmp_path / "eval"))._evaluators
     (evaluator,) = [e for e in evaluators if isinstance(e, ThingCOCOEvaluator)]
+    assert isinstance(evaluator, AtomicOutputsMixin)  # its files replaced whole, as above
 
     with open(files["instances_json"]) as f:
         gt = json.load(f)

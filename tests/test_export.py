@@ -510,6 +510,32 @@ def test_an_output_that_cannot_be_written_fails_before_the_trace(cfg, model, tmp
         export_model(model, cfg, os.path.join(read_only, "exported"), "torchscript")
 
 
+def test_the_tool_refuses_a_read_only_output_before_building_the_model(
+    cfg, tmp_path, read_only_folder, monkeypatch, capsys
+):
+    # The export's folder is written next to --output: a read-only folder above it failed with
+    # a bare "Permission denied" on a temporary name, after the model was built and loaded.
+    def not_built(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr("efficientps_d2.config_adapter.ConfigAdapter.build_model", not_built)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    args = ["--config-file", str(config_file), "--format", "torchscript", "--output"]
+    writable = tmp_path / "exported"
+    writable.mkdir()
+    (writable / "efficientps_export.json").write_text("{}")  # an export, to be replaced
+    for output in (read_only_folder / "exported", read_only_folder):
+        assert export_tool.main(args + [str(output)]) == 1
+        err = capsys.readouterr().err
+        assert f"Cannot write the --output '{output}': '{read_only_folder}' is not" in err
+    read_only_folder.chmod(0o755)
+    shutil.move(str(writable), str(read_only_folder / "exported"))  # writable, under read-only
+    read_only_folder.chmod(0o555)
+    assert export_tool.main(args + [str(read_only_folder / "exported")]) == 1
+    assert f"'{read_only_folder}' is not writable" in capsys.readouterr().err
+
+
 def test_a_re_export_removes_what_a_killed_export_left(cfg, model, exports, tmp_path):
     """A killed export leaves its hidden workspace next to the folder; the next export to that
     folder removes it (and replaces the old export), leaving those of other folders alone."""

@@ -1,6 +1,7 @@
 """train_net.py's start-up steps (efficientps_d2.engine.startup, efficientps_d2.data.check), shared
 by YAML and LazyConfig runs: the same checks, each naming its own config's keys."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -10,13 +11,13 @@ from detectron2.config import instantiate
 from detectron2.data import transforms as T
 from omegaconf import OmegaConf
 
-from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.checkpoint import CheckpointMismatchError
 from efficientps_d2.config_adapter import ConfigAdapter
 from efficientps_d2.data.check import DataCheckError, validate_datasets
 from efficientps_d2.engine import load_config, startup
 from efficientps_d2.visualization import add_panoptic_visualization
 
+from .common import killed_writers_temporary
 from .test_lazy_config import CONFIGS, QUICK_PY, TINY, YAML_CONFIGS
 from .test_train_net import data_with_grayscale_png, train_net
 
@@ -199,7 +200,7 @@ def test_lazy_run_refuses_partial_weights_before_training(tmp_path, data_root):
     torch.save({"model": backbone}, weights)
     out_dir = tmp_path / "run"
     # A checkpoint write killed by an earlier run left its temporary file: removed under the lock.
-    stale = temporary_path(str(out_dir / "model_0000001.pth"))
+    stale = killed_writers_temporary(str(out_dir / "model_0000001.pth"))
     os.makedirs(out_dir, exist_ok=True)
     open(stale, "wb").close()
     args = [*TINY, "train.max_iter=2", f"train.init_checkpoint={weights}"]
@@ -340,6 +341,18 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, kind, 
                 startup.setup(args)
             assert str(error.value).startswith(message + ". Set it to a folder (e.g. "), error
     assert a_file.read_text() == "notes"
+
+
+def test_a_read_only_output_dir_is_refused_naming_the_key(read_only_folder):
+    # Training failed on its lock file, --eval-only on log.txt, with a bare "Permission denied".
+    for out in (read_only_folder, read_only_folder / "run"):
+        for extra in ([], ["--eval-only"]):
+            args = _quick_args(".yaml", *extra, "OUTPUT_DIR", str(out))
+            with pytest.raises(NotADirectoryError) as error:
+                startup.setup(args)
+            assert str(error.value).startswith(
+                f"Cannot write the OUTPUT_DIR '{out}': '{read_only_folder}' is not writable"
+            )
 
 
 @pytest.mark.parametrize("kind", [".py", ".yaml"])
@@ -554,6 +567,42 @@ def test_yaml_training_verifies_expected_results_as_eval_only_does(monkeypatch):
         QUICK_YAML, ["TEST.EXPECTED_RESULTS", expected.replace("c'", "c_seg'")]
     )
     assert trainer.train() == trainer._last_eval_results
+
+
+def test_no_evaluation_after_an_error_in_the_last_iteration():
+    # Detectron2's EvalHook evaluated after training when iter + 1 >= max_iter, which also holds
+    # after an error or Ctrl-C in the last iteration (e.g. a full disk saving model_final.pth):
+    # the weights evaluated were never saved, and the error came after the evaluation.
+    from detectron2.engine import EvalHook, TrainerBase, hooks
+
+    class Steps(TrainerBase):
+        def run_step(self):
+            if self.iter == fail_at:
+                raise interrupt("in the last iteration")
+
+    for hook_class, fail_at, interrupt, evaluated in (
+        (EvalHook, 2, RuntimeError, 1),  # Detectron2's
+        (startup.FinishedTrainingEvalHook, 2, RuntimeError, 0),
+        (startup.FinishedTrainingEvalHook, 2, KeyboardInterrupt, 0),
+        (startup.FinishedTrainingEvalHook, None, None, 1),  # a finished training
+    ):
+        calls = []
+        trainer = Steps()
+        trainer.register_hooks([hook_class(0, lambda: calls.append(1) or {})])
+        with contextlib.nullcontext() if interrupt is None else pytest.raises(interrupt):
+            trainer.train(0, 3)
+        assert len(calls) == evaluated, hook_class
+    # Resumed from model_final.pth (the loop does not run): the evaluation runs.
+    calls = []
+    trainer = Steps()
+    trainer.register_hooks([startup.FinishedTrainingEvalHook(0, lambda: calls.append(1) or {})])
+    trainer.train(3, 3)
+    assert calls == [1]
+    # train_net.py's trainer takes DefaultTrainer's hooks with this one in place of EvalHook.
+    replaced = [startup.FinishedTrainingEvalHook.replacing(h) for h in (EvalHook(5, dict),)]
+    assert type(replaced[0]) is startup.FinishedTrainingEvalHook and replaced[0]._period == 5
+    timer = hooks.IterationTimer()
+    assert startup.FinishedTrainingEvalHook.replacing(timer) is timer
 
 
 @pytest.mark.parametrize(

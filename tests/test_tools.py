@@ -24,6 +24,8 @@ def synthetic(data_root):
 @pytest.mark.parametrize("source", ["annotation", "dataloader"])
 def test_visualize_data_writes_an_image_per_training_image(tmp_path, synthetic, source):
     out = tmp_path / source
+    out.mkdir()
+    (out / ".1.0123456789ab.tmp.jpg").write_bytes(b"half an image")  # what a killed run left
     argv = ["--config-file", QUICK, "--source", source, "--output-dir", str(out), *synthetic]
     assert visualize_data.main(argv) == 0
     images = sorted(os.listdir(out))

@@ -15,8 +15,8 @@ import torch
 from panopticapi.utils import rgb2id
 from PIL import Image
 
-from efficientps_d2.atomic_io import temporary_path
 from efficientps_d2.output_lock import lock_output_dir
+from tests.common import killed_writers_temporary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "Synthetic-PanopticSegmentation", "efficientps_b0_quick.yaml")
@@ -134,6 +134,17 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     assert iterations[-1] == 11
 
 
+def test_no_evaluation_after_the_last_checkpoint_fails(tmp_path, data_root):
+    # Detectron2's EvalHook evaluated the unsaved weights after an error in the last iteration
+    # (here saving model_final.pth, which a folder blocks), before the error was shown.
+    out_dir = tmp_path / "run"
+    (out_dir / "model_final.pth").mkdir(parents=True)
+    proc = train_net([*TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out_dir)], data_root)
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode != 0 and "IsADirectoryError" in log, log[-4000:]
+    assert "Start inference" not in log and not (out_dir / "inference").exists()
+
+
 def data_with_grayscale_png(tmp_path, data_root):
     """(root, png): a copy of the data whose first validation PNG is 8-bit grayscale."""
     root = tmp_path / "datasets"
@@ -168,7 +179,7 @@ def test_partial_weights_refused_before_training(tmp_path, data_root):
     weights = str(tmp_path / "backbone.pth")
     torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, weights)
     # A checkpoint write killed by an earlier run left its temporary file: removed, never read.
-    stale = temporary_path(str(tmp_path / "run" / "model_0000001.pth"))
+    stale = killed_writers_temporary(str(tmp_path / "run" / "model_0000001.pth"))
     open(stale, "wb").close()
     # ... and its checkpoints, which a run without --resume overwrites: it says so.
     (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")

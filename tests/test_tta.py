@@ -233,6 +233,9 @@ def test_pq_script_compares_plain_and_tta(tmp_path, model, capsys):
     # failed after them, the results printed but not kept).
     with pytest.raises(SystemExit, match=f"--output-json '{images}' is a folder"):
         script.main(args + [str(images)] + opts)
+    a_file = str(tmp_path / "gt.json")
+    with pytest.raises(SystemExit, match=f"--output-dir '{a_file}' is a file"):
+        script.main(args + [str(tmp_path / "pq.json"), "--output-dir", a_file] + opts)
     assert "tta_pq_gt" not in DatasetCatalog.list()
     results = script.main(args + [str(tmp_path / "pq.json")] + opts)
     assert results["plain"]["PQ"] == pytest.approx(100.0)

@@ -118,6 +118,18 @@ def test_resume_falls_back_to_newest_intact_checkpoint(model, tmp_path, caplog):
     assert f"Cannot resume from '{last}'" in caplog.text
     assert "newest intact checkpoint" in caplog.text
 
+    # An empty last_checkpoint (fvcore's, written in place, cut short): the same fallback. It was
+    # taken for the folder, and --resume stopped with "Checkpoint '<folder>/' (MODEL.WEIGHTS) is
+    # a folder".
+    tag = tmp_path / "last_checkpoint"
+    tag.write_text("")
+    with caplog.at_level(logging.WARNING, logger="efficientps_d2"):
+        checkpoint = EfficientPSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert checkpoint["iteration"] == 1
+    assert f"'{tag}' names no checkpoint file" in caplog.text
+    assert f"checkpoint in '{tmp_path}'." in caplog.text
+    tag.write_text("model_0000003.pth")
+
     # last_checkpoint naming a file that is gone: the same fallback.
     last.unlink()
     with caplog.at_level(logging.WARNING, logger="efficientps_d2"):

@@ -246,6 +246,9 @@ class CocoPanopticWriter:
 
     ``add`` writes one PNG to ``png_dir`` right away; ``write_json`` writes ``json_file`` with
     everything added so far (call it at the end, also after an error, to keep partial output).
+    An earlier run's ``json_file`` is removed before the first PNG is written: it describes the
+    PNGs this run replaces, and a run killed before ``write_json`` left it next to PNGs of two
+    runs, segment ids and classes of one scored against the other's (silently wrong PQ).
 
     Args:
         json_file: the json to write (e.g. ``out/predictions.json``).
@@ -289,6 +292,9 @@ class CocoPanopticWriter:
         ids = np.where(listed, ids, 0)
         png_name = png_name or f"{image_id}.png"
         png_path = os.path.join(self.png_dir, png_name)
+        if not self.images and os.path.lexists(self.json_file):
+            logger.info(f"Removing the earlier '{self.json_file}': its PNGs are being replaced.")
+            os.remove(self.json_file)
         atomic_write(png_path, lambda f: Image.fromarray(id_to_rgb(ids)).save(f, format="PNG"))
         self._image_ids[image_id] = image_file_name
         self.images.append(

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from ..config_adapter import ConfigAdapter
 from ..visualization import add_panoptic_visualization
 from .startup import (
+    FinishedTrainingEvalHook,
     build_checkpointer,
     build_trainer,
     load_for_evaluation,
@@ -108,10 +109,14 @@ def do_train(args, cfg):
                 if main_process
                 else None
             ),
-            hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
+            FinishedTrainingEvalHook(cfg.train.eval_period, test_and_keep_results),
             # After training, as the YAML flow's TEST.AUG.ENABLED: right after the plain
             # evaluation, before the writer, so that its results reach metrics.json.
-            (hooks.EvalHook(0, test_with_tta_and_keep_results) if config.tta_enabled else None),
+            (
+                FinishedTrainingEvalHook(0, test_with_tta_and_keep_results)
+                if config.tta_enabled
+                else None
+            ),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),

@@ -17,7 +17,9 @@ same steps, each reading its own keys through
   weights that leave tensors random are refused unless opted in; converted ImageNet backbones are
   accepted), resuming from the newest intact checkpoint;
 - :func:`verify_results`: Detectron2's check of the results against TEST.EXPECTED_RESULTS
-  (``train.expected_results``).
+  (``train.expected_results``);
+- :class:`FinishedTrainingEvalHook`: Detectron2's ``EvalHook``, without the evaluation after a
+  training that stopped at an error in its last iteration.
 """
 
 import logging
@@ -45,6 +47,7 @@ from ..solver import check_gradient_clipping
 from .lazy_config import INFERENCE_PARTS, TRAINING_PARTS, load_config
 
 __all__ = [
+    "FinishedTrainingEvalHook",
     "ResumableAMPTrainer",
     "build_checkpointer",
     "build_trainer",
@@ -151,7 +154,8 @@ def setup(args):
 def check_output_dir(config):
     """Refuses, before anything is read or written, an OUTPUT_DIR / ``train.output_dir`` that is
     a file or lies under one, a broken symbolic link counted as a file (os.makedirs would fail
-    there with a bare "File exists" or "Not a directory"). ``config``: a :class:`ConfigAdapter`."""
+    there with a bare "File exists" or "Not a directory"), or that cannot be written (the lock or
+    log.txt failed with a bare "Permission denied"). ``config``: a :class:`ConfigAdapter`."""
     check_writable_folder(
         config.output_dir,
         config.keys["output_dir"],
@@ -288,6 +292,29 @@ def warn_of_an_earlier_run(config):
         "To continue that run, stop this one and add --resume; to keep it, set another "
         f"{config.keys['output_dir']}."
     )
+
+
+class FinishedTrainingEvalHook(EvalHook):
+    """Detectron2's ``EvalHook``, whose evaluation after training runs only when the training
+    finished. ``EvalHook`` evaluates when ``trainer.iter + 1 >= max_iter``, which also holds when
+    the last iteration failed or was interrupted (its checkpoint save too: a full disk, Ctrl-C):
+    the whole evaluation (minutes to hours) then ran on weights that were never saved, its files
+    and metrics replacing the last evaluation's, before the error was shown. A finished loop
+    leaves ``trainer.iter == max_iter`` (``TrainerBase.train``'s own signal of success)."""
+
+    @classmethod
+    def replacing(cls, hook):
+        """This hook in place of a plain ``EvalHook`` (DefaultTrainer's); other hooks as they
+        are."""
+        if type(hook) is not EvalHook:
+            return hook
+        # Detectron2 keeps the constructor's arguments as these attributes.
+        return cls(hook._period, hook._func, eval_after_train=hook._eval_after_train)
+
+    def after_train(self):
+        if self.trainer.iter < self.trainer.max_iter:  # the loop stopped at an error
+            self._eval_after_train = False
+        super().after_train()
 
 
 def index_after_eval_hook(hook_list):

@@ -6,6 +6,7 @@ import os
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
+from .atomic_outputs import AtomicOutputsMixin
 from .cityscapes_compat import CompatCityscapesInstanceEvaluator, CompatCityscapesSemSegEvaluator
 from .panoptic_pngs import PanopticEvaluator
 from .panoptic_sem_seg import PanopticSemSegEvaluator
@@ -15,8 +16,9 @@ SUPPORTED = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
 _SMALL, _LARGE = 32**2, 96**2
 
 
-class ThingCOCOEvaluator(COCOEvaluator):
-    """``COCOEvaluator`` whose per-category rows cover the thing categories of the metadata.
+class ThingCOCOEvaluator(AtomicOutputsMixin, COCOEvaluator):
+    """``COCOEvaluator`` whose per-category rows cover the thing categories of the metadata, and
+    whose files are replaced whole (see :class:`~.atomic_outputs.AtomicOutputsMixin`).
 
     Box and mask AP for panoptic data sets with Detectron2's "standard" panoptic metadata, which
     lists every class, stuff included, in ``thing_classes`` (the model's classes are all-class
@@ -29,6 +31,8 @@ class ThingCOCOEvaluator(COCOEvaluator):
     right score is 0 (every instance is missed), reported here with a warning. Size ranges without
     ground-truth instances stay nan, as COCO reports them.
     """
+
+    STAGED_NAME = "coco_instances_results.json"
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         if coco_eval is None and iou_type in ("bbox", "segm"):

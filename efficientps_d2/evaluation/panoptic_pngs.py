@@ -22,13 +22,13 @@ panopticapi's ``pq_compute``.
 import itertools
 import logging
 import os
-import shutil
 from collections import defaultdict
 
 import detectron2.utils.comm as comm
 from detectron2.evaluation import COCOPanopticEvaluator
 
-from ..atomic_io import atomic_directory, remove_stale_temporaries, temporary_path
+from ..atomic_io import atomic_directory, remove_stale_temporaries
+from .atomic_outputs import staged_output_dir
 
 __all__ = ["PanopticEvaluator", "unique_png_names"]
 
@@ -96,7 +96,6 @@ class PanopticEvaluator(COCOPanopticEvaluator):
         """Detectron2's evaluate() with its ``predictions.json`` written into a hidden folder of
         ``output_dir``, then renamed into place: after the PNG folder with ``png_dir``, each
         replaced whole (see the module docstring)."""
-        path = os.path.join(output_dir, "predictions.json")
         # Only the main process writes these: what a killed evaluation left of them is stale.
         stale = defaultdict(set)
         stale[os.path.abspath(output_dir)].add("predictions.json")
@@ -105,17 +104,9 @@ class PanopticEvaluator(COCOPanopticEvaluator):
             stale[parent].add(name)
         for folder, names in stale.items():
             remove_stale_temporaries(folder, names)
-        staging = temporary_path(path)  # a folder, named as predictions.json's temporaries are
-        os.mkdir(staging)
-
-        def move_json():
-            staged = os.path.join(staging, "predictions.json")
-            with open(staged, "rb") as f:
-                os.fsync(f.fileno())  # the rename must not land before the data does
-            os.replace(staged, path)
-
-        self._output_dir = staging
-        try:
+        # Detectron2 writes only predictions.json into its output folder (its PNGs go to a
+        # temporary folder of the system's).
+        with staged_output_dir(self, "predictions.json") as move_json:
             if self._png_dir is None:
                 results = super().evaluate()
                 move_json()
@@ -127,6 +118,3 @@ class PanopticEvaluator(COCOPanopticEvaluator):
                         f.write(prediction["png_string"])
                 results = super().evaluate()
             return results
-        finally:
-            self._output_dir = output_dir
-            shutil.rmtree(staging, ignore_errors=True)

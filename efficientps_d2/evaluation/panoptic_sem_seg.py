@@ -12,6 +12,8 @@ from detectron2.evaluation import SemSegEvaluator
 from panopticapi.utils import rgb2id
 from PIL import Image
 
+from .atomic_outputs import AtomicOutputsMixin
+
 
 def panoptic_to_semantic(pan_seg_file_name, segments_info, ignore_label):
     """All-class label map (H, W) int64 from a COCO-format panoptic PNG and its segments.
@@ -26,11 +28,14 @@ def panoptic_to_semantic(pan_seg_file_name, segments_info, ignore_label):
     return labels
 
 
-class PanopticSemSegEvaluator(SemSegEvaluator):
+class PanopticSemSegEvaluator(AtomicOutputsMixin, SemSegEvaluator):
     """``SemSegEvaluator`` for a data set registered in Detectron2's "standard" panoptic form.
 
     Reports mIoU, fwIoU, pixel accuracy (and per-class IoU) over all classes, stuff and things.
+    Its files are replaced whole (see :class:`~.atomic_outputs.AtomicOutputsMixin`).
     """
+
+    STAGED_NAME = "sem_seg_predictions.json"
 
     def __init__(self, dataset_name, distributed=True, output_dir=None):
         view_name = f"{dataset_name}__semantic_from_panoptic"

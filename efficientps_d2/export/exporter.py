@@ -34,7 +34,14 @@ from ..modeling.fast_inference import fold_batch_norms
 from .graph import OUTPUT_NAMES, EfficientPSGraph
 from .runtime import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODEL_FILES
 
-__all__ = ["export_model", "FORMATS", "MIN_SAMPLE_SIZE", "ONNX_OPSET", "resize_for_export"]
+__all__ = [
+    "check_export_folder",
+    "export_model",
+    "FORMATS",
+    "MIN_SAMPLE_SIZE",
+    "ONNX_OPSET",
+    "resize_for_export",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +177,14 @@ def _check_image(image):
     return image.detach().to(dtype=torch.float32, device="cpu").contiguous()
 
 
-def _check_output_dir(output_dir):
-    """Refuses an ``output_dir`` that an export cannot make (a file, or a path under one) or
-    would overwrite with loss: a folder that holds no export, or an export folder that holds
-    other files too (the export replaces the whole folder, so they would be deleted with it: the
-    weights being exported, notes, ...)."""
+def check_export_folder(output_dir):
+    """Refuses an ``output_dir`` that an export cannot make (a file, or a path under one), cannot
+    write (it, or the folder above it, where the export is written first, is read-only) or would
+    overwrite with loss: a folder that holds no export, or an export folder that holds other
+    files too (the export replaces the whole folder, so they would be deleted with it: the
+    weights being exported, notes, ...). The export tool calls it before the model is built."""
     check_writable_folder(output_dir, "--output")
+    check_writable_folder(output_dir, "--output", replaced=True)  # the folder above it too
     names = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else set()
     if not names:
         return
@@ -251,7 +260,7 @@ def export_model(
         generator = torch.Generator().manual_seed(0)
         sample_image = torch.randint(0, 256, (3, 256, 384), generator=generator).float()
     image = _check_image(sample_image)
-    _check_output_dir(output_dir)
+    check_export_folder(output_dir)
 
     # Workspaces of killed exports to the same folder: never read, only taking space.
     target = os.path.abspath(output_dir)

@@ -798,7 +798,12 @@ def main(argv=None):
         return 1
     print(report.summary())
     if args.report:
-        atomic_write(args.report, lambda f: json.dump(report.to_dict(), f, indent=2), mode="w")
+        atomic_write(
+            args.report,
+            lambda f: json.dump(report.to_dict(), f, indent=2),
+            mode="w",
+            remove_stale=True,
+        )
     return 0
 
 

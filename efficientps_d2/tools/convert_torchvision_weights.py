@@ -211,7 +211,7 @@ def convert_file(input_path, output_path, variant, *, squeeze_excitation=False):
     checkpoint, report = convert_torchvision_file(
         input_path, variant, squeeze_excitation=squeeze_excitation
     )
-    atomic_write(output_path, lambda f: torch.save(checkpoint, f))
+    atomic_write(output_path, lambda f: torch.save(checkpoint, f), remove_stale=True)
     return report
 
 

@@ -35,7 +35,11 @@ from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
 from efficientps_d2.engine.startup import load_for_evaluation
 from efficientps_d2.export import FORMATS, export_model
-from efficientps_d2.export.exporter import MIN_SAMPLE_SIZE, resize_for_export
+from efficientps_d2.export.exporter import (
+    MIN_SAMPLE_SIZE,
+    check_export_folder,
+    resize_for_export,
+)
 from efficientps_d2.modeling.meta_arch import EfficientPS
 
 logger = logging.getLogger("efficientps_d2.tools.export")
@@ -131,6 +135,7 @@ def main(argv=None):
     try:
         cfg = export_config(args)
         image = sample_image(cfg, args.sample_image)
+        check_export_folder(args.output)  # before the model is built and its weights loaded
         config = ConfigAdapter(cfg)
         model = config.build_model()
         if config.weights:

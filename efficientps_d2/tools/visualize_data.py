@@ -25,7 +25,7 @@ from itertools import chain
 
 import numpy as np
 
-from ..atomic_io import atomic_write, check_writable_folder
+from ..atomic_io import atomic_write, check_writable_folder, remove_stale_temporaries
 
 __all__ = ["get_parser", "main"]
 
@@ -171,6 +171,7 @@ def main(argv=None):
         raise SystemExit(f"'{args.config_file}' names no training data set to visualize.")
     if not args.show:  # --show writes nothing
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_stale_temporaries(args.output_dir)  # what killed runs left (never read)
     metadata = MetadataCatalog.get(names[0])
     if args.source == "annotation":
         count = _annotations(config, metadata, args)
