@@ -227,6 +227,32 @@ def test_the_model_names_an_image_of_the_wrong_layout():
         model.train()([{"image": image.permute(2, 0, 1)}])
 
 
+def test_images_without_pixels_and_output_sizes_that_are_no_size_are_named():
+    """By the model and by TTA, before any image of the batch runs. An image without pixels
+    failed in a convolution ("Kernel size can't be greater than actual input size"), TTA's in a
+    ZeroDivisionError; a "height" of 0 gave the input's height, a negative or fractional one
+    failed in an interpolation. TTA checked nothing: a gray (1, H, W) image ran broadcast to 3
+    channels, an (H, W, 3) one failed in PIL ("Cannot handle this data type")."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    tta = EfficientPSWithTTA(tiny_config(), model, min_sizes=[32], max_size=64, flip=False)
+    model._inference_network = lambda: pytest.fail("an image ran before the batch was checked")
+    image = torch.from_numpy(_image(32, 48)).permute(2, 0, 1)
+    cases = [
+        ({"image": image[:, :0]}, r"\['image'\] has no pixels: shape \(3, 0, 48\)"),
+        ({"image": image[:, :, :0]}, r"\['image'\] has no pixels"),
+        ({"image": image[:1]}, r"\['image'\] must be a \(3, H, W\) .* shape \(1, 32, 48\)"),
+        ({"image": image.permute(1, 2, 0)}, r"\['image'\] must be a \(3, H, W\)"),
+    ]
+    for key in ("height", "width"):
+        for size in (0, -5, 40.5, "40", True, torch.tensor([30, 20])):
+            cases.append(({"image": image, key: size}, rf"\['{key}'\] is the output {key}, a pos"))
+    for runner in (model, tta):
+        for bad, message in cases:
+            with pytest.raises(ValueError, match=r"batched_inputs\[1\]" + message):
+                runner([{"image": image}, bad])
+
+
 def test_an_empty_batch_gives_no_outputs():
     """model([]) failed with Detectron2's bare AssertionError (ImageList of no tensors); one
     output per input is the contract, as for TTA, which returned [] already."""

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import logging
+import numbers
 from typing import Dict, List
 
 import numpy as np
@@ -30,9 +31,13 @@ _CACHES = ("_inference_copy", "_weight_tensor_list", "_compiled_training")
 
 def check_input_images(batched_inputs, input_format, whose="model", arrays=False):
     """The "image" of each of ``batched_inputs``, all checked before any runs: a list of dicts
-    whose "image" is a (3, H, W) tensor (or numpy array, with ``arrays``). An (H, W, 3) image or
-    a numpy array failed deep inside with a broadcast or attribute error, and a (1, H, W) or
-    (H, W) one ran as a broadcast gray image. ``whose``: the model named in the messages."""
+    whose "image" is a (3, H, W) tensor (or numpy array, with ``arrays``) with at least one pixel,
+    and whose optional "height"/"width" (the output size) are positive whole numbers. An (H, W, 3)
+    image or a numpy array failed deep inside with a broadcast or attribute error, a (1, H, W) or
+    (H, W) one ran as a broadcast gray image, an image without pixels failed in a convolution
+    ("Kernel size can't be greater than actual input size"), an output size of 0 gave the input
+    size and a negative or fractional one failed in an interpolation. ``whose``: the model named
+    in the messages."""
     if not isinstance(batched_inputs, (list, tuple)):
         raise ValueError(
             f"The {whose} takes a list of input dicts (model([{{'image': chw_image}}])), got a "
@@ -52,8 +57,28 @@ def check_input_images(batched_inputs, input_format, whose="model", arrays=False
                 f"input format ({input_format}), got {got}: pass an (H, W, 3) array as "
                 "torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 channels."
             )
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(
+                f"batched_inputs[{i}]['image'] has no pixels: shape {tuple(image.shape)}."
+            )
+        for key in ("height", "width"):
+            size = x.get(key)
+            if size is not None and not _is_positive_whole_number(size):
+                raise ValueError(
+                    f"batched_inputs[{i}]['{key}'] is the output {key}, a positive whole number "
+                    f"of pixels (or absent, for the image's own), got {size!r}."
+                )
         images.append(image)
     return images
+
+
+def _is_positive_whole_number(value) -> bool:
+    """Whether ``value`` is an int > 0 (a Python, numpy or one-element integer torch one)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+            return False
+        value = value.item()
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 @META_ARCH_REGISTRY.register()
