@@ -230,6 +230,17 @@ def test_fusion_settings_are_checked_when_the_model_is_built(key, value):
         build_model(tiny_config([f"MODEL.PANOPTIC_FUSION.{key}", value]))
 
 
+@pytest.mark.parametrize(
+    "image_format, what",
+    [("L", "a 1-channel format"), ("RGBA", "a 4-channel format"), ("XYZ", "not")],
+)
+def test_input_formats_without_3_channels_are_refused_when_the_model_is_built(image_format, what):
+    """INPUT.FORMAT "L" built a model that the first training batch, once read, could not run
+    ((1, H, W) images; a (3, H, W) input is the contract)."""
+    with pytest.raises(ValueError, match=rf"INPUT.FORMAT .* '{image_format}' is {what}"):
+        build_model(tiny_config(["INPUT.FORMAT", image_format]))
+
+
 def test_thing_semantic_ids_are_checked():
     with pytest.raises(ValueError, match="THING_SEMANTIC_IDS.*NUM_CLASSES"):
         build_model(tiny_config(["MODEL.EFFICIENTPS.THING_SEMANTIC_IDS", [3]]))
