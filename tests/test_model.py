@@ -144,6 +144,23 @@ def test_training_inputs_are_checked_dict_by_dict_and_any_integer_labels_train()
             assert torch.equal(model([dict(good, sem_seg=labels)])["loss_sem_seg"], expected)
 
 
+def test_a_lone_training_image_of_one_position_at_stride_32_is_named():
+    """Padded to 32 x 32, a lone image is one value per channel at stride 32: torch's BatchNorm
+    raised "Expected more than 1 value per channel when training", naming no image. With a second
+    image, or one more pixel (padded to 32 x 64), the step trains."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    lone = dict(training_input(20, 32, [[2, 2, 12, 12]], [0]), file_name="tiny.png")
+    with pytest.raises(ValueError, match=r"batched_inputs\[0\] \(tiny.png\) is \(20, 32\)"):
+        model([lone])
+    with EventStorage():
+        for batch in (
+            [lone, training_input(20, 32, [], [], seed=1)],
+            [training_input(20, 33, [], [])],
+        ):
+            assert all(torch.isfinite(v) for v in model(batch).values())
+
+
 def test_inference_contract_at_requested_size():
     torch.manual_seed(0)
     model = build_model(tiny_config(PERMISSIVE)).eval()

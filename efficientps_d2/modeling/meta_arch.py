@@ -11,7 +11,10 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from detectron2.structures import ImageList
+from detectron2.utils import comm
 from PIL import Image
+from torch.nn import SyncBatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..data.metadata import check_thing_semantic_ids, thing_semantic_ids_from_config
 from .fast_inference import (
@@ -206,6 +209,7 @@ class EfficientPS(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         _check_training_inputs(batched_inputs, self.input_format)
+        _check_batch_norm_positions(batched_inputs, self.backbone)
         images = super().preprocess_image(batched_inputs)  # checked just above
         backbone, sem_seg_head = self._training_parts()
         features = backbone(images.tensor)
@@ -436,6 +440,36 @@ def _check_training_inputs(batched_inputs, input_format):
                 f"batched_inputs[{i}]['sem_seg'] must be an (H, W) map of its image's size "
                 f"{tuple(image.shape[-2:])}, got shape {tuple(sem_seg.shape)}."
             )
+
+
+def _check_batch_norm_positions(batched_inputs, backbone):
+    """Refuses a training batch of one image so small that, padded, it is a single position at the
+    backbone trunk's coarsest stride, where a BatchNorm in training mode has one value per
+    channel: torch's "Expected more than 1 value per channel when training" named no image."""
+    if len(batched_inputs) != 1:
+        return
+    image = batched_inputs[0]["image"]
+    trunk = getattr(backbone, "bottom_up", backbone)
+    stride = max(spec.stride for spec in trunk.output_shape().values())
+    divisor = max(backbone.size_divisibility, 1)
+    padded = [-(-int(size) // divisor) * divisor for size in image.shape[-2:]]
+    if any(size > stride for size in padded):
+        return
+    synced = comm.get_world_size() > 1  # SyncBN then has the other processes' values too
+    if not any(
+        isinstance(m, _BatchNorm) and m.training and not (synced and isinstance(m, SyncBatchNorm))
+        for m in backbone.modules()
+    ):
+        return
+    file_name = batched_inputs[0].get("file_name")
+    raise ValueError(
+        f"The training image batched_inputs[0]{f' ({file_name})' if file_name else ''} is "
+        f"{tuple(image.shape[-2:])} (H, W), alone in its batch: padded to {tuple(padded)}, it "
+        f"is one position at the backbone's stride {stride}, where BatchNorm cannot train on one "
+        f"value per channel. Train on images more than {stride} pixels high or wide "
+        "(INPUT.CROP.SIZE, INPUT.MIN_SIZE_TRAIN) or on at least 2 images per process "
+        "(SOLVER.IMS_PER_BATCH)."
+    )
 
 
 @contextlib.contextmanager
