@@ -259,8 +259,10 @@ def _read(path, image_format, what, read):
 
 
 def _to_chw_tensor(image):
-    # Tensors travel through the DataLoader's shared memory; numpy arrays would be pickled.
-    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    # Tensors travel through the DataLoader's shared memory; numpy arrays would be pickled. A
+    # copy, not np.ascontiguousarray: a flipped 1 x 1 image counts as contiguous to numpy and
+    # kept its negative stride, which torch refuses.
+    return torch.from_numpy(image.transpose(2, 0, 1).copy())
 
 
 def _segment_index(ids, segment_ids):
