@@ -8,10 +8,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from PIL import Image
 
 import demo
+from efficientps_d2.data.image_files import prepare_image
 from efficientps_d2.demo import EfficientPSPredictor, ImageInputError, read_bgr_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.export import ExportedPredictor, export_model, load
@@ -202,6 +204,18 @@ def test_16_bit_images_are_read_as_opencv_reads_them_and_float_ones_are_skipped(
     assert "Processed 1 images, skipped 1." in err
     assert "float.tif: a floating-point image (PIL mode F) has no set range" in err
     assert os.listdir(out) == ["depth.png"]
+
+
+def test_a_one_pixel_view_is_prepared_as_a_tensor_can_take_it():
+    """A flipped 1 x 1 view (image[:, ::-1]) kept its negative stride through
+    np.ascontiguousarray, which torch.as_tensor refused ("At least one stride in the given numpy
+    array is negative") in the predictor."""
+    pixel = np.array([[[1, 2, 3]]], np.uint8)
+    for view, input_format in [(pixel[:, ::-1], "BGR"), (pixel[::-1], "RGB")]:
+        image = prepare_image(view, T.AugmentationList([]), input_format)
+        assert image.flags.c_contiguous and image.flags.writeable and min(image.strides) > 0
+        expected = [1, 2, 3] if input_format == "BGR" else [3, 2, 1]
+        assert torch.as_tensor(image).flatten().tolist() == expected
 
 
 def test_the_model_names_an_image_of_the_wrong_layout():

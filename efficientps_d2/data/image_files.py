@@ -92,7 +92,7 @@ def prepare_image(original_image, augmentation, input_format):
             f"A {height} x {width} image cannot go through the test-time resize {augmentation} "
             f"(too thin: a side would shrink to 0 pixels): {e}"
         ) from e
-    image = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
-    # A read-only array (np.asarray of a PIL image) stays a view when its transpose is already
-    # contiguous (1-pixel images): torch warns on non-writable arrays.
-    return image if image.flags.writeable else image.copy()
+    # A copy, not np.ascontiguousarray, which keeps a 1 x 1 image as it is (numpy ignores the
+    # strides of one-long axes): read-only (np.asarray of a PIL image), which torch warns about,
+    # or flipped (image[:, ::-1]), whose negative stride torch refuses.
+    return aug_input.image.transpose(2, 0, 1).copy()
