@@ -144,6 +144,28 @@ def test_training_inputs_are_checked_dict_by_dict_and_any_integer_labels_train()
             assert torch.equal(model([dict(good, sem_seg=labels)])["loss_sem_seg"], expected)
 
 
+def test_empty_boxes_and_classes_out_of_range_are_named_with_their_image():
+    """An empty or NaN ground-truth box made the RPN's box loss inf or NaN; a class past the
+    ROI heads' failed in cross entropy ("Target 5 is out of bounds"), naming no image."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    good = training_input(64, 96, [[10, 10, 40, 40]], [1])
+    for box, classes, message in [
+        ([10, 10, 10, 30], [1], r"instance 0's gt_boxes \[10.0, 10.0, 10.0, 30.0\] is empty"),
+        (
+            [float("nan"), 10, 40, 40],
+            [1],
+            r"instance 0.s gt_boxes \[nan, .* is empty or not finite",
+        ),
+        ([10, 10, 40, 40], [2], r"its gt_classes \[2\] are not all thing classes in \[0, 2\)"),
+    ]:
+        bad = dict(training_input(64, 96, [[10, 10, 40, 40]], [0]), file_name="bad.png")
+        bad["instances"].gt_boxes.tensor[0] = torch.tensor(box)
+        bad["instances"].gt_classes = torch.tensor(classes)
+        with pytest.raises(ValueError, match=r"batched_inputs\[1\] \(bad.png\): " + message):
+            model([good, bad])
+
+
 def test_a_lone_training_image_of_one_position_at_stride_32_is_named():
     """Padded to 32 x 32, a lone image is one value per channel at stride 32: torch's BatchNorm
     raised "Expected more than 1 value per channel when training", naming no image. With a second

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
 from PIL import Image
 from torch.nn import SyncBatchNorm
@@ -209,6 +209,7 @@ class EfficientPS(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         _check_training_inputs(batched_inputs, self.input_format)
+        _check_instances(batched_inputs, self.roi_heads.num_classes)
         _check_batch_norm_positions(batched_inputs, self.backbone)
         images = super().preprocess_image(batched_inputs)  # checked just above
         backbone, sem_seg_head = self._training_parts()
@@ -439,6 +440,40 @@ def _check_training_inputs(batched_inputs, input_format):
             raise ValueError(
                 f"batched_inputs[{i}]['sem_seg'] must be an (H, W) map of its image's size "
                 f"{tuple(image.shape[-2:])}, got shape {tuple(sem_seg.shape)}."
+            )
+
+
+def _check_instances(batched_inputs, num_things):
+    """Refuses, naming the image, ground-truth instances that Detectron2 fails on without naming
+    it: an empty or non-finite box (the RPN's box loss became inf: the log of a zero width) or a
+    class outside [-1, T) (-1 is ignored; T or more failed in cross entropy with "Target 5 is out
+    of bounds", on a GPU with a device assertion that ends the process). Checked where they are
+    on the CPU, as the data loader gives them: on a GPU the check would wait for the device."""
+    for i, x in enumerate(batched_inputs):
+        instances = x["instances"]
+        fields = instances.get_fields() if isinstance(instances, Instances) else {}
+        boxes, classes = fields.get("gt_boxes"), fields.get("gt_classes")
+        problems = []
+        if isinstance(boxes, Boxes) and boxes.tensor.device.type == "cpu":
+            b = boxes.tensor
+            bad = ~torch.isfinite(b).all(dim=1) | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+            if bad.any():
+                k = int(bad.nonzero()[0])
+                problems.append(
+                    f"instance {k}'s gt_boxes {b[k].tolist()} is empty or not finite (drop such "
+                    "instances: Detectron2's detection_utils.filter_empty_instances)"
+                )
+        if isinstance(classes, torch.Tensor) and classes.device.type == "cpu" and len(classes):
+            if int(classes.min()) < -1 or int(classes.max()) >= num_things:
+                problems.append(
+                    f"its gt_classes {classes.tolist()} are not all thing classes in [0, "
+                    f"{num_things}) (or -1, ignored; MODEL.ROI_HEADS.NUM_CLASSES = {num_things})"
+                )
+        if problems:
+            file_name = x.get("file_name")
+            raise ValueError(
+                f"Training input batched_inputs[{i}]{f' ({file_name})' if file_name else ''}: "
+                f"{'; '.join(problems)}."
             )
 
 
