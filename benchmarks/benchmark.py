@@ -439,13 +439,20 @@ def time_dense(models, image, *, device, warmup, repeats):
 # CUPTI may name them with a version suffix (cudaLaunchKernelExC_v11060), which is dropped.
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 _SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
+# EfficientPS.inference names its stages for the profiler: "EfficientPS.dense", ...
+_STAGE_PREFIX = "EfficientPS."
+# In order; "dense" includes the preprocessing (normalising and padding the batch).
+_STAGES = ("dense", "proposals", "detection", "postprocess")
 
 
 def gpu_profile(run, runs=3):
     """What one ``run()`` costs the GPU, from torch.profiler (CPU and CUDA activities), averaged
     over ``runs``: {"kernel_s": GPU time of its kernels and copies (divided by the wall time, the
     fraction of the run in which the GPU is busy), "launches": kernel launches, "syncs": times
-    the host waits for the GPU}. Launches and waits are what bind a run to the CPU."""
+    the host waits for the GPU, "stages" and "gpu_stages": {stage: seconds} for EfficientPS, on
+    the host and on the GPU (first to last kernel)}. Launches and waits are what bind a run to the
+    CPU; the stages say where. A stage that waits for the GPU takes in, on the host, the GPU time
+    of the stages before it: the two read together."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -460,13 +467,21 @@ def summarize_profile(events, runs, trailing_syncs=0):
     ``trailing_syncs`` waits the profiling itself added."""
     from torch.autograd import DeviceType
 
-    kernel_us, launches, syncs = 0.0, 0, -trailing_syncs
+    kernel_us, launches, syncs, stages, gpu_stages = 0.0, 0, -trailing_syncs, {}, {}
     for event in events:
         call = re.sub(r"_v\d+$", "", event.key)
         if event.device_type == DeviceType.CUDA:
-            kernel_us += getattr(event, "self_device_time_total", None) or getattr(
+            device_us = getattr(event, "self_device_time_total", None) or getattr(
                 event, "self_cuda_time_total", 0
             )
+            # A named stage also shows on the GPU's timeline, as a span around its kernels.
+            if getattr(event, "is_user_annotation", False):
+                if call.startswith(_STAGE_PREFIX):
+                    gpu_stages[call[len(_STAGE_PREFIX) :]] = device_us / 1e6 / runs
+            else:
+                kernel_us += device_us
+        elif call.startswith(_STAGE_PREFIX):
+            stages[call[len(_STAGE_PREFIX) :]] = event.cpu_time_total / 1e6 / runs
         elif call in _LAUNCH_CALLS:
             launches += event.count
         elif call in _SYNC_CALLS:
@@ -475,6 +490,8 @@ def summarize_profile(events, runs, trailing_syncs=0):
         "kernel_s": kernel_us / 1e6 / runs,
         "launches": launches / runs,
         "syncs": max(syncs, 0) / runs,
+        "stages": stages,
+        "gpu_stages": gpu_stages,
     }
 
 
@@ -757,18 +774,29 @@ def markdown(report):
         lines += [
             "",
             "Per image, from torch.profiler: GPU-busy fraction (kernel time / median latency), "
-            "kernel launches, host waits for the GPU (syncs and blocking copies):",
+            "kernel launches, host waits for the GPU (syncs and blocking copies), and the time "
+            "in each stage of EfficientPS's inference on the host and on the GPU (ms, under the "
+            "profiler: " + " / ".join(_STAGES) + "; a stage that waits for the GPU takes in, on "
+            "the host, the GPU time of the stages before it):",
             "",
-            "| model | size | GPU busy | launches | host waits |",
-            "|---|---|---|---|---|",
+            "| model | size | GPU busy | launches | host waits | host ms by stage | "
+            "GPU ms by stage |",
+            "|---|---|---|---|---|---|---|",
         ]
+
+        def by_stage(seconds):
+            if not seconds:
+                return "n/a"
+            return " / ".join(_fmt(seconds.get(k, 0) * 1e3, 1) for k in _STAGES)
+
         for name, per_size in report["gpu_profile"].items():
             for z in sizes:
                 if z in per_size:
                     row = per_size[z]
                     lines.append(
                         f"| {name} | {z} | {_fmt(row['busy'])} | {row['launches']:.0f} | "
-                        f"{row['syncs']:.0f} |"
+                        f"{row['syncs']:.0f} | {by_stage(row.get('stages'))} | "
+                        f"{by_stage(row.get('gpu_stages'))} |"
                     )
     if report.get("training"):
         lines += [

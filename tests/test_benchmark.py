@@ -4,6 +4,7 @@ Markdown, as the README's benchmark command writes them."""
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -63,6 +64,20 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
     assert "| EfficientPS-B5 fast |" in table and "| PanopticFPN-R50 |" in table
     assert report["models"].keys() == saved["models"].keys()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
+    # On CUDA, the GPU profile's rows: stage times for EfficientPS, none for Panoptic FPN.
+    profiled = {"busy": 0.5, "launches": 900, "syncs": 30.0}
+    stages = {"dense": 0.010, "proposals": 0.002, "detection": 0.0035, "postprocess": 0.004}
+    on_gpu = {"dense": 0.009, "detection": 0.001}
+    saved["gpu_profile"] = {
+        "EfficientPS-B5 fast": {"64x128": {**profiled, "stages": stages, "gpu_stages": on_gpu}},
+        "PanopticFPN-R50": {"64x128": {**profiled, "stages": {}, "gpu_stages": {}}},
+    }
+    table = benchmark.markdown(saved)
+    assert (
+        "| EfficientPS-B5 fast | 64x128 | 0.50 | 900 | 30 | 10.0 / 2.0 / 3.5 / 4.0 | "
+        "9.0 / 0.0 / 1.0 / 0.0 |" in table
+    )
+    assert "| PanopticFPN-R50 | 64x128 | 0.50 | 900 | 30 | n/a | n/a |" in table
 
 
 def test_paths_failing_rows_compiled_rows_and_partial_results(benchmark, tmp_path, monkeypatch):
@@ -176,9 +191,14 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
 
     from torch.autograd import DeviceType
 
-    def event(key, count, device_type=DeviceType.CPU, device_us=0.0):
+    def event(key, count, device_type=DeviceType.CPU, device_us=0.0, cpu_us=0.0, **kwargs):
         return SimpleNamespace(
-            key=key, count=count, device_type=device_type, self_device_time_total=device_us
+            key=key,
+            count=count,
+            device_type=device_type,
+            self_device_time_total=device_us,
+            cpu_time_total=cpu_us,
+            **kwargs,
         )
 
     events = [
@@ -191,9 +211,38 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
         event("aten::conv2d", 90),
         event("void conv_kernel<...>", 90, DeviceType.CUDA, 4500.0),
         event("Memcpy DtoH (Device -> Pinned)", 20, DeviceType.CUDA, 1500.0),
+        # A stage: its host time; on the GPU's timeline a span around kernels already counted.
+        event("EfficientPS.detection", 3, cpu_us=7500.0),
+        event("EfficientPS.detection", 3, DeviceType.CUDA, 8000.0, is_user_annotation=True),
     ]
     summary = benchmark.summarize_profile(events, runs=3, trailing_syncs=1)
-    assert summary == {"kernel_s": 0.002, "launches": 120, "syncs": 20 / 3}
+    assert summary == {
+        "kernel_s": 0.002,
+        "launches": 120,
+        "syncs": 20 / 3,
+        "stages": {"detection": 0.0025},
+        "gpu_stages": {"detection": 8000.0 / 1e6 / 3},
+    }
+
+
+def test_profiled_inference_shows_each_stage(benchmark):
+    """EfficientPS names its inference stages for torch.profiler; the GPU profile reports the
+    host's time in each (here profiled on the CPU)."""
+    from detectron2.modeling import build_model
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.common import PERMISSIVE, tiny_config, training_input
+
+    model = build_model(tiny_config(PERMISSIVE)).eval()
+    inputs = [{"image": training_input(64, 96, [], [])["image"]}]
+    model(inputs)  # builds the inference copy outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        model(inputs)
+        elapsed = time.perf_counter() - start
+    stages = benchmark.summarize_profile(prof.key_averages(), runs=1)["stages"]
+    assert set(stages) == set(benchmark._STAGES)
+    assert all(t > 0 for t in stages.values()) and sum(stages.values()) <= elapsed
 
 
 def test_training_rows_autotune_as_each_model_ships(benchmark, monkeypatch):

@@ -75,6 +75,24 @@ def test_valid_dataset_passes_with_class_counts(dataset):
     assert "grass" in report.format()
 
 
+def test_rgba_panoptic_pngs_pass_and_are_read_by_their_rgb(dataset):
+    # Training, evaluation and panopticapi read the ids from R, G, B and ignore the alpha.
+    first, second = (r["pan_seg_file_name"] for r in dataset["records"])
+    rgba = np.asarray(Image.open(first).convert("RGBA")).copy()
+    rgba[..., 3] = 7
+    Image.fromarray(rgba, mode="RGBA").save(first)
+    rgba = np.asarray(Image.open(second).convert("RGBA")).copy()
+    rgba[0, 0, :3] = (1, 2, 3)  # an id that segments_info does not list
+    Image.fromarray(rgba, mode="RGBA").save(second)
+    dataset["register"]()
+    report = check_dataset(dataset["name"])
+    assert report.pngs_checked == 2
+    assert report.errors == [
+        f"Panoptic PNG '{second}' has segment ids [{1 + 256 * 2 + 256**2 * 3}] that its "
+        "segments_info does not list (panopticapi refuses such PNGs)."
+    ]
+
+
 def _grayscale(dataset):
     png = dataset["records"][0]["pan_seg_file_name"]
     Image.open(png).convert("L").save(png)

@@ -11,8 +11,8 @@ PQ; ``SEM_SEG_HEAD.NUM_CLASSES`` smaller than the data set's classes fails mid-t
   classes and ``MODEL.ROI_HEADS.NUM_CLASSES`` its number of thing classes;
 - :func:`check_evaluator_types`: every data set in ``DATASETS.TEST`` can be evaluated;
 - :func:`check_dataset`: the records of one data set: categories, empty data sets, and with
-  ``pngs=True`` every panoptic PNG (mode RGB, size of its image, ids present in the PNG against
-  ``segments_info`` both ways) and the size (and pixel type) of every image against its
+  ``pngs=True`` every panoptic PNG (mode RGB or RGBA, size of its image, ids present in the PNG
+  against ``segments_info`` both ways) and the size (and pixel type) of every image against its
   record, from the image's header;
 - :func:`validate_datasets`: all of the above for a config, as ``train_net.py`` runs it. In a
   multi-process run the PNG pass (minutes for Cityscapes) runs once per machine, on its local
@@ -325,13 +325,15 @@ def _check_png(record):
     try:
         with Image.open(png) as im:
             mode, (width, height) = im.mode, im.size
-            if mode != "RGB":
+            # Training, evaluation and panopticapi all read the ids from R, G and B, whatever
+            # the alpha; any other mode (palette, grayscale) each of them reads differently.
+            if mode not in ("RGB", "RGBA"):
                 errors.append(
                     f"Panoptic PNG '{png}' has mode {mode}; COCO panoptic PNGs are RGB "
-                    "(id = R + 256 G + 256^2 B)."
+                    "(id = R + 256 G + 256^2 B; an alpha channel is ignored)."
                 )
                 return True, errors
-            rgb = np.asarray(im)
+            rgb = np.asarray(im.convert("RGB"))
     except OSError as e:
         errors.append(f"Panoptic PNG '{png}' cannot be read: {e}")
         return False, errors

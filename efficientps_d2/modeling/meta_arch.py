@@ -15,6 +15,7 @@ from detectron2.utils import comm
 from PIL import Image
 from torch.nn import SyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.profiler import record_function
 
 from ..data.metadata import check_thing_semantic_ids, thing_semantic_ids_from_config
 from .fast_inference import (
@@ -251,20 +252,27 @@ class EfficientPS(GeneralizedRCNN):
         if do_postprocess and not check_input_images(batched_inputs, self.input_format):
             return []  # Detectron2's ImageList refuses an empty batch with a bare assertion
         network = self._inference_network()
+        # Each stage named for torch.profiler (the benchmark's host time per stage); without a
+        # profiler running, a marker costs a few microseconds.
         with torch.inference_mode():
-            images = super().preprocess_image(batched_inputs)  # checked above
-            features, sem_seg_logits, objectness, proposal_boxes = network.dense(images.tensor)
-            proposals = rpn_proposals(self.proposal_generator, images, objectness, proposal_boxes)
-            with _cudnn_benchmark_off(self.device):
+            with record_function("EfficientPS.dense"):
+                images = super().preprocess_image(batched_inputs)  # checked above
+                features, sem_seg_logits, objectness, proposal_boxes = network.dense(images.tensor)
+            with record_function("EfficientPS.proposals"):
+                proposals = rpn_proposals(
+                    self.proposal_generator, images, objectness, proposal_boxes
+                )
+            with record_function("EfficientPS.detection"), _cudnn_benchmark_off(self.device):
                 detections = network.detect(self.roi_heads, features, proposals)
             if not do_postprocess:
                 return sem_seg_logits, detections, images.image_sizes
-            return [
-                self.postprocess(logits, det, image_size, x.get("height"), x.get("width"))
-                for logits, det, image_size, x in zip(
-                    sem_seg_logits, detections, images.image_sizes, batched_inputs
-                )
-            ]
+            with record_function("EfficientPS.postprocess"):
+                return [
+                    self.postprocess(logits, det, image_size, x.get("height"), x.get("width"))
+                    for logits, det, image_size, x in zip(
+                        sem_seg_logits, detections, images.image_sizes, batched_inputs
+                    )
+                ]
 
     def _inference_network(self) -> InferenceNetwork:
         """The :class:`~efficientps_d2.modeling.fast_inference.InferenceNetwork` that inference
