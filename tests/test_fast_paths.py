@@ -327,6 +327,20 @@ def test_conv_leaky_relu_equals_conv_then_activation(
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_detectron2s_flop_count_traces_the_fast_inference_model():
+    """Detectron2's FlopCountAnalysis traces the model with torch.jit.trace, which stopped at the
+    fused oneDNN kernel of the default fast path ("unsupported input list type: Scalar?"); under
+    tracing the copy runs the conv and the activation apart, as fvcore counts them."""
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    model = _tiny_model()
+    inputs = [{"image": training_input(64, 96, [], [])["image"]}]
+    fast = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).by_operator()
+    model.fast_inference = False  # the model's own modules: the same convs, BatchNorm apart
+    plain = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).by_operator()
+    assert fast["conv"] == plain["conv"] > 0 and "batch_norm" not in fast
+
+
 # -------------------------------------------------------------------------------------------------
 # The inference network: dtype, CUDA graphs, torch.compile (efficientps_d2.modeling.fast_inference)
 # -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from efficientps_d2.demo import EfficientPSPredictor, ImageInputError, read_bgr_
 from efficientps_d2.engine import load_config
 from efficientps_d2.export import ExportedPredictor, export_model, load
 from efficientps_d2.modeling import EfficientPSWithTTA
-from tests.common import PERMISSIVE, save_random_model, tiny_config
+from tests.common import NUM_CLASSES, PERMISSIVE, save_random_model, tiny_config
 
 # Cityscapes' built-in metadata (no files needed): 8 things, 11 stuff classes.
 DATASET = "cityscapes_fine_panoptic_val"
@@ -274,6 +274,9 @@ def test_an_empty_batch_gives_no_outputs():
     model = build_model(tiny_config()).eval()
     assert model([]) == []
     assert EfficientPSWithTTA(tiny_config(), model)([]) == []
+    # Without postprocessing: no images, as model.inference(..., do_postprocess=False) gives them.
+    sem_seg_logits, detections, image_sizes = model.inference([], do_postprocess=False)
+    assert sem_seg_logits.shape == (0, NUM_CLASSES, 0, 0) and detections == image_sizes == []
 
 
 def test_tta_runs_an_image_too_thin_for_its_scales():

@@ -93,6 +93,14 @@ def test_every_yaml_config_has_a_lazy_twin():
         assert os.path.isfile(os.path.join(CONFIGS, name + ".py")), name
 
 
+def test_lazy_configs_hold_the_five_parts_and_nothing_else():
+    # LazyConfig.load keeps every module-level dict config whose name has no leading "_": a loop
+    # variable over model parts became a top-level key, which LazyConfig.save wrote to config.yaml.
+    for name in YAML_CONFIGS:
+        cfg = load_config(os.path.join(CONFIGS, name + ".py"))
+        assert sorted(cfg) == ["dataloader", "lr_multiplier", "model", "optimizer", "train"], name
+
+
 @pytest.mark.parametrize("name", YAML_CONFIGS)
 def test_python_and_yaml_configs_build_the_same_model(name):
     torch.manual_seed(0)

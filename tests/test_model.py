@@ -270,6 +270,28 @@ def test_fusion_settings_are_checked_when_the_model_is_built(key, value):
 
 
 @pytest.mark.parametrize(
+    "opts, error, message",
+    [
+        # Trained without a mask loss, then stopped at the first inference in the fusion.
+        (["MODEL.MASK_ON", False], ValueError, "needs the mask head: set MODEL.MASK_ON True"),
+        # A StandardROIHeads subclass: it trained, then inference ran StandardROIHeads' box
+        # inference on its ModuleList of box heads ("missing the required forward function").
+        (
+            ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"]
+            + ["MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True],
+            NotImplementedError,
+            r"MODEL.ROI_HEADS.NAME .*got CascadeROIHeads \(it overrides forward, _forward_box\)",
+        ),
+        (["MODEL.KEYPOINT_ON", True], NotImplementedError, "with a keypoint head"),
+    ],
+    ids=["mask-off", "cascade", "keypoints"],
+)
+def test_heads_that_inference_cannot_run_are_refused_when_the_model_is_built(opts, error, message):
+    with pytest.raises(error, match=message):
+        build_model(tiny_config(opts))
+
+
+@pytest.mark.parametrize(
     "image_format, what",
     [("L", "a 1-channel format"), ("RGBA", "a 4-channel format"), ("XYZ", "not")],
 )

@@ -136,6 +136,22 @@ def test_wrapper_refuses_training_mode_and_other_models(model):
         EfficientPSWithTTA(cfg, model, min_sizes=[])
 
 
+def test_detectron2s_rcnn_tta_wrapper_is_pointed_to_efficientps_own():
+    """Detectron2's tools/train_net.py wraps the model in GeneralizedRCNNWithTTA when
+    TEST.AUG.ENABLED, the key EfficientPS's own TTA reads: it stopped with "inference() got
+    multiple values for argument 'do_postprocess'"."""
+    from detectron2.modeling import GeneralizedRCNNWithTTA
+
+    cfg = tiny_config(PERMISSIVE + ["TEST.AUG.MIN_SIZES", (64,), "TEST.AUG.MAX_SIZE", 128])
+    model = build_model(cfg).eval()  # the wrapper leaves its mask head off when inference fails
+    inputs = [{"image": _image(64, 96), "height": 64, "width": 96}]
+    with pytest.raises(NotImplementedError, match="is efficientps_d2.modeling.EfficientPSWithTTA"):
+        GeneralizedRCNNWithTTA(cfg, model)(inputs)
+    model.roi_heads.mask_on = True
+    with pytest.raises(NotImplementedError, match="takes no detected_instances"):
+        model.inference(inputs, [None])
+
+
 @pytest.mark.parametrize(
     "settings, key",
     [

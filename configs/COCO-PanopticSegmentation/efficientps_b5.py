@@ -4,13 +4,13 @@ from ..common.data.coco import dataloader  # noqa: F401 (part of the config)
 from ..common.models.efficientps import model
 from ..common.train import lr_multiplier, optimizer, train  # noqa: F401 (part of the config)
 
-for norm_owner in (
+for _norm_owner in (
     model.backbone.bottom_up,
     model.backbone,
     model.sem_seg_head,
     model.proposal_generator.head,
 ):
-    norm_owner.norm = "SyncBN"
+    _norm_owner.norm = "SyncBN"
 # Detectron2's count-weighted synchronised BN, which takes a process without foreground ROIs
 # (an image without things): torch's SyncBatchNorm cannot (see the YAML twin).
 model.roi_heads.mask_head.conv_norm = "naiveSyncBN_N"

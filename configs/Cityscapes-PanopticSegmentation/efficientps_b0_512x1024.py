@@ -6,13 +6,13 @@ from .efficientps_b5 import lr_multiplier  # noqa: F401 (part of the config)
 from .efficientps_b5 import dataloader, model, optimizer, train
 
 model.backbone.bottom_up.variant = "b0"
-for norm_owner in (
+for _norm_owner in (
     model.backbone.bottom_up,
     model.backbone,
     model.sem_seg_head,
     model.proposal_generator.head,
 ):
-    norm_owner.norm = "BN"
+    _norm_owner.norm = "BN"
 model.roi_heads.mask_head.conv_norm = "BN"
 
 dataloader.train.mapper.augmentations = [

@@ -67,8 +67,10 @@ _FUSED_CONV_OP = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_point
 class ConvLeakyReLU(nn.Module):
     """Inference-only ``leaky_relu(conv(x))``, one fused oneDNN kernel on CPU for float32.
 
-    Elsewhere (GPU, other dtypes, autograd, empty inputs) it runs the conv and the activation one
-    after the other. Built by :func:`fuse_conv_leaky_relu`; the conv must have no norm/activation.
+    Elsewhere (GPU, other dtypes, autograd, empty inputs, and under ``torch.jit.trace``, which
+    cannot record the kernel's optional-scalar list: Detectron2's ``FlopCountAnalysis`` traces
+    the model) it runs the conv and the activation one after the other. Built by
+    :func:`fuse_conv_leaky_relu`; the conv must have no norm/activation.
     """
 
     def __init__(self, conv: nn.Conv2d, negative_slope: float):
@@ -88,6 +90,7 @@ class ConvLeakyReLU(nn.Module):
             and x.dtype == torch.float32
             and x.numel() > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and not torch.jit.is_tracing()
         ):
             return _FUSED_CONV_OP(
                 x,
@@ -468,7 +471,7 @@ class InferenceNetwork:
         self,
         dense: DenseNetwork,
         box_head: nn.Module,
-        mask_head: Optional[nn.Module],
+        mask_head: nn.Module,
         *,
         cuda_graph: bool = False,
         cuda_graph_cache_size: int = 4,
@@ -531,8 +534,6 @@ class InferenceNetwork:
         predictions = roi_heads.box_predictor(self.box_head(box_features))
         del box_features
         instances, _ = roi_heads.box_predictor.inference(predictions, proposals)
-        if self.mask_head is None:
-            return instances
         if roi_heads.mask_pooler is not None:
             in_features = [features[f] for f in roi_heads.mask_in_features]
             mask_features = roi_heads.mask_pooler(in_features, [x.pred_boxes for x in instances])
@@ -561,19 +562,40 @@ def rpn_proposals(
     )
 
 
+# What InferenceNetwork.detect stands in for: a subclass of StandardROIHeads that overrides one
+# of these (Detectron2's CascadeROIHeads: forward, _forward_box) would infer otherwise.
+_ROI_HEADS_INFERENCE = ("forward", "_forward_box", "forward_with_given_boxes", "_forward_mask")
+
+
 def check_supported(model) -> None:
     """Fails, naming the config key, if ``model``'s RPN or ROI heads are not the kinds that
-    :class:`InferenceNetwork` runs (Detectron2's RPN and StandardROIHeads without keypoints)."""
+    :class:`InferenceNetwork` runs: Detectron2's RPN, and StandardROIHeads (or a subclass that
+    keeps its inference) with a mask head, which the panoptic fusion needs, and no keypoints.
+    EfficientPS checks this when it is built, before any training, and again at inference."""
     if type(model.proposal_generator) is not RPN:
         raise NotImplementedError(
             "EfficientPS inference runs Detectron2's RPN (MODEL.PROPOSAL_GENERATOR.NAME 'RPN'), "
             f"got {type(model.proposal_generator).__name__}."
         )
     roi_heads = model.roi_heads
-    if not isinstance(roi_heads, StandardROIHeads) or roi_heads.keypoint_on:
+    overridden = [
+        name
+        for name in _ROI_HEADS_INFERENCE
+        if isinstance(roi_heads, StandardROIHeads)
+        and getattr(type(roi_heads), name) is not getattr(StandardROIHeads, name)
+    ]
+    keypoints = getattr(roi_heads, "keypoint_on", False)
+    if not isinstance(roi_heads, StandardROIHeads) or overridden or keypoints:
+        why = f" (it overrides {', '.join(overridden)})" if overridden else ""
+        why += " with a keypoint head" if keypoints else ""
         raise NotImplementedError(
             "EfficientPS inference runs StandardROIHeads without keypoints (MODEL.ROI_HEADS.NAME "
-            f"'StandardROIHeads', MODEL.KEYPOINT_ON False), got {type(roi_heads).__name__}."
+            f"'StandardROIHeads', MODEL.KEYPOINT_ON False), got {type(roi_heads).__name__}{why}."
+        )
+    if not roi_heads.mask_on:
+        raise ValueError(
+            "EfficientPS's panoptic fusion needs the mask head: set MODEL.MASK_ON True (in a "
+            "LazyConfig, model.roi_heads.mask_in_features, mask_pooler and mask_head)."
         )
 
 
@@ -592,7 +614,7 @@ def build_inference_network(model, options: InferenceOptions) -> InferenceNetwor
         "sem_seg_head": model.sem_seg_head,
         "rpn_head": model.proposal_generator.rpn_head,
         "box_head": roi_heads.box_head,
-        "mask_head": roi_heads.mask_head if roi_heads.mask_on else nn.Identity(),
+        "mask_head": roi_heads.mask_head,
     }
     if options.needs_copy(model.device):
         # Ordinary (not inference) tensors even when called under inference_mode.
@@ -618,7 +640,7 @@ def build_inference_network(model, options: InferenceOptions) -> InferenceNetwor
     return InferenceNetwork(
         dense,
         parts["box_head"],
-        parts["mask_head"] if roi_heads.mask_on else None,
+        parts["mask_head"],
         cuda_graph=options.cuda_graph and model.device.type == "cuda",
         cuda_graph_cache_size=options.cuda_graph_cache_size,
         compiled=compiled,

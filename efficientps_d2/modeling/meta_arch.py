@@ -22,6 +22,7 @@ from .fast_inference import (
     InferenceNetwork,
     InferenceOptions,
     build_inference_network,
+    check_supported,
     rpn_proposals,
 )
 from .fusion import panoptic_postprocess
@@ -136,6 +137,8 @@ class EfficientPS(GeneralizedRCNN):
     ):
         super().__init__(**kwargs)
         _check_input_format(self.input_format)
+        # Heads that inference cannot run (no mask head, Cascade) are refused before training.
+        check_supported(self)
         self.sem_seg_head = sem_seg_head
         if inplace_abn:
             # The paper's norm layer: BatchNorm + LeakyReLU that keep half the activations.
@@ -241,16 +244,40 @@ class EfficientPS(GeneralizedRCNN):
         losses.update(detector_losses)
         return losses
 
-    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], do_postprocess=True):
+    def inference(
+        self,
+        batched_inputs: List[Dict[str, torch.Tensor]],
+        detected_instances=None,
+        do_postprocess=True,
+    ):
         """Runs the network; with ``do_postprocess`` also resizes and fuses (see class docstring).
 
-        Without it, returns (semantic logits at the padded input size (N, C, H, W),
-        detector Instances in input coordinates) — what test-time augmentation merges.
-        An empty ``batched_inputs`` gives an empty list of outputs.
+        Without it, returns a tuple (semantic logits at the padded input size (N, C, H, W), list
+        of N detector Instances in input coordinates, list of N input (height, width) sizes
+        before padding): what test-time augmentation merges, and what :meth:`postprocess` takes
+        image by image. An empty ``batched_inputs`` gives an empty list of outputs (without
+        ``do_postprocess``: logits of shape (0, C, 0, 0) and two empty lists).
+
+        ``detected_instances`` keeps ``GeneralizedRCNN.inference``'s signature; EfficientPS
+        detects its own instances, so anything but None is refused.
         """
+        if detected_instances is not None or not self.roi_heads.mask_on:
+            # Detectron2's GeneralizedRCNNWithTTA (tools/train_net.py's TEST.AUG.ENABLED) calls
+            # inference with its mask head off, then with given boxes: it stopped with "got
+            # multiple values for argument 'do_postprocess'".
+            raise NotImplementedError(
+                "EfficientPS.inference takes no detected_instances and needs its mask head on "
+                "(roi_heads.mask_on), as Detectron2's GeneralizedRCNNWithTTA does not leave it: "
+                "EfficientPS's test-time augmentation (TEST.AUG.ENABLED in train_net.py and "
+                "demo.py) is efficientps_d2.modeling.EfficientPSWithTTA."
+            )
         # Checked before any work, the inference copy's build included.
-        if do_postprocess and not check_input_images(batched_inputs, self.input_format):
-            return []  # Detectron2's ImageList refuses an empty batch with a bare assertion
+        if not check_input_images(batched_inputs, self.input_format):
+            # Detectron2's ImageList refuses an empty batch with a bare assertion.
+            if do_postprocess:
+                return []
+            classes = self.sem_seg_head.num_classes
+            return torch.empty(0, classes, 0, 0, device=self.device), [], []
         network = self._inference_network()
         # Each stage named for torch.profiler (the benchmark's host time per stage); without a
         # profiler running, a marker costs a few microseconds.

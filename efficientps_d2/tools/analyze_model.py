@@ -76,8 +76,8 @@ def _load(args):
     if config.weights:
         config.checkpointer(model).load(config.weights)
     if hasattr(model, "fast_inference"):
-        # Count the architecture's own modules: fvcore does not count the fused oneDNN kernels
-        # of the fast inference copy (MODEL.EFFICIENTPS.FAST_INFERENCE).
+        # Count the architecture's own modules, BatchNorm included: the fast inference copy
+        # (MODEL.EFFICIENTPS.FAST_INFERENCE) has it folded into the convs.
         model.fast_inference = False
     return config, model.eval()
 
