@@ -173,8 +173,13 @@ def test_a_lone_training_image_of_one_position_at_stride_32_is_named():
     torch.manual_seed(0)
     model = build_model(tiny_config()).train()
     lone = dict(training_input(20, 32, [[2, 2, 12, 12]], [0]), file_name="tiny.png")
-    with pytest.raises(ValueError, match=r"batched_inputs\[0\] \(tiny.png\) is \(20, 32\)"):
+    named = r"batched_inputs\[0\] \(tiny.png\) is \(20, 32\) \(H, W\), alone in its batch"
+    with pytest.raises(ValueError, match=named):
         model([lone])
+    # The same where the semantic head's BatchNorm is the first to meet the one position.
+    frozen = ["MODEL.EFFICIENTNET.NORM", "FrozenBN", "MODEL.TWO_WAY_FPN.NORM", "FrozenBN"]
+    with pytest.raises(ValueError, match=named):
+        build_model(tiny_config(frozen)).train()([lone])
     with EventStorage():
         for batch in (
             [lone, training_input(20, 32, [], [], seed=1)],

@@ -56,8 +56,6 @@ from .mask_paste import detector_postprocess
 
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
-logger = logging.getLogger(__name__)
-
 _REQUIRED_FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_mask_logits")
 
 

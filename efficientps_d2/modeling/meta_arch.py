@@ -11,10 +11,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from detectron2.structures import Boxes, ImageList, Instances
-from detectron2.utils import comm
 from PIL import Image
-from torch.nn import SyncBatchNorm
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.profiler import record_function
 
 from ..data.metadata import check_thing_semantic_ids, thing_semantic_ids_from_config
@@ -214,8 +211,16 @@ class EfficientPS(GeneralizedRCNN):
             return self.inference(batched_inputs)
         _check_training_inputs(batched_inputs, self.input_format)
         _check_instances(batched_inputs, self.roi_heads.num_classes)
-        _check_batch_norm_positions(batched_inputs, self.backbone)
-        images = super().preprocess_image(batched_inputs)  # checked just above
+        try:
+            return self._training_losses(batched_inputs)
+        except Exception as e:  # torch.compile (COMPILE_TRAINING) may wrap torch's ValueError
+            named = _named_one_value_per_channel(e, batched_inputs)
+            if named is None:
+                raise
+            raise named from e
+
+    def _training_losses(self, batched_inputs):
+        images = super().preprocess_image(batched_inputs)  # checked in forward
         backbone, sem_seg_head = self._training_parts()
         features = backbone(images.tensor)
 
@@ -491,7 +496,7 @@ def _check_instances(batched_inputs, num_things):
         problems = []
         if isinstance(boxes, Boxes) and boxes.tensor.device.type == "cpu":
             b = boxes.tensor
-            bad = ~torch.isfinite(b).all(dim=1) | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+            bad = ~(torch.isfinite(b).all(dim=1) & boxes.nonempty())
             if bad.any():
                 k = int(bad.nonzero()[0])
                 problems.append(
@@ -512,33 +517,22 @@ def _check_instances(batched_inputs, num_things):
             )
 
 
-def _check_batch_norm_positions(batched_inputs, backbone):
-    """Refuses a training batch of one image so small that, padded, it is a single position at the
-    backbone trunk's coarsest stride, where a BatchNorm in training mode has one value per
-    channel: torch's "Expected more than 1 value per channel when training" named no image."""
-    if len(batched_inputs) != 1:
-        return
-    image = batched_inputs[0]["image"]
-    trunk = getattr(backbone, "bottom_up", backbone)
-    stride = max(spec.stride for spec in trunk.output_shape().values())
-    divisor = max(backbone.size_divisibility, 1)
-    padded = [-(-int(size) // divisor) * divisor for size in image.shape[-2:]]
-    if any(size > stride for size in padded):
-        return
-    synced = comm.get_world_size() > 1  # SyncBN then has the other processes' values too
-    if not any(
-        isinstance(m, _BatchNorm) and m.training and not (synced and isinstance(m, SyncBatchNorm))
-        for m in backbone.modules()
-    ):
-        return
+def _named_one_value_per_channel(error, batched_inputs):
+    """For a training step that failed with ``error``: the error naming the image, where it is
+    torch's "Expected more than 1 value per channel when training" (a BatchNorm layer in training
+    mode at a level where a lone image is one position), which names none; else None."""
+    cause = error
+    while cause is not None and "more than 1 value per channel" not in str(cause):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or len(batched_inputs) != 1:
+        return None
     file_name = batched_inputs[0].get("file_name")
-    raise ValueError(
+    return ValueError(
         f"The training image batched_inputs[0]{f' ({file_name})' if file_name else ''} is "
-        f"{tuple(image.shape[-2:])} (H, W), alone in its batch: padded to {tuple(padded)}, it "
-        f"is one position at the backbone's stride {stride}, where BatchNorm cannot train on one "
-        f"value per channel. Train on images more than {stride} pixels high or wide "
-        "(INPUT.CROP.SIZE, INPUT.MIN_SIZE_TRAIN) or on at least 2 images per process "
-        "(SOLVER.IMS_PER_BATCH)."
+        f"{tuple(batched_inputs[0]['image'].shape[-2:])} (H, W), alone in its batch: at the "
+        "network's coarsest level it is one position, where a BatchNorm layer cannot train on one "
+        "value per channel. Train on larger images (INPUT.CROP.SIZE, INPUT.MIN_SIZE_TRAIN) or on "
+        "at least 2 images per process (SOLVER.IMS_PER_BATCH)."
     )
 
 

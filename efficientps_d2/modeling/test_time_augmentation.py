@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import tta_config
-from ..data.image_files import read_image
+from ..data.image_files import chw_tensor, read_image
 from .meta_arch import EfficientPS, check_input_images
 
 __all__ = ["EfficientPSWithTTA", "check_tta_settings"]
@@ -183,7 +183,7 @@ class EfficientPSWithTTA(nn.Module):
             return dataset_dict  # check_input_images names the missing image
         ret = copy.copy(dataset_dict)
         image = read_image(ret["file_name"], self.model.input_format)
-        ret["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        ret["image"] = chw_tensor(image)
         return ret
 
     def _augmented_images(self, image):
@@ -250,7 +250,7 @@ def _resize(image, size):
     height, width = image.shape[-2:]
     array = image.permute(1, 2, 0).cpu().numpy()
     resized = ResizeTransform(height, width, size[0], size[1]).apply_image(array)
-    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), device=image.device)
+    return chw_tensor(resized).to(image.device)
 
 
 def _to_output_frame(logits, image_size, flipped, output_size):
