@@ -23,7 +23,7 @@ from detectron2.utils.visualizer import Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
 from .config_adapter import ConfigAdapter
-from .data.image_files import read_image
+from .data.image_files import chw_tensor, read_image
 from .data.metadata import with_isthing
 
 __all__ = [
@@ -142,7 +142,7 @@ class PanopticVisualizationHook(HookBase):
         self._augmentations(resized)
         resized = resized.image
         inputs = {
-            "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+            "image": chw_tensor(resized),
             "height": height,
             "width": width,
         }

@@ -267,3 +267,12 @@ def test_bad_categories_are_named_at_registration(tmp_path, edit, message):
         register_panoptic_dataset("test_custom_dataset_bad_categories", **_paths(dataset))
     assert f"Panoptic json '{dataset['panoptic_json']}'" in str(e.value)
     assert "test_custom_dataset_bad_categories" not in DatasetCatalog.list()
+
+
+def test_a_data_set_without_thing_classes_is_named_as_such():
+    """Its empty thing_dataset_id_to_contiguous_id was reported as missing ("needs
+    'thing_dataset_id_to_contiguous_id' and ...")."""
+    meta = {"name": "stuff_only", "thing_dataset_id_to_contiguous_id": {}}
+    meta["stuff_dataset_id_to_contiguous_id"] = {1: 0, 2: 1}
+    with pytest.raises(ValueError, match="'stuff_only' has no thing classes .* at least one"):
+        thing_semantic_ids(meta)

@@ -150,6 +150,14 @@ def test_flip_then_crop_keep_masks_and_boxes_consistent(record):
     np.testing.assert_array_equal(image[0, 0], (W - 1 - np.arange(x0, x0 + w)))  # R = original x
 
 
+def test_a_flipped_one_pixel_crop(record):
+    """A flipped 1 x 1 image kept a negative stride (numpy calls it contiguous), and torch
+    refused it: "At least one stride in the given numpy array is negative"."""
+    out = _mapper([T.RandomFlip(prob=1.0), T.CropTransform(30, 15, 1, 1)])(record)
+    _check(out, _id_map()[:, ::-1][15:16, 30:31])
+    assert out["image"].flatten().tolist() == [W - 1 - 30, 15, 200]
+
+
 def test_fixed_size_crop_padding_is_void(record):
     augs = [T.RandomFlip(prob=1.0), T.FixedSizeCrop((H + 6, W + 10))]
     out = _mapper(augs)(record)

@@ -653,4 +653,10 @@ def test_inputs_the_exported_model_cannot_take_are_named(exports):
     ]:
         with pytest.raises(ValueError, match=rf"batched_inputs\[1\]\['image'\] .*, got {got}"):
             exported([{"image": image}, bad])
+    # An image without pixels, an output size of 0 (it gave the input's size) or 40.5 (truncated).
+    with pytest.raises(ValueError, match=r"batched_inputs\[1\]\['image'\] has no pixels"):
+        exported([{"image": image}, {"image": image[:, :0]}])
+    for size in (0, 40.5):
+        with pytest.raises(ValueError, match=r"batched_inputs\[1\]\['height'\] is the output"):
+            exported([{"image": image}, {"image": image, "height": size}])
     assert runs == []

@@ -4,6 +4,7 @@ import functools
 import math
 import sys
 
+import detectron2.utils.logger
 import pytest
 import torch
 from detectron2.layers.mask_ops import _do_paste_mask
@@ -382,6 +383,32 @@ def test_no_stuff_classes_and_no_thing_classes():
     )
     check_consistent(pan, info)
     assert info == [{"id": 1, "isthing": False, "category_id": 1, "area": H * W}]
+
+
+def test_pixels_with_a_nan_semantic_logit_are_void_and_counted(caplog, monkeypatch):
+    """NaN semantic logits (NaN or inf weights, a float16 overflow) gave every such pixel to
+    whichever class held the NaN (max and argmax propagate it): an all-NaN image became one
+    road segment covering it all, without a word."""
+    monkeypatch.setattr(detectron2.utils.logger, "_LOG_TIMER", {})  # the warning's rate limit
+    sem = sky_over_road()
+    sem[ROAD, HALF:, :8] = float("nan")  # a stuff channel
+    sem[PERSON, :4, 16:24] = float("nan")  # a thing channel, under the car's box
+    inst = make_instances([[16, 0, 32, 8]], [0.9], [0], [full_mask()])
+    with caplog.at_level("WARNING", logger=fusion.__name__):
+        pan, info = fuse(sem, inst)
+    check_consistent(pan, info)
+    nan = sem.isnan().any(dim=0)
+    assert (pan[nan] == 0).all() and (pan[~nan] != 0).all()
+    car = segment_of(info, isthing=True)
+    assert car["area"] == 16 * 8 - 4 * 8
+    assert segment_of(info, category_id=ROAD)["area"] == H * W // 2 - HALF * 8
+    assert f"{int(nan.sum())} of {H * W} pixels have a NaN semantic logit" in caplog.text
+
+    caplog.clear()
+    pan, info = panoptic_fusion(
+        torch.full((2, H, W), float("nan")), Instances((H, W)), thing_semantic_ids=[]
+    )
+    assert info == [] and (pan == 0).all()
 
 
 def test_paste_matches_detectron2_convention():

@@ -8,10 +8,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from PIL import Image
 
 import demo
+from efficientps_d2.data.image_files import prepare_image
 from efficientps_d2.demo import EfficientPSPredictor, ImageInputError, read_bgr_image
 from efficientps_d2.engine import load_config
 from efficientps_d2.export import ExportedPredictor, export_model, load
@@ -204,6 +206,18 @@ def test_16_bit_images_are_read_as_opencv_reads_them_and_float_ones_are_skipped(
     assert os.listdir(out) == ["depth.png"]
 
 
+def test_a_one_pixel_view_is_prepared_as_a_tensor_can_take_it():
+    """A flipped 1 x 1 view (image[:, ::-1]) kept its negative stride through
+    np.ascontiguousarray, which torch.as_tensor refused ("At least one stride in the given numpy
+    array is negative") in the predictor."""
+    pixel = np.array([[[1, 2, 3]]], np.uint8)
+    for view, input_format in [(pixel[:, ::-1], "BGR"), (pixel[::-1], "RGB")]:
+        image = prepare_image(view, T.AugmentationList([]), input_format)
+        assert image.flags.c_contiguous and image.flags.writeable and min(image.strides) > 0
+        expected = [1, 2, 3] if input_format == "BGR" else [3, 2, 1]
+        assert torch.as_tensor(image).flatten().tolist() == expected
+
+
 def test_the_model_names_an_image_of_the_wrong_layout():
     """DefaultPredictor-style use of the model itself: an (H, W, 3) tensor failed with "The size
     of tensor a (64) must match the size of tensor b (3)", a numpy array with "'numpy.ndarray'
@@ -225,6 +239,32 @@ def test_the_model_names_an_image_of_the_wrong_layout():
     # A model left in training mode (model_zoo.get returns one, as Detectron2's does).
     with pytest.raises(ValueError, match=r"training mode: call model.eval\(\) to predict"):
         model.train()([{"image": image.permute(2, 0, 1)}])
+
+
+def test_images_without_pixels_and_output_sizes_that_are_no_size_are_named():
+    """By the model and by TTA, before any image of the batch runs. An image without pixels
+    failed in a convolution ("Kernel size can't be greater than actual input size"), TTA's in a
+    ZeroDivisionError; a "height" of 0 gave the input's height, a negative or fractional one
+    failed in an interpolation. TTA checked nothing: a gray (1, H, W) image ran broadcast to 3
+    channels, an (H, W, 3) one failed in PIL ("Cannot handle this data type")."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    tta = EfficientPSWithTTA(tiny_config(), model, min_sizes=[32], max_size=64, flip=False)
+    model._inference_network = lambda: pytest.fail("an image ran before the batch was checked")
+    image = torch.from_numpy(_image(32, 48)).permute(2, 0, 1)
+    cases = [
+        ({"image": image[:, :0]}, r"\['image'\] has no pixels: shape \(3, 0, 48\)"),
+        ({"image": image[:, :, :0]}, r"\['image'\] has no pixels"),
+        ({"image": image[:1]}, r"\['image'\] must be a \(3, H, W\) .* shape \(1, 32, 48\)"),
+        ({"image": image.permute(1, 2, 0)}, r"\['image'\] must be a \(3, H, W\)"),
+    ]
+    for key in ("height", "width"):
+        for size in (0, -5, 40.5, "40", True, torch.tensor([30, 20])):
+            cases.append(({"image": image, key: size}, rf"\['{key}'\] is the output {key}, a pos"))
+    for runner in (model, tta):
+        for bad, message in cases:
+            with pytest.raises(ValueError, match=r"batched_inputs\[1\]" + message):
+                runner([{"image": image}, bad])
 
 
 def test_an_empty_batch_gives_no_outputs():

@@ -144,6 +144,50 @@ def test_training_inputs_are_checked_dict_by_dict_and_any_integer_labels_train()
             assert torch.equal(model([dict(good, sem_seg=labels)])["loss_sem_seg"], expected)
 
 
+def test_empty_boxes_and_classes_out_of_range_are_named_with_their_image():
+    """An empty or NaN ground-truth box made the RPN's box loss inf or NaN; a class past the
+    ROI heads' failed in cross entropy ("Target 5 is out of bounds"), naming no image."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    good = training_input(64, 96, [[10, 10, 40, 40]], [1])
+    for box, classes, message in [
+        ([10, 10, 10, 30], [1], r"instance 0's gt_boxes \[10.0, 10.0, 10.0, 30.0\] is empty"),
+        (
+            [float("nan"), 10, 40, 40],
+            [1],
+            r"instance 0.s gt_boxes \[nan, .* is empty or not finite",
+        ),
+        ([10, 10, 40, 40], [2], r"its gt_classes \[2\] are not all thing classes in \[0, 2\)"),
+    ]:
+        bad = dict(training_input(64, 96, [[10, 10, 40, 40]], [0]), file_name="bad.png")
+        bad["instances"].gt_boxes.tensor[0] = torch.tensor(box)
+        bad["instances"].gt_classes = torch.tensor(classes)
+        with pytest.raises(ValueError, match=r"batched_inputs\[1\] \(bad.png\): " + message):
+            model([good, bad])
+
+
+def test_a_lone_training_image_of_one_position_at_stride_32_is_named():
+    """Padded to 32 x 32, a lone image is one value per channel at stride 32: torch's BatchNorm
+    raised "Expected more than 1 value per channel when training", naming no image. With a second
+    image, or one more pixel (padded to 32 x 64), the step trains."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    lone = dict(training_input(20, 32, [[2, 2, 12, 12]], [0]), file_name="tiny.png")
+    named = r"batched_inputs\[0\] \(tiny.png\) is \(20, 32\) \(H, W\), alone in its batch"
+    with pytest.raises(ValueError, match=named):
+        model([lone])
+    # The same where the semantic head's BatchNorm is the first to meet the one position.
+    frozen = ["MODEL.EFFICIENTNET.NORM", "FrozenBN", "MODEL.TWO_WAY_FPN.NORM", "FrozenBN"]
+    with pytest.raises(ValueError, match=named):
+        build_model(tiny_config(frozen)).train()([lone])
+    with EventStorage():
+        for batch in (
+            [lone, training_input(20, 32, [], [], seed=1)],
+            [training_input(20, 33, [], [])],
+        ):
+            assert all(torch.isfinite(v) for v in model(batch).values())
+
+
 def test_inference_contract_at_requested_size():
     torch.manual_seed(0)
     model = build_model(tiny_config(PERMISSIVE)).eval()
@@ -250,6 +294,17 @@ def test_fusion_settings_are_checked_when_the_model_is_built(key, value):
 def test_heads_that_inference_cannot_run_are_refused_when_the_model_is_built(opts, error, message):
     with pytest.raises(error, match=message):
         build_model(tiny_config(opts))
+
+
+@pytest.mark.parametrize(
+    "image_format, what",
+    [("L", "a 1-channel format"), ("RGBA", "a 4-channel format"), ("XYZ", "not")],
+)
+def test_input_formats_without_3_channels_are_refused_when_the_model_is_built(image_format, what):
+    """INPUT.FORMAT "L" built a model that the first training batch, once read, could not run
+    ((1, H, W) images; a (3, H, W) input is the contract)."""
+    with pytest.raises(ValueError, match=rf"INPUT.FORMAT .* '{image_format}' is {what}"):
+        build_model(tiny_config(["INPUT.FORMAT", image_format]))
 
 
 def test_thing_semantic_ids_are_checked():

@@ -13,7 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from .image_files import ImageInputError, read_image
+from .image_files import ImageInputError, chw_tensor, read_image
 from .metadata import thing_semantic_ids_from_config
 
 __all__ = ["EfficientPSDatasetMapper", "check_augmentations"]
@@ -170,7 +170,7 @@ class EfficientPSDatasetMapper:
         if not self.is_train:
             aug_input = T.AugInput(image)
             self.augmentations(aug_input)
-            out["image"] = _to_chw_tensor(aug_input.image)
+            out["image"] = chw_tensor(aug_input.image)
             return out
 
         from panopticapi.utils import id2rgb, rgb2id  # optional dependency, needed for training
@@ -197,7 +197,8 @@ class EfficientPSDatasetMapper:
         index[index > len(segments)] = 0
 
         semantic = np.array([self.ignore_label] + [s[1] for s in segments], np.int64)
-        out["image"] = _to_chw_tensor(image)
+        # Tensors travel through the DataLoader's shared memory; numpy arrays would be pickled.
+        out["image"] = chw_tensor(image)
         out["sem_seg"] = torch.as_tensor(semantic[index])
 
         thing_class = np.array([-1] + [s[2] for s in segments], np.int64)
@@ -256,11 +257,6 @@ def _read(path, image_format, what, read):
         raise FileNotFoundError(f"The {what} '{path}' does not exist.") from e
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable files
         raise OSError(f"Could not read the {what} '{path}': {e}") from e
-
-
-def _to_chw_tensor(image):
-    # Tensors travel through the DataLoader's shared memory; numpy arrays would be pickled.
-    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def _segment_index(ids, segment_ids):

@@ -4,12 +4,13 @@ model sees at test time the pixels it was trained on; and an image prepared for 
 way by the eager and the exported predictors (:func:`prepare_image`)."""
 
 import numpy as np
+import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
-__all__ = ["ImageInputError", "prepare_image", "read_image", "unusable_mode"]
+__all__ = ["ImageInputError", "chw_tensor", "prepare_image", "read_image", "unusable_mode"]
 
 # PIL's modes of 16-bit grayscale images (PNG, TIFF).
 _GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -92,7 +93,17 @@ def prepare_image(original_image, augmentation, input_format):
             f"A {height} x {width} image cannot go through the test-time resize {augmentation} "
             f"(too thin: a side would shrink to 0 pixels): {e}"
         ) from e
-    image = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
-    # A read-only array (np.asarray of a PIL image) stays a view when its transpose is already
-    # contiguous (1-pixel images): torch warns on non-writable arrays.
-    return image if image.flags.writeable else image.copy()
+    return chw_array(aug_input.image)
+
+
+def chw_array(image):
+    """An (H, W, C) array as a new C-contiguous (C, H, W) array, whatever its strides. A copy, not
+    ``np.ascontiguousarray``, which keeps a 1 x 1 image as it is (numpy ignores the strides of
+    one-long axes): read-only (``np.asarray`` of a PIL image), which torch warns about, or
+    flipped (``image[:, ::-1]``), whose negative stride torch refuses."""
+    return image.transpose(2, 0, 1).copy()
+
+
+def chw_tensor(image):
+    """:func:`chw_array` as a CPU tensor, sharing its memory."""
+    return torch.from_numpy(chw_array(image))

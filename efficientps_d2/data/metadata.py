@@ -27,6 +27,13 @@ def thing_semantic_ids(metadata):
     get = metadata.get if isinstance(metadata, dict) else (lambda k: getattr(metadata, k, None))
     things = get("thing_dataset_id_to_contiguous_id")
     stuff = get("stuff_dataset_id_to_contiguous_id")
+    if things == {} and stuff:
+        name = get("name")
+        raise ValueError(
+            (f"Data set '{name}'" if name else "The metadata")
+            + " has no thing classes (its thing_dataset_id_to_contiguous_id is empty): "
+            "EfficientPS's instance head (Mask R-CNN) needs at least one."
+        )
     if not things or stuff is None:
         name = get("name")  # a MetadataCatalog entry's data set
         unregistered = name is not None and name not in DatasetCatalog.list()

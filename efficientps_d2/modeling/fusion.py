@@ -13,6 +13,9 @@ The fusion is parameter-free and works on logits throughout:
 6. Stuff pixels take the semantic argmax over all classes; where that is a thing class they are
    void, and so are stuff segments smaller than ``stuff_area_limit``. Instances that win no pixel
    produce no segment.
+7. A pixel with a NaN among its semantic logits is void (broken weights or inputs, or a float16
+   overflow, give NaN logits; their argmax would be whichever class holds the NaN): a warning
+   counts such pixels.
 
 All detections are pasted at once (one ``grid_sample`` per chunk of boxes, padded to the chunk's
 largest box: for the loop, chunks at most about half padding; for the scatter, as few chunks as
@@ -39,11 +42,13 @@ equals visiting the instances one by one (the reference behaviour, kept in
 ``tests/test_fast_paths.py``).
 """
 
+import logging
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Instances
+from detectron2.utils.logger import log_every_n_seconds
 from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops, padded_elements
@@ -284,12 +289,16 @@ def panoptic_fusion(
         numbers += [order, classes, instances.scores.to(device)[order]]
 
     # One code per pixel: its semantic argmax class c (0..C-1) where stuff won step 5, C + j where
-    # candidate j did. One bincount gives every area; the segment ids are numbered on the device.
-    # (max(dim).indices is argmax, first maximum included, but several times faster on CPU.)
-    sem_argmax = sem.max(dim=0).indices.to(best_idx.dtype)
+    # candidate j did, C + n where a semantic logit is NaN (void, step 7). One bincount gives
+    # every area; the segment ids are numbered on the device. (max(dim).indices is argmax, first
+    # maximum included, but several times faster on CPU; its values are NaN where one is.)
+    sem_max = sem.max(dim=0)
+    sem_argmax = sem_max.indices.to(best_idx.dtype)
     code = torch.where(best_idx == 0, sem_argmax, best_idx + (num_classes - 1))
-    areas = torch.bincount(code.flatten(), minlength=num_classes + num)
-    stuff_areas, thing_areas = areas[:num_classes], areas[num_classes:]
+    void_code = num_classes + num
+    code = torch.where(sem_max.values.isnan(), void_code, code)
+    areas = torch.bincount(code.flatten(), minlength=void_code + 1)
+    stuff_areas, thing_areas = areas[:num_classes], areas[num_classes:void_code]
     is_stuff = torch.ones(num_classes, dtype=torch.bool, device=device)
     # 0 rather than False: torch.jit's tracer (fvcore's FLOP count) takes no bool fill value.
     is_stuff.index_fill_(0, thing_ids, 0)
@@ -299,7 +308,8 @@ def panoptic_fusion(
         thing_present &= kept
     present = torch.cat([thing_present, stuff_present])  # segment order: things, then stuff
     seg_ids = (torch.cumsum(present, 0) * present).to(torch.int32)
-    lut = torch.cat([seg_ids[num:], seg_ids[:num]])  # by code: stuff classes, then candidates
+    # By code: stuff classes, candidates, then void.
+    lut = torch.cat([seg_ids[num:], seg_ids[:num], seg_ids.new_zeros(1)])
     panoptic_seg = lut[code]
 
     # The one read at the end: float64 holds every id, area and float32 score exactly.
@@ -309,6 +319,15 @@ def panoptic_fusion(
     values = values[3 * num :]
     present_list = values[: num + num_classes]
     area_list = [int(a) for a in values[num + num_classes :]]
+    if area_list[void_code]:
+        log_every_n_seconds(
+            logging.WARNING,
+            f"{area_list[void_code]} of {height * width} pixels have a NaN semantic logit and "
+            "are void in the panoptic map: the model's weights or input hold NaN or inf (or its "
+            "float16 inference, MODEL.EFFICIENTPS.INFERENCE_DTYPE, overflowed).",
+            n=60,
+            name=__name__,
+        )
 
     segments_info: List[Dict] = []
     for j in range(num):

@@ -3,13 +3,15 @@
 import contextlib
 import dataclasses
 import logging
+import numbers
 from typing import Dict, List
 
 import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList, Instances
+from PIL import Image
 from torch.profiler import record_function
 
 from ..data.metadata import check_thing_semantic_ids, thing_semantic_ids_from_config
@@ -32,9 +34,13 @@ _CACHES = ("_inference_copy", "_weight_tensor_list", "_compiled_training")
 
 def check_input_images(batched_inputs, input_format, whose="model", arrays=False):
     """The "image" of each of ``batched_inputs``, all checked before any runs: a list of dicts
-    whose "image" is a (3, H, W) tensor (or numpy array, with ``arrays``). An (H, W, 3) image or
-    a numpy array failed deep inside with a broadcast or attribute error, and a (1, H, W) or
-    (H, W) one ran as a broadcast gray image. ``whose``: the model named in the messages."""
+    whose "image" is a (3, H, W) tensor (or numpy array, with ``arrays``) with at least one pixel,
+    and whose optional "height"/"width" (the output size) are positive whole numbers. An (H, W, 3)
+    image or a numpy array failed deep inside with a broadcast or attribute error, a (1, H, W) or
+    (H, W) one ran as a broadcast gray image, an image without pixels failed in a convolution
+    ("Kernel size can't be greater than actual input size"), an output size of 0 gave the input
+    size and a negative or fractional one failed in an interpolation. ``whose``: the model named
+    in the messages."""
     if not isinstance(batched_inputs, (list, tuple)):
         raise ValueError(
             f"The {whose} takes a list of input dicts (model([{{'image': chw_image}}])), got a "
@@ -54,8 +60,28 @@ def check_input_images(batched_inputs, input_format, whose="model", arrays=False
                 f"input format ({input_format}), got {got}: pass an (H, W, 3) array as "
                 "torch.as_tensor(image).permute(2, 0, 1), a grayscale image as 3 channels."
             )
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(
+                f"batched_inputs[{i}]['image'] has no pixels: shape {tuple(image.shape)}."
+            )
+        for key in ("height", "width"):
+            size = x.get(key)
+            if size is not None and not _is_positive_whole_number(size):
+                raise ValueError(
+                    f"batched_inputs[{i}]['{key}'] is the output {key}, a positive whole number "
+                    f"of pixels (or absent, for the image's own), got {size!r}."
+                )
         images.append(image)
     return images
+
+
+def _is_positive_whole_number(value) -> bool:
+    """Whether ``value`` is an int > 0 (a Python, numpy or one-element integer torch one)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+            return False
+        value = value.item()
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 @META_ARCH_REGISTRY.register()
@@ -107,6 +133,7 @@ class EfficientPS(GeneralizedRCNN):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        _check_input_format(self.input_format)
         # Heads that inference cannot run (no mask head, Cascade) are refused before training.
         check_supported(self)
         self.sem_seg_head = sem_seg_head
@@ -183,7 +210,17 @@ class EfficientPS(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         _check_training_inputs(batched_inputs, self.input_format)
-        images = super().preprocess_image(batched_inputs)  # checked just above
+        _check_instances(batched_inputs, self.roi_heads.num_classes)
+        try:
+            return self._training_losses(batched_inputs)
+        except Exception as e:  # torch.compile (COMPILE_TRAINING) may wrap torch's ValueError
+            named = _named_one_value_per_channel(e, batched_inputs)
+            if named is None:
+                raise
+            raise named from e
+
+    def _training_losses(self, batched_inputs):
+        images = super().preprocess_image(batched_inputs)  # checked in forward
         backbone, sem_seg_head = self._training_parts()
         features = backbone(images.tensor)
 
@@ -387,6 +424,26 @@ class EfficientPS(GeneralizedRCNN):
             )
 
 
+def _check_input_format(input_format):
+    """Refuses, when the model is built, an INPUT.FORMAT whose images do not have the 3 channels
+    that the backbone and MODEL.PIXEL_MEAN take ("L", "RGBA", ...), or that no image is read in:
+    the data would have been read for the first training batch before it was refused. Formats
+    are Detectron2's read_image's: "BGR", "YUV-BT.601" or a PIL mode; None (no format) passes."""
+    if input_format is None or input_format in ("BGR", "YUV-BT.601"):
+        return
+    try:
+        channels = Image.getmodebands(input_format)
+    except (KeyError, ValueError):
+        channels = None
+    if channels != 3:
+        what = "not an image format" if channels is None else f"a {channels}-channel format"
+        raise ValueError(
+            f"INPUT.FORMAT (model.input_format) {input_format!r} is {what}: EfficientPS takes "
+            "3-channel images, 'RGB' or 'BGR' (or another 3-channel mode of PIL); read a "
+            "grayscale data set as 'RGB'."
+        )
+
+
 def _check_fusion_settings(confidence_thresh, overlap_thresh, stuff_area_limit, mask_logit_scale):
     """Refuses, when the model is built, fusion settings that the first inference would refuse
     without naming the key (MASK_LOGIT_SCALE) or that it would take without a word though they
@@ -424,6 +481,59 @@ def _check_training_inputs(batched_inputs, input_format):
                 f"batched_inputs[{i}]['sem_seg'] must be an (H, W) map of its image's size "
                 f"{tuple(image.shape[-2:])}, got shape {tuple(sem_seg.shape)}."
             )
+
+
+def _check_instances(batched_inputs, num_things):
+    """Refuses, naming the image, ground-truth instances that Detectron2 fails on without naming
+    it: an empty or non-finite box (the RPN's box loss became inf: the log of a zero width) or a
+    class outside [-1, T) (-1 is ignored; T or more failed in cross entropy with "Target 5 is out
+    of bounds", on a GPU with a device assertion that ends the process). Checked where they are
+    on the CPU, as the data loader gives them: on a GPU the check would wait for the device."""
+    for i, x in enumerate(batched_inputs):
+        instances = x["instances"]
+        fields = instances.get_fields() if isinstance(instances, Instances) else {}
+        boxes, classes = fields.get("gt_boxes"), fields.get("gt_classes")
+        problems = []
+        if isinstance(boxes, Boxes) and boxes.tensor.device.type == "cpu":
+            b = boxes.tensor
+            bad = ~(torch.isfinite(b).all(dim=1) & boxes.nonempty())
+            if bad.any():
+                k = int(bad.nonzero()[0])
+                problems.append(
+                    f"instance {k}'s gt_boxes {b[k].tolist()} is empty or not finite (drop such "
+                    "instances: Detectron2's detection_utils.filter_empty_instances)"
+                )
+        if isinstance(classes, torch.Tensor) and classes.device.type == "cpu" and len(classes):
+            if int(classes.min()) < -1 or int(classes.max()) >= num_things:
+                problems.append(
+                    f"its gt_classes {classes.tolist()} are not all thing classes in [0, "
+                    f"{num_things}) (or -1, ignored; MODEL.ROI_HEADS.NUM_CLASSES = {num_things})"
+                )
+        if problems:
+            file_name = x.get("file_name")
+            raise ValueError(
+                f"Training input batched_inputs[{i}]{f' ({file_name})' if file_name else ''}: "
+                f"{'; '.join(problems)}."
+            )
+
+
+def _named_one_value_per_channel(error, batched_inputs):
+    """For a training step that failed with ``error``: the error naming the image, where it is
+    torch's "Expected more than 1 value per channel when training" (a BatchNorm layer in training
+    mode at a level where a lone image is one position), which names none; else None."""
+    cause = error
+    while cause is not None and "more than 1 value per channel" not in str(cause):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or len(batched_inputs) != 1:
+        return None
+    file_name = batched_inputs[0].get("file_name")
+    return ValueError(
+        f"The training image batched_inputs[0]{f' ({file_name})' if file_name else ''} is "
+        f"{tuple(batched_inputs[0]['image'].shape[-2:])} (H, W), alone in its batch: at the "
+        "network's coarsest level it is one position, where a BatchNorm layer cannot train on one "
+        "value per channel. Train on larger images (INPUT.CROP.SIZE, INPUT.MIN_SIZE_TRAIN) or on "
+        "at least 2 images per process (SOLVER.IMS_PER_BATCH)."
+    )
 
 
 @contextlib.contextmanager

@@ -38,8 +38,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import tta_config
-from ..data.image_files import read_image
-from .meta_arch import EfficientPS
+from ..data.image_files import chw_tensor, read_image
+from .meta_arch import EfficientPS, check_input_images
 
 __all__ = ["EfficientPSWithTTA", "check_tta_settings"]
 
@@ -168,15 +168,22 @@ class EfficientPSWithTTA(nn.Module):
             raise RuntimeError(
                 "EfficientPSWithTTA runs inference only: call .eval() on it (or on the model)."
             )
+        if isinstance(batched_inputs, (list, tuple)):
+            batched_inputs = [self._with_image(x) for x in batched_inputs]
+        # As the model checks its inputs: a gray (1, H, W) image ran broadcast to 3 channels, and
+        # an image without pixels or an (H, W, 3) one failed inside the resize.
+        check_input_images(batched_inputs, self.model.input_format, "TTA model")
         with torch.no_grad():
-            return [self._inference_one(self._with_image(x)) for x in batched_inputs]
+            return [self._inference_one(x) for x in batched_inputs]
 
     def _with_image(self, dataset_dict):
-        if "image" in dataset_dict:
+        if not isinstance(dataset_dict, dict) or "image" in dataset_dict:
             return dataset_dict
+        if "file_name" not in dataset_dict:
+            return dataset_dict  # check_input_images names the missing image
         ret = copy.copy(dataset_dict)
         image = read_image(ret["file_name"], self.model.input_format)
-        ret["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        ret["image"] = chw_tensor(image)
         return ret
 
     def _augmented_images(self, image):
@@ -243,7 +250,7 @@ def _resize(image, size):
     height, width = image.shape[-2:]
     array = image.permute(1, 2, 0).cpu().numpy()
     resized = ResizeTransform(height, width, size[0], size[1]).apply_image(array)
-    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), device=image.device)
+    return chw_tensor(resized).to(image.device)
 
 
 def _to_output_frame(logits, image_size, flipped, output_size):
