@@ -8,6 +8,7 @@ import gc
 import io
 import logging
 import math
+import threading
 import warnings
 import weakref
 
@@ -17,19 +18,21 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from efficientps_d2.modeling import crop_chunks, fusion
+from efficientps_d2.modeling import crop_chunks, fast_inference, fusion
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
+    pool_rois,
     rpn_proposals,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
@@ -392,6 +395,40 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
             x, y = a.get(name), b.get(name)
             x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
             assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("counts", [(37,), (13, 0, 7)])
+def test_rois_pooled_in_threads_equal_one_call(monkeypatch, counts):
+    """pool_rois shares the ROIs out between threads (torchvision's CPU ROIAlign uses one core):
+    the pooler's one-call rows, bit for bit and in order, for one image and for a batch whose
+    images have different box counts (one none), each thread in the caller's inference mode."""
+    monkeypatch.setattr(fast_inference, "MIN_ROIS_PER_THREAD", 2)
+    g = torch.Generator().manual_seed(0)
+    pooler = ROIPooler((7, 7), (1 / 4, 1 / 8), sampling_ratio=0, pooler_type="ROIAlignV2")
+    features = [
+        torch.randn(len(counts), 8, 32, 48, generator=g),
+        torch.randn(len(counts), 8, 16, 24, generator=g),
+    ]
+    boxes = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([150.0, 100.0])
+        wh = torch.rand(n, 2, generator=g) * torch.tensor([60.0, 40.0]) + 1
+        boxes.append(Boxes(torch.cat([xy, xy + wh], dim=1)))
+    expected = pooler(features, boxes)
+    calls = []
+    pooler.register_forward_hook(
+        lambda *_: calls.append((threading.get_ident(), torch.is_inference_mode_enabled()))
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.inference_mode():
+            pooled = pool_rois(pooler, features, boxes)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(pooled, expected)
+    assert len(calls) == 3 and len({thread for thread, _ in calls}) > 1
+    assert all(inference for _, inference in calls)
 
 
 def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
