@@ -37,6 +37,7 @@ from efficientps_d2.modeling.fast_inference import (
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.inplace_abn import InPlaceABN
+from efficientps_d2.modeling.layers import add_upsampled_into
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
 from tests.common import (
     PERMISSIVE,
@@ -403,6 +404,7 @@ def test_rois_pooled_in_threads_equal_one_call(monkeypatch, counts):
     the pooler's one-call rows, bit for bit and in order, for one image and for a batch whose
     images have different box counts (one none), each thread in the caller's inference mode."""
     monkeypatch.setattr(fast_inference, "MIN_ROIS_PER_THREAD", 2)
+    monkeypatch.setattr(fast_inference, "MAX_POOL_THREADS", 3)
     g = torch.Generator().manual_seed(0)
     pooler = ROIPooler((7, 7), (1 / 4, 1 / 8), sampling_ratio=0, pooler_type="ROIAlignV2")
     features = [
@@ -429,6 +431,27 @@ def test_rois_pooled_in_threads_equal_one_call(monkeypatch, counts):
     assert torch.equal(pooled, expected)
     assert len(calls) == 3 and len({thread for thread, _ in calls}) > 1
     assert all(inference for _, inference in calls)
+
+    class OwnPooler(ROIPooler):  # rows that might depend on other boxes: one call
+        pass
+
+    pooler.__class__ = OwnPooler
+    calls.clear()
+    assert torch.equal(pool_rois(pooler, features, boxes), expected) and len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_upsampled_sums_under_cuda_autocast_stay_float32(dtype):
+    """CUDA autocast runs nearest upsampling in float32, so the top-down sum of a half-precision
+    lateral and its upsampled coarser level is float32: add_upsampled_into must not round it to
+    the lateral's dtype in place."""
+    x = torch.randn(1, 8, 16, 24, device="cuda", dtype=dtype)
+    coarse = torch.randn(1, 8, 8, 12, device="cuda", dtype=dtype)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        expected = x + F.interpolate(coarse, size=(16, 24), mode="nearest")
+        got = add_upsampled_into(x.clone(), coarse)
+    assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
