@@ -8,6 +8,7 @@ import gc
 import io
 import logging
 import math
+import threading
 import warnings
 import weakref
 
@@ -17,23 +18,26 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from efficientps_d2.modeling import crop_chunks, fusion
+from efficientps_d2.modeling import crop_chunks, fast_inference, fusion
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
+    pool_rois,
     rpn_proposals,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.inplace_abn import InPlaceABN
+from efficientps_d2.modeling.layers import add_upsampled_into
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
 from tests.common import (
     PERMISSIVE,
@@ -392,6 +396,62 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
             x, y = a.get(name), b.get(name)
             x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
             assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("counts", [(37,), (13, 0, 7)])
+def test_rois_pooled_in_threads_equal_one_call(monkeypatch, counts):
+    """pool_rois shares the ROIs out between threads (torchvision's CPU ROIAlign uses one core):
+    the pooler's one-call rows, bit for bit and in order, for one image and for a batch whose
+    images have different box counts (one none), each thread in the caller's inference mode."""
+    monkeypatch.setattr(fast_inference, "MIN_ROIS_PER_THREAD", 2)
+    monkeypatch.setattr(fast_inference, "MAX_POOL_THREADS", 3)
+    g = torch.Generator().manual_seed(0)
+    pooler = ROIPooler((7, 7), (1 / 4, 1 / 8), sampling_ratio=0, pooler_type="ROIAlignV2")
+    features = [
+        torch.randn(len(counts), 8, 32, 48, generator=g),
+        torch.randn(len(counts), 8, 16, 24, generator=g),
+    ]
+    boxes = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([150.0, 100.0])
+        wh = torch.rand(n, 2, generator=g) * torch.tensor([60.0, 40.0]) + 1
+        boxes.append(Boxes(torch.cat([xy, xy + wh], dim=1)))
+    expected = pooler(features, boxes)
+    calls = []
+    pooler.register_forward_hook(
+        lambda *_: calls.append((threading.get_ident(), torch.is_inference_mode_enabled()))
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.inference_mode():
+            pooled = pool_rois(pooler, features, boxes)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(pooled, expected)
+    assert len(calls) == 3 and len({thread for thread, _ in calls}) > 1
+    assert all(inference for _, inference in calls)
+
+    class OwnPooler(ROIPooler):  # rows that might depend on other boxes: one call
+        pass
+
+    pooler.__class__ = OwnPooler
+    calls.clear()
+    assert torch.equal(pool_rois(pooler, features, boxes), expected) and len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_upsampled_sums_under_cuda_autocast_stay_float32(dtype):
+    """CUDA autocast runs nearest upsampling in float32, so the top-down sum of a half-precision
+    lateral and its upsampled coarser level is float32: add_upsampled_into must not round it to
+    the lateral's dtype in place."""
+    x = torch.randn(1, 8, 16, 24, device="cuda", dtype=dtype)
+    coarse = torch.randn(1, 8, 8, 12, device="cuda", dtype=dtype)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        expected = x + F.interpolate(coarse, size=(16, 24), mode="nearest")
+        got = add_upsampled_into(x.clone(), coarse)
+    assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_bfloat16_inference_is_as_close_to_float32_as_autocast():
@@ -826,6 +886,41 @@ def _features(height=72, width=104):
         f"p{i}": torch.randn(2, 24, math.ceil(height / 2**i), math.ceil(width / 2**i))
         for i in (2, 3, 4, 5)
     }
+
+
+class _InPlaceAdds(TorchDispatchMode):
+    """Counts the in-place adds (add_into's) of a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.add_.Tensor
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("size", [(64, 96), (72, 104)])
+def test_inference_sums_written_in_place_equal_new_tensors(size):
+    """In inference the 2-way FPN and the semantic head add into their fresh intermediates
+    (layers.add_into, add_upsampled_into: no new 134 MB map per sum at 1024x2048); the values are
+    bit for bit those of the sums into new tensors that training computes (autograd needs the
+    intermediates), with an exact 2x pyramid (broadcast upsampling) and an uneven one."""
+    model = _tiny_model(PLAIN)
+    images = torch.randn(2, 3, *size)
+    # Eval-mode norms and parameters that need gradients: new tensors.
+    with torch.enable_grad(), _InPlaceAdds() as new_tensor_adds:
+        features = model.backbone(images)
+        logits = model.sem_seg_head.layers(features)
+    with torch.no_grad(), _InPlaceAdds() as adds:
+        features_in_place = model.backbone(images)
+        logits_in_place = model.sem_seg_head.layers(features_in_place)
+    # Besides the trunk's residual adds (in place either way): 3 top-down, 3 bottom-up and 4
+    # two-way sums, 2 in the head and 3 in its predictor.
+    assert adds.count - new_tensor_adds.count == 15
+    for name, value in features.items():
+        assert torch.equal(features_in_place[name], value), name
+    assert torch.equal(logits_in_place, logits)
 
 
 def test_semantic_predictor_equals_concat_then_predict():

@@ -3,6 +3,8 @@
 import functools
 import math
 
+import torch
+import torch.nn.functional as F
 from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
@@ -79,3 +81,44 @@ class SeparableConv2d(nn.Sequential):
             conv_norm_act(in_channels, out_channels, 1, norm=norm, slope=slope),
         )
         self.out_channels = out_channels
+
+
+def _may_overwrite(x, y) -> bool:
+    """Whether a sum of ``x`` and ``y`` may be written into ``x``, an intermediate that nothing
+    reads afterwards: autograd does not need ``x`` (it may have saved it, e.g. a LeakyReLU's
+    output), the sum keeps ``x``'s dtype, and no ``torch.jit`` trace records it (an ONNX export
+    of an in-place add into a view is not faithful)."""
+    return (
+        not (torch.is_grad_enabled() and x.requires_grad)
+        and x.dtype == y.dtype
+        and not torch.jit.is_tracing()
+    )
+
+
+def add_into(x, y):
+    """``x + y``, computed in place into ``x`` (a fresh intermediate that nothing else reads) where
+    :func:`_may_overwrite` allows: the same values without a new tensor, whose memory the CPU
+    maps in page by page (at 1024x2048 a 256-channel stride-4 map is 134 MB: adding into one
+    takes 7 ms, into a new one 41 ms). A forward hook that keeps the module output ``x`` (in
+    inference) sees it overwritten."""
+    return x.add_(y) if x.shape == y.shape and _may_overwrite(x, y) else x + y
+
+
+def add_upsampled_into(x, coarse):
+    """``x + interpolate(coarse, size=x.shape[-2:], mode="nearest")``, into ``x`` as
+    :func:`add_into`. Where ``x`` is exactly twice ``coarse``'s size, each value of ``coarse`` is
+    added to its 2x2 block of ``x`` through a broadcast view, without the upsampled map: the nearest
+    interpolation's values (its source pixel is then ``i // 2`` exactly), added in the same order.
+    """
+    n, c, h, w = x.shape
+    if (
+        tuple(coarse.shape) == (n, c, h // 2, w // 2)
+        and h % 2 == 0
+        and w % 2 == 0
+        and _may_overwrite(x, coarse)
+        # CUDA autocast runs nearest upsampling in float32, and the sum is float32 there.
+        and not (x.is_cuda and torch.is_autocast_enabled("cuda"))
+    ):
+        x.view(n, c, h // 2, 2, w // 2, 2).add_(coarse[:, :, :, None, :, None])
+        return x
+    return add_into(x, F.interpolate(coarse, size=(h, w), mode="nearest"))

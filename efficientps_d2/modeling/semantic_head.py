@@ -15,7 +15,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from .layers import SeparableConv2d, conv_norm_act
+from .layers import SeparableConv2d, add_into, conv_norm_act
 
 # (height, width) dilation of each DPC branch, from the paper.
 DPC_DILATIONS = ((1, 6), (1, 1), (6, 21), (18, 15), (6, 3))
@@ -223,8 +223,9 @@ class EfficientPSSemSegHead(nn.Module):
             run = _call
         dpc32, dpc16 = run(self.dpc32, p32), run(self.dpc16, p16)
         coarse = dpc16 + F.interpolate(dpc32, size=dpc16.shape[-2:], mode="bilinear")
-        f8 = run(self.lsfe8, p8) + run(self.mc16to8, coarse, p8.shape[-2:])
-        f4 = run(self.lsfe4, p4) + run(self.mc8to4, f8, p4.shape[-2:])
+        # (dpc16 is read again by _predict: coarse is a new tensor; the LSFE outputs are not.)
+        f8 = add_into(run(self.lsfe8, p8), run(self.mc16to8, coarse, p8.shape[-2:]))
+        f4 = add_into(run(self.lsfe4, p4), run(self.mc8to4, f8, p4.shape[-2:]))
         return run(self._predict, dpc32, dpc16, f8, f4)
 
     def _predict(self, dpc32, dpc16, f8, f4):
@@ -239,7 +240,7 @@ class EfficientPSSemSegHead(nn.Module):
         logits = F.conv2d(f4, weights[3], self.predictor.bias)
         for x, weight in zip((dpc32, dpc16, f8), weights[:3]):
             part = F.interpolate(F.conv2d(x, weight), size=f4.shape[-2:], mode="bilinear")
-            logits = logits + part
+            logits = add_into(logits, part)
         return logits
 
     def forward(self, features, targets=None, image_sizes=None):

@@ -5,7 +5,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
-from ..layers import conv_norm_act
+from ..layers import add_into, add_upsampled_into, conv_norm_act
 
 
 class TwoWayFPN(Backbone):
@@ -72,16 +72,18 @@ class TwoWayFPN(Backbone):
         top_down[-1] = self.top_down_laterals[-1](inputs[-1])
         for i in range(len(inputs) - 2, -1, -1):
             lateral = self.top_down_laterals[i](inputs[i])
-            top_down[i] = lateral + F.interpolate(
-                top_down[i + 1], size=lateral.shape[-2:], mode="nearest"
-            )
+            top_down[i] = add_upsampled_into(lateral, top_down[i + 1])
 
         bottom_up = [self.bottom_up_laterals[0](inputs[0])]
         for i in range(1, len(inputs)):
             lateral = self.bottom_up_laterals[i](inputs[i])
-            bottom_up.append(lateral + _downsample_to(bottom_up[-1], lateral.shape[-2:]))
+            bottom_up.append(add_into(lateral, _downsample_to(bottom_up[-1], lateral.shape[-2:])))
 
-        outputs = [conv(td + bu) for conv, td, bu in zip(self.output_convs, top_down, bottom_up)]
+        # Both paths are complete: each top-down sum may take in its bottom-up one (in inference,
+        # where add_into writes into the first; the laterals are the convs' own new outputs).
+        outputs = [
+            conv(add_into(td, bu)) for conv, td, bu in zip(self.output_convs, top_down, bottom_up)
+        ]
         if self.top_block is not None:
             outputs.extend(self.top_block(outputs[-1]))
         return dict(zip(self._out_features, outputs))
