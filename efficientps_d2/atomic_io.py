@@ -19,6 +19,7 @@ __all__ = [
     "check_writable_file",
     "check_writable_folder",
     "remove_stale_temporaries",
+    "staged_folder",
     "temporary_path",
     "unwritable_folder",
 ]
@@ -134,6 +135,30 @@ def temporary_path(path):
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
     return os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}-p{os.getpid()}.tmp{ext}")
+
+
+@contextlib.contextmanager
+def staged_folder(folder, name):
+    """Yields ``(staging, commit)``: ``staging`` a new hidden folder inside ``folder`` (named as
+    the temporaries of ``name``) for a writer that takes a folder and writes several files into
+    it (Detectron2's evaluators); ``commit()`` flushes each file written there to disk and renames
+    it into ``folder``, so readers see each old file or its new one. What killed writers of
+    ``name`` left goes first; the hidden folder goes whatever happens. A kill during the renames
+    (a moment) can leave some files new and the others old, each whole."""
+    remove_stale_temporaries(folder, name)
+    staging = temporary_path(os.path.join(folder, name))
+    os.mkdir(staging)
+
+    def commit():
+        for file_name in sorted(os.listdir(staging)):
+            with open(os.path.join(staging, file_name), "rb") as f:
+                os.fsync(f.fileno())  # the rename must not land before the data does
+            os.replace(os.path.join(staging, file_name), os.path.join(folder, file_name))
+
+    try:
+        yield staging, commit
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

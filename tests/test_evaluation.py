@@ -15,7 +15,6 @@ from pycocotools import mask as mask_util
 from efficientps_d2.data import register_panoptic_dataset, synthetic
 from efficientps_d2.data.synthetic import ensure_synthetic_panoptic
 from efficientps_d2.evaluation import (
-    AtomicOutputsMixin,
     PanopticEvaluator,
     PanopticSemSegEvaluator,
     ThingCOCOEvaluator,
@@ -261,7 +260,7 @@ def test_an_evaluation_that_fails_while_writing_keeps_the_previous_outputs(
     assert not (out / ".predictions.0123456789ab.tmp.json").exists()
 
 
-def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):
+def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path, monkeypatch):
     """Box/mask AP on panoptic data whose metadata lists all classes (stuff too) as
     thing_classes: exact detections score 100, with one per-category row per thing class."""
     data_dir = ensure_synthetic_panoptic(str(tmp_path), num_train=1, num_val=3)
@@ -272,7 +271,6 @@ def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):
     assert len(meta.thing_classes) == 6  # the "standard" panoptic metadata: all classes
     evaluators = build_evaluator(load_config(), name, str(tmp_path / "eval"))._evaluators
     (evaluator,) = [e for e in evaluators if isinstance(e, ThingCOCOEvaluator)]
-    assert isinstance(evaluator, AtomicOutputsMixin)  # its files replaced whole, as above
 
     with open(files["instances_json"]) as f:
         gt = json.load(f)
@@ -296,6 +294,21 @@ def test_instance_ap_of_exact_detections_with_per_category_rows(tmp_path):
         assert results[task]["AP"] == pytest.approx(100.0)
         rows = {k[len("AP-") :] for k in results[task] if k.startswith("AP-")}
         assert rows == thing_names
+    # Its files are replaced whole, as the semantic evaluator's (test above): an evaluation cut
+    # short in its first file leaves the previous evaluation's files as they were.
+    out = tmp_path / "eval"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    assert {"coco_instances_results.json", "instances_predictions.pth"} <= set(before)
+
+    def cut_short(obj, f, *args, **kwargs):  # instances_predictions.pth, written first
+        f.write(b"PK\x03\x04")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.evaluate()
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
 
     # No detection at all: every instance is missed, AP 0 (Detectron2 alone says nan).
     evaluator.reset()

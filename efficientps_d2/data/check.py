@@ -333,7 +333,7 @@ def _check_png(record):
                     "(id = R + 256 G + 256^2 B; an alpha channel is ignored)."
                 )
                 return True, errors
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(im if mode == "RGB" else im.convert("RGB"))
     except OSError as e:
         errors.append(f"Panoptic PNG '{png}' cannot be read: {e}")
         return False, errors

@@ -11,37 +11,26 @@ evaluation removes what a killed one left there.
 """
 
 import contextlib
-import os
-import shutil
 
 import detectron2.utils.comm as comm
 
-from ..atomic_io import remove_stale_temporaries, temporary_path
+from ..atomic_io import staged_folder
 
 __all__ = ["AtomicOutputsMixin", "staged_output_dir"]
 
 
 @contextlib.contextmanager
 def staged_output_dir(evaluator, name):
-    """For the block, ``evaluator._output_dir`` is a new hidden folder inside it (named as the
-    temporaries of ``name``); yields ``commit()``, which flushes each file written there to disk
-    and renames it into the output folder. The hidden folder goes whatever happens."""
+    """For the block, ``evaluator._output_dir`` is the staging folder of
+    :func:`~efficientps_d2.atomic_io.staged_folder` (``name`` names it); yields its ``commit()``,
+    which moves the files written there into the output folder."""
     output_dir = evaluator._output_dir
-    staging = temporary_path(os.path.join(output_dir, name))
-    os.mkdir(staging)
-
-    def commit():
-        for file_name in sorted(os.listdir(staging)):
-            with open(os.path.join(staging, file_name), "rb") as f:
-                os.fsync(f.fileno())  # the rename must not land before the data does
-            os.replace(os.path.join(staging, file_name), os.path.join(output_dir, file_name))
-
-    evaluator._output_dir = staging
-    try:
-        yield commit
-    finally:
-        evaluator._output_dir = output_dir
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(output_dir, name) as (staging, commit):
+        evaluator._output_dir = staging
+        try:
+            yield commit
+        finally:
+            evaluator._output_dir = output_dir
 
 
 class AtomicOutputsMixin:
@@ -57,8 +46,6 @@ class AtomicOutputsMixin:
     def evaluate(self, *args, **kwargs):
         if not self._output_dir or not comm.is_main_process():  # only the main process writes
             return super().evaluate(*args, **kwargs)
-        # What a killed evaluation left (another live process's is kept).
-        remove_stale_temporaries(self._output_dir, self.STAGED_NAME)
         with staged_output_dir(self, self.STAGED_NAME) as commit:
             results = super().evaluate(*args, **kwargs)
             commit()

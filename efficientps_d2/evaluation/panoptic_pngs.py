@@ -90,20 +90,16 @@ class PanopticEvaluator(COCOPanopticEvaluator):
         self._predictions = predictions
         if not self._output_dir:
             return super().evaluate()
-        return self._evaluate_into(self._output_dir, predictions)
+        return self._evaluate_into(predictions)
 
-    def _evaluate_into(self, output_dir, predictions):
+    def _evaluate_into(self, predictions):
         """Detectron2's evaluate() with its ``predictions.json`` written into a hidden folder of
-        ``output_dir``, then renamed into place: after the PNG folder with ``png_dir``, each
+        the output folder, then renamed into place: after the PNG folder with ``png_dir``, each
         replaced whole (see the module docstring)."""
-        # Only the main process writes these: what a killed evaluation left of them is stale.
-        stale = defaultdict(set)
-        stale[os.path.abspath(output_dir)].add("predictions.json")
         if self._png_dir is not None:
-            parent, name = os.path.split(os.path.abspath(self._png_dir))
-            stale[parent].add(name)
-        for folder, names in stale.items():
-            remove_stale_temporaries(folder, names)
+            # Only the main process writes it: what a killed evaluation left of it is stale
+            # (staged_output_dir does the same for predictions.json).
+            remove_stale_temporaries(*os.path.split(os.path.abspath(self._png_dir)))
         # Detectron2 writes only predictions.json into its output folder (its PNGs go to a
         # temporary folder of the system's).
         with staged_output_dir(self, "predictions.json") as move_json:

@@ -209,8 +209,7 @@ class EfficientPS(GeneralizedRCNN):
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:
             return self.inference(batched_inputs)
-        _check_training_inputs(batched_inputs, self.input_format)
-        _check_instances(batched_inputs, self.roi_heads.num_classes)
+        _check_training_inputs(batched_inputs, self.input_format, self.roi_heads.num_classes)
         try:
             return self._training_losses(batched_inputs)
         except Exception as e:  # torch.compile (COMPILE_TRAINING) may wrap torch's ValueError
@@ -459,10 +458,11 @@ def _check_fusion_settings(confidence_thresh, overlap_thresh, stuff_area_limit, 
         raise ValueError(f"{key}MASK_LOGIT_SCALE must be positive, got {mask_logit_scale}.")
 
 
-def _check_training_inputs(batched_inputs, input_format):
+def _check_training_inputs(batched_inputs, input_format, num_things):
     """Refuses, before any work, a training batch whose images :func:`check_input_images`
-    refuses, that is empty, or whose dicts lack targets or have a semantic map of another size
-    than their image (which padding would have hidden)."""
+    refuses, that is empty, or whose dicts lack targets, have a semantic map of another size
+    than their image (which padding would have hidden) or instances that
+    :func:`_instance_problems` finds."""
     images = check_input_images(batched_inputs, input_format)
     if not images:
         raise ValueError("EfficientPS got an empty training batch (batched_inputs is []).")
@@ -481,40 +481,41 @@ def _check_training_inputs(batched_inputs, input_format):
                 f"batched_inputs[{i}]['sem_seg'] must be an (H, W) map of its image's size "
                 f"{tuple(image.shape[-2:])}, got shape {tuple(sem_seg.shape)}."
             )
-
-
-def _check_instances(batched_inputs, num_things):
-    """Refuses, naming the image, ground-truth instances that Detectron2 fails on without naming
-    it: an empty or non-finite box (the RPN's box loss became inf: the log of a zero width) or a
-    class outside [-1, T) (-1 is ignored; T or more failed in cross entropy with "Target 5 is out
-    of bounds", on a GPU with a device assertion that ends the process). Checked where they are
-    on the CPU, as the data loader gives them: on a GPU the check would wait for the device."""
-    for i, x in enumerate(batched_inputs):
-        instances = x["instances"]
-        fields = instances.get_fields() if isinstance(instances, Instances) else {}
-        boxes, classes = fields.get("gt_boxes"), fields.get("gt_classes")
-        problems = []
-        if isinstance(boxes, Boxes) and boxes.tensor.device.type == "cpu":
-            b = boxes.tensor
-            bad = ~(torch.isfinite(b).all(dim=1) & boxes.nonempty())
-            if bad.any():
-                k = int(bad.nonzero()[0])
-                problems.append(
-                    f"instance {k}'s gt_boxes {b[k].tolist()} is empty or not finite (drop such "
-                    "instances: Detectron2's detection_utils.filter_empty_instances)"
-                )
-        if isinstance(classes, torch.Tensor) and classes.device.type == "cpu" and len(classes):
-            if int(classes.min()) < -1 or int(classes.max()) >= num_things:
-                problems.append(
-                    f"its gt_classes {classes.tolist()} are not all thing classes in [0, "
-                    f"{num_things}) (or -1, ignored; MODEL.ROI_HEADS.NUM_CLASSES = {num_things})"
-                )
+        problems = _instance_problems(x["instances"], num_things)
         if problems:
             file_name = x.get("file_name")
             raise ValueError(
                 f"Training input batched_inputs[{i}]{f' ({file_name})' if file_name else ''}: "
                 f"{'; '.join(problems)}."
             )
+
+
+def _instance_problems(instances, num_things):
+    """What Detectron2 fails on, without naming the image, in one image's ground-truth
+    instances: an empty or non-finite box (the RPN's box loss became inf: the log of a zero
+    width) or a class outside [-1, T) (-1 is ignored; T or more failed in cross entropy with
+    "Target 5 is out of bounds", on a GPU with a device assertion that ends the process). Checked
+    where they are on the CPU, as the data loader gives them: on a GPU the check would wait for
+    the device."""
+    fields = instances.get_fields() if isinstance(instances, Instances) else {}
+    boxes, classes = fields.get("gt_boxes"), fields.get("gt_classes")
+    problems = []
+    if isinstance(boxes, Boxes) and boxes.tensor.device.type == "cpu":
+        b = boxes.tensor
+        bad = ~(torch.isfinite(b).all(dim=1) & boxes.nonempty())
+        if bad.any():
+            k = int(bad.nonzero()[0])
+            problems.append(
+                f"instance {k}'s gt_boxes {b[k].tolist()} is empty or not finite (drop such "
+                "instances: Detectron2's detection_utils.filter_empty_instances)"
+            )
+    if isinstance(classes, torch.Tensor) and classes.device.type == "cpu" and len(classes):
+        if int(classes.min()) < -1 or int(classes.max()) >= num_things:
+            problems.append(
+                f"its gt_classes {classes.tolist()} are not all thing classes in [0, "
+                f"{num_things}) (or -1, ignored; MODEL.ROI_HEADS.NUM_CLASSES = {num_things})"
+            )
+    return problems
 
 
 def _named_one_value_per_channel(error, batched_inputs):
