@@ -19,6 +19,7 @@ __all__ = [
     "check_writable_file",
     "check_writable_folder",
     "remove_stale_temporaries",
+    "remove_stale_temporaries_of",
     "staged_folder",
     "temporary_path",
     "unwritable_folder",
@@ -37,7 +38,7 @@ def atomic_write(path, write, mode="wb", *, remove_stale=False):
     a writer of many files in a folder sweeps it once).
     """
     if remove_stale:
-        remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+        remove_stale_temporaries_of(path)
     tmp = temporary_path(path)
     try:
         if mode is None:
@@ -252,3 +253,10 @@ def remove_stale_temporaries(folder, target=None):
     if removed:
         logger.warning(f"Removed {len(removed)} temporary files of killed writers: {removed[:5]}")
     return removed
+
+
+def remove_stale_temporaries_of(path):
+    """:func:`remove_stale_temporaries` of the one file or folder ``path``: what killed writers of
+    it left next to it."""
+    path = os.path.abspath(path)
+    return remove_stale_temporaries(os.path.dirname(path), os.path.basename(path))

@@ -28,6 +28,7 @@ from ..atomic_io import (
     check_writable_file,
     check_writable_folder,
     remove_stale_temporaries,
+    remove_stale_temporaries_of,
     temporary_path,
 )
 from ..data.image_files import read_image
@@ -477,7 +478,7 @@ def open_video_writer(path, fps, size, codecs=VIDEO_CODECS):
     for fourcc, extension in ordered:
         final = stem + extension
         # Leftovers of a killed run writing the same file: never read, only in the way.
-        remove_stale_temporaries(os.path.dirname(os.path.abspath(final)), os.path.basename(final))
+        remove_stale_temporaries_of(final)
         tmp = temporary_path(final)
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*fourcc), float(fps), tuple(size))
         if writer.isOpened():

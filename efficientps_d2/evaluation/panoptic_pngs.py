@@ -27,7 +27,7 @@ from collections import defaultdict
 import detectron2.utils.comm as comm
 from detectron2.evaluation import COCOPanopticEvaluator
 
-from ..atomic_io import atomic_directory, remove_stale_temporaries
+from ..atomic_io import atomic_directory, remove_stale_temporaries_of
 from .atomic_outputs import staged_output_dir
 
 __all__ = ["PanopticEvaluator", "unique_png_names"]
@@ -99,7 +99,7 @@ class PanopticEvaluator(COCOPanopticEvaluator):
         if self._png_dir is not None:
             # Only the main process writes it: what a killed evaluation left of it is stale
             # (staged_output_dir does the same for predictions.json).
-            remove_stale_temporaries(*os.path.split(os.path.abspath(self._png_dir)))
+            remove_stale_temporaries_of(self._png_dir)
         # Detectron2 writes only predictions.json into its output folder (its PNGs go to a
         # temporary folder of the system's).
         with staged_output_dir(self, "predictions.json") as move_json:

@@ -28,7 +28,7 @@ from detectron2.data import transforms as T
 from detectron2.export.torchscript_patch import patch_builtin_len
 from PIL import Image
 
-from ..atomic_io import atomic_directory, check_writable_folder, remove_stale_temporaries
+from ..atomic_io import atomic_directory, check_writable_folder, remove_stale_temporaries_of
 from ..config_adapter import ConfigAdapter
 from ..modeling.fast_inference import fold_batch_norms
 from .graph import OUTPUT_NAMES, EfficientPSGraph
@@ -263,8 +263,7 @@ def export_model(
     check_export_folder(output_dir)
 
     # Workspaces of killed exports to the same folder: never read, only taking space.
-    target = os.path.abspath(output_dir)
-    remove_stale_temporaries(os.path.dirname(target), os.path.basename(target))
+    remove_stale_temporaries_of(output_dir)
     # The folder's workspace is made first: a folder that cannot be written fails now, not after
     # the trace (minutes for B5 at full size).
     with atomic_directory(output_dir, overwrite=True) as folder:

@@ -71,7 +71,7 @@ from ..atomic_io import (
     atomic_write,
     check_writable_file,
     check_writable_folder,
-    remove_stale_temporaries,
+    remove_stale_temporaries_of,
 )
 
 __all__ = [
@@ -713,7 +713,7 @@ class _AtomicOutput:
 
     def __enter__(self):
         for path in (self.dir_path, self.json_path):  # leftovers of a killed conversion
-            remove_stale_temporaries(os.path.dirname(path), os.path.basename(path))
+            remove_stale_temporaries_of(path)
         self._stack = contextlib.ExitStack()
         try:
             directory = atomic_directory(self.dir_path, overwrite=self.overwrite, then=self._commit)
