@@ -497,8 +497,7 @@ class InferenceNetwork:
     def modules(self):
         """Every module it runs (dense network, box head, mask head)."""
         for part in (self.dense_network, self.box_head, self.mask_head):
-            if part is not None:
-                yield from part.modules()
+            yield from part.modules()
 
     def parameters(self):
         for module in self.modules():
