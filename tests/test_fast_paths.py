@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, ROIAlign, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.poolers import ROIPooler
@@ -25,20 +25,20 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from efficientps_d2.modeling import crop_chunks, fast_inference, fusion
+from efficientps_d2.modeling import crop_chunks, fusion, threaded_roi_align
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
-    pool_rois,
     rpn_proposals,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.inplace_abn import InPlaceABN
 from efficientps_d2.modeling.layers import add_upsampled_into
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
+from efficientps_d2.modeling.threaded_roi_align import ThreadedROIAlign, thread_roi_poolers
 from tests.common import (
     PERMISSIVE,
     THING_SEMANTIC_IDS,
@@ -398,46 +398,146 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
             assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("counts", [(37,), (13, 0, 7)])
-def test_rois_pooled_in_threads_equal_one_call(monkeypatch, counts):
-    """pool_rois shares the ROIs out between threads (torchvision's CPU ROIAlign uses one core):
-    the pooler's one-call rows, bit for bit and in order, for one image and for a batch whose
-    images have different box counts (one none), each thread in the caller's inference mode."""
-    monkeypatch.setattr(fast_inference, "MIN_ROIS_PER_THREAD", 2)
-    monkeypatch.setattr(fast_inference, "MAX_POOL_THREADS", 3)
-    g = torch.Generator().manual_seed(0)
-    pooler = ROIPooler((7, 7), (1 / 4, 1 / 8), sampling_ratio=0, pooler_type="ROIAlignV2")
-    features = [
-        torch.randn(len(counts), 8, 32, 48, generator=g),
-        torch.randn(len(counts), 8, 16, 24, generator=g),
-    ]
+def _spy_on_roi_parts(monkeypatch):
+    """Records, for each split ROIAlign call (forward or backward), its part bounds and the
+    threads that ran its parts."""
+    calls = []
+    run_parts = threaded_roi_align._run_parts
+
+    def spy(fn, bounds):
+        threads = set()
+
+        def recorded(*span):
+            threads.add(threading.get_ident())
+            return fn(*span)
+
+        calls.append((list(bounds), threads))
+        return run_parts(recorded, bounds)
+
+    monkeypatch.setattr(threaded_roi_align, "_run_parts", spy)
+    return calls
+
+
+def _random_boxes(counts, g):
     boxes = []
     for n in counts:
         xy = torch.rand(n, 2, generator=g) * torch.tensor([150.0, 100.0])
-        wh = torch.rand(n, 2, generator=g) * torch.tensor([60.0, 40.0]) + 1
+        wh = torch.rand(n, 2, generator=g) ** 2 * torch.tensor([120.0, 90.0]) + 1
         boxes.append(Boxes(torch.cat([xy, xy + wh], dim=1)))
-    expected = pooler(features, boxes)
-    calls = []
-    pooler.register_forward_hook(
-        lambda *_: calls.append((threading.get_ident(), torch.is_inference_mode_enabled()))
-    )
+    return boxes
+
+
+@pytest.mark.parametrize(
+    "counts, pooler_type, sampling_ratio",
+    [((37,), "ROIAlignV2", 0), ((13, 0, 7), "ROIAlign", 2), ((3, 0), "ROIAlignV2", 0)],
+)
+def test_threaded_roi_align_equals_detectron2s(monkeypatch, counts, pooler_type, sampling_ratio):
+    """Detectron2's ROIPooler with ThreadedROIAlign levels (thread_roi_poolers) over 3 levels:
+    the one call's rows bit for bit and in order, in training and in inference mode, for one
+    image and for batches whose images have different box counts (some none, some fewer than a
+    split needs); gradients as torchvision's up to float rounding, the same whether its parts
+    run on 2 threads or on 1 (reproducible on any machine); aligned and sampling ratio kept."""
+    monkeypatch.setattr(threaded_roi_align, "MIN_ROIS_PER_THREAD", 2)
+    calls = _spy_on_roi_parts(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    reference = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16), sampling_ratio, pooler_type)
+    heads = nn.Module()
+    heads.box_pooler = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16), sampling_ratio, pooler_type)
+    assert thread_roi_poolers(heads) == 3
+    for ours, theirs in zip(heads.box_pooler.level_poolers, reference.level_poolers):
+        settings = ("output_size", "spatial_scale", "sampling_ratio", "aligned")
+        assert type(ours) is ThreadedROIAlign
+        assert [getattr(ours, a) for a in settings] == [getattr(theirs, a) for a in settings]
+    features = [
+        torch.randn(len(counts), 8, 32 // s, 48 // s, generator=g).contiguous(
+            memory_format=torch.channels_last if s == 1 else torch.contiguous_format
+        )
+        for s in (1, 2, 4)
+    ]
+    boxes = _random_boxes(counts, g)
+    upstream = torch.randn(sum(counts), 8, 7, 7, generator=g)
+
+    def pool_and_backward(pooler):
+        inputs = [x.detach().requires_grad_() for x in features]
+        pooled = pooler(inputs, boxes)
+        pooled.backward(upstream)
+        return pooled.detach(), [x.grad for x in inputs]
+
+    expected, expected_grads = pool_and_backward(reference)
     threads = torch.get_num_threads()
-    torch.set_num_threads(3)
     try:
+        torch.set_num_threads(2)
+        pooled, grads = pool_and_backward(heads.box_pooler)
         with torch.inference_mode():
-            pooled = pool_rois(pooler, features, boxes)
+            inferred = heads.box_pooler(features, boxes)
+        split = [c for c in calls if len(c[0]) > 2]
+        torch.set_num_threads(1)
+        _, grads_on_one_thread = pool_and_backward(heads.box_pooler)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(pooled, expected)
-    assert len(calls) == 3 and len({thread for thread, _ in calls}) > 1
-    assert all(inference for _, inference in calls)
+    assert torch.equal(pooled, expected) and torch.equal(inferred, expected)
+    for grad, expected_grad, one_thread in zip(grads, expected_grads, grads_on_one_thread):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(grad, one_thread)
+    if sum(counts) < 2 * 2:
+        assert not split and all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    else:  # forward, backward and inference each split at least one level between 2 threads
+        assert len(split) >= 3 and all(len(threads) == 2 for _, threads in split)
 
-    class OwnPooler(ROIPooler):  # rows that might depend on other boxes: one call
-        pass
 
-    pooler.__class__ = OwnPooler
-    calls.clear()
-    assert torch.equal(pool_rois(pooler, features, boxes), expected) and len(calls) == 1
+def test_threaded_roi_align_runs_detectron2s_op_where_it_does_not_split(monkeypatch):
+    """No split for fewer than 2 * MIN_ROIS_PER_THREAD ROIs, half precision or under torch.jit
+    tracing (which records only the calling thread): the trace holds torchvision's op."""
+    calls = _spy_on_roi_parts(monkeypatch)
+    roi_align = ThreadedROIAlign((7, 7), 1 / 4, 0, True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 32, 48, generator=g)
+    rois = torch.cat([torch.zeros(40, 1), _random_boxes([40], g)[0].tensor], dim=1)
+    expected = ROIAlign((7, 7), 1 / 4, 0, True)(x, rois)
+    assert torch.equal(roi_align(x, rois), expected) and len(calls) == 1
+    assert torch.equal(roi_align(x, rois[:31]), expected[:31]) and len(calls) == 1
+    half = roi_align(x.half(), rois)
+    assert half.dtype == torch.float16 and len(calls) == 1
+    traced = torch.jit.trace(roi_align, (x, rois), check_trace=False)
+    assert len(calls) == 1 and "roi_align" in str(traced.graph)
+    assert torch.equal(traced(x, rois), expected)
+
+
+def test_training_step_pools_on_two_threads(monkeypatch):
+    """EfficientPS's box and mask poolers are threaded (thread_roi_poolers, at model build): a
+    training step gives Detectron2's poolers' losses and, up to float rounding, gradients."""
+    monkeypatch.setattr(threaded_roi_align, "MIN_ROIS_PER_THREAD", 4)
+    calls = _spy_on_roi_parts(monkeypatch)
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    reference = copy.deepcopy(model)
+    for pooler in (model.roi_heads.box_pooler, model.roi_heads.mask_pooler):
+        assert all(type(level) is ThreadedROIAlign for level in pooler.level_poolers)
+    for pooler in (reference.roi_heads.box_pooler, reference.roi_heads.mask_pooler):
+        for i, level in enumerate(pooler.level_poolers):
+            pooler.level_poolers[i] = ROIAlign(
+                level.output_size, level.spatial_scale, level.sampling_ratio, level.aligned
+            )
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for net in (model, reference):
+            with EventStorage():
+                torch.manual_seed(1)
+                losses = net(_training_batch())
+            sum(losses.values()).backward()
+            grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+            results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (losses, grads), (expected_losses, expected_grads) = results
+    assert losses.keys() == expected_losses.keys()
+    assert all(torch.equal(losses[k], expected_losses[k]) for k in losses)
+    assert grads.keys() == expected_grads.keys() and any("backbone" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=1e-4)
+    assert any(len(bounds) > 2 and len(threads) == 2 for bounds, threads in calls)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
