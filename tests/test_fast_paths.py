@@ -38,7 +38,11 @@ from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.inplace_abn import InPlaceABN
 from efficientps_d2.modeling.layers import add_upsampled_into
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
-from efficientps_d2.modeling.threaded_roi_align import ThreadedROIAlign, thread_roi_poolers
+from efficientps_d2.modeling.threaded_roi_align import (
+    ThreadedROIAlign,
+    image_parts,
+    thread_roi_poolers,
+)
 from tests.common import (
     PERMISSIVE,
     THING_SEMANTIC_IDS,
@@ -399,8 +403,8 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
 
 
 def _spy_on_roi_parts(monkeypatch):
-    """Records, for each split ROIAlign call (forward or backward), its part bounds and the
-    threads that ran its parts."""
+    """Records, for each split ROIAlign call, which one ("pool": forward, "backward_part"), its
+    part bounds and the threads that ran its parts."""
     calls = []
     run_parts = threaded_roi_align._run_parts
 
@@ -411,7 +415,7 @@ def _spy_on_roi_parts(monkeypatch):
             threads.add(threading.get_ident())
             return fn(*span)
 
-        calls.append((list(bounds), threads))
+        calls.append((fn.__name__, list(bounds), threads))
         return run_parts(recorded, bounds)
 
     monkeypatch.setattr(threaded_roi_align, "_run_parts", spy)
@@ -428,15 +432,20 @@ def _random_boxes(counts, g):
 
 
 @pytest.mark.parametrize(
-    "counts, pooler_type, sampling_ratio",
-    [((37,), "ROIAlignV2", 0), ((13, 0, 7), "ROIAlign", 2), ((3, 0), "ROIAlignV2", 0)],
+    "counts, pooler_type, sampling_ratio, split",
+    [
+        ((37,), "ROIAlignV2", 0, {"pool"}),  # one image: the backward is one part
+        ((0, 13, 0, 7, 0), "ROIAlign", 2, {"pool", "backward_part"}),
+        ((3, 0), "ROIAlignV2", 0, set()),  # too few ROIs to split
+    ],
 )
-def test_threaded_roi_align_equals_detectron2s(monkeypatch, counts, pooler_type, sampling_ratio):
+def test_threaded_roi_align_equals_detectron2s(
+    monkeypatch, counts, pooler_type, sampling_ratio, split
+):
     """Detectron2's ROIPooler with ThreadedROIAlign levels (thread_roi_poolers) over 3 levels:
-    the one call's rows bit for bit and in order, in training and in inference mode, for one
-    image and for batches whose images have different box counts (some none, some fewer than a
-    split needs); gradients as torchvision's up to float rounding, the same whether its parts
-    run on 2 threads or on 1 (reproducible on any machine); aligned and sampling ratio kept."""
+    the one call's rows and gradients bit for bit, in training and in inference mode, on 2
+    threads or 1, for one image and for batches whose images have different box counts (some
+    none, some fewer than a split needs); aligned and sampling ratio kept."""
     monkeypatch.setattr(threaded_roi_align, "MIN_ROIS_PER_THREAD", 2)
     calls = _spy_on_roi_parts(monkeypatch)
     g = torch.Generator().manual_seed(0)
@@ -466,23 +475,30 @@ def test_threaded_roi_align_equals_detectron2s(monkeypatch, counts, pooler_type,
     expected, expected_grads = pool_and_backward(reference)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        pooled, grads = pool_and_backward(heads.box_pooler)
-        with torch.inference_mode():
-            inferred = heads.box_pooler(features, boxes)
-        split = [c for c in calls if len(c[0]) > 2]
-        torch.set_num_threads(1)
-        _, grads_on_one_thread = pool_and_backward(heads.box_pooler)
+        results = []
+        for num_threads in (2, 1):
+            torch.set_num_threads(num_threads)
+            results.append(pool_and_backward(heads.box_pooler))
+            with torch.inference_mode():
+                assert torch.equal(heads.box_pooler(features, boxes), expected)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(pooled, expected) and torch.equal(inferred, expected)
-    for grad, expected_grad, one_thread in zip(grads, expected_grads, grads_on_one_thread):
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
-        assert torch.equal(grad, one_thread)
-    if sum(counts) < 2 * 2:
-        assert not split and all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
-    else:  # forward, backward and inference each split at least one level between 2 threads
-        assert len(split) >= 3 and all(len(threads) == 2 for _, threads in split)
+    for pooled, grads in results:
+        assert torch.equal(pooled, expected)
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    on_two_threads = {name for name, bounds, used in calls if len(bounds) > 2 and len(used) == 2}
+    assert on_two_threads == split
+
+
+def test_backward_parts_split_between_images():
+    """image_parts moves each inner bound of roi_parts to the nearest first ROI of an image; one
+    part for a single image or ROIs not sorted by image."""
+    images = torch.tensor([0, 0, 0, 0, 0, 1, 1, 3], dtype=torch.float32)
+    rois = torch.cat([images[:, None], torch.zeros(8, 4)], dim=1)
+    assert image_parts(rois, [0, 4, 8]) == [0, 5, 8]
+    assert image_parts(rois, [0, 8]) == [0, 8]
+    assert image_parts(rois[:5], [0, 2, 5]) == [0, 5]
+    assert image_parts(rois.flip(0), [0, 4, 8]) == [0, 8]
 
 
 def test_threaded_roi_align_runs_detectron2s_op_where_it_does_not_split(monkeypatch):
@@ -505,7 +521,7 @@ def test_threaded_roi_align_runs_detectron2s_op_where_it_does_not_split(monkeypa
 
 def test_training_step_pools_on_two_threads(monkeypatch):
     """EfficientPS's box and mask poolers are threaded (thread_roi_poolers, at model build): a
-    training step gives Detectron2's poolers' losses and, up to float rounding, gradients."""
+    training step on two threads gives Detectron2's poolers' losses and gradients, bit for bit."""
     monkeypatch.setattr(threaded_roi_align, "MIN_ROIS_PER_THREAD", 4)
     calls = _spy_on_roi_parts(monkeypatch)
     torch.manual_seed(0)
@@ -535,9 +551,9 @@ def test_training_step_pools_on_two_threads(monkeypatch):
     assert losses.keys() == expected_losses.keys()
     assert all(torch.equal(losses[k], expected_losses[k]) for k in losses)
     assert grads.keys() == expected_grads.keys() and any("backbone" in n for n in grads)
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=1e-4)
-    assert any(len(bounds) > 2 and len(threads) == 2 for bounds, threads in calls)
+    assert all(torch.equal(grads[name], expected_grads[name]) for name in grads)
+    on_two_threads = {name for name, bounds, used in calls if len(bounds) > 2 and len(used) == 2}
+    assert on_two_threads == {"pool", "backward_part"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

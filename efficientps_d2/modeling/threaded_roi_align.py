@@ -7,6 +7,11 @@ inference at 512x1024, and a fifth of the main job's training step (batch 8, 512
 of it in the backward. The ops release the GIL while they run, so two Python threads run them on
 two cores. :func:`thread_roi_poolers` makes the ROI heads' poolers (Detectron2's ``ROIPooler``)
 pool each level with a :class:`ThreadedROIAlign`.
+
+Both directions give torchvision's results bit for bit, so a training run is the one it would be
+without threads, on any machine: each pooled row depends on its own box only, and the backward
+splits between images (each part's gradient covers its own images, whose sums run over their
+ROIs in the one call's order).
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +22,14 @@ from detectron2.layers import ROIAlign
 from detectron2.modeling.poolers import ROIPooler
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ThreadedROIAlign", "roi_parts", "thread_roi_poolers"]
+__all__ = ["ThreadedROIAlign", "image_parts", "roi_parts", "thread_roi_poolers"]
 
 # Fewest ROIs per part for the pooling to be split (a thread costs ~0.1 ms, one ROI ~0.1-0.4 ms
 # of ROIAlign).
 MIN_ROIS_PER_THREAD = 16
 # Most parts: measured on 2 cores. Each worker thread starts an OpenMP team of its own (torch's
-# intra-op threads) for the backward's zeroed gradient map, so more parts on a machine with many
-# threads would multiply them.
+# intra-op threads) for the ops' zeroed outputs, so more parts on a machine with many threads
+# would multiply them.
 MAX_POOL_THREADS = 2
 # The CPU kernels' float types; others (half precision) run torchvision's op as before.
 _DTYPES = (torch.float32, torch.float64)
@@ -33,12 +38,25 @@ _DTYPES = (torch.float32, torch.float64)
 def roi_parts(count: int) -> List[int]:
     """Bounds of the consecutive parts that ``count`` ROIs are pooled in: ``[0, count]`` (one
     part) below ``2 * MIN_ROIS_PER_THREAD``, else up to ``MAX_POOL_THREADS`` parts of nearly equal
-    size. They depend on the count alone, never on the machine's thread count: the gradient of a
-    feature map is the sum of the parts' gradients, whose rounding depends on where the parts
-    split, and a training run should give the same numbers on any machine (a machine with one
+    size. They depend on the count alone, not on the machine's thread count (a machine with one
     thread runs the same parts one after the other)."""
     parts = max(1, min(count // MIN_ROIS_PER_THREAD, MAX_POOL_THREADS))
     return [count * k // parts for k in range(parts + 1)]
+
+
+def image_parts(rois: torch.Tensor, bounds: Sequence[int]) -> List[int]:
+    """``bounds`` (:func:`roi_parts`) with each inner bound moved to the nearest first ROI of an
+    image, for the backward: parts whose ROIs belong to different images write disjoint parts of
+    the gradient. One part where that cannot be (all ROIs of one image, or ``rois`` not sorted by
+    image, which Detectron2's ``ROIPooler`` always sorts them by)."""
+    if len(bounds) < 3:
+        return [0, len(rois)]
+    images = rois[:, 0]
+    starts = torch.nonzero(images[1:] != images[:-1]).flatten() + 1
+    if len(starts) == 0 or not bool((images[1:] >= images[:-1]).all()):
+        return [0, len(rois)]
+    inner = {int(starts[(starts - bound).abs().argmin()]) for bound in bounds[1:-1]}
+    return [0, *sorted(inner), len(rois)]
 
 
 def _run_parts(fn: Callable, bounds: Sequence[int]) -> list:
@@ -78,49 +96,58 @@ def _roi_align_parts(input, rois, bounds, output_size, spatial_scale, sampling_r
 
 
 class _ThreadedROIAlignFunction(torch.autograd.Function):
-    """torchvision's ROIAlign with its forward and backward run in parts (see :func:`roi_parts`).
-    The backward of each part writes a gradient map of its own (torchvision's backward kernel
-    zeroes a whole map per call); the maps are summed in the parts' order."""
+    """torchvision's ROIAlign with its forward run in the parts of :func:`roi_parts` and its
+    backward in those of :func:`image_parts`, each on its own thread. Each backward part pools
+    into the gradient of its own images only (its ROIs' image indices shifted to its first
+    image), and the parts' gradients are concatenated: every pixel's sum runs over the same ROIs
+    in the same order as in torchvision's one call."""
 
     @staticmethod
     def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
-        bounds = roi_parts(len(rois))
         ctx.save_for_backward(rois)
-        ctx.settings = (bounds, input.shape, output_size, spatial_scale, sampling_ratio, aligned)
+        ctx.settings = (input.shape, output_size, spatial_scale, sampling_ratio, aligned)
         return _roi_align_parts(
-            input, rois, bounds, output_size, spatial_scale, sampling_ratio, aligned
+            input, rois, roi_parts(len(rois)), output_size, spatial_scale, sampling_ratio, aligned
         )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
-        bounds, shape, output_size, spatial_scale, sampling_ratio, aligned = ctx.settings
+        (images, *map_shape), output_size, spatial_scale, sampling_ratio, aligned = ctx.settings
+        bounds = image_parts(rois, roi_parts(len(rois)))
 
         def backward_part(start, end):
+            # Images [first, last): from image 0 for the first part, to the last image for the
+            # last one, so that images without ROIs get their zeros too.
+            first = int(rois[start, 0]) if start > 0 else 0
+            last = int(rois[end, 0]) if end < len(rois) else images
+            part = rois[start:end]
+            if first > 0:
+                part = part.clone()
+                part[:, 0] -= first
             return torch.ops.torchvision._roi_align_backward(
                 grad_output[start:end],
-                rois[start:end],
+                part,
                 spatial_scale,
                 *output_size,
-                *shape,
+                last - first,
+                *map_shape,
                 sampling_ratio,
                 aligned,
             )
 
         grads = _run_parts(backward_part, bounds)
-        grad_input = grads[0]
-        for grad in grads[1:]:
-            grad_input += grad
+        grad_input = grads[0] if len(grads) == 1 else torch.cat(grads)
         return grad_input, None, None, None, None, None
 
 
 class ThreadedROIAlign(ROIAlign):
     """Detectron2's :class:`~detectron2.layers.ROIAlign` (same settings: output size, spatial
     scale, sampling ratio, aligned) that runs torchvision's op, forward and backward, on the CPU
-    in up to two parts on two threads (:func:`roi_parts`). The pooled rows are Detectron2's bit
-    for bit; the feature map's gradient differs from torchvision's by float rounding only (its
-    parts' sums are added in another order).
+    in up to two parts on two threads: forward in parts of the ROIs (:func:`roi_parts`),
+    backward in parts between images (:func:`image_parts`; one part for a single image). Pooled
+    rows and the feature map's gradient are torchvision's bit for bit.
 
     It runs Detectron2's forward instead off the CPU, for other dtypes than float32/float64, for
     quantized inputs, for fewer than ``2 * MIN_ROIS_PER_THREAD`` ROIs, and under ``torch.jit``
