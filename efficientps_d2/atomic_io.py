@@ -14,6 +14,7 @@ import uuid
 
 __all__ = [
     "atomic_directory",
+    "atomic_open",
     "atomic_write",
     "blocking_file",
     "check_writable_file",
@@ -39,15 +40,32 @@ def atomic_write(path, write, mode="wb", *, remove_stale=False):
     """
     if remove_stale:
         remove_stale_temporaries_of(path)
+    if mode is not None:
+        with atomic_open(path, mode) as f:
+            write(f)
+        return
     tmp = temporary_path(path)
     try:
-        if mode is None:
-            write(tmp)
-        else:
-            with open(tmp, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not land before the data does
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb", **kwargs):
+    """``open(path, mode, **kwargs)`` for writing, as a context manager, for a writer that opens
+    its file itself in a ``with`` block (Detectron2's save of the config): the block writes to a
+    temporary file next to ``path``, which is flushed to disk and renamed to ``path`` when the
+    block ends without error; on an error it is removed and ``path`` stays as it was."""
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data does
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
