@@ -27,7 +27,7 @@ import os
 
 import detectron2.utils.comm as comm
 from detectron2.config import instantiate
-from detectron2.engine import default_writers, hooks
+from detectron2.engine import hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from omegaconf import OmegaConf
 
@@ -35,6 +35,7 @@ from ..config_adapter import ConfigAdapter
 from ..visualization import add_panoptic_visualization
 from .startup import (
     FinishedTrainingEvalHook,
+    ResumingPeriodicWriter,
     build_checkpointer,
     build_trainer,
     load_for_evaluation,
@@ -117,10 +118,9 @@ def do_train(args, cfg):
                 if config.tta_enabled
                 else None
             ),
-            (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
+            (  # its writers made after resuming: metrics.json holds each iteration once
+                ResumingPeriodicWriter(
+                    cfg.train.output_dir, cfg.train.max_iter, period=cfg.train.log_period
                 )
                 if main_process
                 else None
