@@ -9,6 +9,9 @@ import pytest
 import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from PIL import Image
 
 import demo
 from efficientps_d2.data import EfficientPSDatasetMapper
@@ -16,7 +19,7 @@ from efficientps_d2.data.image_files import check_model_input_format, prepare_im
 from efficientps_d2.demo import EfficientPSPredictor, read_bgr_image
 from efficientps_d2.export import ExportedPredictor, load
 from efficientps_d2.tools import export as export_tool
-from tests.common import PERMISSIVE, save_random_model, tiny_config
+from tests.common import PERMISSIVE, save_random_model, tiny_config, training_input
 
 FORMATS = ["YCbCr", "YUV-BT.601"]
 NO_RESIZE = T.AugmentationList([])
@@ -126,3 +129,19 @@ def test_the_export_tool_exports_a_ycbcr_model_that_its_runtime_feeds_as_the_dem
     got, expected = exported(image), EfficientPSPredictor(cfg)(image)
     torch.testing.assert_close(got["sem_seg"], expected["sem_seg"], rtol=1e-4, atol=1e-4)
     assert torch.equal(got["panoptic_seg"][0], expected["panoptic_seg"][0])
+
+
+def test_a_yuv_model_trains_on_the_float64_images_that_detectron2_reads():
+    """Detectron2's read_image gives "YUV-BT.601" images as float64, which the data loader passes
+    on: the float32 convolutions refused them ("expected scalar type Double but found Float")."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(["INPUT.FORMAT", "YUV-BT.601"])).train()
+    batch = training_input(64, 96, [[10, 10, 40, 40]], [0])
+    rgb = batch["image"].permute(1, 2, 0).numpy()
+    yuv = utils.convert_PIL_to_numpy(Image.fromarray(rgb), "YUV-BT.601")
+    batch["image"] = _chw(yuv)
+    assert batch["image"].dtype == torch.float64
+    with EventStorage():
+        losses = model([batch])
+        sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values()), losses

@@ -223,7 +223,9 @@ class EfficientPS(GeneralizedRCNN):
     def _training_losses(self, batched_inputs):
         images = super().preprocess_image(batched_inputs)  # checked in forward
         backbone, sem_seg_head = self._training_parts()
-        features = backbone(images.tensor)
+        # In the weights' dtype, as inference casts: Detectron2 reads "YUV-BT.601" images as
+        # float64, which the float32 convolutions refused ("expected scalar type Double").
+        features = backbone(images.tensor.to(self.pixel_mean.dtype))
 
         gt_sem_seg = ImageList.from_tensors(
             # int64, as cross entropy takes it (Detectron2's DatasetMapper gives int64 too).
