@@ -3,10 +3,13 @@ reads in "YCbCr" or "YUV-BT.601" trains, and gets the same pixels from the demo'
 export tool and its runtime, and the training pictures (the predictors convert their BGR input;
 before, they refused any format but RGB and BGR)."""
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -14,6 +17,7 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 import demo
+from efficientps_d2 import visualization
 from efficientps_d2.data import EfficientPSDatasetMapper
 from efficientps_d2.data.image_files import check_model_input_format, prepare_image
 from efficientps_d2.demo import EfficientPSPredictor, read_bgr_image
@@ -145,3 +149,30 @@ def test_a_yuv_model_trains_on_the_float64_images_that_detectron2_reads():
         losses = model([batch])
         sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("image_format", ["YCbCr", "YUV-BT.601", "BGR"])
+def test_the_training_pictures_draw_the_image_in_rgb(image_format, image_file, monkeypatch):
+    """The pictures of VIS_PERIOD drew a YCbCr image's bytes as if they were RGB."""
+    name = f"__input_formats_{image_format}"
+    DatasetCatalog.register(name, lambda: [{"file_name": image_file, "image_id": "a"}])
+    try:
+        hook = visualization.PanopticVisualizationHook(
+            1, name, augmentations=[], input_format=image_format
+        )
+        hook.before_train()
+        torch.manual_seed(0)
+        hook.trainer = SimpleNamespace(
+            model=build_model(tiny_config(["INPUT.FORMAT", image_format]))
+        )
+        drawn = {}
+        monkeypatch.setattr(
+            visualization, "draw_panoptic_pair", lambda rgb, *args: drawn.setdefault("rgb", rgb)
+        )
+        hook.draw()
+    finally:
+        DatasetCatalog.remove(name)
+    rgb = cv2.cvtColor(cv2.imread(image_file), cv2.COLOR_BGR2RGB)
+    assert drawn["rgb"].dtype == np.uint8 and drawn["rgb"].shape == rgb.shape
+    # PIL's YCbCr round trip is off by a few levels; drawn as RGB, YCbCr would be off by ~100.
+    assert np.abs(drawn["rgb"].astype(int) - rgb).max() <= 4
