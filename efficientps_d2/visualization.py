@@ -24,7 +24,7 @@ from detectron2.utils.visualizer import Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
 from .config_adapter import ConfigAdapter
-from .data.image_files import chw_tensor, read_image
+from .data.image_files import chw_tensor, read_image, to_uint8
 from .data.metadata import with_isthing
 
 __all__ = [
@@ -156,8 +156,8 @@ class PanopticVisualizationHook(HookBase):
             model.train(was_training)
         # Detectron2's inverse of read_image's conversion (as tools/visualize_data draws): exact
         # for BGR/RGB, within PIL's rounding for the others (YCbCr, HSV: 3-4 levels; LAB: ~10).
-        rgb = utils.convert_image_to_rgb(image, self._input_format or "RGB")
-        rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)  # YUV-BT.601 comes back as float
+        # YUV-BT.601 comes back as float.
+        rgb = to_uint8(utils.convert_image_to_rgb(image, self._input_format or "RGB"))
         metadata = MetadataCatalog.get(self._dataset_name)
         return draw_panoptic_pair(rgb, self._dict, panoptic_seg, segments_info, metadata)
 

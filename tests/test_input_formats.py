@@ -19,7 +19,12 @@ from PIL import Image
 import demo
 from efficientps_d2 import visualization
 from efficientps_d2.data import EfficientPSDatasetMapper
-from efficientps_d2.data.image_files import check_model_input_format, prepare_image
+from efficientps_d2.data.image_files import (
+    check_model_input_format,
+    chw_array,
+    chw_tensor,
+    prepare_image,
+)
 from efficientps_d2.demo import EfficientPSPredictor, read_bgr_image
 from efficientps_d2.export import ExportedPredictor, load
 from efficientps_d2.tools import export as export_tool
@@ -40,10 +45,6 @@ def image_file(tmp_path_factory):
     return str(path)
 
 
-def _chw(image):
-    return torch.as_tensor(image.transpose(2, 0, 1).copy())
-
-
 def _assert_same_output(got, expected):
     assert torch.equal(got["sem_seg"], expected["sem_seg"])
     assert torch.equal(got["panoptic_seg"][0], expected["panoptic_seg"][0])
@@ -61,7 +62,7 @@ def test_the_demo_predictor_feeds_the_network_what_the_data_loader_read(image_fo
     assert prepared.dtype == read.dtype and np.array_equal(prepared, read.transpose(2, 0, 1))
     got = predictor(image)
     with torch.no_grad():
-        expected = predictor.model([{"image": _chw(read), "height": 48, "width": 80}])[0]
+        expected = predictor.model([{"image": chw_tensor(read), "height": 48, "width": 80}])[0]
     _assert_same_output(got, expected)
     assert got["panoptic_seg"][1]  # segments, so the comparison compares something
 
@@ -89,8 +90,9 @@ def test_float_input_is_rounded_to_the_8_bits_that_a_file_of_it_holds():
 
 @pytest.mark.parametrize("image_format", ["L", "RGBA", "YUV", None])
 def test_prepare_image_refuses_a_format_that_no_model_takes(image_format):
-    if image_format is None:  # no format: BGR, as Detectron2's DefaultPredictor takes it
-        assert np.array_equal(prepare_image(_image(3, 4), NO_RESIZE, None), _chw(_image(3, 4)))
+    if image_format is None:  # no format: RGB, as read_image reads a 3-channel file
+        expected = chw_array(_image(3, 4)[:, :, ::-1])
+        assert np.array_equal(prepare_image(_image(3, 4), NO_RESIZE, None), expected)
         return
     with pytest.raises(ValueError, match=rf"input_format must be .* but '{image_format}' is"):
         prepare_image(_image(3, 4), NO_RESIZE, image_format)
@@ -143,7 +145,7 @@ def test_a_yuv_model_trains_on_the_float64_images_that_detectron2_reads():
     batch = training_input(64, 96, [[10, 10, 40, 40]], [0])
     rgb = batch["image"].permute(1, 2, 0).numpy()
     yuv = utils.convert_PIL_to_numpy(Image.fromarray(rgb), "YUV-BT.601")
-    batch["image"] = _chw(yuv)
+    batch["image"] = chw_tensor(yuv)
     assert batch["image"].dtype == torch.float64
     with EventStorage():
         losses = model([batch])

@@ -69,8 +69,8 @@ def check_model_input_format(input_format, key="INPUT.FORMAT"):
     "RGBA", ...), or that no image is read in ("YUV"). The formats are those of Detectron2's
     ``read_image``, which the data loaders read training images in and :func:`prepare_image`
     converts the predictors' images to: "BGR", "YUV-BT.601" or a 3-channel mode of PIL ("RGB",
-    "YCbCr", "LAB", "HSV"). None (``read_image``: the file's own mode; the predictors: BGR)
-    passes."""
+    "YCbCr", "LAB", "HSV"). None (``read_image``: the file's own mode, RGB for the 3-channel
+    files a model trains on) passes."""
     if input_format is None or input_format in ("BGR", "YUV-BT.601"):
         return
     try:
@@ -96,10 +96,11 @@ def prepare_image(original_image, augmentation, input_format):
         original_image: (H, W, 3) BGR array (as ``cv2.imread`` gives), uint8 or float 0-255.
         augmentation: the test-time resize (a Detectron2 ``Augmentation``, e.g. an
             ``AugmentationList``).
-        input_format: the model's INPUT.FORMAT (see :func:`check_model_input_format`). "RGB" and
-            "BGR" (and None: BGR) reorder the channels; any other format is converted by
-            Detectron2's ``convert_PIL_to_numpy``, from 8-bit pixels (float ones are rounded,
-            see :func:`_bgr_to_format`).
+        input_format: the model's INPUT.FORMAT (see :func:`check_model_input_format`). "RGB"
+            and "BGR" reorder the channels (None as "RGB": what ``read_image`` reads from a
+            3-channel file); any other format is converted by Detectron2's
+            ``convert_PIL_to_numpy``, from 8-bit pixels (float ones are rounded, see
+            :func:`_bgr_to_format`).
     Returns:
         (3, H', W') C-contiguous, writable array in ``input_format``, resized: of the input
         dtype for "RGB"/"BGR", else of the dtype that ``read_image`` gives (uint8; float64, Y
@@ -124,9 +125,9 @@ def prepare_image(original_image, augmentation, input_format):
     height, width = shape[:2]
     if height == 0 or width == 0:
         raise ImageInputError(f"The image has no pixel ({height} x {width}).")
-    if input_format == "RGB":
+    if input_format in (None, "RGB"):
         original_image = original_image[:, :, ::-1]
-    elif input_format not in (None, "BGR"):
+    elif input_format != "BGR":
         original_image = _bgr_to_format(original_image, input_format)
     aug_input = T.AugInput(original_image)
     try:
@@ -149,9 +150,14 @@ def _bgr_to_format(image, input_format):
         # an 8-bit file of it holds: a model in a format other than RGB/BGR was trained on
         # 8-bit files converted by PIL, so it never saw finer values (refusing float input
         # instead would make the predictor's input contract depend on the model's format).
-        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        image = to_uint8(image)
     rgb = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1]))
     return utils.convert_PIL_to_numpy(rgb, input_format)
+
+
+def to_uint8(image):
+    """Float 0-255 pixels rounded and clipped to 8 bits; a uint8 image as it is."""
+    return image if image.dtype == np.uint8 else np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def chw_array(image):
