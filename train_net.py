@@ -86,8 +86,7 @@ class Trainer(DefaultTrainer):
             startup.ResumingPeriodicWriter.replacing(
                 startup.FinishedTrainingEvalHook.replacing(h),
                 self.cfg.OUTPUT_DIR,
-                self.max_iter,
-                make_writers=lambda start_iter: trainer.build_writers(),  # reads start_iter
+                lambda start_iter: trainer.build_writers(),  # reads trainer.start_iter
             )
             for h in super().build_hooks()
         ]

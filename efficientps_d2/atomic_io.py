@@ -44,14 +44,8 @@ def atomic_write(path, write, mode="wb", *, remove_stale=False):
         with atomic_open(path, mode) as f:
             write(f)
         return
-    tmp = temporary_path(path)
-    try:
+    with _renamed_when_done(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -60,12 +54,19 @@ def atomic_open(path, mode="wb", **kwargs):
     its file itself in a ``with`` block (Detectron2's save of the config): the block writes to a
     temporary file next to ``path``, which is flushed to disk and renamed to ``path`` when the
     block ends without error; on an error it is removed and ``path`` stays as it was."""
+    with _renamed_when_done(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not land before the data does
+
+
+@contextlib.contextmanager
+def _renamed_when_done(path):
+    """A temporary path next to ``path``, renamed to ``path`` when the block ends without error;
+    on an error removed, ``path`` left as it was."""
     tmp = temporary_path(path)
     try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the data does
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,6 +2,7 @@
 by YAML and LazyConfig runs: the same checks, each naming its own config's keys."""
 
 import contextlib
+import functools
 import glob
 import itertools
 import json
@@ -697,7 +698,11 @@ def _toy_training(output_dir, max_iter, *, resume, checkpoint_period):
     trainer.register_hooks(
         [
             hooks.PeriodicCheckpointer(checkpointer, checkpoint_period, max_iter=max_iter),
-            startup.ResumingPeriodicWriter(str(output_dir), max_iter, period=2),
+            startup.ResumingPeriodicWriter(
+                str(output_dir),
+                functools.partial(startup.build_writers, str(output_dir), max_iter),
+                period=2,
+            ),
         ]
     )
     checkpointer.resume_or_load("", resume=resume)

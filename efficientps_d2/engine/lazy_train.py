@@ -22,6 +22,7 @@ The config follows Detectron2's layout (``configs/common/train.py``): ``train.ou
 ``max_size``, ``flip``), ``train.expected_results``; ``dataloader.evaluator`` is optional.
 """
 
+import functools
 import logging
 import os
 
@@ -38,6 +39,7 @@ from .startup import (
     ResumingPeriodicWriter,
     build_checkpointer,
     build_trainer,
+    build_writers,
     load_for_evaluation,
     setup,
     verify_results,
@@ -120,7 +122,9 @@ def do_train(args, cfg):
             ),
             (  # its writers made after resuming: metrics.json holds each iteration once
                 ResumingPeriodicWriter(
-                    cfg.train.output_dir, cfg.train.max_iter, period=cfg.train.log_period
+                    cfg.train.output_dir,
+                    functools.partial(build_writers, cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
                 )
                 if main_process
                 else None

@@ -457,30 +457,25 @@ def build_writers(output_dir, max_iter, start_iter=0):
 class ResumingPeriodicWriter(PeriodicWriter):
     """Detectron2's ``PeriodicWriter``, whose writers are made when the training starts, once the
     iteration it starts from (``trainer.start_iter``, set by resuming) is known: metrics.json is
-    readied for it (:func:`prepare_metrics_file`), then ``make_writers(start_iter)`` (by default
+    readied for it (:func:`prepare_metrics_file`), then ``make_writers(start_iter)`` (e.g.
     :func:`build_writers` of ``output_dir`` and ``max_iter``) makes them. Detectron2 makes them
     with the hook, before resuming; its ``JSONWriter`` then appended the resumed run's records
     after the killed run's (the iterations after the last checkpoint twice)."""
 
-    def __init__(self, output_dir, max_iter, period=20, make_writers=None):
+    def __init__(self, output_dir, make_writers, period=20):
         super().__init__([], period=period)
         self._output_dir = output_dir
-        if make_writers is None:
-
-            def make_writers(start_iter):
-                return build_writers(output_dir, max_iter, start_iter)
-
         self._make_writers = make_writers
 
     @classmethod
-    def replacing(cls, hook, output_dir, max_iter, make_writers=None):
+    def replacing(cls, hook, output_dir, make_writers):
         """This hook in place of a plain ``PeriodicWriter`` (DefaultTrainer's, whose writers,
         which have written nothing, are closed); other hooks as they are."""
         if type(hook) is not PeriodicWriter:
             return hook
         for writer in hook._writers:  # Detectron2 keeps the constructor's arguments as these.
             writer.close()
-        return cls(output_dir, max_iter, period=hook._period, make_writers=make_writers)
+        return cls(output_dir, make_writers, period=hook._period)
 
     def before_train(self):
         start_iter = self.trainer.start_iter
