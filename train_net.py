@@ -36,7 +36,8 @@ logger = logging.getLogger("efficientps_d2")
 class Trainer(DefaultTrainer):
     """DefaultTrainer with EfficientPS's mapper, evaluators, atomic checkpoints, with VIS_PERIOD > 0
     panoptic pictures in tensorboard and with TEST.AUG.ENABLED an evaluation with test-time
-    augmentation after training."""
+    augmentation after training. Its writers are made when the training starts, after resuming,
+    so that metrics.json and tensorboard hold each iteration once (ResumingPeriodicWriter)."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, copied because it wraps the model in DDP inline with
@@ -78,8 +79,17 @@ class Trainer(DefaultTrainer):
             self._trainer.model, ConfigAdapter(self.cfg), trainer=weakref.proxy(self)
         )
         # Its EvalHook also evaluated after an error in the last iteration (see
-        # FinishedTrainingEvalHook).
-        hook_list = [startup.FinishedTrainingEvalHook.replacing(h) for h in super().build_hooks()]
+        # FinishedTrainingEvalHook); its PeriodicWriter made the writers before resuming, which
+        # wrote the iterations after the last checkpoint twice (see ResumingPeriodicWriter).
+        trainer = weakref.proxy(self)  # hooks do not own their trainer (as in Detectron2)
+        hook_list = [
+            startup.ResumingPeriodicWriter.replacing(
+                startup.FinishedTrainingEvalHook.replacing(h),
+                self.cfg.OUTPUT_DIR,
+                lambda start_iter: trainer.build_writers(),  # reads trainer.start_iter
+            )
+            for h in super().build_hooks()
+        ]
         hook_list = add_panoptic_visualization(self.cfg, hook_list)
         if tta_config(self.cfg).ENABLED:
             # After training, right after the plain evaluation (so before the writer: its results
@@ -90,6 +100,11 @@ class Trainer(DefaultTrainer):
                 startup.FinishedTrainingEvalHook(0, self._test_with_tta),
             )
         return hook_list
+
+    def build_writers(self):
+        # Detectron2's default writers, with tensorboard's events after the checkpoint resumed
+        # from purged (see startup.build_writers).
+        return startup.build_writers(self.cfg.OUTPUT_DIR, self.max_iter, self.start_iter)
 
     def _test_with_tta(self):
         results = self.test_with_TTA(self.cfg, self.model)

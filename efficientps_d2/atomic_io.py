@@ -14,6 +14,7 @@ import uuid
 
 __all__ = [
     "atomic_directory",
+    "atomic_open",
     "atomic_write",
     "blocking_file",
     "check_writable_file",
@@ -39,15 +40,33 @@ def atomic_write(path, write, mode="wb", *, remove_stale=False):
     """
     if remove_stale:
         remove_stale_temporaries_of(path)
+    if mode is not None:
+        with atomic_open(path, mode) as f:
+            write(f)
+        return
+    with _renamed_when_done(path) as tmp:
+        write(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb", **kwargs):
+    """``open(path, mode, **kwargs)`` for writing, as a context manager, for a writer that opens
+    its file itself in a ``with`` block (Detectron2's save of the config): the block writes to a
+    temporary file next to ``path``, which is flushed to disk and renamed to ``path`` when the
+    block ends without error; on an error it is removed and ``path`` stays as it was."""
+    with _renamed_when_done(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not land before the data does
+
+
+@contextlib.contextmanager
+def _renamed_when_done(path):
+    """A temporary path next to ``path``, renamed to ``path`` when the block ends without error;
+    on an error removed, ``path`` left as it was."""
     tmp = temporary_path(path)
     try:
-        if mode is None:
-            write(tmp)
-        else:
-            with open(tmp, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not land before the data does
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -16,6 +16,7 @@ import os
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
@@ -23,7 +24,7 @@ from detectron2.utils.visualizer import Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
 from .config_adapter import ConfigAdapter
-from .data.image_files import chw_tensor, read_image
+from .data.image_files import chw_tensor, read_image, to_uint8
 from .data.metadata import with_isthing
 
 __all__ = [
@@ -75,7 +76,7 @@ class PanopticVisualizationHook(HookBase):
         period: iterations between pictures (> 0).
         dataset_name: the data set whose first image is drawn.
         augmentations: the test-time augmentations, as the test data loader applies them.
-        input_format: INPUT.FORMAT ("BGR" or "RGB").
+        input_format: INPUT.FORMAT, any format the model takes ("BGR", "RGB", "YCbCr", ...).
     """
 
     def __init__(self, period, dataset_name, *, augmentations, input_format="BGR"):
@@ -153,7 +154,10 @@ class PanopticVisualizationHook(HookBase):
                 panoptic_seg, segments_info = model([inputs])[0]["panoptic_seg"]
         finally:
             model.train(was_training)
-        rgb = image[:, :, ::-1] if self._input_format == "BGR" else image
+        # Detectron2's inverse of read_image's conversion (as tools/visualize_data draws): exact
+        # for BGR/RGB, within PIL's rounding for the others (YCbCr, HSV: 3-4 levels; LAB: ~10).
+        # YUV-BT.601 comes back as float.
+        rgb = to_uint8(utils.convert_image_to_rgb(image, self._input_format or "RGB"))
         metadata = MetadataCatalog.get(self._dataset_name)
         return draw_panoptic_pair(rgb, self._dict, panoptic_seg, segments_info, metadata)
 

@@ -2,7 +2,13 @@
 by YAML and LazyConfig runs: the same checks, each naming its own config's keys."""
 
 import contextlib
+import functools
+import glob
+import itertools
+import json
+import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -629,3 +635,151 @@ def test_an_unknown_gradient_clip_type_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match="SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of"):
         startup.setup(_quick_args(".yaml", *opts))
     assert not out.exists()
+
+
+def _metrics_lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_metrics_file_resumed_drops_the_records_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.json"
+    lines = [json.dumps({"iteration": i, "loss": i / 10}) for i in (1, 3, 5, 7)]
+    lines.insert(2, json.dumps({"note": "no iteration"}))  # not a training record: stays
+    path.write_text("\n".join(lines) + '\n{"iteration": 9, "lo')  # cut short by the kill
+    assert startup.prepare_metrics_file(str(tmp_path), 5) is None
+    assert _metrics_lines(path) == lines[:3]
+    assert os.listdir(tmp_path) == ["metrics.json"]  # rewritten atomically: no temporaries
+    inode = path.stat().st_ino
+    startup.prepare_metrics_file(str(tmp_path), 5)  # nothing to drop: not rewritten
+    assert path.stat().st_ino == inode and _metrics_lines(path) == lines[:3]
+    path.write_text(lines[0])  # whole but without its line end: the next record would join it
+    startup.prepare_metrics_file(str(tmp_path), 5)
+    assert path.read_text() == lines[0] + "\n"
+
+
+def test_metrics_file_of_an_earlier_run_is_moved_aside_by_a_fresh_start(tmp_path):
+    assert startup.prepare_metrics_file(str(tmp_path), 0) is None  # none yet
+    (tmp_path / "metrics.json").write_text("")
+    assert startup.prepare_metrics_file(str(tmp_path), 0) is None  # empty: nothing to keep
+    moved = []
+    for run in range(2):  # the same time stamp twice: the second name is made unique
+        (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 19, "run": run}) + "\n")
+        os.utime(tmp_path / "metrics.json", (0, 0))
+        moved.append(startup.prepare_metrics_file(str(tmp_path), 0))
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(0))
+    assert moved == [
+        str(tmp_path / f"metrics.{stamp}.json"),
+        str(tmp_path / f"metrics.{stamp}-2.json"),
+    ]
+    assert [json.loads(_metrics_lines(p)[0])["run"] for p in moved] == [0, 1]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def _toy_training(output_dir, max_iter, *, resume, checkpoint_period):
+    """A tiny SimpleTrainer with lazy_train.py's checkpoint and writer hooks, its writes every
+    2 iterations; returns the iteration it started from."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.engine import SimpleTrainer, hooks
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, batch):
+            return {"loss": (self.w * batch).sum()}
+
+    model = Toy()
+    trainer = SimpleTrainer(
+        model, itertools.repeat(torch.ones(1)), torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    checkpointer = DetectionCheckpointer(model, str(output_dir), trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.PeriodicCheckpointer(checkpointer, checkpoint_period, max_iter=max_iter),
+            startup.ResumingPeriodicWriter(
+                str(output_dir),
+                functools.partial(startup.build_writers, str(output_dir), max_iter),
+                period=2,
+            ),
+        ]
+    )
+    checkpointer.resume_or_load("", resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, max_iter)
+    return start_iter
+
+
+def test_resumed_training_logs_each_iteration_once_in_metrics_and_tensorboard(tmp_path):
+    # Detectron2's writers appended the resumed run's records after those the killed run logged
+    # after its last checkpoint: iterations 5 and 7 twice, in metrics.json and in tensorboard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _toy_training(tmp_path, 8, resume=False, checkpoint_period=4)  # records 1, 3, 5, 7
+    # The folder that a run killed after logging iteration 7 with its checkpoint of iteration 3
+    # leaves: the later checkpoints go.
+    for name in ("model_0000007.pth", "model_final.pth"):
+        os.remove(tmp_path / name)
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    time.sleep(1)  # tensorboard's event files are named by the second they are opened in
+    assert _toy_training(tmp_path, 8, resume=True, checkpoint_period=4) == 4
+    records = [json.loads(line) for line in _metrics_lines(tmp_path / "metrics.json")]
+    assert [r["iteration"] for r in records] == [1, 3, 5, 7]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("total_loss")] == [1, 3, 5, 7]
+    assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 2  # nothing deleted
+
+    # A fresh start (no --resume) keeps that run's records under another name.
+    _toy_training(tmp_path, 4, resume=False, checkpoint_period=4)
+    records = [json.loads(line) for line in _metrics_lines(tmp_path / "metrics.json")]
+    assert [r["iteration"] for r in records] == [1, 3]
+    (earlier,) = glob.glob(str(tmp_path / "metrics.*-*.json"))
+    assert [json.loads(line)["iteration"] for line in _metrics_lines(earlier)] == [1, 3, 5, 7]
+
+
+def test_the_saved_config_is_written_atomically_and_named_in_the_log(tmp_path, caplog):
+    from detectron2.utils.file_io import PathManager
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("the training's config\n")
+    open_in_place = PathManager.open
+    with startup.saved_config_redirected(str(tmp_path)):
+        with pytest.raises(RuntimeError):  # e.g. a dump that fails half way
+            with PathManager.open(str(saved), "w") as f:
+                f.write("half of")
+                raise RuntimeError
+    assert saved.read_text() == "the training's config\n"  # Detectron2 left "half of" there
+    assert os.listdir(tmp_path) == ["config.yaml"]
+    assert PathManager.open == open_in_place  # restored
+    with startup.saved_config_redirected(str(tmp_path), "config_eval.yaml"):
+        with PathManager.open(str(saved), "w") as f:
+            f.write("the evaluation's config\n")
+        with PathManager.open(str(saved)) as f:  # reading is not redirected
+            assert f.read() == "the training's config\n"
+        with caplog.at_level(logging.INFO, logger="detectron2"):
+            logging.getLogger("detectron2").info(f"Full config saved to {saved}")
+    assert (tmp_path / "config_eval.yaml").read_text() == "the evaluation's config\n"
+    assert caplog.records[-1].getMessage().endswith("config_eval.yaml")
+
+
+@pytest.mark.parametrize(
+    "kind, opts",
+    [
+        (".py", ["train.output_dir={out}", "dataloader.test.dataset.names=no_such_set"]),
+        (".yaml", ["OUTPUT_DIR", "{out}", "DATASETS.TEST", "('no_such_set',)"]),
+    ],
+)
+def test_eval_only_into_a_training_folder_keeps_the_training_config(tmp_path, kind, opts):
+    # Detectron2's default_setup replaced the training's config.yaml with the evaluation's; the
+    # folder's config.yaml describes the run that made its checkpoints.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("the training's config\n")
+    (out / "last_checkpoint").write_text("model_final.pth")  # --eval-only --resume evaluates it
+    args = _quick_args(kind, "--eval-only", "--resume", *[o.format(out=out) for o in opts])
+    with pytest.raises(DataCheckError, match="no_such_set"):  # past default_setup
+        startup.setup(args)
+    assert (out / "config.yaml").read_text() == "the training's config\n"
+    assert "no_such_set" in (out / "config_eval.yaml").read_text()

@@ -134,6 +134,38 @@ def test_sigkill_then_resume_continues_to_final_iteration(tmp_path, data_root):
     assert iterations[-1] == 11
 
 
+def test_resume_logs_each_iteration_once_and_eval_only_keeps_the_training_config(
+    tmp_path, data_root
+):
+    # Detectron2's JSONWriter appended the resumed run's records after those the killed run had
+    # logged after its last checkpoint (the same iterations twice: plots zigzagged), tensorboard
+    # showed them twice, and an --eval-only run into the folder replaced its config.yaml.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out_dir = tmp_path / "run"
+    args = [*TINY, "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "4", "DATASETS.TEST", "()"]
+    args += ["OUTPUT_DIR", str(out_dir)]
+    run_to_end(args, data_root)  # logs iteration 11 (DefaultTrainer writes every 20 and last)
+    # The folder that a run killed after logging iteration 11, its last checkpoint that of
+    # iteration 3, leaves: the later checkpoints go.
+    for name in ("model_0000007.pth", "model_final.pth"):
+        os.remove(out_dir / name)
+    (out_dir / "last_checkpoint").write_text("model_0000003.pth")
+    log = run_to_end(["--resume", *args], data_root)
+    assert "Starting training from iteration 4" in log
+    with open(out_dir / "metrics.json") as f:
+        assert [json.loads(line)["iteration"] for line in f] == [11]
+    events = EventAccumulator(str(out_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("total_loss")] == [11]
+
+    training_config = (out_dir / "config.yaml").read_text()
+    evaluate = ["--eval-only", "--resume", *args, "DATASETS.TEST", "('synthetic_panoptic_val',)"]
+    assert "panoptic_seg" in copypaste_results(run_to_end(evaluate, data_root))
+    assert (out_dir / "config.yaml").read_text() == training_config
+    assert "synthetic_panoptic_val" in (out_dir / "config_eval.yaml").read_text()
+
+
 def test_no_evaluation_after_the_last_checkpoint_fails(tmp_path, data_root):
     # Detectron2's EvalHook evaluated the unsaved weights after an error in the last iteration
     # (here saving model_final.pth, which a folder blocks), before the error was shown.

@@ -51,7 +51,9 @@ class EfficientPSPredictor(DefaultPredictor):
     """Detectron2's ``DefaultPredictor`` for EfficientPS, from a YAML or a LazyConfig config.
 
     The same call (a BGR (H, W, 3) uint8 image in, one output dict out, resized as the test
-    loader resizes: INPUT.MIN/MAX_SIZE_TEST or ``dataloader.test.mapper.augmentations``), plus:
+    loader resizes: INPUT.MIN/MAX_SIZE_TEST or ``dataloader.test.mapper.augmentations``), for
+    any INPUT.FORMAT the model takes ("YCbCr", "YUV-BT.601", ...: the image is converted as the
+    data loaders' ``read_image`` converts a file, see :func:`prepare_image`), plus:
     weights (MODEL.WEIGHTS / ``train.init_checkpoint``) load through
     :class:`~efficientps_d2.checkpoint.EfficientPSCheckpointer`, which refuses a checkpoint of
     another architecture or variant, and with TEST.AUG.ENABLED / ``train.tta.enabled`` the model
@@ -71,12 +73,8 @@ class EfficientPSPredictor(DefaultPredictor):
         self.model = (config.build_tta_model(model) or model).eval()
         self.metadata, self.dataset_name = resolve_metadata(cfg)
         self.aug = T.AugmentationList(config.build_test_augmentations())
+        # Any format the model takes (it refused another when built): see prepare_image.
         self.input_format = config.input_format
-        if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(
-                f"{config.keys['input_format']} must be 'RGB' or 'BGR', got "
-                f"'{self.input_format}'."
-            )
 
     def __call__(self, original_image):
         """DefaultPredictor's call, with the config's list of test augmentations; an image it

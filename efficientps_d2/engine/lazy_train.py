@@ -22,12 +22,13 @@ The config follows Detectron2's layout (``configs/common/train.py``): ``train.ou
 ``max_size``, ``flip``), ``train.expected_results``; ``dataloader.evaluator`` is optional.
 """
 
+import functools
 import logging
 import os
 
 import detectron2.utils.comm as comm
 from detectron2.config import instantiate
-from detectron2.engine import default_writers, hooks
+from detectron2.engine import hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from omegaconf import OmegaConf
 
@@ -35,8 +36,10 @@ from ..config_adapter import ConfigAdapter
 from ..visualization import add_panoptic_visualization
 from .startup import (
     FinishedTrainingEvalHook,
+    ResumingPeriodicWriter,
     build_checkpointer,
     build_trainer,
+    build_writers,
     load_for_evaluation,
     setup,
     verify_results,
@@ -117,9 +120,10 @@ def do_train(args, cfg):
                 if config.tta_enabled
                 else None
             ),
-            (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+            (  # its writers made after resuming: metrics.json holds each iteration once
+                ResumingPeriodicWriter(
+                    cfg.train.output_dir,
+                    functools.partial(build_writers, cfg.train.output_dir, cfg.train.max_iter),
                     period=cfg.train.log_period,
                 )
                 if main_process

@@ -8,8 +8,10 @@ same steps, each reading its own keys through
   check (:func:`efficientps_d2.data.check.validate_datasets`, which reads either kind);
 - :func:`start_run`: on the CPU, SyncBN norms become Detectron2's naiveSyncBN (gloo all_reduce);
   the output folder is locked for a training run (a second run on it is refused) before anything
-  is written, Detectron2's ``default_setup`` runs, ``efficientps_d2``'s loggers also write
-  ``log.txt``, and temporary files of killed runs are removed under the lock;
+  is written, Detectron2's ``default_setup`` runs (its ``config.yaml`` written atomically, and
+  by ``--eval-only`` as ``config_eval.yaml``: see :func:`saved_config_redirected`),
+  ``efficientps_d2``'s loggers also write ``log.txt``, and temporary files of killed runs are
+  removed under the lock;
 - :func:`wrap_ddp`: DDP with ``device_ids=None`` for a CPU model (gloo), the local GPU otherwise;
 - :func:`build_trainer`: ``AMPTrainer`` (autocast to the configured precision; resumes from a
   checkpoint of another AMP setting too) or ``SimpleTrainer``;
@@ -19,24 +21,37 @@ same steps, each reading its own keys through
 - :func:`verify_results`: Detectron2's check of the results against TEST.EXPECTED_RESULTS
   (``train.expected_results``);
 - :class:`FinishedTrainingEvalHook`: Detectron2's ``EvalHook``, without the evaluation after a
-  training that stopped at an error in its last iteration.
+  training that stopped at an error in its last iteration;
+- :class:`ResumingPeriodicWriter`: Detectron2's ``PeriodicWriter`` with its writers made when the
+  training starts, so that after ``--resume`` metrics.json and tensorboard hold each iteration
+  once (:func:`prepare_metrics_file`, :func:`build_writers`).
 """
 
+import contextlib
+import json
 import logging
 import os
+import time
 from urllib.parse import urlparse
 
 import detectron2.utils.comm as comm
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup
-from detectron2.engine.hooks import EvalHook
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    create_ddp_model,
+    default_setup,
+    default_writers,
+)
+from detectron2.engine.hooks import EvalHook, PeriodicWriter
 from detectron2.evaluation import verify_results as d2_verify_results
+from detectron2.utils.events import EventWriter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..atomic_io import check_writable_folder, remove_stale_temporaries
+from ..atomic_io import atomic_open, atomic_write, check_writable_folder, remove_stale_temporaries
 from ..checkpoint import check_checkpoint_file
 from ..config import find_config_file, is_yaml_config
 from ..config_adapter import ConfigAdapter
@@ -49,8 +64,10 @@ from .lazy_config import INFERENCE_PARTS, TRAINING_PARTS, load_config
 __all__ = [
     "FinishedTrainingEvalHook",
     "ResumableAMPTrainer",
+    "ResumingPeriodicWriter",
     "build_checkpointer",
     "build_trainer",
+    "build_writers",
     "check_amp_device",
     "check_evaluation",
     "check_input_format",
@@ -58,6 +75,8 @@ __all__ = [
     "check_weights",
     "index_after_eval_hook",
     "load_for_evaluation",
+    "prepare_metrics_file",
+    "saved_config_redirected",
     "setup",
     "start_run",
     "use_naive_sync_bn",
@@ -246,8 +265,9 @@ def check_weights(config, *, eval_only, resume):
 def start_run(cfg, args):
     """train_net.py's set-up of a run, before the data check: naive SyncBN on the CPU, the output
     folder locked (training, main process) before anything is written there, Detectron2's
-    ``default_setup``, our loggers in ``log.txt``, stale temporaries of killed runs removed, and
-    a warning where a run without --resume starts on another run's checkpoints
+    ``default_setup`` (the config saved atomically, by ``--eval-only`` as config_eval.yaml:
+    :func:`saved_config_redirected`), our loggers in ``log.txt``, stale temporaries of killed
+    runs removed, and a warning where a run without --resume starts on another run's checkpoints
     (:func:`warn_of_an_earlier_run`).
 
     A YAML ``cfg`` is frozen afterwards.
@@ -261,7 +281,11 @@ def start_run(cfg, args):
     if not args.eval_only and comm.is_main_process():
         # A second run on the same folder is refused here (OutputDirInUseError names its PID).
         lock = _output_dir_lock = lock_output_dir(config.output_dir)
-    default_setup(cfg, args)
+    # config.yaml describes the run that made the folder's checkpoints, as Detectron2's users and
+    # our readers of it (a LazyConfig run's config.yaml, given to --eval-only, demo.py, the export
+    # tools) take it: an evaluation writes its own config next to its results instead.
+    with saved_config_redirected(config.output_dir, _saved_config_name(args)):
+        default_setup(cfg, args)
     # default_setup logs only detectron2's and fvcore's loggers to log.txt; add ours.
     setup_logger(config.output_dir, distributed_rank=comm.get_rank(), name="efficientps_d2")
     if lock is not None:
@@ -275,11 +299,62 @@ def start_run(cfg, args):
     return cfg
 
 
+SAVED_CONFIG = "config.yaml"  # Detectron2's default_setup saves the run's config under this name
+EVAL_CONFIG = "config_eval.yaml"  # ... which an --eval-only run saves under this one instead
+
+
+def _saved_config_name(args):
+    return EVAL_CONFIG if args.eval_only else SAVED_CONFIG
+
+
+@contextlib.contextmanager
+def saved_config_redirected(output_dir, name=SAVED_CONFIG):
+    """While Detectron2's ``default_setup`` runs in this block, its save of the config to
+    ``<output_dir>/config.yaml`` (a YAML dump, or ``LazyConfig.save``, whose fallback is
+    ``config.yaml.pkl``) writes ``<output_dir>/<name>`` (``<name>.pkl``) instead, atomically
+    (:func:`~efficientps_d2.atomic_io.atomic_open`), and its log line names that file.
+
+    ``default_setup`` writes config.yaml in place: a run killed then left it cut short. Both of
+    its writes open the file through Detectron2's ``PathManager.open``, which is intercepted here
+    for those two paths only; every other path, and every other process, opens as before."""
+    saved = os.path.abspath(os.path.join(output_dir, SAVED_CONFIG))
+    written = os.path.abspath(os.path.join(output_dir, name))
+    redirects = {saved: written, f"{saved}.pkl": f"{written}.pkl"}
+    open_in_place = PathManager.open
+    shadowed = vars(PathManager).get("open")  # an instance attribute someone else set, if any
+
+    def open_redirected(path, mode="r", buffering=-1, **kwargs):
+        target = redirects.get(os.path.abspath(path)) if isinstance(path, str) else None
+        if target is None or "w" not in mode:
+            return open_in_place(path, mode, buffering, **kwargs)
+        return atomic_open(target, mode, **kwargs)
+
+    class NameWrittenFile(logging.Filter):  # "Full config saved to <output_dir>/config.yaml"
+        def filter(self, record):
+            if isinstance(record.msg, str) and record.msg.startswith("Full config saved to"):
+                record.msg = f"Full config saved to {os.path.join(output_dir, name)}"
+            return True
+
+    d2_logger = logging.getLogger("detectron2")  # default_setup's logger
+    log_filter = NameWrittenFile()
+    PathManager.open = open_redirected
+    d2_logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        d2_logger.removeFilter(log_filter)
+        if shadowed is None:
+            del PathManager.open
+        else:
+            PathManager.open = shadowed
+
+
 def warn_of_an_earlier_run(config):
     """Warns where a training run without --resume starts in an output folder that holds another
-    run's checkpoints: Detectron2 overwrites those of the same names (model_final.pth) and appends
-    to its metrics.json, and a later --resume, before this run's first checkpoint, would continue
-    that run instead. ``config``: a :class:`ConfigAdapter`."""
+    run's checkpoints: Detectron2 overwrites those of the same names (model_final.pth), its
+    metrics.json is moved aside when training starts (:func:`prepare_metrics_file`), and a later
+    --resume, before this run's first checkpoint, would continue that run instead. ``config``: a
+    :class:`ConfigAdapter`."""
     path = os.path.join(config.output_dir, "last_checkpoint")
     if not os.path.isfile(path):
         return
@@ -288,10 +363,127 @@ def warn_of_an_earlier_run(config):
     logger.warning(
         f"{config.keys['output_dir']} '{config.output_dir}' holds the checkpoints of an earlier "
         f"run (last_checkpoint names '{last}'). This run starts afresh (no --resume): it "
-        "overwrites that run's checkpoints of the same names and appends to its metrics.json. "
+        "overwrites that run's checkpoints of the same names and moves its metrics.json aside. "
         "To continue that run, stop this one and add --resume; to keep it, set another "
         f"{config.keys['output_dir']}."
     )
+
+
+METRICS_FILE = "metrics.json"  # the JSONWriter's file in the output folder (default_writers)
+
+
+def prepare_metrics_file(output_dir, start_iter):
+    """Readies ``<output_dir>/metrics.json`` for a training that starts at iteration
+    ``start_iter`` (``trainer.start_iter``), before Detectron2's ``JSONWriter`` opens it to
+    append; only the main process, which holds the output folder's lock, calls it. Returns the
+    path an earlier run's file was moved to, or None.
+
+    - Resumed from a checkpoint (``start_iter`` > 0): the records of iterations >= ``start_iter``
+      go, those that the killed run logged after its last checkpoint, which this run logs again
+      (they appeared twice, and plots zigzagged). Lines without an "iteration" (or not JSON)
+      stay, except a cut-short last line (the killed run's last write), which would merge with
+      the next record. The file is rewritten atomically, only where something goes.
+    - Started afresh (no --resume, or nothing to resume from): a metrics.json that is not empty
+      holds an earlier run's records. Detectron2 appends to it, so the file held two runs whose
+      iterations restart at 0, which a later --resume could not tell apart (it would drop the
+      earlier run's records of the same iterations). It is renamed (atomically: nothing is lost)
+      to ``metrics.<time of its last record>.json``, with a warning naming it.
+    """
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    if start_iter > 0:
+        _drop_records_from(path, start_iter)
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+    moved, n = os.path.join(output_dir, f"metrics.{stamp}.json"), 1
+    while os.path.lexists(moved):
+        n += 1
+        moved = os.path.join(output_dir, f"metrics.{stamp}-{n}.json")
+    os.rename(path, moved)
+    logger.warning(
+        f"{path} held the records of an earlier run; this run starts at iteration 0, so they "
+        f"are kept in {moved} and {METRICS_FILE} holds this run's."
+    )
+    return moved
+
+
+def _drop_records_from(path, start_iter):
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines) and not line.endswith(b"\n"):
+                logger.warning(f"Dropped the cut-short last line of {path}: {line[:80]!r}")
+                continue
+            record = None
+        iteration = record.get("iteration") if isinstance(record, dict) else None
+        if type(iteration) in (int, float) and iteration >= start_iter:
+            continue
+        kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if kept == lines:
+        return
+    atomic_write(path, lambda f: f.writelines(kept))
+    logger.info(
+        f"Resuming from iteration {start_iter}: dropped {len(lines) - len(kept)} lines of {path} "
+        "logged after the checkpoint, which this run logs again."
+    )
+
+
+def build_writers(output_dir, max_iter, start_iter=0):
+    """Detectron2's ``default_writers(output_dir, max_iter)`` for a training that starts at
+    iteration ``start_iter``: where it resumes (``start_iter`` > 0), tensorboard's writer gets
+    ``purge_step=start_iter``, which makes TensorBoard discard the events of steps >=
+    ``start_iter`` written before (the killed run's after its last checkpoint; TensorBoard's
+    Python and fast loaders both honour it). Call :func:`prepare_metrics_file` first: the
+    ``JSONWriter`` opens metrics.json to append here."""
+    writers = default_writers(output_dir, max_iter)
+    if start_iter <= 0:
+        return writers
+    # default_writers' TensorboardXWriter opens nothing before its first write: replaced freely.
+    return [
+        (
+            TensorboardXWriter(output_dir, purge_step=start_iter)
+            if isinstance(w, TensorboardXWriter)
+            else w
+        )
+        for w in writers
+    ]
+
+
+class ResumingPeriodicWriter(PeriodicWriter):
+    """Detectron2's ``PeriodicWriter``, whose writers are made when the training starts, once the
+    iteration it starts from (``trainer.start_iter``, set by resuming) is known: metrics.json is
+    readied for it (:func:`prepare_metrics_file`), then ``make_writers(start_iter)`` (e.g.
+    :func:`build_writers` of ``output_dir`` and ``max_iter``) makes them. Detectron2 makes them
+    with the hook, before resuming; its ``JSONWriter`` then appended the resumed run's records
+    after the killed run's (the iterations after the last checkpoint twice)."""
+
+    def __init__(self, output_dir, make_writers, period=20):
+        super().__init__([], period=period)
+        self._output_dir = output_dir
+        self._make_writers = make_writers
+
+    @classmethod
+    def replacing(cls, hook, output_dir, make_writers):
+        """This hook in place of a plain ``PeriodicWriter`` (DefaultTrainer's, whose writers,
+        which have written nothing, are closed); other hooks as they are."""
+        if type(hook) is not PeriodicWriter:
+            return hook
+        for writer in hook._writers:  # Detectron2 keeps the constructor's arguments as these.
+            writer.close()
+        return cls(output_dir, make_writers, period=hook._period)
+
+    def before_train(self):
+        start_iter = self.trainer.start_iter
+        prepare_metrics_file(self._output_dir, start_iter)
+        writers = list(self._make_writers(start_iter))
+        for writer in writers:
+            assert isinstance(writer, EventWriter), writer
+        self._writers = writers
 
 
 class FinishedTrainingEvalHook(EvalHook):

@@ -128,7 +128,10 @@ def _manifest(model, resize, backend: str, metadata, dataset_name) -> Dict:
         "format_version": FORMAT_VERSION,
         "backend": backend,
         "model_file": MODEL_FILES[backend],
-        "inputs": {"image": "float32 (3, H, W), INPUT.FORMAT channel order, 0-255"},
+        "inputs": {
+            "image": "float32 (3, H, W) in INPUT.FORMAT, as Detectron2's read_image gives it "
+            "(0-255; YUV-BT.601: Y 0-1)"
+        },
         "outputs": list(OUTPUT_NAMES),
         "num_classes": num_classes,
         "thing_semantic_ids": thing_ids,
@@ -233,7 +236,7 @@ def export_model(
 
     Args:
         export_format: "torchscript" or "onnx".
-        sample_image: float (3, H, W) image to trace with, in INPUT.FORMAT, 0-255; default: a
+        sample_image: float (3, H, W) image to trace with, in INPUT.FORMAT (0-255); default: a
             random 3 x 256 x 384 image (the network is traced, not its values).
         metadata, dataset_name: class names/colours/id maps stored for the runtime; default: from
             DATASETS.TEST/TRAIN or the LazyConfig's data loaders (as the demo resolves them).

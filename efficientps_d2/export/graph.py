@@ -24,8 +24,9 @@ class EfficientPSGraph(nn.Module):
     """
     One image through an eval-mode :class:`~efficientps_d2.modeling.meta_arch.EfficientPS`.
 
-    ``forward(image)``: ``image`` is a float32 (3, H, W) tensor in the model's INPUT.FORMAT, pixel
-    values 0-255, any H and W (no resizing: resize before, as Detectron2's predictor does).
+    ``forward(image)``: ``image`` is a float32 (3, H, W) tensor in the model's INPUT.FORMAT, as
+    Detectron2's ``read_image`` gives it (pixel values 0-255; "YUV-BT.601": Y 0-1), any H and W
+    (no resizing: resize before, as Detectron2's predictor does).
 
     Returns, in the order of ``OUTPUT_NAMES``:
         sem_seg_logits: (C, H, W) semantic logits over all classes (padding cropped off);

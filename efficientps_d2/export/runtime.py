@@ -149,10 +149,11 @@ class ExportedEfficientPS:
     """An exported EfficientPS, called like the eager model in eval mode.
 
     ``model(batched_inputs)``: a list of dicts with "image" ((3, H, W) tensor in
-    ``input_format``, 0-255) and optional "height"/"width" (output size, default H, W); returns one
-    output dict per image, as :meth:`EfficientPS.inference` (see :func:`postprocess`). Runs on the
-    CPU. Attributes: ``manifest`` (the export's JSON as a dict), ``metadata`` (class names and
-    colours for drawing), ``input_format``, ``backend`` ("torchscript" or "onnx").
+    ``input_format``, as Detectron2's ``read_image`` gives it: 0-255, "YUV-BT.601" Y 0-1) and
+    optional "height"/"width" (output size, default H, W); returns one output dict per image, as
+    :meth:`EfficientPS.inference` (see :func:`postprocess`). Runs on the CPU. Attributes:
+    ``manifest`` (the export's JSON as a dict), ``metadata`` (class names and colours for drawing),
+    ``input_format``, ``backend`` ("torchscript" or "onnx").
     """
 
     def __init__(self, manifest: Dict, model_path: str):
@@ -210,8 +211,9 @@ class ExportedEfficientPS:
 
 class ExportedPredictor:
     """Detectron2's ``DefaultPredictor`` call for an exported model: a (H, W, 3) uint8 BGR image
-    (as ``cv2.imread``) in, one output dict at that size out, the image resized for the network as
-    INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST were at export time (0: no resizing)."""
+    (as ``cv2.imread``) in, one output dict at that size out, the image converted to the export's
+    INPUT.FORMAT and resized for the network as INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST were at export
+    time (0: no resizing), as :func:`~efficientps_d2.data.image_files.prepare_image` does."""
 
     def __init__(self, model: ExportedEfficientPS):
         self.model = model

@@ -11,9 +11,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_sem_seg_head
 from detectron2.structures import Boxes, ImageList, Instances
-from PIL import Image
 from torch.profiler import record_function
 
+from ..data.image_files import check_model_input_format
 from ..data.metadata import check_thing_semantic_ids, thing_semantic_ids_from_config
 from .fast_inference import (
     InferenceNetwork,
@@ -134,7 +134,9 @@ class EfficientPS(GeneralizedRCNN):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_input_format(self.input_format)
+        # Refused before the data loader reads a batch in it. The one rule, which the demo's
+        # predictor (it builds the model) and the export tool share.
+        check_model_input_format(self.input_format, "INPUT.FORMAT (model.input_format)")
         # Heads that inference cannot run (no mask head, Cascade) are refused before training.
         check_supported(self)
         # torchvision's CPU ROIAlign runs on one core, forward and backward: the poolers share
@@ -225,7 +227,9 @@ class EfficientPS(GeneralizedRCNN):
     def _training_losses(self, batched_inputs):
         images = super().preprocess_image(batched_inputs)  # checked in forward
         backbone, sem_seg_head = self._training_parts()
-        features = backbone(images.tensor)
+        # In the weights' dtype, as inference casts: Detectron2 reads "YUV-BT.601" images as
+        # float64, which the float32 convolutions refused ("expected scalar type Double").
+        features = backbone(images.tensor.to(self.pixel_mean.dtype))
 
         gt_sem_seg = ImageList.from_tensors(
             # int64, as cross entropy takes it (Detectron2's DatasetMapper gives int64 too).
@@ -425,26 +429,6 @@ class EfficientPS(GeneralizedRCNN):
                 stuff_area_limit=self.stuff_area_limit,
                 mask_logit_scale=self.mask_logit_scale,
             )
-
-
-def _check_input_format(input_format):
-    """Refuses, when the model is built, an INPUT.FORMAT whose images do not have the 3 channels
-    that the backbone and MODEL.PIXEL_MEAN take ("L", "RGBA", ...), or that no image is read in:
-    the data would have been read for the first training batch before it was refused. Formats
-    are Detectron2's read_image's: "BGR", "YUV-BT.601" or a PIL mode; None (no format) passes."""
-    if input_format is None or input_format in ("BGR", "YUV-BT.601"):
-        return
-    try:
-        channels = Image.getmodebands(input_format)
-    except (KeyError, ValueError):
-        channels = None
-    if channels != 3:
-        what = "not an image format" if channels is None else f"a {channels}-channel format"
-        raise ValueError(
-            f"INPUT.FORMAT (model.input_format) {input_format!r} is {what}: EfficientPS takes "
-            "3-channel images, 'RGB' or 'BGR' (or another 3-channel mode of PIL); read a "
-            "grayscale data set as 'RGB'."
-        )
 
 
 def _check_fusion_settings(confidence_thresh, overlap_thresh, stuff_area_limit, mask_logit_scale):

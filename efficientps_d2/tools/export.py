@@ -30,7 +30,12 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import locate
 
 from efficientps_d2.config_adapter import ConfigAdapter
-from efficientps_d2.data.image_files import ImageInputError, prepare_image, read_image
+from efficientps_d2.data.image_files import (
+    ImageInputError,
+    check_model_input_format,
+    prepare_image,
+    read_image,
+)
 from efficientps_d2.engine import load_config
 from efficientps_d2.engine.lazy_config import INFERENCE_PARTS
 from efficientps_d2.engine.startup import load_for_evaluation
@@ -94,10 +99,8 @@ def export_config(args):
             )
     if config.is_yaml and not cfg.MODEL.MASK_ON:
         raise ValueError("MODEL.MASK_ON is False: EfficientPS's panoptic fusion needs the masks.")
-    if config.input_format not in ("RGB", "BGR"):
-        raise ValueError(
-            f"{config.keys['input_format']} must be 'RGB' or 'BGR', got '{config.input_format}'."
-        )
+    # The model's rule, before it is built: the exported predictor converts to any format it takes.
+    check_model_input_format(config.input_format, config.keys["input_format"])
     resize_for_export(cfg)  # refuses a test resizing that the exported predictor cannot redo
     return cfg
 
