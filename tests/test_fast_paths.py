@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, ROIAlign, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.poolers import ROIPooler
@@ -25,20 +25,24 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from efficientps_d2.modeling import crop_chunks, fast_inference, fusion
+from efficientps_d2.modeling import crop_chunks, fusion, threaded_roi_align
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
-    pool_rois,
     rpn_proposals,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.inplace_abn import InPlaceABN
 from efficientps_d2.modeling.layers import add_upsampled_into
 from efficientps_d2.modeling.semantic_head import EfficientPSSemSegHead
+from efficientps_d2.modeling.threaded_roi_align import (
+    ThreadedROIAlign,
+    image_parts,
+    thread_roi_poolers,
+)
 from tests.common import (
     PERMISSIVE,
     THING_SEMANTIC_IDS,
@@ -398,46 +402,158 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
             assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("counts", [(37,), (13, 0, 7)])
-def test_rois_pooled_in_threads_equal_one_call(monkeypatch, counts):
-    """pool_rois shares the ROIs out between threads (torchvision's CPU ROIAlign uses one core):
-    the pooler's one-call rows, bit for bit and in order, for one image and for a batch whose
-    images have different box counts (one none), each thread in the caller's inference mode."""
-    monkeypatch.setattr(fast_inference, "MIN_ROIS_PER_THREAD", 2)
-    monkeypatch.setattr(fast_inference, "MAX_POOL_THREADS", 3)
-    g = torch.Generator().manual_seed(0)
-    pooler = ROIPooler((7, 7), (1 / 4, 1 / 8), sampling_ratio=0, pooler_type="ROIAlignV2")
-    features = [
-        torch.randn(len(counts), 8, 32, 48, generator=g),
-        torch.randn(len(counts), 8, 16, 24, generator=g),
-    ]
+def _spy_on_roi_parts(monkeypatch):
+    """Records, for each split ROIAlign call, which one ("pool": forward, "backward_part"), its
+    part bounds and the threads that ran its parts."""
+    calls = []
+    run_parts = threaded_roi_align._run_parts
+
+    def spy(fn, bounds):
+        threads = set()
+
+        def recorded(*span):
+            threads.add(threading.get_ident())
+            return fn(*span)
+
+        calls.append((fn.__name__, list(bounds), threads))
+        return run_parts(recorded, bounds)
+
+    monkeypatch.setattr(threaded_roi_align, "_run_parts", spy)
+    return calls
+
+
+def _random_boxes(counts, g):
     boxes = []
     for n in counts:
         xy = torch.rand(n, 2, generator=g) * torch.tensor([150.0, 100.0])
-        wh = torch.rand(n, 2, generator=g) * torch.tensor([60.0, 40.0]) + 1
+        wh = torch.rand(n, 2, generator=g) ** 2 * torch.tensor([120.0, 90.0]) + 1
         boxes.append(Boxes(torch.cat([xy, xy + wh], dim=1)))
-    expected = pooler(features, boxes)
-    calls = []
-    pooler.register_forward_hook(
-        lambda *_: calls.append((threading.get_ident(), torch.is_inference_mode_enabled()))
-    )
+    return boxes
+
+
+@pytest.mark.parametrize(
+    "counts, pooler_type, sampling_ratio, split",
+    [
+        ((37,), "ROIAlignV2", 0, {"pool"}),  # one image: the backward is one part
+        ((0, 13, 0, 7, 0), "ROIAlign", 2, {"pool", "backward_part"}),
+        ((3, 0), "ROIAlignV2", 0, set()),  # too few ROIs to split
+    ],
+)
+def test_threaded_roi_align_equals_detectron2s(
+    monkeypatch, counts, pooler_type, sampling_ratio, split
+):
+    """Detectron2's ROIPooler with ThreadedROIAlign levels (thread_roi_poolers) over 3 levels:
+    the one call's rows and gradients bit for bit, in training and in inference mode, on 2
+    threads or 1, for one image and for batches whose images have different box counts (some
+    none, some fewer than a split needs); aligned and sampling ratio kept."""
+    monkeypatch.setattr(threaded_roi_align, "MIN_ROIS_PER_THREAD", 2)
+    calls = _spy_on_roi_parts(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    reference = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16), sampling_ratio, pooler_type)
+    heads = nn.Module()
+    heads.box_pooler = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16), sampling_ratio, pooler_type)
+    assert thread_roi_poolers(heads) == 3
+    for ours, theirs in zip(heads.box_pooler.level_poolers, reference.level_poolers):
+        settings = ("output_size", "spatial_scale", "sampling_ratio", "aligned")
+        assert type(ours) is ThreadedROIAlign
+        assert [getattr(ours, a) for a in settings] == [getattr(theirs, a) for a in settings]
+    features = [
+        torch.randn(len(counts), 8, 32 // s, 48 // s, generator=g).contiguous(
+            memory_format=torch.channels_last if s == 1 else torch.contiguous_format
+        )
+        for s in (1, 2, 4)
+    ]
+    boxes = _random_boxes(counts, g)
+    upstream = torch.randn(sum(counts), 8, 7, 7, generator=g)
+
+    def pool_and_backward(pooler):
+        inputs = [x.detach().requires_grad_() for x in features]
+        pooled = pooler(inputs, boxes)
+        pooled.backward(upstream)
+        return pooled.detach(), [x.grad for x in inputs]
+
+    expected, expected_grads = pool_and_backward(reference)
     threads = torch.get_num_threads()
-    torch.set_num_threads(3)
     try:
-        with torch.inference_mode():
-            pooled = pool_rois(pooler, features, boxes)
+        results = []
+        for num_threads in (2, 1):
+            torch.set_num_threads(num_threads)
+            results.append(pool_and_backward(heads.box_pooler))
+            with torch.inference_mode():
+                assert torch.equal(heads.box_pooler(features, boxes), expected)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(pooled, expected)
-    assert len(calls) == 3 and len({thread for thread, _ in calls}) > 1
-    assert all(inference for _, inference in calls)
+    for pooled, grads in results:
+        assert torch.equal(pooled, expected)
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    on_two_threads = {name for name, bounds, used in calls if len(bounds) > 2 and len(used) == 2}
+    assert on_two_threads == split
 
-    class OwnPooler(ROIPooler):  # rows that might depend on other boxes: one call
-        pass
 
-    pooler.__class__ = OwnPooler
-    calls.clear()
-    assert torch.equal(pool_rois(pooler, features, boxes), expected) and len(calls) == 1
+def test_backward_parts_split_between_images():
+    """image_parts moves each inner bound of roi_parts to the nearest first ROI of an image; one
+    part for a single image or ROIs not sorted by image."""
+    images = torch.tensor([0, 0, 0, 0, 0, 1, 1, 3], dtype=torch.float32)
+    rois = torch.cat([images[:, None], torch.zeros(8, 4)], dim=1)
+    assert image_parts(rois, [0, 4, 8]) == [0, 5, 8]
+    assert image_parts(rois, [0, 8]) == [0, 8]
+    assert image_parts(rois[:5], [0, 2, 5]) == [0, 5]
+    assert image_parts(rois.flip(0), [0, 4, 8]) == [0, 8]
+
+
+def test_threaded_roi_align_runs_detectron2s_op_where_it_does_not_split(monkeypatch):
+    """No split for fewer than 2 * MIN_ROIS_PER_THREAD ROIs, half precision or under torch.jit
+    tracing (which records only the calling thread): the trace holds torchvision's op."""
+    calls = _spy_on_roi_parts(monkeypatch)
+    roi_align = ThreadedROIAlign((7, 7), 1 / 4, 0, True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 32, 48, generator=g)
+    rois = torch.cat([torch.zeros(40, 1), _random_boxes([40], g)[0].tensor], dim=1)
+    expected = ROIAlign((7, 7), 1 / 4, 0, True)(x, rois)
+    assert torch.equal(roi_align(x, rois), expected) and len(calls) == 1
+    assert torch.equal(roi_align(x, rois[:31]), expected[:31]) and len(calls) == 1
+    half = roi_align(x.half(), rois)
+    assert half.dtype == torch.float16 and len(calls) == 1
+    traced = torch.jit.trace(roi_align, (x, rois), check_trace=False)
+    assert len(calls) == 1 and "roi_align" in str(traced.graph)
+    assert torch.equal(traced(x, rois), expected)
+
+
+def test_training_step_pools_on_two_threads(monkeypatch):
+    """EfficientPS's box and mask poolers are threaded (thread_roi_poolers, at model build): a
+    training step on two threads gives Detectron2's poolers' losses and gradients, bit for bit."""
+    monkeypatch.setattr(threaded_roi_align, "MIN_ROIS_PER_THREAD", 4)
+    calls = _spy_on_roi_parts(monkeypatch)
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    reference = copy.deepcopy(model)
+    for pooler in (model.roi_heads.box_pooler, model.roi_heads.mask_pooler):
+        assert all(type(level) is ThreadedROIAlign for level in pooler.level_poolers)
+    for pooler in (reference.roi_heads.box_pooler, reference.roi_heads.mask_pooler):
+        for i, level in enumerate(pooler.level_poolers):
+            pooler.level_poolers[i] = ROIAlign(
+                level.output_size, level.spatial_scale, level.sampling_ratio, level.aligned
+            )
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for net in (model, reference):
+            with EventStorage():
+                torch.manual_seed(1)
+                losses = net(_training_batch())
+            sum(losses.values()).backward()
+            grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+            results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (losses, grads), (expected_losses, expected_grads) = results
+    assert losses.keys() == expected_losses.keys()
+    assert all(torch.equal(losses[k], expected_losses[k]) for k in losses)
+    assert grads.keys() == expected_grads.keys() and any("backbone" in n for n in grads)
+    assert all(torch.equal(grads[name], expected_grads[name]) for name in grads)
+    on_two_threads = {name for name, bounds, used in calls if len(bounds) > 2 and len(used) == 2}
+    assert on_two_threads == {"pool", "backward_part"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -26,14 +26,12 @@ import copy
 import dataclasses
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.roi_heads import StandardROIHeads
@@ -54,7 +52,6 @@ __all__ = [
     "fold_batch_norms",
     "fuse_conv_leaky_relu",
     "fuse_for_inference",
-    "pool_rois",
 ]
 
 logger = logging.getLogger(__name__)
@@ -530,71 +527,19 @@ class InferenceNetwork:
     ) -> List[Instances]:
         """``roi_heads``' inference (Detectron2's ``StandardROIHeads._forward_box`` then
         ``forward_with_given_boxes``) with this network's box and mask heads in place of its own;
-        pooling, box predictor and NMS are the ROI heads' own."""
+        pooling (on the CPU on two threads: ``threaded_roi_align``), box predictor and NMS are
+        the ROI heads' own."""
         in_features = [features[f] for f in roi_heads.box_in_features]
-        box_features = pool_rois(
-            roi_heads.box_pooler, in_features, [x.proposal_boxes for x in proposals]
-        )
+        box_features = roi_heads.box_pooler(in_features, [x.proposal_boxes for x in proposals])
         predictions = roi_heads.box_predictor(self.box_head(box_features))
         del box_features
         instances, _ = roi_heads.box_predictor.inference(predictions, proposals)
         if roi_heads.mask_pooler is not None:
             in_features = [features[f] for f in roi_heads.mask_in_features]
-            mask_features = pool_rois(
-                roi_heads.mask_pooler, in_features, [x.pred_boxes for x in instances]
-            )
+            mask_features = roi_heads.mask_pooler(in_features, [x.pred_boxes for x in instances])
         else:
             mask_features = {f: features[f] for f in roi_heads.mask_in_features}
         return self.mask_head(mask_features, instances)
-
-
-# Fewest ROIs per part for :func:`pool_rois` to split the pooling (a thread costs ~0.1 ms, one
-# ROI ~0.1-0.4 ms of ROIAlign).
-MIN_ROIS_PER_THREAD = 16
-# Most parts: measured on 2 cores. Each worker thread starts an OpenMP team of its own (torch's
-# intra-op threads) for the pooler's zeroing and concatenation, so more parts on a machine with
-# many threads would multiply them.
-MAX_POOL_THREADS = 2
-
-
-def pool_rois(pooler: nn.Module, features: List[torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-    """``pooler(features, boxes)`` for Detectron2's ``ROIPooler``, on the CPU split between two
-    threads (where ``torch.get_num_threads()`` allows).
-
-    torchvision's CPU ROIAlign is a loop over the ROIs on one core, so on a 2-core machine one core
-    idled through the ROI heads' pooling (EfficientPS-B5 at 512x1024: a fifth of the inference).
-    Each thread pools a consecutive part of every image's boxes, with the pooler itself; as each
-    ROI's output depends on its own box only, the rows are the one call's, bit for bit, in the
-    same order. One call where the work is small, off the CPU, under ``torch.jit`` tracing (which
-    records only the calling thread) and for another kind of pooler.
-    """
-    total = sum(len(b) for b in boxes)
-    threads = min(torch.get_num_threads(), total // MIN_ROIS_PER_THREAD, MAX_POOL_THREADS)
-    if (
-        threads < 2
-        or type(pooler) is not ROIPooler
-        or features[0].device.type != "cpu"
-        or torch.jit.is_tracing()
-    ):
-        return pooler(features, boxes)
-    # Thread k pools part k of every image's boxes: image 0's, then image 1's, ...
-    bounds = [[len(b) * k // threads for k in range(threads + 1)] for b in boxes]
-    parts = [[b[s[k] : s[k + 1]] for b, s in zip(boxes, bounds)] for k in range(threads)]
-    # The caller's grad and inference modes, which are per thread.
-    run = _in_modes(pooler, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-    with ThreadPoolExecutor(threads) as executor:
-        pooled = list(executor.map(run, [features] * threads, parts))
-    # Back to the one call's order: every image's rows together, its parts in order.
-    pieces = [rows.split([s[k + 1] - s[k] for s in bounds]) for k, rows in enumerate(pooled)]
-    return torch.cat([pieces[k][i] for i in range(len(boxes)) for k in range(threads)])
-
-
-def _in_modes(fn: Callable, grad: bool, inference: bool) -> Callable:
-    def run(*args):
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(*args)
-
-    return run
 
 
 def rpn_proposals(

@@ -24,6 +24,7 @@ from .fast_inference import (
 )
 from .fusion import panoptic_postprocess
 from .inplace_abn import convert_to_inplace_abn
+from .threaded_roi_align import thread_roi_poolers
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,9 @@ class EfficientPS(GeneralizedRCNN):
         check_model_input_format(self.input_format, "INPUT.FORMAT (model.input_format)")
         # Heads that inference cannot run (no mask head, Cascade) are refused before training.
         check_supported(self)
+        # torchvision's CPU ROIAlign runs on one core, forward and backward: the poolers share
+        # their ROIs out between two threads on the CPU (in training as in inference).
+        thread_roi_poolers(self.roi_heads)
         self.sem_seg_head = sem_seg_head
         if inplace_abn:
             # The paper's norm layer: BatchNorm + LeakyReLU that keep half the activations.
