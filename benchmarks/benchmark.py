@@ -660,12 +660,22 @@ def machine_info(device):
         "torchvision": torchvision.__version__,
         "detectron2": detectron2.__version__,
         "mkldnn": torch.backends.mkldnn.is_available(),
+        # The widest vector instructions torch's CPU kernels use here ("AVX2", "AVX512", ...),
+        # and whether oneDNN has native bfloat16 kernels (AVX512-BF16 or AMX): without them, a
+        # bf16 row on the CPU times an emulation.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_kernels": cpu_bf16_kernels(),
         "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         # PyTorch's huge pages for large CPU tensors: a third off B5's time at 1024x2048 here.
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
     return info
+
+
+def cpu_bf16_kernels():
+    """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def load_average():
@@ -694,7 +704,10 @@ def markdown(report):
     lines = [
         "# EfficientPS-B5 vs Detectron2 Panoptic FPN R50",
         "",
-        f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']} "
+        f"Machine: {m['cpu']}"
+        + (f" ({m['cpu_capability']})" if m.get("cpu_capability") else "")
+        + (", bf16 kernels" if m.get("cpu_bf16_kernels") else "")
+        + f", {m['usable_cores']} usable cores, torch {m['torch']} "
         f"({m['torch_threads']} threads), torchvision {m['torchvision']}, detectron2 "
         f"{m['detectron2']}, device {m['device']}"
         + (f" ({m['gpu']})" if m["gpu"] else "")
@@ -891,8 +904,9 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         choices=list(PATHS) + ["none"],
-        help="EfficientPS-B5 fast also run these ways, a row each (default: all on CUDA, none "
-        "on CPU): " + ", ".join(f"{k} {v}" for k, v in PATHS.items()),
+        help="EfficientPS-B5 fast also run these ways, a row each (default: all on CUDA; on "
+        "the CPU bf16 where oneDNN has native bfloat16 kernels, else none): "
+        + ", ".join(f"{k} {v}" for k, v in PATHS.items()),
     )
     parser.add_argument(
         "--compile-sizes",
@@ -922,7 +936,10 @@ def parse_args(argv=None):
         if args.compile_sizes is None:
             args.compile_sizes = args.sizes[-1:]
     if args.paths is None:
-        args.paths = list(DEFAULT_CUDA_PATHS) if args.device.startswith("cuda") else []
+        if args.device.startswith("cuda"):
+            args.paths = list(DEFAULT_CUDA_PATHS)
+        else:  # without native kernels, a bf16 row would time an emulation
+            args.paths = ["bf16"] if cpu_bf16_kernels() else []
     args.paths = [p for p in args.paths if p != "none"]
     if args.compile_sizes is None:
         args.compile_sizes = list(args.sizes)

@@ -36,6 +36,8 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
             "ours-fast",
             "ours-r50",
             "theirs",
+            "--paths",
+            "none",  # the default's bf16 row on a CPU with bf16 kernels is tested below
             "--training-memory",
             "",
             "--device",
@@ -73,8 +75,14 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
         "PanopticFPN-R50": {"64x128": {**profiled, "stages": {}, "gpu_stages": {}}},
     }
     saved["machine"]["thp_mem_alloc"] = "1"  # a run under PyTorch's huge-page setting says so
+    # The instruction set and bf16 kernels, which decide what a bf16 row on the CPU means.
+    saved["machine"].update(cpu="Some CPU", cpu_capability="AVX512", cpu_bf16_kernels=True)
     table = benchmark.markdown(saved)
     assert ", THP_MEM_ALLOC_ENABLE=1." in table
+    assert "Machine: Some CPU (AVX512), bf16 kernels, " in table
+    saved["machine"]["cpu_bf16_kernels"] = False
+    assert "Machine: Some CPU (AVX512), " in benchmark.markdown(saved)
+    assert "bf16 kernels" not in benchmark.markdown(saved)
     assert (
         "| EfficientPS-B5 fast | 64x128 | 0.50 | 900 | 30 | 10.0 / 2.0 / 3.5 / 4.0 | "
         "9.0 / 0.0 / 1.0 / 0.0 |" in table
@@ -145,12 +153,16 @@ def test_paths_failing_rows_compiled_rows_and_partial_results(benchmark, tmp_pat
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
 
 
-def test_quick_mode_settings(benchmark):
+def test_quick_mode_settings(benchmark, monkeypatch):
     args = benchmark.parse_args(["--quick", "--device", "cuda"])
     assert (args.warmup, args.no_flops, args.training_memory) == (3, True, "")
     assert args.repeats == [10, 10]  # one per size
     assert args.paths == list(benchmark.PATHS) and args.compile_sizes == ["1024x2048"]
-    assert benchmark.parse_args(["--device", "cpu"]).paths == []
+    # On the CPU, a bf16 row where oneDNN has bfloat16 kernels (it would time an emulation else).
+    for native, paths in ((False, []), (True, ["bf16"])):
+        monkeypatch.setattr(benchmark, "cpu_bf16_kernels", lambda: native)
+        assert benchmark.parse_args(["--device", "cpu"]).paths == paths
+    assert benchmark.parse_args(["--device", "cpu", "--paths", "none"]).paths == []
     # What the GPU checks' dry run on the CPU gives beside --quick (they were overridden).
     args = benchmark.parse_args(["--quick", "--repeats", "2", "--warmup", "1", "--device", "cpu"])
     assert (args.warmup, args.repeats, args.no_flops) == (1, [2, 2], True)
