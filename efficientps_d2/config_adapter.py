@@ -165,7 +165,8 @@ class ConfigAdapter:
 
     @property
     def input_format(self):
-        """INPUT.FORMAT / ``model.input_format``: channel order of the model's images."""
+        """INPUT.FORMAT / ``model.input_format``: the format of the model's images ("BGR",
+        "RGB", ... as Detectron2's read_image reads them)."""
         return self._get("input_format")
 
     @property

@@ -18,6 +18,7 @@ __all__ = [
     "chw_tensor",
     "prepare_image",
     "read_image",
+    "to_uint8",
     "unusable_mode",
 ]
 

@@ -82,9 +82,10 @@ class EfficientPSPredictor(DefaultPredictor):
         with torch.no_grad():
             image = prepare_image(original_image, self.aug, self.input_format)
             height, width = original_image.shape[:2]
-            # uint8, as the test loader gives it (Detectron2's predictor makes it float32): the
-            # model normalises it on its device, so a GPU uploads a quarter of the bytes, and
-            # test-time augmentation resizes it as in evaluation (PIL, not torch).
+            # uint8 (float64 for YUV-BT.601), as the test loader gives it (Detectron2's predictor
+            # makes it float32): the model normalises it on its device, so a GPU uploads a
+            # quarter of the bytes, and test-time augmentation resizes it as in evaluation (PIL,
+            # not torch).
             image = torch.as_tensor(image)
             return self.model([{"image": image, "height": height, "width": width}])[0]
 

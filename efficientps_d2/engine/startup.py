@@ -137,7 +137,7 @@ def setup(args):
     LazyConfig) with ``args.opts``, refuses a LazyConfig without the parts the run needs, an
     output folder that is a file, test-time augmentation settings or expected results that
     cannot be used (expected results also where training would evaluate nothing), mappers that
-    read another channel order than the model takes, AMP training on the CPU, an unknown
+    read images in another format than the model takes, AMP training on the CPU, an unknown
     SOLVER.CLIP_GRADIENTS.CLIP_TYPE and ``--eval-only``
     without weights or without anything to evaluate (before anything is written), takes the
     steps of :func:`start_run` (naive SyncBN on the CPU, lock, ``default_setup``, log.txt, stale
@@ -198,10 +198,10 @@ def check_amp_device(config):
 
 
 def check_input_format(cfg):
-    """Refuses a LazyConfig whose mappers read images in another channel order than its model
-    takes (``dataloader.{train,test}.mapper.image_format`` vs ``model.input_format``): the model
-    would train and evaluate on swapped colour channels without any error. (A YAML config has
-    one key, INPUT.FORMAT.)"""
+    """Refuses a LazyConfig whose mappers read images in another format than its model takes
+    (``dataloader.{train,test}.mapper.image_format`` vs ``model.input_format``): the model would
+    train and evaluate on other colours than it takes (e.g. swapped channels) without any error.
+    (A YAML config has one key, INPUT.FORMAT.)"""
     if is_yaml_config(cfg):
         return
     model_format = OmegaConf.select(cfg, "model.input_format", default=None)
@@ -211,8 +211,9 @@ def check_input_format(cfg):
         if None not in (model_format, image_format) and image_format != model_format:
             raise ValueError(
                 f"{key} is {image_format!r} but model.input_format is {model_format!r}: the "
-                f"model would see swapped colour channels. Set model.input_format={image_format} "
-                "(the shipped configs' mappers follow it) or make them equal."
+                f"model would see images in another format than it takes. Set "
+                f"model.input_format={image_format} (the shipped configs' mappers follow it) "
+                "or make them equal."
             )
 
 

@@ -21,7 +21,7 @@ def panoptic_dataloader(
         mapper=L(EfficientPSDatasetMapper)(
             is_train=True,
             augmentations=train_augmentations,
-            # The model's channel order: one override (model.input_format) sets all three.
+            # The model's image format: one override (model.input_format) sets all three.
             image_format="${model.input_format}",
             thing_semantic_ids=L(thing_semantic_ids_of)(dataset_name="${...dataset.names}"),
             ignore_label=255,
