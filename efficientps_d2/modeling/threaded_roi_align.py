@@ -103,19 +103,21 @@ class _ThreadedROIAlignFunction(torch.autograd.Function):
     in the same order as in torchvision's one call."""
 
     @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    def forward(ctx, input, rois, bounds, output_size, spatial_scale, sampling_ratio, aligned):
         ctx.save_for_backward(rois)
-        ctx.settings = (input.shape, output_size, spatial_scale, sampling_ratio, aligned)
+        ctx.settings = (input.shape, bounds, output_size, spatial_scale, sampling_ratio, aligned)
         return _roi_align_parts(
-            input, rois, roi_parts(len(rois)), output_size, spatial_scale, sampling_ratio, aligned
+            input, rois, bounds, output_size, spatial_scale, sampling_ratio, aligned
         )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         (rois,) = ctx.saved_tensors
-        (images, *map_shape), output_size, spatial_scale, sampling_ratio, aligned = ctx.settings
-        bounds = image_parts(rois, roi_parts(len(rois)))
+        (images, *map_shape), bounds, output_size, spatial_scale, sampling_ratio, aligned = (
+            ctx.settings
+        )
+        bounds = image_parts(rois, bounds)
 
         def backward_part(start, end):
             # Images [first, last): from image 0 for the first part, to the last image for the
@@ -139,7 +141,7 @@ class _ThreadedROIAlignFunction(torch.autograd.Function):
 
         grads = _run_parts(backward_part, bounds)
         grad_input = grads[0] if len(grads) == 1 else torch.cat(grads)
-        return grad_input, None, None, None, None, None
+        return grad_input, None, None, None, None, None, None
 
 
 class ThreadedROIAlign(ROIAlign):
@@ -173,17 +175,18 @@ class ThreadedROIAlign(ROIAlign):
             or input.device.type != "cpu"
             or input.dtype not in _DTYPES
             or input.is_quantized
-            or len(roi_parts(rois.shape[0])) < 3
         ):
+            return super().forward(input, rois)
+        bounds = roi_parts(rois.shape[0])
+        if len(bounds) < 3:  # too few ROIs to split
             return super().forward(input, rois)
         assert rois.dim() == 2 and rois.size(1) == 5, f"rois of shape {tuple(rois.shape)}"
         rois = rois.to(dtype=input.dtype)
         # (height, width), as torchvision's roi_align reads an int output size.
         output_size = tuple(torch.nn.modules.utils._pair(self.output_size))
         settings = (output_size, float(self.spatial_scale), int(self.sampling_ratio), self.aligned)
-        if torch.is_grad_enabled() and input.requires_grad:
-            return _ThreadedROIAlignFunction.apply(input, rois, *settings)
-        return _roi_align_parts(input, rois, roi_parts(len(rois)), *settings)
+        # Without grad (inference) autograd records nothing, and this is the forward alone.
+        return _ThreadedROIAlignFunction.apply(input, rois, bounds, *settings)
 
 
 def thread_roi_poolers(roi_heads) -> int:
