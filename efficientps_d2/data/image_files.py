@@ -146,12 +146,11 @@ def _bgr_to_format(image, input_format):
     ``convert_PIL_to_numpy`` of it, as ``read_image`` converts a file's pixels, so the network
     gets what the data loaders fed it in training."""
     check_model_input_format(input_format, "input_format")
-    if image.dtype != np.uint8:
-        # PIL holds no float 3-channel image. Rounded and clipped to 8 bits, the image is what
-        # an 8-bit file of it holds: a model in a format other than RGB/BGR was trained on
-        # 8-bit files converted by PIL, so it never saw finer values (refusing float input
-        # instead would make the predictor's input contract depend on the model's format).
-        image = to_uint8(image)
+    # PIL holds no float 3-channel image. Rounded and clipped to 8 bits, a float image is what an
+    # 8-bit file of it holds: a model in a format other than RGB/BGR was trained on 8-bit files
+    # converted by PIL, so it never saw finer values (refusing float input instead would make
+    # the predictor's input contract depend on the model's format).
+    image = to_uint8(image)
     rgb = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1]))
     return utils.convert_PIL_to_numpy(rgb, input_format)
 
