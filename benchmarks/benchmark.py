@@ -667,7 +667,7 @@ def machine_info(device):
         "cpu_bf16_kernels": cpu_bf16_kernels(),
         "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-        # PyTorch's huge pages for large CPU tensors: a third off B5's time at 1024x2048 here.
+        # PyTorch's huge pages for large CPU tensors: a quarter off B5's time at 1024x2048 here.
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
     return info
