@@ -417,8 +417,8 @@ def test_paste_matches_detectron2_convention():
     torch.manual_seed(0)
     mask = torch.randn(1, 1, M, M)
     box = [3.3, 5.7, 41.2, 29.9]
-    origin = torch.zeros(1, 2, dtype=torch.long)  # the crop is the whole image
-    pasted = _paste_mask_logits_batched(mask, torch.tensor([box]), origin, (H, W))[0]
+    centres = (torch.arange(H)[None] + 0.5, torch.arange(W)[None] + 0.5)  # the whole image
+    pasted = _paste_mask_logits_batched(mask, torch.tensor([box]), *centres)[0]
     reference, _ = _do_paste_mask(mask, torch.tensor([box]), H, W, skip_empty=False)
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     gx = (xs - box[0]) / (box[2] - box[0]) * M
