@@ -277,8 +277,9 @@ def panoptic_fusion(
     # (max(dim).indices is argmax, first maximum included, but several times faster on CPU; its
     # values are NaN where one is.)
     sem_max = sem.max(dim=0)
-    code = sem_max.indices + num
+    code = sem_max.indices.to(torch.int32)
     if num:
+        code += num
         masks = _to(instances.pred_mask_logits, device, torch.float32)[candidates.order]
         sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in candidates.crops]
         # The loop's cost is per instance anyway: compact chunks. The scatter runs some 10
@@ -289,7 +290,7 @@ def panoptic_fusion(
             if padded_elements(chunks) > _SCATTER_ELEMENTS:
                 method = "loop"
         fuse = _fuse_by_scatter if method == "scatter" else _fuse_by_loop
-        best = fuse(
+        fuse(
             sem,
             stuff_val,
             masks,
@@ -300,8 +301,8 @@ def panoptic_fusion(
             thing_ids[candidates.classes],
             overlap_thresh=overlap_thresh,
             mask_logit_scale=mask_logit_scale,
+            code=code,
         )
-        code = torch.where(best < num, best, code)
     void_code = num + num_classes
     code = code.masked_fill_(sem_max.values.isnan(), void_code)
     areas = torch.bincount(code.flatten(), minlength=void_code + 1)
@@ -386,20 +387,21 @@ def _candidates(instances, device, height, width, confidence_thresh, num_things)
     scores = _to(instances.scores, device, torch.float32)
     boxes = _to(instances.pred_boxes.tensor, device, torch.float32)
     valid = (scores >= confidence_thresh) & torch.isfinite(boxes).all(dim=1)
-    valid &= (boxes[:, 2:] > boxes[:, :2]).all(dim=1)
     boxes = torch.where(valid[:, None], boxes, 0.0)
     ranges = _box_pixel_ranges(boxes, height, width)
+    # Empty pixel ranges also drop the boxes with x1 <= x0 or y1 <= y0 (ceil is monotonic).
     valid &= (ranges[:, 2:] > ranges[:, :2]).all(dim=1)
     # By score, the valid ones first (both stable), so that they are a prefix known from one read.
-    scores, order = torch.sort(scores, descending=True, stable=True)
+    order = torch.sort(scores, descending=True, stable=True).indices
     flags, first = torch.sort(valid[order].to(torch.uint8), descending=True, stable=True)
     order = order[first]
     classes = _to(instances.pred_classes, device)[order]
-    # float64 holds every index, class, coordinate and float32 score exactly.
-    numbers = [flags, torch.stack(torch.aminmax(classes)), order, classes, scores[first].double()]
     ranges = ranges[order]
-    values = torch.cat(numbers + [ranges.flatten()]).tolist()
-    if values[count] < 0 or values[count + 1] >= num_things:
+    # float32 holds every index, class in range, coordinate (integers below 2**24) and score
+    # exactly; the scores come in the instances' order.
+    values = torch.cat([flags, order, classes, scores, ranges.flatten()]).tolist()
+    class_list = values[2 * count : 3 * count]
+    if min(class_list) < 0 or max(class_list) >= num_things:
         raise ValueError(
             f"instances.pred_classes must be contiguous thing ids in [0, {num_things}) "
             f"(T = len(thing_semantic_ids)), got {instances.pred_classes.tolist()}"
@@ -407,17 +409,17 @@ def _candidates(instances, device, height, width, confidence_thresh, num_things)
     num = int(sum(values[:count]))
     if not num:
         return None
-    values = values[count + 2 :]
-    corners = values[3 * count : 3 * count + 4 * num]
+    order_list = [int(i) for i in values[count : count + num]]
+    corners = values[4 * count : 4 * count + 4 * num]
     return _Candidates(
         order,
         classes,
         boxes[order],
         ranges,
         [(int(r0), int(r1), int(c0), int(c1)) for c0, r0, c1, r1 in zip(*[iter(corners)] * 4)],
-        [int(i) for i in values[:num]],
-        [int(c) for c in values[count : count + num]],
-        values[2 * count : 2 * count + num],
+        order_list,
+        [int(c) for c in class_list[:num]],
+        [values[3 * count + i] for i in order_list],
     )
 
 
@@ -466,13 +468,13 @@ def _fuse_by_loop(
     *,
     overlap_thresh,
     mask_logit_scale,
+    code,
 ):
-    """Steps 3-5, instance by instance on its crop. Returns int32 [H, W]: j where candidate j
-    won, n (the number of candidates) where stuff did."""
+    """Steps 3-5, instance by instance on its crop: writes j into the int32 [H, W] ``code`` where
+    candidate j wins a pixel (stuff's codes there are n or more)."""
     height, width = sem.shape[-2:]
     device = sem.device
     best_val = stuff_val.clone()
-    best_idx = torch.full((height, width), len(crops), dtype=torch.int32, device=device)
     claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
     for start, end, fused, binary, _, _ in _pasted_chunks(
         sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale
@@ -492,8 +494,7 @@ def _fuse_by_loop(
             fl = fused[k, : r1 - r0, : c1 - c0]
             wins = (fl > region_val) & keep
             region_val.copy_(torch.where(wins, fl, region_val))
-            best_idx[crop].masked_fill_(wins, start + k)
-    return best_idx
+            code[crop].masked_fill_(wins, start + k)
 
 
 def _fuse_by_scatter(
@@ -508,8 +509,9 @@ def _fuse_by_scatter(
     *,
     overlap_thresh,
     mask_logit_scale,
+    code,
 ):
-    """Steps 3-5 for all instances at once; returns what :func:`_fuse_by_loop` returns.
+    """Steps 3-5 for all instances at once, with the result of :func:`_fuse_by_loop`.
 
     Candidate k is kept iff its binary mask is non-empty and at most ``overlap_thresh`` of it lies
     on pixels whose lowest-indexed kept candidate covering them has index < k. That depends only on
@@ -544,7 +546,7 @@ def _fuse_by_scatter(
                 fused.flatten(1),
                 flat,
                 flat.flatten(),
-                binary.sum(dim=1),
+                binary.sum(dim=1, keepdim=True),
             )
         )
     whole = len(parts) == 1
@@ -552,8 +554,8 @@ def _fuse_by_scatter(
     def cat(tensors):
         return tensors[0] if whole else torch.cat(tensors)
 
-    def kept_rows(kept, start, end):  # [k, 1]
-        return (kept if whole else kept[start:end])[:, None]
+    def kept_rows(kept, start, end):  # kept is [n, 1]
+        return kept if whole else kept[start:end]
 
     areas = cat([part[-1] for part in parts])
     nonempty = areas > 0
@@ -566,7 +568,10 @@ def _fuse_by_scatter(
             own = torch.where(kept_rows(kept, start, end), own, num)
             first.scatter_reduce_(0, flat, own.flatten(), "amin")
         overlaps = cat(
-            [(first[flat] < below).sum(dim=1) for _, _, _, _, below, _, flat, _, _ in parts]
+            [
+                (first[flat] < below).sum(dim=1, keepdim=True)
+                for _, _, _, _, below, _, flat, _, _ in parts
+            ]
         )
         return overlaps <= limits
 
@@ -586,11 +591,12 @@ def _fuse_by_scatter(
         best_val.scatter_reduce_(0, flat_1d, values.flatten(), "amax")
     # The best value where it beats the stuff logit, else NaN (which no value equals).
     best_val = torch.where(best_val > stuff_val.flatten(), best_val, float("nan"))
-    winner = torch.full((height * width,), num, dtype=torch.int32, device=device)
+    # Each pixel's lowest winning candidate, below stuff's codes (n or more); no code is above
+    # what the others give.
+    code = code.view(-1)
     for ids, values, flat, flat_1d in contenders:
-        own = torch.where(values == best_val[flat], ids, num)
-        winner.scatter_reduce_(0, flat_1d, own.flatten(), "amin")
-    return winner.view(height, width)
+        own = torch.where(values == best_val[flat], ids, torch.iinfo(torch.int32).max)
+        code.scatter_reduce_(0, flat_1d, own.flatten(), "amin")
 
 
 def panoptic_postprocess(
