@@ -600,9 +600,11 @@ def training_memory(device, height, width):
     return rows
 
 
-def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on_row=None):
-    """Training iterations/s and peak GPU memory (of one step after the timed ones) at one crop
-    (CUDA only); ``on_row(rows)`` after each row."""
+def training_speed(models, device, height, width, warmup, repeats, precisions, on_row=None):
+    """Training iterations/s, slowest timed step and peak GPU memory (of one step after the
+    timed ones) at one crop (CUDA only), for each of ``precisions`` (None: float32, else an AMP
+    dtype); ``on_row(rows)`` after each row. The slowest step shows what the median hides: on an
+    H200 (2026-11-28), B5 under bf16 AMP took 0.105 s per step but 1.1 s in 2 of 10 steps."""
     rows = {}
     autotuning = torch.backends.cudnn.benchmark
     for name, model in models.items():
@@ -614,7 +616,7 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on
         num_classes = NUM_CLASSES if name != THEIRS else NUM_CLASSES - NUM_THINGS + 1
         batch = [training_batch(height, width, num_classes, device)]
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
-        for dtype in (None, amp_dtype):
+        for dtype in precisions:
             scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
             step = training_step_fn(model, batch, optimizer, dtype, scaler)
             for _ in range(warmup):
@@ -628,7 +630,11 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on
                 times.append(time.perf_counter() - start)
             peak = peak_memory_increase_mib(step, device)
             key = f"{name} {'fp32' if dtype is None else str(dtype).replace('torch.', '')}"
-            rows[key] = {"iter_per_s": 1 / statistics.median(times), "peak_mib": peak}
+            rows[key] = {
+                "iter_per_s": 1 / statistics.median(times),
+                "slowest_step_s": max(times),
+                "peak_mib": peak,
+            }
             logger.info("training %s: %s", key, rows[key])
             if on_row is not None:
                 on_row(rows)
@@ -823,9 +829,16 @@ def markdown(report):
             "Detectron2 ships it):",
             "",
         ]
-        lines += ["| model, precision | iterations/s | peak GPU memory (MiB) |", "|---|---|---|"]
+        lines += [
+            "| model, precision | iterations/s (median) | slowest step (s) "
+            "| peak GPU memory (MiB) |",
+            "|---|---|---|---|",
+        ]
         for key, row in report["training"].items():
-            lines.append(f"| {key} | {_fmt(row['iter_per_s'])} | {_fmt(row['peak_mib'], 0)} |")
+            slowest = _fmt(row["slowest_step_s"]) if "slowest_step_s" in row else "n/a"
+            lines.append(
+                f"| {key} | {_fmt(row['iter_per_s'])} | {slowest} | {_fmt(row['peak_mib'], 0)} |"
+            )
     if report.get("training_memory"):
         lines += [
             "",
@@ -893,6 +906,15 @@ def parse_args(argv=None):
         "--amp-dtypes", nargs="+", default=["float16", "bfloat16"], help="AMP dtypes (GPU)"
     )
     parser.add_argument(
+        "--train-precisions",
+        nargs="+",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="training rows (GPU): float32 and/or AMP dtypes (default: float32 and the first "
+        "--amp-dtypes; --quick: bfloat16, as the first step of each precision autotunes cuDNN "
+        "for a minute or more)",
+    )
+    parser.add_argument(
         "--wait-for-load",
         type=float,
         default=None,
@@ -923,14 +945,20 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a GPU run in under 3 minutes on one H100: --warmup 3 --repeats 10 --no-flops "
-        "--training-memory '' --amp-dtypes bfloat16, compiled path at the largest size only, "
-        "5 training iterations per row (options given beside it win)",
+        help="a GPU run of a few minutes: --warmup 3 --repeats 10 --no-flops --training-memory "
+        "'' --amp-dtypes bfloat16 --train-precisions bfloat16, compiled path at the largest size "
+        "only, 5 training iterations per row (options given beside it win; on one H200 its "
+        "inference sections took 1 min 45 s with model building, 2026-11-28)",
     )
     args = parser.parse_args(argv)
     if args.quick:  # its settings as defaults: options given beside it still win
         parser.set_defaults(
-            warmup=3, repeats=[10], no_flops=True, training_memory="", amp_dtypes=["bfloat16"]
+            warmup=3,
+            repeats=[10],
+            no_flops=True,
+            training_memory="",
+            amp_dtypes=["bfloat16"],
+            train_precisions=["bfloat16"],
         )
         args = parser.parse_args(argv)
         if args.compile_sizes is None:
@@ -943,6 +971,8 @@ def parse_args(argv=None):
     args.paths = [p for p in args.paths if p != "none"]
     if args.compile_sizes is None:
         args.compile_sizes = list(args.sizes)
+    if args.train_precisions is None:
+        args.train_precisions = ["float32"] + args.amp_dtypes[:1]
     # Checked here, not after minutes of model building and timing.
     if args.repeats is None:
         args.repeats = [5] + [3] * (len(args.sizes) - 1)
@@ -1165,7 +1195,7 @@ def main(argv=None):
             width,
             args.warmup,
             5,
-            getattr(torch, args.amp_dtypes[0]),
+            [None if p == "float32" else getattr(torch, p) for p in args.train_precisions],
             on_row=lambda rows: (report.update(training=rows), save(next_section="training")),
         )
         del ours_abn, train_models
