@@ -66,6 +66,8 @@ OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
 OURS_R50 = "EfficientPS-R50 fast"
 # EfficientPS-B5 training with in-place activated BN (MODEL.EFFICIENTPS.INPLACE_ABN), GPU rows.
 OURS_IABN = "EfficientPS-B5 iABN"
+# EfficientPS-B5 training through torch.compile (MODEL.EFFICIENTPS.COMPILE_TRAINING), GPU rows.
+OURS_COMPILED_TRAINING = "EfficientPS-B5 compiled"
 ALL_MODELS = (OURS_FAST, OURS, OURS_R50, THEIRS, THEIRS_FUSED)
 # What --models accepts.
 MODEL_KEYS = {
@@ -915,6 +917,13 @@ def parse_args(argv=None):
         "for a minute or more)",
     )
     parser.add_argument(
+        "--compiled-training",
+        action="store_true",
+        help="also train B5 with MODEL.EFFICIENTPS.COMPILE_TRAINING (torch.compile of the "
+        "backbone and semantic head; GPU), last before the training-memory section: compiling "
+        "the forward and backward graphs takes minutes",
+    )
+    parser.add_argument(
         "--wait-for-load",
         type=float,
         default=None,
@@ -1181,6 +1190,7 @@ def main(argv=None):
                         }
 
     # Each section from here saves as it starts: a run stopped in it reports it unfinished.
+    train_dtypes = [None if p == "float32" else getattr(torch, p) for p in args.train_precisions]
     if cuda:
         save(next_section="training")
         height, width = _size(args.train_size)
@@ -1195,7 +1205,7 @@ def main(argv=None):
             width,
             args.warmup,
             5,
-            [None if p == "float32" else getattr(torch, p) for p in args.train_precisions],
+            train_dtypes,
             on_row=lambda rows: (report.update(training=rows), save(next_section="training")),
         )
         del ours_abn, train_models
@@ -1207,6 +1217,21 @@ def main(argv=None):
                 entry = report["models"][name]["sizes"].get(size)
                 if entry is not None and size in ours_flops:
                     entry["flops"] = ours_flops[size]
+    if cuda and args.compiled_training:
+        save(next_section="compiled training")
+        # The same B5 (its training rows above took a few SGD steps: no matter for the timing).
+        ours.compile_training = True
+        rows = report["training"]
+        training_speed(
+            {OURS_COMPILED_TRAINING: ours},
+            device,
+            *_size(args.train_size),
+            args.warmup,
+            5,
+            train_dtypes,
+            on_row=lambda new: (rows.update(new), save(next_section="compiled training")),
+        )
+        ours.compile_training = False
     save(next_section="training memory" if args.training_memory else None)
     models.clear()  # the models' memory back before the training-memory section
     runners.clear()
