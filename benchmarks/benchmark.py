@@ -603,8 +603,9 @@ def training_memory(device, height, width):
 
 
 def training_speed(models, device, height, width, warmup, repeats, precisions, on_row=None):
-    """Training iterations/s, slowest timed step and peak GPU memory (of one step after the
-    timed ones) at one crop (CUDA only), for each of ``precisions`` (None: float32, else an AMP
+    """Training iterations/s, slowest timed step, peak GPU memory (of one step after the timed
+    ones) and, from a profile of one more step, the GPU-busy fraction, kernel launches and host
+    waits per step, at one crop (CUDA only), for each of ``precisions`` (None: float32, else an AMP
     dtype); ``on_row(rows)`` after each row. The slowest step shows what the median hides: on an
     H200 (2026-11-28), B5 under bf16 AMP took 0.105 s per step but 1.1 s in 2 of 10 steps."""
     rows = {}
@@ -637,6 +638,11 @@ def training_speed(models, device, height, width, warmup, repeats, precisions, o
                 "slowest_step_s": max(times),
                 "peak_mib": peak,
             }
+            if device.startswith("cuda"):  # launch-bound or compute-bound, as for inference
+                profiled = gpu_profile(step, runs=1)
+                rows[key]["busy"] = profiled["kernel_s"] * rows[key]["iter_per_s"]
+                rows[key]["launches"] = profiled["launches"]
+                rows[key]["syncs"] = profiled["syncs"]
             logger.info("training %s: %s", key, rows[key])
             if on_row is not None:
                 on_row(rows)
@@ -833,14 +839,16 @@ def markdown(report):
         ]
         lines += [
             "| model, precision | iterations/s (median) | slowest step (s) "
-            "| peak GPU memory (MiB) |",
-            "|---|---|---|---|",
+            "| peak GPU memory (MiB) | GPU busy | launches | host waits |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key, row in report["training"].items():
-            slowest = _fmt(row["slowest_step_s"]) if "slowest_step_s" in row else "n/a"
-            lines.append(
-                f"| {key} | {_fmt(row['iter_per_s'])} | {slowest} | {_fmt(row['peak_mib'], 0)} |"
-            )
+            cells = [_fmt(row["iter_per_s"])]
+            for field, digits in (("slowest_step_s", 2), ("peak_mib", 0), ("busy", 2)):
+                cells.append(_fmt(row[field], digits) if field in row else "n/a")
+            for field in ("launches", "syncs"):
+                cells.append(f"{row[field]:.0f}" if field in row else "n/a")
+            lines.append(f"| {key} | {' | '.join(cells)} |")
     if report.get("training_memory"):
         lines += [
             "",
