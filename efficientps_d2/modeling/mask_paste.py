@@ -11,7 +11,7 @@ one pixel wider than the box on each side (Detectron2's own CPU crop) can reach 
 Here the crops go in chunks padded to the chunk's largest crop (as the panoptic fusion's do:
 compact chunks on the CPU, the fewest on CUDA): each crop grows to the chunk's size inside the
 image, is sampled with Detectron2's arithmetic in its dtypes, thresholded, cut back to its own
-crop and written into its mask, one call per chunk. So the masks equal Detectron2's, with one
+crop and scattered into its mask, one call per chunk. So the masks equal Detectron2's, with one
 device read per image (the crop sizes). On the CPU it takes about the time Detectron2's loop
 takes (both are dominated by zeroing the (N, H, W) output); the point is the GPU.
 :func:`detector_postprocess` is Detectron2's with these masks, and one device read where
@@ -92,7 +92,8 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
     # Detectron2's pixel centres: a float32 range i + 0.5 (exact, as are the sums with origins).
     centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
 
-    out = torch.zeros((num, height, width), dtype=torch.bool, device=device)
+    # Every pixel lands in its own mask's plane: flat index k * height * width + row * width + col.
+    out = torch.zeros(num * height * width, dtype=torch.bool, device=device)
     # Where a kernel launch is cheap (CPU), little padding; on CUDA, few launches.
     for first, last, h, w in chunks:
         if h == 0 or w == 0:  # boxes off the image: nothing to paste
@@ -121,11 +122,12 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
         inside_rows = (rows >= crop[:, 1:2]) & (rows < crop[:, 3:4])
         inside_cols = (cols >= crop[:, 0:1]) & (cols < crop[:, 2:3])
         pasted = (sampled[:, 0] >= threshold) & inside_rows[:, :, None] & inside_cols[:, None, :]
-        # Each pixel of a chunk lands in its own mask's plane, once (the grown crops' rows and
-        # columns are distinct).
-        planes = torch.arange(first, last, device=device).view(-1, 1, 1)
-        out.index_put_((planes, rows[:, :, None], cols[:, None, :]), pasted)
-    return out
+        plane = height * width
+        planes = torch.arange(first * plane, last * plane, plane, device=device).view(-1, 1)
+        index = (planes + rows * width)[:, :, None] + cols[:, None, :]
+        # A scatter: on the CPU several times faster than index_put_ with the three indices.
+        out.scatter_(0, index.flatten(), pasted.flatten())
+    return out.view(num, height, width)
 
 
 def detector_postprocess(detections: Instances, height: int, width: int) -> Instances:
