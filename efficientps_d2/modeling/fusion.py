@@ -36,9 +36,8 @@ scores, and once, at the end, the segment areas. On CUDA, ``torch.bincount`` (th
 adds two small reads of its own, of the codes' minimum and maximum, just before that last copy,
 when little work is left to overlap; the scatter's convergence checks add one per four rounds.
 The one upload (the thing ids and each segment's least area) does not wait for the device. Every
-operator call costs host time on a GPU (some 20-45 us), so the code avoids the ones that do
-nothing (casts to the dtype at hand, slices of a whole tensor) and computes once what each chunk
-or round would otherwise repeat. Memory stays at a few H x W maps plus
+call that launches a kernel costs host time on a GPU (some 20-45 us), so the code computes once
+what each chunk or round would otherwise repeat. Memory stays at a few H x W maps plus
 the padded crops (the loop holds one chunk of at most ``CHUNK_ELEMENTS``, the scatter all of
 them, up to ``_SCATTER_ELEMENTS``, past which it takes compact chunks, then the loop). The result
 equals visiting the instances one by one (the reference behaviour, kept in
@@ -249,7 +248,7 @@ def panoptic_fusion(
     if method == "auto":
         method = "scatter" if device.type == "cuda" else "loop"
 
-    sem = _to(sem_seg_logits, device, torch.float32)
+    sem = sem_seg_logits.to(device, torch.float32)
     num_classes, height, width = sem.shape
     things = set(thing_id_list)
     stuff_id_list = [c for c in range(num_classes) if c not in things]
@@ -269,7 +268,7 @@ def panoptic_fusion(
     # whole) for a stuff class, never (more than the image) for a thing class or void. The one
     # upload: the thing ids and these least areas, once n is known.
     never = height * width + 1
-    stuff_least = max(math.ceil(stuff_area_limit), 1) if stuff_area_limit < never else never
+    stuff_least = math.ceil(max(stuff_area_limit, 1)) if stuff_area_limit < never else never
     least_areas = [1] * num + [never if c in things else stuff_least for c in range(num_classes)]
     uploaded = _upload_ints(thing_id_list + least_areas + [never], device)
     thing_ids, least_areas = uploaded[: len(thing_id_list)], uploaded[len(thing_id_list) :]
@@ -280,7 +279,7 @@ def panoptic_fusion(
     code = sem_max.indices.to(torch.int32)
     if num:
         code += num
-        masks = _to(instances.pred_mask_logits, device, torch.float32)[candidates.order]
+        masks = instances.pred_mask_logits.to(device, torch.float32)[candidates.order]
         sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in candidates.crops]
         # The loop's cost is per instance anyway: compact chunks. The scatter runs some 10
         # kernels per chunk and round whatever the chunk holds: the fewest chunks.
@@ -347,14 +346,6 @@ def panoptic_fusion(
     return panoptic_seg, segments_info
 
 
-def _to(tensor: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor:
-    """``tensor.to(device, dtype)`` without an operator call where it is already so: on a GPU
-    each call costs host time, even one that returns its input."""
-    if tensor.device == device and (dtype is None or tensor.dtype == dtype):
-        return tensor
-    return tensor.to(device, dtype)
-
-
 class _Candidates(NamedTuple):
     """Steps 1-2's selection, by score: ``order`` [n'] indices into the instances, ``classes``
     [n'] their thing ids, ``boxes`` [n', 4] float32 and ``ranges`` [n', 4] (see
@@ -384,8 +375,9 @@ def _candidates(instances, device, height, width, confidence_thresh, num_things)
     if not instances.get_fields() or len(instances) == 0:
         return None
     count = len(instances)
-    scores = _to(instances.scores, device, torch.float32)
-    boxes = _to(instances.pred_boxes.tensor, device, torch.float32)
+    raw_scores = instances.scores.to(device)
+    scores = raw_scores.float()
+    boxes = instances.pred_boxes.tensor.to(device, torch.float32)
     valid = (scores >= confidence_thresh) & torch.isfinite(boxes).all(dim=1)
     boxes = torch.where(valid[:, None], boxes, 0.0)
     ranges = _box_pixel_ranges(boxes, height, width)
@@ -395,11 +387,12 @@ def _candidates(instances, device, height, width, confidence_thresh, num_things)
     order = torch.sort(scores, descending=True, stable=True).indices
     flags, first = torch.sort(valid[order].to(torch.uint8), descending=True, stable=True)
     order = order[first]
-    classes = _to(instances.pred_classes, device)[order]
+    classes = instances.pred_classes.to(device)[order]
     ranges = ranges[order]
     # float32 holds every index, class in range, coordinate (integers below 2**24) and score
-    # exactly; the scores come in the instances' order.
-    values = torch.cat([flags, order, classes, scores, ranges.flatten()]).tolist()
+    # exactly, float64 scores are read as they are; the scores come in the instances' order.
+    read_scores = raw_scores if raw_scores.dtype == torch.float64 else scores
+    values = torch.cat([flags, order, classes, read_scores, ranges.flatten()]).tolist()
     class_list = values[2 * count : 3 * count]
     if min(class_list) < 0 or max(class_list) >= num_things:
         raise ValueError(
@@ -435,22 +428,19 @@ def _pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale)
     centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
     for start, end, h, w in chunks:
 
-        def part(tensor):  # this chunk's rows; the tensor itself where it is all of them
-            return tensor if start == 0 and end == len(tensor) else tensor[start:end]
-
-        part_ranges = part(ranges)
+        part_ranges = ranges[start:end]
         row0, col0 = part_ranges[:, 1:2], part_ranges[:, :1]
         rows, cols = row0 + steps[:h], col0 + steps[:w]
         inside = (rows < part_ranges[:, 3:])[:, :, None] & (cols < part_ranges[:, 2:3])[:, None, :]
         mla = _paste_mask_logits_batched(
-            part(masks), part(boxes), row0 + centres[:h], col0 + centres[:w]
+            masks[start:end], boxes[start:end], row0 + centres[:h], col0 + centres[:w]
         )
         mla = mla * mask_logit_scale
         # MLB: the semantic logit of each instance's class on its crop (the padding reads clamped
         # pixels and is never used).
         rows = rows.clamp_(max=height - 1)[:, :, None]
         cols = cols.clamp_(max=width - 1)[:, None, :]
-        mlb = sem[part(sem_ids).view(-1, 1, 1), rows, cols]
+        mlb = sem[sem_ids[start:end].view(-1, 1, 1), rows, cols]
         fused = (mla.sigmoid() + mlb.sigmoid()) * (mla + mlb)
         binary = (mla > 0) & inside  # sigmoid(mla) > 0.5
         yield start, end, fused, binary, inside, rows * width + cols
@@ -554,9 +544,6 @@ def _fuse_by_scatter(
     def cat(tensors):
         return tensors[0] if whole else torch.cat(tensors)
 
-    def kept_rows(kept, start, end):  # kept is [n, 1]
-        return kept if whole else kept[start:end]
-
     areas = cat([part[-1] for part in parts])
     nonempty = areas > 0
     # float64, as in the loop; -1 for an empty mask, which is never kept.
@@ -565,7 +552,7 @@ def _fuse_by_scatter(
     def refine(kept):
         first = torch.full((height * width,), num, dtype=torch.int32, device=device)
         for start, end, _, own, _, _, _, flat, _ in parts:
-            own = torch.where(kept_rows(kept, start, end), own, num)
+            own = torch.where(kept[start:end], own, num)
             first.scatter_reduce_(0, flat, own.flatten(), "amin")
         overlaps = cat(
             [
@@ -586,7 +573,7 @@ def _fuse_by_scatter(
     best_val = stuff_val.flatten().clone()
     contenders = []
     for start, end, ids, _, _, fused, flat, flat_1d, _ in parts:
-        values = torch.where(kept_rows(kept, start, end), fused, float("-inf"))
+        values = torch.where(kept[start:end], fused, float("-inf"))
         contenders.append((ids, values, flat, flat_1d))
         best_val.scatter_reduce_(0, flat_1d, values.flatten(), "amax")
     # The best value where it beats the stuff logit, else NaN (which no value equals).

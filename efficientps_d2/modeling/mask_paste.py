@@ -81,7 +81,7 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
     num, device = len(masks), boxes.device
     if num == 0:
         return torch.zeros((0, height, width), dtype=torch.bool, device=device)
-    masks = (masks if masks.device == device else masks.to(device))[:, None]
+    masks = masks.to(device)[:, None]
     masks = masks if masks.dtype.is_floating_point else masks.float()
     # Half the box extents: Detectron2's "(c - x0) / (x1 - x0) * 2" is "(c - x0) / half": halving
     # and doubling are exact, and rounding commutes with them.
@@ -99,11 +99,8 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
         if h == 0 or w == 0:  # boxes off the image: nothing to paste
             continue
 
-        def part(tensor):  # this chunk's rows; the tensor itself where it is all of them
-            return tensor if first == 0 and last == num else tensor[first:last]
-
         # Each crop grown to (h, w) but kept inside the image, so that it still covers its crop.
-        crop, box, box_half = part(crops), part(boxes), part(half)
+        crop, box, box_half = crops[first:last], boxes[first:last], half[first:last]
         row0 = crop[:, 1:2].clamp(max=height - h)
         col0 = crop[:, 0:1].clamp(max=width - w)
         rows, cols = row0 + steps[:h], col0 + steps[:w]
@@ -115,8 +112,7 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
         grid = torch.stack(
             [grid_x[:, None, :].expand(count, h, w), grid_y[:, :, None].expand(count, h, w)], dim=3
         )
-        grid = grid if grid.dtype == masks.dtype else grid.to(masks.dtype)
-        sampled = F.grid_sample(part(masks), grid, align_corners=False)
+        sampled = F.grid_sample(masks[first:last], grid.to(masks.dtype), align_corners=False)
         # Outside its crop a float32 sample cannot pass 0.5, but a coarser grid (half-precision
         # masks) or a box far off the image could: the crop bounds it, as Detectron2's CPU path.
         inside_rows = (rows >= crop[:, 1:2]) & (rows < crop[:, 3:4])
@@ -179,24 +175,16 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
     sizes = [
         (corners[4 * i + 3] - corners[4 * i + 1], corners[4 * i + 2] - corners[4 * i]) for i in kept
     ]
-    if len(kept) == num:
-        index = None
-    else:  # without waiting for the device, as a list used as an index would
+    out = Instances((height, width), **fields)  # in the input's order of fields
+    out.pred_boxes = Boxes(clipped)
+    out.pred_masks = masks
+    if len(kept) != num:  # without waiting for the device, as a list used as an index would
         index = torch.tensor(kept, dtype=torch.long).to(clipped.device, non_blocking=True)
-
-    def select(tensor):
-        return tensor if index is None else tensor[index]
-
-    out = {}
-    for name, value in fields.items():  # in the input's order of fields
-        if name == "pred_masks":
-            value = _paste(select(masks), select(clipped), select(crops), sizes, height, width, 0.5)
-        elif name == "pred_boxes":
-            value = Boxes(select(clipped))
-        else:
-            value = select(value)
-        out[name] = value
-    return Instances((height, width), **out)
+        out, crops = out[index], crops[index]
+    out.pred_masks = _paste(
+        out.pred_masks, out.pred_boxes.tensor, crops, sizes, height, width, threshold=0.5
+    )
+    return out
 
 
 def _detectron2_then_paste(detections: Instances, height: int, width: int) -> Instances:
