@@ -207,6 +207,21 @@ def test_small_stuff_segment_becomes_void():
 
     pan, info = fuse(sem, inst, stuff_area_limit=H * W)
     assert info == [] and (pan == 0).all()
+    # Any limit at or below one pixel keeps every stuff segment, -inf included.
+    for limit in (float("-inf"), -3, 0.5):
+        pan, info = fuse(sem, inst, stuff_area_limit=limit)
+        assert sorted(s["area"] for s in info) == [16, H * W - 16]
+
+
+def test_scores_are_reported_as_given():
+    """A segment's score is the detection's own value, float64 included (not rounded)."""
+    pattern = torch.ones(14, 14, dtype=torch.bool)
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        score = torch.tensor([0.9641874432573424], dtype=dtype)
+        inst = make_instances([[10, 4, 24, 18]], [0.9], [0], [pixel_mask(pattern)])
+        inst.scores = score
+        _, info = fuse(sky_over_road(), inst)
+        assert segment_of(info, isthing=True)["score"] == score.item()
 
 
 def test_thing_class_pixels_without_instance_become_void():
@@ -417,8 +432,8 @@ def test_paste_matches_detectron2_convention():
     torch.manual_seed(0)
     mask = torch.randn(1, 1, M, M)
     box = [3.3, 5.7, 41.2, 29.9]
-    origin = torch.zeros(1, 2, dtype=torch.long)  # the crop is the whole image
-    pasted = _paste_mask_logits_batched(mask, torch.tensor([box]), origin, (H, W))[0]
+    centres = (torch.arange(H)[None] + 0.5, torch.arange(W)[None] + 0.5)  # the whole image
+    pasted = _paste_mask_logits_batched(mask, torch.tensor([box]), *centres)[0]
     reference, _ = _do_paste_mask(mask, torch.tensor([box]), H, W, skip_empty=False)
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     gx = (xs - box[0]) / (box[2] - box[0]) * M

@@ -185,6 +185,69 @@ def test_panoptic_postprocess_instances_are_detector_postprocess_ones(size, num,
     assert untouched.shape[-2:] == (28, 28)
 
 
+def _instances(masks, boxes):
+    from detectron2.structures import Boxes, Instances
+
+    instances = Instances((H, W))
+    instances.pred_boxes = Boxes(boxes)
+    instances.scores = torch.linspace(0.9, 0.5, len(boxes))
+    instances.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
+    instances.pred_masks = masks[:, None]
+    return instances
+
+
+@pytest.mark.parametrize("dropped", [False, True], ids=["all kept", "one dropped"])
+def test_detector_postprocess_reads_the_device_once(dropped):
+    """Detectron2's waits for the device to check the boxes and for each field it filters; this
+    one reads once, and uploads the kept indices without waiting where a box is dropped."""
+    masks, boxes = _detections(20, seed=7)
+    if dropped:
+        boxes[3] = torch.tensor([5.0, 5.0, 5.0, 9.0])
+    expected = detector_postprocess(_instances(masks, boxes.clone()), H, W)
+    with DeviceReads() as reads:
+        got = mask_paste.detector_postprocess(_instances(masks, boxes), H, W)
+    assert dict(reads.counts) == ({"tolist": 1, "upload": 1} if dropped else {"tolist": 1})
+    assert len(got) == len(boxes) - dropped
+    for name in ("pred_boxes", "scores", "pred_masks"):
+        a, b = got.get(name), expected.get(name)
+        a, b = (a.tensor, b.tensor) if name == "pred_boxes" else (a, b)
+        assert torch.equal(a, b), name
+
+
+def test_detector_postprocess_refuses_boxes_that_are_not_finite_as_detectron2s():
+    masks, boxes = _detections(5)
+    boxes[1, 2] = float("inf")
+    with pytest.raises(AssertionError, match="infinite or NaN"):
+        mask_paste.detector_postprocess(_instances(masks, boxes), H, W)
+
+
+@pytest.mark.parametrize("thing_ids", [[3, 4, 5], [4, 1, 3]], ids=["one run", "scattered"])
+def test_panoptic_postprocess_gives_all_class_ids(thing_ids):
+    """Mask R-CNN's thing ids 0..T-1 become the all-class ids of thing_semantic_ids, whether
+    those are one run of classes (mapped by an offset) or not (by a lookup)."""
+    masks, boxes = _detections(12, seed=3)
+    detections = Instances((H, W))
+    detections.pred_boxes = Boxes(boxes)
+    detections.scores = torch.linspace(0.9, 0.5, len(boxes))
+    classes = torch.arange(len(boxes)) % 3
+    detections.pred_classes = classes.clone()
+    detections.pred_mask_logits = torch.logit(masks[:, None].clamp(1e-6, 1 - 1e-6))
+    got = panoptic_postprocess(
+        torch.randn(6, H, W),
+        detections,
+        (H, W),
+        H,
+        W,
+        thing_semantic_ids=thing_ids,
+        confidence_thresh=0.5,
+        overlap_thresh=0.5,
+        stuff_area_limit=0,
+        mask_logit_scale=4.0,
+    )["instances"]
+    expected = torch.tensor(thing_ids)[classes[detections.pred_boxes.nonempty()]]
+    assert got.pred_classes.dtype == torch.long and torch.equal(got.pred_classes, expected)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_masks_equal_detectron2s():
     masks, boxes = _detections(60)

@@ -31,11 +31,13 @@ result:
   rounds, and in practice stops after a handful (the check costs one tiny read per four rounds).
 
 Either way the fusion reads the device twice per image, whatever the number of detections: once
-the candidates' crop sizes (tensor shapes need them on the host) and once, at the end, every
-number of ``segments_info`` in one copy. On CUDA, ``torch.bincount`` (the segment areas) adds two
-small reads of its own, of the codes' minimum and maximum, just before that last copy, when
-little work is left to overlap; the scatter's convergence checks add one per four rounds. The
-one upload (the thing ids) does not wait for the device. Memory stays at a few H x W maps plus
+the candidates' crop sizes (tensor shapes need them on the host) with their indices, classes and
+scores, and once, at the end, the segment areas. On CUDA, ``torch.bincount`` (the segment areas)
+adds two small reads of its own, of the codes' minimum and maximum, just before that last copy,
+when little work is left to overlap; the scatter's convergence checks add one per four rounds.
+The one upload (the thing ids and each segment's least area) does not wait for the device. Every
+call that launches a kernel costs host time on a GPU (some 20-45 us), so the code computes once
+what each chunk or round would otherwise repeat. Memory stays at a few H x W maps plus
 the padded crops (the loop holds one chunk of at most ``CHUNK_ELEMENTS``, the scatter all of
 them, up to ``_SCATTER_ELEMENTS``, past which it takes compact chunks, then the loop). The result
 equals visiting the instances one by one (the reference behaviour, kept in
@@ -43,7 +45,8 @@ equals visiting the instances one by one (the reference behaviour, kept in
 """
 
 import logging
-from typing import Dict, List, Sequence, Tuple, Union
+import math
+from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.postprocessing import sem_seg_postprocess
@@ -59,7 +62,7 @@ __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 _REQUIRED_FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_mask_logits")
 
 
-# Most padded crop elements the "scatter" method holds at once (about 14 bytes each).
+# Most padded crop elements the "scatter" method holds at once (about 20 bytes each).
 _SCATTER_ELEMENTS = 1 << 25
 # Fixed-point rounds of the "scatter" overlap filter between two checks for convergence.
 _ROUNDS_PER_CHECK = 4
@@ -73,17 +76,20 @@ def _box_pixel_ranges(boxes: torch.Tensor, height: int, width: int) -> torch.Ten
     Args:
         boxes: [K, 4] finite (x0, y0, x1, y1).
     Returns:
-        [K, 4] long (row_start, row_end, col_start, col_end).
+        [K, 4] long (col_start, row_start, col_end, row_end), laid out as the boxes.
     """
     # In float64, like Python's math.ceil on the float32 coordinates: exact.
-    b = boxes.double()
-    rows = torch.ceil(b[:, 1::2] - 0.5).clamp(0, height)
-    cols = torch.ceil(b[:, 0::2] - 0.5).clamp(0, width)
-    return torch.cat([rows, cols], dim=1).long()
+    ranges = torch.ceil(boxes.double() - 0.5)
+    ranges[:, 0::2].clamp_(0, width)
+    ranges[:, 1::2].clamp_(0, height)
+    return ranges.long()
 
 
 def _paste_mask_logits_batched(
-    mask_logits: torch.Tensor, boxes: torch.Tensor, origins: torch.Tensor, size: Tuple[int, int]
+    mask_logits: torch.Tensor,
+    boxes: torch.Tensor,
+    row_centres: torch.Tensor,
+    col_centres: torch.Tensor,
 ) -> torch.Tensor:
     """
     Bilinearly sample K masks onto pixel crops of their boxes, all padded to one size.
@@ -91,24 +97,23 @@ def _paste_mask_logits_batched(
     Args:
         mask_logits: [K, 1, M, M] float logits.
         boxes: [K, 4] float32 (x0, y0, x1, y1) in image pixels, with x1 > x0 and y1 > y0.
-        origins: [K, 2] long (first row, first column) of each crop.
-        size: (h, w) of the padded crops; entries past an instance's own crop are meaningless.
+        row_centres, col_centres: [K, h] and [K, w] float32 centres (i + 0.5) of the pixel rows
+            and columns of each crop, padded to one size (past an instance's own crop, the
+            entries are meaningless).
 
     Returns:
-        [K, h, w] logits; element (k, i, j) is pixel (origins[k, 0] + i, origins[k, 1] + j).
+        [K, h, w] logits; element (k, i, j) is pixel (row_centres[k, i], col_centres[k, j]).
     """
-    device = mask_logits.device
-    num = mask_logits.shape[0]
-    h, w = size
+    num, h, w = mask_logits.shape[0], row_centres.shape[1], col_centres.shape[1]
     boxes64 = boxes.double()
     # Same mapping as Detectron2's paste_masks_in_image: pixel centres, normalised so that the box
-    # edges land on the mask's outer edges (align_corners=False). Every op matches, bit for bit,
-    # the one-box-at-a-time computation (box extents rounded from float64, as Python floats are).
-    rows = (origins[:, :1] + torch.arange(h, device=device)).float()
-    cols = (origins[:, 1:] + torch.arange(w, device=device)).float()
-    extent = (boxes64[:, 2:] - boxes64[:, :2]).float()  # (width, height)
-    ys = (rows + 0.5 - boxes[:, 1:2]) / extent[:, 1:] * 2 - 1
-    xs = (cols + 0.5 - boxes[:, 0:1]) / extent[:, :1] * 2 - 1
+    # edges land on the mask's outer edges (align_corners=False). Every value matches, bit for
+    # bit, the one-box-at-a-time computation (box extents rounded from float64, as Python floats
+    # are; (c - x0) / extent * 2 computed as (c - x0) / (extent / 2): halving and doubling are
+    # exact, and rounding commutes with them).
+    half = (boxes64[:, 2:] - boxes64[:, :2]).float() / 2  # (width, height) / 2
+    ys = (row_centres - boxes[:, 1:2]) / half[:, 1:] - 1
+    xs = (col_centres - boxes[:, 0:1]) / half[:, :1] - 1
     grid = torch.stack([xs[:, None, :].expand(num, h, w), ys[:, :, None].expand(num, h, w)], -1)
     # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
     # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
@@ -243,30 +248,40 @@ def panoptic_fusion(
     if method == "auto":
         method = "scatter" if device.type == "cuda" else "loop"
 
-    sem = sem_seg_logits.float()
+    sem = sem_seg_logits.to(device, torch.float32)
     num_classes, height, width = sem.shape
-    thing_ids = _upload_ints(thing_id_list, device)
-    stuff_id_list = [c for c in range(num_classes) if c not in set(thing_id_list)]
+    things = set(thing_id_list)
+    stuff_id_list = [c for c in range(num_classes) if c not in things]
     if stuff_id_list:
         stuff_val = _class_max(sem, stuff_id_list)
     else:
         stuff_val = torch.full((height, width), float("-inf"), device=device)
 
-    numbers = []  # device tensors read back in one copy at the end
     candidates = _candidates(
         instances, device, height, width, confidence_thresh, len(thing_id_list)
     )
-    if candidates is None:
-        num = 0
-        best_idx = torch.zeros((height, width), dtype=torch.int32, device=device)
-    else:
-        order, boxes, ranges, crops = candidates
-        num = len(crops)
-        masks = instances.pred_mask_logits.to(device).float()[order]
-        classes = instances.pred_classes.to(device)[order]
-        sem_ids = thing_ids[classes.clamp(0, max(len(thing_id_list) - 1, 0))]
-        sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in crops]
-        # The loop's cost is per instance anyway: compact chunks. The scatter runs some 25
+    num = 0 if candidates is None else len(candidates.crops)
+    # One code per pixel: j where candidate j won step 5, n + c where stuff did and its semantic
+    # argmax class is c (0..C-1), n + C where a semantic logit is NaN (void, step 7). One
+    # bincount gives every area, and a code makes a segment iff its area reaches its least area:
+    # 1 for a candidate (one that was dropped wins no pixel), the limit (at least 1: areas are
+    # whole) for a stuff class, never (more than the image) for a thing class or void. The one
+    # upload: the thing ids and these least areas, once n is known.
+    never = height * width + 1
+    stuff_least = math.ceil(max(stuff_area_limit, 1)) if stuff_area_limit < never else never
+    least_areas = [1] * num + [never if c in things else stuff_least for c in range(num_classes)]
+    uploaded = _upload_ints(thing_id_list + least_areas + [never], device)
+    thing_ids, least_areas = uploaded[: len(thing_id_list)], uploaded[len(thing_id_list) :]
+
+    # (max(dim).indices is argmax, first maximum included, but several times faster on CPU; its
+    # values are NaN where one is.)
+    sem_max = sem.max(dim=0)
+    code = sem_max.indices.to(torch.int32)
+    if num:
+        code += num
+        masks = instances.pred_mask_logits.to(device, torch.float32)[candidates.order]
+        sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in candidates.crops]
+        # The loop's cost is per instance anyway: compact chunks. The scatter runs some 10
         # kernels per chunk and round whatever the chunk holds: the fewest chunks.
         chunks = chunk_crops(sizes, compact=method == "loop")
         if method == "scatter" and padded_elements(chunks) > _SCATTER_ELEMENTS:
@@ -274,51 +289,27 @@ def panoptic_fusion(
             if padded_elements(chunks) > _SCATTER_ELEMENTS:
                 method = "loop"
         fuse = _fuse_by_scatter if method == "scatter" else _fuse_by_loop
-        best_idx, kept = fuse(
+        fuse(
             sem,
             stuff_val,
             masks,
-            boxes,
-            ranges,
-            crops,
+            candidates.boxes,
+            candidates.ranges,
+            candidates.crops,
             chunks,
-            sem_ids,
+            thing_ids[candidates.classes],
             overlap_thresh=overlap_thresh,
             mask_logit_scale=mask_logit_scale,
+            code=code,
         )
-        numbers += [order, classes, instances.scores.to(device)[order]]
-
-    # One code per pixel: its semantic argmax class c (0..C-1) where stuff won step 5, C + j where
-    # candidate j did, C + n where a semantic logit is NaN (void, step 7). One bincount gives
-    # every area; the segment ids are numbered on the device. (max(dim).indices is argmax, first
-    # maximum included, but several times faster on CPU; its values are NaN where one is.)
-    sem_max = sem.max(dim=0)
-    sem_argmax = sem_max.indices.to(best_idx.dtype)
-    code = torch.where(best_idx == 0, sem_argmax, best_idx + (num_classes - 1))
-    void_code = num_classes + num
-    code = torch.where(sem_max.values.isnan(), void_code, code)
+    void_code = num + num_classes
+    code = code.masked_fill_(sem_max.values.isnan(), void_code)
     areas = torch.bincount(code.flatten(), minlength=void_code + 1)
-    stuff_areas, thing_areas = areas[:num_classes], areas[num_classes:void_code]
-    is_stuff = torch.ones(num_classes, dtype=torch.bool, device=device)
-    # 0 rather than False: torch.jit's tracer (fvcore's FLOP count) takes no bool fill value.
-    is_stuff.index_fill_(0, thing_ids, 0)
-    stuff_present = is_stuff & (stuff_areas > 0) & (stuff_areas >= stuff_area_limit)
-    thing_present = thing_areas > 0
-    if num:
-        thing_present &= kept
-    present = torch.cat([thing_present, stuff_present])  # segment order: things, then stuff
-    seg_ids = (torch.cumsum(present, 0) * present).to(torch.int32)
-    # By code: stuff classes, candidates, then void.
-    lut = torch.cat([seg_ids[num:], seg_ids[:num], seg_ids.new_zeros(1)])
-    panoptic_seg = lut[code]
+    present = areas >= least_areas  # segment order: things, then stuff, as the codes
+    panoptic_seg = (torch.cumsum(present, 0, dtype=torch.int32) * present)[code]
 
-    # The one read at the end: float64 holds every id, area and float32 score exactly.
-    numbers += [present, areas]
-    values = torch.cat([x.double().flatten() for x in numbers]).tolist()
-    order_list, class_list, score_list = (values[i * num : (i + 1) * num] for i in range(3))
-    values = values[3 * num :]
-    present_list = values[: num + num_classes]
-    area_list = [int(a) for a in values[num + num_classes :]]
+    # The one read at the end.
+    area_list = areas.tolist()
     if area_list[void_code]:
         log_every_n_seconds(
             logging.WARNING,
@@ -331,69 +322,98 @@ def panoptic_fusion(
 
     segments_info: List[Dict] = []
     for j in range(num):
-        if present_list[j]:
+        if area_list[j]:
             segments_info.append(
                 {
                     "id": len(segments_info) + 1,
                     "isthing": True,
-                    "category_id": thing_id_list[int(class_list[j])],
-                    "score": score_list[j],
-                    "instance_id": int(order_list[j]),
-                    "area": area_list[num_classes + j],
+                    "category_id": thing_id_list[candidates.class_list[j]],
+                    "score": candidates.score_list[j],
+                    "instance_id": candidates.order_list[j],
+                    "area": area_list[j],
                 }
             )
-    for cls in range(num_classes):
-        if present_list[num + cls]:
+    for cls in stuff_id_list:
+        if area_list[num + cls] >= stuff_least:
             segments_info.append(
                 {
                     "id": len(segments_info) + 1,
                     "isthing": False,
                     "category_id": cls,
-                    "area": area_list[cls],
+                    "area": area_list[num + cls],
                 }
             )
     return panoptic_seg, segments_info
 
 
+class _Candidates(NamedTuple):
+    """Steps 1-2's selection, by score: ``order`` [n'] indices into the instances, ``classes``
+    [n'] their thing ids, ``boxes`` [n', 4] float32 and ``ranges`` [n', 4] (see
+    :func:`_box_pixel_ranges`) on the device, of which the first n are the candidates; on the
+    host ``crops`` (n (row_start, row_end, col_start, col_end)) and the candidates' indices,
+    classes and scores."""
+
+    order: torch.Tensor
+    classes: torch.Tensor
+    boxes: torch.Tensor
+    ranges: torch.Tensor
+    crops: List[Tuple[int, int, int, int]]
+    order_list: List[int]
+    class_list: List[int]
+    score_list: List[float]
+
+
 def _candidates(instances, device, height, width, confidence_thresh, num_things):
     """
     Steps 1-2's selection: detections scoring at least ``confidence_thresh`` whose box covers some
-    pixel centre, by score (stable). The one read before the end: their crops, as Python ints
-    (and whether every class is a thing id: an error otherwise).
+    pixel centre, by score (stable). The one read before the end: their crops, indices, classes
+    and scores, as Python numbers (and whether every class is a thing id: an error otherwise).
 
     Returns:
-        None if there is none, else (order [n] indices into ``instances``, boxes [n, 4] float32,
-        ranges [n, 4] long (row_start, row_end, col_start, col_end), crops (the ranges as a list of
-        n int 4-tuples)).
+        None if there is none, else a :class:`_Candidates`.
     """
     if not instances.get_fields() or len(instances) == 0:
         return None
-    scores = instances.scores.to(device).float()
-    order = torch.sort(scores, descending=True, stable=True).indices
-    boxes = instances.pred_boxes.tensor.to(device).float()[order]
-    valid = scores[order] >= confidence_thresh
-    valid &= torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
-    valid &= boxes[:, 3] > boxes[:, 1]
-    boxes = torch.where(valid[:, None], boxes, torch.zeros_like(boxes))
+    count = len(instances)
+    raw_scores = instances.scores.to(device)
+    scores = raw_scores.float()
+    boxes = instances.pred_boxes.tensor.to(device, torch.float32)
+    valid = (scores >= confidence_thresh) & torch.isfinite(boxes).all(dim=1)
+    boxes = torch.where(valid[:, None], boxes, 0.0)
     ranges = _box_pixel_ranges(boxes, height, width)
-    valid &= (ranges[:, 0] < ranges[:, 1]) & (ranges[:, 2] < ranges[:, 3])
-    # The valid ones first, in score order, so that they are a prefix known from one read.
-    first = torch.sort((~valid).to(torch.uint8), stable=True).indices
-    order, boxes, ranges, valid = order[first], boxes[first], ranges[first], valid[first]
-    classes = instances.pred_classes.to(device)
-    class_error = ((classes < 0) | (classes >= num_things)).any()
-    flags = torch.stack([valid, class_error.expand_as(valid)], dim=1).long()
-    rows = torch.cat([flags, ranges], dim=1).tolist()
-    if rows[0][1]:
+    # Empty pixel ranges also drop the boxes with x1 <= x0 or y1 <= y0 (ceil is monotonic).
+    valid &= (ranges[:, 2:] > ranges[:, :2]).all(dim=1)
+    # By score, the valid ones first (both stable), so that they are a prefix known from one read.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    flags, first = torch.sort(valid[order].to(torch.uint8), descending=True, stable=True)
+    order = order[first]
+    classes = instances.pred_classes.to(device)[order]
+    ranges = ranges[order]
+    # float32 holds every index, class in range, coordinate (integers below 2**24) and score
+    # exactly, float64 scores are read as they are; the scores come in the instances' order.
+    read_scores = raw_scores if raw_scores.dtype == torch.float64 else scores
+    values = torch.cat([flags, order, classes, read_scores, ranges.flatten()]).tolist()
+    class_list = values[2 * count : 3 * count]
+    if min(class_list) < 0 or max(class_list) >= num_things:
         raise ValueError(
             f"instances.pred_classes must be contiguous thing ids in [0, {num_things}) "
             f"(T = len(thing_semantic_ids)), got {instances.pred_classes.tolist()}"
         )
-    crops = [tuple(row[2:]) for row in rows if row[0]]
-    if not crops:
+    num = int(sum(values[:count]))
+    if not num:
         return None
-    num = len(crops)
-    return order[:num], boxes[:num], ranges[:num], crops
+    order_list = [int(i) for i in values[count : count + num]]
+    corners = values[4 * count : 4 * count + 4 * num]
+    return _Candidates(
+        order,
+        classes,
+        boxes[order],
+        ranges,
+        [(int(r0), int(r1), int(c0), int(c1)) for c0, r0, c1, r1 in zip(*[iter(corners)] * 4)],
+        order_list,
+        [int(c) for c in class_list[:num]],
+        [values[3 * count + i] for i in order_list],
+    )
 
 
 def _pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale):
@@ -402,23 +422,28 @@ def _pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale)
     False there)."""
     device = sem.device
     height, width = sem.shape[-2:]
+    longest = max(max(h, w) for _, _, h, w in chunks)
+    steps = torch.arange(longest, device=device)
+    # Pixel centres i + 0.5, exact in float32, as are their sums with the crops' origins.
+    centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
     for start, end, h, w in chunks:
-        origins = ranges[start:end, 0::2]  # (row_start, col_start); a slice, not a list index
-        mla = _paste_mask_logits_batched(masks[start:end], boxes[start:end], origins, (h, w))
+
+        part_ranges = ranges[start:end]
+        row0, col0 = part_ranges[:, 1:2], part_ranges[:, :1]
+        rows, cols = row0 + steps[:h], col0 + steps[:w]
+        inside = (rows < part_ranges[:, 3:])[:, :, None] & (cols < part_ranges[:, 2:3])[:, None, :]
+        mla = _paste_mask_logits_batched(
+            masks[start:end], boxes[start:end], row0 + centres[:h], col0 + centres[:w]
+        )
         mla = mla * mask_logit_scale
         # MLB: the semantic logit of each instance's class on its crop (the padding reads clamped
         # pixels and is never used).
-        rows = (origins[:, :1] + torch.arange(h, device=device)).clamp_(max=height - 1)
-        cols = (origins[:, 1:] + torch.arange(w, device=device)).clamp_(max=width - 1)
-        mlb = sem[sem_ids[start:end, None, None], rows[:, :, None], cols[:, None, :]]
+        rows = rows.clamp_(max=height - 1)[:, :, None]
+        cols = cols.clamp_(max=width - 1)[:, None, :]
+        mlb = sem[sem_ids[start:end].view(-1, 1, 1), rows, cols]
         fused = (mla.sigmoid() + mlb.sigmoid()) * (mla + mlb)
-        extents = ranges[start:end, 1::2] - ranges[start:end, 0::2]  # (h, w) of each crop
-        rows_in = torch.arange(h, device=device) < extents[:, :1]
-        cols_in = torch.arange(w, device=device) < extents[:, 1:]
-        inside = rows_in[:, :, None] & cols_in[:, None, :]
         binary = (mla > 0) & inside  # sigmoid(mla) > 0.5
-        flat = rows[:, :, None] * width + cols[:, None, :]
-        yield start, end, fused, binary, inside, flat
+        yield start, end, fused, binary, inside, rows * width + cols
 
 
 def _fuse_by_loop(
@@ -433,15 +458,14 @@ def _fuse_by_loop(
     *,
     overlap_thresh,
     mask_logit_scale,
+    code,
 ):
-    """Steps 3-5, instance by instance on its crop. Returns (best_idx int32 [H, W]: 0 for stuff,
-    j + 1 for candidate j; kept bool [n])."""
+    """Steps 3-5, instance by instance on its crop: writes j into the int32 [H, W] ``code`` where
+    candidate j wins a pixel (stuff's codes there are n or more)."""
     height, width = sem.shape[-2:]
     device = sem.device
     best_val = stuff_val.clone()
-    best_idx = torch.zeros((height, width), dtype=torch.int32, device=device)
     claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
-    keeps = []
     for start, end, fused, binary, _, _ in _pasted_chunks(
         sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale
     ):
@@ -455,14 +479,12 @@ def _fuse_by_loop(
             region_claimed = claimed[crop]
             keep = (areas[k] > 0) & ((mask & region_claimed).sum() <= limits[k])
             region_claimed |= mask & keep
-            keeps.append(keep)
 
             region_val = best_val[crop]
             fl = fused[k, : r1 - r0, : c1 - c0]
             wins = (fl > region_val) & keep
             region_val.copy_(torch.where(wins, fl, region_val))
-            best_idx[crop].masked_fill_(wins, start + k + 1)
-    return best_idx, torch.stack(keeps)
+            code[crop].masked_fill_(wins, start + k)
 
 
 def _fuse_by_scatter(
@@ -477,8 +499,9 @@ def _fuse_by_scatter(
     *,
     overlap_thresh,
     mask_logit_scale,
+    code,
 ):
-    """Steps 3-5 for all instances at once; returns what :func:`_fuse_by_loop` returns.
+    """Steps 3-5 for all instances at once, with the result of :func:`_fuse_by_loop`.
 
     Candidate k is kept iff its binary mask is non-empty and at most ``overlap_thresh`` of it lies
     on pixels whose lowest-indexed kept candidate covering them has index < k. That depends only on
@@ -486,30 +509,58 @@ def _fuse_by_scatter(
     exact for candidates 0..t-1 after t rounds, and a round that changes nothing has reached the
     unique solution. Then each pixel goes to the first candidate reaching the highest FL there, if
     that beats the stuff logit: what the loop's strict ">" updates in score order give.
+
+    Everything a round does not change is made once per chunk, as [k, h * w]: ``own``, the
+    candidate's index on its mask and n elsewhere; ``below``, the same with -1 elsewhere (no
+    candidate index is below it); the fused logits, -inf outside the crop and where NaN (neither
+    ever wins, as a NaN never does in the loop).
     """
     height, width = sem.shape[-2:]
     device = sem.device
     num = len(crops)
-    chunks = list(_pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale))
-    index = torch.arange(num, device=device)
-    areas = torch.cat([binary.sum(dim=(1, 2)) for _, _, _, binary, _, _ in chunks])
-    limits = areas.double() * overlap_thresh  # float64, as in the loop
+    parts = []
+    for start, end, fused, binary, inside, flat in _pasted_chunks(
+        sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale
+    ):
+        binary = binary.flatten(1)
+        ids = torch.arange(start, end, dtype=torch.int32, device=device)[:, None]
+        fused = torch.where(inside, fused.nan_to_num(-math.inf, math.inf, -math.inf), float("-inf"))
+        flat = flat.flatten(1)
+        parts.append(
+            (
+                start,
+                end,
+                ids,
+                torch.where(binary, ids, num),
+                torch.where(binary, ids, -1),
+                fused.flatten(1),
+                flat,
+                flat.flatten(),
+                binary.sum(dim=1, keepdim=True),
+            )
+        )
+    whole = len(parts) == 1
+
+    def cat(tensors):
+        return tensors[0] if whole else torch.cat(tensors)
+
+    areas = cat([part[-1] for part in parts])
     nonempty = areas > 0
+    # float64, as in the loop; -1 for an empty mask, which is never kept.
+    limits = torch.where(nonempty, areas.double() * overlap_thresh, -1.0)
 
     def refine(kept):
-        first = torch.full((height * width,), num, dtype=torch.long, device=device)
-        for start, end, _, binary, _, flat in chunks:
-            own = torch.where(
-                binary & kept[start:end, None, None], index[start:end, None, None], num
-            )
-            first.scatter_reduce_(0, flat.flatten(), own.flatten(), "amin")
-        overlaps = torch.cat(
+        first = torch.full((height * width,), num, dtype=torch.int32, device=device)
+        for start, end, _, own, _, _, _, flat, _ in parts:
+            own = torch.where(kept[start:end], own, num)
+            first.scatter_reduce_(0, flat, own.flatten(), "amin")
+        overlaps = cat(
             [
-                ((first[flat] < index[start:end, None, None]) & binary).sum(dim=(1, 2))
-                for start, end, _, binary, _, flat in chunks
+                (first[flat] < below).sum(dim=1, keepdim=True)
+                for _, _, _, _, below, _, flat, _, _ in parts
             ]
         )
-        return nonempty & (overlaps <= limits)
+        return overlaps <= limits
 
     kept = nonempty
     for rounds in range(1, num + 1):
@@ -520,20 +571,19 @@ def _fuse_by_scatter(
         kept = refined
 
     best_val = stuff_val.flatten().clone()
-    stuff_flat = stuff_val.flatten()
     contenders = []
-    for start, end, fused, _, inside, flat in chunks:
-        valid = inside & kept[start:end, None, None] & ~fused.isnan()
-        contenders.append((valid, fused, flat, start, end))
-        values = torch.where(valid, fused, float("-inf"))
-        best_val.scatter_reduce_(0, flat.flatten(), values.flatten(), "amax")
-    winner = torch.full((height * width,), num + 1, dtype=torch.long, device=device)
-    for valid, fused, flat, start, end in contenders:
-        wins = valid & (fused == best_val[flat]) & (fused > stuff_flat[flat])
-        own = torch.where(wins, index[start:end, None, None] + 1, num + 1)
-        winner.scatter_reduce_(0, flat.flatten(), own.flatten(), "amin")
-    best_idx = torch.where(winner > num, 0, winner).to(torch.int32).view(height, width)
-    return best_idx, kept
+    for start, end, ids, _, _, fused, flat, flat_1d, _ in parts:
+        values = torch.where(kept[start:end], fused, float("-inf"))
+        contenders.append((ids, values, flat, flat_1d))
+        best_val.scatter_reduce_(0, flat_1d, values.flatten(), "amax")
+    # The best value where it beats the stuff logit, else NaN (which no value equals).
+    best_val = torch.where(best_val > stuff_val.flatten(), best_val, float("nan"))
+    # Each pixel's lowest winning candidate, below stuff's codes (n or more); no code is above
+    # what the others give.
+    code = code.view(-1)
+    for ids, values, flat, flat_1d in contenders:
+        own = torch.where(values == best_val[flat], ids, torch.iinfo(torch.int32).max)
+        code.scatter_reduce_(0, flat_1d, own.flatten(), "amin")
 
 
 def panoptic_postprocess(
@@ -585,8 +635,15 @@ def panoptic_postprocess(
     )
     # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect the
     # all-class contiguous ids of the "standard" panoptic metadata, which the fusion already gives.
+    # Where those are one run of classes (Cityscapes', COCO's) an offset maps them, without an
+    # upload.
     classes = instances.pred_classes
-    instances.pred_classes = _upload_ints(thing_semantic_ids, classes.device)[classes]
+    thing_ids = [int(c) for c in thing_semantic_ids]
+    first = thing_ids[0] if thing_ids else 0
+    if classes.dtype == torch.long and thing_ids == list(range(first, first + len(thing_ids))):
+        instances.pred_classes = classes + first
+    else:
+        instances.pred_classes = _upload_ints(thing_ids, classes.device)[classes]
     return {
         "sem_seg": sem_seg,
         "instances": instances,
