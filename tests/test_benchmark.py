@@ -244,6 +244,32 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
     }
 
 
+def test_operator_calls_by_stage():
+    """benchmarks/op_counts.py counts each inference stage's top-level operator calls; with a
+    GPU's branches (the scatter fusion, the fewest crop chunks) the postprocessing makes fewer
+    calls than with the CPU's per-instance loop, and the stages before it are the same."""
+    from detectron2.modeling import build_model
+
+    from tests.common import PERMISSIVE, tiny_config, training_input
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import op_counts
+    finally:
+        sys.path.pop(0)
+    model = build_model(tiny_config(PERMISSIVE)).eval()
+    inputs = [{"image": training_input(64, 96, [], [])["image"]}]
+    cpu = op_counts.count_calls(model, inputs)
+    with op_counts.gpu_branches():
+        gpu = op_counts.count_calls(model, inputs)
+    assert len(model(inputs)[0]["instances"]) > 10  # enough for the loop to cost more
+    assert all(sum(cpu[stage].values()) > 0 for stage in ("dense", "proposals", "detection"))
+    for stage in ("dense", "proposals", "detection"):
+        assert gpu[stage] == cpu[stage], stage
+    assert 0 < sum(gpu["postprocess"].values()) < sum(cpu["postprocess"].values())
+    assert "aten::conv2d" not in cpu["proposals"]  # each call in its own stage
+
+
 def test_profiled_inference_shows_each_stage(benchmark):
     """EfficientPS names its inference stages for torch.profiler; the GPU profile reports the
     host's time in each (here profiled on the CPU)."""
