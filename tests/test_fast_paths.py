@@ -20,7 +20,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -400,6 +400,64 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
             x, y = a.get(name), b.get(name)
             x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
             assert torch.equal(x, y), name
+
+
+def _rpn_outputs(seed, images, counts):
+    """Random objectness logits and decoded boxes of ``images`` images, one tensor per level with
+    ``counts`` anchors each, with what ``find_top_rpn_proposals`` has to handle: tied scores, boxes
+    outside the image or too small once clipped, and non-finite boxes and scores."""
+    generator = torch.Generator().manual_seed(seed)
+    objectness, proposals = [], []
+    for count in counts:
+        logits = torch.randn(images, count, generator=generator).round(decimals=1)  # ties
+        xy = torch.rand(images, count, 2, generator=generator) * 140 - 20
+        wh = torch.rand(images, count, 2, generator=generator) * 40
+        wh[:, ::7] = 0.5  # too small
+        boxes = torch.cat([xy, xy + wh], dim=2)
+        boxes[:, 3::50, 1] = float("nan")
+        boxes[:, 5::60, 2] = float("inf")
+        logits[:, 11::70] = float("-inf")
+        objectness.append(logits)
+        proposals.append(boxes)
+    return objectness, proposals
+
+
+@pytest.mark.parametrize(
+    "sizes, counts, pre_nms_topk",
+    [
+        ([(100, 120)], [3000, 2000, 800], 1000),  # over 1000 boxes: torchvision NMS per level
+        ([(100, 120), (64, 90), (100, 120)], [600, 150, 40], 200),  # its coordinate trick
+    ],
+    ids=["one-image", "three-images"],
+)
+def test_rpn_proposals_equal_find_top_rpn_proposals(sizes, counts, pre_nms_topk):
+    """rpn_proposals (batched over images, one host read per image) gives Detectron2's proposals
+    bit for bit, with ties, non-finite and too small boxes, for one image and for several of
+    different sizes."""
+    from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
+
+    rpn = _tiny_model().proposal_generator
+    rpn.pre_nms_topk = {False: pre_nms_topk, True: pre_nms_topk}
+    rpn.post_nms_topk = {False: 300, True: 300}
+    rpn.min_box_size = 1.0
+    objectness, proposals = _rpn_outputs(0, len(sizes), counts)
+    images = ImageList(torch.zeros(len(sizes), 3, 128, 128), sizes)
+    with torch.inference_mode():
+        expected = find_top_rpn_proposals(
+            [p.clone() for p in proposals],
+            objectness,
+            sizes,
+            rpn.nms_thresh,
+            pre_nms_topk,
+            300,
+            1.0,
+            False,
+        )
+        result = rpn_proposals(rpn, images, objectness, [p.clone() for p in proposals])
+    for a, b in zip(result, expected):
+        assert a.image_size == b.image_size and len(b) > 0
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)
 
 
 def _spy_on_roi_parts(monkeypatch):

@@ -38,6 +38,7 @@ from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops import batched_nms
 
 from .inplace_abn import InPlaceABN
 from .layers import sequential_neighbours
@@ -549,17 +550,89 @@ def rpn_proposals(
     proposals: List[torch.Tensor],
 ) -> List[Instances]:
     """Detectron2's ``RPN.forward`` in inference, from the dense network's objectness logits and
-    decoded proposals: Detectron2's own top-k and NMS, with the RPN's settings."""
-    return find_top_rpn_proposals(
-        proposals,
-        objectness,
-        images.image_sizes,
-        rpn.nms_thresh,
-        rpn.pre_nms_topk[rpn.training],
-        rpn.post_nms_topk[rpn.training],
-        rpn.min_box_size,
-        rpn.training,
-    )
+    decoded proposals, with the RPN's settings: the results of Detectron2's
+    ``find_top_rpn_proposals``, bit for bit, in fewer operator calls and host waits.
+
+    Detectron2's function (B5 at 512x1024 on the CPU: 101 operator calls, 3 host waits before the
+    NMS) makes its level ids and gathers its top-k per level with a device copy each, and per
+    image reads the device three times (non-finite boxes? non-finite after filtering? any box
+    too small?) before the NMS, clips in nine operators and indexes with boolean masks. Here the
+    top-k boxes of all images are clipped in place and filtered with one mask, read once per
+    image; the per-image NMS is torchvision's ``batched_nms``, as in Detectron2 (one NMS per
+    image: shifting each image's boxes apart, as ``batched_nms`` shifts the levels', would round
+    them otherwise). Traced (``torch.jit.trace``) and in training it is Detectron2's function.
+    """
+    pre_nms_topk = rpn.pre_nms_topk[rpn.training]
+    post_nms_topk = rpn.post_nms_topk[rpn.training]
+    if rpn.training or torch.jit.is_tracing():
+        return find_top_rpn_proposals(
+            proposals,
+            objectness,
+            images.image_sizes,
+            rpn.nms_thresh,
+            pre_nms_topk,
+            post_nms_topk,
+            rpn.min_box_size,
+            rpn.training,
+        )
+    # 1. Each level's top-k anchors of each image, levels concatenated: (N, K), (N, K, 4), (K,).
+    batch = torch.arange(len(images), device=proposals[0].device)[:, None]
+    top_scores, top_boxes, counts = [], [], []
+    for logits, boxes in zip(objectness, proposals):
+        scores, index = logits.topk(min(logits.shape[1], pre_nms_topk), dim=1)
+        top_scores.append(scores)
+        top_boxes.append(boxes[batch, index])
+        counts.append(index.shape[1])
+    scores = torch.cat(top_scores, dim=1)
+    boxes = torch.cat(top_boxes, dim=1)
+    levels = _level_ids(tuple(counts), boxes.device)
+    # 2. What Detectron2 drops: boxes or scores not finite, and boxes (once clipped to their
+    # image) no larger than MIN_SIZE. Clipped in place, as Boxes.clip clamps: x to [0, width],
+    # y to [0, height] (a non-finite box, dropped, is clamped too, where Boxes.clip would fail).
+    keep = torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
+    clip_boxes_(boxes, images.image_sizes)
+    keep &= (boxes[..., 2:] - boxes[..., :2] > rpn.min_box_size).all(dim=2)
+    # 3. Per image: the boxes kept (one host read), torchvision's batched NMS across levels, the
+    # post_nms_topk best.
+    results = []
+    for image_size, keep_n, boxes_n, scores_n in zip(
+        images.image_sizes, keep.unbind(0), boxes.unbind(0), scores.unbind(0)
+    ):
+        (kept,) = keep_n.nonzero(as_tuple=True)
+        boxes_n, scores_n = boxes_n[kept], scores_n[kept]
+        best = batched_nms(boxes_n, scores_n, levels[kept], rpn.nms_thresh)[:post_nms_topk]
+        result = Instances(image_size)
+        result.proposal_boxes = Boxes(boxes_n[best])
+        result.objectness_logits = scores_n[best]
+        results.append(result)
+    return results
+
+
+@functools.lru_cache(maxsize=16)
+def _level_ids(counts, device: torch.device) -> torch.Tensor:
+    """[0] * counts[0] + [1] * counts[1] + ... as an int64 tensor on ``device``, made once per
+    input size (on a GPU, one launch per level otherwise). An ordinary tensor, even when first
+    asked for under inference mode, as it is read outside it too."""
+    with torch.inference_mode(False):
+        return torch.cat(
+            [
+                torch.full((count,), level, dtype=torch.int64, device=device)
+                for level, count in enumerate(counts)
+            ]
+        )
+
+
+def clip_boxes_(boxes: torch.Tensor, image_sizes) -> None:
+    """Clips, in place, (N, R, 4) boxes (x0, y0, x1, y1) of N images to their (height, width):
+    Detectron2's ``Boxes.clip`` (x clamped to [0, width], y to [0, height]) in four operator
+    calls per distinct size instead of ten per image, and without its host read for finiteness."""
+    if len(set(image_sizes)) <= 1:
+        parts = [(boxes, image_sizes[0])] if image_sizes else []
+    else:
+        parts = list(zip(boxes, image_sizes))
+    for part, (height, width) in parts:
+        part[..., 0::2].clamp_(min=0, max=width)
+        part[..., 1::2].clamp_(min=0, max=height)
 
 
 # What InferenceNetwork.detect stands in for: a subclass of StandardROIHeads that overrides one
