@@ -29,9 +29,11 @@ from efficientps_d2.modeling import crop_chunks, fusion, threaded_roi_align
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
+    box_detections,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
+    pool_rois,
     rpn_proposals,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
@@ -458,6 +460,101 @@ def test_rpn_proposals_equal_find_top_rpn_proposals(sizes, counts, pre_nms_topk)
         assert a.image_size == b.image_size and len(b) > 0
         assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
         assert torch.equal(a.objectness_logits, b.objectness_logits)
+
+
+def _boxes_over_levels(generator, count, height, width):
+    xy = torch.rand(count, 2, generator=generator) * torch.tensor([width, height])
+    wh = torch.rand(count, 2, generator=generator) ** 3 * 400 + 0.5  # over all levels
+    return Boxes(torch.cat([xy, xy + wh], dim=1))
+
+
+@pytest.mark.parametrize("counts", [[70], [40, 0, 25]], ids=["one-image", "three-images"])
+def test_pool_rois_equals_roi_pooler(counts):
+    """pool_rois (boxes sorted by level, one host read) pools the rows of Detectron2's ROIPooler
+    bit for bit, through the model's ThreadedROIAlign levels, images without boxes included."""
+    model = _tiny_model()
+    pooler = model.roi_heads.box_pooler
+    generator = torch.Generator().manual_seed(0)
+    features = [
+        torch.randn(len(counts), 8, 64 // 2**i, 96 // 2**i, generator=generator) for i in range(4)
+    ]
+    box_lists = [_boxes_over_levels(generator, count, 64, 96) for count in counts]
+    with torch.inference_mode():
+        expected = pooler(features, box_lists)
+        pooled = pool_rois(pooler, features, box_lists)
+    assert expected.shape[0] == sum(counts) and torch.equal(pooled, expected)
+
+
+@pytest.mark.parametrize("agnostic", [False, True], ids=["per-class", "class-agnostic"])
+@pytest.mark.parametrize(
+    "counts", [[300], [120, 0, 90], [0]], ids=["one-image", "three-images", "no-proposals"]
+)
+def test_box_detections_equal_fast_rcnn_inference(counts, agnostic):
+    """box_detections gives FastRCNNOutputLayers.inference's detections bit for bit: rows with a
+    box or score not finite dropped, boxes clipped to their image, per-class NMS, top-k."""
+    from detectron2.modeling.roi_heads import FastRCNNOutputLayers
+
+    model = _tiny_model()
+    predictor = model.roi_heads.box_predictor
+    classes = predictor.num_classes
+    if agnostic:
+        predictor = FastRCNNOutputLayers(
+            ShapeSpec(channels=8),
+            box2box_transform=predictor.box2box_transform,
+            num_classes=classes,
+            cls_agnostic_bbox_reg=True,
+            test_score_thresh=0.05,
+            test_topk_per_image=30,
+        ).eval()
+    generator = torch.Generator().manual_seed(1)
+    sizes = [(64, 96), (50, 70), (64, 96)][: len(counts)]
+    proposals = []
+    for (height, width), count in zip(sizes, counts):
+        proposal = Instances((height, width))
+        proposal.proposal_boxes = _boxes_over_levels(generator, count, height, width)
+        proposals.append(proposal)
+    rows = sum(counts)
+    scores = (torch.randn(rows, classes + 1, generator=generator) * 2).round(decimals=1)  # ties
+    deltas = torch.randn(rows, 4 * (1 if agnostic else classes), generator=generator)
+    scores[7::40, 1] = float("nan")
+    deltas[11::50, 0] = float("inf")
+    deltas[13::50, 2] = float("nan")
+    with torch.inference_mode():
+        expected, _ = predictor.inference((scores, deltas), proposals)
+        detections = box_detections(predictor, (scores, deltas), proposals)
+    assert len(detections) == len(counts)
+    assert sum(len(x) for x in expected) > 0 or sum(counts) == 0
+    for a, b in zip(detections, expected):
+        assert a.image_size == b.image_size
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+
+
+@pytest.mark.parametrize("counts", [[5], [3, 0, 4]], ids=["one-image", "three-images"])
+def test_mask_head_probabilities_are_mask_rcnn_inferences(counts):
+    """The mask head sets Detectron2's pred_masks itself, from the logits it keeps: the values
+    of Detectron2's mask_rcnn_inference."""
+    from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
+
+    head = _tiny_model().roi_heads.mask_head
+    classes = head.predictor.out_channels
+    assert classes > 1  # class-specific masks, picked by class
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(counts), 32, 14, 14, generator=generator)
+    instances = []
+    for count in counts:
+        inst = Instances((64, 96))
+        inst.pred_classes = torch.randint(0, classes, (count,), generator=generator)
+        instances.append(inst)
+    expected = [Instances((64, 96), pred_classes=i.pred_classes) for i in instances]
+    with torch.inference_mode():
+        head(x, instances)
+        logits = head.layers(x)
+        mask_rcnn_inference(logits, expected)
+    picked = logits[torch.arange(len(logits)), torch.cat([i.pred_classes for i in instances])]
+    for inst, ref, own in zip(instances, expected, picked.split(counts)):
+        assert torch.equal(inst.pred_masks, ref.pred_masks)
+        assert torch.equal(inst.pred_mask_logits, own[:, None])
 
 
 def _spy_on_roi_parts(monkeypatch):
