@@ -66,6 +66,8 @@ OURS, OURS_FAST, THEIRS, THEIRS_FUSED = (
 OURS_R50 = "EfficientPS-R50 fast"
 # EfficientPS-B5 training with in-place activated BN (MODEL.EFFICIENTPS.INPLACE_ABN), GPU rows.
 OURS_IABN = "EfficientPS-B5 iABN"
+# EfficientPS-B5 training through torch.compile (MODEL.EFFICIENTPS.COMPILE_TRAINING), GPU rows.
+OURS_COMPILED_TRAINING = "EfficientPS-B5 compiled"
 ALL_MODELS = (OURS_FAST, OURS, OURS_R50, THEIRS, THEIRS_FUSED)
 # What --models accepts.
 MODEL_KEYS = {
@@ -600,9 +602,12 @@ def training_memory(device, height, width):
     return rows
 
 
-def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on_row=None):
-    """Training iterations/s and peak GPU memory (of one step after the timed ones) at one crop
-    (CUDA only); ``on_row(rows)`` after each row."""
+def training_speed(models, device, height, width, warmup, repeats, precisions, on_row=None):
+    """Training iterations/s, slowest timed step, peak GPU memory (of one step after the timed
+    ones) and, from a profile of one more step, the GPU-busy fraction, kernel launches and host
+    waits per step, at one crop (CUDA only), for each of ``precisions`` (None: float32, else an AMP
+    dtype); ``on_row(rows)`` after each row. The slowest step shows what the median hides: on an
+    H200 (2026-11-28), B5 under bf16 AMP took 0.105 s per step but 1.1 s in 2 of 10 steps."""
     rows = {}
     autotuning = torch.backends.cudnn.benchmark
     for name, model in models.items():
@@ -614,7 +619,7 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on
         num_classes = NUM_CLASSES if name != THEIRS else NUM_CLASSES - NUM_THINGS + 1
         batch = [training_batch(height, width, num_classes, device)]
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
-        for dtype in (None, amp_dtype):
+        for dtype in precisions:
             scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
             step = training_step_fn(model, batch, optimizer, dtype, scaler)
             for _ in range(warmup):
@@ -628,7 +633,16 @@ def training_speed(models, device, height, width, warmup, repeats, amp_dtype, on
                 times.append(time.perf_counter() - start)
             peak = peak_memory_increase_mib(step, device)
             key = f"{name} {'fp32' if dtype is None else str(dtype).replace('torch.', '')}"
-            rows[key] = {"iter_per_s": 1 / statistics.median(times), "peak_mib": peak}
+            rows[key] = {
+                "iter_per_s": 1 / statistics.median(times),
+                "slowest_step_s": max(times),
+                "peak_mib": peak,
+            }
+            if device.startswith("cuda"):  # launch-bound or compute-bound, as for inference
+                profiled = gpu_profile(step, runs=1)
+                rows[key]["busy"] = profiled["kernel_s"] * rows[key]["iter_per_s"]
+                rows[key]["launches"] = profiled["launches"]
+                rows[key]["syncs"] = profiled["syncs"]
             logger.info("training %s: %s", key, rows[key])
             if on_row is not None:
                 on_row(rows)
@@ -823,9 +837,18 @@ def markdown(report):
             "Detectron2 ships it):",
             "",
         ]
-        lines += ["| model, precision | iterations/s | peak GPU memory (MiB) |", "|---|---|---|"]
+        lines += [
+            "| model, precision | iterations/s (median) | slowest step (s) "
+            "| peak GPU memory (MiB) | GPU busy | launches | host waits |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for key, row in report["training"].items():
-            lines.append(f"| {key} | {_fmt(row['iter_per_s'])} | {_fmt(row['peak_mib'], 0)} |")
+            cells = [_fmt(row["iter_per_s"])]
+            for field, digits in (("slowest_step_s", 2), ("peak_mib", 0), ("busy", 2)):
+                cells.append(_fmt(row[field], digits) if field in row else "n/a")
+            for field in ("launches", "syncs"):
+                cells.append(f"{row[field]:.0f}" if field in row else "n/a")
+            lines.append(f"| {key} | {' | '.join(cells)} |")
     if report.get("training_memory"):
         lines += [
             "",
@@ -893,6 +916,22 @@ def parse_args(argv=None):
         "--amp-dtypes", nargs="+", default=["float16", "bfloat16"], help="AMP dtypes (GPU)"
     )
     parser.add_argument(
+        "--train-precisions",
+        nargs="+",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="training rows (GPU): float32 and/or AMP dtypes (default: float32 and the first "
+        "--amp-dtypes; --quick: bfloat16, as the first step of each precision autotunes cuDNN "
+        "for a minute or more)",
+    )
+    parser.add_argument(
+        "--compiled-training",
+        action="store_true",
+        help="also train B5 with MODEL.EFFICIENTPS.COMPILE_TRAINING (torch.compile of the "
+        "backbone and semantic head; GPU), last before the training-memory section: compiling "
+        "the forward and backward graphs takes minutes",
+    )
+    parser.add_argument(
         "--wait-for-load",
         type=float,
         default=None,
@@ -923,14 +962,20 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a GPU run in under 3 minutes on one H100: --warmup 3 --repeats 10 --no-flops "
-        "--training-memory '' --amp-dtypes bfloat16, compiled path at the largest size only, "
-        "5 training iterations per row (options given beside it win)",
+        help="a GPU run of a few minutes: --warmup 3 --repeats 10 --no-flops --training-memory "
+        "'' --amp-dtypes bfloat16 --train-precisions bfloat16, compiled path at the largest size "
+        "only, 5 training iterations per row (options given beside it win; on one H200 its "
+        "inference sections took 1 min 45 s with model building, 2026-11-28)",
     )
     args = parser.parse_args(argv)
     if args.quick:  # its settings as defaults: options given beside it still win
         parser.set_defaults(
-            warmup=3, repeats=[10], no_flops=True, training_memory="", amp_dtypes=["bfloat16"]
+            warmup=3,
+            repeats=[10],
+            no_flops=True,
+            training_memory="",
+            amp_dtypes=["bfloat16"],
+            train_precisions=["bfloat16"],
         )
         args = parser.parse_args(argv)
         if args.compile_sizes is None:
@@ -943,6 +988,8 @@ def parse_args(argv=None):
     args.paths = [p for p in args.paths if p != "none"]
     if args.compile_sizes is None:
         args.compile_sizes = list(args.sizes)
+    if args.train_precisions is None:
+        args.train_precisions = ["float32"] + args.amp_dtypes[:1]
     # Checked here, not after minutes of model building and timing.
     if args.repeats is None:
         args.repeats = [5] + [3] * (len(args.sizes) - 1)
@@ -1151,6 +1198,7 @@ def main(argv=None):
                         }
 
     # Each section from here saves as it starts: a run stopped in it reports it unfinished.
+    train_dtypes = [None if p == "float32" else getattr(torch, p) for p in args.train_precisions]
     if cuda:
         save(next_section="training")
         height, width = _size(args.train_size)
@@ -1165,7 +1213,7 @@ def main(argv=None):
             width,
             args.warmup,
             5,
-            getattr(torch, args.amp_dtypes[0]),
+            train_dtypes,
             on_row=lambda rows: (report.update(training=rows), save(next_section="training")),
         )
         del ours_abn, train_models
@@ -1177,6 +1225,21 @@ def main(argv=None):
                 entry = report["models"][name]["sizes"].get(size)
                 if entry is not None and size in ours_flops:
                     entry["flops"] = ours_flops[size]
+    if cuda and args.compiled_training:
+        save(next_section="compiled training")
+        # The same B5 (its training rows above took a few SGD steps: no matter for the timing).
+        ours.compile_training = True
+        rows = report["training"]
+        training_speed(
+            {OURS_COMPILED_TRAINING: ours},
+            device,
+            *_size(args.train_size),
+            args.warmup,
+            5,
+            train_dtypes,
+            on_row=lambda new: (rows.update(new), save(next_section="compiled training")),
+        )
+        ours.compile_training = False
     save(next_section="training memory" if args.training_memory else None)
     models.clear()  # the models' memory back before the training-memory section
     runners.clear()

@@ -158,6 +158,9 @@ def test_quick_mode_settings(benchmark, monkeypatch):
     assert (args.warmup, args.no_flops, args.training_memory) == (3, True, "")
     assert args.repeats == [10, 10]  # one per size
     assert args.paths == list(benchmark.PATHS) and args.compile_sizes == ["1024x2048"]
+    # Training in bf16 only: each precision's first step autotunes cuDNN for a minute or more.
+    assert args.train_precisions == ["bfloat16"]
+    assert benchmark.parse_args(["--device", "cuda"]).train_precisions == ["float32", "float16"]
     # On the CPU, a bf16 row where oneDNN has bfloat16 kernels (it would time an emulation else).
     for native, paths in ((False, []), (True, ["bf16"])):
         monkeypatch.setattr(benchmark, "cpu_bf16_kernels", lambda: native)
@@ -286,6 +289,7 @@ def test_training_rows_autotune_as_each_model_ships(benchmark, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     names = (benchmark.OURS, benchmark.OURS_IABN, benchmark.THEIRS)
     models = {name: Model(name) for name in names}
-    rows = benchmark.training_speed(models, "cpu", 32, 48, 1, 1, torch.bfloat16)
+    rows = benchmark.training_speed(models, "cpu", 32, 48, 1, 1, [None, torch.bfloat16])
     assert seen == {benchmark.OURS: {True}, benchmark.OURS_IABN: {True}, benchmark.THEIRS: {False}}
     assert len(rows) == 6 and torch.backends.cudnn.benchmark  # restored
+    assert all(row["slowest_step_s"] * row["iter_per_s"] > 1 - 1e-9 for row in rows.values())
