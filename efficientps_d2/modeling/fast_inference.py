@@ -635,10 +635,11 @@ def _level_ids(counts, device: torch.device) -> torch.Tensor:
 
 
 def clip_boxes_(boxes: torch.Tensor, image_sizes) -> None:
-    """Clips, in place, (N, R, 4) boxes (x0, y0, x1, y1) of N images to their (height, width):
-    Detectron2's ``Boxes.clip`` (x clamped to [0, width], y to [0, height]) in four operator
-    calls per distinct size instead of ten per image, and without its host read for finiteness."""
-    if len(set(image_sizes)) <= 1:
+    """Clips, in place, (N, R, 4) boxes (x0, y0, x1, y1) of N images to their (height, width),
+    or the (R, 4) boxes of one image to its one size: Detectron2's ``Boxes.clip`` (x clamped to
+    [0, width], y to [0, height]) in four operator calls per distinct size instead of ten per
+    image, and without its host read for finiteness."""
+    if len({tuple(size) for size in image_sizes}) <= 1:
         parts = [(boxes, image_sizes[0])] if image_sizes else []
     else:
         parts = list(zip(boxes, image_sizes))
