@@ -29,6 +29,7 @@ from efficientps_d2.modeling import crop_chunks, fusion, threaded_roi_align
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
+    batched_nms,
     box_detections,
     fold_batch_norms,
     fuse_conv_leaky_relu,
@@ -466,6 +467,22 @@ def _boxes_over_levels(generator, count, height, width):
     xy = torch.rand(count, 2, generator=generator) * torch.tensor([width, height])
     wh = torch.rand(count, 2, generator=generator) ** 3 * 400 + 0.5  # over all levels
     return Boxes(torch.cat([xy, xy + wh], dim=1))
+
+
+@pytest.mark.parametrize("count", [0, 1, 400])
+def test_batched_nms_on_a_gpu_is_torchvisions(count):
+    """batched_nms's GPU branch (run on the CPU here) keeps torchvision's boxes, in its order:
+    its coordinate trick, the shift's 1 added as a number instead of a tensor copied over."""
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    generator = torch.Generator().manual_seed(3)
+    boxes = _boxes_over_levels(generator, count, 64, 96).tensor
+    scores = torch.rand(count, generator=generator).round(decimals=2)  # ties
+    classes = torch.randint(0, 5, (count,), generator=generator)
+    expected = _batched_nms_coordinate_trick(boxes, scores, classes, 0.5)
+    kept = batched_nms(boxes, scores, classes, 0.5, device_type="cuda")
+    assert torch.equal(kept, expected) and kept.dtype == torch.int64
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected)  # CPU: torchvision's
 
 
 @pytest.mark.parametrize("counts", [[70], [40, 0, 25]], ids=["one-image", "three-images"])

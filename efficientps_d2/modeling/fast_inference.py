@@ -43,7 +43,8 @@ from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms as torchvision_batched_nms
+from torchvision.ops import nms
 
 from .inplace_abn import InPlaceABN
 from .layers import sequential_neighbours
@@ -54,6 +55,7 @@ __all__ = [
     "InferenceNetwork",
     "InferenceOptions",
     "SizeLRUCache",
+    "batched_nms",
     "box_detections",
     "build_inference_network",
     "clip_boxes_",
@@ -570,9 +572,10 @@ def rpn_proposals(
     image reads the device three times (non-finite boxes? non-finite after filtering? any box
     too small?) before the NMS, clips in nine operators and indexes with boolean masks. Here the
     top-k boxes of all images are clipped in place and filtered with one mask, read once per
-    image; the per-image NMS is torchvision's ``batched_nms``, as in Detectron2 (one NMS per
-    image: shifting each image's boxes apart, as ``batched_nms`` shifts the levels', would round
-    them otherwise). Traced (``torch.jit.trace``) and in training it is Detectron2's function.
+    image; the per-image NMS is torchvision's ``batched_nms`` (:func:`batched_nms`: without its
+    host wait on a GPU), as in Detectron2 (one NMS per image: shifting each image's boxes apart,
+    as ``batched_nms`` shifts the levels', would round them otherwise). Traced
+    (``torch.jit.trace``) and in training it is Detectron2's function.
     """
     pre_nms_topk = rpn.pre_nms_topk[rpn.training]
     post_nms_topk = rpn.post_nms_topk[rpn.training]
@@ -646,6 +649,29 @@ def clip_boxes_(boxes: torch.Tensor, image_sizes) -> None:
     for part, (height, width) in parts:
         part[..., 0::2].clamp_(min=0, max=width)
         part[..., 1::2].clamp_(min=0, max=height)
+
+
+# torchvision (0.29) runs its batched NMS on a GPU as one NMS of boxes shifted apart per class up
+# to this many box coordinates, and as one NMS per class above.
+_GPU_SHIFTED_NMS_MAX_NUMEL = 100_000
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold: float, *, device_type: Optional[str] = None):
+    """torchvision's ``batched_nms``, bit for bit, without its host wait on a GPU.
+
+    On a GPU torchvision shifts each class's boxes by ``class * (max coordinate + 1)`` and runs
+    one NMS; it makes that 1 as ``torch.tensor(1).to(boxes)``, a host-to-device copy that waits
+    for the device (one more host wait per NMS, two per image). Here the 1 is a number: the same
+    float32 addition, so the same shifted boxes. On the CPU (``device_type``, by default the
+    boxes' device type), above torchvision's size for it, and traced, it is torchvision's own.
+    """
+    device_type = device_type or boxes.device.type
+    if device_type == "cpu" or boxes.numel() > _GPU_SHIFTED_NMS_MAX_NUMEL or torch.jit.is_tracing():
+        return torchvision_batched_nms(boxes, scores, idxs, iou_threshold)
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def pool_rois(pooler: nn.Module, features: List[torch.Tensor], box_lists: List[Boxes]):
@@ -735,8 +761,9 @@ def box_detections(predictor: nn.Module, predictions, proposals: List[Instances]
     finite? any box not finite, in ``Boxes.clip``?), clips all R x K boxes in ten operators and
     indexes them with the boolean mask again. Here the rows not finite and the scores under the
     threshold make one mask, read once per image; the kept boxes are clipped in place; the NMS
-    is torchvision's ``batched_nms`` per image, as in Detectron2. Another box predictor, and
-    tracing, run ``predictor.inference`` itself.
+    is torchvision's ``batched_nms`` per image (:func:`batched_nms`: without its host wait on a
+    GPU), as in Detectron2. Another box predictor, and tracing, run ``predictor.inference``
+    itself.
     """
     if type(predictor) is not FastRCNNOutputLayers or torch.jit.is_tracing():
         return predictor.inference(predictions, proposals)[0]
