@@ -36,6 +36,7 @@ from efficientps_d2.modeling.fast_inference import (
     fuse_for_inference,
     pool_rois,
     rpn_proposals,
+    top_anchors,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.inplace_abn import InPlaceABN
@@ -374,8 +375,11 @@ def test_dense_network_contract():
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in features.values())
     assert sem.shape == (2, 5, 64, 96) and sem.dtype == torch.float32
     anchors = [3 * (64 // 2**i) * (96 // 2**i) for i in (2, 3, 4, 5)]  # 3 aspect ratios
-    assert [tuple(x.shape) for x in objectness] == [(2, a) for a in anchors]
-    assert [tuple(x.shape) for x in proposals] == [(2, a, 4) for a in anchors]
+    top = [min(a, model.proposal_generator.pre_nms_topk[False]) for a in anchors]
+    assert top != anchors  # the largest levels are cut to the pre-NMS top-k
+    assert [tuple(x.shape) for x in objectness] == [(2, k) for k in top]
+    assert [tuple(x.shape) for x in proposals] == [(2, k, 4) for k in top]
+    assert all(bool((x[:, :-1] >= x[:, 1:]).all()) for x in objectness)  # highest first
     assert all(x.dtype == torch.float32 for x in objectness + proposals)
     # Only the copy was cast: the model's own weights and anchors stay float32.
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -456,7 +460,8 @@ def test_rpn_proposals_equal_find_top_rpn_proposals(sizes, counts, pre_nms_topk)
             1.0,
             False,
         )
-        result = rpn_proposals(rpn, images, objectness, [p.clone() for p in proposals])
+        # As the dense network hands them over: each level's top-k.
+        result = rpn_proposals(rpn, images, *top_anchors(objectness, proposals, pre_nms_topk))
     for a, b in zip(result, expected):
         assert a.image_size == b.image_size and len(b) > 0
         assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)

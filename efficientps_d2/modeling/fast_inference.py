@@ -14,13 +14,14 @@ model's own modules (all options off) or a cached copy of them that is
 - compiled: the dense network through ``torch.compile``.
 
 The dense network also decodes the RPN's proposals (the anchors of the model's anchor generator,
-made on the device, and its box transform): their shapes too depend only on the input size, and
-on a GPU these ~150 small operators would otherwise each cost a kernel launch from Python. The
-RPN's top-k selection and NMS and the ROI heads' pooling, box predictor and NMS always run from
-the model itself, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with
-or without a fast path: through :func:`rpn_proposals`, :func:`pool_rois` and
-:func:`box_detections`, which give Detectron2's results bit for bit in fewer operator calls and
-host reads (on a GPU each costs host time, and each read waits for the device). Nothing here is
+made on the device, and its box transform) and picks each level's pre-NMS top-k: their shapes too
+depend only on the input size (and the top-k), and on a GPU these ~160 small operators would
+otherwise each cost a kernel launch from Python. The RPN's NMS and the ROI heads' pooling, box
+predictor and NMS always run from the model itself, and every setting is read from the model at
+each call, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with or
+without a fast path: through :func:`rpn_proposals`, :func:`pool_rois`, :func:`box_detections` and
+:func:`batched_nms`, which give Detectron2's results bit for bit in fewer operator calls and host
+waits (on a GPU each call costs host time, and each read waits for the device). Nothing here is
 needed on the CPU.
 """
 
@@ -64,6 +65,7 @@ __all__ = [
     "fuse_for_inference",
     "pool_rois",
     "rpn_proposals",
+    "top_anchors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -273,10 +275,12 @@ class DenseNetwork(nn.Module):
         features: {name: (N, C, H / stride, W / stride)} the backbone's outputs ("p2" ... "p5"),
             contiguous NCHW (what ROIAlign reads);
         sem_seg_logits: (N, num_classes, H, W) semantic logits at the padded input size;
-        objectness: [(N, H_l * W_l * A)] one per RPN level (the RPN's in_features, in order),
-            flattened as ``RPN.forward`` flattens them;
-        proposals: [(N, H_l * W_l * A, 4)] every anchor's box, decoded as ``RPN.predict_proposals``
-            decodes it; what ``find_top_rpn_proposals`` takes.
+        objectness: [(N, K_l)] one per RPN level (the RPN's in_features, in order): the top
+            K_l = min(H_l * W_l * A, pre-NMS top-k) objectness logits of each image, highest
+            first, as ``find_top_rpn_proposals`` picks them from those ``RPN.forward`` flattens;
+        proposals: [(N, K_l, 4)] their anchors' boxes, decoded as ``RPN.predict_proposals``
+            decodes them; what :func:`rpn_proposals` takes.
+    The RPN's pre-NMS top-k (MODEL.RPN.PRE_NMS_TOPK_TEST) is read at each call.
     """
 
     def __init__(self, backbone, sem_seg_head, rpn_head, rpn: RPN):
@@ -288,6 +292,12 @@ class DenseNetwork(nn.Module):
         # The model's own (float32 buffers, never cast); their anchors depend on the sizes only.
         self.anchor_generator = rpn.anchor_generator
         self.decode_proposals = rpn._decode_proposals
+        object.__setattr__(self, "_rpn", rpn)  # for its settings; not a submodule of this copy
+
+    @property
+    def pre_nms_topk(self) -> int:
+        """The RPN's pre-NMS top-k per level, as ``RPN.forward`` reads it now."""
+        return self._rpn.pre_nms_topk[self._rpn.training]
 
     @property
     def dtype(self):
@@ -310,6 +320,9 @@ class DenseNetwork(nn.Module):
             for x in deltas
         ]
         proposals = self.decode_proposals(self.anchors(rpn_features), deltas)
+        # Each level's top-k, whose shapes too are fixed (on a GPU, some 12 launches fewer from
+        # Python when graphed or compiled).
+        objectness, proposals = top_anchors(objectness, proposals, self.pre_nms_topk)
         features = {k: v.float().contiguous() for k, v in features.items()}
         return features, sem_seg_logits, objectness, proposals
 
@@ -521,7 +534,13 @@ class InferenceNetwork:
         if self.cuda_graph and images.is_cuda:
             # A graph replays the kernels it captured: one captured under autocast is another.
             autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
-            key = (tuple(images.shape), images.dtype, images.device, autocast)
+            key = (
+                tuple(images.shape),
+                images.dtype,
+                images.device,
+                autocast,
+                self.dense_network.pre_nms_topk,
+            )
             features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
             return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:
@@ -563,9 +582,10 @@ def rpn_proposals(
     objectness: List[torch.Tensor],
     proposals: List[torch.Tensor],
 ) -> List[Instances]:
-    """Detectron2's ``RPN.forward`` in inference, from the dense network's objectness logits and
-    decoded proposals, with the RPN's settings: the results of Detectron2's
-    ``find_top_rpn_proposals``, bit for bit, in fewer operator calls and host waits.
+    """Detectron2's ``RPN.forward`` in inference, from each level's top-k objectness logits and
+    boxes that the dense network picks (:func:`top_anchors`), with the RPN's settings: the
+    results of Detectron2's ``find_top_rpn_proposals``, bit for bit, in fewer operator calls and
+    host waits.
 
     Detectron2's function (B5 at 512x1024 on the CPU: 101 operator calls, 3 host waits before the
     NMS) makes its level ids and gathers its top-k per level with a device copy each, and per
@@ -575,7 +595,8 @@ def rpn_proposals(
     image; the per-image NMS is torchvision's ``batched_nms`` (:func:`batched_nms`: without its
     host wait on a GPU), as in Detectron2 (one NMS per image: shifting each image's boxes apart,
     as ``batched_nms`` shifts the levels', would round them otherwise). Traced
-    (``torch.jit.trace``) and in training it is Detectron2's function.
+    (``torch.jit.trace``) and in training it is Detectron2's function (whose top-k of the
+    top-k'd levels keeps them all).
     """
     pre_nms_topk = rpn.pre_nms_topk[rpn.training]
     post_nms_topk = rpn.post_nms_topk[rpn.training]
@@ -590,17 +611,10 @@ def rpn_proposals(
             rpn.min_box_size,
             rpn.training,
         )
-    # 1. Each level's top-k anchors of each image, levels concatenated: (N, K), (N, K, 4), (K,).
-    batch = torch.arange(len(images), device=proposals[0].device)[:, None]
-    top_scores, top_boxes, counts = [], [], []
-    for logits, boxes in zip(objectness, proposals):
-        scores, index = logits.topk(min(logits.shape[1], pre_nms_topk), dim=1)
-        top_scores.append(scores)
-        top_boxes.append(boxes[batch, index])
-        counts.append(index.shape[1])
-    scores = torch.cat(top_scores, dim=1)
-    boxes = torch.cat(top_boxes, dim=1)
-    levels = _level_ids(tuple(counts), boxes.device)
+    # 1. Each level's top-k anchors (picked by the dense network), levels concatenated.
+    scores = torch.cat(objectness, dim=1)
+    boxes = torch.cat(proposals, dim=1)
+    levels = _level_ids(tuple(x.shape[1] for x in objectness), boxes.device)
     # 2. What Detectron2 drops: boxes or scores not finite, and boxes (once clipped to their
     # image) no larger than MIN_SIZE. Clipped in place, as Boxes.clip clamps: x to [0, width],
     # y to [0, height] (a non-finite box, dropped, is clamped too, where Boxes.clip would fail).
@@ -621,6 +635,19 @@ def rpn_proposals(
         result.objectness_logits = scores_n[best]
         results.append(result)
     return results
+
+
+def top_anchors(objectness: List[torch.Tensor], proposals: List[torch.Tensor], k: int):
+    """Step 1 of Detectron2's ``find_top_rpn_proposals``: each level's ``min(anchors, k)``
+    highest objectness logits of each image (N, K_l), highest first, and their boxes
+    (N, K_l, 4), from (N, anchors) logits and (N, anchors, 4) boxes per level."""
+    batch = torch.arange(len(objectness[0]), device=objectness[0].device)[:, None]
+    top_scores, top_boxes = [], []
+    for logits, boxes in zip(objectness, proposals):
+        scores, index = logits.topk(min(logits.shape[1], k), dim=1)
+        top_scores.append(scores)
+        top_boxes.append(boxes[batch, index])
+    return top_scores, top_boxes
 
 
 @functools.lru_cache(maxsize=16)
