@@ -588,7 +588,7 @@ def rpn_proposals(
     host waits.
 
     Detectron2's function (B5 at 512x1024 on the CPU: 101 operator calls, 3 host waits before the
-    NMS) makes its level ids and gathers its top-k per level with a device copy each, and per
+    NMS) makes its level ids with a ``full`` and gathers its top-k with a gather per level, and per
     image reads the device three times (non-finite boxes? non-finite after filtering? any box
     too small?) before the NMS, clips in nine operators and indexes with boolean masks. Here the
     top-k boxes of all images are clipped in place and filtered with one mask, read once per
@@ -670,7 +670,7 @@ def clip_boxes_(boxes: torch.Tensor, image_sizes) -> None:
     [0, width], y to [0, height]) in four operator calls per distinct size instead of ten per
     image, and without its host read for finiteness."""
     if len({tuple(size) for size in image_sizes}) <= 1:
-        parts = [(boxes, image_sizes[0])] if image_sizes else []
+        parts = [(boxes, image_sizes[0])]
     else:
         parts = list(zip(boxes, image_sizes))
     for part, (height, width) in parts:
@@ -678,9 +678,10 @@ def clip_boxes_(boxes: torch.Tensor, image_sizes) -> None:
         part[..., 1::2].clamp_(min=0, max=height)
 
 
-# torchvision (0.29) runs its batched NMS on a GPU as one NMS of boxes shifted apart per class up
-# to this many box coordinates, and as one NMS per class above.
-_GPU_SHIFTED_NMS_MAX_NUMEL = 100_000
+# Every torchvision this project takes (>= 0.19) runs its batched NMS on a GPU as one NMS of boxes
+# shifted apart per class up to this many box coordinates (0.22 raised it to 100,000); above it,
+# torchvision's own function runs, which chooses as its version does.
+_GPU_SHIFTED_NMS_MAX_NUMEL = 20_000
 
 
 def batched_nms(boxes, scores, idxs, iou_threshold: float, *, device_type: Optional[str] = None):
@@ -802,22 +803,15 @@ def box_detections(predictor: nn.Module, predictions, proposals: List[Instances]
     # pairs whose score is not above the threshold; the background's column is the last.
     valid = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(probs).all(dim=1)
     keep = (probs[:, :-1] > predictor.test_score_thresh) & valid[:, None]
-    if boxes.shape[1] == 1:  # class-agnostic boxes
-        boxes = boxes[:, 0]
-    if len(proposals) == 1:
-        per_image = [(proposals[0].image_size, boxes, probs, keep)]
-    else:
-        sizes = [len(p) for p in proposals]
-        per_image = zip(
-            [p.image_size for p in proposals],
-            boxes.split(sizes),
-            probs.split(sizes),
-            keep.split(sizes),
-        )
+    sizes = [len(p) for p in proposals]
+    per_image = zip(
+        [p.image_size for p in proposals], boxes.split(sizes), probs.split(sizes), keep.split(sizes)
+    )
     results = []
     for image_size, boxes_n, probs_n, keep_n in per_image:
         rows, classes = keep_n.nonzero().unbind(1)  # the one host read
-        selected = boxes_n[rows, classes] if boxes_n.dim() == 3 else boxes_n[rows]
+        # The box of each kept (row, class); class-agnostic boxes: the row's one box.
+        selected = boxes_n[rows, classes] if boxes_n.shape[1] > 1 else boxes_n[rows, 0]
         scores_n = probs_n[rows, classes]
         clip_boxes_(selected, [image_size])
         best = batched_nms(selected, scores_n, classes, predictor.test_nms_thresh)

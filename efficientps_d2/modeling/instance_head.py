@@ -104,11 +104,8 @@ class SeparableConvMaskHead(BaseMaskRCNNHead, nn.Sequential):
         # Detectron2's mask_rcnn_inference sets pred_masks to the sigmoid of the same logits: done
         # here from the ones picked once (it would pick them again: five more operator calls).
         probs = logits.sigmoid()
-        if len(instances) == 1:
-            per_image = [(logits, probs)]
-        else:
-            sizes = [len(i) for i in instances]
-            per_image = zip(logits.split(sizes), probs.split(sizes))
+        sizes = [len(i) for i in instances]
+        per_image = zip(logits.split(sizes), probs.split(sizes))
         for inst, (image_logits, image_probs) in zip(instances, per_image):
             inst.pred_mask_logits = image_logits
             inst.pred_masks = image_probs
