@@ -20,7 +20,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,10 +29,14 @@ from efficientps_d2.modeling import crop_chunks, fusion, threaded_roi_align
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
     SizeLRUCache,
+    batched_nms,
+    box_detections,
     fold_batch_norms,
     fuse_conv_leaky_relu,
     fuse_for_inference,
+    pool_rois,
     rpn_proposals,
+    top_anchors,
 )
 from efficientps_d2.modeling.fusion import panoptic_fusion
 from efficientps_d2.modeling.inplace_abn import InPlaceABN
@@ -371,8 +375,11 @@ def test_dense_network_contract():
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in features.values())
     assert sem.shape == (2, 5, 64, 96) and sem.dtype == torch.float32
     anchors = [3 * (64 // 2**i) * (96 // 2**i) for i in (2, 3, 4, 5)]  # 3 aspect ratios
-    assert [tuple(x.shape) for x in objectness] == [(2, a) for a in anchors]
-    assert [tuple(x.shape) for x in proposals] == [(2, a, 4) for a in anchors]
+    top = [min(a, model.proposal_generator.pre_nms_topk[False]) for a in anchors]
+    assert top != anchors  # the largest levels are cut to the pre-NMS top-k
+    assert [tuple(x.shape) for x in objectness] == [(2, k) for k in top]
+    assert [tuple(x.shape) for x in proposals] == [(2, k, 4) for k in top]
+    assert all(bool((x[:, :-1] >= x[:, 1:]).all()) for x in objectness)  # highest first
     assert all(x.dtype == torch.float32 for x in objectness + proposals)
     # Only the copy was cast: the model's own weights and anchors stay float32.
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -400,6 +407,176 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
             x, y = a.get(name), b.get(name)
             x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
             assert torch.equal(x, y), name
+
+
+def _rpn_outputs(seed, images, counts):
+    """Random objectness logits and decoded boxes of ``images`` images, one tensor per level with
+    ``counts`` anchors each, with what ``find_top_rpn_proposals`` has to handle: tied scores, boxes
+    outside the image or too small once clipped, and non-finite boxes and scores."""
+    generator = torch.Generator().manual_seed(seed)
+    objectness, proposals = [], []
+    for count in counts:
+        logits = torch.randn(images, count, generator=generator).round(decimals=1)  # ties
+        xy = torch.rand(images, count, 2, generator=generator) * 140 - 20
+        wh = torch.rand(images, count, 2, generator=generator) * 40
+        wh[:, ::7] = 0.5  # too small
+        boxes = torch.cat([xy, xy + wh], dim=2)
+        boxes[:, 3::50, 1] = float("nan")
+        boxes[:, 5::60, 2] = float("inf")
+        logits[:, 11::70] = float("-inf")
+        objectness.append(logits)
+        proposals.append(boxes)
+    return objectness, proposals
+
+
+@pytest.mark.parametrize(
+    "sizes, counts, pre_nms_topk",
+    [
+        ([(100, 120)], [3000, 2000, 800], 1000),  # over 1000 boxes: torchvision NMS per level
+        ([(100, 120), (64, 90), (100, 120)], [600, 150, 40], 200),  # its coordinate trick
+    ],
+    ids=["one-image", "three-images"],
+)
+def test_rpn_proposals_equal_find_top_rpn_proposals(sizes, counts, pre_nms_topk):
+    """rpn_proposals (batched over images, one host read per image) gives Detectron2's proposals
+    bit for bit, with ties, non-finite and too small boxes, for one image and for several of
+    different sizes."""
+    from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
+
+    rpn = _tiny_model().proposal_generator
+    rpn.pre_nms_topk = {False: pre_nms_topk, True: pre_nms_topk}
+    rpn.post_nms_topk = {False: 300, True: 300}
+    rpn.min_box_size = 1.0
+    objectness, proposals = _rpn_outputs(0, len(sizes), counts)
+    images = ImageList(torch.zeros(len(sizes), 3, 128, 128), sizes)
+    with torch.inference_mode():
+        expected = find_top_rpn_proposals(
+            [p.clone() for p in proposals],
+            objectness,
+            sizes,
+            rpn.nms_thresh,
+            pre_nms_topk,
+            300,
+            1.0,
+            False,
+        )
+        # As the dense network hands them over: each level's top-k.
+        result = rpn_proposals(rpn, images, *top_anchors(objectness, proposals, pre_nms_topk))
+    for a, b in zip(result, expected):
+        assert a.image_size == b.image_size and len(b) > 0
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)
+
+
+def _boxes_over_levels(generator, count, height, width):
+    xy = torch.rand(count, 2, generator=generator) * torch.tensor([width, height])
+    wh = torch.rand(count, 2, generator=generator) ** 3 * 400 + 0.5  # over all levels
+    return Boxes(torch.cat([xy, xy + wh], dim=1))
+
+
+@pytest.mark.parametrize("count", [0, 1, 400])
+def test_batched_nms_on_a_gpu_is_torchvisions(count):
+    """batched_nms's GPU branch (run on the CPU here) keeps torchvision's boxes, in its order:
+    its coordinate trick, the shift's 1 added as a number instead of a tensor copied over."""
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    generator = torch.Generator().manual_seed(3)
+    boxes = _boxes_over_levels(generator, count, 64, 96).tensor
+    scores = torch.rand(count, generator=generator).round(decimals=2)  # ties
+    classes = torch.randint(0, 5, (count,), generator=generator)
+    expected = _batched_nms_coordinate_trick(boxes, scores, classes, 0.5)
+    kept = batched_nms(boxes, scores, classes, 0.5, device_type="cuda")
+    assert torch.equal(kept, expected) and kept.dtype == torch.int64
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected)  # CPU: torchvision's
+
+
+@pytest.mark.parametrize("counts", [[70], [40, 0, 25]], ids=["one-image", "three-images"])
+def test_pool_rois_equals_roi_pooler(counts):
+    """pool_rois (boxes sorted by level, one host read) pools the rows of Detectron2's ROIPooler
+    bit for bit, through the model's ThreadedROIAlign levels, images without boxes included."""
+    model = _tiny_model()
+    pooler = model.roi_heads.box_pooler
+    generator = torch.Generator().manual_seed(0)
+    features = [
+        torch.randn(len(counts), 8, 64 // 2**i, 96 // 2**i, generator=generator) for i in range(4)
+    ]
+    box_lists = [_boxes_over_levels(generator, count, 64, 96) for count in counts]
+    with torch.inference_mode():
+        expected = pooler(features, box_lists)
+        pooled = pool_rois(pooler, features, box_lists)
+    assert expected.shape[0] == sum(counts) and torch.equal(pooled, expected)
+
+
+@pytest.mark.parametrize("agnostic", [False, True], ids=["per-class", "class-agnostic"])
+@pytest.mark.parametrize(
+    "counts", [[300], [120, 0, 90], [0]], ids=["one-image", "three-images", "no-proposals"]
+)
+def test_box_detections_equal_fast_rcnn_inference(counts, agnostic):
+    """box_detections gives FastRCNNOutputLayers.inference's detections bit for bit: rows with a
+    box or score not finite dropped, boxes clipped to their image, per-class NMS, top-k."""
+    from detectron2.modeling.roi_heads import FastRCNNOutputLayers
+
+    model = _tiny_model()
+    predictor = model.roi_heads.box_predictor
+    classes = predictor.num_classes
+    if agnostic:
+        predictor = FastRCNNOutputLayers(
+            ShapeSpec(channels=8),
+            box2box_transform=predictor.box2box_transform,
+            num_classes=classes,
+            cls_agnostic_bbox_reg=True,
+            test_score_thresh=0.05,
+            test_topk_per_image=30,
+        ).eval()
+    generator = torch.Generator().manual_seed(1)
+    sizes = [(64, 96), (50, 70), (64, 96)][: len(counts)]
+    proposals = []
+    for (height, width), count in zip(sizes, counts):
+        proposal = Instances((height, width))
+        proposal.proposal_boxes = _boxes_over_levels(generator, count, height, width)
+        proposals.append(proposal)
+    rows = sum(counts)
+    scores = (torch.randn(rows, classes + 1, generator=generator) * 2).round(decimals=1)  # ties
+    deltas = torch.randn(rows, 4 * (1 if agnostic else classes), generator=generator)
+    scores[7::40, 1] = float("nan")
+    deltas[11::50, 0] = float("inf")
+    deltas[13::50, 2] = float("nan")
+    with torch.inference_mode():
+        expected, _ = predictor.inference((scores, deltas), proposals)
+        detections = box_detections(predictor, (scores, deltas), proposals)
+    assert len(detections) == len(counts)
+    assert sum(len(x) for x in expected) > 0 or sum(counts) == 0
+    for a, b in zip(detections, expected):
+        assert a.image_size == b.image_size
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+
+
+@pytest.mark.parametrize("counts", [[5], [3, 0, 4]], ids=["one-image", "three-images"])
+def test_mask_head_probabilities_are_mask_rcnn_inferences(counts):
+    """The mask head sets Detectron2's pred_masks itself, from the logits it keeps: the values
+    of Detectron2's mask_rcnn_inference."""
+    from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
+
+    head = _tiny_model().roi_heads.mask_head
+    classes = head.predictor.out_channels
+    assert classes > 1  # class-specific masks, picked by class
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(counts), 32, 14, 14, generator=generator)
+    instances = []
+    for count in counts:
+        inst = Instances((64, 96))
+        inst.pred_classes = torch.randint(0, classes, (count,), generator=generator)
+        instances.append(inst)
+    expected = [Instances((64, 96), pred_classes=i.pred_classes) for i in instances]
+    with torch.inference_mode():
+        head(x, instances)
+        logits = head.layers(x)
+        mask_rcnn_inference(logits, expected)
+    picked = logits[torch.arange(len(logits)), torch.cat([i.pred_classes for i in instances])]
+    for inst, ref, own in zip(instances, expected, picked.split(counts)):
+        assert torch.equal(inst.pred_masks, ref.pred_masks)
+        assert torch.equal(inst.pred_mask_logits, own[:, None])
 
 
 def _spy_on_roi_parts(monkeypatch):

@@ -14,11 +14,15 @@ model's own modules (all options off) or a cached copy of them that is
 - compiled: the dense network through ``torch.compile``.
 
 The dense network also decodes the RPN's proposals (the anchors of the model's anchor generator,
-made on the device, and its box transform): their shapes too depend only on the input size, and
-on a GPU these ~150 small operators would otherwise each cost a kernel launch from Python. The
-RPN's top-k selection and NMS and the ROI heads' pooling, box predictor and NMS always run from
-the model itself, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with
-or without a fast path. Nothing here is needed on the CPU.
+made on the device, and its box transform) and picks each level's pre-NMS top-k: their shapes too
+depend only on the input size (and the top-k), and on a GPU these ~160 small operators would
+otherwise each cost a kernel launch from Python. The RPN's NMS and the ROI heads' pooling, box
+predictor and NMS always run from the model itself, and every setting is read from the model at
+each call, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with or
+without a fast path: through :func:`rpn_proposals`, :func:`pool_rois`, :func:`box_detections` and
+:func:`batched_nms`, which give Detectron2's results bit for bit in fewer operator calls and host
+waits (on a GPU each call costs host time, and each read waits for the device). Nothing here is
+needed on the CPU.
 """
 
 import collections
@@ -30,14 +34,18 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import FrozenBatchNorm2d, cat
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops import batched_nms as torchvision_batched_nms
+from torchvision.ops import nms
 
 from .inplace_abn import InPlaceABN
 from .layers import sequential_neighbours
@@ -48,10 +56,16 @@ __all__ = [
     "InferenceNetwork",
     "InferenceOptions",
     "SizeLRUCache",
+    "batched_nms",
+    "box_detections",
     "build_inference_network",
+    "clip_boxes_",
     "fold_batch_norms",
     "fuse_conv_leaky_relu",
     "fuse_for_inference",
+    "pool_rois",
+    "rpn_proposals",
+    "top_anchors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,10 +275,12 @@ class DenseNetwork(nn.Module):
         features: {name: (N, C, H / stride, W / stride)} the backbone's outputs ("p2" ... "p5"),
             contiguous NCHW (what ROIAlign reads);
         sem_seg_logits: (N, num_classes, H, W) semantic logits at the padded input size;
-        objectness: [(N, H_l * W_l * A)] one per RPN level (the RPN's in_features, in order),
-            flattened as ``RPN.forward`` flattens them;
-        proposals: [(N, H_l * W_l * A, 4)] every anchor's box, decoded as ``RPN.predict_proposals``
-            decodes it; what ``find_top_rpn_proposals`` takes.
+        objectness: [(N, K_l)] one per RPN level (the RPN's in_features, in order): the top
+            K_l = min(H_l * W_l * A, pre-NMS top-k) objectness logits of each image, highest
+            first, as ``find_top_rpn_proposals`` picks them from those ``RPN.forward`` flattens;
+        proposals: [(N, K_l, 4)] their anchors' boxes, decoded as ``RPN.predict_proposals``
+            decodes them; what :func:`rpn_proposals` takes.
+    The RPN's pre-NMS top-k (MODEL.RPN.PRE_NMS_TOPK_TEST) is read at each call.
     """
 
     def __init__(self, backbone, sem_seg_head, rpn_head, rpn: RPN):
@@ -276,6 +292,12 @@ class DenseNetwork(nn.Module):
         # The model's own (float32 buffers, never cast); their anchors depend on the sizes only.
         self.anchor_generator = rpn.anchor_generator
         self.decode_proposals = rpn._decode_proposals
+        object.__setattr__(self, "_rpn", rpn)  # for its settings; not a submodule of this copy
+
+    @property
+    def pre_nms_topk(self) -> int:
+        """The RPN's pre-NMS top-k per level, as ``RPN.forward`` reads it now."""
+        return self._rpn.pre_nms_topk[self._rpn.training]
 
     @property
     def dtype(self):
@@ -298,6 +320,9 @@ class DenseNetwork(nn.Module):
             for x in deltas
         ]
         proposals = self.decode_proposals(self.anchors(rpn_features), deltas)
+        # Each level's top-k, whose shapes too are fixed (on a GPU, some 12 launches fewer from
+        # Python when graphed or compiled).
+        objectness, proposals = top_anchors(objectness, proposals, self.pre_nms_topk)
         features = {k: v.float().contiguous() for k, v in features.items()}
         return features, sem_seg_logits, objectness, proposals
 
@@ -509,7 +534,13 @@ class InferenceNetwork:
         if self.cuda_graph and images.is_cuda:
             # A graph replays the kernels it captured: one captured under autocast is another.
             autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
-            key = (tuple(images.shape), images.dtype, images.device, autocast)
+            key = (
+                tuple(images.shape),
+                images.dtype,
+                images.device,
+                autocast,
+                self.dense_network.pre_nms_topk,
+            )
             features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
             return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:
@@ -526,17 +557,20 @@ class InferenceNetwork:
         proposals: List[Instances],
     ) -> List[Instances]:
         """``roi_heads``' inference (Detectron2's ``StandardROIHeads._forward_box`` then
-        ``forward_with_given_boxes``) with this network's box and mask heads in place of its own;
-        pooling (on the CPU on two threads: ``threaded_roi_align``), box predictor and NMS are
-        the ROI heads' own."""
+        ``forward_with_given_boxes``) with this network's box and mask heads in place of its own:
+        the same detections, bit for bit, from the ROI heads' own poolers (on the CPU on two
+        threads: ``threaded_roi_align``), box predictor and NMS, run with fewer operator calls
+        and host waits by :func:`pool_rois` and :func:`box_detections`."""
         in_features = [features[f] for f in roi_heads.box_in_features]
-        box_features = roi_heads.box_pooler(in_features, [x.proposal_boxes for x in proposals])
+        box_lists = [x.proposal_boxes for x in proposals]
+        box_features = pool_rois(roi_heads.box_pooler, in_features, box_lists)
         predictions = roi_heads.box_predictor(self.box_head(box_features))
         del box_features
-        instances, _ = roi_heads.box_predictor.inference(predictions, proposals)
+        instances = box_detections(roi_heads.box_predictor, predictions, proposals)
         if roi_heads.mask_pooler is not None:
             in_features = [features[f] for f in roi_heads.mask_in_features]
-            mask_features = roi_heads.mask_pooler(in_features, [x.pred_boxes for x in instances])
+            box_lists = [x.pred_boxes for x in instances]
+            mask_features = pool_rois(roi_heads.mask_pooler, in_features, box_lists)
         else:
             mask_features = {f: features[f] for f in roi_heads.mask_in_features}
         return self.mask_head(mask_features, instances)
@@ -548,18 +582,247 @@ def rpn_proposals(
     objectness: List[torch.Tensor],
     proposals: List[torch.Tensor],
 ) -> List[Instances]:
-    """Detectron2's ``RPN.forward`` in inference, from the dense network's objectness logits and
-    decoded proposals: Detectron2's own top-k and NMS, with the RPN's settings."""
-    return find_top_rpn_proposals(
-        proposals,
-        objectness,
-        images.image_sizes,
-        rpn.nms_thresh,
-        rpn.pre_nms_topk[rpn.training],
-        rpn.post_nms_topk[rpn.training],
-        rpn.min_box_size,
-        rpn.training,
+    """Detectron2's ``RPN.forward`` in inference, from each level's top-k objectness logits and
+    boxes that the dense network picks (:func:`top_anchors`), with the RPN's settings: the
+    results of Detectron2's ``find_top_rpn_proposals``, bit for bit, in fewer operator calls and
+    host waits.
+
+    Detectron2's function (B5 at 512x1024 on the CPU: 101 operator calls, 3 host waits before the
+    NMS) makes its level ids with a ``full`` and gathers its top-k with a gather per level, and per
+    image reads the device three times (non-finite boxes? non-finite after filtering? any box
+    too small?) before the NMS, clips in nine operators and indexes with boolean masks. Here the
+    top-k boxes of all images are clipped in place and filtered with one mask, read once per
+    image; the per-image NMS is torchvision's ``batched_nms`` (:func:`batched_nms`: without its
+    host wait on a GPU), as in Detectron2 (one NMS per image: shifting each image's boxes apart,
+    as ``batched_nms`` shifts the levels', would round them otherwise). Traced
+    (``torch.jit.trace``) and in training it is Detectron2's function (whose top-k of the
+    top-k'd levels keeps them all).
+    """
+    pre_nms_topk = rpn.pre_nms_topk[rpn.training]
+    post_nms_topk = rpn.post_nms_topk[rpn.training]
+    if rpn.training or torch.jit.is_tracing():
+        return find_top_rpn_proposals(
+            proposals,
+            objectness,
+            images.image_sizes,
+            rpn.nms_thresh,
+            pre_nms_topk,
+            post_nms_topk,
+            rpn.min_box_size,
+            rpn.training,
+        )
+    # 1. Each level's top-k anchors (picked by the dense network), levels concatenated.
+    scores = torch.cat(objectness, dim=1)
+    boxes = torch.cat(proposals, dim=1)
+    levels = _level_ids(tuple(x.shape[1] for x in objectness), boxes.device)
+    # 2. What Detectron2 drops: boxes or scores not finite, and boxes (once clipped to their
+    # image) no larger than MIN_SIZE. Clipped in place, as Boxes.clip clamps: x to [0, width],
+    # y to [0, height] (a non-finite box, dropped, is clamped too, where Boxes.clip would fail).
+    keep = torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
+    clip_boxes_(boxes, images.image_sizes)
+    keep &= (boxes[..., 2:] - boxes[..., :2] > rpn.min_box_size).all(dim=2)
+    # 3. Per image: the boxes kept (one host read), torchvision's batched NMS across levels, the
+    # post_nms_topk best.
+    results = []
+    for image_size, keep_n, boxes_n, scores_n in zip(
+        images.image_sizes, keep.unbind(0), boxes.unbind(0), scores.unbind(0)
+    ):
+        (kept,) = keep_n.nonzero(as_tuple=True)
+        boxes_n, scores_n = boxes_n[kept], scores_n[kept]
+        best = batched_nms(boxes_n, scores_n, levels[kept], rpn.nms_thresh)[:post_nms_topk]
+        result = Instances(image_size)
+        result.proposal_boxes = Boxes(boxes_n[best])
+        result.objectness_logits = scores_n[best]
+        results.append(result)
+    return results
+
+
+def top_anchors(objectness: List[torch.Tensor], proposals: List[torch.Tensor], k: int):
+    """Step 1 of Detectron2's ``find_top_rpn_proposals``: each level's ``min(anchors, k)``
+    highest objectness logits of each image (N, K_l), highest first, and their boxes
+    (N, K_l, 4), from (N, anchors) logits and (N, anchors, 4) boxes per level."""
+    batch = torch.arange(len(objectness[0]), device=objectness[0].device)[:, None]
+    top_scores, top_boxes = [], []
+    for logits, boxes in zip(objectness, proposals):
+        scores, index = logits.topk(min(logits.shape[1], k), dim=1)
+        top_scores.append(scores)
+        top_boxes.append(boxes[batch, index])
+    return top_scores, top_boxes
+
+
+@functools.lru_cache(maxsize=16)
+def _level_ids(counts, device: torch.device) -> torch.Tensor:
+    """[0] * counts[0] + [1] * counts[1] + ... as an int64 tensor on ``device``, made once per
+    input size (on a GPU, one launch per level otherwise). An ordinary tensor, even when first
+    asked for under inference mode, as it is read outside it too."""
+    with torch.inference_mode(False):
+        return torch.cat(
+            [
+                torch.full((count,), level, dtype=torch.int64, device=device)
+                for level, count in enumerate(counts)
+            ]
+        )
+
+
+def clip_boxes_(boxes: torch.Tensor, image_sizes) -> None:
+    """Clips, in place, (N, R, 4) boxes (x0, y0, x1, y1) of N images to their (height, width),
+    or the (R, 4) boxes of one image to its one size: Detectron2's ``Boxes.clip`` (x clamped to
+    [0, width], y to [0, height]) in four operator calls per distinct size instead of ten per
+    image, and without its host read for finiteness."""
+    if len({tuple(size) for size in image_sizes}) <= 1:
+        parts = [(boxes, image_sizes[0])]
+    else:
+        parts = list(zip(boxes, image_sizes))
+    for part, (height, width) in parts:
+        part[..., 0::2].clamp_(min=0, max=width)
+        part[..., 1::2].clamp_(min=0, max=height)
+
+
+# Every torchvision this project takes (>= 0.19) runs its batched NMS on a GPU as one NMS of boxes
+# shifted apart per class up to this many box coordinates (0.22 raised it to 100,000); above it,
+# torchvision's own function runs, which chooses as its version does.
+_GPU_SHIFTED_NMS_MAX_NUMEL = 20_000
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold: float, *, device_type: Optional[str] = None):
+    """torchvision's ``batched_nms``, bit for bit, without its host wait on a GPU.
+
+    On a GPU torchvision shifts each class's boxes by ``class * (max coordinate + 1)`` and runs
+    one NMS; it makes that 1 as ``torch.tensor(1).to(boxes)``, a host-to-device copy that waits
+    for the device (one more host wait per NMS, two per image). Here the 1 is a number: the same
+    float32 addition, so the same shifted boxes. On the CPU (``device_type``, by default the
+    boxes' device type), above torchvision's size for it, and traced, it is torchvision's own.
+    """
+    device_type = device_type or boxes.device.type
+    if device_type == "cpu" or boxes.numel() > _GPU_SHIFTED_NMS_MAX_NUMEL or torch.jit.is_tracing():
+        return torchvision_batched_nms(boxes, scores, idxs, iou_threshold)
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def pool_rois(pooler: nn.Module, features: List[torch.Tensor], box_lists: List[Boxes]):
+    """``pooler(features, box_lists)`` for Detectron2's ``ROIPooler``: the same rows, bit for
+    bit, in fewer operator calls and one host read instead of one per level.
+
+    Detectron2's pooler (B5 at 512x1024, 4 levels: 42 operator calls besides the ROIAligns; here
+    23) picks each level's boxes with a mask and ``nonzero`` (a host wait each on a GPU) and
+    copies its sizes to the device. Here the boxes are sorted by level (stably: each level's
+    boxes in the order Detectron2 pools them, so ``ThreadedROIAlign`` splits them as it would),
+    the level bounds read once, each level pooled from its slice and the rows put back in the
+    boxes' order. The level of a box is Detectron2's ``assign_boxes_to_levels`` formula, op for
+    op. Other poolers, a single level, no boxes and tracing run ``pooler`` itself.
+    """
+    count = sum(len(boxes) for boxes in box_lists)
+    if (
+        type(pooler) is not ROIPooler
+        or len(pooler.level_poolers) == 1
+        or count == 0
+        or not all(type(boxes) is Boxes for boxes in box_lists)
+        or torch.jit.is_tracing()
+    ):
+        return pooler(features, box_lists)
+    boxes = cat([b.tensor for b in box_lists])
+    # (batch index, x0, y0, x1, y1) rows, as Detectron2's convert_boxes_to_pooler_format.
+    index = cat(
+        [
+            torch.full((len(b), 1), n, dtype=boxes.dtype, device=boxes.device)
+            for n, b in enumerate(box_lists)
+        ]
     )
+    rois = torch.cat([index, boxes], dim=1)
+    # Eqn. (1) of the FPN paper, as assign_boxes_to_levels computes it (the area as Boxes.area:
+    # one rounding of width * height), kept in float: its values are whole numbers.
+    sizes = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt()
+    levels = torch.floor(
+        pooler.canonical_level + torch.log2(sizes / pooler.canonical_box_size + 1e-8)
+    ).clamp(min=pooler.min_level, max=pooler.max_level)
+    levels, order = levels.sort(stable=True)
+    first = torch.arange(
+        pooler.min_level, pooler.max_level + 2, dtype=levels.dtype, device=levels.device
+    )
+    bounds = torch.searchsorted(levels, first).tolist()  # the one host read
+    parts = rois[order].split([end - start for start, end in zip(bounds[:-1], bounds[1:])])
+    pooled = torch.cat(
+        [
+            level_pooler(x, part)
+            for level_pooler, x, part in zip(pooler.level_poolers, features, parts)
+            if len(part)
+        ]
+    )
+    return torch.empty_like(pooled).index_copy_(0, order, pooled)
+
+
+def _decode_boxes(transform, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``transform.apply_deltas(deltas, boxes)`` as (R, B, 4) boxes, for (R, B * 4) deltas and
+    (R, 4) boxes. Detectron2's ``Box2BoxTransform`` takes 45 operator calls (one column at a
+    time); here the x and y columns go together (21 calls), each value computed by the same
+    operations in the same order, so bit for bit the same. Other transforms, and weights that
+    differ between x and y (or width and height), run ``apply_deltas`` itself."""
+    wx, wy, ww, wh = transform.weights
+    if type(transform) is not Box2BoxTransform or wx != wy or ww != wh:
+        return transform.apply_deltas(deltas, boxes).view(len(boxes), deltas.shape[1] // 4, 4)
+    if deltas.dtype != torch.float32:  # Detectron2 decodes in float32
+        deltas = deltas.float()
+    if boxes.dtype != deltas.dtype:
+        boxes = boxes.to(deltas.dtype)
+    deltas = deltas.view(len(deltas), deltas.shape[1] // 4, 4)  # -1 fails for no boxes
+    corner = boxes[:, :2]
+    size = boxes[:, 2:] - corner  # (width, height)
+    center = corner + 0.5 * size
+    shift = deltas[..., :2] / wx
+    scale = torch.clamp(deltas[..., 2:] / ww, max=transform.scale_clamp)
+    size = size[:, None]
+    center = shift * size + center[:, None]
+    half = 0.5 * (torch.exp(scale) * size)
+    return torch.cat([center - half, center + half], dim=2)
+
+
+def box_detections(predictor: nn.Module, predictions, proposals: List[Instances]):
+    """The detections of ``predictor.inference(predictions, proposals)[0]`` (Detectron2's
+    ``FastRCNNOutputLayers``: decoding, score threshold, per-class NMS, top-k), bit for bit, in
+    fewer operator calls and host waits.
+
+    Detectron2's (B5 at 512x1024: 82 operator calls besides the NMS; here 44) decodes one box
+    column at a time, reads the device twice per image before its one ``nonzero`` (any row not
+    finite? any box not finite, in ``Boxes.clip``?), clips all R x K boxes in ten operators and
+    indexes them with the boolean mask again. Here the rows not finite and the scores under the
+    threshold make one mask, read once per image; the kept boxes are clipped in place; the NMS
+    is torchvision's ``batched_nms`` per image (:func:`batched_nms`: without its host wait on a
+    GPU), as in Detectron2. Another box predictor, and tracing, run ``predictor.inference``
+    itself.
+    """
+    if type(predictor) is not FastRCNNOutputLayers or torch.jit.is_tracing():
+        return predictor.inference(predictions, proposals)[0]
+    scores, deltas = predictions
+    proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals])
+    boxes = _decode_boxes(predictor.box2box_transform, deltas, proposal_boxes)  # (R, B, 4)
+    probs = scores.sigmoid() if predictor.use_sigmoid_ce else F.softmax(scores, dim=-1)
+    # Detectron2 drops the rows with a box or a probability not finite, then the (row, class)
+    # pairs whose score is not above the threshold; the background's column is the last.
+    valid = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(probs).all(dim=1)
+    keep = (probs[:, :-1] > predictor.test_score_thresh) & valid[:, None]
+    sizes = [len(p) for p in proposals]
+    per_image = zip(
+        [p.image_size for p in proposals], boxes.split(sizes), probs.split(sizes), keep.split(sizes)
+    )
+    results = []
+    for image_size, boxes_n, probs_n, keep_n in per_image:
+        rows, classes = keep_n.nonzero().unbind(1)  # the one host read
+        # The box of each kept (row, class); class-agnostic boxes: the row's one box.
+        selected = boxes_n[rows, classes] if boxes_n.shape[1] > 1 else boxes_n[rows, 0]
+        scores_n = probs_n[rows, classes]
+        clip_boxes_(selected, [image_size])
+        best = batched_nms(selected, scores_n, classes, predictor.test_nms_thresh)
+        if predictor.test_topk_per_image >= 0:
+            best = best[: predictor.test_topk_per_image]
+        result = Instances(image_size)
+        result.pred_boxes = Boxes(selected[best])
+        result.scores = scores_n[best]
+        result.pred_classes = classes[best]
+        results.append(result)
+    return results
 
 
 # What InferenceNetwork.detect stands in for: a subclass of StandardROIHeads that overrides one

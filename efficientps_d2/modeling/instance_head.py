@@ -9,7 +9,7 @@ from detectron2.config import configurable
 from detectron2.layers import ConvTranspose2d, ShapeSpec, cat
 from detectron2.modeling import ROI_MASK_HEAD_REGISTRY, RPN_HEAD_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
-from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead, mask_rcnn_inference
+from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead
 from detectron2.structures import Instances
 from torch import nn
 
@@ -98,10 +98,15 @@ class SeparableConvMaskHead(BaseMaskRCNNHead, nn.Sequential):
         if self.training:
             return super().forward(x, instances)
         logits = self.layers(x)
-        mask_rcnn_inference(logits, instances)
         if logits.shape[1] > 1:
             classes = cat([i.pred_classes for i in instances])
             logits = logits[torch.arange(len(classes), device=logits.device), classes][:, None]
-        for inst, per_image in zip(instances, logits.split([len(i) for i in instances])):
-            inst.pred_mask_logits = per_image
+        # Detectron2's mask_rcnn_inference sets pred_masks to the sigmoid of the same logits: done
+        # here from the ones picked once (it would pick them again: five more operator calls).
+        probs = logits.sigmoid()
+        sizes = [len(i) for i in instances]
+        per_image = zip(logits.split(sizes), probs.split(sizes))
+        for inst, (image_logits, image_probs) in zip(instances, per_image):
+            inst.pred_mask_logits = image_logits
+            inst.pred_masks = image_probs
         return instances
