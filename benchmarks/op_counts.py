@@ -10,9 +10,10 @@ markers of ``EfficientPS.inference`` (dense, proposals, detection, postprocess).
 calls count (an operator called by another operator is part of it), as a launch would.
 
 By default the code takes the branches it takes on a GPU where it branches on the device: the
-panoptic fusion's "scatter" method and, in the fusion and the mask pasting, the fewest chunks of
-box crops (the CPU takes compact chunks: less padding, more calls). ``--cpu-branches`` counts the
-CPU's own. torchvision's NMS is counted as one call (on a GPU it is one kernel and a copy).
+batched NMS as one NMS of boxes shifted apart per class (the CPU runs one NMS per class above
+4,000 box coordinates), the panoptic fusion's "scatter" method and, in the fusion and the mask
+pasting, the fewest chunks of box crops (the CPU takes compact chunks: less padding, more calls).
+``--cpu-branches`` counts the CPU's own.
 
     .venv/bin/python benchmarks/op_counts.py --size 512x1024
 """
@@ -20,6 +21,7 @@ CPU's own. torchvision's NMS is counted as one call (on a GPU it is one kernel a
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import sys
 from unittest import mock
@@ -31,25 +33,28 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402  (this folder's benchmark.py: the model it times)
 
-from efficientps_d2.modeling import crop_chunks, fusion, mask_paste  # noqa: E402
+from efficientps_d2.modeling import crop_chunks, fast_inference, fusion, mask_paste  # noqa: E402
 
 
 @contextlib.contextmanager
 def gpu_branches():
-    """The fusion and the mask pasting choose as they would on a GPU: the "scatter" fusion and
-    the fewest chunks of crops."""
+    """The NMS, the fusion and the mask pasting choose as they would on a GPU: classes shifted
+    apart in one NMS, the "scatter" fusion and the fewest chunks of crops."""
 
     def fewest_chunks(sizes, compact=True):
         return crop_chunks.chunk_crops(sizes, compact=False)
 
     fuse = fusion.panoptic_fusion
+    shifted_nms = functools.partial(fast_inference.batched_nms, device_type="cuda")
 
     def scatter_fusion(*args, **kwargs):
         return fuse(*args, **{**kwargs, "method": "scatter"})
 
     with mock.patch.object(mask_paste, "chunk_crops", fewest_chunks), mock.patch.object(
         fusion, "chunk_crops", fewest_chunks
-    ), mock.patch.object(fusion, "panoptic_fusion", scatter_fusion):
+    ), mock.patch.object(fusion, "panoptic_fusion", scatter_fusion), mock.patch.object(
+        fast_inference, "batched_nms", shifted_nms
+    ):
         yield
 
 
