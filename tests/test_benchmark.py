@@ -246,8 +246,9 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
 
 def test_operator_calls_by_stage():
     """benchmarks/op_counts.py counts each inference stage's top-level operator calls; with a
-    GPU's branches (the scatter fusion, the fewest crop chunks) the postprocessing makes fewer
-    calls than with the CPU's per-instance loop, and the stages before it are the same."""
+    GPU's branches (one shifted NMS, the scatter fusion, the fewest crop chunks) the stages after
+    the dense network make no more calls than with the CPU's, the postprocessing (the CPU's fusion
+    loops over the instances) fewer."""
     from detectron2.modeling import build_model
 
     from tests.common import PERMISSIVE, tiny_config, training_input
@@ -264,8 +265,9 @@ def test_operator_calls_by_stage():
         gpu = op_counts.count_calls(model, inputs)
     assert len(model(inputs)[0]["instances"]) > 10  # enough for the loop to cost more
     assert all(sum(cpu[stage].values()) > 0 for stage in ("dense", "proposals", "detection"))
-    for stage in ("dense", "proposals", "detection"):
-        assert gpu[stage] == cpu[stage], stage
+    assert gpu["dense"] == cpu["dense"]
+    for stage in ("proposals", "detection"):
+        assert 0 < sum(gpu[stage].values()) <= sum(cpu[stage].values()), stage
     assert 0 < sum(gpu["postprocess"].values()) < sum(cpu["postprocess"].values())
     assert "aten::conv2d" not in cpu["proposals"]  # each call in its own stage
 
