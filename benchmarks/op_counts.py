@@ -9,11 +9,13 @@ statistics from one image, score thresholds 0: 100 detections), by stage: the ``
 markers of ``EfficientPS.inference`` (dense, proposals, detection, postprocess). Only top-level
 calls count (an operator called by another operator is part of it), as a launch would.
 
-By default the code takes the branches it takes on a GPU where it branches on the device: the
-batched NMS as one NMS of boxes shifted apart per class (the CPU runs one NMS per class above
-4,000 box coordinates), the panoptic fusion's "scatter" method and, in the fusion and the mask
-pasting, the fewest chunks of box crops (the CPU takes compact chunks: less padding, more calls).
-``--cpu-branches`` counts the CPU's own.
+By default the code after the dense network takes the branches it takes on a GPU where it
+branches on the device: ROIAlign in one call per level (the CPU shares the ROIs out between two
+threads), the batched NMS as one NMS of boxes shifted apart per class (the CPU runs one NMS per
+class above 4,000 box coordinates), the panoptic fusion's "scatter" method and, in the fusion and
+the mask pasting, the fewest chunks of box crops (the CPU takes compact chunks: less padding, more
+calls). ``--cpu-branches`` counts the CPU's own. The dense network's calls are the CPU's (fused
+conv + LeakyReLU kernels of oneDNN); on a GPU it is one CUDA graph replay when graphed.
 
     .venv/bin/python benchmarks/op_counts.py --size 512x1024
 """
@@ -27,19 +29,26 @@ import sys
 from unittest import mock
 
 import torch
-from detectron2.modeling import build_model
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402  (this folder's benchmark.py: the model it times)
 
-from efficientps_d2.modeling import crop_chunks, fast_inference, fusion, mask_paste  # noqa: E402
+from efficientps_d2.modeling import (  # noqa: E402
+    crop_chunks,
+    fast_inference,
+    fusion,
+    mask_paste,
+    threaded_roi_align,
+)
 
 
 @contextlib.contextmanager
 def gpu_branches():
-    """The NMS, the fusion and the mask pasting choose as they would on a GPU: classes shifted
-    apart in one NMS, the "scatter" fusion and the fewest chunks of crops."""
+    """The ROI pooling, the NMS, the fusion and the mask pasting choose as they would on a GPU:
+    ROIAlign in one call per level (the CPU shares a level's ROIs out between two threads), classes
+    shifted apart in one NMS, the "scatter" fusion (which takes the fewest chunks of crops itself)
+    and the fewest chunks of crops in the mask pasting."""
 
     def fewest_chunks(sizes, compact=True):
         return crop_chunks.chunk_crops(sizes, compact=False)
@@ -50,11 +59,14 @@ def gpu_branches():
     def scatter_fusion(*args, **kwargs):
         return fuse(*args, **{**kwargs, "method": "scatter"})
 
-    with mock.patch.object(mask_paste, "chunk_crops", fewest_chunks), mock.patch.object(
-        fusion, "chunk_crops", fewest_chunks
-    ), mock.patch.object(fusion, "panoptic_fusion", scatter_fusion), mock.patch.object(
-        fast_inference, "batched_nms", shifted_nms
-    ):
+    with contextlib.ExitStack() as stack:
+        for module, name, replacement in (
+            (threaded_roi_align, "roi_parts", lambda count: [0, count]),
+            (fast_inference, "batched_nms", shifted_nms),
+            (fusion, "panoptic_fusion", scatter_fusion),
+            (mask_paste, "chunk_crops", fewest_chunks),
+        ):
+            stack.enter_context(mock.patch.object(module, name, replacement))
         yield
 
 
@@ -97,10 +109,9 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=8, help="most called operators per stage")
     args = parser.parse_args(argv)
     height, width = benchmark._size(args.size)
-    torch.manual_seed(0)
-    model = build_model(benchmark.ours_config("cpu")).eval()
-    benchmark.calibrate_norms(model, torch.randint(0, 256, (3, 256, 512), dtype=torch.uint8))
-    model.fast_inference = True  # MODEL.EFFICIENTPS.FAST_INFERENCE, the default
+    # The benchmark's models (Panoptic FPN is built too, so that the weights are the same).
+    models, _, _ = benchmark.build_models("cpu", [benchmark.OURS_FAST])
+    model = models[benchmark.OURS_FAST][1]  # runs with MODEL.EFFICIENTPS.FAST_INFERENCE
     inputs = [{"image": benchmark._image(args.size)}]
     with contextlib.ExitStack() as stack:
         if not args.cpu_branches:
