@@ -607,7 +607,7 @@ def training_speed(models, device, height, width, warmup, repeats, precisions, o
     ones) and, from a profile of one more step, the GPU-busy fraction, kernel launches and host
     waits per step, at one crop (CUDA only), for each of ``precisions`` (None: float32, else an AMP
     dtype); ``on_row(rows)`` after each row. The slowest step shows what the median hides: on an
-    H200 (2026-11-28), B5 under bf16 AMP took 0.105 s per step but 1.1 s in 2 of 10 steps."""
+    H200 (2026-11-28), B5 under bf16 AMP took a median 0.110 s per step but 1.1 s in 2 of 10."""
     rows = {}
     autotuning = torch.backends.cudnn.benchmark
     for name, model in models.items():
@@ -864,6 +864,8 @@ def markdown(report):
                 f"{row['checkpointing']} | {_fmt(row['peak_mib'], 0)} | {_fmt(row['step_s'], 1)} |"
             )
     failed = {name: row["error"] for name, row in report["models"].items() if "error" in row}
+    if report.get("compiled_training_error"):
+        failed[f"{OURS_COMPILED_TRAINING} training"] = report["compiled_training_error"]
     if failed:
         lines += ["", "Failed (left out from there on):", ""]
         lines += [f"- {name}: {error}" for name, error in failed.items()]
@@ -919,10 +921,10 @@ def parse_args(argv=None):
         "--train-precisions",
         nargs="+",
         default=None,
-        choices=["float32", "float16", "bfloat16"],
-        help="training rows (GPU): float32 and/or AMP dtypes (default: float32 and the first "
-        "--amp-dtypes; --quick: bfloat16, as the first step of each precision autotunes cuDNN "
-        "for a minute or more)",
+        choices=["float32", "float16", "bfloat16", "none"],
+        help="training rows (GPU): float32 and/or AMP dtypes, or none (default: float32 and the "
+        "first --amp-dtypes; --quick: bfloat16, as the first step of each precision autotunes "
+        "cuDNN for a minute or more)",
     )
     parser.add_argument(
         "--compiled-training",
@@ -990,6 +992,7 @@ def parse_args(argv=None):
         args.compile_sizes = list(args.sizes)
     if args.train_precisions is None:
         args.train_precisions = ["float32"] + args.amp_dtypes[:1]
+    args.train_precisions = [p for p in args.train_precisions if p != "none"]
     # Checked here, not after minutes of model building and timing.
     if args.repeats is None:
         args.repeats = [5] + [3] * (len(args.sizes) - 1)
@@ -1199,7 +1202,7 @@ def main(argv=None):
 
     # Each section from here saves as it starts: a run stopped in it reports it unfinished.
     train_dtypes = [None if p == "float32" else getattr(torch, p) for p in args.train_precisions]
-    if cuda:
+    if cuda and train_dtypes:
         save(next_section="training")
         height, width = _size(args.train_size)
         # B5 once more with in-place activated BN (MODEL.EFFICIENTPS.INPLACE_ABN), same weights.
@@ -1225,20 +1228,24 @@ def main(argv=None):
                 entry = report["models"][name]["sizes"].get(size)
                 if entry is not None and size in ours_flops:
                     entry["flops"] = ours_flops[size]
-    if cuda and args.compiled_training:
+    if cuda and args.compiled_training and train_dtypes:
         save(next_section="compiled training")
         # The same B5 (its training rows above took a few SGD steps: no matter for the timing).
         ours.compile_training = True
-        rows = report["training"]
-        training_speed(
-            {OURS_COMPILED_TRAINING: ours},
-            device,
-            *_size(args.train_size),
-            args.warmup,
-            5,
-            train_dtypes,
-            on_row=lambda new: (rows.update(new), save(next_section="compiled training")),
-        )
+        rows = report.setdefault("training", {})
+        try:
+            training_speed(
+                {OURS_COMPILED_TRAINING: ours},
+                device,
+                *_size(args.train_size),
+                args.warmup,
+                5,
+                train_dtypes,
+                on_row=lambda new: (rows.update(new), save(next_section="compiled training")),
+            )
+        except Exception as e:  # reported, as a failing inference path is; the rest goes on
+            report["compiled_training_error"] = f"{type(e).__name__}: {e}"
+            logger.exception("compiled training failed")
         ours.compile_training = False
     save(next_section="training memory" if args.training_memory else None)
     models.clear()  # the models' memory back before the training-memory section

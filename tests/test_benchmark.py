@@ -161,6 +161,8 @@ def test_quick_mode_settings(benchmark, monkeypatch):
     # Training in bf16 only: each precision's first step autotunes cuDNN for a minute or more.
     assert args.train_precisions == ["bfloat16"]
     assert benchmark.parse_args(["--device", "cuda"]).train_precisions == ["float32", "float16"]
+    none = ["--quick", "--device", "cuda", "--train-precisions", "none"]
+    assert benchmark.parse_args(none).train_precisions == []  # no training section
     # On the CPU, a bf16 row where oneDNN has bfloat16 kernels (it would time an emulation else).
     for native, paths in ((False, []), (True, ["bf16"])):
         monkeypatch.setattr(benchmark, "cpu_bf16_kernels", lambda: native)
