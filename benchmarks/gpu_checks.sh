@@ -1,24 +1,29 @@
 #!/bin/bash
-# Issue 8's GPU checks in one command, for a CUDA machine (H100 / H200):
-#   1. benchmarks/benchmark.py --quick (EfficientPS-B5 on every inference path and Panoptic FPN
-#      R50 at 512x1024 and 1024x2048, the dense network alone, bf16 / fp32 training);
-#   2. the CUDA-only tests (CUDA graphs, the fusion on the GPU);
-#   3. the main job (the quick synthetic config) under bf16 AMP, keeping its panoptic PNGs;
-#   4. --eval-only of its checkpoint as a CUDA graph in fp32 and bf16 and on the model's own
-#      modules, each compared pixel by pixel with the job's own evaluation (same segments?).
+# Issue 8's GPU checks, for a CUDA machine (H100 / H200), in steps that STEPS names (default all):
+#   bench:    benchmarks/benchmark.py --quick (EfficientPS-B5 eager, bf16 and as CUDA graphs and
+#             Panoptic FPN R50 at 512x1024 and 1024x2048, the dense network alone, bf16 training
+#             with a profile of its launches) into $OUT/results-gpu;
+#   compiled: the compiled bf16 path at 1024x2048 alone into $OUT/results-gpu-compiled
+#             (compiling takes a minute or more);
+#   tests:    the CUDA-only tests (CUDA graphs, the fusion on the GPU);
+#   job:      the main job (the quick synthetic config) under bf16 AMP, keeping its panoptic PNGs,
+#             then --eval-only of its checkpoint as a CUDA graph in fp32 and bf16 and on the
+#             model's own modules, each compared pixel by pixel with the job's own evaluation.
 #
-#   OUT=gpu_out bash benchmarks/gpu_checks.sh
+#   OUT=gpu_out bash benchmarks/gpu_checks.sh                             # about 12 minutes at most
+#   STEPS="bench compiled tests" OUT=gpu_out bash benchmarks/gpu_checks.sh  # 7 minutes at most
 #
-# Its time limits fit one H200 run of 2026-11-28 (on torch 2.11): the CUDA tests took 42 s, each
-# evaluation 20-25 s, and the quick job needs about 3 minutes (its first 60 iterations about 1 s
-# each, 0.15-0.2 s after; it was stopped at 140 s, iteration 200 of 300).
+# Its time limits fit one H200 run of 2026-11-28 (on torch 2.11): the benchmark's inference took
+# 105 s and each training precision's first step about a minute of cuDNN autotuning; the CUDA
+# tests took 42 s, each evaluation 20-25 s, and the quick job needs about 3 minutes (its first 60
+# iterations about 1 s each, 0.15-0.2 s after; it was stopped at 140 s, iteration 200 of 300).
 # Every step is bounded by `timeout` and writes its log under $OUT as it goes, so a stopped run
-# still leaves what it did. $OUT gets 7 files: summary.txt (steps with exit statuses,
-# nvidia-smi, the pixel comparison and the PQ of each run), bench.log, tests.log, train.log,
-# eval.log and results-gpu/results.{json,md}. On a machine without network, WHEELS names a folder
+# still leaves what it did. $OUT gets summary.txt (steps with exit statuses, nvidia-smi, the pixel
+# comparison and the PQ of each run) and each step's log and results. On a machine without network, WHEELS names a folder
 # of wheels to install (offline) into /tmp/site first; a detectron2 source tree at
 # .venv/detectron2-src (as scripts/setup_env.sh unpacks it) is put on the path if present.
-# For a dry run on the CPU: DEVICE=cpu PY=.venv/bin/python plus shorter steps, e.g.
+# For a dry run on the CPU: DEVICE=cpu PY=.venv/bin/python STEPS="bench tests job" (Inductor
+# compiles for minutes on a CPU) plus shorter steps, e.g.
 # BENCH_OPTS="--sizes 128x256 --repeats 2 --warmup 1 --models ours-fast theirs"
 # TRAIN_OPTS="SOLVER.MAX_ITER 5 SOLVER.AMP.ENABLED False" (Detectron2's AMP training needs CUDA)
 # EVAL_S=150 (an evaluation of the 50 validation images takes 7 s on 2 idle CPU cores, 20-35 s
@@ -28,8 +33,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_checks_out}; mkdir -p "$OUT"
 WORK=${WORK:-$(mktemp -d /tmp/gpu_checks.XXXXXX)}; mkdir -p "$WORK"  # checkpoints, PNGs, data
 PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; TRAIN_OPTS=${TRAIN_OPTS:-}
+STEPS=" ${STEPS:-bench compiled tests job} "
 S="$OUT/summary.txt"
 log() { echo "$(date +%T) $*" | tee -a "$S"; }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 log start
 if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -43,16 +50,29 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 [ -e efficientps_d2/model_zoo/configs ] || ln -s ../../configs efficientps_d2/model_zoo/configs
 { nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"; } >> "$S" 2>&1
 
-log "benchmark"
-timeout "${BENCH_S:-220}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" ${BENCH_OPTS:-} \
-  --output "$OUT/results-gpu" > "$OUT/bench.log" 2>&1
-log "benchmark rc=$?"
-
-log "cuda tests"
-timeout "${TEST_S:-50}" $PY -m pytest -q -p no:cacheprovider tests/test_fast_paths.py \
-  tests/test_fusion.py tests/test_inplace_abn.py tests/test_mask_paste.py \
-  -k "cuda or graph" > "$OUT/tests.log" 2>&1
-log "tests rc=$?"
+if want bench; then
+  log "benchmark"
+  timeout "${BENCH_S:-220}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" \
+    --paths bf16 graph graph-bf16 ${BENCH_OPTS:-} --output "$OUT/results-gpu" \
+    > "$OUT/bench.log" 2>&1
+  log "benchmark rc=$?"
+fi
+if want compiled; then
+  log "compiled path"
+  timeout "${COMPILED_S:-150}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" \
+    --models ours-fast --paths compiled-bf16 --sizes 1024x2048 --train-precisions none \
+    ${BENCH_OPTS:-} \
+    --output "$OUT/results-gpu-compiled" > "$OUT/compiled.log" 2>&1
+  log "compiled rc=$?"
+fi
+if want tests; then
+  log "cuda tests"
+  timeout "${TEST_S:-50}" $PY -m pytest -q -p no:cacheprovider tests/test_fast_paths.py \
+    tests/test_fusion.py tests/test_inplace_abn.py tests/test_mask_paste.py \
+    -k "cuda or graph" > "$OUT/tests.log" 2>&1
+  log "tests rc=$?"
+fi
+if ! want job; then log done; exit 0; fi
 
 CFG=configs/Synthetic-PanopticSegmentation/efficientps_b0_quick.yaml
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$WORK/datasets}
