@@ -412,8 +412,8 @@ def _ours_network(model, name):
 
 def time_dense(models, image, *, device, warmup, repeats):
     """Seconds of each timed run of the dense network alone (backbone, FPN, semantic head, RPN
-    head and proposal decoding: ``InferenceNetwork.dense``) of each EfficientPS row, interleaved,
-    batch 1; a row that raises is logged and left out."""
+    head, proposal decoding and each level's pre-NMS top-k: ``InferenceNetwork.dense``) of each
+    EfficientPS row, interleaved, batch 1; a row that raises is logged and left out."""
     times = {name: [] for name in models}
     with torch.inference_mode():
         x = next(iter(models.values())).preprocess_image([{"image": image}]).tensor

@@ -544,9 +544,9 @@ def test_device_reads_do_not_grow_with_detections(k, method, inference_mode, mon
     EfficientPS.inference runs it."""
     sem, inst = random_scene(k)
     uploads = []
-    upload_ints = fusion._upload_ints
+    upload_ints = fusion.upload_ints
     monkeypatch.setattr(
-        fusion, "_upload_ints", lambda *args: uploads.append(args) or upload_ints(*args)
+        fusion, "upload_ints", lambda *args: uploads.append(args) or upload_ints(*args)
     )
     with torch.inference_mode(inference_mode), DeviceReads() as reads:
         pan, info = panoptic_fusion(sem, inst, thing_semantic_ids=[2, 4, 5])

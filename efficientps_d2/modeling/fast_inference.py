@@ -21,8 +21,8 @@ predictor and NMS always run from the model itself, and every setting is read fr
 each call, so changing e.g. ``roi_heads.box_predictor.test_score_thresh`` takes effect with or
 without a fast path: through :func:`rpn_proposals`, :func:`pool_rois`, :func:`box_detections` and
 :func:`batched_nms`, which give Detectron2's results bit for bit in fewer operator calls and host
-waits (on a GPU each call costs host time, and each read waits for the device). Nothing here is
-needed on the CPU.
+waits (on a GPU each call costs host time, and each read waits for the device). They run on
+every device; the CUDA graph and compile options are for a GPU.
 """
 
 import collections
@@ -669,8 +669,8 @@ def _level_ids(counts, device: torch.device) -> torch.Tensor:
 def clip_boxes_(boxes: torch.Tensor, image_sizes) -> None:
     """Clips, in place, (N, R, 4) boxes (x0, y0, x1, y1) of N images to their (height, width),
     or the (R, 4) boxes of one image to its one size: Detectron2's ``Boxes.clip`` (x clamped to
-    [0, width], y to [0, height]) in four operator calls per distinct size instead of ten per
-    image, and without its host read for finiteness."""
+    [0, width], y to [0, height]) in four operator calls (per image where the sizes differ)
+    instead of ten per image, and without its host read for finiteness."""
     if len({tuple(size) for size in image_sizes}) <= 1:
         parts = [(boxes, image_sizes[0])]
     else:
@@ -762,9 +762,11 @@ def _decode_boxes(transform, deltas: torch.Tensor, boxes: torch.Tensor) -> torch
     time); here the x and y columns go together (21 calls), each value computed by the same
     operations in the same order, so bit for bit the same. Other transforms, and weights that
     differ between x and y (or width and height), run ``apply_deltas`` itself."""
-    wx, wy, ww, wh = transform.weights
-    if type(transform) is not Box2BoxTransform or wx != wy or ww != wh:
+    # (Detectron2's Box2BoxTransformLinear, for one, has no weights.)
+    weights = transform.weights if type(transform) is Box2BoxTransform else None
+    if weights is None or weights[0] != weights[1] or weights[2] != weights[3]:
         return transform.apply_deltas(deltas, boxes).view(len(boxes), deltas.shape[1] // 4, 4)
+    wx, _, ww, _ = weights
     if deltas.dtype != torch.float32:  # Detectron2 decodes in float32
         deltas = deltas.float()
     if boxes.dtype != deltas.dtype:

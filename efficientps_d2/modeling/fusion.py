@@ -55,7 +55,7 @@ from detectron2.utils.logger import log_every_n_seconds
 from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops, padded_elements
-from .mask_paste import detector_postprocess
+from .mask_paste import detector_postprocess, upload_ints
 
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
@@ -118,16 +118,6 @@ def _paste_mask_logits_batched(
     # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
     # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
     return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[:, 0]
-
-
-def _upload_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Host integers as an int64 tensor on ``device``, without waiting for the device.
-
-    ``torch.tensor(values, device="cuda")`` (or a list used as an index) copies with a blocking
-    host-to-device copy, which synchronises the stream as a read does; a non-blocking copy from
-    ordinary (pageable) memory is staged at once, so ``values`` may go away after the call.
-    """
-    return torch.tensor([int(v) for v in values], dtype=torch.long).to(device, non_blocking=True)
 
 
 def _class_max(sem: torch.Tensor, class_ids: List[int]) -> torch.Tensor:
@@ -270,7 +260,7 @@ def panoptic_fusion(
     never = height * width + 1
     stuff_least = math.ceil(max(stuff_area_limit, 1)) if stuff_area_limit < never else never
     least_areas = [1] * num + [never if c in things else stuff_least for c in range(num_classes)]
-    uploaded = _upload_ints(thing_id_list + least_areas + [never], device)
+    uploaded = upload_ints(thing_id_list + least_areas + [never], device)
     thing_ids, least_areas = uploaded[: len(thing_id_list)], uploaded[len(thing_id_list) :]
 
     # (max(dim).indices is argmax, first maximum included, but several times faster on CPU; its
@@ -643,7 +633,7 @@ def panoptic_postprocess(
     if classes.dtype == torch.long and thing_ids == list(range(first, first + len(thing_ids))):
         instances.pred_classes = classes + first
     else:
-        instances.pred_classes = _upload_ints(thing_ids, classes.device)[classes]
+        instances.pred_classes = upload_ints(thing_ids, classes.device)[classes]
     return {
         "sem_seg": sem_seg,
         "instances": instances,

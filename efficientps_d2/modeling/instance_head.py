@@ -107,6 +107,6 @@ class SeparableConvMaskHead(BaseMaskRCNNHead, nn.Sequential):
         sizes = [len(i) for i in instances]
         per_image = zip(logits.split(sizes), probs.split(sizes))
         for inst, (image_logits, image_probs) in zip(instances, per_image):
+            inst.pred_masks = image_probs  # first, as mask_rcnn_inference set it
             inst.pred_mask_logits = image_logits
-            inst.pred_masks = image_probs
         return instances

@@ -19,6 +19,8 @@ Detectron2's waits for the device once per field: what EfficientPS's and the exp
 outputs go through.
 """
 
+from typing import Sequence
+
 import torch
 from detectron2.layers import paste_masks_in_image
 from detectron2.modeling.postprocessing import detector_postprocess as d2_detector_postprocess
@@ -27,7 +29,7 @@ from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops
 
-__all__ = ["detector_postprocess", "paste_masks"]
+__all__ = ["detector_postprocess", "paste_masks", "upload_ints"]
 
 # Where detector_postprocess keeps the M x M mask probabilities while Detectron2's runs.
 _UNPASTED = "pred_masks_unpasted"
@@ -56,6 +58,16 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold
     crops = _crops(boxes, height, width)
     sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in crops.tolist()]  # the one read
     return _paste(masks, boxes, crops, sizes, height, width, threshold)
+
+
+def upload_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host integers as an int64 tensor on ``device``, without waiting for the device.
+
+    ``torch.tensor(values, device="cuda")`` (or a list used as an index) copies with a blocking
+    host-to-device copy, which synchronises the stream as a read does; a non-blocking copy from
+    ordinary (pageable) memory is staged at once, so ``values`` may go away after the call.
+    """
+    return torch.tensor([int(v) for v in values], dtype=torch.long).to(device, non_blocking=True)
 
 
 def _check_square(masks):
@@ -179,7 +191,7 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
     out.pred_boxes = Boxes(clipped)
     out.pred_masks = masks
     if len(kept) != num:  # without waiting for the device, as a list used as an index would
-        index = torch.tensor(kept, dtype=torch.long).to(clipped.device, non_blocking=True)
+        index = upload_ints(kept, clipped.device)
         out, crops = out[index], crops[index]
     out.pred_masks = _paste(
         out.pred_masks, out.pred_boxes.tensor, crops, sizes, height, width, threshold=0.5

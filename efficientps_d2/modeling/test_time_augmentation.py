@@ -31,7 +31,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from detectron2.data.transforms import ResizeShortestEdge, ResizeTransform
-from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 from torch import nn
 from torch.nn import functional as F
@@ -39,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import tta_config
 from ..data.image_files import chw_tensor, read_image
+from .fast_inference import batched_nms
 from .meta_arch import EfficientPS, check_input_images
 
 __all__ = ["EfficientPSWithTTA", "check_tta_settings"]
