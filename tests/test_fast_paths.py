@@ -92,6 +92,16 @@ def _randomize(model, seed=0):
 PLAIN = ["MODEL.EFFICIENTPS.FAST_INFERENCE", False]
 
 
+# The comparisons with Detectron2's own functions run on the CPU and, where there is one, on a GPU
+# (where torchvision picks other NMS kernels and the fast path its GPU branches).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
+
 def _tiny_model(opts=()):
     torch.manual_seed(0)
     return _randomize(build_model(tiny_config([*PERMISSIVE, *opts]))).eval()
@@ -437,7 +447,8 @@ def _rpn_outputs(seed, images, counts):
     ],
     ids=["one-image", "three-images"],
 )
-def test_rpn_proposals_equal_find_top_rpn_proposals(sizes, counts, pre_nms_topk):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rpn_proposals_equal_find_top_rpn_proposals(sizes, counts, pre_nms_topk, device):
     """rpn_proposals (batched over images, one host read per image) gives Detectron2's proposals
     bit for bit, with ties, non-finite and too small boxes, for one image and for several of
     different sizes."""
@@ -448,7 +459,9 @@ def test_rpn_proposals_equal_find_top_rpn_proposals(sizes, counts, pre_nms_topk)
     rpn.post_nms_topk = {False: 300, True: 300}
     rpn.min_box_size = 1.0
     objectness, proposals = _rpn_outputs(0, len(sizes), counts)
-    images = ImageList(torch.zeros(len(sizes), 3, 128, 128), sizes)
+    objectness = [x.to(device) for x in objectness]
+    proposals = [x.to(device) for x in proposals]
+    images = ImageList(torch.zeros(len(sizes), 3, 128, 128, device=device), sizes)
     with torch.inference_mode():
         expected = find_top_rpn_proposals(
             [p.clone() for p in proposals],
@@ -474,33 +487,37 @@ def _boxes_over_levels(generator, count, height, width):
     return Boxes(torch.cat([xy, xy + wh], dim=1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("count", [0, 1, 400])
-def test_batched_nms_on_a_gpu_is_torchvisions(count):
-    """batched_nms's GPU branch (run on the CPU here) keeps torchvision's boxes, in its order:
+def test_batched_nms_on_a_gpu_is_torchvisions(count, device):
+    """batched_nms's GPU branch (also run on the CPU) keeps torchvision's boxes, in its order:
     its coordinate trick, the shift's 1 added as a number instead of a tensor copied over."""
     from torchvision.ops.boxes import _batched_nms_coordinate_trick
 
     generator = torch.Generator().manual_seed(3)
-    boxes = _boxes_over_levels(generator, count, 64, 96).tensor
-    scores = torch.rand(count, generator=generator).round(decimals=2)  # ties
-    classes = torch.randint(0, 5, (count,), generator=generator)
+    boxes = _boxes_over_levels(generator, count, 64, 96).tensor.to(device)
+    scores = torch.rand(count, generator=generator).round(decimals=2).to(device)  # ties
+    classes = torch.randint(0, 5, (count,), generator=generator).to(device)
     expected = _batched_nms_coordinate_trick(boxes, scores, classes, 0.5)
     kept = batched_nms(boxes, scores, classes, 0.5, device_type="cuda")
     assert torch.equal(kept, expected) and kept.dtype == torch.int64
-    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected)  # CPU: torchvision's
+    # On its own device: torchvision's (CPU), or the GPU branch.
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("counts", [[70], [40, 0, 25]], ids=["one-image", "three-images"])
-def test_pool_rois_equals_roi_pooler(counts):
+def test_pool_rois_equals_roi_pooler(counts, device):
     """pool_rois (boxes sorted by level, one host read) pools the rows of Detectron2's ROIPooler
     bit for bit, through the model's ThreadedROIAlign levels, images without boxes included."""
-    model = _tiny_model()
+    model = _tiny_model().to(device)
     pooler = model.roi_heads.box_pooler
     generator = torch.Generator().manual_seed(0)
     features = [
-        torch.randn(len(counts), 8, 64 // 2**i, 96 // 2**i, generator=generator) for i in range(4)
+        torch.randn(len(counts), 8, 64 // 2**i, 96 // 2**i, generator=generator).to(device)
+        for i in range(4)
     ]
-    box_lists = [_boxes_over_levels(generator, count, 64, 96) for count in counts]
+    box_lists = [_boxes_over_levels(generator, count, 64, 96).to(device) for count in counts]
     with torch.inference_mode():
         expected = pooler(features, box_lists)
         pooled = pool_rois(pooler, features, box_lists)
@@ -511,7 +528,8 @@ def test_pool_rois_equals_roi_pooler(counts):
 @pytest.mark.parametrize(
     "counts", [[300], [120, 0, 90], [0]], ids=["one-image", "three-images", "no-proposals"]
 )
-def test_box_detections_equal_fast_rcnn_inference(counts, agnostic):
+@pytest.mark.parametrize("device", DEVICES)
+def test_box_detections_equal_fast_rcnn_inference(counts, agnostic, device):
     """box_detections gives FastRCNNOutputLayers.inference's detections bit for bit: rows with a
     box or score not finite dropped, boxes clipped to their image, per-class NMS, top-k."""
     from detectron2.modeling.roi_heads import FastRCNNOutputLayers
@@ -533,7 +551,7 @@ def test_box_detections_equal_fast_rcnn_inference(counts, agnostic):
     proposals = []
     for (height, width), count in zip(sizes, counts):
         proposal = Instances((height, width))
-        proposal.proposal_boxes = _boxes_over_levels(generator, count, height, width)
+        proposal.proposal_boxes = _boxes_over_levels(generator, count, height, width).to(device)
         proposals.append(proposal)
     rows = sum(counts)
     scores = (torch.randn(rows, classes + 1, generator=generator) * 2).round(decimals=1)  # ties
@@ -541,6 +559,7 @@ def test_box_detections_equal_fast_rcnn_inference(counts, agnostic):
     scores[7::40, 1] = float("nan")
     deltas[11::50, 0] = float("inf")
     deltas[13::50, 2] = float("nan")
+    predictor, scores, deltas = predictor.to(device), scores.to(device), deltas.to(device)
     with torch.inference_mode():
         expected, _ = predictor.inference((scores, deltas), proposals)
         detections = box_detections(predictor, (scores, deltas), proposals)
@@ -550,6 +569,21 @@ def test_box_detections_equal_fast_rcnn_inference(counts, agnostic):
         assert a.image_size == b.image_size
         assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
         assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+
+
+def test_box_detections_decode_with_any_transform():
+    """Box transforms other than Box2BoxTransform (here Detectron2's Box2BoxTransformLinear,
+    which has no weights) decode through their own apply_deltas."""
+    from detectron2.modeling.box_regression import Box2BoxTransformLinear
+
+    from efficientps_d2.modeling.fast_inference import _decode_boxes
+
+    generator = torch.Generator().manual_seed(4)
+    boxes = _boxes_over_levels(generator, 6, 64, 96).tensor
+    deltas = torch.rand(6, 4, generator=generator)
+    transform = Box2BoxTransformLinear()
+    expected = transform.apply_deltas(deltas, boxes).view(6, 1, 4)
+    assert torch.equal(_decode_boxes(transform, deltas, boxes), expected)
 
 
 @pytest.mark.parametrize("counts", [[5], [3, 0, 4]], ids=["one-image", "three-images"])
