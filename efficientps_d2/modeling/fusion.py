@@ -55,7 +55,7 @@ from detectron2.utils.logger import log_every_n_seconds
 from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops, padded_elements
-from .mask_paste import detector_postprocess, upload_ints
+from .mask_paste import box_sampling_grid, detector_postprocess, upload_ints
 
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
@@ -104,17 +104,11 @@ def _paste_mask_logits_batched(
     Returns:
         [K, h, w] logits; element (k, i, j) is pixel (row_centres[k, i], col_centres[k, j]).
     """
-    num, h, w = mask_logits.shape[0], row_centres.shape[1], col_centres.shape[1]
+    # Detectron2's mapping in paste_masks_in_image. Every value matches, bit for bit, the
+    # one-box-at-a-time computation: box extents rounded from float64, as Python floats are.
     boxes64 = boxes.double()
-    # Same mapping as Detectron2's paste_masks_in_image: pixel centres, normalised so that the box
-    # edges land on the mask's outer edges (align_corners=False). Every value matches, bit for
-    # bit, the one-box-at-a-time computation (box extents rounded from float64, as Python floats
-    # are; (c - x0) / extent * 2 computed as (c - x0) / (extent / 2): halving and doubling are
-    # exact, and rounding commutes with them).
     half = (boxes64[:, 2:] - boxes64[:, :2]).float() / 2  # (width, height) / 2
-    ys = (row_centres - boxes[:, 1:2]) / half[:, 1:] - 1
-    xs = (col_centres - boxes[:, 0:1]) / half[:, :1] - 1
-    grid = torch.stack([xs[:, None, :].expand(num, h, w), ys[:, :, None].expand(num, h, w)], -1)
+    grid = box_sampling_grid(boxes, half, row_centres, col_centres)
     # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
     # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
     return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[:, 0]

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops
 
-__all__ = ["detector_postprocess", "paste_masks", "upload_ints"]
+__all__ = ["box_sampling_grid", "detector_postprocess", "paste_masks", "upload_ints"]
 
 # Where detector_postprocess keeps the M x M mask probabilities while Detectron2's runs.
 _UNPASTED = "pred_masks_unpasted"
@@ -70,6 +70,19 @@ def upload_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([int(v) for v in values], dtype=torch.long).to(device, non_blocking=True)
 
 
+def box_sampling_grid(boxes, half, row_centres, col_centres) -> torch.Tensor:
+    """``grid_sample``'s (K, h, w, 2) grid that maps the pixel centres of K crops, ``row_centres``
+    (K, h) and ``col_centres`` (K, w), onto [-1, 1] across each of the (K, 4) XYXY ``boxes``, given
+    half their (width, height), ``half`` (K, 2): Detectron2's mapping in ``paste_masks_in_image``
+    (with ``align_corners=False`` the box edges land on the mask's outer edges). Its
+    "(c - x0) / (x1 - x0) * 2 - 1" is computed as "(c - x0) / half - 1": halving and doubling are
+    exact, and rounding commutes with them."""
+    num, h, w = len(boxes), row_centres.shape[1], col_centres.shape[1]
+    ys = (row_centres - boxes[:, 1:2]) / half[:, 1:] - 1
+    xs = (col_centres - boxes[:, 0:1]) / half[:, :1] - 1
+    return torch.stack([xs[:, None, :].expand(num, h, w), ys[:, :, None].expand(num, h, w)], dim=3)
+
+
 def _check_square(masks):
     if masks.shape[-1] != masks.shape[-2]:
         raise ValueError(f"Only square masks can be pasted, got {tuple(masks.shape)}.")
@@ -95,9 +108,7 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
         return torch.zeros((0, height, width), dtype=torch.bool, device=device)
     masks = masks.to(device)[:, None]
     masks = masks if masks.dtype.is_floating_point else masks.float()
-    # Half the box extents: Detectron2's "(c - x0) / (x1 - x0) * 2" is "(c - x0) / half": halving
-    # and doubling are exact, and rounding commutes with them.
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2  # (width, height) / 2, in the boxes' dtype
     chunks = chunk_crops(sizes, compact=device.type != "cuda")
     longest = max(max(h, w) for _, _, h, w in chunks)
     steps = torch.arange(longest, device=device)
@@ -118,12 +129,7 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
         rows, cols = row0 + steps[:h], col0 + steps[:w]
         # Detectron2's mapping (_do_paste_mask), value for value and in its dtypes: pixel centres
         # to [-1, 1] on the box, then sampled in the masks' dtype.
-        grid_y = (row0 + centres[:h] - box[:, 1:2]) / box_half[:, 1:] - 1
-        grid_x = (col0 + centres[:w] - box[:, 0:1]) / box_half[:, :1] - 1
-        count = last - first
-        grid = torch.stack(
-            [grid_x[:, None, :].expand(count, h, w), grid_y[:, :, None].expand(count, h, w)], dim=3
-        )
+        grid = box_sampling_grid(box, box_half, row0 + centres[:h], col0 + centres[:w])
         sampled = F.grid_sample(masks[first:last], grid.to(masks.dtype), align_corners=False)
         # Outside its crop a float32 sample cannot pass 0.5, but a coarser grid (half-precision
         # masks) or a box far off the image could: the crop bounds it, as Detectron2's CPU path.
