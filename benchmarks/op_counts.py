@@ -83,12 +83,12 @@ def _is_operator(event):
 
 
 def count_calls(model, inputs):
-    """{stage: {operator: calls}} of one ``model(inputs)`` (run once before, unprofiled, so
-    that lazily built state is not counted), top-level operator calls only."""
+    """({stage: {operator: calls}}, outputs) of one ``model(inputs)`` (run once before,
+    unprofiled, so that lazily built state is not counted), top-level operator calls only."""
     with torch.no_grad():
         model(inputs)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(inputs)
+            outputs = model(inputs)
     calls = {stage: collections.Counter() for stage in benchmark._STAGES}
     for event in prof.events():
         parent = event.cpu_parent
@@ -97,7 +97,7 @@ def count_calls(model, inputs):
         stage = _stage_of(event)
         if stage in calls:
             calls[stage][event.name] += 1
-    return calls
+    return calls, outputs
 
 
 def main(argv=None):
@@ -116,9 +116,8 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         if not args.cpu_branches:
             stack.enter_context(gpu_branches())
-        calls = count_calls(model, inputs)
-        with torch.no_grad():
-            detections = benchmark.detections(model(inputs)[0])
+        calls, outputs = count_calls(model, inputs)
+    detections = benchmark.detections(outputs[0])
     branches = "the CPU's" if args.cpu_branches else "a GPU's"
     print(
         f"EfficientPS-B5 fast, {height}x{width}, {branches} branches, (detections, thing "
