@@ -19,9 +19,10 @@
 # iterations about 1 s each, 0.15-0.2 s after; it was stopped at 140 s, iteration 200 of 300).
 # Every step is bounded by `timeout` and writes its log under $OUT as it goes, so a stopped run
 # still leaves what it did. $OUT gets summary.txt (steps with exit statuses, nvidia-smi, the pixel
-# comparison and the PQ of each run) and each step's log and results. On a machine without network, WHEELS names a folder
-# of wheels to install (offline) into /tmp/site first; a detectron2 source tree at
-# .venv/detectron2-src (as scripts/setup_env.sh unpacks it) is put on the path if present.
+# comparison and the PQ of each run) and each step's log and results. On a machine without
+# network, WHEELS names a folder of wheels to install (offline) into /tmp/site first; a
+# detectron2 source tree at .venv/detectron2-src (as scripts/setup_env.sh unpacks it) is put on
+# the path if present.
 # For a dry run on the CPU: DEVICE=cpu PY=.venv/bin/python STEPS="bench tests job" (Inductor
 # compiles for minutes on a CPU) plus shorter steps, e.g.
 # BENCH_OPTS="--sizes 128x256 --repeats 2 --warmup 1 --models ours-fast theirs"
@@ -61,8 +62,7 @@ if want compiled; then
   log "compiled path"
   timeout "${COMPILED_S:-150}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" \
     --models ours-fast --paths compiled-bf16 --sizes 1024x2048 --train-precisions none \
-    ${BENCH_OPTS:-} \
-    --output "$OUT/results-gpu-compiled" > "$OUT/compiled.log" 2>&1
+    ${BENCH_OPTS:-} --output "$OUT/results-gpu-compiled" > "$OUT/compiled.log" 2>&1
   log "compiled rc=$?"
 fi
 if want tests; then
