@@ -28,6 +28,7 @@ from detectron2.structures import BitMasks, Boxes, Instances, ROIMasks
 from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops
+from .fast_inference import clip_boxes_
 
 __all__ = ["box_sampling_grid", "detector_postprocess", "paste_masks", "upload_ints"]
 
@@ -178,9 +179,8 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
     if scale_x != 1.0 or scale_y != 1.0:
         boxes.scale(scale_x, scale_y)
     scaled = boxes.tensor
-    clipped = scaled.clamp(min=0)
-    clipped[:, 0::2].clamp_(max=width)
-    clipped[:, 1::2].clamp_(max=height)
+    clipped = scaled.clone()
+    clip_boxes_(clipped, [(height, width)])
     keep = ((clipped[:, 2:] - clipped[:, :2]) > 0).all(dim=1)
     crops = _crops(clipped, height, width)
     num = len(boxes)
