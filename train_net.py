@@ -12,6 +12,7 @@
 """
 
 import efficientps_d2  # noqa: F401  # isort: skip  (first: imports detectron2 without fvcore noise)
+import functools
 import logging
 import os
 import weakref
@@ -81,12 +82,13 @@ class Trainer(DefaultTrainer):
         # Its EvalHook also evaluated after an error in the last iteration (see
         # FinishedTrainingEvalHook); its PeriodicWriter made the writers before resuming, which
         # wrote the iterations after the last checkpoint twice (see ResumingPeriodicWriter).
-        trainer = weakref.proxy(self)  # hooks do not own their trainer (as in Detectron2)
+        # Its writers, made at the start, purge tensorboard's events after the checkpoint resumed
+        # from (see startup.build_writers).
         hook_list = [
             startup.ResumingPeriodicWriter.replacing(
                 startup.FinishedTrainingEvalHook.replacing(h),
                 self.cfg.OUTPUT_DIR,
-                lambda start_iter: trainer.build_writers(),  # reads trainer.start_iter
+                functools.partial(startup.build_writers, self.cfg.OUTPUT_DIR, self.max_iter),
             )
             for h in super().build_hooks()
         ]
@@ -100,11 +102,6 @@ class Trainer(DefaultTrainer):
                 startup.FinishedTrainingEvalHook(0, self._test_with_tta),
             )
         return hook_list
-
-    def build_writers(self):
-        # Detectron2's default writers, with tensorboard's events after the checkpoint resumed
-        # from purged (see startup.build_writers).
-        return startup.build_writers(self.cfg.OUTPUT_DIR, self.max_iter, self.start_iter)
 
     def _test_with_tta(self):
         results = self.test_with_TTA(self.cfg, self.model)
