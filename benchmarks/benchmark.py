@@ -100,6 +100,7 @@ PATHS = {
     "bf16": {"dtype": "bfloat16"},
     "graph": {"cuda_graph": True},
     "graph-bf16": {"cuda_graph": True, "dtype": "bfloat16"},
+    "graph-heads-bf16": {"cuda_graph": True, "cuda_graph_roi_heads": True, "dtype": "bfloat16"},
     "compiled-bf16": {"compile": True, "dtype": "bfloat16"},
 }
 DEFAULT_CUDA_PATHS = list(PATHS)

@@ -272,6 +272,13 @@ def test_operator_calls_by_stage():
         assert 0 < sum(gpu[stage].values()) <= sum(cpu[stage].values()), stage
     assert 0 < sum(gpu["postprocess"].values()) < sum(cpu["postprocess"].values())
     assert "aten::conv2d" not in cpu["proposals"]  # each call in its own stage
+    # The ROI heads graphed (CUDA_GRAPH_ROI_HEADS): the box and mask stages one replay each.
+    with op_counts.gpu_branches(), op_counts.graphed_roi_heads():
+        graphed, graphed_outputs = op_counts.count_calls(model, inputs)
+    assert graphed["detection"]["cuda::graph_replay"] == 2
+    assert "aten::linear" not in graphed["detection"]  # the box head, inside the replay
+    assert 0 < sum(graphed["detection"].values()) < sum(gpu["detection"].values())
+    assert len(graphed_outputs[0]["instances"]) == len(outputs[0]["instances"])
 
 
 def test_profiled_inference_shows_each_stage(benchmark):
