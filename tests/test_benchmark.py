@@ -88,6 +88,23 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
         "9.0 / 0.0 / 1.0 / 0.0 |" in table
     )
     assert "| PanopticFPN-R50 | 64x128 | 0.50 | 900 | 30 | n/a | n/a |" in table
+    # A training row's profile lists the operators that kept the GPU busiest.
+    saved["settings"]["train_size"] = "64x128"
+    saved["training"] = {
+        "EfficientPS-B5 bfloat16": {
+            "iter_per_s": 9.0,
+            "slowest_step_s": 0.2,
+            "peak_mib": 6000.0,
+            "busy": 0.8,
+            "launches": 3000,
+            "syncs": 40,
+            "gpu_ops": [["aten::cudnn_convolution", 0.0123], ["aten::add_", 0.002]],
+        }
+    }
+    assert (
+        "- EfficientPS-B5 bfloat16: aten::cudnn_convolution 12.3, aten::add_ 2.0"
+        in benchmark.markdown(saved)
+    )
 
 
 def test_paths_failing_rows_compiled_rows_and_partial_results(benchmark, tmp_path, monkeypatch):
@@ -229,7 +246,9 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
         event("cudaMemcpyAsync", 60),  # does not wait
         event("cudaStreamSynchronize", 20),
         event("cudaDeviceSynchronize", 1),  # the profiling's own, at the end
-        event("aten::conv2d", 90),
+        event("aten::conv2d", 90),  # its kernels are its children's
+        event("aten::cudnn_convolution", 90, device_us=4500.0),
+        event("aten::copy_", 20, device_us=1500.0),
         event("void conv_kernel<...>", 90, DeviceType.CUDA, 4500.0),
         event("Memcpy DtoH (Device -> Pinned)", 20, DeviceType.CUDA, 1500.0),
         # A stage: its host time; on the GPU's timeline a span around kernels already counted.
@@ -243,6 +262,7 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
         "syncs": 20 / 3,
         "stages": {"detection": 0.0025},
         "gpu_stages": {"detection": 8000.0 / 1e6 / 3},
+        "gpu_ops": [["aten::cudnn_convolution", 4500.0 / 1e6 / 3], ["aten::copy_", 0.0005]],
     }
 
 
