@@ -92,7 +92,8 @@ for name in graph32 graph16 heads16 plain; do
   case $name in
     graph32) opts="$graph" ;;
     graph16) opts="$graph MODEL.EFFICIENTPS.INFERENCE_DTYPE bfloat16" ;;
-    heads16) opts="$graph MODEL.EFFICIENTPS.INFERENCE_DTYPE bfloat16 ${graph}_ROI_HEADS True" ;;
+    heads16) opts="$graph MODEL.EFFICIENTPS.INFERENCE_DTYPE bfloat16"
+      opts="$opts MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS True" ;;
     plain) opts="MODEL.EFFICIENTPS.FAST_INFERENCE False" ;;  # the model's own modules, eager
   esac
   log "eval $name"

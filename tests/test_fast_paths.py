@@ -1056,7 +1056,7 @@ class _Replays:
 
 @pytest.mark.parametrize("fast_inference", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("post_nms_topk", [1000, 20], ids=["padded", "full"])
-def test_fixed_shape_roi_heads_give_detects_detections(fast_inference, post_nms_topk):
+def test_fixed_shape_roi_heads_equal_inference_network_detect(fast_inference, post_nms_topk):
     """The ROI heads at fixed row counts (MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS), run here without
     a graph: each image's proposals padded to the post-NMS top-k, its detections to the
     detections per image, the same detections and masks as InferenceNetwork.detect (bit for bit

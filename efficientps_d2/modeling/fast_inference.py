@@ -414,7 +414,7 @@ class _CapturedGraph:
 
     WARMUP_RUNS = 2
 
-    def __init__(self, fn: Callable, *examples: torch.Tensor):
+    def __init__(self, fn: Callable, *examples: torch.Tensor, pool=None):
         self.static_inputs = [x.clone() for x in examples]
         device = examples[0].device
         # Warm up (cuDNN autotuning, lazy initialisation) on the stream that captures, as the
@@ -426,7 +426,7 @@ class _CapturedGraph:
                 fn(*self.static_inputs)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.static_output = fn(*self.static_inputs)
 
     def __call__(self, *inputs: torch.Tensor):
@@ -507,9 +507,12 @@ def _capture(dense: nn.Module, roi_heads, key, images: torch.Tensor) -> _Capture
     logger.info("Capturing the dense network as a CUDA graph for input %s.", key)
     captured = _CapturedGraph(dense, images)
     # The graphs of the ROI heads read its outputs (static tensors): they live and die with it.
+    # They take their memory from its pool: always replayed after it, on its outputs (never
+    # freed), their own outputs read before the next replay of any of them.
     captured.roi_heads = None
     if roi_heads is not None:
-        captured.roi_heads = FixedShapeRoiHeads(*roi_heads, dense._rpn, capture=_CapturedGraph)
+        capture = functools.partial(_CapturedGraph, pool=captured.graph.pool())
+        captured.roi_heads = FixedShapeRoiHeads(*roi_heads, dense._rpn, capture=capture)
     return captured
 
 
@@ -680,10 +683,11 @@ class FixedShapeRoiHeads:
             _box_stage, self.box_head, roi_heads.box_pooler, predictor, in_features
         )
         boxes, probs, valid = self._graph(("boxes", len(rois)), stage, rois)(rois)
+        keep = _kept(predictor, probs, valid)  # the threshold as it is now, not when captured
         instances = select_detections(
             predictor,
             [p.image_size for p in proposals],
-            *[_unpadded(x, counts, rows) for x in (boxes, probs, valid)],
+            *[_unpadded(x, counts, rows) for x in (boxes, probs, keep)],
         )
         return self._masks(roi_heads, features, instances)
 
@@ -701,10 +705,10 @@ class FixedShapeRoiHeads:
         rois = _padded_rois([i.pred_boxes.tensor for i in instances], rows)
         in_features = [features[f] for f in roi_heads.mask_in_features]
         stage = functools.partial(_mask_stage, self.mask_head, roi_heads.mask_pooler, in_features)
-        logits = cat(_unpadded(self._graph(("masks", len(rois)), stage, rois)(rois), counts, rows))
-        if logits.shape[1] == 1:  # class-agnostic: kept as they are, so not the graph's own
-            logits = logits.clone()
-        label(logits, instances)
+        logits = self._graph(("masks", len(rois)), stage, rois)(rois)
+        # A copy (torch.cat copies even one tensor): the instances may keep the logits, which the
+        # graph's next replay would overwrite.
+        label(torch.cat(_unpadded(logits, counts, rows)), instances)
         return instances
 
     def _graph(self, key, fn: Callable, *examples: torch.Tensor):
@@ -938,8 +942,8 @@ def _box_levels(pooler: ROIPooler, boxes: torch.Tensor) -> torch.Tensor:
 def pool_rois_fixed(pooler: ROIPooler, features: List[torch.Tensor], rois: torch.Tensor):
     """``pooler``'s rows for (R, 5) ``rois`` (batch index, x0, y0, x1, y1), with no host read
     and shapes that depend on R alone, so that it can be captured in a CUDA graph: each level
-    pools every row, those of other levels as an empty box (which costs one sample per bin),
-    and each row is taken from its own level's output. A box's row is pooled by the same
+    pools every row, those of other levels as an empty box (at most one sample per bin), and
+    each row is taken from its own level's output. A box's row is pooled by the same
     level pooler from the same box as in :func:`pool_rois` (ROIAlign pools each box on its
     own), so the rows are the same."""
     if len(pooler.level_poolers) == 1:
@@ -953,7 +957,7 @@ def pool_rois_fixed(pooler: ROIPooler, features: List[torch.Tensor], rois: torch
             x, torch.cat([rois[:, :1], torch.where(mine[:, None], rois[:, 1:], empty)], dim=1)
         )
         mine = mine.view(-1, *[1] * (part.dim() - 1))
-        pooled = part if pooled is None else torch.where(mine, part, pooled)
+        pooled = part if pooled is None else torch.where(mine, part, pooled, out=pooled)
     return pooled
 
 
@@ -1002,13 +1006,14 @@ def box_detections(predictor: nn.Module, predictions, proposals: List[Instances]
         return predictor.inference(predictions, proposals)[0]
     proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals])
     boxes, probs, valid = box_scores(predictor, predictions, proposal_boxes)
+    keep = _kept(predictor, probs, valid)
     sizes = [len(p) for p in proposals]
     return select_detections(
         predictor,
         [p.image_size for p in proposals],
         boxes.split(sizes),
         probs.split(sizes),
-        valid.split(sizes),
+        keep.split(sizes),
     )
 
 
@@ -1024,15 +1029,19 @@ def box_scores(predictor: FastRCNNOutputLayers, predictions, proposal_boxes: tor
     return boxes, probs, valid
 
 
-def select_detections(predictor: FastRCNNOutputLayers, image_sizes, boxes, probs, valid):
-    """The second half of :func:`box_detections`: from each image's :func:`box_scores`, the
-    (row, class) pairs with a score above the threshold, clipped to the image, per-class NMS,
-    top-k; one Instances per image."""
+def _kept(predictor: FastRCNNOutputLayers, probs: torch.Tensor, valid: torch.Tensor):
+    """(R, K) whether each (row, class) pair is kept: Detectron2 keeps those of the finite rows
+    whose score is above the threshold (the background's column, the last, is not a class)."""
+    return (probs[:, :-1] > predictor.test_score_thresh) & valid[:, None]
+
+
+def select_detections(predictor: FastRCNNOutputLayers, image_sizes, boxes, probs, keep):
+    """The second half of :func:`box_detections`: from each image's :func:`box_scores` and
+    :func:`_kept` pairs, the kept boxes clipped to the image, per-class NMS, top-k; one
+    Instances per image."""
     results = []
-    for image_size, boxes_n, probs_n, valid_n in zip(image_sizes, boxes, probs, valid):
-        # Detectron2 keeps the (row, class) pairs whose score is above the threshold.
-        keep = (probs_n[:, :-1] > predictor.test_score_thresh) & valid_n[:, None]
-        rows, classes = keep.nonzero().unbind(1)  # the one host read
+    for image_size, boxes_n, probs_n, keep_n in zip(image_sizes, boxes, probs, keep):
+        rows, classes = keep_n.nonzero().unbind(1)  # the one host read
         # The box of each kept (row, class); class-agnostic boxes: the row's one box.
         selected = boxes_n[rows, classes] if boxes_n.shape[1] > 1 else boxes_n[rows, 0]
         scores = probs_n[rows, classes]
