@@ -9,6 +9,7 @@ import io
 import logging
 import math
 import threading
+import types
 import warnings
 import weakref
 
@@ -1133,6 +1134,68 @@ def test_fixed_shape_roi_heads_leave_other_heads_to_detect():
     for result in (unbounded, own):
         assert torch.equal(result.pred_mask_logits, expected.pred_mask_logits)
         assert torch.equal(result.pred_boxes.tensor, expected.pred_boxes.tensor)
+
+
+class _StaticOutputs:
+    """A CUDA graph's contract, on the CPU: inputs copied into static tensors, and the same output
+    tensors overwritten by every replay (which a graph's caller must copy what it keeps from)."""
+
+    def __init__(self, fn, *examples, pool=None):
+        self.fn = fn
+        self.static_inputs = [x.clone() for x in examples]
+        self.static_output = fn(*self.static_inputs)
+        self.graph = types.SimpleNamespace(pool=lambda: None)
+
+    def __call__(self, *inputs):
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
+        fresh, static = self.fn(*self.static_inputs), self.static_output
+        for a, b in zip(_tensors_of(static), _tensors_of(fresh)):
+            a.copy_(b)
+        return static
+
+
+def _tensors_of(output):
+    if torch.is_tensor(output):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output
+    return [t for value in values for t in _tensors_of(value)]
+
+
+def test_graphed_roi_heads_keep_nothing_a_replay_overwrites(monkeypatch):
+    """The CUDA graphs' wiring (CUDA_GRAPH_ROI_HEADS), with graphs stood in for on the CPU: the
+    ROI heads are graphed on the dense network's graph of each input size, the outputs equal the
+    eager ones, and an image's outputs stay as they were when later images replay the graphs."""
+    from efficientps_d2.modeling import fast_inference
+
+    monkeypatch.setattr(fast_inference, "_CapturedGraph", _StaticOutputs)
+    model = _tiny_model()
+    first, other_size = _inputs()
+    second = {"image": training_input(97, 131, [], [], seed=9)["image"]}  # first's size
+    with torch.no_grad():
+        expected = [model([x])[0] for x in (first, second, other_size)]
+        _with_options(model, cuda_graph=True, cuda_graph_roi_heads=True)
+        network = model._inference_network()
+        network.cuda_graph = True  # what build_inference_network sets on CUDA only
+        outputs = [model([x])[0] for x in (first, second, other_size)]
+    for output, reference in zip(outputs, expected):
+        assert len(output["instances"]) > 0
+        _assert_same_output(output, reference)
+    assert len(network.graphs) == 2
+    for captured in network.graphs._values.values():
+        assert sorted(captured.roi_heads._graphs) == [("boxes", 20), ("masks", 100)]
+
+
+def _assert_same_output(a, b):
+    assert torch.equal(a["sem_seg"], b["sem_seg"])
+    assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+    assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+    fields = a["instances"].get_fields()
+    assert fields.keys() == b["instances"].get_fields().keys()
+    for name, x in fields.items():
+        y = b["instances"].get(name)
+        x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
+        assert torch.equal(x, y), name
 
 
 def test_size_cache_evicts_least_recently_used():
