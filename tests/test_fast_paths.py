@@ -510,9 +510,13 @@ def test_batched_nms_on_a_gpu_is_torchvisions(count, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("counts", [[70], [40, 0, 25]], ids=["one-image", "three-images"])
-def test_pool_rois_equals_roi_pooler(counts, device):
-    """pool_rois (boxes sorted by level, one host read) pools the rows of Detectron2's ROIPooler
-    bit for bit, through the model's ThreadedROIAlign levels, images without boxes included."""
+def test_pool_rois_equal_roi_pooler(counts, device):
+    """pool_rois (boxes sorted by level, one host read) and pool_rois_fixed (every level pools
+    every row, those of other levels as empty boxes; each image's rows padded) pool the rows of
+    Detectron2's ROIPooler bit for bit, through the model's ThreadedROIAlign levels, images
+    without boxes included."""
+    from efficientps_d2.modeling.fast_inference import _padded_rois, _unpadded
+
     model = _tiny_model().to(device)
     pooler = model.roi_heads.box_pooler
     generator = torch.Generator().manual_seed(0)
@@ -521,10 +525,16 @@ def test_pool_rois_equals_roi_pooler(counts, device):
         for i in range(4)
     ]
     box_lists = [_boxes_over_levels(generator, count, 64, 96).to(device) for count in counts]
+    rows = 80  # each image's rows padded to
     with torch.inference_mode():
         expected = pooler(features, box_lists)
         pooled = pool_rois(pooler, features, box_lists)
+        padded = pool_rois_fixed(
+            pooler, features, _padded_rois([b.tensor for b in box_lists], rows)
+        )
     assert expected.shape[0] == sum(counts) and torch.equal(pooled, expected)
+    assert padded.shape == (len(counts) * rows, *expected.shape[1:])
+    assert torch.equal(torch.cat(_unpadded(padded, counts, rows)), expected)
 
 
 @pytest.mark.parametrize("agnostic", [False, True], ids=["per-class", "class-agnostic"])
@@ -1009,36 +1019,6 @@ def test_inference_options_are_checked_when_the_model_is_built(key, value, messa
     opts += ["MODEL.EFFICIENTPS.COMPILE", True] if key == "COMPILE_MODE" else []
     with pytest.raises(ValueError, match=message):
         build_model(tiny_config(opts))
-
-
-def _padded(box_lists, rows):
-    rois = torch.zeros(len(box_lists), rows, 5)
-    for n, boxes in enumerate(box_lists):
-        rois[n, :, 0] = n
-        rois[n, : len(boxes), 1:] = boxes.tensor
-    return rois.view(-1, 5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("counts", [[70], [40, 0, 25]], ids=["one-image", "three-images"])
-def test_pool_rois_fixed_pools_each_real_row_as_roi_pooler(counts, device):
-    """pool_rois_fixed (every level pools every row, rows of other levels as empty boxes) gives
-    each image's real rows of Detectron2's ROIPooler bit for bit, padding rows or not."""
-    model = _tiny_model().to(device)
-    pooler = model.roi_heads.box_pooler
-    generator = torch.Generator().manual_seed(0)
-    features = [
-        torch.randn(len(counts), 8, 64 // 2**i, 96 // 2**i, generator=generator).to(device)
-        for i in range(4)
-    ]
-    box_lists = [_boxes_over_levels(generator, count, 64, 96) for count in counts]
-    rows = 80  # padded with empty boxes at (0, 0)
-    with torch.inference_mode():
-        expected = pooler(features, [b.to(device) for b in box_lists])
-        pooled = pool_rois_fixed(pooler, features, _padded(box_lists, rows).to(device))
-    assert pooled.shape == (len(counts) * rows, *expected.shape[1:])
-    real = torch.cat([pooled[n * rows : n * rows + c] for n, c in enumerate(counts)])
-    assert torch.equal(real, expected)
 
 
 class _Replays:
