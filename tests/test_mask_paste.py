@@ -199,14 +199,21 @@ def _instances(masks, boxes):
 @pytest.mark.parametrize("dropped", [False, True], ids=["all kept", "one dropped"])
 def test_detector_postprocess_reads_the_device_once(dropped):
     """Detectron2's waits for the device to check the boxes and for each field it filters; this
-    one reads once, and uploads the kept indices without waiting where a box is dropped."""
+    one reads once, and uploads the crops (and the kept indices where a box is dropped) in one
+    upload that does not wait."""
     masks, boxes = _detections(20, seed=7)
     if dropped:
         boxes[3] = torch.tensor([5.0, 5.0, 5.0, 9.0])
     expected = detector_postprocess(_instances(masks, boxes.clone()), H, W)
-    with DeviceReads() as reads:
+    uploads = []
+    upload_ints = mask_paste.upload_ints
+    with DeviceReads() as reads, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            mask_paste, "upload_ints", lambda *args: uploads.append(args) or upload_ints(*args)
+        )
         got = mask_paste.detector_postprocess(_instances(masks, boxes), H, W)
-    assert dict(reads.counts) == ({"tolist": 1, "upload": 1} if dropped else {"tolist": 1})
+    assert dict(reads.counts) == {"tolist": 1, "upload": 1}
+    assert len(uploads) == 1  # the one upload is the non-blocking one
     assert len(got) == len(boxes) - dropped
     for name in ("pred_boxes", "scores", "pred_masks"):
         a, b = got.get(name), expected.get(name)
@@ -255,3 +262,26 @@ def test_cuda_masks_equal_detectron2s():
     expected = paste_masks_in_image(masks, boxes, (H, W))
     got = paste_masks(masks, boxes, (H, W))
     assert got.is_cuda and torch.equal(got, expected)
+
+
+def test_chunk_rows_columns_and_prefix():
+    """The per-chunk rows of tensors that cover the chunks and more (the fusion's candidates are
+    a prefix of its instances), the (N, 1, 1) columns and the prefixes that the batched pasting
+    and fusion broadcast with."""
+    table = torch.arange(24).view(6, 4)
+    chunks = [(0, 2, 5, 5), (2, 5, 3, 3)]
+    parts = crop_chunks.chunk_rows([table, table[:, 0]], chunks)
+    assert [[p.tolist() for p in part] for part in parts] == [
+        [table[:2].tolist(), [0, 4]],
+        [table[2:5].tolist(), [8, 12, 16]],
+    ]
+    (whole,) = crop_chunks.chunk_rows([table], [(0, 6, 1, 1)])
+    assert whole[0] is table  # one chunk covering the tensor: no call
+    (first_rows,) = crop_chunks.chunk_rows([table], [(0, 4, 1, 1)])
+    assert torch.equal(first_rows[0], table[:4])
+    cols = crop_chunks.columns(table)
+    assert len(cols) == 4 and all(c.shape == (6, 1, 1) for c in cols)
+    assert torch.equal(cols[2].flatten(), table[:, 2])
+    assert crop_chunks.prefix(table, 6) is table and torch.equal(
+        crop_chunks.prefix(table, 2), table[:2]
+    )
