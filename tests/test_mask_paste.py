@@ -185,6 +185,49 @@ def test_panoptic_postprocess_instances_are_detector_postprocess_ones(size, num,
     assert untouched.shape[-2:] == (28, 28)
 
 
+@pytest.mark.parametrize("method", ["loop", "scatter"])
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float64, torch.float16])
+def test_panoptic_postprocess_reads_twice_and_equals_its_two_steps(
+    monkeypatch, method, scores_dtype
+):
+    """The fusion's scores and classes come back in detector_postprocess' read: two reads per
+    image (that one, then the segment areas; the scatter adds its convergence checks) and two
+    non-blocking uploads, with the output of detector_postprocess then panoptic_fusion, a
+    dropped box, resizing and float64 scores included."""
+    from detectron2.structures import Boxes, Instances
+
+    from efficientps_d2.modeling import fusion
+
+    monkeypatch.setattr(fusion, "_auto_method", lambda device: method)
+    masks, boxes = _detections(30, seed=11)
+    boxes[4] = torch.tensor([10.0, 10.0, 10.0, 20.0])  # empty: dropped
+    detections = Instances((H, W))
+    detections.pred_boxes = Boxes(boxes)
+    detections.pred_masks = masks[:, None]
+    detections.scores = torch.rand(len(boxes), generator=torch.Generator().manual_seed(0))
+    detections.scores = detections.scores.to(scores_dtype)
+    detections.pred_classes = torch.arange(len(boxes)) % 3
+    detections.pred_mask_logits = torch.logit(masks[:, None].clamp(1e-6, 1 - 1e-6))
+    logits = torch.randn(6, H, W, generator=torch.Generator().manual_seed(1))
+    settings = dict(
+        thing_semantic_ids=[2, 3, 4],  # one run: no upload to map the classes
+        confidence_thresh=0.3,
+        overlap_thresh=0.5,
+        stuff_area_limit=20,
+        mask_logit_scale=4.0,
+    )
+    for size in ((H, W), (H + 20, W - 9)):
+        instances = detector_postprocess(copy.deepcopy(detections), *size)
+        resized = panoptic_postprocess(logits, copy.deepcopy(detections), (H, W), *size, **settings)
+        pan, info = fusion.panoptic_fusion(resized["sem_seg"], instances, **settings)
+        assert any(s["isthing"] for s in info)
+        assert torch.equal(resized["panoptic_seg"][0], pan) and resized["panoptic_seg"][1] == info
+    with DeviceReads() as reads:
+        panoptic_postprocess(logits, copy.deepcopy(detections), (H, W), H, W, **settings)
+    reads.counts.pop("equal", None)
+    assert dict(reads.counts) == {"tolist": 2, "upload": 2}
+
+
 def _instances(masks, boxes):
     from detectron2.structures import Boxes, Instances
 

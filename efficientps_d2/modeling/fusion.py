@@ -54,12 +54,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import log_every_n_seconds
 from torch.nn import functional as F
 
 from .crop_chunks import chunk_crops, chunk_rows, columns, padded_elements, prefix
-from .mask_paste import detector_postprocess, sampling_grid, upload_ints
+from .mask_paste import detector_postprocess_and_read, sampling_grid, upload_ints
 
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
@@ -210,7 +210,6 @@ def _validate(
         )
 
 
-@torch.no_grad()
 def panoptic_fusion(
     sem_seg_logits: torch.Tensor,
     instances: Instances,
@@ -247,6 +246,38 @@ def panoptic_fusion(
             ``{"id", "isthing": True, "category_id", "score", "instance_id" (index into
             ``instances``), "area"}``; stuff ``{"id", "isthing": False, "category_id", "area"}``.
     """
+    return _panoptic_fusion(
+        sem_seg_logits,
+        instances,
+        thing_semantic_ids,
+        confidence_thresh,
+        overlap_thresh,
+        stuff_area_limit,
+        mask_logit_scale,
+        method,
+        host=None,
+    )
+
+
+def _auto_method(device: torch.device) -> str:
+    """The method that "auto" takes on ``device``."""
+    return "scatter" if device.type == "cuda" else "loop"
+
+
+@torch.no_grad()
+def _panoptic_fusion(
+    sem_seg_logits,
+    instances,
+    thing_semantic_ids,
+    confidence_thresh,
+    overlap_thresh,
+    stuff_area_limit,
+    mask_logit_scale,
+    method,
+    host,
+):
+    """:func:`panoptic_fusion`, given what the host knows of the instances already (a
+    :class:`_HostCopy`, or None to read it)."""
     if isinstance(thing_semantic_ids, torch.Tensor):
         thing_id_list = [int(c) for c in thing_semantic_ids.flatten().tolist()]
         if thing_semantic_ids.dim() != 1:
@@ -258,7 +289,7 @@ def panoptic_fusion(
     _validate(sem_seg_logits, instances, thing_id_list, mask_logit_scale, method)
     device = sem_seg_logits.device
     if method == "auto":
-        method = "scatter" if device.type == "cuda" else "loop"
+        method = _auto_method(device)
 
     sem = _on(sem_seg_logits, device, torch.float32)
     num_classes, height, width = sem.shape
@@ -270,7 +301,7 @@ def panoptic_fusion(
         stuff_val = torch.full((height, width), float("-inf"), device=device)
 
     candidates = _candidates(
-        instances, device, height, width, confidence_thresh, len(thing_id_list)
+        instances, device, height, width, confidence_thresh, len(thing_id_list), host
     )
     num = 0 if candidates is None else len(candidates.crops)
     # One code per pixel: j where candidate j won step 5, n + c where stuff did and its semantic
@@ -380,14 +411,44 @@ class _Candidates(NamedTuple):
     score_list: List[float]
 
 
+def _read_fields(instances: Instances, device: torch.device) -> List[torch.Tensor]:
+    """The [K] tensors besides the boxes that the host selects the candidates from (see
+    :func:`_candidates`), for one read: the scores in float32 (compared and sorted as such), the
+    scores as given where float64 (reported as such), the classes. float32 holds every class in
+    range, coordinate and score exactly (a read concatenates them in the scores' dtype); a class
+    out of range stays out of range."""
+    raw_scores = _on(instances.scores, device)
+    fields = [raw_scores if raw_scores.dtype == torch.float32 else raw_scores.float()]
+    if raw_scores.dtype == torch.float64:
+        fields.append(raw_scores)
+    return fields + [_on(instances.pred_classes, device)]
+
+
+class _HostCopy(NamedTuple):
+    """The instances as the host knows them from one read, per instance: ``ranked`` (float32)
+    and ``reported`` scores, ``classes``, and ``corners``, the XYXY boxes, flat."""
+
+    ranked: List[float]
+    reported: List[float]
+    classes: List[float]
+    corners: List[float]
+
+    @classmethod
+    def of(cls, fields: List[List[float]], corners: List[float]) -> "_HostCopy":
+        """From the values of :func:`_read_fields`' tensors and the boxes' corners."""
+        ranked, *reported, classes = fields
+        return cls(ranked, reported[0] if reported else ranked, classes, corners)
+
+
 def _candidates(
-    instances, device, height, width, confidence_thresh, num_things
+    instances, device, height, width, confidence_thresh, num_things, host=None
 ) -> Optional[_Candidates]:
     """
     Steps 1-2's selection: detections scoring at least ``confidence_thresh`` whose box is finite
-    and covers some pixel centre, by score (stable). The one read before the end: every
-    detection's score, box and class (and whether every class is a thing id: an error
-    otherwise), from which the host selects, sorts and crops, as Python numbers.
+    and covers some pixel centre, by score (stable). Unless the caller read them already
+    (``host``, a :class:`_HostCopy`), the one read before the end: every detection's score,
+    box and class (and whether every class is a thing id: an error otherwise), from which the
+    host selects, sorts and crops, as Python numbers.
 
     Returns:
         None if there is none, else a :class:`_Candidates`.
@@ -395,25 +456,20 @@ def _candidates(
     if not instances.get_fields() or len(instances) == 0:
         return None
     count = len(instances)
-    raw_scores = _on(instances.scores, device)
     boxes = _on(instances.pred_boxes.tensor, device, torch.float32)
-    # The steps compare and sort float32 scores; float64 ones are reported as they are. float32
-    # holds every class in range, coordinate and score exactly (the concatenation's dtype is the
-    # scores'); a class out of range stays out of range.
-    scores = [raw_scores] if raw_scores.dtype == torch.float32 else [raw_scores.float()]
-    if raw_scores.dtype == torch.float64:
-        scores.append(raw_scores)
-    classes = _on(instances.pred_classes, device)
-    values = torch.cat(scores + [boxes.flatten(), classes]).tolist()
-    class_list = values[-count:]
-    if min(class_list) < 0 or max(class_list) >= num_things:
+    if host is None:
+        fields = _read_fields(instances, device)
+        values = torch.cat(fields + [boxes.flatten()]).tolist()
+        host = _HostCopy.of(
+            [values[i * count : (i + 1) * count] for i in range(len(fields))],
+            values[len(fields) * count :],
+        )
+    if min(host.classes) < 0 or max(host.classes) >= num_things:
         raise ValueError(
             f"instances.pred_classes must be contiguous thing ids in [0, {num_things}) "
             f"(T = len(thing_semantic_ids)), got {instances.pred_classes.tolist()}"
         )
-    ranked = values[:count]
-    reported = values[count : 2 * count] if len(scores) == 2 else ranked
-    corners = values[len(scores) * count : -count]
+    ranked, corners = host.ranked, host.corners
     # As "scores >= confidence_thresh" on a float32 tensor: in float32.
     threshold = _float32(confidence_thresh)
     selected = []
@@ -432,8 +488,8 @@ def _candidates(
         boxes,
         [crop for _, crop in selected],
         order_list,
-        [int(class_list[i]) for i in order_list],
-        [reported[i] for i in order_list],
+        [int(host.classes[i]) for i in order_list],
+        [host.reported[i] for i in order_list],
     )
 
 
@@ -607,6 +663,20 @@ def _fuse_by_scatter(
         code.scatter_reduce_(0, flat_1d, own.view(-1), "amin")
 
 
+def _readable(detections: Instances) -> bool:
+    """Whether :func:`_read_fields` can read the scores and classes of ``detections``: [K]
+    tensors beside Boxes."""
+    if not all(detections.has(name) for name in ("pred_boxes", "scores", "pred_classes")):
+        return False
+    boxes, scores, classes = detections.pred_boxes, detections.scores, detections.pred_classes
+    return (
+        isinstance(boxes, Boxes)
+        and all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in (scores, classes))
+        and len(scores) == len(classes) == len(boxes)
+        and scores.device == classes.device == boxes.device
+    )
+
+
 def panoptic_postprocess(
     sem_seg_logits: torch.Tensor,
     detections: Instances,
@@ -644,15 +714,22 @@ def panoptic_postprocess(
         sem_seg = sem_seg_logits[:, :height, :width]
     else:
         sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
-    instances = detector_postprocess(detections, height, width)
-    panoptic_seg, segments_info = panoptic_fusion(
+    # The fusion's scores and classes come back in detector_postprocess' read, with the boxes:
+    # one wait for the device fewer.
+    also_read = (
+        _read_fields(detections, detections.pred_boxes.device) if _readable(detections) else []
+    )
+    instances, read = detector_postprocess_and_read(detections, height, width, also_read)
+    panoptic_seg, segments_info = _panoptic_fusion(
         sem_seg,
         instances,
-        thing_semantic_ids=thing_semantic_ids,
-        confidence_thresh=confidence_thresh,
-        overlap_thresh=overlap_thresh,
-        stuff_area_limit=stuff_area_limit,
-        mask_logit_scale=mask_logit_scale,
+        thing_semantic_ids,
+        confidence_thresh,
+        overlap_thresh,
+        stuff_area_limit,
+        mask_logit_scale,
+        "auto",
+        host=_HostCopy.of(*read) if read is not None and also_read else None,
     )
     # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect the
     # all-class contiguous ids of the "standard" panoptic metadata, which the fusion already gives.

@@ -20,7 +20,7 @@ outputs go through.
 """
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import paste_masks_in_image
@@ -34,6 +34,7 @@ from .fast_inference import clip_boxes_
 __all__ = [
     "box_sampling_grid",
     "detector_postprocess",
+    "detector_postprocess_and_read",
     "paste_masks",
     "sampling_grid",
     "upload_ints",
@@ -182,9 +183,24 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
     those go back in one upload that does not wait for the device. Where no box is dropped (the
     usual case), the output shares the input's tensors (scores, classes...) instead of copying
     them."""
+    return detector_postprocess_and_read(detections, height, width)[0]
+
+
+def detector_postprocess_and_read(
+    detections: Instances, height: int, width: int, also_read: Sequence[torch.Tensor] = ()
+) -> Tuple[Instances, Optional[Tuple[List[List[float]], List[float]]]]:
+    """:func:`detector_postprocess`, and in its one read also the values of ``also_read`` ([N]
+    tensors of the N detections, on their boxes' device), so that a caller that needs them on
+    the host (the panoptic fusion) need not wait for the device again.
+
+    Returns:
+        The instances and, where the one-read path ran, (the kept detections' values of each of
+        ``also_read``, their clipped XYXY boxes, flat) as Python numbers; else None (Detectron2's
+        path: no detections, keypoints, sizes as tensors while tracing).
+    """
     fields = detections.get_fields()
     if "pred_masks" not in fields:
-        return d2_detector_postprocess(detections, height, width)
+        return d2_detector_postprocess(detections, height, width), None
     if _UNPASTED in fields:
         raise ValueError(f"Instances with a field named {_UNPASTED!r} cannot be postprocessed.")
     boxes = fields.get("pred_boxes")
@@ -194,7 +210,7 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
         or "pred_keypoints" in fields
         or not all(isinstance(s, int) for s in (height, width))
     ):
-        return _detectron2_then_paste(detections, height, width)
+        return _detectron2_then_paste(detections, height, width), None
     masks = fields["pred_masks"]
     masks = masks.tensor[:, None] if isinstance(masks, ROIMasks) else masks  # (N, 1, M, M)
     _check_square(masks)
@@ -208,13 +224,18 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
     clipped = scaled.clone()
     clip_boxes_(clipped, [(height, width)])
     num = len(boxes)
-    # The one read: the clipped corners (float32, exact as Python floats) and each box's
-    # finiteness; which boxes are empty and their crops follow on the host.
-    values = torch.cat([clipped.flatten(), torch.isfinite(scaled).all(dim=1)]).tolist()
-    if not all(values[4 * num :]):
+    # The one read: the clipped corners (float32, exact as Python floats), each box's finiteness
+    # and what the caller asks for; which boxes are empty and their crops follow on the host.
+    finite = torch.isfinite(scaled).all(dim=1)
+    values = torch.cat([clipped.flatten(), finite, *also_read]).tolist()
+    if not all(values[4 * num : 5 * num]):
         raise AssertionError("Box tensor contains infinite or NaN!")  # Detectron2's clip's
     boxes.tensor = clipped  # as Detectron2's clip does
     kept, crops = _kept_crops(values[: 4 * num], height, width)
+    read = (
+        [[values[start + i] for i in kept] for start in range(5 * num, len(values), num)],
+        [v for i in kept for v in values[4 * i : 4 * i + 4]],
+    )
     sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in zip(*[iter(crops)] * 4)]
     out = Instances((height, width), **fields)  # in the input's order of fields
     out.pred_boxes = Boxes(clipped)
@@ -230,7 +251,7 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
     out.pred_masks = _paste(
         out.pred_masks, out.pred_boxes.tensor, crops, sizes, height, width, threshold=0.5
     )
-    return out
+    return out, read
 
 
 def _kept_crops(corners: List[float], height: int, width: int) -> Tuple[List[int], List[int]]:
