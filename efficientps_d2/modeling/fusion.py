@@ -710,8 +710,11 @@ def panoptic_postprocess(
         segments_info with all-class category ids)}.
     """
     if (height, width) == tuple(image_size):
-        # What sem_seg_postprocess gives, without its same-size (identity) interpolation.
-        sem_seg = sem_seg_logits[:, :height, :width]
+        # What sem_seg_postprocess gives, without its same-size (identity) interpolation (nor a
+        # call to crop where there is no padding).
+        sem_seg = sem_seg_logits
+        if sem_seg.shape[-2:] != (height, width):
+            sem_seg = sem_seg[:, :height, :width]
     else:
         sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
     # The fusion's scores and classes come back in detector_postprocess' read, with the boxes:

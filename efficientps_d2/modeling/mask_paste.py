@@ -66,6 +66,10 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold
     _check_square(masks)
     crops = _crops(boxes, height, width)
     sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in crops.tolist()]  # the one read
+    plane = height * width
+    # Every pixel lands in its own mask's plane: flat index k * height * width + row * width + col.
+    planes = torch.arange(0, len(masks) * plane, plane, device=boxes.device)[:, None]
+    crops = columns(torch.cat([crops, planes], dim=1))
     return _paste(masks[:, None], boxes, crops, sizes, height, width, threshold)
 
 
@@ -118,8 +122,9 @@ def _crops(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _paste(masks, boxes, crops, sizes, height, width, threshold):
-    """:func:`paste_masks` of (N, 1, M, M) ``masks`` once their :func:`_crops` are known, on the
-    device as (N, 4) and as ``sizes`` ((height, width) of each) on the host."""
+    """:func:`paste_masks` of (N, 1, M, M) ``masks`` once their :func:`_crops` are known: on the
+    device ``crops``, (N, 1, 1) columns (x0, y0, x1, y1, k * height * width: the offset of mask
+    k's plane in the output), and on the host ``sizes`` ((height, width) of each)."""
     num, device = len(masks), boxes.device
     if num == 0:
         return torch.zeros((0, height, width), dtype=torch.bool, device=device)
@@ -137,16 +142,13 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
     box_x0, box_y0, box_x1, box_y1 = columns(boxes)
     # Half the (width, height), in the boxes' dtype.
     half_width, half_height = (box_x1 - box_x0) / 2, (box_y1 - box_y0) / 2
-    plane = height * width
-    # Every pixel lands in its own mask's plane: flat index k * height * width + row * width + col.
-    planes = torch.arange(0, num * plane, plane, device=device).view(-1, 1, 1)
-    per_box = (masks, planes, box_x0, box_y0, half_width, half_height) + columns(crops)
-    out = torch.zeros(num * plane, dtype=torch.bool, device=device)
+    per_box = (masks, box_x0, box_y0, half_width, half_height) + tuple(crops)
+    out = torch.zeros(num * height * width, dtype=torch.bool, device=device)
     # Where a kernel launch is cheap (CPU), little padding; on CUDA, few launches.
     for (_, _, h, w), part in zip(chunks, chunk_rows(per_box, chunks)):
         if h == 0 or w == 0:  # boxes off the image: nothing to paste
             continue
-        part_masks, part_planes, x0, y0, half_w, half_h, crop_x0, crop_y0, crop_x1, crop_y1 = part
+        part_masks, x0, y0, half_w, half_h, crop_x0, crop_y0, crop_x1, crop_y1, planes = part
 
         # Each crop grown to (h, w) but kept inside the image, so that it still covers its crop.
         row0, col0 = crop_y0.clamp(max=height - h), crop_x0.clamp(max=width - w)
@@ -164,7 +166,7 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
         inside_rows = (rows >= crop_y0) & (rows < crop_y1)
         inside_cols = (cols >= crop_x0) & (cols < crop_x1)
         pasted = (sampled[:, 0] >= threshold) & inside_rows & inside_cols
-        index = (part_planes + rows * width) + cols
+        index = (planes + rows * width) + cols
         # A scatter: on the CPU several times faster than index_put_ with the three indices.
         out.scatter_(0, index.flatten(), pasted.flatten())
     return out.view(num, height, width)
@@ -240,14 +242,19 @@ def detector_postprocess_and_read(
     out = Instances((height, width), **fields)  # in the input's order of fields
     out.pred_boxes = Boxes(clipped)
     out.pred_masks = masks
-    # The crops, and the kept boxes' indices where a box is dropped, in one upload that does not
-    # wait for the device (as a list used as an index would).
+    # The crops as columns (x0..., y0..., x1..., y1..., and the offsets of the masks' planes in
+    # the output: see _paste), and the kept boxes' indices where a box is dropped, in one upload
+    # that does not wait for the device (as a list used as an index would).
+    planes = range(0, len(kept) * height * width, height * width)
+    per_box = [*crops[0::4], *crops[1::4], *crops[2::4], *crops[3::4], *planes]
     if len(kept) == num:
-        crops = upload_ints(crops, clipped.device)
+        per_box = upload_ints(per_box, clipped.device)
     else:
-        crops, index = upload_ints(crops + kept, clipped.device).split([len(crops), len(kept)])
+        index, per_box = upload_ints(kept + per_box, clipped.device).split(
+            [len(kept), len(per_box)]
+        )
         out = out[index]
-    crops = crops.view(-1, 4)
+    crops = per_box.view(5, len(kept), 1, 1).unbind(0)
     out.pred_masks = _paste(
         out.pred_masks, out.pred_boxes.tensor, crops, sizes, height, width, threshold=0.5
     )
