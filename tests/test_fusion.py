@@ -562,10 +562,10 @@ def random_scene(k, seed=0):
 @pytest.mark.parametrize("inference_mode", [False, True], ids=["grad mode", "inference mode"])
 @pytest.mark.parametrize("k", [0, 1, 24])
 def test_device_reads_do_not_grow_with_detections(k, method, inference_mode, monkeypatch):
-    """Two reads per image (the candidates' crop sizes, then every number of segments_info), one
-    non-blocking upload (the thing ids), plus for "scatter" one convergence check per
-    fusion._ROUNDS_PER_CHECK rounds: nothing per detection. Also under inference_mode, where
-    EfficientPS.inference runs it."""
+    """Two reads per image (the detections' scores, boxes and classes, then every number of
+    segments_info), one non-blocking upload (least areas, the candidates' crops), plus for
+    "scatter" one convergence check per fusion._ROUNDS_PER_CHECK rounds: nothing per detection.
+    Also under inference_mode, where EfficientPS.inference runs it."""
     sem, inst = random_scene(k)
     uploads = []
     upload_ints = fusion.upload_ints
