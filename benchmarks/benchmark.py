@@ -100,6 +100,7 @@ PATHS = {
     "bf16": {"dtype": "bfloat16"},
     "graph": {"cuda_graph": True},
     "graph-bf16": {"cuda_graph": True, "dtype": "bfloat16"},
+    "graph-heads-bf16": {"cuda_graph": True, "cuda_graph_roi_heads": True, "dtype": "bfloat16"},
     "compiled-bf16": {"compile": True, "dtype": "bfloat16"},
 }
 DEFAULT_CUDA_PATHS = list(PATHS)
@@ -452,9 +453,11 @@ def gpu_profile(run, runs=3):
     over ``runs``: {"kernel_s": GPU time of its kernels and copies (divided by the wall time, the
     fraction of the run in which the GPU is busy), "launches": kernel launches, "syncs": times
     the host waits for the GPU, "stages" and "gpu_stages": {stage: seconds} for EfficientPS, on
-    the host and on the GPU (first to last kernel)}. Launches and waits are what bind a run to the
-    CPU; the stages say where. A stage that waits for the GPU takes in, on the host, the GPU time
-    of the stages before it: the two read together."""
+    the host and on the GPU (first to last kernel), "gpu_ops": [[operator, GPU seconds], ...] the
+    operators whose own kernels took the most GPU time, most first}. Launches and waits are what
+    bind a run to the CPU; the stages say where, and the operators what the GPU spends on. A
+    stage that waits for the GPU takes in, on the host, the GPU time of the stages before it: the
+    two read together."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -470,8 +473,15 @@ def summarize_profile(events, runs, trailing_syncs=0):
     from torch.autograd import DeviceType
 
     kernel_us, launches, syncs, stages, gpu_stages = 0.0, 0, -trailing_syncs, {}, {}
+    gpu_ops = []
     for event in events:
         call = re.sub(r"_v\d+$", "", event.key)
+        if event.device_type == DeviceType.CPU and "::" in call:
+            own_us = getattr(event, "self_device_time_total", None) or getattr(
+                event, "self_cuda_time_total", 0
+            )
+            if own_us > 0:
+                gpu_ops.append([call, own_us / 1e6 / runs])
         if event.device_type == DeviceType.CUDA:
             device_us = getattr(event, "self_device_time_total", None) or getattr(
                 event, "self_cuda_time_total", 0
@@ -494,7 +504,12 @@ def summarize_profile(events, runs, trailing_syncs=0):
         "syncs": max(syncs, 0) / runs,
         "stages": stages,
         "gpu_stages": gpu_stages,
+        "gpu_ops": sorted(gpu_ops, key=lambda op: -op[1])[:GPU_OPS_LISTED],
     }
+
+
+# How many operators the GPU profiles list by their kernels' time.
+GPU_OPS_LISTED = 12
 
 
 def training_batch(height, width, num_classes, device, seed=0, num_instances=8):
@@ -643,6 +658,7 @@ def training_speed(models, device, height, width, warmup, repeats, precisions, o
                 rows[key]["busy"] = profiled["kernel_s"] * rows[key]["iter_per_s"]
                 rows[key]["launches"] = profiled["launches"]
                 rows[key]["syncs"] = profiled["syncs"]
+                rows[key]["gpu_ops"] = profiled["gpu_ops"]
             logger.info("training %s: %s", key, rows[key])
             if on_row is not None:
                 on_row(rows)
@@ -849,6 +865,12 @@ def markdown(report):
             for field in ("launches", "syncs"):
                 cells.append(f"{row[field]:.0f}" if field in row else "n/a")
             lines.append(f"| {key} | {' | '.join(cells)} |")
+    listed = {key: row["gpu_ops"] for key, row in report.get("training", {}).items()}
+    listed = {key: ops for key, ops in listed.items() if ops}
+    if listed:
+        lines += ["", "GPU ms per training step of the operators whose kernels took the most:", ""]
+        for key, ops in listed.items():
+            lines.append(f"- {key}: " + ", ".join(f"{op} {_fmt(t * 1e3, 1)}" for op, t in ops))
     if report.get("training_memory"):
         lines += [
             "",

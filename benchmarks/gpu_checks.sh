@@ -1,17 +1,19 @@
 #!/bin/bash
 # Issue 8's GPU checks, for a CUDA machine (H100 / H200), in steps that STEPS names (default all):
-#   bench:    benchmarks/benchmark.py --quick (EfficientPS-B5 eager, bf16 and as CUDA graphs and
-#             Panoptic FPN R50 at 512x1024 and 1024x2048, the dense network alone, bf16 training
-#             with a profile of its launches) into $OUT/results-gpu;
+#   bench:    benchmarks/benchmark.py --quick (EfficientPS-B5 eager, bf16, as CUDA graphs (the
+#             ROI heads too in graph-heads-bf16) and Panoptic FPN R50 at 512x1024 and 1024x2048,
+#             the dense network alone, bf16 training with a profile of its launches) into
+#             $OUT/results-gpu;
 #   compiled: the compiled bf16 path at 1024x2048 alone into $OUT/results-gpu-compiled
 #             (compiling takes a minute or more);
 #   tests:    the CUDA-only tests (CUDA graphs, the fusion on the GPU);
 #   job:      the main job (the quick synthetic config) under bf16 AMP, keeping its panoptic PNGs,
-#             then --eval-only of its checkpoint as a CUDA graph in fp32 and bf16 and on the
-#             model's own modules, each compared pixel by pixel with the job's own evaluation.
+#             then --eval-only of its checkpoint as a CUDA graph in fp32 and bf16 (the ROI heads
+#             too in heads16) and on the model's own modules, each compared pixel by pixel with
+#             the job's own evaluation.
 #
-#   OUT=gpu_out bash benchmarks/gpu_checks.sh                             # about 12 minutes at most
-#   STEPS="bench compiled tests" OUT=gpu_out bash benchmarks/gpu_checks.sh  # 7 minutes at most
+#   OUT=gpu_out bash benchmarks/gpu_checks.sh                             # about 13 minutes at most
+#   STEPS="bench compiled tests" OUT=gpu_out bash benchmarks/gpu_checks.sh  # 7.5 minutes at most
 #
 # Its time limits fit one H200 run of 2026-11-28 (on torch 2.11): the benchmark's inference took
 # 105 s and each training precision's first step about a minute of cuDNN autotuning; the CUDA
@@ -53,8 +55,8 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 
 if want bench; then
   log "benchmark"
-  timeout "${BENCH_S:-220}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" \
-    --paths bf16 graph graph-bf16 ${BENCH_OPTS:-} --output "$OUT/results-gpu" \
+  timeout "${BENCH_S:-240}" $PY benchmarks/benchmark.py --quick --device "$DEVICE" \
+    --paths bf16 graph graph-bf16 graph-heads-bf16 ${BENCH_OPTS:-} --output "$OUT/results-gpu" \
     > "$OUT/bench.log" 2>&1
   log "benchmark rc=$?"
 fi
@@ -67,7 +69,7 @@ if want compiled; then
 fi
 if want tests; then
   log "cuda tests"
-  timeout "${TEST_S:-50}" $PY -m pytest -q -p no:cacheprovider tests/test_fast_paths.py \
+  timeout "${TEST_S:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_fast_paths.py \
     tests/test_fusion.py tests/test_inplace_abn.py tests/test_mask_paste.py \
     -k "cuda or graph" > "$OUT/tests.log" 2>&1
   log "tests rc=$?"
@@ -85,10 +87,13 @@ log "train rc=$?"
 WEIGHTS="$WORK/quick/$(cat "$WORK/quick/last_checkpoint" 2>/dev/null)"
 log "weights $WEIGHTS"
 
-for name in graph32 graph16 plain; do
+for name in graph32 graph16 heads16 plain; do
+  graph="MODEL.EFFICIENTPS.CUDA_GRAPH True"
   case $name in
-    graph32) opts="MODEL.EFFICIENTPS.CUDA_GRAPH True" ;;
-    graph16) opts="MODEL.EFFICIENTPS.CUDA_GRAPH True MODEL.EFFICIENTPS.INFERENCE_DTYPE bfloat16" ;;
+    graph32) opts="$graph" ;;
+    graph16) opts="$graph MODEL.EFFICIENTPS.INFERENCE_DTYPE bfloat16" ;;
+    heads16) opts="$graph MODEL.EFFICIENTPS.INFERENCE_DTYPE bfloat16"
+      opts="$opts MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS True" ;;
     plain) opts="MODEL.EFFICIENTPS.FAST_INFERENCE False" ;;  # the model's own modules, eager
   esac
   log "eval $name"
@@ -107,7 +112,7 @@ work = os.environ["WORK"]
 reference = sorted(glob.glob(f"{work}/quick/inference/*/panoptic/*.png"))
 if not reference:
     print("no PNGs to compare with: the quick job stopped before its own evaluation")
-for name in ("graph32", "graph16", "plain"):
+for name in ("graph32", "graph16", "heads16", "plain"):
     differing = total = found = 0
     for path in reference:
         other = path.replace(f"{work}/quick/", f"{work}/{name}/")
@@ -118,7 +123,7 @@ for name in ("graph32", "graph16", "plain"):
             total += a.shape[0] * a.shape[1]
     print(f"{name}: {found} of {len(reference)} PNGs, {differing} of {total} pixels differ")
 PY
-{ echo "PQ rows (the quick job, then the evaluations graph32, graph16, plain):"
+{ echo "PQ rows (the quick job, then the evaluations graph32, graph16, heads16, plain):"
   grep -A2 "copypaste: Task: panoptic_seg" "$OUT/train.log" | tail -1
   grep -A2 "copypaste: Task: panoptic_seg" "$OUT/eval.log" | grep -v "Task\|PQ,\|^--"; } >> "$S"
 log done

@@ -16,6 +16,8 @@ class above 4,000 box coordinates), the panoptic fusion's "scatter" method and, 
 the mask pasting, the fewest chunks of box crops (the CPU takes compact chunks: less padding, more
 calls). ``--cpu-branches`` counts the CPU's own. The dense network's calls are the CPU's (fused
 conv + LeakyReLU kernels of oneDNN); on a GPU it is one CUDA graph replay when graphed.
+``--graphed-roi-heads`` counts the ROI heads as MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS runs them
+on a GPU: each of the box and mask stages one call (the graph's replay) after copying its input.
 
     .venv/bin/python benchmarks/op_counts.py --size 512x1024
 """
@@ -29,7 +31,7 @@ import sys
 from unittest import mock
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402  (this folder's benchmark.py: the model it times)
@@ -63,6 +65,43 @@ def gpu_branches():
             (mask_paste, "chunk_crops", fewest_chunks),
         ):
             stack.enter_context(mock.patch.object(module, name, replacement))
+        yield
+
+
+class _OneReplay:
+    """A stage of FixedShapeRoiHeads as a CUDA graph's replay counts: its inputs copied in, then
+    one call (its operators, run on the CPU, are inside it, so not counted)."""
+
+    def __init__(self, fn, *examples):
+        self.fn = fn
+        self.static_inputs = [x.clone() for x in examples]
+
+    def __call__(self, *inputs):
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
+        with record_function("cuda::graph_replay"):
+            return self.fn(*self.static_inputs)
+
+
+@contextlib.contextmanager
+def graphed_roi_heads():
+    """InferenceNetwork.detect runs the ROI heads at fixed row counts (FixedShapeRoiHeads), each
+    stage counted as one replay of its graph."""
+    heads = {}
+
+    def detect(network, roi_heads, features, proposals):
+        if network not in heads:
+            heads[network] = fast_inference.FixedShapeRoiHeads(
+                network.box_head,
+                network.mask_head,
+                network.dense_network._rpn,
+                capture=_OneReplay,
+            )
+        detections = heads[network].detect(roi_heads, features, proposals)
+        assert detections is not None, "the benchmark's ROI heads are the kinds it graphs"
+        return detections
+
+    with mock.patch.object(fast_inference.InferenceNetwork, "detect", detect):
         yield
 
 
@@ -102,6 +141,11 @@ def main(argv=None):
     parser.add_argument(
         "--cpu-branches", action="store_true", help="the CPU's own branches, not a GPU's"
     )
+    parser.add_argument(
+        "--graphed-roi-heads",
+        action="store_true",
+        help="the ROI heads as CUDA_GRAPH_ROI_HEADS runs them, each stage one graph replay",
+    )
     parser.add_argument("--top", type=int, default=8, help="most called operators per stage")
     args = parser.parse_args(argv)
     height, width = benchmark._size(args.size)
@@ -112,11 +156,14 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         if not args.cpu_branches:
             stack.enter_context(gpu_branches())
+        if args.graphed_roi_heads:
+            stack.enter_context(graphed_roi_heads())
         calls, outputs = count_calls(model, inputs)
     detections = benchmark.detections(outputs[0])
     branches = "the CPU's" if args.cpu_branches else "a GPU's"
+    graphed = ", ROI heads graphed" if args.graphed_roi_heads else ""
     print(
-        f"EfficientPS-B5 fast, {height}x{width}, {branches} branches, (detections, thing "
+        f"EfficientPS-B5 fast, {height}x{width}, {branches} branches{graphed}, (detections, thing "
         f"segments) {detections}:"
     )
     for stage in benchmark._STAGES:

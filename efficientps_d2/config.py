@@ -113,6 +113,11 @@ def add_efficientps_config(cfg):
     _C.MODEL.EFFICIENTPS.CUDA_GRAPH = False
     # Most CUDA graphs (padded input sizes) kept; the least recently used one is dropped.
     _C.MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE = 4
+    # With CUDA_GRAPH, also replay the ROI heads' box and mask stages as CUDA graphs, at fixed row
+    # counts: each image's proposals padded to RPN.POST_NMS_TOPK_TEST, its detections to
+    # TEST.DETECTIONS_PER_IMAGE. Fewer calls from Python, more GPU work; detections equal up to
+    # float rounding.
+    _C.MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS = False
     # Run the dense network through torch.compile (compiles once per input size; slow first call).
     _C.MODEL.EFFICIENTPS.COMPILE = False
     # torch.compile mode for COMPILE: "default", "reduce-overhead" (with CUDA graphs),

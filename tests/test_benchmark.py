@@ -88,6 +88,23 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
         "9.0 / 0.0 / 1.0 / 0.0 |" in table
     )
     assert "| PanopticFPN-R50 | 64x128 | 0.50 | 900 | 30 | n/a | n/a |" in table
+    # A training row's profile lists the operators that kept the GPU busiest.
+    saved["settings"]["train_size"] = "64x128"
+    saved["training"] = {
+        "EfficientPS-B5 bfloat16": {
+            "iter_per_s": 9.0,
+            "slowest_step_s": 0.2,
+            "peak_mib": 6000.0,
+            "busy": 0.8,
+            "launches": 3000,
+            "syncs": 40,
+            "gpu_ops": [["aten::cudnn_convolution", 0.0123], ["aten::add_", 0.002]],
+        }
+    }
+    assert (
+        "- EfficientPS-B5 bfloat16: aten::cudnn_convolution 12.3, aten::add_ 2.0"
+        in benchmark.markdown(saved)
+    )
 
 
 def test_paths_failing_rows_compiled_rows_and_partial_results(benchmark, tmp_path, monkeypatch):
@@ -229,7 +246,9 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
         event("cudaMemcpyAsync", 60),  # does not wait
         event("cudaStreamSynchronize", 20),
         event("cudaDeviceSynchronize", 1),  # the profiling's own, at the end
-        event("aten::conv2d", 90),
+        event("aten::conv2d", 90),  # its kernels are its children's
+        event("aten::cudnn_convolution", 90, device_us=4500.0),
+        event("aten::copy_", 20, device_us=1500.0),
         event("void conv_kernel<...>", 90, DeviceType.CUDA, 4500.0),
         event("Memcpy DtoH (Device -> Pinned)", 20, DeviceType.CUDA, 1500.0),
         # A stage: its host time; on the GPU's timeline a span around kernels already counted.
@@ -243,6 +262,7 @@ def test_gpu_profile_counts_launches_and_host_waits(benchmark):
         "syncs": 20 / 3,
         "stages": {"detection": 0.0025},
         "gpu_stages": {"detection": 8000.0 / 1e6 / 3},
+        "gpu_ops": [["aten::cudnn_convolution", 4500.0 / 1e6 / 3], ["aten::copy_", 0.0005]],
     }
 
 
@@ -272,6 +292,13 @@ def test_operator_calls_by_stage():
         assert 0 < sum(gpu[stage].values()) <= sum(cpu[stage].values()), stage
     assert 0 < sum(gpu["postprocess"].values()) < sum(cpu["postprocess"].values())
     assert "aten::conv2d" not in cpu["proposals"]  # each call in its own stage
+    # The ROI heads graphed (CUDA_GRAPH_ROI_HEADS): the box and mask stages one replay each.
+    with op_counts.gpu_branches(), op_counts.graphed_roi_heads():
+        graphed, graphed_outputs = op_counts.count_calls(model, inputs)
+    assert graphed["detection"]["cuda::graph_replay"] == 2
+    assert "aten::linear" not in graphed["detection"]  # the box head, inside the replay
+    assert 0 < sum(graphed["detection"].values()) < sum(gpu["detection"].values())
+    assert len(graphed_outputs[0]["instances"]) == len(outputs[0]["instances"])
 
 
 def test_profiled_inference_shows_each_stage(benchmark):

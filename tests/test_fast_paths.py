@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from efficientps_d2.modeling import crop_chunks, fusion, threaded_roi_align
 from efficientps_d2.modeling.fast_inference import (
     ConvLeakyReLU,
+    FixedShapeRoiHeads,
     SizeLRUCache,
     batched_nms,
     box_detections,
@@ -35,6 +36,7 @@ from efficientps_d2.modeling.fast_inference import (
     fuse_conv_leaky_relu,
     fuse_for_inference,
     pool_rois,
+    pool_rois_fixed,
     rpn_proposals,
     top_anchors,
 )
@@ -991,6 +993,11 @@ def test_cuda_graph_off_cuda_runs_the_model_itself():
     [
         ("INFERENCE_DTYPE", "float64", "INFERENCE_DTYPE"),
         ("CUDA_GRAPH_CACHE_SIZE", 0, "CUDA_GRAPH_CACHE_SIZE"),
+        (
+            "CUDA_GRAPH_ROI_HEADS",
+            True,
+            "CUDA_GRAPH_ROI_HEADS .* needs MODEL.EFFICIENTPS.CUDA_GRAPH",
+        ),
         ("COMPILE", True, "CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE"),
         # torch.compile refused it at the first inference, without the key.
         ("COMPILE_MODE", "fast", r"COMPILE_MODE must be one of .*'reduce-overhead'.*got 'fast'"),
@@ -1001,6 +1008,131 @@ def test_inference_options_are_checked_when_the_model_is_built(key, value, messa
     opts += ["MODEL.EFFICIENTPS.COMPILE", True] if key == "COMPILE_MODE" else []
     with pytest.raises(ValueError, match=message):
         build_model(tiny_config(opts))
+
+
+def _padded(box_lists, rows):
+    rois = torch.zeros(len(box_lists), rows, 5)
+    for n, boxes in enumerate(box_lists):
+        rois[n, :, 0] = n
+        rois[n, : len(boxes), 1:] = boxes.tensor
+    return rois.view(-1, 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("counts", [[70], [40, 0, 25]], ids=["one-image", "three-images"])
+def test_pool_rois_fixed_pools_each_real_row_as_roi_pooler(counts, device):
+    """pool_rois_fixed (every level pools every row, rows of other levels as empty boxes) gives
+    each image's real rows of Detectron2's ROIPooler bit for bit, padding rows or not."""
+    model = _tiny_model().to(device)
+    pooler = model.roi_heads.box_pooler
+    generator = torch.Generator().manual_seed(0)
+    features = [
+        torch.randn(len(counts), 8, 64 // 2**i, 96 // 2**i, generator=generator).to(device)
+        for i in range(4)
+    ]
+    box_lists = [_boxes_over_levels(generator, count, 64, 96) for count in counts]
+    rows = 80  # padded with empty boxes at (0, 0)
+    with torch.inference_mode():
+        expected = pooler(features, [b.to(device) for b in box_lists])
+        pooled = pool_rois_fixed(pooler, features, _padded(box_lists, rows).to(device))
+    assert pooled.shape == (len(counts) * rows, *expected.shape[1:])
+    real = torch.cat([pooled[n * rows : n * rows + c] for n, c in enumerate(counts)])
+    assert torch.equal(real, expected)
+
+
+class _Replays:
+    """What FixedShapeRoiHeads captures, run as it is: records each stage's row count."""
+
+    def __init__(self, fn, *examples):
+        self.fn = fn
+        self.rows = [len(x) for x in examples]
+        self.calls = 0
+
+    def __call__(self, *inputs):
+        assert [len(x) for x in inputs] == self.rows  # the shapes it was captured for
+        self.calls += 1
+        return self.fn(*inputs)
+
+
+@pytest.mark.parametrize("fast_inference", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("post_nms_topk", [1000, 20], ids=["padded", "full"])
+def test_fixed_shape_roi_heads_equal_inference_network_detect(fast_inference, post_nms_topk):
+    """The ROI heads at fixed row counts (MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS), run here without
+    a graph: each image's proposals padded to the post-NMS top-k, its detections to the
+    detections per image, the same detections and masks as InferenceNetwork.detect (bit for bit
+    on the CPU), each stage captured once for its row count."""
+    model = _tiny_model(["MODEL.RPN.POST_NMS_TOPK_TEST", post_nms_topk])
+    _with_options(model, fast_inference=fast_inference)
+    network = model._inference_network()
+    captured = {}
+
+    def capture(fn, *examples):
+        captured[fn.func.__name__] = _Replays(fn, *examples)
+        return captured[fn.func.__name__]
+
+    fixed = FixedShapeRoiHeads(
+        network.box_head, network.mask_head, model.proposal_generator, capture=capture
+    )
+    with torch.inference_mode():
+        images = model.preprocess_image(_inputs())
+        features, _, objectness, proposal_boxes = network.dense(images.tensor)
+        proposals = rpn_proposals(model.proposal_generator, images, objectness, proposal_boxes)
+        expected = network.detect(model.roi_heads, features, proposals)
+        detections = fixed.detect(model.roi_heads, features, proposals)
+        fixed.detect(model.roi_heads, features, proposals)
+    counts = [len(p) for p in proposals]
+    assert (max(counts) < post_nms_topk) == (post_nms_topk == 1000)
+    per_image = model.roi_heads.box_predictor.test_topk_per_image
+    assert {k: (v.rows, v.calls) for k, v in captured.items()} == {
+        "_box_stage": ([2 * post_nms_topk], 2),
+        "_mask_stage": ([2 * per_image], 2),
+    }
+    for a, b in zip(detections, expected):
+        assert 0 < len(b) < per_image and a.get_fields().keys() == b.get_fields().keys()
+        for name in b.get_fields():
+            x, y = a.get(name), b.get(name)
+            x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
+            assert torch.equal(x, y), name
+
+
+def test_fixed_shape_roi_heads_leave_other_heads_to_detect():
+    """A mask head with its own forward, or no top-k of detections, runs the mask head as it is;
+    a box predictor not Detectron2's runs InferenceNetwork.detect's own path (None)."""
+    from detectron2.modeling.roi_heads import FastRCNNOutputLayers
+
+    model = _tiny_model()
+    network = model._inference_network()
+    captured = []
+
+    def capture(fn, *examples):
+        captured.append(fn.func.__name__)
+        return fn
+
+    fixed = FixedShapeRoiHeads(
+        network.box_head, network.mask_head, model.proposal_generator, capture=capture
+    )
+    with torch.inference_mode():
+        images = model.preprocess_image(_inputs()[:1])
+        features, _, objectness, proposal_boxes = network.dense(images.tensor)
+        proposals = rpn_proposals(model.proposal_generator, images, objectness, proposal_boxes)
+        expected = network.detect(model.roi_heads, features, proposals)[0]
+        model.roi_heads.box_predictor.test_topk_per_image = -1
+        unbounded = fixed.detect(model.roi_heads, features, proposals)[0]
+        assert captured == ["_box_stage"]
+        model.roi_heads.box_predictor.test_topk_per_image = 100
+
+        class OwnForward(type(network.mask_head)):
+            def forward(self, x, instances):
+                return super().forward(x, instances)
+
+        network.mask_head.__class__ = OwnForward
+        own = fixed.detect(model.roi_heads, features, proposals)[0]
+        assert captured == ["_box_stage"]
+        model.roi_heads.box_predictor.__class__ = type("Other", (FastRCNNOutputLayers,), {})
+        assert fixed.detect(model.roi_heads, features, proposals) is None
+    for result in (unbounded, own):
+        assert torch.equal(result.pred_mask_logits, expected.pred_mask_logits)
+        assert torch.equal(result.pred_boxes.tensor, expected.pred_boxes.tensor)
 
 
 def test_size_cache_evicts_least_recently_used():
@@ -1120,6 +1252,30 @@ def test_a_graph_captured_under_autocast_is_not_replayed_without_it():
         _with_options(model, cuda_graph=False)
         eager = model(inputs)[0]
     _assert_same_panoptic(eager, graphed)
+
+
+@_CUDA
+@pytest.mark.usefixtures("exact_float32")
+def test_cuda_graph_of_the_roi_heads_gives_the_eager_panoptic_output():
+    """MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS: the box and mask stages replayed as CUDA graphs on
+    the dense network's outputs, captured once per input size and row count."""
+    model = _cuda_model()
+    inputs = _cuda_inputs()
+    with torch.no_grad():
+        eager = model(inputs)
+        _with_options(model, cuda_graph=True, cuda_graph_roi_heads=True, fast_inference=True)
+        graphed = model(inputs)
+        again = model(inputs)  # replayed
+        network = model._inference_network()
+        (captured,) = network.graphs._values.values()
+        assert sorted(captured.roi_heads._graphs) == [("boxes", 2 * 20), ("masks", 2 * 100)]
+        single = model(inputs[:1])  # another input size: its own graphs
+    assert len(network.graphs) == 2
+    for a, b, c in zip(eager, graphed, again):
+        _assert_same_panoptic(a, b)
+        assert torch.equal(b["panoptic_seg"][0], c["panoptic_seg"][0])
+        assert b["panoptic_seg"][1] == c["panoptic_seg"][1]
+    _assert_same_panoptic(eager[0], single[0])
 
 
 @_CUDA

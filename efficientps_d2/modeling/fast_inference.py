@@ -10,7 +10,8 @@ model's own modules (all options off) or a cached copy of them that is
 - fused: BatchNorm folded into the convs and conv + LeakyReLU fused (:func:`fuse_for_inference`);
 - cast: the dense network's weights in bfloat16 / float16, with its outputs in float32;
 - graphed: the dense network replayed as a CUDA graph captured once per padded input size
-  (:class:`SizeLRUCache`), on CUDA only;
+  (:class:`SizeLRUCache`), on CUDA only; with CUDA_GRAPH_ROI_HEADS the box and mask heads too, at
+  fixed row counts (:class:`FixedShapeRoiHeads`);
 - compiled: the dense network through ``torch.compile``.
 
 The dense network also decodes the RPN's proposals (the anchors of the model's anchor generator,
@@ -42,6 +43,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
+from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead, mask_rcnn_inference
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -50,23 +52,30 @@ from torchvision.ops import batched_nms as torchvision_batched_nms
 from torchvision.ops import nms
 
 from .inplace_abn import InPlaceABN
+from .instance_head import SeparableConvMaskHead
 from .layers import sequential_neighbours
 
 __all__ = [
     "ConvLeakyReLU",
     "DenseNetwork",
+    "FixedShapeRoiHeads",
     "InferenceNetwork",
     "InferenceOptions",
     "SizeLRUCache",
     "batched_nms",
     "box_detections",
+    "box_scores",
     "build_inference_network",
     "clip_boxes_",
+    "detect_boxes",
+    "detect_masks",
     "fold_batch_norms",
     "fuse_conv_leaky_relu",
     "fuse_for_inference",
     "pool_rois",
+    "pool_rois_fixed",
     "rpn_proposals",
+    "select_detections",
     "top_anchors",
 ]
 
@@ -398,28 +407,31 @@ class SizeLRUCache:
         return len(self._values)
 
 
-class _CapturedDenseNetwork:
-    """One CUDA graph of a dense network for one input shape and dtype: copy in, replay, read the
-    outputs (static tensors, overwritten by the next replay)."""
+class _CapturedGraph:
+    """``fn`` captured as one CUDA graph for inputs of the shapes and dtypes of ``examples``:
+    copy the inputs in, replay, read the outputs (static tensors, overwritten by the next
+    replay). ``fn`` must not read the device from the host (no ``.item()``, ``nonzero``, ...)."""
 
     WARMUP_RUNS = 2
 
-    def __init__(self, network: nn.Module, example: torch.Tensor):
-        self.static_input = example.clone()
+    def __init__(self, fn: Callable, *examples: torch.Tensor, pool=None):
+        self.static_inputs = [x.clone() for x in examples]
+        device = examples[0].device
         # Warm up (cuDNN autotuning, lazy initialisation) on the stream that captures, as the
         # CUDA-graph docs require, then capture.
-        stream = torch.cuda.Stream(device=example.device)
-        stream.wait_stream(torch.cuda.current_stream(example.device))
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(self.WARMUP_RUNS):
-                network(self.static_input)
-        torch.cuda.current_stream(example.device).wait_stream(stream)
+                fn(*self.static_inputs)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
-            self.static_output = network(self.static_input)
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
+            self.static_output = fn(*self.static_inputs)
 
-    def __call__(self, images: torch.Tensor):
-        self.static_input.copy_(images)
+    def __call__(self, *inputs: torch.Tensor):
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
         self.graph.replay()
         return self.static_output
 
@@ -432,6 +444,7 @@ class InferenceOptions:
     dtype: str = "float32"
     cuda_graph: bool = False
     cuda_graph_cache_size: int = 4
+    cuda_graph_roi_heads: bool = False
     compile: bool = False
     compile_mode: str = "default"
 
@@ -456,6 +469,11 @@ class InferenceOptions:
                     f"MODEL.EFFICIENTPS.COMPILE_MODE must be one of torch.compile's modes "
                     f"{sorted(modes)}, got {self.compile_mode!r}."
                 )
+        if self.cuda_graph_roi_heads and not self.cuda_graph:
+            raise ValueError(
+                "MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS graphs the ROI heads along with the dense "
+                "network: it needs MODEL.EFFICIENTPS.CUDA_GRAPH True."
+            )
         if self.cuda_graph and self.compile:
             raise ValueError(
                 "MODEL.EFFICIENTPS.CUDA_GRAPH and MODEL.EFFICIENTPS.COMPILE are both on: choose "
@@ -472,6 +490,7 @@ class InferenceOptions:
             "inference_dtype": node.INFERENCE_DTYPE,
             "cuda_graph": node.CUDA_GRAPH,
             "cuda_graph_cache_size": node.CUDA_GRAPH_CACHE_SIZE,
+            "cuda_graph_roi_heads": node.CUDA_GRAPH_ROI_HEADS,
             "compile": node.COMPILE,
             "compile_mode": node.COMPILE_MODE,
         }
@@ -482,9 +501,19 @@ class InferenceOptions:
         return self.fast_inference or self.dtype != "float32" or graph or self.compile
 
 
-def _capture(dense: nn.Module, key, images: torch.Tensor) -> _CapturedDenseNetwork:
+def _capture(dense: nn.Module, roi_heads, key, images: torch.Tensor) -> _CapturedGraph:
+    """The dense network captured for ``images``, and (``roi_heads``: (box head, mask head), or
+    None) a :class:`FixedShapeRoiHeads` that captures the ROI heads on its outputs."""
     logger.info("Capturing the dense network as a CUDA graph for input %s.", key)
-    return _CapturedDenseNetwork(dense, images)
+    captured = _CapturedGraph(dense, images)
+    # The graphs of the ROI heads read its outputs (static tensors): they live and die with it.
+    # They take their memory from its pool: always replayed after it, on its outputs (never
+    # freed), their own outputs read before the next replay of any of them.
+    captured.roi_heads = None
+    if roi_heads is not None:
+        capture = functools.partial(_CapturedGraph, pool=captured.graph.pool())
+        captured.roi_heads = FixedShapeRoiHeads(*roi_heads, dense._rpn, capture=capture)
+    return captured
 
 
 class InferenceNetwork:
@@ -502,6 +531,7 @@ class InferenceNetwork:
         *,
         cuda_graph: bool = False,
         cuda_graph_cache_size: int = 4,
+        cuda_graph_roi_heads: bool = False,
         compiled: Optional[Callable] = None,
         compiled_replays_graphs: bool = False,
     ):
@@ -516,7 +546,12 @@ class InferenceNetwork:
         # Built from the dense network alone: a bound method of self would make a reference cycle,
         # and a dropped copy (new weights, train()) would keep its weights and its graphs' memory
         # pools until Python's cycle collector happened to run.
-        self.graphs = SizeLRUCache(cuda_graph_cache_size, functools.partial(_capture, dense))
+        roi_heads = (box_head, mask_head) if cuda_graph_roi_heads else None
+        self.graphs = SizeLRUCache(
+            cuda_graph_cache_size, functools.partial(_capture, dense, roi_heads)
+        )
+        # The graph that made the last dense outputs (its ROI heads graphed on them), or None.
+        self._last_graph = None
 
     def modules(self):
         """Every module it runs (dense network, box head, mask head)."""
@@ -543,7 +578,9 @@ class InferenceNetwork:
                 autocast,
                 self.dense_network.pre_nms_topk,
             )
-            features, sem_seg_logits, objectness, deltas = self.graphs.get(key, images)(images)
+            self._last_graph = None  # an evicted graph is freed before a new one is captured
+            self._last_graph = self.graphs.get(key, images)
+            features, sem_seg_logits, objectness, deltas = self._last_graph(images)
             return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:
             features, sem_seg_logits, objectness, deltas = self.compiled(images)
@@ -562,20 +599,161 @@ class InferenceNetwork:
         ``forward_with_given_boxes``) with this network's box and mask heads in place of its own:
         the same detections, bit for bit, from the ROI heads' own poolers (on the CPU on two
         threads: ``threaded_roi_align``), box predictor and NMS, run with fewer operator calls
-        and host waits by :func:`pool_rois` and :func:`box_detections`."""
+        and host waits by :func:`pool_rois` and :func:`box_detections`. On the outputs of a
+        dense network graphed with CUDA_GRAPH_ROI_HEADS, the heads are replayed as CUDA graphs
+        too (:class:`FixedShapeRoiHeads`: the same detections up to float rounding)."""
+        graph = self._last_graph
+        if graph is not None and graph.roi_heads is not None and features is graph.static_output[0]:
+            detections = graph.roi_heads.detect(roi_heads, features, proposals)
+            if detections is not None:
+                return detections
+        instances = detect_boxes(self.box_head, roi_heads, features, proposals)
+        return detect_masks(self.mask_head, roi_heads, features, instances)
+
+
+def detect_boxes(box_head, roi_heads: StandardROIHeads, features, proposals: List[Instances]):
+    """``roi_heads``' box detections (``StandardROIHeads._forward_box`` in inference) with
+    ``box_head`` in place of its own."""
+    in_features = [features[f] for f in roi_heads.box_in_features]
+    box_lists = [x.proposal_boxes for x in proposals]
+    box_features = pool_rois(roi_heads.box_pooler, in_features, box_lists)
+    predictions = roi_heads.box_predictor(box_head(box_features))
+    del box_features
+    return box_detections(roi_heads.box_predictor, predictions, proposals)
+
+
+def detect_masks(mask_head, roi_heads: StandardROIHeads, features, instances: List[Instances]):
+    """``roi_heads``' masks of ``instances`` (``StandardROIHeads._forward_mask`` in inference)
+    with ``mask_head`` in place of its own."""
+    if roi_heads.mask_pooler is not None:
+        in_features = [features[f] for f in roi_heads.mask_in_features]
+        box_lists = [x.pred_boxes for x in instances]
+        mask_features = pool_rois(roi_heads.mask_pooler, in_features, box_lists)
+    else:
+        mask_features = {f: features[f] for f in roi_heads.mask_in_features}
+    return mask_head(mask_features, instances)
+
+
+class FixedShapeRoiHeads:
+    """:meth:`InferenceNetwork.detect` at fixed row counts, so that its two stages can each be
+    replayed as a CUDA graph (MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS): every image's proposals
+    padded to the RPN's post-NMS top-k (MODEL.RPN.POST_NMS_TOPK_TEST) and its detections to the
+    box predictor's top-k (TEST.DETECTIONS_PER_IMAGE) with empty boxes,
+
+    - the box stage: ROI pooling (:func:`pool_rois_fixed`), box head, box predictor and
+      :func:`box_scores`;
+    - the mask stage: ROI pooling and the mask head's ``layers``;
+
+    and between them, from the host, what has data-dependent sizes, on each image's real rows:
+    the score threshold, NMS and top-k (:func:`select_detections`), then the masks' labelling.
+    On a GPU this replaces some 100 operator calls from Python, and the kernel choices for each
+    new row count, by two graph replays; the padded rows cost GPU time (the empty boxes are
+    cheap to pool). The detections are those of :meth:`InferenceNetwork.detect` up to float
+    rounding: a product over more rows may take another kernel, which may round otherwise.
+
+    ``capture(fn, *examples)`` gives what runs ``fn`` for inputs shaped as ``examples``: a
+    :class:`_CapturedGraph`, or (in tests, on the CPU) ``fn`` itself. Each is captured once per
+    row count; what a graph reads of the model (weights, pooler settings, ``scale_clamp``) is
+    fixed when it is captured, while thresholds and top-k are read at each call.
+    """
+
+    def __init__(self, box_head: nn.Module, mask_head: nn.Module, rpn: RPN, *, capture: Callable):
+        self.box_head = box_head
+        self.mask_head = mask_head
+        self.rpn = rpn
+        self.capture = capture
+        self._graphs = {}
+
+    def detect(self, roi_heads: StandardROIHeads, features, proposals: List[Instances]):
+        """``InferenceNetwork.detect(roi_heads, features, proposals)``; None where the box
+        predictor or pooler is not Detectron2's (or there are more proposals than the top-k),
+        which the caller then runs as they are."""
+        predictor = roi_heads.box_predictor
+        rows = self.rpn.post_nms_topk[self.rpn.training]
+        counts = [len(p) for p in proposals]
+        if (
+            type(predictor) is not FastRCNNOutputLayers
+            or type(roi_heads.box_pooler) is not ROIPooler
+            or max(counts) > rows
+        ):
+            return None
+        rois = _padded_rois([p.proposal_boxes.tensor for p in proposals], rows)
         in_features = [features[f] for f in roi_heads.box_in_features]
-        box_lists = [x.proposal_boxes for x in proposals]
-        box_features = pool_rois(roi_heads.box_pooler, in_features, box_lists)
-        predictions = roi_heads.box_predictor(self.box_head(box_features))
-        del box_features
-        instances = box_detections(roi_heads.box_predictor, predictions, proposals)
-        if roi_heads.mask_pooler is not None:
-            in_features = [features[f] for f in roi_heads.mask_in_features]
-            box_lists = [x.pred_boxes for x in instances]
-            mask_features = pool_rois(roi_heads.mask_pooler, in_features, box_lists)
-        else:
-            mask_features = {f: features[f] for f in roi_heads.mask_in_features}
-        return self.mask_head(mask_features, instances)
+        stage = functools.partial(
+            _box_stage, self.box_head, roi_heads.box_pooler, predictor, in_features
+        )
+        boxes, probs, valid = self._graph(("boxes", len(rois)), stage, rois)(rois)
+        keep = _kept(predictor, probs, valid)  # the threshold as it is now, not when captured
+        instances = select_detections(
+            predictor,
+            [p.image_size for p in proposals],
+            *[_unpadded(x, counts, rows) for x in (boxes, probs, keep)],
+        )
+        return self._masks(roi_heads, features, instances)
+
+    def _masks(self, roi_heads: StandardROIHeads, features, instances: List[Instances]):
+        rows = roi_heads.box_predictor.test_topk_per_image
+        counts = [len(i) for i in instances]
+        label = _mask_labeller(self.mask_head)
+        if (
+            label is None
+            or type(roi_heads.mask_pooler) is not ROIPooler
+            or rows < 1  # no top-k: any number of detections
+            or sum(counts) == 0
+        ):
+            return detect_masks(self.mask_head, roi_heads, features, instances)
+        rois = _padded_rois([i.pred_boxes.tensor for i in instances], rows)
+        in_features = [features[f] for f in roi_heads.mask_in_features]
+        stage = functools.partial(_mask_stage, self.mask_head, roi_heads.mask_pooler, in_features)
+        logits = self._graph(("masks", len(rois)), stage, rois)(rois)
+        # A copy (torch.cat copies even one tensor): the instances may keep the logits, which the
+        # graph's next replay would overwrite.
+        label(torch.cat(_unpadded(logits, counts, rows)), instances)
+        return instances
+
+    def _graph(self, key, fn: Callable, *examples: torch.Tensor):
+        if key not in self._graphs:
+            logger.info("Capturing the ROI heads' %s stage as a CUDA graph for %d rows.", *key)
+            self._graphs[key] = self.capture(fn, *examples)
+        return self._graphs[key]
+
+
+def _padded_rois(boxes: List[torch.Tensor], rows: int) -> torch.Tensor:
+    """(N * rows, 5) ROIs (batch index, x0, y0, x1, y1) of N images' (R_n, 4) boxes, each image's
+    padded to ``rows`` with empty boxes at (0, 0)."""
+    rois = boxes[0].new_zeros(len(boxes), rows, 5)
+    for n, image_boxes in enumerate(boxes):
+        if n:
+            rois[n, :, 0] = n
+        rois[n, : len(image_boxes), 1:] = image_boxes
+    return rois.view(-1, 5)
+
+
+def _unpadded(x: torch.Tensor, counts: List[int], rows: int) -> List[torch.Tensor]:
+    """Each image's real rows of ``x``, whose rows are N images' padded to ``rows`` each."""
+    return [x[n * rows : n * rows + count] for n, count in enumerate(counts)]
+
+
+def _box_stage(box_head, pooler, predictor, features, rois):
+    pooled = pool_rois_fixed(pooler, features, rois)
+    return box_scores(predictor, predictor(box_head(pooled)), rois[:, 1:])
+
+
+def _mask_stage(mask_head, pooler, features, rois):
+    return mask_head.layers(pool_rois_fixed(pooler, features, rois))
+
+
+def _mask_labeller(mask_head) -> Optional[Callable]:
+    """What sets the masks of instances from ``mask_head.layers``' logits, as its ``forward``
+    does in inference: the project's head's ``label_instances``, Detectron2's
+    ``mask_rcnn_inference`` for heads that keep ``BaseMaskRCNNHead.forward``; None for a head
+    with another ``forward``."""
+    forward = type(mask_head).forward
+    if forward is SeparableConvMaskHead.forward:
+        return mask_head.label_instances
+    if forward is BaseMaskRCNNHead.forward:
+        return mask_rcnn_inference
+    return None
 
 
 def rpn_proposals(
@@ -734,13 +912,7 @@ def pool_rois(pooler: nn.Module, features: List[torch.Tensor], box_lists: List[B
         ]
     )
     rois = torch.cat([index, boxes], dim=1)
-    # Eqn. (1) of the FPN paper, as assign_boxes_to_levels computes it (the area as Boxes.area:
-    # one rounding of width * height), kept in float: its values are whole numbers.
-    sizes = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt()
-    levels = torch.floor(
-        pooler.canonical_level + torch.log2(sizes / pooler.canonical_box_size + 1e-8)
-    ).clamp(min=pooler.min_level, max=pooler.max_level)
-    levels, order = levels.sort(stable=True)
+    levels, order = _box_levels(pooler, boxes).sort(stable=True)
     first = torch.arange(
         pooler.min_level, pooler.max_level + 2, dtype=levels.dtype, device=levels.device
     )
@@ -754,6 +926,39 @@ def pool_rois(pooler: nn.Module, features: List[torch.Tensor], box_lists: List[B
         ]
     )
     return torch.empty_like(pooled).index_copy_(0, order, pooled)
+
+
+def _box_levels(pooler: ROIPooler, boxes: torch.Tensor) -> torch.Tensor:
+    """The pyramid level (min_level ... max_level, as floats) that Detectron2's ``ROIPooler``
+    pools each (R, 4) box from: Eqn. (1) of the FPN paper, as ``assign_boxes_to_levels``
+    computes it, op for op (the area as Boxes.area: one rounding of width * height), kept in
+    float: its values are whole numbers."""
+    sizes = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt()
+    return torch.floor(
+        pooler.canonical_level + torch.log2(sizes / pooler.canonical_box_size + 1e-8)
+    ).clamp(min=pooler.min_level, max=pooler.max_level)
+
+
+def pool_rois_fixed(pooler: ROIPooler, features: List[torch.Tensor], rois: torch.Tensor):
+    """``pooler``'s rows for (R, 5) ``rois`` (batch index, x0, y0, x1, y1), with no host read
+    and shapes that depend on R alone, so that it can be captured in a CUDA graph: each level
+    pools every row, those of other levels as an empty box (at most one sample per bin), and
+    each row is taken from its own level's output. A box's row is pooled by the same
+    level pooler from the same box as in :func:`pool_rois` (ROIAlign pools each box on its
+    own), so the rows are the same."""
+    if len(pooler.level_poolers) == 1:
+        return pooler.level_poolers[0](features[0], rois)
+    levels = _box_levels(pooler, rois[:, 1:])
+    empty = torch.zeros_like(rois[:, 1:])
+    pooled = None
+    for level, (level_pooler, x) in enumerate(zip(pooler.level_poolers, features)):
+        mine = levels == pooler.min_level + level
+        part = level_pooler(
+            x, torch.cat([rois[:, :1], torch.where(mine[:, None], rois[:, 1:], empty)], dim=1)
+        )
+        mine = mine.view(-1, *[1] * (part.dim() - 1))
+        pooled = part if pooled is None else torch.where(mine, part, pooled, out=pooled)
+    return pooled
 
 
 def _decode_boxes(transform, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -799,31 +1004,54 @@ def box_detections(predictor: nn.Module, predictions, proposals: List[Instances]
     """
     if type(predictor) is not FastRCNNOutputLayers or torch.jit.is_tracing():
         return predictor.inference(predictions, proposals)[0]
-    scores, deltas = predictions
     proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals])
-    boxes = _decode_boxes(predictor.box2box_transform, deltas, proposal_boxes)  # (R, B, 4)
-    probs = scores.sigmoid() if predictor.use_sigmoid_ce else F.softmax(scores, dim=-1)
-    # Detectron2 drops the rows with a box or a probability not finite, then the (row, class)
-    # pairs whose score is not above the threshold; the background's column is the last.
-    valid = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(probs).all(dim=1)
-    keep = (probs[:, :-1] > predictor.test_score_thresh) & valid[:, None]
+    boxes, probs, valid = box_scores(predictor, predictions, proposal_boxes)
+    keep = _kept(predictor, probs, valid)
     sizes = [len(p) for p in proposals]
-    per_image = zip(
-        [p.image_size for p in proposals], boxes.split(sizes), probs.split(sizes), keep.split(sizes)
+    return select_detections(
+        predictor,
+        [p.image_size for p in proposals],
+        boxes.split(sizes),
+        probs.split(sizes),
+        keep.split(sizes),
     )
+
+
+def box_scores(predictor: FastRCNNOutputLayers, predictions, proposal_boxes: torch.Tensor):
+    """The first half of :func:`box_detections`, whose shapes depend only on the number R of
+    (R, 4) ``proposal_boxes``: their decoded boxes (R, B, 4) (B: 1, or one per class), the
+    class probabilities (R, K + 1) (the background's last) and whether both are finite (R,)."""
+    scores, deltas = predictions
+    boxes = _decode_boxes(predictor.box2box_transform, deltas, proposal_boxes)
+    probs = scores.sigmoid() if predictor.use_sigmoid_ce else F.softmax(scores, dim=-1)
+    # Detectron2 drops the rows with a box or a probability not finite.
+    valid = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(probs).all(dim=1)
+    return boxes, probs, valid
+
+
+def _kept(predictor: FastRCNNOutputLayers, probs: torch.Tensor, valid: torch.Tensor):
+    """(R, K) whether each (row, class) pair is kept: Detectron2 keeps those of the finite rows
+    whose score is above the threshold (the background's column, the last, is not a class)."""
+    return (probs[:, :-1] > predictor.test_score_thresh) & valid[:, None]
+
+
+def select_detections(predictor: FastRCNNOutputLayers, image_sizes, boxes, probs, keep):
+    """The second half of :func:`box_detections`: from each image's :func:`box_scores` and
+    :func:`_kept` pairs, the kept boxes clipped to the image, per-class NMS, top-k; one
+    Instances per image."""
     results = []
-    for image_size, boxes_n, probs_n, keep_n in per_image:
+    for image_size, boxes_n, probs_n, keep_n in zip(image_sizes, boxes, probs, keep):
         rows, classes = keep_n.nonzero().unbind(1)  # the one host read
         # The box of each kept (row, class); class-agnostic boxes: the row's one box.
         selected = boxes_n[rows, classes] if boxes_n.shape[1] > 1 else boxes_n[rows, 0]
-        scores_n = probs_n[rows, classes]
+        scores = probs_n[rows, classes]
         clip_boxes_(selected, [image_size])
-        best = batched_nms(selected, scores_n, classes, predictor.test_nms_thresh)
+        best = batched_nms(selected, scores, classes, predictor.test_nms_thresh)
         if predictor.test_topk_per_image >= 0:
             best = best[: predictor.test_topk_per_image]
         result = Instances(image_size)
         result.pred_boxes = Boxes(selected[best])
-        result.scores = scores_n[best]
+        result.scores = scores[best]
         result.pred_classes = classes[best]
         results.append(result)
     return results
@@ -910,6 +1138,7 @@ def build_inference_network(model, options: InferenceOptions) -> InferenceNetwor
         parts["mask_head"],
         cuda_graph=options.cuda_graph and model.device.type == "cuda",
         cuda_graph_cache_size=options.cuda_graph_cache_size,
+        cuda_graph_roi_heads=options.cuda_graph_roi_heads,
         compiled=compiled,
         compiled_replays_graphs=options.compile and _compile_mode_replays_graphs(options),
     )

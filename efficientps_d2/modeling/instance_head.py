@@ -97,7 +97,12 @@ class SeparableConvMaskHead(BaseMaskRCNNHead, nn.Sequential):
     def forward(self, x, instances: List[Instances]):
         if self.training:
             return super().forward(x, instances)
-        logits = self.layers(x)
+        return self.label_instances(self.layers(x), instances)
+
+    def label_instances(self, logits: torch.Tensor, instances: List[Instances]) -> List[Instances]:
+        """Inference's second half: sets each instance's ``pred_masks`` and ``pred_mask_logits``
+        from the ``layers`` outputs (R, num_classes, M, M) of all of ``instances``' boxes, in
+        order. (Apart, so that a CUDA graph of ``layers`` can be labelled the same way.)"""
         if logits.shape[1] > 1:
             classes = cat([i.pred_classes for i in instances])
             logits = logits[torch.arange(len(classes), device=logits.device), classes][:, None]

@@ -127,6 +127,7 @@ class EfficientPS(GeneralizedRCNN):
         inference_dtype="float32",
         cuda_graph=False,
         cuda_graph_cache_size=4,
+        cuda_graph_roi_heads=False,
         compile=False,
         compile_mode="default",
         compile_training=False,
@@ -182,6 +183,7 @@ class EfficientPS(GeneralizedRCNN):
             dtype=inference_dtype,
             cuda_graph=cuda_graph,
             cuda_graph_cache_size=cuda_graph_cache_size,
+            cuda_graph_roi_heads=cuda_graph_roi_heads,
             compile=compile,
             compile_mode=compile_mode,
         )

@@ -122,11 +122,13 @@ model = L(EfficientPS)(
     mask_logit_scale=4.0,
     channels_last=True,
     # Inference paths (MODEL.EFFICIENTPS.* in YAML configs): folded/fused copy, dense-network dtype
-    # ("float32", "bfloat16", "float16"), CUDA graphs per padded input size, torch.compile.
+    # ("float32", "bfloat16", "float16"), CUDA graphs per padded input size (ROI heads too, at
+    # fixed row counts), torch.compile.
     fast_inference=True,
     inference_dtype="float32",
     cuda_graph=False,
     cuda_graph_cache_size=4,
+    cuda_graph_roi_heads=False,
     compile=False,
     compile_mode="default",
     compile_training=False,
