@@ -551,18 +551,19 @@ def _fuse_by_loop(
         areas = binary.sum(dim=(1, 2))
         # float64, as the Python arithmetic of the one-at-a-time definition.
         limits = areas.double() * overlap_thresh
-        for k in range(end - start):
+        # Split per instance in one call each, not one (or two) per instance.
+        per_instance = (binary.unbind(0), fused.unbind(0), (areas > 0).unbind(0), limits.unbind(0))
+        for k, (mask, fl, nonempty, limit) in enumerate(zip(*per_instance)):
             r0, r1, c0, c1 = crops[start + k]
             crop = (slice(r0, r1), slice(c0, c1))
-            mask = binary[k, : r1 - r0, : c1 - c0]
+            mask, fl = mask[: r1 - r0, : c1 - c0], fl[: r1 - r0, : c1 - c0]
             region_claimed = claimed[crop]
-            keep = (areas[k] > 0) & ((mask & region_claimed).sum() <= limits[k])
+            keep = nonempty & ((mask & region_claimed).sum() <= limit)
             region_claimed |= mask & keep
 
             region_val = best_val[crop]
-            fl = fused[k, : r1 - r0, : c1 - c0]
             wins = (fl > region_val) & keep
-            region_val.copy_(torch.where(wins, fl, region_val))
+            torch.where(wins, fl, region_val, out=region_val)
             code[crop].masked_fill_(wins, start + k)
 
 
