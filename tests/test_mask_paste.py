@@ -308,20 +308,17 @@ def test_cuda_masks_equal_detectron2s():
 
 
 def test_chunk_rows_columns_and_prefix():
-    """The per-chunk rows of tensors that cover the chunks and more (the fusion's candidates are
-    a prefix of its instances), the (N, 1, 1) columns and the prefixes that the batched pasting
-    and fusion broadcast with."""
+    """The per-chunk rows of the tensors the chunks cover, the (N, 1, 1) columns and the prefixes
+    that the batched pasting and fusion broadcast with."""
     table = torch.arange(24).view(6, 4)
-    chunks = [(0, 2, 5, 5), (2, 5, 3, 3)]
+    chunks = [(0, 2, 5, 5), (2, 6, 3, 3)]
     parts = crop_chunks.chunk_rows([table, table[:, 0]], chunks)
     assert [[p.tolist() for p in part] for part in parts] == [
         [table[:2].tolist(), [0, 4]],
-        [table[2:5].tolist(), [8, 12, 16]],
+        [table[2:].tolist(), [8, 12, 16, 20]],
     ]
     (whole,) = crop_chunks.chunk_rows([table], [(0, 6, 1, 1)])
     assert whole[0] is table  # one chunk covering the tensor: no call
-    (first_rows,) = crop_chunks.chunk_rows([table], [(0, 4, 1, 1)])
-    assert torch.equal(first_rows[0], table[:4])
     cols = crop_chunks.columns(table)
     assert len(cols) == 4 and all(c.shape == (6, 1, 1) for c in cols)
     assert torch.equal(cols[2].flatten(), table[:, 2])

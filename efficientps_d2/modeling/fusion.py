@@ -37,11 +37,11 @@ segment areas. On CUDA, ``torch.bincount`` (the segment areas) adds two small re
 of the codes' minimum and maximum, just before that last copy, when little work is left to
 overlap; the scatter's convergence checks add one per four rounds. The one upload (each
 segment's least area and the candidates' indices, pixel ranges and semantic classes) does not
-wait for the device. Every operator call costs host time on a GPU (some 20-45 us, a view
-included), so the code computes once what each chunk or round would otherwise repeat, keeps
-per-candidate numbers as [n, 1, 1] columns that broadcast over the crops, and leaves to the host
-what it knows already. Memory stays at a few H x W maps plus
-the padded crops (the loop holds one chunk of at most ``CHUNK_ELEMENTS``, the scatter all of
+wait for the device. Every operator call costs host time on a GPU (some 20-45 us for one that
+launches a kernel, a few us for a view), so the code computes once what each chunk or round
+would otherwise repeat, keeps per-candidate numbers as [n, 1, 1] columns that broadcast over the
+crops, and leaves to the host what it knows already. Memory stays at a few H x W maps plus the
+padded crops (the loop holds one chunk of at most ``CHUNK_ELEMENTS``, the scatter all of
 them, up to ``_SCATTER_ELEMENTS``, past which it takes compact chunks, then the loop). The result
 equals visiting the instances one by one (the reference behaviour, kept in
 ``tests/test_fast_paths.py``).
@@ -607,30 +607,23 @@ def _fuse_by_scatter(
         areas = binary.sum(dim=(1, 2), keepdim=True)
         parts.append((ids, own, below, fused, flat, flat.view(-1), areas))
     whole = len(parts) == 1
-    lengths = [end - start for start, end, _, _ in chunks]
 
     def cat(tensors):
         return tensors[0] if whole else torch.cat(tensors)
 
     def split(values):
-        return [values] if whole else values.split(lengths)
+        return [part for (part,) in chunk_rows([values], chunks)]
 
     areas = cat([part[-1] for part in parts])
     nonempty = areas > 0
     # float64, as in the loop; -1 for an empty mask, which is never kept.
     limits = torch.where(nonempty, areas.double() * overlap_thresh, -1.0)
-    # A round reads the lowest kept candidate only on the candidates' own pixels. With one chunk
-    # it scatters onto every one of those, so the minimum over the scattered values alone
-    # (include_self=False) needs no image refilled first; several chunks scatter in turn.
-    lowest = torch.empty(height * width, dtype=torch.int32, device=device) if whole else None
 
     def refine(kept):
-        first = lowest
-        if not whole:
-            first = torch.full((height * width,), num, dtype=torch.int32, device=device)
+        first = torch.full((height * width,), num, dtype=torch.int32, device=device)
         for kept_part, (_, own, _, _, _, flat_1d, _) in zip(split(kept), parts):
             own = torch.where(kept_part, own, num)
-            first.scatter_reduce_(0, flat_1d, own.view(-1), "amin", include_self=not whole)
+            first.scatter_reduce_(0, flat_1d, own.view(-1), "amin")
         overlaps = cat(
             [
                 (first[flat] < below).sum(dim=(1, 2), keepdim=True)

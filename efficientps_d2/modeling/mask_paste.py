@@ -32,7 +32,6 @@ from .crop_chunks import chunk_crops, chunk_rows, columns, prefix
 from .fast_inference import clip_boxes_
 
 __all__ = [
-    "box_sampling_grid",
     "detector_postprocess",
     "detector_postprocess_and_read",
     "paste_masks",
@@ -83,22 +82,15 @@ def upload_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([int(v) for v in values], dtype=torch.long).to(device, non_blocking=True)
 
 
-def box_sampling_grid(boxes, half, row_centres, col_centres) -> torch.Tensor:
-    """``grid_sample``'s (K, h, w, 2) grid that maps the pixel centres of K crops, ``row_centres``
-    (K, h) and ``col_centres`` (K, w), onto [-1, 1] across each of the (K, 4) XYXY ``boxes``, given
-    half their (width, height), ``half`` (K, 2): Detectron2's mapping in ``paste_masks_in_image``
-    (with ``align_corners=False`` the box edges land on the mask's outer edges), as
-    :func:`sampling_grid` computes it."""
-    x0, y0 = columns(boxes)[:2]
-    return sampling_grid(x0, y0, *columns(half), row_centres[:, :, None], col_centres[:, None, :])
-
-
 def sampling_grid(x0, y0, half_width, half_height, row_centres, col_centres) -> torch.Tensor:
-    """:func:`box_sampling_grid` of boxes given as (K, 1, 1) columns (their corner ``x0``, ``y0``
-    and half their width and height) and of the pixel centres as (K, h, 1) ``row_centres`` and
-    (K, 1, w) ``col_centres``: the batched callers keep every per-box number in that shape, so that
-    it broadcasts without a reshaping call. Detectron2's "(c - x0) / (x1 - x0) * 2 - 1" is computed
-    as "(c - x0) / half - 1": halving and doubling are exact, and rounding commutes with them."""
+    """``grid_sample``'s (K, h, w, 2) grid that maps the pixel centres of K crops onto [-1, 1]
+    across each of K boxes: Detectron2's mapping in ``paste_masks_in_image`` (with
+    ``align_corners=False`` the box edges land on the mask's outer edges). The boxes are given as
+    (K, 1, 1) columns (their corner ``x0``, ``y0`` and half their width and height) and the pixel
+    centres as (K, h, 1) ``row_centres`` and (K, 1, w) ``col_centres``: the batched callers keep
+    every per-box number in that shape, so that it broadcasts without a reshaping call.
+    Detectron2's "(c - x0) / (x1 - x0) * 2 - 1" is computed as "(c - x0) / half - 1": halving and
+    doubling are exact, and rounding commutes with them."""
     ys = (row_centres - y0) / half_height - 1
     xs = (col_centres - x0) / half_width - 1
     return torch.stack(torch.broadcast_tensors(xs, ys), dim=3)
