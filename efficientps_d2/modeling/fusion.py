@@ -473,9 +473,10 @@ def _candidates(
     # As "scores >= confidence_thresh" on a float32 tensor: in float32.
     threshold = _float32(confidence_thresh)
     selected = []
-    for i in range(count):
-        box = corners[4 * i : 4 * i + 4]
-        if ranked[i] >= threshold and all(math.isfinite(v) for v in box):
+    corners = iter(corners)
+    for i, (score, *box) in enumerate(zip(ranked, corners, corners, corners, corners)):
+        # Four float32 values add up to a finite float64 exactly when each is finite.
+        if score >= threshold and math.isfinite(sum(box)):
             r0, r1, c0, c1 = _pixel_range(*box, height, width)
             # Empty pixel ranges also drop the boxes with x1 <= x0 or y1 <= y0 (ceil is monotonic).
             if r1 > r0 and c1 > c0:
