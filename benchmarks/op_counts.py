@@ -55,17 +55,13 @@ def gpu_branches():
     def fewest_chunks(sizes, compact=True):
         return crop_chunks.chunk_crops(sizes, compact=False)
 
-    fuse = fusion.panoptic_fusion
     shifted_nms = functools.partial(fast_inference.batched_nms, device_type="cuda")
-
-    def scatter_fusion(*args, **kwargs):
-        return fuse(*args, **{**kwargs, "method": "scatter"})
 
     with contextlib.ExitStack() as stack:
         for module, name, replacement in (
             (threaded_roi_align, "roi_parts", lambda count: [0, count]),
             (fast_inference, "batched_nms", shifted_nms),
-            (fusion, "panoptic_fusion", scatter_fusion),
+            (fusion, "_auto_method", lambda device: "scatter"),
             (mask_paste, "chunk_crops", fewest_chunks),
         ):
             stack.enter_context(mock.patch.object(module, name, replacement))

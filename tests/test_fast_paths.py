@@ -1592,6 +1592,7 @@ def _random_scene(seed, height, width, num, num_classes=8, things=(2, 5, 6, 7)):
     boxes = torch.cat([xy0, xy0 + wh], dim=1)
     boxes[0] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero width
     boxes[1] = torch.tensor([float("nan"), 1.0, 4.0, 4.0])
+    boxes[num - 1] = torch.tensor([-float("inf"), 2.0, float("inf"), 6.0])
     scores = torch.rand(num, generator=g)
     scores[2:6] = scores[6]  # ties keep their order
     inst = Instances((height, width))

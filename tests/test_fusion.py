@@ -11,7 +11,7 @@ from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.structures import Boxes, Instances
 
 from efficientps_d2.modeling import fusion
-from efficientps_d2.modeling.fusion import _paste_mask_logits_batched
+from efficientps_d2.modeling.fusion import _box_columns, _paste_mask_logits_batched
 from tests.common import DeviceReads
 
 H, W = 32, 48
@@ -300,6 +300,30 @@ def test_detections_below_threshold_are_ignored():
     assert pan.unique().tolist() == [1, 2]
 
 
+def test_threshold_and_order_are_those_of_float32_scores():
+    """The candidates are selected and ordered on the host as a float32 score tensor would be:
+    compared with the threshold rounded to float32 (a score of float32(0.7), below 0.7, passes
+    0.7), float64 scores rounded to float32 for both (two that round alike tie, and the first
+    instance goes first), past float32's range an infinite threshold."""
+    threshold = torch.tensor(0.7).item()
+    assert threshold < 0.7
+    sem = sky_over_road()
+    boxes = [[0, 0, 14, 14], [20, 0, 34, 14], [10, 4, 24, 18]]
+    masks = [full_mask()] * 3
+    inst = make_instances(boxes, [0.5, threshold, 0.9], [0, 1, 0], masks)
+    _, info = fuse(sem, inst, confidence_thresh=0.7)
+    assert [s["instance_id"] for s in info if s["isthing"]] == [2, 1]
+    _, info = fuse(sem, inst, confidence_thresh=1e39)  # float32: inf, above every score
+    assert not any(s["isthing"] for s in info)
+
+    # 0.9 + 1e-12 and 0.9 are one float32 apart from nothing: they tie, in the instances' order.
+    inst = make_instances(boxes[:2], [0.9, 0.9], [0, 1], masks[:2])
+    inst.scores = torch.tensor([0.9, 0.9 + 1e-12], dtype=torch.float64)
+    _, info = fuse(sem, inst)
+    things = [s for s in info if s["isthing"]]
+    assert [(s["instance_id"], s["score"]) for s in things] == [(0, 0.9), (1, 0.9 + 1e-12)]
+
+
 @pytest.mark.parametrize("fields", [True, False])
 def test_zero_detections_give_pure_semantic_output(fields):
     sem = sky_over_road()
@@ -432,8 +456,8 @@ def test_paste_matches_detectron2_convention():
     torch.manual_seed(0)
     mask = torch.randn(1, 1, M, M)
     box = [3.3, 5.7, 41.2, 29.9]
-    centres = (torch.arange(H)[None] + 0.5, torch.arange(W)[None] + 0.5)  # the whole image
-    pasted = _paste_mask_logits_batched(mask, torch.tensor([box]), *centres)[0]
+    centres = (torch.arange(H)[None, :, None] + 0.5, torch.arange(W)[None, None] + 0.5)  # all
+    pasted = _paste_mask_logits_batched(mask, *_box_columns(torch.tensor([box])), *centres)[0]
     reference, _ = _do_paste_mask(mask, torch.tensor([box]), H, W, skip_empty=False)
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     gx = (xs - box[0]) / (box[2] - box[0]) * M
@@ -538,10 +562,10 @@ def random_scene(k, seed=0):
 @pytest.mark.parametrize("inference_mode", [False, True], ids=["grad mode", "inference mode"])
 @pytest.mark.parametrize("k", [0, 1, 24])
 def test_device_reads_do_not_grow_with_detections(k, method, inference_mode, monkeypatch):
-    """Two reads per image (the candidates' crop sizes, then every number of segments_info), one
-    non-blocking upload (the thing ids), plus for "scatter" one convergence check per
-    fusion._ROUNDS_PER_CHECK rounds: nothing per detection. Also under inference_mode, where
-    EfficientPS.inference runs it."""
+    """Two reads per image (the detections' scores, boxes and classes, then every number of
+    segments_info), one non-blocking upload (least areas, the candidates' crops), plus for
+    "scatter" one convergence check per fusion._ROUNDS_PER_CHECK rounds: nothing per detection.
+    Also under inference_mode, where EfficientPS.inference runs it."""
     sem, inst = random_scene(k)
     uploads = []
     upload_ints = fusion.upload_ints

@@ -185,6 +185,49 @@ def test_panoptic_postprocess_instances_are_detector_postprocess_ones(size, num,
     assert untouched.shape[-2:] == (28, 28)
 
 
+@pytest.mark.parametrize("method", ["loop", "scatter"])
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float64, torch.float16])
+def test_panoptic_postprocess_reads_twice_and_equals_its_two_steps(
+    monkeypatch, method, scores_dtype
+):
+    """The fusion's scores and classes come back in detector_postprocess' read: two reads per
+    image (that one, then the segment areas; the scatter adds its convergence checks) and two
+    non-blocking uploads, with the output of detector_postprocess then panoptic_fusion, a
+    dropped box, resizing and float64 scores included."""
+    from detectron2.structures import Boxes, Instances
+
+    from efficientps_d2.modeling import fusion
+
+    monkeypatch.setattr(fusion, "_auto_method", lambda device: method)
+    masks, boxes = _detections(30, seed=11)
+    boxes[4] = torch.tensor([10.0, 10.0, 10.0, 20.0])  # empty: dropped
+    detections = Instances((H, W))
+    detections.pred_boxes = Boxes(boxes)
+    detections.pred_masks = masks[:, None]
+    detections.scores = torch.rand(len(boxes), generator=torch.Generator().manual_seed(0))
+    detections.scores = detections.scores.to(scores_dtype)
+    detections.pred_classes = torch.arange(len(boxes)) % 3
+    detections.pred_mask_logits = torch.logit(masks[:, None].clamp(1e-6, 1 - 1e-6))
+    logits = torch.randn(6, H, W, generator=torch.Generator().manual_seed(1))
+    settings = dict(
+        thing_semantic_ids=[2, 3, 4],  # one run: no upload to map the classes
+        confidence_thresh=0.3,
+        overlap_thresh=0.5,
+        stuff_area_limit=20,
+        mask_logit_scale=4.0,
+    )
+    for size in ((H, W), (H + 20, W - 9)):
+        instances = detector_postprocess(copy.deepcopy(detections), *size)
+        resized = panoptic_postprocess(logits, copy.deepcopy(detections), (H, W), *size, **settings)
+        pan, info = fusion.panoptic_fusion(resized["sem_seg"], instances, **settings)
+        assert any(s["isthing"] for s in info)
+        assert torch.equal(resized["panoptic_seg"][0], pan) and resized["panoptic_seg"][1] == info
+    with DeviceReads() as reads:
+        panoptic_postprocess(logits, copy.deepcopy(detections), (H, W), H, W, **settings)
+    reads.counts.pop("equal", None)
+    assert dict(reads.counts) == {"tolist": 2, "upload": 2}
+
+
 def _instances(masks, boxes):
     from detectron2.structures import Boxes, Instances
 
@@ -199,14 +242,21 @@ def _instances(masks, boxes):
 @pytest.mark.parametrize("dropped", [False, True], ids=["all kept", "one dropped"])
 def test_detector_postprocess_reads_the_device_once(dropped):
     """Detectron2's waits for the device to check the boxes and for each field it filters; this
-    one reads once, and uploads the kept indices without waiting where a box is dropped."""
+    one reads once, and uploads the crops (and the kept indices where a box is dropped) in one
+    upload that does not wait."""
     masks, boxes = _detections(20, seed=7)
     if dropped:
         boxes[3] = torch.tensor([5.0, 5.0, 5.0, 9.0])
     expected = detector_postprocess(_instances(masks, boxes.clone()), H, W)
-    with DeviceReads() as reads:
+    uploads = []
+    upload_ints = mask_paste.upload_ints
+    with DeviceReads() as reads, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            mask_paste, "upload_ints", lambda *args: uploads.append(args) or upload_ints(*args)
+        )
         got = mask_paste.detector_postprocess(_instances(masks, boxes), H, W)
-    assert dict(reads.counts) == ({"tolist": 1, "upload": 1} if dropped else {"tolist": 1})
+    assert dict(reads.counts) == {"tolist": 1, "upload": 1}
+    assert len(uploads) == 1  # the one upload is the non-blocking one
     assert len(got) == len(boxes) - dropped
     for name in ("pred_boxes", "scores", "pred_masks"):
         a, b = got.get(name), expected.get(name)
@@ -255,3 +305,23 @@ def test_cuda_masks_equal_detectron2s():
     expected = paste_masks_in_image(masks, boxes, (H, W))
     got = paste_masks(masks, boxes, (H, W))
     assert got.is_cuda and torch.equal(got, expected)
+
+
+def test_chunk_rows_columns_and_prefix():
+    """The per-chunk rows of the tensors the chunks cover, the (N, 1, 1) columns and the prefixes
+    that the batched pasting and fusion broadcast with."""
+    table = torch.arange(24).view(6, 4)
+    chunks = [(0, 2, 5, 5), (2, 6, 3, 3)]
+    parts = crop_chunks.chunk_rows([table, table[:, 0]], chunks)
+    assert [[p.tolist() for p in part] for part in parts] == [
+        [table[:2].tolist(), [0, 4]],
+        [table[2:].tolist(), [8, 12, 16, 20]],
+    ]
+    (whole,) = crop_chunks.chunk_rows([table], [(0, 6, 1, 1)])
+    assert whole[0] is table  # one chunk covering the tensor: no call
+    cols = crop_chunks.columns(table)
+    assert len(cols) == 4 and all(c.shape == (6, 1, 1) for c in cols)
+    assert torch.equal(cols[2].flatten(), table[:, 2])
+    assert crop_chunks.prefix(table, 6) is table and torch.equal(
+        crop_chunks.prefix(table, 2), table[:2]
+    )

@@ -31,14 +31,17 @@ result:
   rounds, and in practice stops after a handful (the check costs one tiny read per four rounds).
 
 Either way the fusion reads the device twice per image, whatever the number of detections: once
-the candidates' crop sizes (tensor shapes need them on the host) with their indices, classes and
-scores, and once, at the end, the segment areas. On CUDA, ``torch.bincount`` (the segment areas)
-adds two small reads of its own, of the codes' minimum and maximum, just before that last copy,
-when little work is left to overlap; the scatter's convergence checks add one per four rounds.
-The one upload (the thing ids and each segment's least area) does not wait for the device. Every
-call that launches a kernel costs host time on a GPU (some 20-45 us), so the code computes once
-what each chunk or round would otherwise repeat. Memory stays at a few H x W maps plus
-the padded crops (the loop holds one chunk of at most ``CHUNK_ELEMENTS``, the scatter all of
+every detection's score, box and class, from which the host selects and sorts the candidates and
+works out their crops (tensor shapes need their sizes on the host), and once, at the end, the
+segment areas. On CUDA, ``torch.bincount`` (the segment areas) adds two small reads of its own,
+of the codes' minimum and maximum, just before that last copy, when little work is left to
+overlap; the scatter's convergence checks add one per four rounds. The one upload (each
+segment's least area and the candidates' indices, pixel ranges and semantic classes) does not
+wait for the device. Every operator call costs host time on a GPU (some 20-45 us for one that
+launches a kernel, a few us for a view), so the code computes once what each chunk or round
+would otherwise repeat, keeps per-candidate numbers as [n, 1, 1] columns that broadcast over the
+crops, and leaves to the host what it knows already. Memory stays at a few H x W maps plus the
+padded crops (the loop holds one chunk of at most ``CHUNK_ELEMENTS``, the scatter all of
 them, up to ``_SCATTER_ELEMENTS``, past which it takes compact chunks, then the loop). The result
 equals visiting the instances one by one (the reference behaviour, kept in
 ``tests/test_fast_paths.py``).
@@ -46,16 +49,17 @@ equals visiting the instances one by one (the reference behaviour, kept in
 
 import logging
 import math
-from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
+import struct
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import log_every_n_seconds
 from torch.nn import functional as F
 
-from .crop_chunks import chunk_crops, padded_elements
-from .mask_paste import box_sampling_grid, detector_postprocess, upload_ints
+from .crop_chunks import chunk_crops, chunk_rows, columns, padded_elements, prefix
+from .mask_paste import detector_postprocess_and_read, sampling_grid, upload_ints
 
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
 
@@ -69,25 +73,51 @@ _ROUNDS_PER_CHECK = 4
 _METHODS = ("auto", "loop", "scatter")
 
 
-def _box_pixel_ranges(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """
-    Pixels [start, end) whose centres (i + 0.5) fall inside each box, clipped to the image.
+def _on(tensor: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor:
+    """``tensor.to(device, dtype)``, without the call where it is already there (each call costs
+    host time on a GPU)."""
+    if tensor.device == device and (dtype is None or tensor.dtype == dtype):
+        return tensor
+    return tensor.to(device) if dtype is None else tensor.to(device, dtype)
 
-    Args:
-        boxes: [K, 4] finite (x0, y0, x1, y1).
-    Returns:
-        [K, 4] long (col_start, row_start, col_end, row_end), laid out as the boxes.
-    """
-    # In float64, like Python's math.ceil on the float32 coordinates: exact.
-    ranges = torch.ceil(boxes.double() - 0.5)
-    ranges[:, 0::2].clamp_(0, width)
-    ranges[:, 1::2].clamp_(0, height)
-    return ranges.long()
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 as a cast does (what a float32 tensor compares a Python float
+    with): to nearest, infinite past the largest float32."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _pixel_range(x0: float, y0: float, x1: float, y1: float, height: int, width: int):
+    """Pixels [start, end) whose centres (i + 0.5) fall inside the finite box (x0, y0, x1, y1),
+    clipped to the image: (row_start, row_end, col_start, col_end). "ceil(x - 0.5)" in float64
+    (Python's floats) on float32 coordinates is exact."""
+    col0, row0, col1, row1 = (math.ceil(v - 0.5) for v in (x0, y0, x1, y1))
+    return (
+        min(max(row0, 0), height),
+        min(max(row1, 0), height),
+        min(max(col0, 0), width),
+        min(max(col1, 0), width),
+    )
+
+
+def _box_columns(boxes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """(x0, y0, half width, half height) of the [K, 4] float32 boxes as (K, 1, 1) columns, the
+    extents rounded from float64, as Python floats are in Detectron2's one-box-at-a-time
+    pasting: every value matches it bit for bit."""
+    boxes64 = boxes.double()
+    half = (boxes64[:, 2:] - boxes64[:, :2]).float() / 2  # (width, height) / 2
+    return columns(boxes)[:2] + columns(half)
 
 
 def _paste_mask_logits_batched(
     mask_logits: torch.Tensor,
-    boxes: torch.Tensor,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    half_width: torch.Tensor,
+    half_height: torch.Tensor,
     row_centres: torch.Tensor,
     col_centres: torch.Tensor,
 ) -> torch.Tensor:
@@ -96,19 +126,17 @@ def _paste_mask_logits_batched(
 
     Args:
         mask_logits: [K, 1, M, M] float logits.
-        boxes: [K, 4] float32 (x0, y0, x1, y1) in image pixels, with x1 > x0 and y1 > y0.
-        row_centres, col_centres: [K, h] and [K, w] float32 centres (i + 0.5) of the pixel rows
-            and columns of each crop, padded to one size (past an instance's own crop, the
+        x0, y0, half_width, half_height: [K, 1, 1] float32 boxes in image pixels (see
+            :func:`_box_columns`), with positive extents.
+        row_centres, col_centres: [K, h, 1] and [K, 1, w] float32 centres (i + 0.5) of the pixel
+            rows and columns of each crop, padded to one size (past an instance's own crop, the
             entries are meaningless).
 
     Returns:
         [K, h, w] logits; element (k, i, j) is pixel (row_centres[k, i], col_centres[k, j]).
     """
-    # Detectron2's mapping in paste_masks_in_image. Every value matches, bit for bit, the
-    # one-box-at-a-time computation: box extents rounded from float64, as Python floats are.
-    boxes64 = boxes.double()
-    half = (boxes64[:, 2:] - boxes64[:, :2]).float() / 2  # (width, height) / 2
-    grid = box_sampling_grid(boxes, half, row_centres, col_centres)
+    # Detectron2's mapping in paste_masks_in_image.
+    grid = sampling_grid(x0, y0, half_width, half_height, row_centres, col_centres)
     # Border padding, not zero padding: a zero logit means p = 0.5, not background, so padding with
     # it would smear an undecided rim along the box edge. Outside the box nothing is sampled.
     return F.grid_sample(mask_logits, grid, align_corners=False, padding_mode="border")[:, 0]
@@ -182,7 +210,6 @@ def _validate(
         )
 
 
-@torch.no_grad()
 def panoptic_fusion(
     sem_seg_logits: torch.Tensor,
     instances: Instances,
@@ -219,6 +246,38 @@ def panoptic_fusion(
             ``{"id", "isthing": True, "category_id", "score", "instance_id" (index into
             ``instances``), "area"}``; stuff ``{"id", "isthing": False, "category_id", "area"}``.
     """
+    return _panoptic_fusion(
+        sem_seg_logits,
+        instances,
+        thing_semantic_ids,
+        confidence_thresh,
+        overlap_thresh,
+        stuff_area_limit,
+        mask_logit_scale,
+        method,
+        host=None,
+    )
+
+
+def _auto_method(device: torch.device) -> str:
+    """The method that "auto" takes on ``device``."""
+    return "scatter" if device.type == "cuda" else "loop"
+
+
+@torch.no_grad()
+def _panoptic_fusion(
+    sem_seg_logits,
+    instances,
+    thing_semantic_ids,
+    confidence_thresh,
+    overlap_thresh,
+    stuff_area_limit,
+    mask_logit_scale,
+    method,
+    host,
+):
+    """:func:`panoptic_fusion`, given what the host knows of the instances already (a
+    :class:`_HostCopy`, or None to read it)."""
     if isinstance(thing_semantic_ids, torch.Tensor):
         thing_id_list = [int(c) for c in thing_semantic_ids.flatten().tolist()]
         if thing_semantic_ids.dim() != 1:
@@ -230,9 +289,9 @@ def panoptic_fusion(
     _validate(sem_seg_logits, instances, thing_id_list, mask_logit_scale, method)
     device = sem_seg_logits.device
     if method == "auto":
-        method = "scatter" if device.type == "cuda" else "loop"
+        method = _auto_method(device)
 
-    sem = sem_seg_logits.to(device, torch.float32)
+    sem = _on(sem_seg_logits, device, torch.float32)
     num_classes, height, width = sem.shape
     things = set(thing_id_list)
     stuff_id_list = [c for c in range(num_classes) if c not in things]
@@ -242,7 +301,7 @@ def panoptic_fusion(
         stuff_val = torch.full((height, width), float("-inf"), device=device)
 
     candidates = _candidates(
-        instances, device, height, width, confidence_thresh, len(thing_id_list)
+        instances, device, height, width, confidence_thresh, len(thing_id_list), host
     )
     num = 0 if candidates is None else len(candidates.crops)
     # One code per pixel: j where candidate j won step 5, n + c where stuff did and its semantic
@@ -250,12 +309,23 @@ def panoptic_fusion(
     # bincount gives every area, and a code makes a segment iff its area reaches its least area:
     # 1 for a candidate (one that was dropped wins no pixel), the limit (at least 1: areas are
     # whole) for a stuff class, never (more than the image) for a thing class or void. The one
-    # upload: the thing ids and these least areas, once n is known.
+    # upload: these least areas and, with candidates, their indices into the instances, and
+    # their pixel ranges and semantic classes as columns (col_start, row_start, col_end,
+    # row_end, class), all known on the host once the candidates are.
     never = height * width + 1
     stuff_least = math.ceil(max(stuff_area_limit, 1)) if stuff_area_limit < never else never
     least_areas = [1] * num + [never if c in things else stuff_least for c in range(num_classes)]
-    uploaded = upload_ints(thing_id_list + least_areas + [never], device)
-    thing_ids, least_areas = uploaded[: len(thing_id_list)], uploaded[len(thing_id_list) :]
+    least_areas.append(never)
+    if not num:
+        least_areas = upload_ints(least_areas, device)
+    else:
+        r0s, r1s, c0s, c1s = zip(*candidates.crops)
+        sem_ids = [thing_id_list[c] for c in candidates.class_list]
+        uploaded = upload_ints(
+            least_areas + candidates.order_list + [*c0s, *r0s, *c1s, *r1s, *sem_ids], device
+        )
+        least_areas, order, per_candidate = uploaded.split([len(least_areas), num, 5 * num])
+        per_candidate = per_candidate.view(5, num, 1, 1).unbind(0)
 
     # (max(dim).indices is argmax, first maximum included, but several times faster on CPU; its
     # values are NaN where one is.)
@@ -263,7 +333,7 @@ def panoptic_fusion(
     code = sem_max.indices.to(torch.int32)
     if num:
         code += num
-        masks = instances.pred_mask_logits.to(device, torch.float32)[candidates.order]
+        masks = _on(instances.pred_mask_logits, device, torch.float32)[order]
         sizes = [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in candidates.crops]
         # The loop's cost is per instance anyway: compact chunks. The scatter runs some 10
         # kernels per chunk and round whatever the chunk holds: the fewest chunks.
@@ -277,11 +347,10 @@ def panoptic_fusion(
             sem,
             stuff_val,
             masks,
-            candidates.boxes,
-            candidates.ranges,
+            candidates.boxes[order],
+            per_candidate,
             candidates.crops,
             chunks,
-            thing_ids[candidates.classes],
             overlap_thresh=overlap_thresh,
             mask_logit_scale=mask_logit_scale,
             code=code,
@@ -331,27 +400,55 @@ def panoptic_fusion(
 
 
 class _Candidates(NamedTuple):
-    """Steps 1-2's selection, by score: ``order`` [n'] indices into the instances, ``classes``
-    [n'] their thing ids, ``boxes`` [n', 4] float32 and ``ranges`` [n', 4] (see
-    :func:`_box_pixel_ranges`) on the device, of which the first n are the candidates; on the
-    host ``crops`` (n (row_start, row_end, col_start, col_end)) and the candidates' indices,
-    classes and scores."""
+    """Steps 1-2's selection, by score: ``boxes`` [K, 4] float32, the instances' boxes on the
+    device; on the host ``crops`` (n (row_start, row_end, col_start, col_end)) and the
+    candidates' indices into the instances, classes and scores."""
 
-    order: torch.Tensor
-    classes: torch.Tensor
     boxes: torch.Tensor
-    ranges: torch.Tensor
     crops: List[Tuple[int, int, int, int]]
     order_list: List[int]
     class_list: List[int]
     score_list: List[float]
 
 
-def _candidates(instances, device, height, width, confidence_thresh, num_things):
+def _read_fields(instances: Instances, device: torch.device) -> List[torch.Tensor]:
+    """The [K] tensors besides the boxes that the host selects the candidates from (see
+    :func:`_candidates`), for one read: the scores in float32 (compared and sorted as such), the
+    scores as given where float64 (reported as such), the classes. float32 holds every class in
+    range, coordinate and score exactly (a read concatenates them in the scores' dtype); a class
+    out of range stays out of range."""
+    raw_scores = _on(instances.scores, device)
+    fields = [raw_scores if raw_scores.dtype == torch.float32 else raw_scores.float()]
+    if raw_scores.dtype == torch.float64:
+        fields.append(raw_scores)
+    return fields + [_on(instances.pred_classes, device)]
+
+
+class _HostCopy(NamedTuple):
+    """The instances as the host knows them from one read, per instance: ``ranked`` (float32)
+    and ``reported`` scores, ``classes``, and ``corners``, the XYXY boxes, flat."""
+
+    ranked: List[float]
+    reported: List[float]
+    classes: List[float]
+    corners: List[float]
+
+    @classmethod
+    def of(cls, fields: List[List[float]], corners: List[float]) -> "_HostCopy":
+        """From the values of :func:`_read_fields`' tensors and the boxes' corners."""
+        ranked, *reported, classes = fields
+        return cls(ranked, reported[0] if reported else ranked, classes, corners)
+
+
+def _candidates(
+    instances, device, height, width, confidence_thresh, num_things, host=None
+) -> Optional[_Candidates]:
     """
-    Steps 1-2's selection: detections scoring at least ``confidence_thresh`` whose box covers some
-    pixel centre, by score (stable). The one read before the end: their crops, indices, classes
-    and scores, as Python numbers (and whether every class is a thing id: an error otherwise).
+    Steps 1-2's selection: detections scoring at least ``confidence_thresh`` whose box is finite
+    and covers some pixel centre, by score (stable). Unless the caller read them already
+    (``host``, a :class:`_HostCopy`), the one read before the end: every detection's score,
+    box and class (and whether every class is a thing id: an error otherwise), from which the
+    host selects, sorts and crops, as Python numbers.
 
     Returns:
         None if there is none, else a :class:`_Candidates`.
@@ -359,72 +456,72 @@ def _candidates(instances, device, height, width, confidence_thresh, num_things)
     if not instances.get_fields() or len(instances) == 0:
         return None
     count = len(instances)
-    raw_scores = instances.scores.to(device)
-    scores = raw_scores.float()
-    boxes = instances.pred_boxes.tensor.to(device, torch.float32)
-    valid = (scores >= confidence_thresh) & torch.isfinite(boxes).all(dim=1)
-    boxes = torch.where(valid[:, None], boxes, 0.0)
-    ranges = _box_pixel_ranges(boxes, height, width)
-    # Empty pixel ranges also drop the boxes with x1 <= x0 or y1 <= y0 (ceil is monotonic).
-    valid &= (ranges[:, 2:] > ranges[:, :2]).all(dim=1)
-    # By score, the valid ones first (both stable), so that they are a prefix known from one read.
-    order = torch.sort(scores, descending=True, stable=True).indices
-    flags, first = torch.sort(valid[order].to(torch.uint8), descending=True, stable=True)
-    order = order[first]
-    classes = instances.pred_classes.to(device)[order]
-    ranges = ranges[order]
-    # float32 holds every index, class in range, coordinate (integers below 2**24) and score
-    # exactly, float64 scores are read as they are; the scores come in the instances' order.
-    read_scores = raw_scores if raw_scores.dtype == torch.float64 else scores
-    values = torch.cat([flags, order, classes, read_scores, ranges.flatten()]).tolist()
-    class_list = values[2 * count : 3 * count]
-    if min(class_list) < 0 or max(class_list) >= num_things:
+    boxes = _on(instances.pred_boxes.tensor, device, torch.float32)
+    if host is None:
+        fields = _read_fields(instances, device)
+        values = torch.cat(fields + [boxes.flatten()]).tolist()
+        host = _HostCopy.of(
+            [values[i * count : (i + 1) * count] for i in range(len(fields))],
+            values[len(fields) * count :],
+        )
+    if min(host.classes) < 0 or max(host.classes) >= num_things:
         raise ValueError(
             f"instances.pred_classes must be contiguous thing ids in [0, {num_things}) "
             f"(T = len(thing_semantic_ids)), got {instances.pred_classes.tolist()}"
         )
-    num = int(sum(values[:count]))
-    if not num:
+    ranked, corners = host.ranked, host.corners
+    # As "scores >= confidence_thresh" on a float32 tensor: in float32.
+    threshold = _float32(confidence_thresh)
+    selected = []
+    corners = iter(corners)
+    for i, (score, *box) in enumerate(zip(ranked, corners, corners, corners, corners)):
+        # Four float32 values add up to a finite float64 exactly when each is finite.
+        if score >= threshold and math.isfinite(sum(box)):
+            r0, r1, c0, c1 = _pixel_range(*box, height, width)
+            # Empty pixel ranges also drop the boxes with x1 <= x0 or y1 <= y0 (ceil is monotonic).
+            if r1 > r0 and c1 > c0:
+                selected.append((i, (r0, r1, c0, c1)))
+    if not selected:
         return None
-    order_list = [int(i) for i in values[count : count + num]]
-    corners = values[4 * count : 4 * count + 4 * num]
+    selected.sort(key=lambda item: -ranked[item[0]])  # stable: ties keep the instances' order
+    order_list = [i for i, _ in selected]
     return _Candidates(
-        order,
-        classes,
-        boxes[order],
-        ranges,
-        [(int(r0), int(r1), int(c0), int(c1)) for c0, r0, c1, r1 in zip(*[iter(corners)] * 4)],
+        boxes,
+        [crop for _, crop in selected],
         order_list,
-        [int(c) for c in class_list[:num]],
-        [values[3 * count + i] for i in order_list],
+        [int(host.classes[i]) for i in order_list],
+        [host.reported[i] for i in order_list],
     )
 
 
-def _pasted_chunks(sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale):
+def _pasted_chunks(sem, masks, boxes, per_candidate, chunks, mask_logit_scale):
     """For each of the ``chunks`` (see :func:`chunk_crops`): (start, end, fused logits FL, binary
     masks, inside-the-crop flags, flat pixel index), all [k, h, w], padding included (inside is
-    False there)."""
+    False there). ``per_candidate``: (col_start, row_start, col_end, row_end, semantic class) of
+    each candidate's pixels, as [n, 1, 1] columns; ``masks`` [n, 1, M, M], ``boxes`` [n, 4]."""
     device = sem.device
     height, width = sem.shape[-2:]
     longest = max(max(h, w) for _, _, h, w in chunks)
+    # Rows run down (h, 1), columns across (w,), so that with the (k, 1, 1) per-candidate numbers
+    # everything broadcasts to (k, h, w) without a reshaping call per chunk.
     steps = torch.arange(longest, device=device)
     # Pixel centres i + 0.5, exact in float32, as are their sums with the crops' origins.
     centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
-    for start, end, h, w in chunks:
-
-        part_ranges = ranges[start:end]
-        row0, col0 = part_ranges[:, 1:2], part_ranges[:, :1]
-        rows, cols = row0 + steps[:h], col0 + steps[:w]
-        inside = (rows < part_ranges[:, 3:])[:, :, None] & (cols < part_ranges[:, 2:3])[:, None, :]
+    steps_down, centres_down = steps[:, None], centres[:, None]
+    per_candidate = (masks,) + _box_columns(boxes) + tuple(per_candidate)
+    for (start, end, h, w), part in zip(chunks, chunk_rows(per_candidate, chunks)):
+        part_masks, x0, y0, half_w, half_h, col0, row0, col1, row1, sem_ids = part
+        rows, cols = row0 + prefix(steps_down, h), col0 + prefix(steps, w)
+        inside = (rows < row1) & (cols < col1)
+        row_centres, col_centres = row0 + prefix(centres_down, h), col0 + prefix(centres, w)
         mla = _paste_mask_logits_batched(
-            masks[start:end], boxes[start:end], row0 + centres[:h], col0 + centres[:w]
+            part_masks, x0, y0, half_w, half_h, row_centres, col_centres
         )
         mla = mla * mask_logit_scale
         # MLB: the semantic logit of each instance's class on its crop (the padding reads clamped
         # pixels and is never used).
-        rows = rows.clamp_(max=height - 1)[:, :, None]
-        cols = cols.clamp_(max=width - 1)[:, None, :]
-        mlb = sem[sem_ids[start:end].view(-1, 1, 1), rows, cols]
+        rows, cols = rows.clamp_(max=height - 1), cols.clamp_(max=width - 1)
+        mlb = sem[sem_ids, rows, cols]
         fused = (mla.sigmoid() + mlb.sigmoid()) * (mla + mlb)
         binary = (mla > 0) & inside  # sigmoid(mla) > 0.5
         yield start, end, fused, binary, inside, rows * width + cols
@@ -435,10 +532,9 @@ def _fuse_by_loop(
     stuff_val,
     masks,
     boxes,
-    ranges,
+    per_candidate,
     crops,
     chunks,
-    sem_ids,
     *,
     overlap_thresh,
     mask_logit_scale,
@@ -451,23 +547,24 @@ def _fuse_by_loop(
     best_val = stuff_val.clone()
     claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
     for start, end, fused, binary, _, _ in _pasted_chunks(
-        sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale
+        sem, masks, boxes, per_candidate, chunks, mask_logit_scale
     ):
         areas = binary.sum(dim=(1, 2))
         # float64, as the Python arithmetic of the one-at-a-time definition.
         limits = areas.double() * overlap_thresh
-        for k in range(end - start):
+        # Split per instance in one call each, not one (or two) per instance.
+        per_instance = (binary.unbind(0), fused.unbind(0), (areas > 0).unbind(0), limits.unbind(0))
+        for k, (mask, fl, nonempty, limit) in enumerate(zip(*per_instance)):
             r0, r1, c0, c1 = crops[start + k]
             crop = (slice(r0, r1), slice(c0, c1))
-            mask = binary[k, : r1 - r0, : c1 - c0]
+            mask, fl = mask[: r1 - r0, : c1 - c0], fl[: r1 - r0, : c1 - c0]
             region_claimed = claimed[crop]
-            keep = (areas[k] > 0) & ((mask & region_claimed).sum() <= limits[k])
+            keep = nonempty & ((mask & region_claimed).sum() <= limit)
             region_claimed |= mask & keep
 
             region_val = best_val[crop]
-            fl = fused[k, : r1 - r0, : c1 - c0]
             wins = (fl > region_val) & keep
-            region_val.copy_(torch.where(wins, fl, region_val))
+            torch.where(wins, fl, region_val, out=region_val)
             code[crop].masked_fill_(wins, start + k)
 
 
@@ -476,10 +573,9 @@ def _fuse_by_scatter(
     stuff_val,
     masks,
     boxes,
-    ranges,
+    per_candidate,
     crops,
     chunks,
-    sem_ids,
     *,
     overlap_thresh,
     mask_logit_scale,
@@ -494,39 +590,30 @@ def _fuse_by_scatter(
     unique solution. Then each pixel goes to the first candidate reaching the highest FL there, if
     that beats the stuff logit: what the loop's strict ">" updates in score order give.
 
-    Everything a round does not change is made once per chunk, as [k, h * w]: ``own``, the
-    candidate's index on its mask and n elsewhere; ``below``, the same with -1 elsewhere (no
-    candidate index is below it); the fused logits, -inf outside the crop and where NaN (neither
-    ever wins, as a NaN never does in the loop).
+    Everything a round does not change is made once per chunk, as [k, h, w] (per-candidate
+    numbers as [k, 1, 1]): ``own``, the candidate's index on its mask and n elsewhere; ``below``,
+    the same with -1 elsewhere (no candidate index is below it); the fused logits, -inf outside
+    the crop and where NaN (neither ever wins, as a NaN never does in the loop).
     """
     height, width = sem.shape[-2:]
     device = sem.device
     num = len(crops)
     parts = []
     for start, end, fused, binary, inside, flat in _pasted_chunks(
-        sem, masks, boxes, ranges, chunks, sem_ids, mask_logit_scale
+        sem, masks, boxes, per_candidate, chunks, mask_logit_scale
     ):
-        binary = binary.flatten(1)
-        ids = torch.arange(start, end, dtype=torch.int32, device=device)[:, None]
+        ids = torch.arange(start, end, dtype=torch.int32, device=device).view(-1, 1, 1)
         fused = torch.where(inside, fused.nan_to_num(-math.inf, math.inf, -math.inf), float("-inf"))
-        flat = flat.flatten(1)
-        parts.append(
-            (
-                start,
-                end,
-                ids,
-                torch.where(binary, ids, num),
-                torch.where(binary, ids, -1),
-                fused.flatten(1),
-                flat,
-                flat.flatten(),
-                binary.sum(dim=1, keepdim=True),
-            )
-        )
+        own, below = torch.where(binary, ids, num), torch.where(binary, ids, -1)
+        areas = binary.sum(dim=(1, 2), keepdim=True)
+        parts.append((ids, own, below, fused, flat, flat.view(-1), areas))
     whole = len(parts) == 1
 
     def cat(tensors):
         return tensors[0] if whole else torch.cat(tensors)
+
+    def split(values):
+        return [part for (part,) in chunk_rows([values], chunks)]
 
     areas = cat([part[-1] for part in parts])
     nonempty = areas > 0
@@ -535,13 +622,13 @@ def _fuse_by_scatter(
 
     def refine(kept):
         first = torch.full((height * width,), num, dtype=torch.int32, device=device)
-        for start, end, _, own, _, _, _, flat, _ in parts:
-            own = torch.where(kept[start:end], own, num)
-            first.scatter_reduce_(0, flat, own.flatten(), "amin")
+        for kept_part, (_, own, _, _, _, flat_1d, _) in zip(split(kept), parts):
+            own = torch.where(kept_part, own, num)
+            first.scatter_reduce_(0, flat_1d, own.view(-1), "amin")
         overlaps = cat(
             [
-                (first[flat] < below).sum(dim=1, keepdim=True)
-                for _, _, _, _, below, _, flat, _, _ in parts
+                (first[flat] < below).sum(dim=(1, 2), keepdim=True)
+                for _, _, below, _, flat, _, _ in parts
             ]
         )
         return overlaps <= limits
@@ -554,20 +641,35 @@ def _fuse_by_scatter(
             break
         kept = refined
 
-    best_val = stuff_val.flatten().clone()
+    stuff_val = stuff_val.view(-1)
+    best_val = stuff_val.clone()
     contenders = []
-    for start, end, ids, _, _, fused, flat, flat_1d, _ in parts:
-        values = torch.where(kept[start:end], fused, float("-inf"))
+    for kept_part, (ids, _, _, fused, flat, flat_1d, _) in zip(split(kept), parts):
+        values = torch.where(kept_part, fused, float("-inf"))
         contenders.append((ids, values, flat, flat_1d))
-        best_val.scatter_reduce_(0, flat_1d, values.flatten(), "amax")
+        best_val.scatter_reduce_(0, flat_1d, values.view(-1), "amax")
     # The best value where it beats the stuff logit, else NaN (which no value equals).
-    best_val = torch.where(best_val > stuff_val.flatten(), best_val, float("nan"))
+    best_val = torch.where(best_val > stuff_val, best_val, float("nan"))
     # Each pixel's lowest winning candidate, below stuff's codes (n or more); no code is above
     # what the others give.
     code = code.view(-1)
     for ids, values, flat, flat_1d in contenders:
         own = torch.where(values == best_val[flat], ids, torch.iinfo(torch.int32).max)
-        code.scatter_reduce_(0, flat_1d, own.flatten(), "amin")
+        code.scatter_reduce_(0, flat_1d, own.view(-1), "amin")
+
+
+def _readable(detections: Instances) -> bool:
+    """Whether :func:`_read_fields` can read the scores and classes of ``detections``: [K]
+    tensors beside Boxes."""
+    if not all(detections.has(name) for name in ("pred_boxes", "scores", "pred_classes")):
+        return False
+    boxes, scores, classes = detections.pred_boxes, detections.scores, detections.pred_classes
+    return (
+        isinstance(boxes, Boxes)
+        and all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in (scores, classes))
+        and len(scores) == len(classes) == len(boxes)
+        and scores.device == classes.device == boxes.device
+    )
 
 
 def panoptic_postprocess(
@@ -603,19 +705,29 @@ def panoptic_postprocess(
         segments_info with all-class category ids)}.
     """
     if (height, width) == tuple(image_size):
-        # What sem_seg_postprocess gives, without its same-size (identity) interpolation.
-        sem_seg = sem_seg_logits[:, :height, :width]
+        # What sem_seg_postprocess gives, without its same-size (identity) interpolation (nor a
+        # call to crop where there is no padding).
+        sem_seg = sem_seg_logits
+        if sem_seg.shape[-2:] != (height, width):
+            sem_seg = sem_seg[:, :height, :width]
     else:
         sem_seg = sem_seg_postprocess(sem_seg_logits, image_size, height, width)
-    instances = detector_postprocess(detections, height, width)
-    panoptic_seg, segments_info = panoptic_fusion(
+    # The fusion's scores and classes come back in detector_postprocess' read, with the boxes:
+    # one wait for the device fewer.
+    also_read = (
+        _read_fields(detections, detections.pred_boxes.device) if _readable(detections) else []
+    )
+    instances, read = detector_postprocess_and_read(detections, height, width, also_read)
+    panoptic_seg, segments_info = _panoptic_fusion(
         sem_seg,
         instances,
-        thing_semantic_ids=thing_semantic_ids,
-        confidence_thresh=confidence_thresh,
-        overlap_thresh=overlap_thresh,
-        stuff_area_limit=stuff_area_limit,
-        mask_logit_scale=mask_logit_scale,
+        thing_semantic_ids,
+        confidence_thresh,
+        overlap_thresh,
+        stuff_area_limit,
+        mask_logit_scale,
+        "auto",
+        host=_HostCopy.of(*read) if read is not None and also_read else None,
     )
     # Mask R-CNN numbers things 0..T-1; users, Visualizer and Detectron2's evaluators expect the
     # all-class contiguous ids of the "standard" panoptic metadata, which the fusion already gives.

@@ -19,7 +19,8 @@ Detectron2's waits for the device once per field: what EfficientPS's and the exp
 outputs go through.
 """
 
-from typing import Sequence
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import paste_masks_in_image
@@ -27,10 +28,16 @@ from detectron2.modeling.postprocessing import detector_postprocess as d2_detect
 from detectron2.structures import BitMasks, Boxes, Instances, ROIMasks
 from torch.nn import functional as F
 
-from .crop_chunks import chunk_crops
+from .crop_chunks import chunk_crops, chunk_rows, columns, prefix
 from .fast_inference import clip_boxes_
 
-__all__ = ["box_sampling_grid", "detector_postprocess", "paste_masks", "upload_ints"]
+__all__ = [
+    "detector_postprocess",
+    "detector_postprocess_and_read",
+    "paste_masks",
+    "sampling_grid",
+    "upload_ints",
+]
 
 # Where detector_postprocess keeps the M x M mask probabilities while Detectron2's runs.
 _UNPASTED = "pred_masks_unpasted"
@@ -58,7 +65,11 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape, threshold
     _check_square(masks)
     crops = _crops(boxes, height, width)
     sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in crops.tolist()]  # the one read
-    return _paste(masks, boxes, crops, sizes, height, width, threshold)
+    plane = height * width
+    # Every pixel lands in its own mask's plane: flat index k * height * width + row * width + col.
+    planes = torch.arange(0, len(masks) * plane, plane, device=boxes.device)[:, None]
+    crops = columns(torch.cat([crops, planes], dim=1))
+    return _paste(masks[:, None], boxes, crops, sizes, height, width, threshold)
 
 
 def upload_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -71,17 +82,18 @@ def upload_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([int(v) for v in values], dtype=torch.long).to(device, non_blocking=True)
 
 
-def box_sampling_grid(boxes, half, row_centres, col_centres) -> torch.Tensor:
-    """``grid_sample``'s (K, h, w, 2) grid that maps the pixel centres of K crops, ``row_centres``
-    (K, h) and ``col_centres`` (K, w), onto [-1, 1] across each of the (K, 4) XYXY ``boxes``, given
-    half their (width, height), ``half`` (K, 2): Detectron2's mapping in ``paste_masks_in_image``
-    (with ``align_corners=False`` the box edges land on the mask's outer edges). Its
-    "(c - x0) / (x1 - x0) * 2 - 1" is computed as "(c - x0) / half - 1": halving and doubling are
-    exact, and rounding commutes with them."""
-    num, h, w = len(boxes), row_centres.shape[1], col_centres.shape[1]
-    ys = (row_centres - boxes[:, 1:2]) / half[:, 1:] - 1
-    xs = (col_centres - boxes[:, 0:1]) / half[:, :1] - 1
-    return torch.stack([xs[:, None, :].expand(num, h, w), ys[:, :, None].expand(num, h, w)], dim=3)
+def sampling_grid(x0, y0, half_width, half_height, row_centres, col_centres) -> torch.Tensor:
+    """``grid_sample``'s (K, h, w, 2) grid that maps the pixel centres of K crops onto [-1, 1]
+    across each of K boxes: Detectron2's mapping in ``paste_masks_in_image`` (with
+    ``align_corners=False`` the box edges land on the mask's outer edges). The boxes are given as
+    (K, 1, 1) columns (their corner ``x0``, ``y0`` and half their width and height) and the pixel
+    centres as (K, h, 1) ``row_centres`` and (K, 1, w) ``col_centres``: the batched callers keep
+    every per-box number in that shape, so that it broadcasts without a reshaping call.
+    Detectron2's "(c - x0) / (x1 - x0) * 2 - 1" is computed as "(c - x0) / half - 1": halving and
+    doubling are exact, and rounding commutes with them."""
+    ys = (row_centres - y0) / half_height - 1
+    xs = (col_centres - x0) / half_width - 1
+    return torch.stack(torch.broadcast_tensors(xs, ys), dim=3)
 
 
 def _check_square(masks):
@@ -102,44 +114,51 @@ def _crops(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _paste(masks, boxes, crops, sizes, height, width, threshold):
-    """:func:`paste_masks` of (N, M, M) ``masks`` once their :func:`_crops` are known, on the
-    device and as ``sizes`` ((height, width) of each) on the host."""
+    """:func:`paste_masks` of (N, 1, M, M) ``masks`` once their :func:`_crops` are known: on the
+    device ``crops``, (N, 1, 1) columns (x0, y0, x1, y1, k * height * width: the offset of mask
+    k's plane in the output), and on the host ``sizes`` ((height, width) of each)."""
     num, device = len(masks), boxes.device
     if num == 0:
         return torch.zeros((0, height, width), dtype=torch.bool, device=device)
-    masks = masks.to(device)[:, None]
+    if masks.device != device:
+        masks = masks.to(device)
     masks = masks if masks.dtype.is_floating_point else masks.float()
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2  # (width, height) / 2, in the boxes' dtype
     chunks = chunk_crops(sizes, compact=device.type != "cuda")
     longest = max(max(h, w) for _, _, h, w in chunks)
+    # Every per-box number as an (N, 1, 1) column, rows as (h, 1) and columns as (w,), so that
+    # they all broadcast to (k, h, w) without a reshaping call per chunk.
     steps = torch.arange(longest, device=device)
     # Detectron2's pixel centres: a float32 range i + 0.5 (exact, as are the sums with origins).
     centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
-
-    # Every pixel lands in its own mask's plane: flat index k * height * width + row * width + col.
+    steps_down, centres_down = steps[:, None], centres[:, None]
+    box_x0, box_y0, box_x1, box_y1 = columns(boxes)
+    # Half the (width, height), in the boxes' dtype.
+    half_width, half_height = (box_x1 - box_x0) / 2, (box_y1 - box_y0) / 2
+    per_box = (masks, box_x0, box_y0, half_width, half_height) + tuple(crops)
     out = torch.zeros(num * height * width, dtype=torch.bool, device=device)
     # Where a kernel launch is cheap (CPU), little padding; on CUDA, few launches.
-    for first, last, h, w in chunks:
+    for (_, _, h, w), part in zip(chunks, chunk_rows(per_box, chunks)):
         if h == 0 or w == 0:  # boxes off the image: nothing to paste
             continue
+        part_masks, x0, y0, half_w, half_h, crop_x0, crop_y0, crop_x1, crop_y1, planes = part
 
         # Each crop grown to (h, w) but kept inside the image, so that it still covers its crop.
-        crop, box, box_half = crops[first:last], boxes[first:last], half[first:last]
-        row0 = crop[:, 1:2].clamp(max=height - h)
-        col0 = crop[:, 0:1].clamp(max=width - w)
-        rows, cols = row0 + steps[:h], col0 + steps[:w]
+        row0, col0 = crop_y0.clamp(max=height - h), crop_x0.clamp(max=width - w)
+        rows, cols = row0 + prefix(steps_down, h), col0 + prefix(steps, w)  # (k, h, 1), (k, 1, w)
         # Detectron2's mapping (_do_paste_mask), value for value and in its dtypes: pixel centres
         # to [-1, 1] on the box, then sampled in the masks' dtype.
-        grid = box_sampling_grid(box, box_half, row0 + centres[:h], col0 + centres[:w])
-        sampled = F.grid_sample(masks[first:last], grid.to(masks.dtype), align_corners=False)
+        grid = sampling_grid(
+            x0, y0, half_w, half_h, row0 + prefix(centres_down, h), col0 + prefix(centres, w)
+        )
+        if grid.dtype != masks.dtype:
+            grid = grid.to(masks.dtype)
+        sampled = F.grid_sample(part_masks, grid, align_corners=False)
         # Outside its crop a float32 sample cannot pass 0.5, but a coarser grid (half-precision
         # masks) or a box far off the image could: the crop bounds it, as Detectron2's CPU path.
-        inside_rows = (rows >= crop[:, 1:2]) & (rows < crop[:, 3:4])
-        inside_cols = (cols >= crop[:, 0:1]) & (cols < crop[:, 2:3])
-        pasted = (sampled[:, 0] >= threshold) & inside_rows[:, :, None] & inside_cols[:, None, :]
-        plane = height * width
-        planes = torch.arange(first * plane, last * plane, plane, device=device).view(-1, 1)
-        index = (planes + rows * width)[:, :, None] + cols[:, None, :]
+        inside_rows = (rows >= crop_y0) & (rows < crop_y1)
+        inside_cols = (cols >= crop_x0) & (cols < crop_x1)
+        pasted = (sampled[:, 0] >= threshold) & inside_rows & inside_cols
+        index = (planes + rows * width) + cols
         # A scatter: on the CPU several times faster than index_put_ with the three indices.
         out.scatter_(0, index.flatten(), pasted.flatten())
     return out.view(num, height, width)
@@ -153,12 +172,29 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
 
     Where the detections have predicted boxes and masks (EfficientPS's), it reads the device
     once, where Detectron2's function waits for it once for its check of the boxes, once per
-    field for dropping the empty boxes, and paste_masks once more: the check, the boxes to keep
-    and the crops to paste come back in one copy. Where no box is dropped (the usual case), the
-    output shares the input's tensors (scores, classes...) instead of copying them."""
+    field for dropping the empty boxes, and paste_masks once more: the check and the clipped
+    boxes come back in one copy, the host works out which boxes to keep and their crops, and
+    those go back in one upload that does not wait for the device. Where no box is dropped (the
+    usual case), the output shares the input's tensors (scores, classes...) instead of copying
+    them."""
+    return detector_postprocess_and_read(detections, height, width)[0]
+
+
+def detector_postprocess_and_read(
+    detections: Instances, height: int, width: int, also_read: Sequence[torch.Tensor] = ()
+) -> Tuple[Instances, Optional[Tuple[List[List[float]], List[float]]]]:
+    """:func:`detector_postprocess`, and in its one read also the values of ``also_read`` ([N]
+    tensors of the N detections, on their boxes' device), so that a caller that needs them on
+    the host (the panoptic fusion) need not wait for the device again.
+
+    Returns:
+        The instances and, where the one-read path ran, (the kept detections' values of each of
+        ``also_read``, their clipped XYXY boxes, flat) as Python numbers; else None (Detectron2's
+        path: no detections, keypoints, sizes as tensors while tracing).
+    """
     fields = detections.get_fields()
     if "pred_masks" not in fields:
-        return d2_detector_postprocess(detections, height, width)
+        return d2_detector_postprocess(detections, height, width), None
     if _UNPASTED in fields:
         raise ValueError(f"Instances with a field named {_UNPASTED!r} cannot be postprocessed.")
     boxes = fields.get("pred_boxes")
@@ -168,9 +204,9 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
         or "pred_keypoints" in fields
         or not all(isinstance(s, int) for s in (height, width))
     ):
-        return _detectron2_then_paste(detections, height, width)
+        return _detectron2_then_paste(detections, height, width), None
     masks = fields["pred_masks"]
-    masks = masks.tensor if isinstance(masks, ROIMasks) else masks[:, 0]
+    masks = masks.tensor[:, None] if isinstance(masks, ROIMasks) else masks  # (N, 1, M, M)
     _check_square(masks)
 
     # Detectron2's steps, value for value: scale (a no-op by 1.0 skipped), clip, keep non-empty.
@@ -181,28 +217,57 @@ def detector_postprocess(detections: Instances, height: int, width: int) -> Inst
     scaled = boxes.tensor
     clipped = scaled.clone()
     clip_boxes_(clipped, [(height, width)])
-    keep = ((clipped[:, 2:] - clipped[:, :2]) > 0).all(dim=1)
-    crops = _crops(clipped, height, width)
     num = len(boxes)
-    values = torch.cat([torch.isfinite(scaled).all()[None], keep, crops.flatten()]).tolist()
-    if not values[0]:
+    # The one read: the clipped corners (float32, exact as Python floats), each box's finiteness
+    # and what the caller asks for; which boxes are empty and their crops follow on the host.
+    finite = torch.isfinite(scaled).all(dim=1)
+    values = torch.cat([clipped.flatten(), finite, *also_read]).tolist()
+    if not all(values[4 * num : 5 * num]):
         raise AssertionError("Box tensor contains infinite or NaN!")  # Detectron2's clip's
     boxes.tensor = clipped  # as Detectron2's clip does
-    kept = [i for i in range(num) if values[1 + i]]
-    corners = values[1 + num :]
-    sizes = [
-        (corners[4 * i + 3] - corners[4 * i + 1], corners[4 * i + 2] - corners[4 * i]) for i in kept
-    ]
+    kept, crops = _kept_crops(values[: 4 * num], height, width)
+    read = (
+        [[values[start + i] for i in kept] for start in range(5 * num, len(values), num)],
+        [v for i in kept for v in values[4 * i : 4 * i + 4]],
+    )
+    sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in zip(*[iter(crops)] * 4)]
     out = Instances((height, width), **fields)  # in the input's order of fields
     out.pred_boxes = Boxes(clipped)
     out.pred_masks = masks
-    if len(kept) != num:  # without waiting for the device, as a list used as an index would
-        index = upload_ints(kept, clipped.device)
-        out, crops = out[index], crops[index]
+    # The crops as columns (x0..., y0..., x1..., y1..., and the offsets of the masks' planes in
+    # the output: see _paste), and the kept boxes' indices where a box is dropped, in one upload
+    # that does not wait for the device (as a list used as an index would).
+    planes = range(0, len(kept) * height * width, height * width)
+    per_box = [*crops[0::4], *crops[1::4], *crops[2::4], *crops[3::4], *planes]
+    if len(kept) == num:
+        per_box = upload_ints(per_box, clipped.device)
+    else:
+        index, per_box = upload_ints(kept + per_box, clipped.device).split(
+            [len(kept), len(per_box)]
+        )
+        out = out[index]
+    crops = per_box.view(5, len(kept), 1, 1).unbind(0)
     out.pred_masks = _paste(
         out.pred_masks, out.pred_boxes.tensor, crops, sizes, height, width, threshold=0.5
     )
-    return out
+    return out, read
+
+
+def _kept_crops(corners: List[float], height: int, width: int) -> Tuple[List[int], List[int]]:
+    """The indices of the boxes that Detectron2's ``Boxes.nonempty`` keeps and their
+    :func:`_crops`, flat, computed on the host from the clipped, finite XYXY ``corners`` of
+    the boxes (flat): the same numbers, as Python's arithmetic on the float32 values is exact
+    here (a difference of two floats is 0 only where they are equal; floor and ceil of numbers
+    in [0, size] are exact in float32)."""
+    kept, crops = [], []
+    for i in range(len(corners) // 4):
+        x0, y0, x1, y1 = corners[4 * i : 4 * i + 4]
+        if x1 - x0 > 0 and y1 - y0 > 0:
+            kept.append(i)
+            col0, row0 = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
+            col1, row1 = min(math.ceil(x1) + 1, width), min(math.ceil(y1) + 1, height)
+            crops += [col0, row0, max(col1, col0), max(row1, row0)]
+    return kept, crops
 
 
 def _detectron2_then_paste(detections: Instances, height: int, width: int) -> Instances:
