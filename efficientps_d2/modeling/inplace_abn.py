@@ -154,7 +154,9 @@ def _rebuild_input(z, weight, bias, mean, invstd, slope):
     # input then, and the rebuilt input only feeds the weight's own gradient (see module doc).
     weight = torch.copysign(weight.abs().clamp(min=_MIN_WEIGHT), weight)
     scale = 1.0 / (weight * invstd)
-    return pre.mul_(_per_channel(scale)).add_(_per_channel(mean - bias * scale))
+    # One pass over the activations, rounded once: pre * scale + shift, written over pre.
+    shift = _per_channel(mean - bias * scale)
+    return torch.addcmul(shift, pre, _per_channel(scale), out=pre)
 
 
 class InPlaceABN(nn.BatchNorm2d):
