@@ -345,7 +345,8 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
     Returns:
         ({name: [seconds of each timed run]}, {name: (detections, thing segments)},
         {name: peak memory increase of the last warm-up run in MiB} if ``memory``, else {},
-        {name: memory the first run left reserved for good in MiB} if ``memory`` on CUDA,
+        {name: memory the first two runs left reserved for good in MiB} if ``memory`` on CUDA
+            (a size's CUDA graph is captured at its second run),
         {name: error} for the runners that raised: each is dropped from the rest of the runs, so
         that one path failing (a CUDA graph capture, a compilation) loses only its own row).
         The peak memory is that of the last warm-up run, after the others: with ``warmup`` >= 2,
@@ -377,8 +378,8 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
             peaks[name] = peak_memory_increase_mib(once, device)
 
         fn = last_warmup if i == warmup - 1 and memory else once
-        if i == 0 and memory and device.startswith("cuda"):
-            kept[name] = kept_memory_mib(fn)
+        if i < 2 and memory and device.startswith("cuda"):
+            kept[name] = kept.get(name, 0.0) + kept_memory_mib(fn)
         else:
             fn()
         return result["out"]
@@ -749,8 +750,9 @@ def markdown(report):
         f"included), {s['warmup']} warm-up run(s), then the median (min) of "
         f"{s['repeats']} runs per size; models interleaved run by run (compiled rows: after "
         "the others, with each other). Peak memory: the last warm-up run, above what was "
-        "allocated before it; '+N kept' (GPU): what the first run left reserved for good, such "
-        "as a CUDA graph's memory pool, which the replays reuse and the peak does not see.",
+        "allocated before it; '+N kept' (GPU): what the first two runs left reserved for good, "
+        "such as a CUDA graph's memory pool (captured at a size's second run), which the "
+        "replays reuse and the peak does not see.",
         "Both models: random weights with BN statistics set from one image; test score threshold "
         "0 and panoptic confidence threshold 0, so each keeps its 100 best detections "
         "(TEST.DETECTIONS_PER_IMAGE) and the mask head and fusion do the same amount of work.",
@@ -1121,8 +1123,8 @@ def main(argv=None):
         _sync(device)  # the folding's kernels run after the call returns
         report["fast_copy_build_s"] = time.perf_counter() - start
     for name in map(path_name, args.paths):
-        # Each path's copy now, so that its first run's '+N kept' is what running leaves
-        # (graphs are captured, and compiled code made, at the first run of each size).
+        # Each path's copy now, so that its first runs' '+N kept' is what running leaves
+        # (graphs are captured at the second run of each size, compiled code made at the first).
         models[name][0]._inference_network()
     save(next_section="inference")
 

@@ -108,10 +108,11 @@ def add_efficientps_config(cfg):
     # Dtype of the dense network (backbone, FPN, semantic head, RPN head) in inference: "float32",
     # "bfloat16" or "float16". Its outputs, the ROI heads, mask logits and fusion stay float32.
     _C.MODEL.EFFICIENTPS.INFERENCE_DTYPE = "float32"
-    # On CUDA, replay the dense network as a CUDA graph captured once per padded input size (no
-    # effect on other devices). Needs fixed input sizes to pay: each new size is captured anew.
+    # On CUDA, replay the dense network as a CUDA graph captured once per padded input size, the
+    # second time the size comes (no effect on other devices). Pays where sizes repeat.
     _C.MODEL.EFFICIENTPS.CUDA_GRAPH = False
-    # Most CUDA graphs (padded input sizes) kept; the least recently used one is dropped.
+    # Most CUDA graphs (padded input sizes) kept; the least recently used one is dropped, and once
+    # as many have been dropped, no new size is captured (it runs without a graph).
     _C.MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE = 4
     # With CUDA_GRAPH, also replay the ROI heads' box and mask stages as CUDA graphs, at fixed row
     # counts: each image's proposals padded to RPN.POST_NMS_TOPK_TEST, its detections to

@@ -1157,7 +1157,11 @@ def test_graphed_roi_heads_keep_nothing_a_replay_overwrites(monkeypatch):
         _with_options(model, cuda_graph=True, cuda_graph_roi_heads=True)
         network = model._inference_network()
         network.cuda_graph = True  # what build_inference_network sets on CUDA only
-        outputs = [model([x])[0] for x in (first, second, other_size)]
+        outputs = [
+            _graphed(model, [first])[0],
+            model([second])[0],  # first's size: its graphs replayed over first's outputs
+            _graphed(model, [other_size])[0],
+        ]
     for output, reference in zip(outputs, expected):
         assert len(output["instances"]) > 0
         _assert_same_output(output, reference)
@@ -1185,7 +1189,7 @@ def test_size_cache_evicts_least_recently_used():
         built.append(key)
         return (key, example)
 
-    cache = SizeLRUCache(2, capture)
+    cache = SizeLRUCache(2, capture, build_after=1)
     assert cache.get((1, 3, 64, 96), "a") == ((1, 3, 64, 96), "a")
     cache.get((1, 3, 128, 96), "b")
     assert cache.get((1, 3, 64, 96), "ignored") == ((1, 3, 64, 96), "a")  # cached: not rebuilt
@@ -1198,9 +1202,19 @@ def test_size_cache_evicts_least_recently_used():
         SizeLRUCache(0, capture)
 
 
-def test_size_cache_warns_once_when_sizes_outnumber_it():
-    """Three sizes in turn through a cache of two: every call captures again; say so, once."""
-    cache = SizeLRUCache(2, lambda key: key)
+def test_size_cache_builds_for_sizes_that_come_again():
+    """A graph's capture costs a few runs: a size is captured the second time it comes."""
+    cache = SizeLRUCache(4, lambda key: key)
+    assert cache.get("a") is None and cache.get("b") is None  # first time: run without
+    assert cache.get("a") == "a" and cache.get("a") == "a" and cache.keys() == ["a"]
+    assert cache.get("b") == "b" and cache.keys() == ["a", "b"]
+
+
+def test_size_cache_stops_building_and_warns_once_when_sizes_outnumber_it():
+    """Three sizes in turn through a cache of two: each capture would be dropped again before
+    its size came back. Once the cache has dropped as many as it holds, it builds no more (the
+    sizes it holds keep theirs) and says so, once."""
+    cache = SizeLRUCache(2, lambda key: key, build_after=1)
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append  # a handler of its own: the logger may not propagate to root
@@ -1210,11 +1224,12 @@ def test_size_cache_warns_once_when_sizes_outnumber_it():
         for size in [64, 96, 64, 96]:  # fits: nothing dropped
             cache.get((1, 3, size, size))
         assert cache.evictions == 0 and not records
-        for size in [128, 64, 96, 128, 64, 96]:
-            cache.get((1, 3, size, size))
+        built = [cache.get((1, 3, size, size)) for size in [128, 64, 96, 128, 64, 96]]
     finally:
         logger.removeHandler(handler)
-    assert cache.evictions == 6
+    # 128 drops 64, 64 drops 96 (the second drop: no more builds), 96 is not built.
+    assert [x is not None for x in built] == [True, True, False, True, True, False]
+    assert cache.evictions == 2 and cache.keys() == [(1, 3, 128, 128), (1, 3, 64, 64)]
     assert len(records) == 1 and "CUDA_GRAPH_CACHE_SIZE (2)" in records[0].getMessage()
 
 
@@ -1240,6 +1255,13 @@ def _cuda_inputs():
     return [{k: v.cuda() if torch.is_tensor(v) else v for k, v in x.items()} for x in _inputs()]
 
 
+def _graphed(model, inputs):
+    """``model(inputs)`` as a CUDA graph: a size's first call runs eager, its second captures
+    the graph and replays it."""
+    model(inputs)
+    return model(inputs)
+
+
 @_CUDA
 @pytest.mark.usefixtures("exact_float32")
 @pytest.mark.parametrize("fast_inference", [False, True])
@@ -1249,7 +1271,7 @@ def test_cuda_graph_gives_the_eager_panoptic_output(fast_inference):
     with torch.no_grad():
         eager = model(inputs)
         _with_options(model, cuda_graph=True, fast_inference=fast_inference)
-        graphed = model(inputs)
+        graphed = _graphed(model, inputs)
         again = model(inputs)  # replayed
     network = model._inference_network()
     assert network.cuda_graph and len(network.graphs) == 1
@@ -1266,7 +1288,7 @@ def test_cuda_graph_cache_per_input_size_and_weights():
     inputs = _cuda_inputs()
     with torch.no_grad():
         for x in (inputs[:1], inputs[1:], inputs[:1], inputs):  # padded sizes A, B, A, C
-            model(x)
+            _graphed(model, x)
         network = model._inference_network()
         assert len(network.graphs) == 2 and [k[0] for k in network.graphs.keys()] == [
             (1, 3, 128, 160),
@@ -1274,7 +1296,7 @@ def test_cuda_graph_cache_per_input_size_and_weights():
         ]
         other = _randomize(build_model(tiny_config(PERMISSIVE)), seed=1).cuda()
         model.load_state_dict(other.state_dict())
-        graphed = model(inputs[:1])[0]
+        graphed = _graphed(model, inputs[:1])[0]
         assert model._inference_network() is not network  # new weights: captured anew
         _with_options(model, cuda_graph=False)
         plain = model(inputs[:1])[0]
@@ -1290,8 +1312,9 @@ def test_a_graph_captured_under_autocast_is_not_replayed_without_it():
     inputs = _cuda_inputs()[:1]
     with torch.no_grad():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(inputs)
-        graphed = model(inputs)[0]
+            _graphed(model, inputs)
+        graphed = _graphed(model, inputs)[0]
+        assert len(model._inference_network().graphs) == 2  # one with autocast, one without
         _with_options(model, cuda_graph=False)
         eager = model(inputs)[0]
     _assert_same_panoptic(eager, graphed)
@@ -1307,12 +1330,12 @@ def test_cuda_graph_of_the_roi_heads_gives_the_eager_panoptic_output():
     with torch.no_grad():
         eager = model(inputs)
         _with_options(model, cuda_graph=True, cuda_graph_roi_heads=True, fast_inference=True)
-        graphed = model(inputs)
+        graphed = _graphed(model, inputs)
         again = model(inputs)  # replayed
         network = model._inference_network()
         (captured,) = network.graphs._values.values()
         assert sorted(captured.roi_heads._graphs) == [("boxes", 2 * 20), ("masks", 2 * 100)]
-        single = model(inputs[:1])  # another input size: its own graphs
+        single = _graphed(model, inputs[:1])  # another input size: its own graphs
     assert len(network.graphs) == 2
     for a, b, c in zip(eager, graphed, again):
         _assert_same_panoptic(a, b)
@@ -1325,7 +1348,8 @@ def test_cuda_graph_of_the_roi_heads_gives_the_eager_panoptic_output():
 def test_bfloat16_cuda_graph_runs():
     model = _with_options(_cuda_model(), cuda_graph=True, dtype="bfloat16", fast_inference=True)
     with torch.no_grad():
-        out = model(_cuda_inputs())
+        out = _graphed(model, _cuda_inputs())
+    assert len(model._inference_network().graphs) == 1
     assert all(o["panoptic_seg"][0].is_cuda and o["sem_seg"].dtype == torch.float32 for o in out)
 
 

@@ -9,9 +9,9 @@ model's own modules (all options off) or a cached copy of them that is
 
 - fused: BatchNorm folded into the convs and conv + LeakyReLU fused (:func:`fuse_for_inference`);
 - cast: the dense network's weights in bfloat16 / float16, with its outputs in float32;
-- graphed: the dense network replayed as a CUDA graph captured once per padded input size
-  (:class:`SizeLRUCache`), on CUDA only; with CUDA_GRAPH_ROI_HEADS the box and mask heads too, at
-  fixed row counts (:class:`FixedShapeRoiHeads`);
+- graphed: the dense network replayed as a CUDA graph captured once per padded input size that
+  comes again (:class:`SizeLRUCache`), on CUDA only; with CUDA_GRAPH_ROI_HEADS the box and mask
+  heads too, at fixed row counts (:class:`FixedShapeRoiHeads`);
 - compiled: the dense network through ``torch.compile``.
 
 The dense network also decodes the RPN's proposals (the anchors of the model's anchor generator,
@@ -359,39 +359,51 @@ class DenseNetwork(nn.Module):
 
 
 class SizeLRUCache:
-    """At most ``capacity`` values, one per key, built on first use by ``build(key)``; the least
-    recently used one is dropped to make room. Holds the CUDA graphs, one per padded input size.
+    """At most ``capacity`` values, one per key, each built by ``build(key, *args)`` once the key
+    has been asked for ``build_after`` times; the least recently used one is dropped to make room.
+    Holds the CUDA graphs, one per padded input size, so that a graph (whose capture costs a few
+    runs and keeps its memory) is made only for sizes that come again.
 
     Once as many values have been dropped as the cache holds, the inputs come in more sizes than
-    it can keep, and each new one costs a capture (warm-up runs included) instead of saving time:
-    that is logged once, as a warning naming the remedies.
+    it can keep, and each capture would soon be dropped again instead of saving time: from then
+    on no new value is built (the sizes cached then keep theirs). That is logged once, as a
+    warning naming the remedies.
     """
 
-    def __init__(self, capacity: int, build: Callable):
+    def __init__(self, capacity: int, build: Callable, *, build_after: int = 2):
         if capacity < 1:
             raise ValueError(
                 f"MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE must be at least 1, got {capacity}."
             )
         self.capacity = capacity
         self.build = build
+        self.build_after = build_after
         self._values = collections.OrderedDict()
+        self._asked = collections.Counter()  # keys not built yet: how often each was asked for
         self.evictions = 0
 
     def get(self, key, *args):
-        """The value for ``key``, built by ``build(key, *args)`` if it is not cached."""
+        """The value for ``key``; None where it is not built (asked for too few times yet, or
+        after the cache has dropped ``capacity`` values)."""
         if key in self._values:
             self._values.move_to_end(key)
             return self._values[key]
+        if self.evictions >= self.capacity:
+            return None
+        self._asked[key] += 1
+        if self._asked[key] < self.build_after:
+            return None
+        del self._asked[key]
         while len(self._values) >= self.capacity:
             self._values.popitem(last=False)  # free the old graph before capturing a new one
             self.evictions += 1
             if self.evictions == self.capacity:
                 logger.warning(
                     "CUDA graphs have been captured for more input sizes than "
-                    "MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE (%d) keeps, now %s: every new "
-                    "size is captured again, which is slower than not using graphs. Raise "
-                    "the cache size, resize the inputs to a few fixed sizes, or set "
-                    "MODEL.EFFICIENTPS.CUDA_GRAPH False.",
+                    "MODEL.EFFICIENTPS.CUDA_GRAPH_CACHE_SIZE (%d) keeps, now %s: no other "
+                    "size will be captured (they run without a graph), as each would soon be "
+                    "dropped again. Raise the cache size, resize the inputs to a few fixed "
+                    "sizes, or set MODEL.EFFICIENTPS.CUDA_GRAPH False.",
                     self.capacity,
                     key,
                 )
@@ -564,7 +576,8 @@ class InferenceNetwork:
 
     def dense(self, images: torch.Tensor):
         """The dense network's outputs (see :class:`DenseNetwork`) for ``images``: replayed as a
-        CUDA graph (on CUDA, with ``cuda_graph``), compiled, or eager. A graph's outputs are
+        CUDA graph (on CUDA, with ``cuda_graph``, from the second time a size comes), compiled,
+        or eager. A graph's outputs are
         static, valid until the next call, except the semantic logits, which are a fresh copy:
         they reach the caller (as "sem_seg", a view of them), who may keep them past the next
         image. The same holds for a compiled network whose mode replays CUDA graphs."""
@@ -580,8 +593,9 @@ class InferenceNetwork:
             )
             self._last_graph = None  # an evicted graph is freed before a new one is captured
             self._last_graph = self.graphs.get(key, images)
-            features, sem_seg_logits, objectness, deltas = self._last_graph(images)
-            return features, sem_seg_logits.clone(), objectness, deltas
+            if self._last_graph is not None:  # else a size seen once, or one too many: eager
+                features, sem_seg_logits, objectness, deltas = self._last_graph(images)
+                return features, sem_seg_logits.clone(), objectness, deltas
         if self.compiled is not None:
             features, sem_seg_logits, objectness, deltas = self.compiled(images)
             if self.compiled_replays_graphs:  # a needless but cheap copy where nothing is graphed
