@@ -350,7 +350,8 @@ def time_inference(runners, image, *, device, warmup, repeats, amp_dtype=None, m
         {name: error} for the runners that raised: each is dropped from the rest of the runs, so
         that one path failing (a CUDA graph capture, a compilation) loses only its own row).
         The peak memory is that of the last warm-up run, after the others: with ``warmup`` >= 2,
-        after one-off costs (cuDNN autotuning, CUDA-graph capture, compilation, cached copies).
+        after one-off costs (cuDNN autotuning, compilation, cached copies), and with 3 or more
+        after a CUDA graph's capture too (at a size's second run).
     """
     if memory and warmup == 0:
         raise ValueError("Measuring memory needs at least one warm-up run (--warmup).")
@@ -918,7 +919,13 @@ def parse_args(argv=None):
         help="timed runs per size (one number for all sizes, or one per size; default: 5 for "
         "the first size, 3 for the others)",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per size and model")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed runs per size and model (default: 3 on CUDA, where a size's CUDA graph is "
+        "captured at its second run, so that the last one measures a replay; 1 elsewhere)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
@@ -1027,6 +1034,8 @@ def parse_args(argv=None):
         )
     if len(args.repeats) == 1:  # one number for all sizes
         args.repeats = args.repeats * len(args.sizes)
+    if args.warmup is None:
+        args.warmup = 3 if args.device.startswith("cuda") else 1
     if args.warmup < 0 or (args.warmup == 0 and not args.no_memory):
         parser.error(
             f"--warmup {args.warmup}: peak memory is measured on the last warm-up run, so give "

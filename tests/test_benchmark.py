@@ -221,6 +221,9 @@ def test_bad_command_lines_stop_before_any_model_is_built(benchmark, capsys):
         assert error.value.code == 2 and message in capsys.readouterr().err
     args = benchmark.parse_args(["--sizes", "64x128", "--warmup", "0", "--no-memory"])
     assert (args.warmup, args.repeats) == (0, [5])
+    # By default 3 warm-up runs on CUDA (a size's graph is captured at its second), 1 elsewhere.
+    assert benchmark.parse_args(["--device", "cpu"]).warmup == 1
+    assert benchmark.parse_args(["--device", "cuda"]).warmup == 3
 
 
 def test_gpu_profile_counts_launches_and_host_waits(benchmark):

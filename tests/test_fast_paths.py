@@ -1298,6 +1298,7 @@ def test_cuda_graph_cache_per_input_size_and_weights():
         model.load_state_dict(other.state_dict())
         graphed = _graphed(model, inputs[:1])[0]
         assert model._inference_network() is not network  # new weights: captured anew
+        assert len(model._inference_network().graphs) == 1
         _with_options(model, cuda_graph=False)
         plain = model(inputs[:1])[0]
     _assert_same_panoptic(plain, graphed)

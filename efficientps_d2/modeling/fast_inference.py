@@ -577,10 +577,10 @@ class InferenceNetwork:
     def dense(self, images: torch.Tensor):
         """The dense network's outputs (see :class:`DenseNetwork`) for ``images``: replayed as a
         CUDA graph (on CUDA, with ``cuda_graph``, from the second time a size comes), compiled,
-        or eager. A graph's outputs are
-        static, valid until the next call, except the semantic logits, which are a fresh copy:
-        they reach the caller (as "sem_seg", a view of them), who may keep them past the next
-        image. The same holds for a compiled network whose mode replays CUDA graphs."""
+        or eager. A graph's outputs are static, valid until the next call, except the semantic
+        logits, which are a fresh copy: they reach the caller (as "sem_seg", a view of them), who
+        may keep them past the next image. The same holds for a compiled network whose mode
+        replays CUDA graphs."""
         if self.cuda_graph:  # on CUDA only (build_inference_network)
             # A graph replays the kernels it captured: one captured under autocast is another.
             autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
