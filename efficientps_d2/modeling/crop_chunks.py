@@ -3,7 +3,7 @@ padded to its largest crop: how the panoptic fusion and the mask pasting batch t
 the few tensor helpers they share to keep their operator calls per chunk down (on a GPU each call
 costs host time: some 20-45 us where it launches a kernel, a few us for a view)."""
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -12,6 +12,7 @@ __all__ = [
     "chunk_crops",
     "chunk_rows",
     "columns",
+    "crop_pixels",
     "padded_elements",
     "prefix",
 ]
@@ -67,3 +68,26 @@ def columns(table: torch.Tensor) -> Tuple[torch.Tensor, ...]:
 def prefix(values: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` rows of ``values``, without a call where that is all of them."""
     return values if len(values) == length else values[:length]
+
+
+def crop_pixels(chunks: List[Tuple[int, ...]], device: torch.device) -> Callable:
+    """``pixels(row0, col0, h, w)`` for crops padded to one of ``chunks``' (h, w), whose first
+    pixels are at the (k, 1, 1) columns ``row0``, ``col0``: their (k, h, 1) pixel rows and
+    (k, 1, w) pixel columns, then those rows' and columns' pixel centres (i + 0.5, float32: exact,
+    as are their sums with the origins). Rows run down and columns across, so that with (k, 1, 1)
+    per-crop numbers everything broadcasts to (k, h, w) without a reshaping call per chunk; the
+    ranges are made once, for the longest side of all chunks."""
+    longest = max(max(h, w) for _, _, h, w in chunks)
+    steps = torch.arange(longest, device=device)
+    centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
+    steps_down, centres_down = steps[:, None], centres[:, None]
+
+    def pixels(row0, col0, h, w):
+        return (
+            row0 + prefix(steps_down, h),
+            col0 + prefix(steps, w),
+            row0 + prefix(centres_down, h),
+            col0 + prefix(centres, w),
+        )
+
+    return pixels

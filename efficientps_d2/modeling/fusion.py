@@ -58,7 +58,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import log_every_n_seconds
 from torch.nn import functional as F
 
-from .crop_chunks import chunk_crops, chunk_rows, columns, padded_elements, prefix
+from .crop_chunks import chunk_crops, chunk_rows, columns, crop_pixels, padded_elements
 from .mask_paste import detector_postprocess_and_read, sampling_grid, upload_ints
 
 __all__ = ["panoptic_fusion", "panoptic_postprocess"]
@@ -499,21 +499,13 @@ def _pasted_chunks(sem, masks, boxes, per_candidate, chunks, mask_logit_scale):
     masks, inside-the-crop flags, flat pixel index), all [k, h, w], padding included (inside is
     False there). ``per_candidate``: (col_start, row_start, col_end, row_end, semantic class) of
     each candidate's pixels, as [n, 1, 1] columns; ``masks`` [n, 1, M, M], ``boxes`` [n, 4]."""
-    device = sem.device
     height, width = sem.shape[-2:]
-    longest = max(max(h, w) for _, _, h, w in chunks)
-    # Rows run down (h, 1), columns across (w,), so that with the (k, 1, 1) per-candidate numbers
-    # everything broadcasts to (k, h, w) without a reshaping call per chunk.
-    steps = torch.arange(longest, device=device)
-    # Pixel centres i + 0.5, exact in float32, as are their sums with the crops' origins.
-    centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
-    steps_down, centres_down = steps[:, None], centres[:, None]
+    pixels = crop_pixels(chunks, sem.device)
     per_candidate = (masks,) + _box_columns(boxes) + tuple(per_candidate)
     for (start, end, h, w), part in zip(chunks, chunk_rows(per_candidate, chunks)):
         part_masks, x0, y0, half_w, half_h, col0, row0, col1, row1, sem_ids = part
-        rows, cols = row0 + prefix(steps_down, h), col0 + prefix(steps, w)
+        rows, cols, row_centres, col_centres = pixels(row0, col0, h, w)
         inside = (rows < row1) & (cols < col1)
-        row_centres, col_centres = row0 + prefix(centres_down, h), col0 + prefix(centres, w)
         mla = _paste_mask_logits_batched(
             part_masks, x0, y0, half_w, half_h, row_centres, col_centres
         )

@@ -28,7 +28,7 @@ from detectron2.modeling.postprocessing import detector_postprocess as d2_detect
 from detectron2.structures import BitMasks, Boxes, Instances, ROIMasks
 from torch.nn import functional as F
 
-from .crop_chunks import chunk_crops, chunk_rows, columns, prefix
+from .crop_chunks import chunk_crops, chunk_rows, columns, crop_pixels
 from .fast_inference import clip_boxes_
 
 __all__ = [
@@ -124,13 +124,8 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
         masks = masks.to(device)
     masks = masks if masks.dtype.is_floating_point else masks.float()
     chunks = chunk_crops(sizes, compact=device.type != "cuda")
-    longest = max(max(h, w) for _, _, h, w in chunks)
-    # Every per-box number as an (N, 1, 1) column, rows as (h, 1) and columns as (w,), so that
-    # they all broadcast to (k, h, w) without a reshaping call per chunk.
-    steps = torch.arange(longest, device=device)
-    # Detectron2's pixel centres: a float32 range i + 0.5 (exact, as are the sums with origins).
-    centres = torch.arange(0.5, longest, dtype=torch.float32, device=device)
-    steps_down, centres_down = steps[:, None], centres[:, None]
+    # Every per-box number as an (N, 1, 1) column, so that it broadcasts over the crops.
+    pixels = crop_pixels(chunks, device)
     box_x0, box_y0, box_x1, box_y1 = columns(boxes)
     # Half the (width, height), in the boxes' dtype.
     half_width, half_height = (box_x1 - box_x0) / 2, (box_y1 - box_y0) / 2
@@ -144,12 +139,10 @@ def _paste(masks, boxes, crops, sizes, height, width, threshold):
 
         # Each crop grown to (h, w) but kept inside the image, so that it still covers its crop.
         row0, col0 = crop_y0.clamp(max=height - h), crop_x0.clamp(max=width - w)
-        rows, cols = row0 + prefix(steps_down, h), col0 + prefix(steps, w)  # (k, h, 1), (k, 1, w)
-        # Detectron2's mapping (_do_paste_mask), value for value and in its dtypes: pixel centres
-        # to [-1, 1] on the box, then sampled in the masks' dtype.
-        grid = sampling_grid(
-            x0, y0, half_w, half_h, row0 + prefix(centres_down, h), col0 + prefix(centres, w)
-        )
+        rows, cols, row_centres, col_centres = pixels(row0, col0, h, w)
+        # Detectron2's mapping (_do_paste_mask), value for value and in its dtypes: its pixel
+        # centres (a float32 range i + 0.5) to [-1, 1] on the box, sampled in the masks' dtype.
+        grid = sampling_grid(x0, y0, half_w, half_h, row_centres, col_centres)
         if grid.dtype != masks.dtype:
             grid = grid.to(masks.dtype)
         sampled = F.grid_sample(part_masks, grid, align_corners=False)
