@@ -1691,15 +1691,22 @@ def test_scatter_fusion_takes_fewest_chunks_then_compact_ones_then_the_loop(monk
     passes _SCATTER_ELEMENTS, the loop's compact chunks; past that, the loop. Same answer."""
     sem, inst, things = _random_scene(3, 120, 160, 30)
     expected = _reference_fusion(sem, inst, things, 0.0, 0.5, 0, 4.0)
-    calls = []
+    calls, chunked = [], []
     for name in ("_fuse_by_scatter", "_fuse_by_loop"):
         real = getattr(fusion, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            calls.append((_name, args[6]))  # args[6]: the chunks
+            calls.append((_name, chunked.pop()))  # with the chunks its crops were pasted in
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(fusion, name, spy)
+    real_pasted_chunks = fusion._pasted_chunks
+
+    def pasted_chunks(*args):
+        chunked.append(args[4])  # args[4]: the chunks
+        return real_pasted_chunks(*args)
+
+    monkeypatch.setattr(fusion, "_pasted_chunks", pasted_chunks)
 
     def fuse():
         got = panoptic_fusion(

@@ -342,19 +342,13 @@ def _panoptic_fusion(
             chunks = chunk_crops(sizes)  # less padding, more kernels
             if padded_elements(chunks) > _SCATTER_ELEMENTS:
                 method = "loop"
-        fuse = _fuse_by_scatter if method == "scatter" else _fuse_by_loop
-        fuse(
-            sem,
-            stuff_val,
-            masks,
-            candidates.boxes[order],
-            per_candidate,
-            candidates.crops,
-            chunks,
-            overlap_thresh=overlap_thresh,
-            mask_logit_scale=mask_logit_scale,
-            code=code,
+        pasted = _pasted_chunks(
+            sem, masks, candidates.boxes[order], per_candidate, chunks, mask_logit_scale
         )
+        if method == "scatter":
+            _fuse_by_scatter(pasted, chunks, stuff_val, code, overlap_thresh)
+        else:
+            _fuse_by_loop(pasted, candidates.crops, stuff_val, code, overlap_thresh)
     void_code = num + num_classes
     code = code.masked_fill_(sem_max.values.isnan(), void_code)
     areas = torch.bincount(code.flatten(), minlength=void_code + 1)
@@ -519,28 +513,14 @@ def _pasted_chunks(sem, masks, boxes, per_candidate, chunks, mask_logit_scale):
         yield start, end, fused, binary, inside, rows * width + cols
 
 
-def _fuse_by_loop(
-    sem,
-    stuff_val,
-    masks,
-    boxes,
-    per_candidate,
-    crops,
-    chunks,
-    *,
-    overlap_thresh,
-    mask_logit_scale,
-    code,
-):
+def _fuse_by_loop(pasted, crops, stuff_val, code, overlap_thresh):
     """Steps 3-5, instance by instance on its crop: writes j into the int32 [H, W] ``code`` where
-    candidate j wins a pixel (stuff's codes there are n or more)."""
-    height, width = sem.shape[-2:]
-    device = sem.device
+    candidate j wins a pixel (stuff's codes there are n or more), from the candidates'
+    :func:`_pasted_chunks` ``pasted`` and their (row start, row end, col start, col end)
+    ``crops``."""
     best_val = stuff_val.clone()
-    claimed = torch.zeros((height, width), dtype=torch.bool, device=device)
-    for start, end, fused, binary, _, _ in _pasted_chunks(
-        sem, masks, boxes, per_candidate, chunks, mask_logit_scale
-    ):
+    claimed = torch.zeros(code.shape, dtype=torch.bool, device=code.device)
+    for start, end, fused, binary, _, _ in pasted:
         areas = binary.sum(dim=(1, 2))
         # float64, as the Python arithmetic of the one-at-a-time definition.
         limits = areas.double() * overlap_thresh
@@ -560,20 +540,9 @@ def _fuse_by_loop(
             code[crop].masked_fill_(wins, start + k)
 
 
-def _fuse_by_scatter(
-    sem,
-    stuff_val,
-    masks,
-    boxes,
-    per_candidate,
-    crops,
-    chunks,
-    *,
-    overlap_thresh,
-    mask_logit_scale,
-    code,
-):
-    """Steps 3-5 for all instances at once, with the result of :func:`_fuse_by_loop`.
+def _fuse_by_scatter(pasted, chunks, stuff_val, code, overlap_thresh):
+    """Steps 3-5 for all instances at once, with the result of :func:`_fuse_by_loop`, from the
+    candidates' :func:`_pasted_chunks` ``pasted``, made for their ``chunks``.
 
     Candidate k is kept iff its binary mask is non-empty and at most ``overlap_thresh`` of it lies
     on pixels whose lowest-indexed kept candidate covering them has index < k. That depends only on
@@ -587,13 +556,11 @@ def _fuse_by_scatter(
     the same with -1 elsewhere (no candidate index is below it); the fused logits, -inf outside
     the crop and where NaN (neither ever wins, as a NaN never does in the loop).
     """
-    height, width = sem.shape[-2:]
-    device = sem.device
-    num = len(crops)
+    height, width = code.shape
+    device = code.device
+    num = chunks[-1][1]  # the candidates
     parts = []
-    for start, end, fused, binary, inside, flat in _pasted_chunks(
-        sem, masks, boxes, per_candidate, chunks, mask_logit_scale
-    ):
+    for start, end, fused, binary, inside, flat in pasted:
         ids = torch.arange(start, end, dtype=torch.int32, device=device).view(-1, 1, 1)
         fused = torch.where(inside, fused.nan_to_num(-math.inf, math.inf, -math.inf), float("-inf"))
         own, below = torch.where(binary, ids, num), torch.where(binary, ids, -1)
