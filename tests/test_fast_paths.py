@@ -415,11 +415,17 @@ def test_inference_network_steps_equal_detectron2s_rpn_and_roi_heads():
         assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
         assert torch.equal(a.objectness_logits, b.objectness_logits)
     for a, b in zip(detections, expected):
-        assert len(a) > 0 and a.get_fields().keys() == b.get_fields().keys()
-        for name in b.get_fields():
-            x, y = a.get(name), b.get(name)
-            x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
-            assert torch.equal(x, y), name
+        assert len(a) > 0
+        _assert_equal_instances(a, b)
+
+
+def _assert_equal_instances(a, b):
+    """The same fields, each equal bit for bit (Boxes by their tensors)."""
+    assert a.get_fields().keys() == b.get_fields().keys()
+    for name in b.get_fields():
+        x, y = a.get(name), b.get(name)
+        x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
+        assert torch.equal(x, y), name
 
 
 def _rpn_outputs(seed, images, counts):
@@ -1069,11 +1075,8 @@ def test_fixed_shape_roi_heads_equal_inference_network_detect(fast_inference, po
         "_mask_stage": ([2 * per_image], 2),
     }
     for a, b in zip(detections, expected):
-        assert 0 < len(b) < per_image and a.get_fields().keys() == b.get_fields().keys()
-        for name in b.get_fields():
-            x, y = a.get(name), b.get(name)
-            x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
-            assert torch.equal(x, y), name
+        assert 0 < len(b) < per_image
+        _assert_equal_instances(a, b)
 
 
 def test_fixed_shape_roi_heads_leave_other_heads_to_detect():
@@ -1130,16 +1133,10 @@ class _StaticOutputs:
         for static, x in zip(self.static_inputs, inputs):
             static.copy_(x)
         fresh, static = self.fn(*self.static_inputs), self.static_output
-        for a, b in zip(_tensors_of(static), _tensors_of(fresh)):
+        leaves = torch.utils._pytree.tree_leaves
+        for a, b in zip(leaves(static), leaves(fresh)):
             a.copy_(b)
         return static
-
-
-def _tensors_of(output):
-    if torch.is_tensor(output):
-        return [output]
-    values = output.values() if isinstance(output, dict) else output
-    return [t for value in values for t in _tensors_of(value)]
 
 
 def test_graphed_roi_heads_keep_nothing_a_replay_overwrites(monkeypatch):
@@ -1174,12 +1171,7 @@ def _assert_same_output(a, b):
     assert torch.equal(a["sem_seg"], b["sem_seg"])
     assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
     assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
-    fields = a["instances"].get_fields()
-    assert fields.keys() == b["instances"].get_fields().keys()
-    for name, x in fields.items():
-        y = b["instances"].get(name)
-        x, y = (x.tensor, y.tensor) if hasattr(x, "tensor") else (x, y)
-        assert torch.equal(x, y), name
+    _assert_equal_instances(a["instances"], b["instances"])
 
 
 def test_size_cache_evicts_least_recently_used():
