@@ -448,6 +448,8 @@ _SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
 _STAGE_PREFIX = "EfficientPS."
 # In order; "dense" includes the preprocessing (normalising and padding the batch).
 _STAGES = ("dense", "proposals", "detection", "postprocess")
+# How many operators the GPU profiles list by their kernels' time.
+GPU_OPS_LISTED = 12
 
 
 def gpu_profile(run, runs=3):
@@ -478,16 +480,13 @@ def summarize_profile(events, runs, trailing_syncs=0):
     gpu_ops = []
     for event in events:
         call = re.sub(r"_v\d+$", "", event.key)
-        if event.device_type == DeviceType.CPU and "::" in call:
-            own_us = getattr(event, "self_device_time_total", None) or getattr(
-                event, "self_cuda_time_total", 0
-            )
-            if own_us > 0:
-                gpu_ops.append([call, own_us / 1e6 / runs])
+        # GPU time of the event's own kernels (of a CPU operator: those it launched itself).
+        device_us = getattr(event, "self_device_time_total", None) or getattr(
+            event, "self_cuda_time_total", 0
+        )
+        if event.device_type == DeviceType.CPU and "::" in call and device_us > 0:
+            gpu_ops.append([call, device_us / 1e6 / runs])
         if event.device_type == DeviceType.CUDA:
-            device_us = getattr(event, "self_device_time_total", None) or getattr(
-                event, "self_cuda_time_total", 0
-            )
             # A named stage also shows on the GPU's timeline, as a span around its kernels.
             if getattr(event, "is_user_annotation", False):
                 if call.startswith(_STAGE_PREFIX):
@@ -508,10 +507,6 @@ def summarize_profile(events, runs, trailing_syncs=0):
         "gpu_stages": gpu_stages,
         "gpu_ops": sorted(gpu_ops, key=lambda op: -op[1])[:GPU_OPS_LISTED],
     }
-
-
-# How many operators the GPU profiles list by their kernels' time.
-GPU_OPS_LISTED = 12
 
 
 def training_batch(height, width, num_classes, device, seed=0, num_instances=8):
@@ -868,10 +863,21 @@ def markdown(report):
             for field in ("launches", "syncs"):
                 cells.append(f"{row[field]:.0f}" if field in row else "n/a")
             lines.append(f"| {key} | {' | '.join(cells)} |")
-    listed = {key: row["gpu_ops"] for key, row in report.get("training", {}).items()}
+    # The GPU profiles' operators (CUDA rows only): of inference per size, then of training.
+    listed = {
+        f"{name} {size}": row.get("gpu_ops")
+        for name, per_size in report.get("gpu_profile", {}).items()
+        for size, row in per_size.items()
+    }
+    listed.update({key: row.get("gpu_ops") for key, row in report.get("training", {}).items()})
     listed = {key: ops for key, ops in listed.items() if ops}
     if listed:
-        lines += ["", "GPU ms per training step of the operators whose kernels took the most:", ""]
+        lines += [
+            "",
+            "GPU ms per image (inference) or per step (training) of the operators whose kernels "
+            "took the most:",
+            "",
+        ]
         for key, ops in listed.items():
             lines.append(f"- {key}: " + ", ".join(f"{op} {_fmt(t * 1e3, 1)}" for op, t in ops))
     if report.get("training_memory"):

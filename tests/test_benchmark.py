@@ -70,8 +70,11 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
     profiled = {"busy": 0.5, "launches": 900, "syncs": 30.0}
     stages = {"dense": 0.010, "proposals": 0.002, "detection": 0.0035, "postprocess": 0.004}
     on_gpu = {"dense": 0.009, "detection": 0.001}
+    ops = [["aten::convolution", 0.0042]]
     saved["gpu_profile"] = {
-        "EfficientPS-B5 fast": {"64x128": {**profiled, "stages": stages, "gpu_stages": on_gpu}},
+        "EfficientPS-B5 fast": {
+            "64x128": {**profiled, "stages": stages, "gpu_stages": on_gpu, "gpu_ops": ops}
+        },
         "PanopticFPN-R50": {"64x128": {**profiled, "stages": {}, "gpu_stages": {}}},
     }
     saved["machine"]["thp_mem_alloc"] = "1"  # a run under PyTorch's huge-page setting says so
@@ -88,6 +91,7 @@ def test_benchmark_reports_both_models(benchmark, tmp_path):
         "9.0 / 0.0 / 1.0 / 0.0 |" in table
     )
     assert "| PanopticFPN-R50 | 64x128 | 0.50 | 900 | 30 | n/a | n/a |" in table
+    assert "- EfficientPS-B5 fast 64x128: aten::convolution 4.2" in table
     # A training row's profile lists the operators that kept the GPU busiest.
     saved["settings"]["train_size"] = "64x128"
     saved["training"] = {
