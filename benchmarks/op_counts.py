@@ -149,7 +149,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=8, help="most called operators per stage")
     args = parser.parse_args(argv)
     height, width = benchmark._size(args.size)
-    # The benchmark's models (Panoptic FPN is built too, so that the weights are the same).
+    # The benchmark's B5 (build_models also builds Panoptic FPN, unused here).
     models, _, _ = benchmark.build_models("cpu", [benchmark.OURS_FAST])
     model = models[benchmark.OURS_FAST][1]  # runs with MODEL.EFFICIENTPS.FAST_INFERENCE
     inputs = [{"image": benchmark._image(args.size)}]

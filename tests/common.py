@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
@@ -13,6 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from efficientps_d2 import add_efficientps_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+# CUDA-only tests skip without a GPU. Comparisons run on DEVICES: the CPU and, where there is one,
+# a GPU (where torchvision picks other kernels and the fast paths their GPU branches).
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 NUM_CLASSES = 5  # semantic classes 0-2 are stuff, 3-4 things
 # Detections and segments even from random weights, so output contracts can be checked.
 PERMISSIVE = [

@@ -51,6 +51,8 @@ from efficientps_d2.modeling.threaded_roi_align import (
     thread_roi_poolers,
 )
 from tests.common import (
+    DEVICES,
+    NEEDS_CUDA,
     PERMISSIVE,
     THING_SEMANTIC_IDS,
     DeviceReads,
@@ -93,16 +95,6 @@ def _randomize(model, seed=0):
 # The model's own modules at inference, not the fused copy that MODEL.EFFICIENTPS.FAST_INFERENCE
 # (on by default) runs.
 PLAIN = ["MODEL.EFFICIENTPS.FAST_INFERENCE", False]
-
-
-# The comparisons with Detectron2's own functions run on the CPU and, where there is one, on a GPU
-# (where torchvision picks other NMS kernels and the fast path its GPU branches).
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    ),
-]
 
 
 def _tiny_model(opts=()):
@@ -786,7 +778,7 @@ def test_training_step_pools_on_two_threads(monkeypatch):
     assert on_two_threads == {"pool", "backward_part"}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_upsampled_sums_under_cuda_autocast_stay_float32(dtype):
     """CUDA autocast runs nearest upsampling in float32, so the top-down sum of a half-precision
@@ -1225,9 +1217,6 @@ def test_size_cache_stops_building_and_warns_once_when_sizes_outnumber_it():
     assert len(records) == 1 and "CUDA_GRAPH_CACHE_SIZE (2)" in records[0].getMessage()
 
 
-_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
 @pytest.fixture
 def exact_float32():
     """cuDNN convolves float32 in TF32 by default (a 10-bit mantissa): the fused copy's folded
@@ -1254,7 +1243,7 @@ def _graphed(model, inputs):
     return model(inputs)
 
 
-@_CUDA
+@NEEDS_CUDA
 @pytest.mark.usefixtures("exact_float32")
 @pytest.mark.parametrize("fast_inference", [False, True])
 def test_cuda_graph_gives_the_eager_panoptic_output(fast_inference):
@@ -1273,7 +1262,7 @@ def test_cuda_graph_gives_the_eager_panoptic_output(fast_inference):
         assert b["panoptic_seg"][1] == c["panoptic_seg"][1]
 
 
-@_CUDA
+@NEEDS_CUDA
 @pytest.mark.usefixtures("exact_float32")
 def test_cuda_graph_cache_per_input_size_and_weights():
     model = _with_options(_cuda_model(), cuda_graph=True, cuda_graph_cache_size=2)
@@ -1296,7 +1285,7 @@ def test_cuda_graph_cache_per_input_size_and_weights():
     _assert_same_panoptic(plain, graphed)
 
 
-@_CUDA
+@NEEDS_CUDA
 @pytest.mark.usefixtures("exact_float32")
 def test_a_graph_captured_under_autocast_is_not_replayed_without_it():
     """A graph replays the kernels it captured: one captured under bf16 autocast, replayed for
@@ -1313,7 +1302,7 @@ def test_a_graph_captured_under_autocast_is_not_replayed_without_it():
     _assert_same_panoptic(eager, graphed)
 
 
-@_CUDA
+@NEEDS_CUDA
 @pytest.mark.usefixtures("exact_float32")
 def test_cuda_graph_of_the_roi_heads_gives_the_eager_panoptic_output():
     """MODEL.EFFICIENTPS.CUDA_GRAPH_ROI_HEADS: the box and mask stages replayed as CUDA graphs on
@@ -1337,7 +1326,7 @@ def test_cuda_graph_of_the_roi_heads_gives_the_eager_panoptic_output():
     _assert_same_panoptic(eager[0], single[0])
 
 
-@_CUDA
+@NEEDS_CUDA
 def test_bfloat16_cuda_graph_runs():
     model = _with_options(_cuda_model(), cuda_graph=True, dtype="bfloat16", fast_inference=True)
     with torch.no_grad():

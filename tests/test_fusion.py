@@ -12,7 +12,7 @@ from detectron2.structures import Boxes, Instances
 
 from efficientps_d2.modeling import fusion
 from efficientps_d2.modeling.fusion import _box_columns, _paste_mask_logits_batched
-from tests.common import DeviceReads
+from tests.common import NEEDS_CUDA, DeviceReads
 
 H, W = 32, 48
 HALF = H // 2
@@ -524,7 +524,7 @@ def test_input_validation():
         panoptic_fusion(sem, inst, thing_semantic_ids=THINGS, method="fast")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_CUDA
 def test_cuda_matches_cpu():
     torch.manual_seed(1)
     sem = torch.randn(6, H, W) * 3

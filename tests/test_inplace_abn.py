@@ -16,10 +16,9 @@ from torch.nn import functional as F
 
 from efficientps_d2.modeling import inplace_abn
 from efficientps_d2.modeling.inplace_abn import InPlaceABN, convert_to_inplace_abn
-from tests.common import PERMISSIVE, DeviceReads, tiny_config, training_input
+from tests.common import DEVICES, PERMISSIVE, DeviceReads, tiny_config, training_input
 
 SLOPE = 0.01
-CUDA = torch.cuda.is_available()
 
 
 def _batch_norm(channels=5, momentum=0.1, dtype=torch.double, seed=0):
@@ -387,10 +386,7 @@ def test_synchronised_statistics_neither_read_nor_upload(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_training_equals_batch_norm_then_leaky_relu(device, dtype):
     """Channels-last, in float32 and under bfloat16 autocast (as AMP training runs it): outputs
     and gradients as BatchNorm + LeakyReLU's, within the dtype's rounding. bfloat16's rounding

@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from efficientps_d2.modeling import crop_chunks, mask_paste
 from efficientps_d2.modeling.fusion import panoptic_postprocess
 from efficientps_d2.modeling.mask_paste import paste_masks
-from tests.common import DeviceReads
+from tests.common import NEEDS_CUDA, DeviceReads
 
 H, W = 97, 131
 
@@ -298,7 +298,7 @@ def test_panoptic_postprocess_gives_all_class_ids(thing_ids):
     assert got.pred_classes.dtype == torch.long and torch.equal(got.pred_classes, expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_CUDA
 def test_cuda_masks_equal_detectron2s():
     masks, boxes = _detections(60)
     masks, boxes = masks.cuda(), boxes.cuda()
